@@ -1,0 +1,82 @@
+"""Merging attention computed over disjoint key sets, and attention over a block's own K/V.
+
+An attention result over a key set is (out, lse): the softmax-weighted mean of the values and the
+natural-log sum of exp(scores). Two results over disjoint key sets combine exactly into the result
+over their union, which is how the context part (paged kernel) and the block part are joined.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def merge_attention_states(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention over two disjoint key sets into attention over their union.
+
+    o1, o2: [..., D] (any float dtype); lse1, lse2: [...] natural-log sum-exp of the scaled scores,
+    -inf where a set is empty. Returns (out [..., D] in o1's dtype, lse [...] fp32). Where both sets
+    are empty the result is out 0, lse -inf (never NaN).
+    """
+    if o1.shape != o2.shape or lse1.shape != lse2.shape or o1.shape[:-1] != lse1.shape:
+        raise ValueError(
+            f"shapes disagree: o1 {tuple(o1.shape)}, o2 {tuple(o2.shape)}, "
+            f"lse1 {tuple(lse1.shape)}, lse2 {tuple(lse2.shape)}; want o [..., D] and lse [...]")
+    l1, l2 = lse1.float(), lse2.float()
+    m = torch.maximum(l1, l2)
+    # Both empty: m = -inf; shifting by 0 keeps exp(-inf - 0) = 0 instead of exp(nan).
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w1 = torch.exp(l1 - m)
+    w2 = torch.exp(l2 - m)
+    den = w1 + w2
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    out = (w1.unsqueeze(-1) * o1.float() + w2.unsqueeze(-1) * o2.float()) / safe.unsqueeze(-1)
+    lse = torch.where(den > 0, m + torch.log(safe), torch.full_like(m, float("-inf")))
+    return out.to(o1.dtype), lse
+
+
+def block_self_attention(
+    q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, *, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bidirectional attention of a block's queries over the block's own keys, in fp32.
+
+    q [N, Hq, T, D]; k_block, v_block [N, Hkv, Tk, D] with Hq = G * Hkv (query head h reads KV
+    head h // G). Returns (out [N, Hq, T, D] fp32, lse [N, Hq, T] fp32).
+    """
+    n, hq, t, d = q.shape
+    if k_block.dim() != 4 or k_block.shape != v_block.shape:
+        raise ValueError(f"k_block {tuple(k_block.shape)} and v_block {tuple(v_block.shape)} "
+                         "must both be [N, Hkv, Tk, D]")
+    nk, hkv, tk, dk = k_block.shape
+    if nk != n or dk != d or hq % hkv != 0:
+        raise ValueError(f"q {tuple(q.shape)} does not match k_block {tuple(k_block.shape)}: "
+                         "need the same N and D, and Hq a multiple of Hkv")
+    g = hq // hkv
+    qf = q.float().reshape(n, hkv, g * t, d)
+    s = torch.matmul(qf, k_block.float().transpose(-1, -2)) * scale  # [N, Hkv, G*T, Tk]
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.softmax(s, dim=-1), v_block.float())
+    return out.reshape(n, hq, t, d), lse.reshape(n, hq, t)
+
+
+def attention_with_block(
+    q: torch.Tensor,
+    k_block: torch.Tensor,
+    v_block: torch.Tensor,
+    ctx_out: torch.Tensor,
+    ctx_lse: torch.Tensor,
+    *,
+    scale: float,
+) -> torch.Tensor:
+    """Attention over [context, block]: the block part computed here, merged with the context part.
+
+    q [N, Hq, T, D]; k_block, v_block [N, Hkv, T, D]; ctx_out [N, Hq, T, D] and ctx_lse [N, Hq, T]
+    (fp32, -inf where the context is empty) from `paged_attention`. Returns out [N, Hq, T, D] in
+    q's dtype.
+    """
+    if ctx_out.shape != q.shape or ctx_lse.shape != q.shape[:-1]:
+        raise ValueError(f"ctx_out {tuple(ctx_out.shape)} / ctx_lse {tuple(ctx_lse.shape)} must be "
+                         f"{tuple(q.shape)} / {tuple(q.shape[:-1])}")
+    blk_out, blk_lse = block_self_attention(q, k_block, v_block, scale=scale)
+    out, _ = merge_attention_states(blk_out, blk_lse, ctx_out, ctx_lse)
+    return out.to(q.dtype)

@@ -1,0 +1,423 @@
+"""Page-copy kernels between the paged KV store and the GPU page pool, with torch references.
+
+Layouts (elements, last two dims contiguous):
+- store (host or GPU), per layer: ``[num_pages, Hkv, P, D]``; several layers: ``[L, num_pages, Hkv, P, D]``.
+- pool (GPU), per layer: ``[num_slots, P, D]``; several layers: ``[L, num_slots, P, D]``.
+  One slot holds one KV head's page, so a (page, head) unit is one contiguous ``P*D`` chunk on both sides.
+
+Either side may be a pinned host tensor: the kernels then read/write it zero-copy through unified
+addressing (see ``_uva``). Offsets are computed in int64 (a 128K-token store overflows int32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._uva import kernel_arg, launch_device, needs_gpu_launch
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_VEC_BYTES = 16  # widest global access; alignment hints aim for it
+
+
+@triton.jit
+def _gather_pages_kernel(
+    src_k, src_v, dst_k, dst_v,
+    page_ids, head_ids, slot_ids, layer_ids,
+    s_src_layer, s_src_page, s_src_head,
+    s_dst_layer, s_dst_slot,
+    unit_elems,
+    HAS_LAYER: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, EVEN: tl.constexpr,
+):
+    # One program copies one BLOCK-sized chunk of one (page, head) unit, for K and V both.
+    u = tl.program_id(0)
+    chunk = tl.program_id(1)
+    page = tl.load(page_ids + u).to(tl.int64)
+    head = tl.load(head_ids + u).to(tl.int64)
+    slot = tl.load(slot_ids + u).to(tl.int64)
+    src_off = page * s_src_page + head * s_src_head
+    dst_off = slot * s_dst_slot
+    if HAS_LAYER:
+        layer = tl.load(layer_ids + u).to(tl.int64)
+        src_off += layer * s_src_layer
+        dst_off += layer * s_dst_layer
+    # Unit bases are multiples of ALIGN elements (checked by the wrapper): lets loads/stores be 16 B wide.
+    src_off = tl.multiple_of(src_off, ALIGN)
+    dst_off = tl.multiple_of(dst_off, ALIGN)
+    offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if EVEN:
+        k = tl.load(src_k + src_off + offs)
+        v = tl.load(src_v + src_off + offs)
+        tl.store(dst_k + dst_off + offs, k)
+        tl.store(dst_v + dst_off + offs, v)
+    else:
+        mask = offs < unit_elems
+        k = tl.load(src_k + src_off + offs, mask=mask)
+        v = tl.load(src_v + src_off + offs, mask=mask)
+        tl.store(dst_k + dst_off + offs, k, mask=mask)
+        tl.store(dst_v + dst_off + offs, v, mask=mask)
+
+
+@triton.jit
+def _write_tokens_kernel(
+    dst_k, dst_v, k_new, v_new, page_table, start_pos,
+    T, num_kv_heads,
+    s_dst_layer, s_dst_page, s_dst_head, s_dst_tok,
+    s_new_layer, s_new_row, s_new_head, s_new_tok,
+    s_vnew_layer, s_vnew_row, s_vnew_head, s_vnew_tok,
+    s_pt_row,
+    P: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,
+):
+    # One program writes BLOCK_T tokens x D of one (row, head) of one layer, K and V both.
+    rh = tl.program_id(0)
+    tb = tl.program_id(1)
+    layer = tl.program_id(2).to(tl.int64)
+    row = (rh // num_kv_heads).to(tl.int64)
+    head = (rh % num_kv_heads).to(tl.int64)
+    start = tl.load(start_pos + row).to(tl.int64)
+    t = tb.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    tmask = t < T
+    pos = start + t
+    page = tl.load(page_table + row * s_pt_row + pos // P, mask=tmask, other=0).to(tl.int64)
+    dst_row = layer * s_dst_layer + page * s_dst_page + head * s_dst_head + (pos % P) * s_dst_tok
+    k_row = layer * s_new_layer + row * s_new_row + head * s_new_head + t * s_new_tok
+    v_row = layer * s_vnew_layer + row * s_vnew_row + head * s_vnew_head + t * s_vnew_tok
+    dst_row = tl.multiple_of(dst_row, ALIGN)
+    k_row = tl.multiple_of(k_row, ALIGN)
+    v_row = tl.multiple_of(v_row, ALIGN)
+    mask = tmask[:, None] & (d[None, :] < D)
+    k = tl.load(k_new + k_row[:, None] + d[None, :], mask=mask)
+    v = tl.load(v_new + v_row[:, None] + d[None, :], mask=mask)
+    tl.store(dst_k + dst_row[:, None] + d[None, :], k, mask=mask)
+    tl.store(dst_v + dst_row[:, None] + d[None, :], v, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _pow2_align(values: list[int], elem_size: int) -> int:
+    """Largest power of two (in elements, capped at 16 bytes) dividing every value."""
+    cap = max(1, _VEC_BYTES // elem_size)
+    g = 0
+    for v in values:
+        g = math.gcd(g, int(v))
+    if g == 0:
+        return cap
+    a = 1
+    while a < cap and g % (2 * a) == 0:
+        a *= 2
+    return a
+
+
+def _check_index(t: torch.Tensor, name: str, length: int | None = None) -> None:
+    if t.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if length is not None and t.numel() != length:
+        raise ValueError(f"{name} has {t.numel()} entries, expected {length} (one per copied unit)")
+
+
+def _check_range(t: torch.Tensor, name: str, upper: int) -> None:
+    if t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{name} must lie in [0, {upper}); got values in [{lo}, {hi}]")
+
+
+def _check_pair(k: torch.Tensor, v: torch.Tensor, name: str) -> None:
+    if k.shape != v.shape or k.stride() != v.stride() or k.dtype != v.dtype or k.device != v.device:
+        raise ValueError(
+            f"{name} K and V must share shape, strides, dtype and device; got K {tuple(k.shape)} {k.stride()} "
+            f"{k.dtype} {k.device} vs V {tuple(v.shape)} {v.stride()} {v.dtype} {v.device}"
+        )
+
+
+def _check_inner_contiguous(t: torch.Tensor, name: str) -> None:
+    d = t.shape[-1]
+    if t.stride(-1) != 1 or t.stride(-2) != d:
+        raise ValueError(
+            f"{name} must have its last two dims (page_size, head_dim) contiguous; got strides {t.stride()}"
+        )
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Small index tensors. A pageable host tensor is pinned first: a blocking copy would stall the host
+    # until the current stream drains (e.g. a side stream waiting on compute). The pinned allocator
+    # keeps the staging block alive until the copy has run.
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# gather_pages
+
+
+def _gather_layout(src_k, dst_k, layer_ids):
+    if src_k.dim() == 4 and dst_k.dim() == 3:
+        if layer_ids is not None:
+            raise ValueError("layer_ids given but src is a single layer [num_pages, Hkv, P, D]")
+        return False
+    if src_k.dim() == 5 and dst_k.dim() == 4:
+        if layer_ids is None:
+            raise ValueError("src [L, num_pages, Hkv, P, D] and dst [L, num_slots, P, D] need layer_ids [M]")
+        if src_k.shape[0] != dst_k.shape[0]:
+            raise ValueError(f"src has {src_k.shape[0]} layers but dst has {dst_k.shape[0]}")
+        return True
+    raise ValueError(
+        "expected src [num_pages, Hkv, P, D] with dst [num_slots, P, D], or src [L, num_pages, Hkv, P, D] with "
+        f"dst [L, num_slots, P, D]; got src {tuple(src_k.shape)} and dst {tuple(dst_k.shape)}"
+    )
+
+
+def gather_pages(
+    src_k: torch.Tensor,
+    src_v: torch.Tensor,
+    page_ids: torch.Tensor,
+    head_ids: torch.Tensor,
+    dst_k: torch.Tensor,
+    dst_v: torch.Tensor,
+    slot_ids: torch.Tensor,
+    layer_ids: torch.Tensor | None = None,
+    *,
+    validate: bool = True,
+    block: int | None = None,
+    num_warps: int | None = None,
+) -> None:
+    """Copy (page, head) units of a paged store into pool slots, K and V in one launch.
+
+    src_k, src_v: ``[num_pages, Hkv, P, D]`` (or ``[L, num_pages, Hkv, P, D]``), GPU or pinned host.
+    dst_k, dst_v: ``[num_slots, P, D]`` (or ``[L, num_slots, P, D]``), GPU or pinned host.
+    page_ids, head_ids, slot_ids (and layer_ids for the multi-layer form): ``[M]`` int32/int64;
+    unit m copies ``src[layer, page_ids[m], head_ids[m]]`` into ``dst[layer, slot_ids[m]]``.
+
+    Runs asynchronously on the current CUDA stream. ``validate`` checks id ranges first (this reads
+    the ids: a device sync when they are on the GPU); out-of-range ids without it corrupt memory.
+    ``block``/``num_warps`` override the launch shape (for benchmarks).
+    """
+    _check_pair(src_k, src_v, "src")
+    _check_pair(dst_k, dst_v, "dst")
+    multi = _gather_layout(src_k, dst_k, layer_ids)
+    _check_inner_contiguous(src_k, "src")
+    _check_inner_contiguous(dst_k, "dst")
+    if src_k.shape[-2:] != dst_k.shape[-2:]:
+        raise ValueError(f"src pages are {tuple(src_k.shape[-2:])} (P, D) but dst slots are {tuple(dst_k.shape[-2:])}")
+    if src_k.dtype != dst_k.dtype:
+        raise ValueError(f"src dtype {src_k.dtype} differs from dst dtype {dst_k.dtype}; copies do not convert")
+    m = page_ids.numel()
+    _check_index(page_ids, "page_ids")
+    _check_index(head_ids, "head_ids", m)
+    _check_index(slot_ids, "slot_ids", m)
+    if multi:
+        _check_index(layer_ids, "layer_ids", m)
+    if m == 0:
+        return
+    num_pages, hkv = src_k.shape[-4], src_k.shape[-3]
+    if validate:
+        _check_range(page_ids, "page_ids", num_pages)
+        _check_range(head_ids, "head_ids", hkv)
+        _check_range(slot_ids, "slot_ids", dst_k.shape[-3])
+        if multi:
+            _check_range(layer_ids, "layer_ids", src_k.shape[0])
+
+    p, d = src_k.shape[-2], src_k.shape[-1]
+    unit = p * d
+    s_src_layer = src_k.stride(0) if multi else 0
+    s_dst_layer = dst_k.stride(0) if multi else 0
+    s_src_page, s_src_head = src_k.stride(-4), src_k.stride(-3)
+    s_dst_slot = dst_k.stride(-3)
+    align = _pow2_align([unit, s_src_page, s_src_head, s_dst_slot, s_src_layer, s_dst_layer], src_k.element_size())
+    if block is None:
+        block = min(triton.next_power_of_2(unit), 4096)
+    if block <= 0 or block & (block - 1):
+        raise ValueError(f"block must be a power of two, got {block}")
+    if num_warps is None:
+        num_warps = 4 if block <= 2048 else 8
+
+    gpu = needs_gpu_launch(src_k, dst_k, page_ids)
+    ids = [page_ids, head_ids, slot_ids] + ([layer_ids] if multi else [])
+    if gpu:
+        dev = launch_device(src_k, dst_k, page_ids, head_ids, slot_ids)
+        ids = [_to_device(t, dev) for t in ids]
+    if not multi:
+        ids.append(ids[0])  # unused layer_ids pointer (HAS_LAYER is off)
+    args = [kernel_arg(t, n, gpu) for t, n in ((src_k, "src_k"), (src_v, "src_v"), (dst_k, "dst_k"), (dst_v, "dst_v"))]
+    grid = (m, triton.cdiv(unit, block))
+    launch = lambda: _gather_pages_kernel[grid](  # noqa: E731
+        *args, *ids,
+        s_src_layer, s_src_page, s_src_head, s_dst_layer, s_dst_slot, unit,
+        HAS_LAYER=multi, BLOCK=block, ALIGN=align, EVEN=(unit % block == 0), num_warps=num_warps,
+    )
+    if gpu:
+        with torch.cuda.device(dev):
+            launch()
+    else:
+        launch()
+
+
+def gather_pages_reference(
+    src_k: torch.Tensor,
+    src_v: torch.Tensor,
+    page_ids: torch.Tensor,
+    head_ids: torch.Tensor,
+    dst_k: torch.Tensor,
+    dst_v: torch.Tensor,
+    slot_ids: torch.Tensor,
+    layer_ids: torch.Tensor | None = None,
+) -> None:
+    """Torch-indexing version of ``gather_pages`` (same arguments, synchronous, any devices)."""
+    multi = _gather_layout(src_k, dst_k, layer_ids)
+    sdev, ddev = src_k.device, dst_k.device
+    p, h, s = page_ids.to(sdev).long(), head_ids.to(sdev).long(), slot_ids.to(ddev).long()
+    for src, dst in ((src_k, dst_k), (src_v, dst_v)):
+        if multi:
+            lyr = layer_ids.long()
+            dst[lyr.to(ddev), s] = src[lyr.to(sdev), p, h].to(ddev)
+        else:
+            dst[s] = src[p, h].to(ddev)
+
+
+# ----------------------------------------------------------------------------------------------
+# write_tokens
+
+
+def _write_layout(dst_k, k_new):
+    if dst_k.dim() == 4 and k_new.dim() == 4:
+        return False
+    if dst_k.dim() == 5 and k_new.dim() == 5:
+        if dst_k.shape[0] != k_new.shape[0]:
+            raise ValueError(f"dst has {dst_k.shape[0]} layers but k_new has {k_new.shape[0]}")
+        return True
+    raise ValueError(
+        "expected dst [num_pages, Hkv, P, D] with k_new [N, Hkv, T, D], or dst [L, num_pages, Hkv, P, D] with "
+        f"k_new [L, N, Hkv, T, D]; got dst {tuple(dst_k.shape)} and k_new {tuple(k_new.shape)}"
+    )
+
+
+def _check_write(dst_k, dst_v, page_table, start_pos, k_new, v_new, validate: bool) -> bool:
+    _check_pair(dst_k, dst_v, "dst")
+    if k_new.shape != v_new.shape or k_new.dtype != v_new.dtype or k_new.device != v_new.device:
+        raise ValueError(
+            f"k_new and v_new must share shape, dtype and device; got {tuple(k_new.shape)} {k_new.dtype} "
+            f"{k_new.device} vs {tuple(v_new.shape)} {v_new.dtype} {v_new.device}"
+        )
+    multi = _write_layout(dst_k, k_new)
+    n, hkv, t, d = k_new.shape[-4:]
+    num_pages, dst_hkv, p, dst_d = dst_k.shape[-4:]
+    if (hkv, d) != (dst_hkv, dst_d):
+        raise ValueError(f"k_new has (Hkv, D) = {(hkv, d)} but dst has {(dst_hkv, dst_d)}")
+    if k_new.dtype != dst_k.dtype:
+        raise ValueError(f"k_new dtype {k_new.dtype} differs from dst dtype {dst_k.dtype}; writes do not convert")
+    if page_table.dim() != 2 or page_table.shape[0] != n or page_table.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"page_table must be int32/int64 [N={n}, max_pages]; got {page_table.dtype} {tuple(page_table.shape)}")
+    _check_index(start_pos, "start_pos", n)
+    if validate and n > 0 and t > 0:
+        sp = start_pos.long()
+        lo, hi = int(sp.min()), int(sp.max())
+        cap = page_table.shape[1] * p
+        if lo < 0 or hi + t > cap:
+            raise ValueError(
+                f"blocks cover positions [{lo}, {hi + t}) but page tables [N, {page_table.shape[1]}] of {p}-token "
+                f"pages reach only {cap} tokens"
+            )
+        first = sp // p
+        span = (hi + t - 1) // p - lo // p + 1
+        lps = (first[:, None] + torch.arange(span, device=sp.device)[None, :])
+        last = (sp + t - 1) // p
+        used = lps <= last[:, None]
+        pages = page_table.long().gather(1, lps.clamp(max=page_table.shape[1] - 1))[used]
+        _check_range(pages, "page ids in page_table for the written positions", num_pages)
+    return multi
+
+
+def write_tokens(
+    dst_k: torch.Tensor,
+    dst_v: torch.Tensor,
+    page_table: torch.Tensor,
+    start_pos: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    *,
+    validate: bool = True,
+) -> None:
+    """Write a block of T new tokens per row into a paged store, K and V in one launch.
+
+    dst_k, dst_v: ``[num_pages, Hkv, P, D]`` (or ``[L, num_pages, Hkv, P, D]``), GPU or pinned host.
+    page_table: ``[N, max_pages]`` int32/int64 (row i's logical page -> physical page).
+    start_pos: ``[N]`` int; row i's tokens go to positions ``start_pos[i] .. start_pos[i]+T-1``
+    (a block may start mid-page and span pages).
+    k_new, v_new: ``[N, Hkv, T, D]`` (or ``[L, N, Hkv, T, D]``), GPU or pinned host, dst's dtype.
+
+    Runs asynchronously on the current CUDA stream. ``validate`` checks positions and touched page ids
+    (a device sync when page_table/start_pos are on the GPU).
+    """
+    multi = _check_write(dst_k, dst_v, page_table, start_pos, k_new, v_new, validate)
+    n, hkv, t, d = k_new.shape[-4:]
+    if n == 0 or t == 0 or (multi and k_new.shape[0] == 0):
+        return
+    p = dst_k.shape[-2]
+    _check_inner_contiguous(dst_k, "dst")
+    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
+        raise ValueError(
+            f"k_new/v_new need a contiguous last (head_dim) dim; got strides {k_new.stride()}, {v_new.stride()}"
+        )
+    if page_table.stride(1) != 1:
+        page_table = page_table.contiguous()
+    layers = dst_k.shape[0] if multi else 1
+    s_dst = (dst_k.stride(0) if multi else 0, dst_k.stride(-4), dst_k.stride(-3), dst_k.stride(-2))
+    s_new = (k_new.stride(0) if multi else 0, k_new.stride(-4), k_new.stride(-3), k_new.stride(-2))
+    s_vnew = (v_new.stride(0) if multi else 0, v_new.stride(-4), v_new.stride(-3), v_new.stride(-2))
+    align = _pow2_align(list(s_dst) + list(s_new) + list(s_vnew), dst_k.element_size())
+    block_d = triton.next_power_of_2(d)
+    block_t = max(1, min(triton.next_power_of_2(t), 4096 // block_d))
+
+    gpu = needs_gpu_launch(dst_k, k_new, page_table)
+    if gpu:
+        dev = launch_device(dst_k, k_new, page_table, start_pos)
+        page_table, start_pos = _to_device(page_table, dev), _to_device(start_pos, dev)
+    args = [kernel_arg(x, nm, gpu) for x, nm in ((dst_k, "dst_k"), (dst_v, "dst_v"), (k_new, "k_new"), (v_new, "v_new"))]
+    grid = (n * hkv, triton.cdiv(t, block_t), layers)
+    launch = lambda: _write_tokens_kernel[grid](  # noqa: E731
+        *args, page_table, start_pos, t, hkv, *s_dst, *s_new, *s_vnew, page_table.stride(0),
+        P=p, D=d, BLOCK_T=block_t, BLOCK_D=block_d, ALIGN=align, num_warps=4,
+    )
+    if gpu:
+        with torch.cuda.device(dev):
+            launch()
+    else:
+        launch()
+
+
+def write_tokens_reference(
+    dst_k: torch.Tensor,
+    dst_v: torch.Tensor,
+    page_table: torch.Tensor,
+    start_pos: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+) -> None:
+    """Torch-indexing version of ``write_tokens`` (same arguments, synchronous, any devices)."""
+    multi = _write_layout(dst_k, k_new)
+    dev = dst_k.device
+    t = k_new.shape[-2]
+    p = dst_k.shape[-2]
+    pos = start_pos.to(dev).long()[:, None] + torch.arange(t, device=dev)[None, :]  # [N, T]
+    pages = page_table.to(dev).long().gather(1, pos // p)  # [N, T]
+    offs = pos % p
+    for dst, new in ((dst_k, k_new), (dst_v, v_new)):
+        new = new.to(dev)
+        if multi:
+            # advanced indices split by a slice go first: dst[:, pages, :, offs] is [N, T, L, Hkv, D]
+            dst[:, pages, :, offs] = new.permute(1, 3, 0, 2, 4)
+        else:
+            dst[pages, :, offs] = new.permute(0, 2, 1, 3)

@@ -1,0 +1,580 @@
+"""Split-KV paged attention of a block of queries over a paged KV context (Triton), with references.
+
+One kernel serves two layouts, told apart only by strides:
+- store layout: K, V ``[num_pages, Hkv, page_size, D]``, page table ``[N, max_pages]`` shared by the
+  KV heads (head stride of the table 0). This is the host store (read zero-copy through UVA via
+  ``HostPointer``) and the dense GPU cache.
+- pool layout: K, V ``[num_slots, page_size, D]``, one KV head's page per slot, page table
+  ``[N, Hkv, max_pages]`` (head stride of K/V 0). This is the sparse GPU page pool.
+A store with a per-head table ``[N, Hkv, max_pages]`` also works (per-head selections read straight
+from the store).
+
+Token t of table entry i is context position i * page_size + t; ``kv_len [N, Hkv]`` (int32) says how
+many positions of each list are valid. One program handles the G*T queries of one KV head (G query
+heads per KV head, T block positions), so each K/V tile is read once per KV head; the token range
+is cut into splits (flash-decoding) whose partial (out, lse) a second kernel merges.
+
+The same pass can score every context token with the block-mean query (mean of the G*T query
+vectors of a KV head): token score = scale * q_mean . k, page score = max over a page's valid
+tokens. Selection (top-k pages or tokens per KV head) reads these.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._uva import HostPointer, kernel_arg
+from .merge import attention_with_block, merge_attention_states
+
+_LOG2E = 1.4426950408889634
+
+KVTensor = "torch.Tensor | HostPointer"
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_ptr, v_ptr, pt_ptr, kvlen_ptr,
+    out_ptr, lse_ptr, pscore_ptr, tscore_ptr,
+    sm_scale, qk_scale_log2,
+    stride_qn, stride_qh, stride_qt, stride_qd,
+    stride_kp, stride_kh, stride_kt, stride_kd,
+    stride_vp, stride_vh, stride_vt, stride_vd,
+    stride_ptn, stride_pth, stride_pte,
+    stride_ln, stride_lh,
+    max_pages, split_tokens, num_splits,
+    HKV: tl.constexpr, G: tl.constexpr, T: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+    WRITE_FINAL: tl.constexpr,
+    PAGE_SCORES: tl.constexpr, TOKEN_SCORES: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (N * HKV * ROW_BLOCKS, num_splits).
+
+    WRITE_FINAL (one split): writes the final out (q's dtype) and lse to out_ptr / lse_ptr, rows
+    (n, h, t) contiguous with HEAD_DIM elements each. Otherwise writes normalised partial
+    out (fp32) and lse at [(n, h, t), split] of the workspace, merged by `_merge_splits_kernel`.
+    """
+    SCORES: tl.constexpr = PAGE_SCORES or TOKEN_SCORES
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    GT: tl.constexpr = G * T
+    HQ: tl.constexpr = HKV * G
+
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rb = pid % ROW_BLOCKS
+    nh = pid // ROW_BLOCKS
+    kvh = nh % HKV
+    n = (nh // HKV).to(tl.int64)
+
+    max_tokens = max_pages * PAGE
+    kvl = tl.load(kvlen_ptr + n * stride_ln + kvh * stride_lh)
+    kvl = tl.minimum(tl.maximum(kvl, 0), max_tokens)
+    lo = split * split_tokens
+    split_end = tl.minimum(lo + split_tokens, max_tokens)
+    hi = tl.minimum(split_end, kvl)
+
+    # Rows of this program: query (g, t) of KV head kvh, i.e. query head kvh * G + g.
+    offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < GT
+    qh = kvh * G + offs_m // T
+    qt = offs_m % T
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = (q_ptr + n * stride_qn + qh[:, None].to(tl.int64) * stride_qh
+              + qt[:, None] * stride_qt + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    pt_base = pt_ptr + n * stride_ptn + kvh.to(tl.int64) * stride_pth
+    k_base = k_ptr + kvh.to(tl.int64) * stride_kh
+    v_base = v_ptr + kvh.to(tl.int64) * stride_vh
+    score_base = (n * HKV + kvh).to(tl.int64)
+    # Every row block sees the same tokens; only the first writes the scores.
+    tok_lim = tl.where(rb == 0, max_tokens, 0)
+    page_lim = tl.where(rb == 0, max_pages, 0)
+
+    if SCORES:
+        # Block-mean query over all G*T rows of this KV head (padding rows load as 0).
+        q_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for r0 in tl.static_range(0, GT, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            rq_ptrs = (q_ptr + n * stride_qn + (kvh * G + rows // T)[:, None].to(tl.int64) * stride_qh
+                       + (rows % T)[:, None] * stride_qt + offs_d[None, :] * stride_qd)
+            rq = tl.load(rq_ptrs, mask=(rows < GT)[:, None] & d_ok[None, :], other=0.0)
+            q_sum += tl.sum(rq.to(tl.float32), axis=0)
+        q_mean = q_sum / GT
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        tok_ok = offs_n < hi
+        # Per-token page lookup: a tile spans BLOCK_N // PAGE table entries.
+        page = tl.load(pt_base + (offs_n // PAGE) * stride_pte, mask=tok_ok, other=0).to(tl.int64)
+        in_page = offs_n % PAGE
+        if EVEN_D:
+            kv_mask = tok_ok[:, None]
+        else:
+            kv_mask = tok_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + page[:, None] * stride_kp + in_page[:, None] * stride_kt
+                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + page[:, None] * stride_vp + in_page[:, None] * stride_vt
+                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+
+        if SCORES:
+            ts = tl.sum(k.to(tl.float32) * q_mean[None, :], axis=1) * sm_scale
+            ts = tl.where(tok_ok, ts, float("-inf"))
+            if TOKEN_SCORES:
+                tl.store(tscore_ptr + score_base * max_tokens + offs_n, ts,
+                         mask=offs_n < tok_lim)
+            if PAGE_SCORES:
+                ps = tl.max(tl.reshape(ts, (BLOCK_N // PAGE, PAGE)), axis=1)
+                entries = start // PAGE + tl.arange(0, BLOCK_N // PAGE)
+                tl.store(pscore_ptr + score_base * max_pages + entries, ps,
+                         mask=entries < page_lim)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        s = tl.where(tok_ok[None, :], s, float("-inf"))
+        # Every tile of this loop holds >= 1 valid token, so m_new is finite and exp2 never sees
+        # (-inf) - (-inf).
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if SCORES:
+        # Entries of this split beyond kv_len: -inf, so selection never picks them.
+        tail_lo = tl.maximum(lo, tl.cdiv(kvl, BLOCK_N) * BLOCK_N)
+        for start in range(tail_lo, split_end, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            if TOKEN_SCORES:
+                tl.store(tscore_ptr + score_base * max_tokens + offs_n,
+                         tl.full([BLOCK_N], float("-inf"), dtype=tl.float32),
+                         mask=offs_n < tok_lim)
+            if PAGE_SCORES:
+                entries = start // PAGE + tl.arange(0, BLOCK_N // PAGE)
+                tl.store(pscore_ptr + score_base * max_pages + entries,
+                         tl.full([BLOCK_N // PAGE], float("-inf"), dtype=tl.float32),
+                         mask=entries < page_lim)
+
+    empty = l_i == 0.0  # no valid token in this split (or kv_len 0): out 0, lse -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    row = (n * HQ + qh) * T + qt  # (n, query head, t) row of out / workspace
+    o_mask = row_ok[:, None] & d_ok[None, :]
+    if WRITE_FINAL:
+        tl.store(out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=o_mask)
+        tl.store(lse_ptr + row, lse, mask=row_ok)
+    else:
+        wrow = row * num_splits + split
+        tl.store(out_ptr + wrow[:, None] * HEAD_DIM + offs_d[None, :], o, mask=o_mask)
+        tl.store(lse_ptr + wrow, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    ws_out_ptr, ws_lse_ptr, out_ptr, lse_ptr, total_rows, num_splits,
+    BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Grid (cdiv(total_rows, BLOCK_R),): log-sum-exp merge of the splits of each row."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = rows < total_rows
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    lse_all = tl.load(ws_lse_ptr + rows[:, None] * num_splits + offs_s[None, :],
+                      mask=row_ok[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"))
+    m = tl.max(lse_all, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.sum(tl.exp(lse_all - m[:, None]), axis=1)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for s in range(num_splits):
+        w = tl.exp(tl.load(ws_lse_ptr + rows * num_splits + s, mask=row_ok, other=float("-inf")) - m)
+        o = tl.load(ws_out_ptr + (rows * num_splits + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += w[:, None] * o
+    empty = den == 0.0
+    den_safe = tl.where(empty, 1.0, den)
+    o = acc / den_safe[:, None]
+    tl.store(out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + rows, tl.where(empty, float("-inf"), m + tl.log(den_safe)), mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+def _unwrap(x):
+    return x.tensor if isinstance(x, HostPointer) else x
+
+
+def _describe_layout(q, k_pages, v_pages, page_table, kv_len):
+    """Validate shapes; return (hkv, page_size, per_head_table, pool_layout, kv_len [N, Hkv])."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be [N, Hq, T, D], got shape {tuple(q.shape)}")
+    n, hq, t, d = q.shape
+    k, v = _unwrap(k_pages), _unwrap(v_pages)
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k_pages {tuple(k.shape)} and v_pages {tuple(v.shape)} differ in shape")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k_pages, v_pages must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if page_table.dtype != torch.int32:
+        raise ValueError(f"page_table must be int32, got {page_table.dtype}; use .to(torch.int32)")
+    if k.dim() == 4:
+        pool = False
+        _, hkv, page_size, dk = k.shape
+    elif k.dim() == 3:
+        pool = True
+        _, page_size, dk = k.shape
+        if page_table.dim() != 3:
+            raise ValueError("pool layout k_pages [num_slots, page_size, D] needs a per-head page "
+                             f"table [N, Hkv, max_pages]; got table shape {tuple(page_table.shape)}")
+        hkv = page_table.shape[1]
+    else:
+        raise ValueError("k_pages must be [num_pages, Hkv, page_size, D] (store) or "
+                         f"[num_slots, page_size, D] (pool); got shape {tuple(k.shape)}")
+    if dk != d:
+        raise ValueError(f"head_dim of q ({d}) and k_pages ({dk}) differ")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"Hq={hq} must be a positive multiple of Hkv={hkv}")
+    if page_size <= 0 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {page_size}")
+    if page_table.dim() == 2:
+        per_head = False
+        if page_table.shape[0] != n:
+            raise ValueError(f"page_table {tuple(page_table.shape)} must be [N={n}, max_pages]")
+    elif page_table.dim() == 3:
+        per_head = True
+        if page_table.shape[0] != n or page_table.shape[1] != hkv:
+            raise ValueError(f"page_table {tuple(page_table.shape)} must be [N={n}, Hkv={hkv}, max_pages]")
+    else:
+        raise ValueError(f"page_table must be [N, max_pages] or [N, Hkv, max_pages], got {tuple(page_table.shape)}")
+    if kv_len.dtype != torch.int32:
+        raise ValueError(f"kv_len must be int32, got {kv_len.dtype}; use .to(torch.int32)")
+    if kv_len.dim() == 1 and kv_len.shape[0] == n:
+        kv_len = kv_len[:, None].expand(n, hkv)
+    if tuple(kv_len.shape) != (n, hkv):
+        raise ValueError(f"kv_len must be [N={n}, Hkv={hkv}] (or [N]), got {tuple(kv_len.shape)}")
+    return hkv, page_size, per_head, pool, kv_len
+
+
+def default_config(rows: int, head_dim: int, page_size: int, device: torch.device) -> dict:
+    """Tile sizes and launch options for `paged_attention` (each can be overridden by keyword).
+
+    rows = G * T queries per KV head. On the GPU: BLOCK_M covers the rows (at most 128 per
+    program), BLOCK_N = 64 tokens (at least one page), 8 warps for 128-row tiles, 3 stages
+    (2 when a K+V tile is large).
+    """
+    block_m = max(16, min(128, triton.next_power_of_2(rows)))
+    block_n = max(64, page_size)
+    if device.type != "cuda":
+        return dict(block_m=block_m, block_n=block_n, num_warps=4, num_stages=1)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    kv_tile_bytes = 2 * block_n * block_d * 2
+    return dict(block_m=block_m, block_n=block_n, num_warps=8 if block_m >= 128 else 4,
+                num_stages=2 if kv_tile_bytes > 32768 else 3)
+
+
+def default_num_splits(programs: int, max_tokens: int, block_n: int, rows: int,
+                       device: torch.device) -> int:
+    """Splits per (row, KV head, row block) so that the GPU has about two programs per SM.
+
+    programs = N * Hkv * row_blocks. A split keeps at least max(4 tiles, 8 * rows) tokens: each
+    split writes rows * D fp32 partials that the merge reads back, and below that size this
+    traffic rivals the K/V it saves. On the CPU (interpreter) a small number.
+    """
+    tiles = max(1, triton.cdiv(max_tokens, block_n))
+    if device.type != "cuda":
+        return min(2, tiles)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(1, programs))
+    cap = max(1, max_tokens // max(4 * block_n, 8 * rows))
+    return max(1, min(want, cap, tiles))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_pages: KVTensor,
+    v_pages: KVTensor,
+    page_table: torch.Tensor,
+    kv_len: torch.Tensor,
+    *,
+    scale: float,
+    return_page_scores: bool = False,
+    return_token_scores: bool = False,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    page_scores: torch.Tensor | None = None,
+    token_scores: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Attention of a block of queries over a paged context (no causal mask inside the context).
+
+    q [N, Hq, T, D] (bf16/fp16/fp32; Hq = G * Hkv, query head h uses KV head h // G).
+    k_pages, v_pages: store layout [num_pages, Hkv, page_size, D] or pool layout
+      [num_slots, page_size, D]; GPU tensors, or pinned host tensors (bare or in `HostPointer`),
+      read zero-copy over PCIe. Same dtype as q, last dim contiguous.
+    page_table int32: [N, max_pages] (store, shared by heads) or [N, Hkv, max_pages] (per head;
+      required for the pool). Entries at and beyond cdiv(kv_len, page_size) are never read.
+    kv_len int32 [N, Hkv] (or [N]): valid tokens per list; clamped to [0, max_pages * page_size]
+      inside the kernel (not checked on the host, which would need a device sync).
+    scale: softmax scale (usually D ** -0.5).
+    return_page_scores / return_token_scores (or passing the buffers): also compute, per KV head,
+      the block-mean query's scores: token_scores [N, Hkv, max_pages * page_size] fp32 =
+      scale * q_mean . k, page_scores [N, Hkv, max_pages] fp32 = max over each page's valid
+      tokens; -inf beyond kv_len.
+    num_splits: split-KV factor (default: `default_num_splits`). out/lse/page_scores/token_scores:
+      optional contiguous output buffers. block_m/block_n/num_warps/num_stages: tuning overrides
+      (block_n is raised to page_size when smaller).
+
+    Returns (out [N, Hq, T, D] in q's dtype, lse [N, Hq, T] fp32 natural log (-inf for an empty
+    context, where out is 0), page_scores or None, token_scores or None).
+    """
+    hkv, page_size, per_head, pool, kv_len = _describe_layout(q, k_pages, v_pages, page_table, kv_len)
+    n, hq, t, d = q.shape
+    g = hq // hkv
+    dev = q.device
+    max_pages = page_table.shape[-1]
+    max_tokens = max_pages * page_size
+    want_pages = return_page_scores or page_scores is not None
+    want_tokens = return_token_scores or token_scores is not None
+
+    for name, x in (("page_table", page_table), ("kv_len", kv_len)):
+        if x.device != dev:
+            raise ValueError(f"{name} is on {x.device}; it must be on q's device {dev}")
+    k, v = k_pages, v_pages
+    if dev.type == "cuda":
+        # Pinned host tensors are read zero-copy (wrapped here if the caller did not); pageable
+        # ones are refused by kernel_arg with a message saying to pin them.
+        k = k if isinstance(k, HostPointer) else kernel_arg(k, "k_pages", True)
+        v = v if isinstance(v, HostPointer) else kernel_arg(v, "v_pages", True)
+        for name, x in (("k_pages", k), ("v_pages", v)):
+            if not isinstance(x, HostPointer) and x.device != dev:
+                raise ValueError(f"{name} is on {x.device}; q is on {dev}")
+    else:
+        # The CPU interpreter reads host tensors directly; it cannot take the pointer wrapper.
+        k, v = _unwrap(k), _unwrap(v)
+        for name, x in (("k_pages", k), ("v_pages", v)):
+            if x.device != dev:
+                raise ValueError(f"{name} is on {x.device}; q is on {dev}")
+    for name, x in (("k_pages", k), ("v_pages", v)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim (stride {x.stride(-1)})")
+
+    def _buffer(buf, shape, dtype, name):
+        if buf is None:
+            return torch.empty(shape, dtype=dtype, device=dev)
+        if tuple(buf.shape) != tuple(shape) or buf.dtype != dtype or not buf.is_contiguous() or buf.device != dev:
+            raise ValueError(f"{name} buffer must be contiguous {tuple(shape)} {dtype} on {dev}; got "
+                             f"{tuple(buf.shape)} {buf.dtype} on {buf.device}")
+        return buf
+
+    out = _buffer(out, (n, hq, t, d), q.dtype, "out")
+    lse = _buffer(lse, (n, hq, t), torch.float32, "lse")
+    pscores = _buffer(page_scores, (n, hkv, max_pages), torch.float32, "page_scores") if want_pages else None
+    tscores = _buffer(token_scores, (n, hkv, max_tokens), torch.float32, "token_scores") if want_tokens else None
+    if n == 0 or t == 0:
+        return out, lse, pscores, tscores
+    if max_pages == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse, pscores, tscores
+
+    cfg = default_config(g * t, d, page_size, dev)
+    bm = block_m or cfg["block_m"]
+    bn = max(block_n or cfg["block_n"], page_size)
+    nw = num_warps or cfg["num_warps"]
+    ns = num_stages or cfg["num_stages"]
+    for name, val in (("block_m", bm), ("block_n", bn)):
+        if val < 16 or val & (val - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot needs 16), got {val}")
+    row_blocks = triton.cdiv(g * t, bm)
+    if num_splits is None:
+        num_splits = default_num_splits(n * hkv * row_blocks, max_tokens, bn, g * t, dev)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), bn) * bn
+    num_splits = triton.cdiv(max_tokens, split_tokens)  # drop splits that would start past the end
+
+    block_d = max(16, triton.next_power_of_2(d))
+    if num_splits == 1:
+        dst_out, dst_lse = out, lse
+    else:
+        dst_out = torch.empty((n * hq * t * num_splits, d), dtype=torch.float32, device=dev)
+        dst_lse = torch.empty((n * hq * t * num_splits,), dtype=torch.float32, device=dev)
+    dummy = lse  # score pointers are never dereferenced when their switch is off
+    upcast = dev.type != "cuda"
+    precision = "ieee" if (upcast or q.dtype == torch.float32) else "tf32"
+    k_strides = (k.stride(0), 0, k.stride(1), k.stride(2)) if pool else tuple(k.stride())
+    v_strides = (v.stride(0), 0, v.stride(1), v.stride(2)) if pool else tuple(v.stride())
+    pt_strides = ((page_table.stride(0), page_table.stride(1), page_table.stride(2)) if per_head
+                  else (page_table.stride(0), 0, page_table.stride(1)))
+    grid = (n * hkv * row_blocks, num_splits)
+    _paged_attention_kernel[grid](
+        q, k, v, page_table, kv_len,
+        dst_out, dst_lse,
+        pscores if pscores is not None else dummy, tscores if tscores is not None else dummy,
+        float(scale), float(scale) * _LOG2E,
+        *q.stride(), *k_strides, *v_strides, *pt_strides,
+        kv_len.stride(0), kv_len.stride(1),
+        max_pages, split_tokens, num_splits,
+        HKV=hkv, G=g, T=t, HEAD_DIM=d, BLOCK_D=block_d,
+        BLOCK_M=bm, ROW_BLOCKS=row_blocks, BLOCK_N=bn, PAGE=page_size,
+        WRITE_FINAL=num_splits == 1, PAGE_SCORES=want_pages, TOKEN_SCORES=want_tokens,
+        UPCAST=upcast, DOT_PRECISION=precision,
+        num_warps=nw, num_stages=ns,
+    )
+    if num_splits > 1:
+        rows = n * hq * t
+        block_r = 8
+        _merge_splits_kernel[(triton.cdiv(rows, block_r),)](
+            dst_out, dst_lse, out, lse, rows, num_splits,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, num_warps=4,
+        )
+    return out, lse, pscores, tscores
+
+
+def _gather_context(k_pages, v_pages, page_table, kv_len, n, h, page_size, pool, per_head, device):
+    """K, V [L, D] of list (n, h) in context order (reference helper)."""
+    k, v = _unwrap(k_pages), _unwrap(v_pages)
+    length = int(kv_len[n, h])
+    n_pages = -(-length // page_size)
+    entries = (page_table[n, h] if per_head else page_table[n])[:n_pages].long().to(k.device)
+    if pool:
+        kc, vc = k[entries], v[entries]
+    else:
+        kc, vc = k[entries, h], v[entries, h]
+    d = kc.shape[-1]
+    return kc.reshape(-1, d)[:length].to(device), vc.reshape(-1, d)[:length].to(device)
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    k_pages: KVTensor,
+    v_pages: KVTensor,
+    page_table: torch.Tensor,
+    kv_len: torch.Tensor,
+    *,
+    scale: float,
+    return_page_scores: bool = False,
+    return_token_scores: bool = False,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Plain-torch `paged_attention`: gather each list's pages, softmax in fp32. num_splits is ignored."""
+    hkv, page_size, per_head, pool, kv_len = _describe_layout(q, k_pages, v_pages, page_table, kv_len)
+    n, hq, t, d = q.shape
+    g = hq // hkv
+    max_pages = page_table.shape[-1]
+    max_tokens = max_pages * page_size
+    lengths = kv_len.cpu()
+    if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > max_tokens):
+        raise ValueError(f"kv_len must lie in [0, max_pages * page_size = {max_tokens}]; got "
+                         f"[{int(lengths.min())}, {int(lengths.max())}]")
+    table = page_table.cpu()
+    out = torch.zeros(n, hq, t, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((n, hq, t), float("-inf"), dtype=torch.float32, device=q.device)
+    tscores = torch.full((n, hkv, max_tokens), float("-inf"), dtype=torch.float32, device=q.device)
+    for b in range(n):
+        for h in range(hkv):
+            length = int(lengths[b, h])
+            if length == 0:
+                continue
+            kc, vc = _gather_context(k_pages, v_pages, table, lengths, b, h, page_size, pool, per_head,
+                                     q.device)
+            qg = q[b, h * g:(h + 1) * g].float()  # [G, T, D]
+            s = torch.matmul(qg, kc.float().T) * scale  # [G, T, L]
+            lse[b, h * g:(h + 1) * g] = torch.logsumexp(s, dim=-1)
+            out[b, h * g:(h + 1) * g] = torch.matmul(torch.softmax(s, dim=-1), vc.float())
+            q_mean = qg.reshape(-1, d).mean(dim=0)
+            tscores[b, h, :length] = (kc.float() @ q_mean) * scale
+    pscores = tscores.reshape(n, hkv, max_pages, page_size).amax(dim=-1) if max_pages else \
+        torch.empty(n, hkv, 0, device=q.device)
+    return (out.to(q.dtype), lse, pscores if return_page_scores else None,
+            tscores if return_token_scores else None)
+
+
+def block_attention(
+    q: torch.Tensor,
+    k_block: torch.Tensor,
+    v_block: torch.Tensor,
+    k_pages: KVTensor,
+    v_pages: KVTensor,
+    page_table: torch.Tensor,
+    kv_len: torch.Tensor,
+    *,
+    scale: float,
+    return_page_scores: bool = False,
+    return_token_scores: bool = False,
+    **kernel_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Attention of a block's queries over [paged context, the block's own K/V] (bidirectional).
+
+    q [N, Hq, T, D]; k_block, v_block [N, Hkv, T, D]; the paged arguments as in
+    `paged_attention` (kernel_kwargs go to it: num_splits, block_n, ...). Returns
+    (out [N, Hq, T, D] in q's dtype, page_scores or None, token_scores or None); the scores cover
+    the context only.
+    """
+    ctx_out, ctx_lse, pscores, tscores = paged_attention(
+        q, k_pages, v_pages, page_table, kv_len, scale=scale,
+        return_page_scores=return_page_scores, return_token_scores=return_token_scores, **kernel_kwargs)
+    return attention_with_block(q, k_block, v_block, ctx_out, ctx_lse, scale=scale), pscores, tscores
+
+
+def block_attention_reference(
+    q: torch.Tensor,
+    k_block: torch.Tensor,
+    v_block: torch.Tensor,
+    k_pages: KVTensor,
+    v_pages: KVTensor,
+    page_table: torch.Tensor,
+    kv_len: torch.Tensor,
+    *,
+    scale: float,
+    return_page_scores: bool = False,
+    return_token_scores: bool = False,
+    **_ignored,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Plain torch `block_attention`: one softmax over [gathered context keys, block keys]."""
+    hkv, page_size, per_head, pool, kv_len = _describe_layout(q, k_pages, v_pages, page_table, kv_len)
+    n, hq, t, d = q.shape
+    g = hq // hkv
+    lengths, table = kv_len.cpu(), page_table.cpu()
+    out = torch.empty(n, hq, t, d, dtype=torch.float32, device=q.device)
+    for b in range(n):
+        for h in range(hkv):
+            kc, vc = _gather_context(k_pages, v_pages, table, lengths, b, h, page_size, pool, per_head,
+                                     q.device)
+            keys = torch.cat([kc.float(), k_block[b, h].float()])
+            vals = torch.cat([vc.float(), v_block[b, h].float()])
+            s = torch.matmul(q[b, h * g:(h + 1) * g].float(), keys.T) * scale
+            out[b, h * g:(h + 1) * g] = torch.matmul(torch.softmax(s, dim=-1), vals)
+    _, _, pscores, tscores = paged_attention_reference(
+        q, k_pages, v_pages, page_table, kv_len, scale=scale,
+        return_page_scores=return_page_scores, return_token_scores=return_token_scores)
+    return out.to(q.dtype), pscores, tscores
+
+
+__all__ = [
+    "HostPointer", "paged_attention", "paged_attention_reference", "block_attention",
+    "block_attention_reference", "attention_with_block", "merge_attention_states",
+    "default_config", "default_num_splits",
+]

@@ -1,0 +1,343 @@
+"""The paged KV store in host memory: all layers' K and V, allocated once and reused across requests.
+
+Layout: K and V are each one tensor ``[L, num_pages, Hkv, P, D]``; ``k(layer)`` is the per-layer view
+``[num_pages, Hkv, P, D]`` the page-copy kernels take. Sequences own pages through page tables
+(logical page i = positions ``i*P .. i*P+P-1`` -> physical page id) drawn from one free list.
+
+Pinning: the buffers are allocated as plain memory and page-locked with ``cudaHostRegister``, which
+locks exactly the bytes asked for. torch's pinned allocator rounds every block up to a power of two
+(an 18 GiB store would lock 32 GiB) and keeps freed blocks cached, so it is only the fallback.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Hashable, Sequence
+
+import psutil
+import torch
+
+from gpu_kernels.page_copy import write_tokens, write_tokens_reference
+
+_GIB = 2**30
+_CUDA_HOST_REGISTER_PORTABLE_MAPPED = 1 | 2  # portable to all contexts, mapped into the device address space
+
+
+def _register(t: torch.Tensor) -> bool:
+    """Page-lock ``t``'s memory in place; False if this torch build or driver cannot."""
+    cudart = torch.cuda.cudart()
+    if not hasattr(cudart, "cudaHostRegister"):
+        return False
+    err = int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), _CUDA_HOST_REGISTER_PORTABLE_MAPPED))
+    return err == 0
+
+
+def _unregister(tensors: list[torch.Tensor]) -> None:
+    # Runs from close() or the finalizer; at interpreter exit CUDA may already be gone, so errors are ignored.
+    try:
+        cudart = torch.cuda.cudart()
+        for t in tensors:
+            cudart.cudaHostUnregister(t.data_ptr())
+    except Exception:
+        pass
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class HostKVStore:
+    """All layers' paged K/V in (pinned) host memory plus per-sequence page tables.
+
+    Args:
+        num_layers, num_kv_heads, head_dim, page_size: the geometry; pages hold ``page_size`` tokens.
+        num_pages: physical pages (each spans all layers, K and V).
+        dtype: element type (bf16 for the models, fp16/fp32 in tests).
+        pin_memory: None pins when CUDA is available; True requires CUDA; False never pins.
+        reserve_bytes: host memory left free for everything else (default: 5% of RAM, at least 512 MiB).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        num_pages: int,
+        dtype: torch.dtype = torch.bfloat16,
+        pin_memory: bool | None = None,
+        reserve_bytes: int | None = None,
+    ) -> None:
+        for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                          ("page_size", page_size), ("num_pages", num_pages)):
+            if int(val) <= 0:
+                raise ValueError(f"{name} must be positive, got {val}")
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
+        if pin_memory and not torch.cuda.is_available():
+            raise RuntimeError("pin_memory=True needs CUDA; pass pin_memory=None or False on a machine without a GPU")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.page_size, self.num_pages, self.dtype = page_size, num_pages, dtype
+        elem = torch.empty((), dtype=dtype).element_size()
+        self.page_bytes = 2 * num_layers * num_kv_heads * page_size * head_dim * elem  # K+V, all layers
+        self.nbytes = self.page_bytes * num_pages
+        self._check_memory(reserve_bytes, self.nbytes)
+
+        shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
+        self._k = torch.empty(shape, dtype=dtype)
+        self._v = torch.empty(shape, dtype=dtype)
+        self.pin_method = "none"
+        if pin_memory:
+            registered = [t for t in (self._k, self._v) if _register(t)]
+            if len(registered) == 2:
+                self.pin_method = "cudaHostRegister"
+                self._finalizer = weakref.finalize(self, _unregister, registered)
+            else:
+                _unregister(registered)
+                # torch's pinned allocator rounds each buffer up to a power of two: check that size too.
+                del self._k, self._v
+                self._check_memory(reserve_bytes, 2 * _pow2_ceil(self.nbytes // 2))
+                self._k = torch.empty(shape, dtype=dtype, pin_memory=True)
+                self._v = torch.empty(shape, dtype=dtype, pin_memory=True)
+                self.pin_method = "torch_pinned_allocator"
+        self.pinned = pin_memory
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))  # stack: pops 0, 1, 2, ...
+        self._tables: dict[Hashable, list[int]] = {}
+        self._ntok: dict[Hashable, int] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------
+    # sizing
+
+    def _check_memory(self, reserve_bytes: int | None, need: int) -> None:
+        vm = psutil.virtual_memory()
+        reserve = max(512 * 2**20, vm.total // 20) if reserve_bytes is None else int(reserve_bytes)
+        usable = vm.available - reserve
+        if need > usable:
+            fit_pages = max(0, usable) // self.page_bytes
+            raise MemoryError(
+                f"HostKVStore needs {need / _GIB:.2f} GiB for {self.num_pages} pages x {self.page_size} tokens "
+                f"({self.num_pages * self.page_size} tokens, {self.page_bytes} B/page over {self.num_layers} layers) "
+                f"but only {max(0, usable) / _GIB:.2f} GiB is usable ({vm.available / _GIB:.2f} GiB available minus "
+                f"{reserve / _GIB:.2f} GiB reserve). At most {fit_pages} pages ({fit_pages * self.page_size} tokens) "
+                "fit: lower num_pages or free host memory."
+            )
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_pages(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-int(num_tokens) // self.page_size)
+
+    # ------------------------------------------------------------------------------------------
+    # sequences
+
+    def _live(self) -> None:
+        if self._closed:
+            raise RuntimeError("HostKVStore was closed")
+
+    def _table(self, seq_id: Hashable) -> list[int]:
+        try:
+            return self._tables[seq_id]
+        except KeyError:
+            raise KeyError(f"sequence {seq_id!r} has no pages in the host store (allocate it first)") from None
+
+    def _take(self, n: int, why: str) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(
+                f"host KV store out of pages: {why} needs {n} more pages ({n * self.page_size} tokens) but only "
+                f"{len(self._free)} of {self.num_pages} are free ({len(self._free) * self.page_size} of "
+                f"{self.capacity_tokens} tokens, {self.page_size}-token pages). Free finished sequences or build "
+                "the store with more num_pages."
+            )
+        taken = self._free[len(self._free) - n:][::-1]
+        del self._free[len(self._free) - n:]
+        return taken
+
+    def allocate(self, seq_id: Hashable, num_tokens: int) -> torch.Tensor:
+        """Give a new sequence pages for ``num_tokens`` tokens; returns its page table (int32)."""
+        self._live()
+        if seq_id in self._tables:
+            raise ValueError(f"sequence {seq_id!r} is already allocated ({self._ntok[seq_id]} tokens); use extend()")
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        self._tables[seq_id] = self._take(self.pages_for(num_tokens), f"allocating {num_tokens} tokens for {seq_id!r}")
+        self._ntok[seq_id] = int(num_tokens)
+        return self.page_table(seq_id)
+
+    def extend(self, seq_id: Hashable, new_total_tokens: int) -> torch.Tensor:
+        """Grow a sequence to ``new_total_tokens`` tokens (adds pages as needed); returns its page table."""
+        self._live()
+        table = self._table(seq_id)
+        cur = self._ntok[seq_id]
+        if new_total_tokens < cur:
+            raise ValueError(f"extend({seq_id!r}, {new_total_tokens}) would shrink the sequence from {cur} tokens")
+        extra = self.pages_for(new_total_tokens) - len(table)
+        if extra > 0:
+            table.extend(self._take(extra, f"extending {seq_id!r} from {cur} to {new_total_tokens} tokens"))
+        self._ntok[seq_id] = int(new_total_tokens)
+        return self.page_table(seq_id)
+
+    def free(self, seq_id: Hashable) -> None:
+        """Return a sequence's pages to the free list. Freeing an unknown (or already freed) id is an error."""
+        self._live()
+        if seq_id not in self._tables:
+            raise KeyError(f"free({seq_id!r}): sequence is not allocated (double free, or never allocated)")
+        self._free.extend(reversed(self._tables.pop(seq_id)))
+        del self._ntok[seq_id]
+
+    def has(self, seq_id: Hashable) -> bool:
+        return seq_id in self._tables
+
+    @property
+    def sequences(self) -> list[Hashable]:
+        return list(self._tables)
+
+    def num_tokens(self, seq_id: Hashable) -> int:
+        self._table(seq_id)
+        return self._ntok[seq_id]
+
+    def page_table(self, seq_id: Hashable) -> torch.Tensor:
+        """``[num_pages_of_seq]`` int32: logical page -> physical page."""
+        return torch.tensor(self._table(seq_id), dtype=torch.int32)
+
+    def page_tables(self, seq_ids: Sequence[Hashable], max_pages: int | None = None) -> torch.Tensor:
+        """``[N, max_pages]`` int32, row i = seq_ids[i]'s table padded with -1."""
+        tables = [self._table(s) for s in seq_ids]
+        width = max((len(t) for t in tables), default=0) if max_pages is None else max_pages
+        out = torch.full((len(tables), width), -1, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            if len(t) > width:
+                raise ValueError(f"sequence {seq_ids[i]!r} has {len(t)} pages, more than max_pages={width}")
+            out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # data
+
+    def k(self, layer: int) -> torch.Tensor:
+        """``[num_pages, Hkv, P, D]`` view of layer ``layer``'s keys."""
+        self._live()
+        return self._k[layer]
+
+    def v(self, layer: int) -> torch.Tensor:
+        self._live()
+        return self._v[layer]
+
+    @property
+    def k_all(self) -> torch.Tensor:
+        """``[L, num_pages, Hkv, P, D]``: every layer's keys (for multi-layer kernel launches)."""
+        self._live()
+        return self._k
+
+    @property
+    def v_all(self) -> torch.Tensor:
+        self._live()
+        return self._v
+
+    def write(
+        self,
+        seq_id: Hashable | Sequence[Hashable],
+        layer: int | None,
+        start_pos: int | Sequence[int],
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+    ) -> None:
+        """Write T new tokens at positions ``start_pos .. start_pos+T-1`` (allocate/extend first).
+
+        Shapes: one sequence (``seq_id`` a scalar id) ``[Hkv, T, D]``; a batch (``seq_id`` a list or
+        tuple of ids, ``start_pos`` an int or one per row) ``[N, Hkv, T, D]``; ``layer=None`` writes
+        every layer at once and adds a leading ``L`` dim. GPU inputs go to pinned memory through the
+        UVA kernel, asynchronously on the current stream (synchronize, or use the prefetcher's
+        commit, before reading them back); host inputs are written with torch indexing.
+        """
+        self._live()
+        batch = isinstance(seq_id, (list, tuple))
+        seq_ids = list(seq_id) if batch else [seq_id]
+        want = 3 + int(batch) + int(layer is None)
+        if k_new.dim() != want or v_new.shape != k_new.shape:
+            raise ValueError(
+                f"write expects k_new/v_new with {want} dims ({'[L, ]' if layer is None else ''}"
+                f"{'[N, ]' if batch else ''}[Hkv, T, D]); got {tuple(k_new.shape)} and {tuple(v_new.shape)}"
+            )
+        if not batch:
+            k_new, v_new = k_new.unsqueeze(-4), v_new.unsqueeze(-4)
+        n, hkv, t, d = k_new.shape[-4:]
+        if n != len(seq_ids):
+            raise ValueError(f"k_new has {n} rows but {len(seq_ids)} sequence ids were given")
+        if (hkv, d) != (self.num_kv_heads, self.head_dim):
+            raise ValueError(f"k_new has (Hkv, D) = {(hkv, d)}, store has {(self.num_kv_heads, self.head_dim)}")
+        if layer is not None and not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} out of range for {self.num_layers} layers")
+        if layer is None and k_new.shape[0] != self.num_layers:
+            raise ValueError(f"layer=None writes all {self.num_layers} layers; k_new has {k_new.shape[0]}")
+        starts = [int(start_pos)] * n if isinstance(start_pos, int) else [int(s) for s in start_pos]
+        if len(starts) != n:
+            raise ValueError(f"{len(starts)} start positions for {n} rows")
+        for s, st in zip(seq_ids, starts):
+            have = self.num_tokens(s)
+            if st < 0 or st + t > have:
+                raise ValueError(
+                    f"write to {s!r} covers positions [{st}, {st + t}) but it has {have} tokens allocated: extend first"
+                )
+        if k_new.dtype != self.dtype:
+            raise ValueError(f"k_new dtype {k_new.dtype} differs from the store's {self.dtype}")
+        table = self.page_tables(seq_ids)
+        start = torch.tensor(starts, dtype=torch.int64)
+        dst_k, dst_v = (self._k, self._v) if layer is None else (self._k[layer], self._v[layer])
+        if k_new.is_cuda and self.pinned:
+            write_tokens(dst_k, dst_v, table, start, k_new, v_new, validate=False)
+        else:
+            write_tokens_reference(dst_k, dst_v, table, start, k_new.cpu(), v_new.cpu())
+
+    def read(self, seq_id: Hashable, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of positions ``[start, end)``: two ``[Hkv, end-start, D]`` host tensors (copies).
+
+        Synchronizes the GPU first when the store is pinned, so kernel writes are visible.
+        """
+        self._live()
+        have = self.num_tokens(seq_id)
+        if not 0 <= start <= end <= have:
+            raise ValueError(f"read [{start}, {end}) of {seq_id!r} outside its {have} tokens")
+        if self.pinned:
+            torch.cuda.synchronize()
+        table = torch.tensor(self._table(seq_id), dtype=torch.int64)
+        pos = torch.arange(start, end)
+        pages, offs = table[pos // self.page_size], pos % self.page_size
+        # advanced indices split by the head slice: result is [T, Hkv, D]
+        return (self._k[layer][pages, :, offs].transpose(0, 1).contiguous(),
+                self._v[layer][pages, :, offs].transpose(0, 1).contiguous())
+
+    # ------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the host buffers (unpinning them). The store is unusable afterwards."""
+        if self._closed:
+            return
+        if self.pin_method == "cudaHostRegister":
+            self._finalizer()  # unregisters exactly once
+        self._closed = True
+        self._k = self._v = None  # type: ignore[assignment]
+        self._tables.clear()
+        self._ntok.clear()
+        self._free = []
+
+    def __enter__(self) -> HostKVStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"HostKVStore(L={self.num_layers}, Hkv={self.num_kv_heads}, D={self.head_dim}, P={self.page_size}, "
+                f"pages={self.num_pages}, {self.nbytes / _GIB:.2f} GiB, pinned={self.pin_method}, "
+                f"free={self.free_pages})")

@@ -1,0 +1,244 @@
+"""Attention modes: the one interface between the model forward and whatever holds the KV cache.
+
+The decoding loop plans each forward pass once (`mode.plan(batch)`) and every layer then calls
+`mode.run(layer, q, k, v)`, as flashinfer does (plan once, run many). A mode owns its KV storage,
+decides which context keys a query sees (all of them for `dense`; a selected subset for the sparse
+modes) and writes new K/V when the phase asks for it. Adding a mode never changes the loop.
+
+Phases of a forward pass over T new tokens per row:
+- PREFILL: a chunk of the prompt; its K/V are written; inside the chunk tokens see each other
+  block-causally (`visibility_block` = block size) or causally (`visibility_block` = 1).
+- DENOISE: one denoising step of the current block; nothing is written; the block is bidirectional.
+- COMMIT: the finished block, run once more so its K/V are those of its final tokens; written.
+"""
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from runtime.config import ModelConfig
+
+
+class Phase(enum.Enum):
+    PREFILL = "prefill"
+    DENOISE = "denoise"
+    COMMIT = "commit"
+
+    @property
+    def writes_kv(self) -> bool:
+        return self is not Phase.DENOISE
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """One forward pass: N rows (sequences), each with T new tokens after its committed context.
+
+    context_lens: [N] int64 (CPU), committed KV tokens of each row before the new ones; the new
+    tokens sit at positions context_lens[n] .. context_lens[n] + T - 1.
+    """
+
+    phase: Phase
+    seq_ids: tuple[int, ...]
+    context_lens: torch.Tensor
+    num_new: int
+    visibility_block: int
+    step: int = 0
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.seq_ids)
+
+    def positions(self, device: torch.device | str) -> torch.Tensor:
+        """[N, T] int64 absolute positions of the new tokens."""
+        offsets = torch.arange(self.num_new, dtype=torch.int64)
+        return (self.context_lens[:, None] + offsets[None, :]).to(device)
+
+    def new_token_mask(self) -> torch.Tensor:
+        """[T, T] bool: which new tokens a new token sees (block-causal with `visibility_block`)."""
+        block_of = torch.arange(self.num_new) // self.visibility_block
+        return block_of[None, :] <= block_of[:, None]
+
+
+class AttentionMode(ABC):
+    """KV storage plus the attention a layer runs over it."""
+
+    name: str
+
+    @abstractmethod
+    def add_sequence(self, seq_id: int, max_tokens: int) -> None:
+        """Reserve KV space for a sequence that will hold at most `max_tokens` tokens."""
+
+    @abstractmethod
+    def remove_sequence(self, seq_id: int) -> None:
+        """Release everything the sequence holds."""
+
+    @abstractmethod
+    def plan(self, batch: ForwardBatch) -> None:
+        """Prepare the next forward pass; called once before the layers run."""
+
+    @abstractmethod
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention for one layer of the planned pass.
+
+        q: [N, Hq, T, D]; k, v: [N, Hkv, T, D] of the new tokens (RoPE applied). Returns [N, Hq, T, D].
+        """
+
+    def close(self) -> None:
+        """Free the mode's storage."""
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Plain softmax attention with a boolean visibility mask (GQA by head grouping).
+
+    q: [N, Hq, T, D]; k, v: [N, Hkv, L, D]; mask: [N, T, L] or [T, L] bool (True = visible).
+    """
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def block_diffusion_mask(seq_len: int, prefix_len: int, block_size: int, prompt_causal: bool) -> torch.Tensor:
+    """[L, L] bool visibility of a whole sequence as a block-diffusion model sees it.
+
+    Positions below `prefix_len` (the prompt's prefilled part, a multiple of block_size) are causal or
+    block-causal; every later block sees all earlier positions and itself bidirectionally.
+    """
+    if prefix_len % block_size:
+        raise ValueError(f"prefix_len={prefix_len} must be a multiple of block_size={block_size}")
+    pos = torch.arange(seq_len)
+    block_of = pos // block_size
+    mask = block_of[None, :] <= block_of[:, None]
+    if prompt_causal:
+        in_prefix = pos < prefix_len
+        causal = pos[None, :] <= pos[:, None]
+        mask = torch.where(in_prefix[:, None], causal, mask)
+    return mask
+
+
+class MaskedAttention(AttentionMode):
+    """No cache: every forward sees exactly its own tokens under a given mask.
+
+    Used for whole-sequence forwards: the reference decoder, parity tests and training.
+    mask: [T, T] or [N, T, T] bool.
+    """
+
+    name = "masked"
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def add_sequence(self, seq_id: int, max_tokens: int) -> None:
+        pass
+
+    def remove_sequence(self, seq_id: int) -> None:
+        pass
+
+    def plan(self, batch: ForwardBatch) -> None:
+        pass
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return masked_attention(q, k, v, self.mask.to(q.device))
+
+
+class DenseAttention(AttentionMode):
+    """GPU-only inference as users run it today: the whole KV cache resident, exact attention.
+
+    Storage is paged with the project's layout, per layer K and V `[num_pages, Hkv, P, D]`, each
+    sequence owning a fixed run of `pages_per_seq` pages, so the same kernels read it as read the
+    host store.
+    """
+
+    name = "dense"
+
+    def __init__(self, model: ModelConfig, max_sequences: int, max_tokens: int, page_size: int,
+                 dtype: torch.dtype, device: torch.device):
+        if max_tokens < 1 or max_sequences < 1:
+            raise ValueError(f"need max_tokens >= 1 and max_sequences >= 1, got {max_tokens}, {max_sequences}")
+        self.page_size = page_size
+        self.pages_per_seq = -(-max_tokens // page_size)
+        self.max_tokens = self.pages_per_seq * page_size
+        shape = (max_sequences * self.pages_per_seq, model.num_kv_heads, page_size, model.head_dim)
+        nbytes = 2 * model.num_layers * torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if nbytes > free:
+                fits = int(free // (nbytes / (max_sequences * self.max_tokens)))
+                raise MemoryError(
+                    f"dense KV cache for {max_sequences} sequences x {self.max_tokens} tokens needs "
+                    f"{nbytes / 2**30:.2f} GiB, GPU has {free / 2**30:.2f} GiB free: about {fits} tokens "
+                    "in all would fit; lower max_batch_size or the context, or use an offloading mode"
+                )
+        self.k_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+        self.v_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+        self.free_slots = list(range(max_sequences - 1, -1, -1))
+        self.slot_of: dict[int, int] = {}
+        self.batch: ForwardBatch | None = None
+        self._slots: torch.Tensor | None = None
+
+    def add_sequence(self, seq_id: int, max_tokens: int) -> None:
+        if seq_id in self.slot_of:
+            raise ValueError(f"sequence {seq_id} already holds a KV slot")
+        if max_tokens > self.max_tokens:
+            raise ValueError(f"sequence {seq_id} needs {max_tokens} tokens; slots hold {self.max_tokens}")
+        if not self.free_slots:
+            raise RuntimeError(f"all {len(self.slot_of)} KV slots are taken; remove a sequence first")
+        self.slot_of[seq_id] = self.free_slots.pop()
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self.free_slots.append(self.slot_of.pop(seq_id))
+
+    def plan(self, batch: ForwardBatch) -> None:
+        end = int(batch.context_lens.max()) + batch.num_new
+        if end > self.max_tokens:
+            raise ValueError(f"forward reaches position {end}; the KV slots hold {self.max_tokens} tokens")
+        self.batch = batch
+        self._slots = torch.tensor([self.slot_of[s] for s in batch.seq_ids], dtype=torch.int64)
+
+    def _rows(self, cache: torch.Tensor, length: int) -> torch.Tensor:
+        """[N, Hkv, length, D] contiguous view of the planned rows' first `length` positions."""
+        pages = -(-length // self.page_size)
+        _, hkv, p, d = cache.shape
+        per_seq = cache.view(-1, self.pages_per_seq, hkv, p, d)[self._slots.to(cache.device), :pages]
+        return per_seq.permute(0, 2, 1, 3, 4).reshape(len(self._slots), hkv, pages * p, d)[:, :, :length]
+
+    def _write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
+        """Write new: [N, Hkv, T, D] at each row's positions context_lens .. +T."""
+        batch = self.batch
+        pos = batch.positions("cpu")  # [N, T]
+        page = self._slots[:, None] * self.pages_per_seq + pos // self.page_size
+        offset = pos % self.page_size
+        dev = cache.device
+        cache[page.to(dev), :, offset.to(dev)] = new.transpose(1, 2).to(cache.dtype)
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        batch = self.batch
+        assert batch is not None, "plan() must precede run()"
+        ctx_lens = batch.context_lens
+        max_ctx = int(ctx_lens.max())
+        t = batch.num_new
+        ctx_k = self._rows(self.k_cache[layer], max_ctx)
+        ctx_v = self._rows(self.v_cache[layer], max_ctx)
+        if batch.phase.writes_kv:
+            self._write(self.k_cache[layer], k)
+            self._write(self.v_cache[layer], v)
+        keys = torch.cat([ctx_k, k.to(ctx_k.dtype)], dim=2)
+        values = torch.cat([ctx_v, v.to(ctx_v.dtype)], dim=2)
+        ctx_visible = torch.arange(max_ctx)[None, :] < ctx_lens[:, None]  # [N, max_ctx]
+        mask = torch.cat([
+            ctx_visible[:, None, :].expand(-1, t, -1),
+            batch.new_token_mask()[None].expand(len(ctx_lens), -1, -1),
+        ], dim=2)
+        return masked_attention(q, keys.to(q.dtype), values.to(q.dtype), mask.to(q.device))
+
+    def close(self) -> None:
+        self.k_cache.clear()
+        self.v_cache.clear()
+        self.slot_of.clear()

@@ -1,0 +1,233 @@
+"""Load and save Hugging Face-format Qwen2/Qwen3 checkpoints from local directories.
+
+Nothing here touches the network. Loading first reads only the safetensors headers, checks every
+tensor's name and shape against what the config implies, and only then materialises the model,
+tensor by tensor, straight into the target dtype and device (the model is built on the meta
+device, so no second copy of the weights ever exists).
+"""
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from runtime.config import ModelConfig
+from runtime.model import Transformer, expected_tensor_shapes
+from runtime.tokenizer import Tokenizer, hf_tokenizer_config
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Tensors some checkpoints carry that the forward recomputes: skipped without complaint.
+HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+_MAX_LISTED = 40
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch dtype from a torch.dtype or a name such as "bfloat16" / "bf16" / "torch.float16"."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in FLOAT_DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not a supported floating dtype: {sorted(DTYPE_NAMES)}")
+        return dtype
+    name = str(dtype).removeprefix("torch.").lower()
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]
+
+
+def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (safetensors dtype string, shape)} from a file's header, without reading data."""
+    with open(file, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) != 8:
+            raise ValueError(f"{file} is not a safetensors file (shorter than 8 bytes)")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > file.stat().st_size:
+            raise ValueError(f"{file} is not a safetensors file (header length {header_len} exceeds the file)")
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    return {name: (info["dtype"], tuple(info["shape"])) for name, info in header.items()}
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: model.safetensors or the shards of its index."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard files that are not in {path}: {missing}")
+        return files
+    single = path / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    hint = ""
+    if any(name.endswith((".bin", ".pt", ".pth")) for name in present):
+        hint = " The directory holds PyTorch pickles: convert them to safetensors first."
+    raise FileNotFoundError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE} (found: {present}).{hint}")
+
+
+def _listing(lines: list[str]) -> str:
+    shown = lines[:_MAX_LISTED]
+    more = f"\n    ... and {len(lines) - _MAX_LISTED} more" if len(lines) > _MAX_LISTED else ""
+    return "".join(f"\n    {line}" for line in shown) + more
+
+
+def check_tensors(found: Mapping[str, tuple[str, tuple[int, ...]]], config: ModelConfig,
+                  where: str = "checkpoint") -> None:
+    """Raise ValueError listing every missing, misshaped, non-float or unexpected tensor.
+
+    found: {name: (safetensors dtype, shape)}. A tied checkpoint may still store lm_head.weight
+    (the embedding is used, as transformers does); any other extra tensor is an error.
+    """
+    expected = expected_tensor_shapes(config)
+    missing = [f"{name} (expected shape {shape})" for name, shape in expected.items() if name not in found]
+    misshaped = [f"{name}: shape {found[name][1]}, expected {shape}" for name, shape in expected.items()
+                 if name in found and found[name][1] != shape]
+    not_float = [f"{name}: dtype {found[name][0]}, expected one of {sorted(FLOAT_DTYPES)}" for name in expected
+                 if name in found and found[name][0] not in FLOAT_DTYPES]
+    tolerated = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    extra = [f"{name} {found[name][1]}" for name in found
+             if name not in expected and name not in tolerated and not name.endswith(HARMLESS_SUFFIXES)]
+    if config.tie_word_embeddings and "lm_head.weight" in found:
+        shape, want = found["lm_head.weight"][1], (config.vocab_size, config.hidden_size)
+        if shape != want:
+            misshaped.append(f"lm_head.weight: shape {shape}, expected {want}")
+    problems = []
+    if missing:
+        problems.append(f"missing tensors:{_listing(missing)}")
+    if misshaped:
+        problems.append(f"tensors with the wrong shape:{_listing(misshaped)}")
+    if not_float:
+        problems.append(f"tensors that are not floating point (quantised checkpoints are not supported):"
+                        f"{_listing(not_float)}")
+    if extra:
+        problems.append(f"unexpected tensors (does config.json describe this checkpoint?):{_listing(extra)}")
+    if problems:
+        raise ValueError(f"{where} does not match its config.json "
+                         f"({config.architecture}, {config.num_layers} layers, hidden {config.hidden_size}, "
+                         f"{config.num_heads}/{config.num_kv_heads} heads of {config.head_dim}, "
+                         f"vocab {config.vocab_size}): " + "; ".join(problems))
+
+
+def _check_unsupported_features(raw: dict[str, Any], where: Path) -> None:
+    if raw.get("use_sliding_window") and raw.get("sliding_window"):
+        raise ValueError(f"{where}/config.json enables sliding-window attention (sliding_window="
+                         f"{raw['sliding_window']}), which this runtime does not implement; set "
+                         "use_sliding_window to false if the model was trained without it")
+    partial = raw.get("partial_rotary_factor", (raw.get("rope_parameters") or {}).get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"{where}/config.json sets partial_rotary_factor={partial}; only full rotary "
+                         "embeddings are supported")
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype | str | None = None,
+               device: str | torch.device = "cpu") -> tuple[Transformer, ModelConfig]:
+    """Load a local Hugging Face Qwen2/Qwen3 directory into a `Transformer` in eval mode.
+
+    dtype None keeps the dtype the embedding is stored in. Parameters come back with
+    requires_grad=False (an inference load); training calls `model.requires_grad_(True)`.
+    """
+    path = Path(path)
+    config = ModelConfig.from_dir(path)
+    _check_unsupported_features(json.loads((path / "config.json").read_text()), path)
+    files = checkpoint_files(path)
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    file_of: dict[str, Path] = {}
+    for file in files:
+        for name, info in read_safetensors_header(file).items():
+            if name in file_of:
+                raise ValueError(f"tensor {name} is stored twice: in {file_of[name].name} and {file.name}")
+            found[name], file_of[name] = info, file
+    check_tensors(found, config, where=str(path))
+
+    target = resolve_dtype(dtype) if dtype is not None else FLOAT_DTYPES[found["model.embed_tokens.weight"][0]]
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    with torch.device("meta"):
+        model = Transformer(config)
+    wanted = set(expected_tensor_shapes(config))
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        names = [n for n in found if file_of[n] == file and n in wanted]
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in names:
+                state[name] = f.get_tensor(name).to(target)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model.requires_grad_(False)
+    return model.eval(), config
+
+
+def random_model(config: ModelConfig, *, dtype: torch.dtype | str = torch.float32,
+                 device: str | torch.device = "cpu", seed: int = 0, std: float = 0.02) -> Transformer:
+    """A model with random weights allocated directly in `dtype` on `device` (speed runs at real geometry)."""
+    target, device = resolve_dtype(dtype), torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = {name: torch.empty(t.shape, dtype=target, device=device) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model.init_weights(std, torch.Generator(device).manual_seed(seed))
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def save_checkpoint(model: Transformer, model_config_dict: Mapping[str, Any], path: str | Path,
+                    tokenizer: Tokenizer | tokenizers.Tokenizer | None = None) -> None:
+    """Write config.json + model.safetensors (+ tokenizer files) as a Hugging Face directory.
+
+    model_config_dict: the config.json content (HF field names, e.g. model_type, hidden_size,
+    mask_token_id, block_size); it must describe `model`, which is checked. A bare
+    `tokenizers.Tokenizer` gets a tokenizer_config.json naming the eos/pad/mask tokens given by
+    the config's eos_token_id / pad_token_id / mask_token_id.
+    """
+    path = Path(path)
+    cfg = dict(model_config_dict)
+    if "torch_dtype" not in cfg and "dtype" not in cfg:
+        cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    described = ModelConfig.from_hf(cfg)
+    have = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if described.tie_word_embeddings:
+        have.pop("lm_head.weight", None)
+    if expected_tensor_shapes(described) != have or described.tie_word_embeddings != model.config.tie_word_embeddings:
+        raise ValueError("model_config_dict does not describe the model: it implies "
+                         f"{ModelConfig.from_hf(cfg)}, the model was built from {model.config}")
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items() if name in have}
+    save_file(tensors, str(path / SINGLE_FILE), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, tokenizers.Tokenizer):
+        def token(key: str) -> str | None:
+            ids = cfg.get(key)
+            first = ids[0] if isinstance(ids, list) and ids else ids
+            return tokenizer.id_to_token(int(first)) if first is not None else None
+
+        eos = token("eos_token_id")
+        tokenizer = Tokenizer(tokenizer, hf_tokenizer_config(
+            tokenizer, eos_token=eos, pad_token=token("pad_token_id") or eos, mask_token=token("mask_token_id")))
+    tokenizer.save(path)

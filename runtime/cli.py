@@ -1,0 +1,111 @@
+"""Command line: `dllm generate` for real prompts, `dllm demo` for a first look on the bundled model."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from runtime.config import ATTENTION_MODES, UNMASKING_SCHEDULES, EngineConfig
+from runtime.decoding import GenerationRequest
+from runtime.engine import DEFAULT_MODEL, Engine
+
+DEMO_PROMPTS = [
+    "The key to the vault is",
+    "Once upon a time",
+    "def add(a, b):\n    return",
+]
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="local Hugging Face model directory")
+    parser.add_argument("--mode", default="dense", choices=ATTENTION_MODES)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
+    parser.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps per block (default: block size)")
+    parser.add_argument("--unmasking", default="threshold", choices=UNMASKING_SCHEDULES)
+    parser.add_argument("--threshold", type=float, default=0.9, help="confidence threshold for --unmasking threshold")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _make_engine(args: argparse.Namespace) -> Engine:
+    return Engine(EngineConfig(
+        model_path=args.model, mode=args.mode, device=args.device, dtype=args.dtype,
+        block_size=args.block_size, denoising_steps=args.steps, unmasking=args.unmasking,
+        confidence_threshold=args.threshold, max_batch_size=args.max_batch_size,
+        progress=not args.no_progress,
+    ))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        print("error: give --prompt TEXT (repeatable) or --prompts-file FILE", file=sys.stderr)
+        return 2
+    engine = _make_engine(args)
+    requests = [GenerationRequest(prompt=p, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  seed=args.seed + i, request_id=str(i)) for i, p in enumerate(prompts)]
+    results = engine.generate(requests)
+    for prompt, result in zip(prompts, results):
+        if args.json:
+            print(json.dumps({"prompt": prompt, **result.__dict__}))
+        else:
+            print(f"--- [{result.request_id}] {result.finish_reason}, {len(result.tokens)} tokens, "
+                  f"{result.latency_s:.2f} s\n{prompt}\033[1m{result.text}\033[0m")
+    stats = engine.last_stats
+    print(f"{stats.requests} requests, {stats.generated_tokens} tokens in {stats.wall_s:.2f} s "
+          f"({stats.tokens_per_s:.1f} tokens/s, mode {args.mode}, device {engine.device})", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    engine = _make_engine(args)
+    print(f"model {args.model} ({engine.model_config.architecture}, {engine.model_config.num_layers} layers) "
+          f"on {engine.device}, {engine.dtype}; block {engine.settings.block_size}, {engine.settings.steps} steps, "
+          f"{engine.settings.unmasking} unmasking; mode {args.mode}")
+    results = engine.generate(DEMO_PROMPTS, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              seed=args.seed)
+    for prompt, result in zip(DEMO_PROMPTS, results):
+        print(f"\n> {prompt!r}\n  -> {result.text!r}\n  ({len(result.tokens)} tokens, {result.blocks} blocks, "
+              f"{result.denoising_passes} denoising passes, {result.finish_reason})")
+    stats = engine.last_stats
+    print(f"\n{stats.requests} requests batched, {stats.generated_tokens} tokens in {stats.wall_s:.2f} s "
+          f"({stats.tokens_per_s:.1f} tokens/s); demo wall time {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="continue prompts with a block-diffusion model")
+    _engine_args(gen)
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    gen.add_argument("--prompts-file", help="one prompt per line")
+    gen.add_argument("--json", action="store_true", help="one JSON object per result")
+    gen.set_defaults(func=cmd_generate)
+    demo = sub.add_parser("demo", help="a batch of prompts on the bundled default model")
+    _engine_args(demo)
+    demo.set_defaults(func=cmd_demo, max_new_tokens=32)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, FileNotFoundError, MemoryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

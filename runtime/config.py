@@ -1,0 +1,194 @@
+"""Configuration: what the checkpoint says (ModelConfig) and what the user asks for (EngineConfig).
+
+Both are frozen dataclasses, built once and passed down; nothing below `runtime/` reads them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+ATTENTION_MODES = ("dense",)
+UNMASKING_SCHEDULES = ("threshold", "fixed")
+PROMPT_ATTENTION = ("causal", "block_causal")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings as a checkpoint states them (HF `rope_scaling` / `rope_parameters`)."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | yarn | llama3
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "RopeConfig":
+        params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+        known = {"default", "linear", "yarn", "llama3"}
+        if rope_type not in known:
+            raise ValueError(
+                f"rope type {rope_type!r} is not supported; supported: {sorted(known)}. "
+                "Edit rope_scaling in config.json or add the type to runtime/model.py."
+            )
+        get = params.get
+        factor = get("factor")
+        original = get("original_max_position_embeddings")
+        if factor is None and rope_type == "yarn" and original:
+            # transformers' reading of a YaRN config that states only the original context
+            factor = cfg.get("max_position_embeddings", original) / original
+        return cls(
+            theta=theta,
+            rope_type=rope_type,
+            factor=float(factor or 1.0),
+            original_max_position_embeddings=original,
+            beta_fast=float(get("beta_fast") or 32.0),
+            beta_slow=float(get("beta_slow") or 1.0),
+            mscale=get("mscale"),
+            mscale_all_dim=get("mscale_all_dim"),
+            attention_factor=get("attention_factor"),
+            truncate=bool(get("truncate", True)),
+            low_freq_factor=float(get("low_freq_factor", 1.0)),
+            high_freq_factor=float(get("high_freq_factor", 4.0)),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a Qwen2/Qwen3 checkpoint, parsed from its config.json."""
+
+    architecture: Literal["qwen2", "qwen3"]
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has q/k/v biases
+    qk_norm: bool = False  # Qwen3 normalises q and k per head
+    # Block-diffusion settings a checkpoint may carry (None: not stated).
+    mask_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    block_size: int | None = None
+    torch_dtype: str | None = None
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        model_type = str(cfg.get("model_type", "")).lower()
+        archs = " ".join(cfg.get("architectures") or []).lower()
+        if "qwen3" in model_type or "sdar" in model_type or "qwen3" in archs or "sdar" in archs:
+            arch = "qwen3"
+        elif "qwen2" in model_type or "qwen2" in archs or "fast_dllm" in model_type:
+            arch = "qwen2"
+        else:
+            raise ValueError(
+                f"config.json has model_type={cfg.get('model_type')!r}, architectures="
+                f"{cfg.get('architectures')!r}; only Qwen2 and Qwen3 families are supported"
+            )
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in cfg]
+        if missing:
+            raise ValueError(f"config.json lacks required fields {missing}")
+        num_heads = int(cfg["num_attention_heads"])
+        num_kv_heads = int(cfg.get("num_key_value_heads") or num_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
+        head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // num_heads)
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+        block = cfg.get("block_size", cfg.get("block_length", cfg.get("bd_size")))
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope=RopeConfig.from_hf(cfg),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+            qk_norm=arch == "qwen3",
+            mask_token_id=cfg.get("mask_token_id"),
+            eos_token_ids=eos_ids,
+            block_size=int(block) if block else None,
+            torch_dtype=cfg.get("torch_dtype", cfg.get("dtype")),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{path} has no config.json: pass a local Hugging Face model directory")
+        cfg = json.loads(cfg_file.read_text())
+        gen_file = path / "generation_config.json"
+        if gen_file.is_file():
+            gen = json.loads(gen_file.read_text())
+            for key in ("mask_token_id", "block_size", "block_length", "eos_token_id"):
+                if key in gen and key not in cfg:
+                    cfg[key] = gen[key]
+        return cls.from_hf(cfg)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs from its user. `None` means: take it from the checkpoint."""
+
+    model_path: str
+    mode: str = "dense"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16 | float64
+    block_size: int | None = None
+    denoising_steps: int | None = None  # None: block_size steps (one token per step at worst)
+    unmasking: str = "threshold"  # threshold (Fast-dLLM v2 / SDAR dynamic) | fixed (SDAR static)
+    confidence_threshold: float = 0.9
+    prompt_attention: str | None = None  # None: block_causal for SDAR-style, causal for Qwen2-based
+    mask_token_id: int | None = None
+    max_batch_size: int = 8
+    prefill_chunk_size: int = 2048
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ATTENTION_MODES:
+            raise ValueError(f"mode={self.mode!r}; choose one of {ATTENTION_MODES}")
+        if self.unmasking not in UNMASKING_SCHEDULES:
+            raise ValueError(f"unmasking={self.unmasking!r}; choose one of {UNMASKING_SCHEDULES}")
+        if self.prompt_attention is not None and self.prompt_attention not in PROMPT_ATTENTION:
+            raise ValueError(f"prompt_attention={self.prompt_attention!r}; choose one of {PROMPT_ATTENTION}")
+        if not 0.0 < self.confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold={self.confidence_threshold} must be in (0, 1]")
+        for name in ("block_size", "denoising_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1")
+
+    def with_(self, **changes: Any) -> "EngineConfig":
+        return replace(self, **changes)

@@ -1,0 +1,208 @@
+"""Block-diffusion decoding: requests, per-sequence state, and the unmasking rule.
+
+A sequence is written block by block. Block k covers absolute positions [k*B, (k+1)*B): blocks are
+aligned to the start of the sequence as SDAR aligns them, so the prompt's tail shares the first
+generated block and stays fixed there while the rest of the block starts as [MASK]. At each
+denoising step the model predicts every masked position; the most confident predictions are
+unmasked, either a fixed number per step (SDAR's static schedule) or all above a confidence
+threshold and at least one (Fast-dLLM v2 / SDAR's dynamic schedule).
+
+Nothing here touches attention or the KV cache: `runtime/generate.py` drives the passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt and how to continue it."""
+
+    prompt: str | list[int]
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    stop_at_eos: bool = True
+    request_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_tokens: int
+    tokens: list[int]
+    text: str
+    finish_reason: Literal["eos", "length"]
+    blocks: int
+    denoising_passes: int
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """The per-engine decoding constants, resolved from EngineConfig and the checkpoint."""
+
+    block_size: int
+    steps: int
+    unmasking: Literal["threshold", "fixed"]
+    threshold: float
+    mask_token_id: int
+    eos_token_ids: tuple[int, ...]
+    prompt_causal: bool
+
+
+@dataclass
+class SequenceState:
+    """Where one request stands: committed tokens, the block being denoised, its random stream."""
+
+    seq_id: int
+    request: GenerationRequest
+    prompt_ids: list[int]
+    block_size: int
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)  # committed: prompt + finished blocks
+    block: torch.Tensor | None = None  # [B] int64, current block's tokens ([MASK] where masked)
+    masked: torch.Tensor | None = None  # [B] bool
+    step_quota: list[int] = field(default_factory=list)  # fixed schedule: tokens to unmask per step
+    finish_reason: str | None = None
+    blocks_done: int = 0
+    passes: int = 0
+    started_at: float = 0.0
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def prefix_len(self) -> int:
+        """Prompt positions prefilled before the first generated block (whole blocks only)."""
+        return self.prompt_len // self.block_size * self.block_size
+
+    @property
+    def max_tokens(self) -> int:
+        """Positions the sequence may reach: its last block ends at a block boundary."""
+        last = self.prompt_len + self.request.max_new_tokens
+        return -(-last // self.block_size) * self.block_size
+
+    @property
+    def context_len(self) -> int:
+        """Positions whose KV is committed: the current block starts here."""
+        return len(self.tokens)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+
+def start_block(seq: SequenceState, settings: DecodeSettings) -> None:
+    """Open the next block: committed prompt tail (if any) fixed, the rest [MASK]."""
+    start = len(seq.tokens) // settings.block_size * settings.block_size
+    fixed = seq.tokens[start:]
+    block = torch.full((settings.block_size,), settings.mask_token_id, dtype=torch.int64)
+    block[: len(fixed)] = torch.tensor(fixed, dtype=torch.int64)
+    seq.block = block
+    seq.masked = block == settings.mask_token_id
+    seq.masked[: len(fixed)] = False
+    seq.tokens = seq.tokens[:start]
+    seq.step_quota = fixed_schedule(int(seq.masked.sum()), settings.steps)
+
+
+def fixed_schedule(num_masked: int, steps: int) -> list[int]:
+    """How many tokens each step unmasks: an even split, the remainder to the first steps."""
+    base, extra = divmod(num_masked, steps)
+    return [base + (1 if s < extra else 0) for s in range(steps)]
+
+
+def finish_block(seq: SequenceState, settings: DecodeSettings) -> None:
+    """Commit the finished block's tokens and decide whether the sequence is done."""
+    assert seq.block is not None and seq.masked is not None and not seq.masked.any()
+    seq.tokens.extend(seq.block.tolist())
+    seq.block = seq.masked = None
+    seq.blocks_done += 1
+    generated = seq.generated
+    if seq.request.stop_at_eos and settings.eos_token_ids:
+        for i, tok in enumerate(generated):
+            if tok in settings.eos_token_ids:
+                seq.tokens = seq.tokens[: seq.prompt_len + i]
+                seq.finish_reason = "eos"
+                return
+    if len(generated) >= seq.request.max_new_tokens:
+        seq.tokens = seq.tokens[: seq.prompt_len + seq.request.max_new_tokens]
+        seq.finish_reason = "length"
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """logits: [B, V] fp32; returns logits with everything outside top-k / nucleus set to -inf."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token once the mass before it already reaches top_p (the top token always stays)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def propose(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator,
+            mask_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A candidate token and its confidence at every block position.
+
+    logits: [B, V] fp32. Returns (tokens [B] int64, confidence [B] fp32). [MASK] is never proposed.
+    """
+    logits = logits.float().clone()
+    logits[:, mask_token_id] = float("-inf")
+    if request.temperature == 0.0:
+        probs = logits.softmax(-1)
+        conf, tokens = probs.max(-1)
+        return tokens, conf
+    logits = _filter_logits(logits / request.temperature, request.top_k, request.top_p)
+    probs = logits.softmax(-1)
+    tokens = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+    conf = probs.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, conf
+
+
+def unmask_step(seq: SequenceState, logits: torch.Tensor, step: int, settings: DecodeSettings) -> None:
+    """Apply one denoising step's prediction to the sequence's block.
+
+    logits: [B, V] for the block's positions. Unmasks the most confident masked positions: the
+    fixed schedule's quota for this step, or every one above the threshold (at least one). The
+    last allowed step unmasks whatever remains, so a block never takes more than `steps` passes.
+    """
+    assert seq.block is not None and seq.masked is not None
+    tokens, conf = propose(logits, seq.request, seq.generator, settings.mask_token_id)
+    tokens, conf = tokens.cpu(), conf.cpu()
+    masked = seq.masked
+    remaining = int(masked.sum())
+    if remaining == 0:
+        return
+    conf = torch.where(masked, conf, torch.full_like(conf, -1.0))
+    if step >= settings.steps - 1:
+        count = remaining
+    elif settings.unmasking == "fixed":
+        count = min(seq.step_quota[step], remaining)
+    else:
+        count = max(1, int((conf >= settings.threshold).sum()))
+    if count == 0:
+        return
+    chosen = torch.topk(conf, count).indices
+    seq.block[chosen] = tokens[chosen]
+    masked[chosen] = False

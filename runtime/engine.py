@@ -1,0 +1,183 @@
+"""The Python API a batch pipeline embeds: `Engine(config).generate(prompts) -> results`."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from runtime.attention import AttentionMode, DenseAttention
+from runtime.checkpoint import load_model
+from runtime.config import EngineConfig, ModelConfig
+from runtime.decoding import DecodeSettings, GenerationRequest, GenerationResult, SequenceState
+from runtime.generate import BlockDiffusionLoop
+from runtime.tokenizer import Tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-random"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} needs CUDA, and this machine has none: use device='cpu' or 'auto'")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={name!r}; choose auto or one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_settings(config: EngineConfig, model: ModelConfig, tokenizer: Tokenizer | None) -> DecodeSettings:
+    """Decoding constants: the user's config first, then the checkpoint, then the tokenizer."""
+    block = config.block_size or model.block_size
+    if block is None:
+        raise ValueError("the checkpoint states no block size (config.json block_size): set EngineConfig.block_size")
+    mask_id = config.mask_token_id
+    if mask_id is None:
+        mask_id = model.mask_token_id
+    if mask_id is None and tokenizer is not None:
+        mask_id = tokenizer.mask_token_id
+    if mask_id is None:
+        raise ValueError("no mask token id in the config, the checkpoint or its tokenizer: set EngineConfig.mask_token_id")
+    if not 0 <= mask_id < model.vocab_size:
+        raise ValueError(f"mask_token_id={mask_id} is outside the vocabulary of {model.vocab_size}")
+    eos = model.eos_token_ids or (tokenizer.eos_token_ids if tokenizer is not None else ())
+    prompt_attention = config.prompt_attention or ("block_causal" if model.architecture == "qwen3" else "causal")
+    return DecodeSettings(
+        block_size=block,
+        steps=config.denoising_steps or block,
+        unmasking=config.unmasking,  # type: ignore[arg-type]
+        threshold=config.confidence_threshold,
+        mask_token_id=int(mask_id),
+        eos_token_ids=tuple(eos),
+        prompt_causal=prompt_attention == "causal",
+    )
+
+
+@dataclass
+class RunStats:
+    """What the last `generate` call did."""
+
+    requests: int = 0
+    generated_tokens: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+class Engine:
+    """Loads a checkpoint once; each `generate` call decodes a list of requests as batches."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        path = Path(config.model_path)
+        self.model, self.model_config = load_model(path, dtype=self.dtype, device=self.device)
+        self.model.eval()
+        self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+        self.settings = resolve_settings(config, self.model_config, self.tokenizer)
+        self.last_stats = RunStats()
+        self._ids = itertools.count()
+
+    def _make_mode(self, num_sequences: int, max_tokens: int) -> AttentionMode:
+        if self.config.mode == "dense":
+            return DenseAttention(self.model_config, num_sequences, max_tokens, page_size=16,
+                                  dtype=self.dtype, device=self.device)
+        raise ValueError(f"mode {self.config.mode!r} is not available")
+
+    def _encode(self, request: GenerationRequest) -> list[int]:
+        if isinstance(request.prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.config.model_path} has no tokenizer.json: pass prompts as token id lists")
+            ids = self.tokenizer.encode(request.prompt)
+        else:
+            ids = [int(t) for t in request.prompt]
+        if not ids:
+            raise ValueError(f"request {request.request_id!r} has an empty prompt: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary of {self.model_config.vocab_size}")
+        return ids
+
+    def _sequence(self, request: GenerationRequest) -> SequenceState:
+        seq_id = next(self._ids)
+        ids = self._encode(request)
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(request.seed)
+        seq = SequenceState(seq_id=seq_id, request=request, prompt_ids=ids,
+                            block_size=self.settings.block_size, generator=generator)
+        limit = self.model_config.max_position_embeddings
+        if seq.max_tokens > limit:
+            raise ValueError(
+                f"request {request.request_id or seq_id}: prompt of {len(ids)} tokens + {request.max_new_tokens} new "
+                f"tokens reaches position {seq.max_tokens} (rounded up to whole blocks), beyond the model's "
+                f"{limit} positions: shorten the prompt or lower max_new_tokens"
+            )
+        return seq
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str | list[int] | GenerationRequest],
+                 **defaults) -> list[GenerationResult]:
+        """Decode every prompt; results come back in the order of `prompts`.
+
+        A prompt is text, token ids, or a GenerationRequest; `defaults` (max_new_tokens,
+        temperature, top_k, top_p, seed, stop_at_eos) apply to those given as text or ids.
+        """
+        requests = [p if isinstance(p, GenerationRequest) else GenerationRequest(prompt=p, **defaults)
+                    for p in prompts]
+        if not requests:
+            return []
+        sequences = [self._sequence(r) for r in requests]
+        t0 = time.perf_counter()
+        batch = min(self.config.max_batch_size, len(sequences))
+        mode = self._make_mode(batch, max(s.max_tokens for s in sequences))
+        loop = BlockDiffusionLoop(self.model, mode, self.settings, batch, self.config.prefill_chunk_size, self.device)
+        total_blocks = sum((s.max_tokens - s.prefix_len) // self.settings.block_size for s in sequences)
+        bar = tqdm(total=total_blocks, unit="block", desc=f"generate [{self.config.mode}]",
+                   disable=not self.config.progress, leave=False)
+        finish_times: dict[int, float] = {}
+
+        def on_block(rows: list[SequenceState]) -> None:
+            bar.update(len(rows))
+            now = time.perf_counter()
+            for s in rows:
+                if s.finish_reason is not None:
+                    finish_times[s.seq_id] = now
+
+        try:
+            loop.run(sequences, on_block)
+        finally:
+            bar.close()
+            mode.close()
+        wall = time.perf_counter() - t0
+        results = [self._result(s, finish_times[s.seq_id] - s.started_at) for s in sequences]
+        self.last_stats = RunStats(len(results), sum(len(r.tokens) for r in results), wall)
+        return results
+
+    def _result(self, seq: SequenceState, latency: float) -> GenerationResult:
+        tokens = seq.generated
+        text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
+        return GenerationResult(
+            request_id=seq.request.request_id or str(seq.seq_id),
+            prompt_tokens=seq.prompt_len,
+            tokens=tokens,
+            text=text,
+            finish_reason=seq.finish_reason or "length",
+            blocks=seq.blocks_done,
+            denoising_passes=seq.passes,
+            latency_s=latency,
+        )

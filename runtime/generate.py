@@ -1,0 +1,106 @@
+"""The block-diffusion generation loop over a batch of sequences, with a KV cache.
+
+Sequences wait in a queue and join the running batch at block boundaries (continuous batching at
+block granularity). Per block: every running sequence opens a block, the batch runs denoising
+passes until all its blocks are unmasked (a sequence whose block finished early sits out the
+remaining passes), then one commit pass writes the blocks' final K/V. Each pass is planned once on
+the attention mode and run layer by layer; the loop never knows which mode it drives.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable, Iterable
+
+import torch
+
+from runtime.attention import AttentionMode, ForwardBatch, Phase
+from runtime.decoding import DecodeSettings, SequenceState, finish_block, start_block, unmask_step
+from runtime.model import Transformer
+
+
+class BlockDiffusionLoop:
+    """Drives a model and an attention mode through prefill, denoising and commit passes."""
+
+    def __init__(self, model: Transformer, mode: AttentionMode, settings: DecodeSettings,
+                 max_batch_size: int, prefill_chunk_size: int, device: torch.device):
+        self.model = model
+        self.mode = mode
+        self.settings = settings
+        self.max_batch_size = max_batch_size
+        b = settings.block_size
+        if prefill_chunk_size < b:
+            raise ValueError(f"prefill_chunk_size={prefill_chunk_size} is smaller than the block size {b}")
+        self.prefill_chunk = prefill_chunk_size // b * b  # chunks stay block-aligned
+        self.device = device
+
+    def _forward(self, phase: Phase, rows: list[SequenceState], tokens: torch.Tensor,
+                 visibility_block: int, step: int = 0) -> torch.Tensor | None:
+        """tokens: [N, T] int64. Returns fp32 logits [N, T, V] for denoising passes, else None."""
+        batch = ForwardBatch(
+            phase=phase,
+            seq_ids=tuple(s.seq_id for s in rows),
+            context_lens=torch.tensor([s.context_len for s in rows], dtype=torch.int64),
+            num_new=tokens.shape[1],
+            visibility_block=visibility_block,
+            step=step,
+        )
+        self.mode.plan(batch)
+        return self.model(tokens.to(self.device), batch.positions(self.device), self.mode,
+                          need_logits=phase is Phase.DENOISE)
+
+    def prefill(self, seq: SequenceState) -> None:
+        """Write the KV of the prompt's whole blocks, chunk by chunk."""
+        b = self.settings.block_size
+        visibility = 1 if self.settings.prompt_causal else b
+        prefix = seq.prompt_ids[: seq.prefix_len]
+        seq.tokens = []
+        for start in range(0, len(prefix), self.prefill_chunk):
+            chunk = prefix[start:start + self.prefill_chunk]
+            self._forward(Phase.PREFILL, [seq], torch.tensor([chunk], dtype=torch.int64), visibility)
+            seq.tokens.extend(chunk)
+        seq.tokens = list(seq.prompt_ids)
+
+    def decode_block(self, rows: list[SequenceState]) -> None:
+        """Denoise one block of every row, then commit it."""
+        settings = self.settings
+        for seq in rows:
+            start_block(seq, settings)
+        for step in range(settings.steps):
+            active = [s for s in rows if s.masked.any()]
+            if not active:
+                break
+            blocks = torch.stack([s.block for s in active])
+            logits = self._forward(Phase.DENOISE, active, blocks, settings.block_size, step)
+            for i, seq in enumerate(active):
+                unmask_step(seq, logits[i], step, settings)
+                seq.passes += 1
+        self._forward(Phase.COMMIT, rows, torch.stack([s.block for s in rows]), settings.block_size)
+        for seq in rows:
+            finish_block(seq, settings)
+
+    def run(self, sequences: Iterable[SequenceState],
+            on_block: Callable[[list[SequenceState]], None] | None = None) -> list[SequenceState]:
+        """Generate every sequence to completion; returns them in completion order."""
+        waiting = deque(sequences)
+        running: list[SequenceState] = []
+        done: list[SequenceState] = []
+        try:
+            while waiting or running:
+                while waiting and len(running) < self.max_batch_size:
+                    seq = waiting.popleft()
+                    self.mode.add_sequence(seq.seq_id, seq.max_tokens)
+                    running.append(seq)
+                    seq.started_at = time.perf_counter()
+                    self.prefill(seq)
+                self.decode_block(running)
+                if on_block is not None:
+                    on_block(running)
+                for seq in [s for s in running if s.finish_reason is not None]:
+                    running.remove(seq)
+                    self.mode.remove_sequence(seq.seq_id)
+                    done.append(seq)
+        finally:
+            for seq in running:
+                self.mode.remove_sequence(seq.seq_id)
+        return done

@@ -1,0 +1,253 @@
+"""The model forward: a Qwen2 / Qwen3 decoder in plain PyTorch.
+
+Parameter names follow Hugging Face's (`model.layers.{i}.self_attn.q_proj.weight`, ...), so a
+checkpoint's state dict loads as it is. Attention itself is not here: every layer hands its
+RoPE'd q/k/v to an `AttentionMode` (runtime/attention.py), which owns the KV cache and decides
+what each query sees. The model therefore knows nothing of caches, masks or phases.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.attention import AttentionMode
+from runtime.config import ModelConfig, RopeConfig
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+
+def rope_frequencies(head_dim: int, rope: RopeConfig, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim // 2] (fp64, CPU) and the factor cos/sin are multiplied by.
+
+    Follows the rope types of Hugging Face's modeling_rope_utils; computed in fp64 so that the
+    cast to the forward's RoPE dtype is the only rounding. Always on the CPU (explicitly, so that
+    building the model under `torch.device("meta")` keeps real values).
+    """
+    if head_dim % 2:
+        raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings")
+    base = 1.0 / rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
+    kind = rope.rope_type
+    original = rope.original_max_position_embeddings or max_position_embeddings
+    if kind == "default":
+        return base, 1.0
+    if kind == "linear":
+        return base / rope.factor, 1.0
+    if kind == "llama3":
+        # Long wavelengths (beyond the pretraining context) are slowed by `factor`, short ones kept,
+        # the band between them blended linearly in context-length / wavelength.
+        wavelen = 2 * math.pi / base
+        long_wavelen = original / rope.low_freq_factor
+        short_wavelen = original / rope.high_freq_factor
+        blend = (original / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        blended = (1 - blend) * base / rope.factor + blend * base
+        out = torch.where(wavelen > long_wavelen, base / rope.factor, base)
+        middle = (wavelen >= short_wavelen) & (wavelen <= long_wavelen)
+        return torch.where(middle, blended, out), 1.0
+    if kind == "yarn":
+        return _yarn_frequencies(base, head_dim, rope, original)
+    raise ValueError(f"rope type {kind!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+
+
+def _yarn_frequencies(base: torch.Tensor, head_dim: int, rope: RopeConfig, original: int) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate low-frequency dims by `factor`, keep high-frequency ones, ramp between."""
+    factor = rope.factor
+
+    def magnitude(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    if rope.attention_factor is not None:
+        attention_factor = float(rope.attention_factor)
+    elif rope.mscale and rope.mscale_all_dim:
+        attention_factor = magnitude(factor, rope.mscale) / magnitude(factor, rope.mscale_all_dim)
+    else:
+        attention_factor = magnitude(factor)
+
+    def dim_for_rotations(rotations: float) -> float:
+        # The rotary dim index whose wavelength fits `rotations` times into the original context.
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = dim_for_rotations(rope.beta_fast), dim_for_rotations(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # weight of the unscaled (extrapolated) frequency
+    return base / factor * (1 - keep) + base * keep, attention_factor
+
+
+class Rotary:
+    """cos/sin tables for arbitrary absolute positions (no cache of positions: 128K-ready)."""
+
+    def __init__(self, config: ModelConfig):
+        self.inv_freq, self.attention_factor = rope_frequencies(
+            config.head_dim, config.rope, config.max_position_embeddings)
+        self._inv_freq_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [N, T] -> cos, sin [N, 1, T, D] in fp32 (fp64 for fp64 models)."""
+        rope_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (positions.device, rope_dtype)
+        inv_freq = self._inv_freq_on.get(key)
+        if inv_freq is None:
+            inv_freq = self._inv_freq_on[key] = self.inv_freq.to(device=positions.device, dtype=rope_dtype)
+        angles = positions.to(rope_dtype)[..., None] * inv_freq  # [N, T, D/2]
+        angles = torch.cat([angles, angles], dim=-1)[:, None]
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [N, H, T, D] by cos/sin [N, 1, T, D] (half-split pairs, as Qwen does); math in cos.dtype."""
+    xf = x.to(cos.dtype)
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (fp64 stays fp64), round back, then scale: the order Qwen's reference uses.
+        xf = x if x.dtype == torch.float64 else x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        q_dim, kv_dim = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, q_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
+        # Qwen2 never biases o_proj; Qwen3's attention_bias covers all four projections.
+        self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=bias and config.architecture == "qwen3")
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionMode,
+                layer: int) -> torch.Tensor:
+        n, t, _ = x.shape
+        q = self.q_proj(x).view(n, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin).contiguous()
+        k = apply_rope(k.transpose(1, 2), cos, sin).contiguous()
+        v = v.transpose(1, 2).contiguous()
+        out = attention.run(layer, q, k, v)  # [N, Hq, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(n, t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionMode,
+                layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """The `model.` prefix of Hugging Face's parameter names."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Qwen2/Qwen3 causal-LM weights; the attention pattern comes from the AttentionMode passed in."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.rope.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope type {config.rope.rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = Rotary(config)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share lm_head with the embedding when the checkpoint ties them (call again after re-assigning)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionMode,
+                need_logits: bool = True) -> torch.Tensor | None:
+        """input_ids, positions: [N, T] int64 (absolute positions) -> fp32 logits [N, T, V].
+
+        `attention` must have been planned for this pass. need_logits=False (KV-only passes such
+        as prefill) skips the final norm and lm_head and returns None.
+        """
+        if input_ids.shape != positions.shape or input_ids.dim() != 2:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} "
+                             "must both be [N, T]")
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, attention, i)
+        if not need_logits:
+            return None
+        return self.lm_head(self.model.norm(x)).float()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random weights as Qwen initialises them: N(0, std) matrices, zero biases, unit norms."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+
+def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config must hold, with its shape (lm_head absent when tied)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes

@@ -1,0 +1,248 @@
+"""gather_pages / write_tokens vs their torch references.
+
+Copies must be exact: tolerance 0 (bitwise equal, NaN poison included). Destinations are poisoned
+with NaN, so an element the kernel should have written but did not, or wrote where it should not,
+differs from the reference run on an identically poisoned copy.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from gpu_kernels._uva import HostPointer, kernel_arg  # noqa: E402
+from gpu_kernels.page_copy import (  # noqa: E402
+    gather_pages,
+    gather_pages_reference,
+    write_tokens,
+    write_tokens_reference,
+)
+
+CPU_DTYPES = [torch.float32, torch.float16]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality, NaN == NaN (a NaN where the reference has data fails)."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+
+def _poisoned(shape, dtype, device="cpu"):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def _units(gen, num_pages, hkv, num_slots, m):
+    """m distinct (page, head) units in random order, into m distinct random slots."""
+    flat = torch.randperm(num_pages * hkv, generator=gen)[:m]
+    pages, heads = flat // hkv, flat % hkv
+    slots = torch.randperm(num_slots, generator=gen)[:m]
+    return pages, heads, slots
+
+
+# (num_pages, Hkv, P, D, num_slots, M): ragged P and D, M not a power of two, single head
+GATHER_SHAPES = [(13, 3, 4, 16, 20, 17), (9, 1, 16, 8, 11, 5), (6, 2, 3, 24, 12, 7), (40, 4, 8, 32, 9, 9)]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape", GATHER_SHAPES)
+def test_gather_pages_matches_reference(dtype, shape):
+    num_pages, hkv, p, d, num_slots, m = shape
+    gen = torch.Generator().manual_seed(hash(shape) % 2**31)
+    src_k = torch.randn(num_pages, hkv, p, d, generator=gen).to(dtype)
+    src_v = torch.randn(num_pages, hkv, p, d, generator=gen).to(dtype)
+    pages, heads, slots = _units(gen, num_pages, hkv, num_slots, m)
+    pages = pages.to(torch.int32)  # mixed index dtypes are allowed
+    out_k, out_v = _poisoned((num_slots, p, d), dtype), _poisoned((num_slots, p, d), dtype)
+    ref_k, ref_v = out_k.clone(), out_v.clone()
+    gather_pages(src_k, src_v, pages, heads, out_k, out_v, slots)
+    gather_pages_reference(src_k, src_v, pages, heads, ref_k, ref_v, slots)
+    assert _same(out_k, ref_k) and _same(out_v, ref_v)
+    assert not out_k[slots].isnan().any() and out_k.isnan().sum() == (num_slots - m) * p * d
+
+
+@pytest.mark.parametrize("block", [None, 16, 32, 64])  # P*D = 72: every block leaves a masked tail
+def test_gather_pages_block_sizes_and_strided_views(block):
+    gen = torch.Generator().manual_seed(7)
+    L, num_pages, hkv, p, d, num_slots, m = 3, 10, 2, 3, 24, 12, 8
+    store_k = torch.randn(L, num_pages, hkv, p, d, generator=gen, dtype=torch.float16)
+    store_v = torch.randn(L, num_pages, hkv, p, d, generator=gen, dtype=torch.float16)
+    pool_k = _poisoned((L, num_slots, p, d), torch.float16)
+    pool_v = pool_k.clone()
+    ref_k, ref_v = pool_k.clone(), pool_v.clone()
+    pages, heads, slots = _units(gen, num_pages, hkv, num_slots, m)
+    # per-layer views of larger tensors: non-trivial outer strides and storage offsets
+    gather_pages(store_k[1], store_v[1], pages, heads, pool_k[2], pool_v[2], slots,
+                 block=block, num_warps=1 if block else None)
+    gather_pages_reference(store_k[1], store_v[1], pages, heads, ref_k[2], ref_v[2], slots)
+    assert _same(pool_k, ref_k) and _same(pool_v, ref_v)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_gather_pages_multi_layer(dtype):
+    gen = torch.Generator().manual_seed(11)
+    L, num_pages, hkv, p, d, num_slots = 3, 8, 2, 4, 8, 10
+    src_k = torch.randn(L, num_pages, hkv, p, d, generator=gen).to(dtype)
+    src_v = torch.randn(L, num_pages, hkv, p, d, generator=gen).to(dtype)
+    units = []
+    for layer, m in zip(range(L), (4, 0, 7)):  # ragged per layer, one layer with nothing
+        pg, hd, sl = _units(gen, num_pages, hkv, num_slots, m)
+        units.append((torch.full((m,), layer), pg, hd, sl))
+    layers, pages, heads, slots = (torch.cat(x) for x in zip(*units))
+    out_k, out_v = _poisoned((L, num_slots, p, d), dtype), _poisoned((L, num_slots, p, d), dtype)
+    ref_k, ref_v = out_k.clone(), out_v.clone()
+    gather_pages(src_k, src_v, pages, heads, out_k, out_v, slots, layers)
+    gather_pages_reference(src_k, src_v, pages, heads, ref_k, ref_v, slots, layers)
+    assert _same(out_k, ref_k) and _same(out_v, ref_v)
+    assert out_k[1].isnan().all()
+
+
+def test_gather_pages_empty_and_errors():
+    src = torch.randn(4, 2, 4, 8)
+    dst = _poisoned((5, 4, 8), torch.float32)
+    empty = torch.zeros(0, dtype=torch.int64)
+    gather_pages(src, src, empty, empty, dst, dst.clone(), empty)
+    assert dst.isnan().all()
+    one = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"page_ids must lie in \[0, 4\)"):
+        gather_pages(src, src, one + 4, one, dst, dst.clone(), one)
+    with pytest.raises(ValueError, match=r"slot_ids must lie in \[0, 5\)"):
+        gather_pages(src, src, one, one, dst, dst.clone(), one + 5)
+    with pytest.raises(ValueError, match="dtype"):
+        gather_pages(src, src, one, one, dst.half(), dst.half(), one)
+    with pytest.raises(ValueError, match="contiguous"):
+        gather_pages(src.transpose(-1, -2), src.transpose(-1, -2), one, one, dst, dst.clone(), one)
+    with pytest.raises(ValueError, match="layer_ids"):
+        gather_pages(src[None], src[None], one, one, dst[None], dst[None].clone(), one)
+    with pytest.raises(ValueError, match="power of two"):
+        gather_pages(src, src, one, one, dst, dst.clone(), one, block=48)
+
+
+def test_unpinned_host_tensor_is_refused_for_gpu_launch():
+    host = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="pageable host tensor"):
+        kernel_arg(host, "src_k", gpu_launch=True)
+    with pytest.raises(ValueError, match="pinned"):
+        HostPointer(host)
+    assert kernel_arg(host, "src_k", gpu_launch=False) is host  # interpreter: plain tensors
+
+
+# (num_pages, Hkv, P, D, N, T): blocks start mid-page, span 2-4 pages, T below / above P, ragged D
+WRITE_SHAPES = [(16, 2, 4, 16, 3, 7), (12, 1, 8, 8, 2, 3), (20, 3, 3, 24, 2, 10), (9, 2, 16, 8, 1, 32)]
+
+
+def _write_case(gen, shape, dtype, layers=None):
+    num_pages, hkv, p, d, n, t = shape
+    per_row = -(-(p - 1 + t) // p) + 1  # enough pages for a start anywhere inside the first page
+    assert n * per_row <= num_pages
+    perm = torch.randperm(num_pages, generator=gen)[: n * per_row]
+    table = perm.view(n, per_row).to(torch.int32)  # random, non-contiguous physical pages
+    start = torch.randint(0, p, (n,), generator=gen) + torch.randint(0, 2, (n,), generator=gen) * p
+    start = start.clamp(max=per_row * p - t)
+    lead = () if layers is None else (layers,)
+    k_new = torch.randn(*lead, n, hkv, t, d, generator=gen).to(dtype)
+    v_new = torch.randn(*lead, n, hkv, t, d, generator=gen).to(dtype)
+    dst = _poisoned((*lead, num_pages, hkv, p, d), dtype)
+    return table, start, k_new, v_new, dst
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape", WRITE_SHAPES)
+def test_write_tokens_matches_reference(dtype, shape):
+    gen = torch.Generator().manual_seed(hash(shape) % 2**31 + 1)
+    table, start, k_new, v_new, dst_k = _write_case(gen, shape, dtype)
+    dst_v = dst_k.clone()
+    ref_k, ref_v = dst_k.clone(), dst_v.clone()
+    write_tokens(dst_k, dst_v, table, start, k_new, v_new)
+    write_tokens_reference(ref_k, ref_v, table, start, k_new, v_new)
+    assert _same(dst_k, ref_k) and _same(dst_v, ref_v)
+    n, hkv, t, d = k_new.shape
+    assert (~dst_k.isnan()).sum() == n * hkv * t * d  # exactly the block was written
+    # spot-check one token through the page table independently of the reference
+    p = dst_k.shape[-2]
+    pos = int(start[-1]) + t - 1
+    assert torch.equal(dst_k[int(table[-1, pos // p]), :, pos % p], k_new[-1, :, t - 1])
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_write_tokens_multi_layer_and_strided_source(dtype):
+    gen = torch.Generator().manual_seed(5)
+    table, start, k_new, v_new, dst_k = _write_case(gen, (16, 2, 4, 8, 2, 6), dtype, layers=3)
+    dst_v = dst_k.clone()
+    ref_k, ref_v = dst_k.clone(), dst_v.clone()
+    # source as a head-major view of a token-major tensor: non-contiguous rows
+    k_tok = k_new.transpose(-2, -3).contiguous().transpose(-2, -3)
+    write_tokens(dst_k, dst_v, table, start, k_tok, v_new)
+    write_tokens_reference(ref_k, ref_v, table, start, k_new, v_new)
+    assert _same(dst_k, ref_k) and _same(dst_v, ref_v)
+
+
+def test_write_tokens_errors():
+    dst = _poisoned((6, 2, 4, 8), torch.float32)
+    k = torch.randn(1, 2, 5, 8)
+    table = torch.tensor([[0, 1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="reach only 8 tokens"):
+        write_tokens(dst, dst.clone(), table, torch.tensor([4]), k, k)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 6\)"):
+        write_tokens(dst, dst.clone(), torch.tensor([[0, 9]], dtype=torch.int32), torch.tensor([0]), k, k)
+    with pytest.raises(ValueError, match="dtype"):
+        write_tokens(dst, dst.clone(), table, torch.tensor([0]), k.half(), k.half())
+    assert dst.isnan().all()
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("host_src", [False, True])
+@pytest.mark.parametrize("p", [16, 128])
+def test_gather_pages_bf16_gpu(host_src, p):
+    gen = torch.Generator().manual_seed(p)
+    num_pages, hkv, d, num_slots, m = 300, 8, 128, 500, 400
+    src_k = torch.randn(num_pages, hkv, p, d, generator=gen).to(torch.bfloat16)
+    src_v = torch.randn(num_pages, hkv, p, d, generator=gen).to(torch.bfloat16)
+    if host_src:
+        src_k, src_v = src_k.pin_memory(), src_v.pin_memory()
+    else:
+        src_k, src_v = src_k.cuda(), src_v.cuda()
+    pages, heads, slots = _units(gen, num_pages, hkv, num_slots, m)
+    out_k = _poisoned((num_slots, p, d), torch.bfloat16, "cuda")
+    out_v = out_k.clone()
+    ref_k, ref_v = out_k.clone(), out_v.clone()
+    gather_pages(src_k, src_v, pages.cuda(), heads.cuda(), out_k, out_v, slots.cuda())
+    gather_pages_reference(src_k.cuda(), src_v.cuda(), pages, heads, ref_k, ref_v, slots)
+    torch.cuda.synchronize()
+    assert _same(out_k, ref_k) and _same(out_v, ref_v)
+
+
+@pytest.mark.gpu
+def test_gather_pages_into_pinned_host_and_unpinned_refused():
+    gen = torch.Generator().manual_seed(3)
+    src = torch.randn(10, 2, 16, 64, generator=gen).to(torch.bfloat16).cuda()
+    dst = _poisoned((6, 16, 64), torch.bfloat16).pin_memory()
+    pages, heads, slots = _units(gen, 10, 2, 6, 5)
+    gather_pages(src, src, pages, heads, dst, dst, slots)  # GPU -> pinned host through UVA
+    torch.cuda.synchronize()
+    ref = _poisoned((6, 16, 64), torch.bfloat16)
+    gather_pages_reference(src.cpu(), src.cpu(), pages, heads, ref, ref, slots)
+    assert _same(dst, ref)
+    with pytest.raises(ValueError, match="pageable host tensor"):
+        gather_pages(src.cpu(), src.cpu(), pages, heads, dst.cuda(), dst.cuda(), slots)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("host_dst", [False, True])
+def test_write_tokens_bf16_gpu(host_dst):
+    gen = torch.Generator().manual_seed(21)
+    table, start, k_new, v_new, dst_k = _write_case(gen, (64, 8, 16, 128, 4, 32), torch.bfloat16, layers=2)
+    dst_v = dst_k.clone()
+    ref_k, ref_v = dst_k.clone(), dst_v.clone()
+    write_tokens_reference(ref_k, ref_v, table, start, k_new, v_new)
+    if host_dst:
+        dst_k, dst_v = dst_k.pin_memory(), dst_v.pin_memory()
+    else:
+        dst_k, dst_v = dst_k.cuda(), dst_v.cuda()
+    write_tokens(dst_k, dst_v, table.cuda(), start.cuda(), k_new.cuda(), v_new.cuda())
+    torch.cuda.synchronize()
+    assert _same(dst_k.cpu(), ref_k) and _same(dst_v.cpu(), ref_v)

@@ -1,0 +1,344 @@
+"""Paged attention kernel vs its plain-torch reference.
+
+CPU (TRITON_INTERPRET=1): fp32 (rel tol 1e-4) and fp16 (rel tol 2e-3, fp32 reference on the same
+fp16 inputs). GPU (@pytest.mark.gpu): bf16 (rel tol 1e-2) at D=128 and 32K tokens, and the UVA
+host-pinned path against the GPU-resident path.
+
+Inputs are poisoned so that reading anything the kernel must not read shows up as NaN: table
+entries past a list's last page point at an all-NaN page, and the token slots of a last partial
+page past kv_len hold NaN. Output buffers are filled with NaN before the kernel runs.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from gpu_kernels._uva import HostPointer  # noqa: E402
+from gpu_kernels.merge import (  # noqa: E402
+    attention_with_block, block_self_attention, merge_attention_states)
+from gpu_kernels.paged_attention import (  # noqa: E402
+    block_attention, block_attention_reference, paged_attention, paged_attention_reference)
+
+CPU = torch.device("cpu")
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def make_case(layout, n, hkv, g, t, d, page, kv_lens, dtype, *, per_head_table=False, seed=0,
+              device=CPU):
+    """Random paged context. layout 'store' ([num_pages, Hkv, P, D]) or 'pool' ([slots, P, D]).
+
+    Pages of each list are distinct and in random order; see the module docstring for poisoning.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    kv_len = torch.tensor(kv_lens, dtype=torch.int32).reshape(n, hkv)
+    need = (kv_len + page - 1) // page  # pages per (row, head)
+    shared = layout == "store" and not per_head_table
+    per_list = need.amax(dim=1) if shared else need.reshape(-1)  # lists: rows, or (row, head)
+    max_pages = int(per_list.max()) + 1  # one trailing entry that points at the poison page
+    n_real = int(per_list.sum()) + 3  # a few pages no list uses
+    poison = n_real
+    shape = (n_real + 1, hkv, page, d) if layout == "store" else (n_real + 1, page, d)
+    k = torch.randn(shape, generator=gen)
+    v = torch.randn(shape, generator=gen)
+    k[poison] = float("nan")
+    v[poison] = float("nan")
+    perm = torch.randperm(n_real, generator=gen)
+    table = torch.full((per_list.numel(), max_pages), poison, dtype=torch.int32)
+    used = 0
+    for i, cnt in enumerate(per_list.tolist()):
+        table[i, :cnt] = perm[used:used + cnt].int()
+        used += cnt
+    table = table.reshape(n, max_pages) if shared else table.reshape(n, hkv, max_pages)
+    # NaN in the token slots past kv_len inside each list's real pages.
+    for b in range(n):
+        for h in range(hkv):
+            lst = table[b] if shared else table[b, h]
+            cnt = int(per_list[b] if shared else need[b, h])
+            for e in range(cnt):
+                first_bad = max(0, int(kv_len[b, h]) - e * page)
+                if first_bad >= page:
+                    continue
+                pg = int(lst[e])
+                if layout == "store":
+                    k[pg, h, first_bad:] = float("nan")
+                    v[pg, h, first_bad:] = float("nan")
+                else:
+                    k[pg, first_bad:] = float("nan")
+                    v[pg, first_bad:] = float("nan")
+    q = torch.randn(n, hkv * g, t, d, generator=gen)
+    to = dict(device=device)
+    return (q.to(dtype).to(**to), k.to(dtype).to(**to), v.to(dtype).to(**to), table.to(**to),
+            kv_len.to(**to))
+
+
+def nan_buffers(q, hkv, max_pages, page):
+    n, hq, t, d = q.shape
+    dev = q.device
+    return dict(
+        out=torch.full_like(q, float("nan")),
+        lse=torch.full((n, hq, t), float("nan"), device=dev),
+        page_scores=torch.full((n, hkv, max_pages), float("nan"), device=dev),
+        token_scores=torch.full((n, hkv, max_pages * page), float("nan"), device=dev),
+    )
+
+
+def check_scores(got, ref):
+    """-inf exactly where the reference has -inf; rel error 1e-4 on the finite entries."""
+    assert not torch.isnan(got).any()
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(got), fin)
+    assert torch.all(got[~fin] == float("-inf"))
+    if fin.any():
+        assert rel_err(got[fin], ref[fin]) < 1e-4
+
+
+def check_against_reference(q, k, v, table, kv_len, tol, **kw):
+    hkv = table.shape[1] if table.dim() == 3 else k.shape[1]
+    page = k.shape[-2]
+    max_pages = table.shape[-1]
+    scale = q.shape[-1] ** -0.5
+    bufs = nan_buffers(q, hkv, max_pages, page)
+    out, lse, ps, ts = paged_attention(q, k, v, table, kv_len, scale=scale, **bufs, **kw)
+    r_out, r_lse, r_ps, r_ts = paged_attention_reference(
+        q.float(), k.float(), v.float(), table, kv_len, scale=scale,
+        return_page_scores=True, return_token_scores=True)
+    assert out.dtype == q.dtype and out.data_ptr() == bufs["out"].data_ptr()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert rel_err(out.float(), r_out) < tol
+    assert torch.equal(torch.isinf(lse), torch.isinf(r_lse))
+    fin = torch.isfinite(r_lse)
+    if fin.any():
+        assert rel_err(lse[fin], r_lse[fin]) < tol
+    empty = kv_len.repeat_interleave(q.shape[1] // hkv, dim=1) == 0  # [N, Hq]
+    assert torch.all(out[empty] == 0)
+    check_scores(ps, r_ps)
+    check_scores(ts, r_ts)
+    return out, lse
+
+
+# (layout, page, T, G, D, dtype, num_splits, extra kwargs, kv_len [N, Hkv])
+CASES = [
+    ("store", 16, 1, 1, 16, torch.float32, 1, {}, [[37, 64], [0, 5]]),
+    ("store", 16, 5, 4, 32, torch.float32, 3, dict(block_n=16), [[90, 16], [48, 0]]),
+    ("store", 32, 16, 4, 16, torch.float16, 2, {}, [[100, 64], [1, 131]]),
+    ("store", 32, 5, 1, 32, torch.float16, 1, dict(block_n=32), [[96, 70], [33, 0]]),
+    ("pool", 16, 1, 4, 16, torch.float32, 2, dict(block_n=16), [[70, 0], [32, 129]]),
+    ("pool", 16, 16, 1, 32, torch.float16, 3, {}, [[64, 17], [200, 3]]),
+    ("pool", 32, 5, 4, 16, torch.float32, 1, {}, [[0, 0], [95, 64]]),
+    ("pool", 32, 16, 4, 32, torch.float16, 4, dict(block_n=32), [[128, 31], [77, 160]]),
+    # per-head table over the store layout; several row blocks (G*T = 20 rows, 16 per program)
+    ("store_per_head", 16, 5, 4, 16, torch.float32, 2, dict(block_m=16, block_n=16),
+     [[50, 0], [16, 81]]),
+    # head_dim not a power of two (masked D); default num_splits
+    ("pool", 16, 5, 4, 24, torch.float32, None, {}, [[40, 75], [9, 0]]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-P{c[1]}-T{c[2]}-G{c[3]}-D{c[4]}-"
+                         f"{str(c[5])[6:]}-S{c[6]}")
+def test_kernel_matches_reference(case):
+    layout, page, t, g, d, dtype, splits, extra, lens = case
+    n, hkv = len(lens), len(lens[0])
+    base = "store" if layout.startswith("store") else "pool"
+    q, k, v, table, kv_len = make_case(base, n, hkv, g, t, d, page, lens, dtype,
+                                       per_head_table=layout == "store_per_head")
+    check_against_reference(q, k, v, table, kv_len, TOL[dtype], num_splits=splits, **extra)
+
+
+def test_splits_agree_and_scores_optional():
+    q, k, v, table, kv_len = make_case("store", 2, 2, 2, 3, 16, 16, [[150, 40], [64, 0]],
+                                       torch.float32, seed=1)
+    scale = 0.25
+    results = [paged_attention(q, k, v, table, kv_len, scale=scale, num_splits=s, block_n=16)
+               for s in (1, 2, 5, 64)]  # 64 > number of tiles: extra splits are dropped
+    for out, lse, ps, ts in results:
+        assert ps is None and ts is None
+        assert rel_err(out, results[0][0]) < 1e-5
+        fin = torch.isfinite(results[0][1])
+        assert torch.equal(torch.isfinite(lse), fin)
+        assert rel_err(lse[fin], results[0][1][fin]) < 1e-5
+    out_s, _, ps, ts = paged_attention(q, k, v, table, kv_len, scale=scale, num_splits=2, block_n=16,
+                                       return_page_scores=True)
+    assert ts is None and ps.shape == (2, 2, table.shape[-1])
+    assert rel_err(out_s, results[0][0]) < 1e-5
+
+
+def test_kv_len_1d_and_all_empty():
+    q, k, v, table, kv_len = make_case("store", 2, 2, 1, 2, 16, 16, [[20, 20], [33, 33]],
+                                       torch.float32, seed=2)
+    out1, lse1, _, _ = paged_attention(q, k, v, table, kv_len[:, 0].contiguous(), scale=0.3)
+    out2, lse2, _, _ = paged_attention(q, k, v, table, kv_len, scale=0.3)
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+    zero = torch.zeros_like(kv_len)
+    out, lse, ps, _ = paged_attention(q, k, v, table, zero, scale=0.3, num_splits=2,
+                                      return_page_scores=True)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+    assert torch.all(ps == float("-inf"))
+
+
+def test_bad_arguments_raise():
+    q, k, v, table, kv_len = make_case("store", 1, 2, 2, 2, 16, 16, [[20, 20]], torch.float32)
+    with pytest.raises(ValueError, match="int32"):
+        paged_attention(q, k, v, table.long(), kv_len, scale=1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        paged_attention(q.half(), k, v, table, kv_len, scale=1.0)
+    with pytest.raises(ValueError, match="per-head page table"):
+        paged_attention(q, k[:, 0], v[:, 0], table, kv_len, scale=1.0)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        paged_attention(q[:, :1], k, v, table, kv_len, scale=1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_attention(q, k, v, table, kv_len, scale=1.0, block_n=24)
+
+
+# ---------------------------------------------------------------- merging and the block part
+
+
+def _softmax_over(q, keys, vals, scale):
+    """Single softmax reference: q [N, Hq, T, D], keys/vals [N, Hkv, L, D]."""
+    g = q.shape[1] // keys.shape[1]
+    kk = keys.float().repeat_interleave(g, dim=1)
+    vv = vals.float().repeat_interleave(g, dim=1)
+    s = torch.matmul(q.float(), kk.transpose(-1, -2)) * scale
+    return torch.matmul(torch.softmax(s, -1), vv), torch.logsumexp(s, -1)
+
+
+def test_merge_attention_states_matches_single_softmax():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 3, 8, generator=gen)
+    k = torch.randn(2, 2, 11, 8, generator=gen)
+    v = torch.randn(2, 2, 11, 8, generator=gen)
+    o_all, lse_all = _softmax_over(q, k, v, 0.4)
+    o1, l1 = _softmax_over(q, k[:, :, :4], v[:, :, :4], 0.4)
+    o2, l2 = _softmax_over(q, k[:, :, 4:], v[:, :, 4:], 0.4)
+    o, lse = merge_attention_states(o1, l1, o2, l2)
+    assert rel_err(o, o_all) < 1e-6 and rel_err(lse, lse_all) < 1e-6
+    # an empty side (lse -inf, out 0) leaves the other side unchanged; both empty gives 0 / -inf
+    ninf = torch.full_like(l1, float("-inf"))
+    o, lse = merge_attention_states(torch.zeros_like(o1), ninf, o2, l2)
+    assert rel_err(o, o2) < 1e-6 and torch.equal(lse, l2)
+    o, lse = merge_attention_states(torch.zeros_like(o1), ninf, torch.zeros_like(o2), ninf)
+    assert torch.all(o == 0) and torch.all(lse == float("-inf"))
+
+
+def test_attention_with_block_matches_single_softmax():
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 8, 5, 16, generator=gen)
+    k_ctx = torch.randn(2, 2, 23, 16, generator=gen)
+    v_ctx = torch.randn(2, 2, 23, 16, generator=gen)
+    k_blk = torch.randn(2, 2, 5, 16, generator=gen)
+    v_blk = torch.randn(2, 2, 5, 16, generator=gen)
+    ref, _ = _softmax_over(q, torch.cat([k_ctx, k_blk], 2), torch.cat([v_ctx, v_blk], 2), 0.25)
+    ctx_out, ctx_lse = _softmax_over(q, k_ctx, v_ctx, 0.25)
+    out = attention_with_block(q, k_blk, v_blk, ctx_out, ctx_lse, scale=0.25)
+    assert rel_err(out, ref) < 1e-6
+    # empty context: the block part alone
+    blk_out, _ = block_self_attention(q, k_blk, v_blk, scale=0.25)
+    out = attention_with_block(q, k_blk, v_blk, torch.zeros_like(q),
+                               torch.full(q.shape[:-1], float("-inf")), scale=0.25)
+    assert rel_err(out, blk_out) < 1e-6 and not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("layout,dtype", [("store", torch.float32), ("pool", torch.float16)])
+def test_block_attention_matches_reference(layout, dtype):
+    n, hkv, g, t, d = 2, 2, 4, 5, 16
+    q, k, v, table, kv_len = make_case(layout, n, hkv, g, t, d, 16, [[40, 0], [16, 70]], dtype)
+    gen = torch.Generator().manual_seed(5)
+    k_blk = torch.randn(n, hkv, t, d, generator=gen).to(dtype)
+    v_blk = torch.randn(n, hkv, t, d, generator=gen).to(dtype)
+    out, ps, ts = block_attention(q, k_blk, v_blk, k, v, table, kv_len, scale=0.25,
+                                  return_page_scores=True, num_splits=2)
+    ref, r_ps, _ = block_attention_reference(q.float(), k_blk.float(), v_blk.float(), k.float(),
+                                             v.float(), table, kv_len, scale=0.25,
+                                             return_page_scores=True)
+    assert ts is None and out.dtype == dtype
+    assert rel_err(out.float(), ref) < TOL[dtype]
+    check_scores(ps, r_ps)
+
+
+# ---------------------------------------------------------------------------------------- GPU
+
+GPU_CASES = [  # (layout, page, T, G, kv_len per head)
+    ("store", 16, 16, 4, [32768, 32768 - 5, 20000, 0, 1, 32768, 777, 4096]),
+    ("store", 64, 32, 4, [32768, 32000, 31999, 64, 0, 12345, 32768, 100]),
+    ("pool", 16, 32, 4, [3277, 3000, 1, 0, 3277, 2048, 100, 3276]),
+    ("pool", 64, 16, 4, [6554, 6000, 64, 0, 6553, 5000, 1, 6554]),
+    ("store", 32, 5, 1, [32768, 1000, 0, 17, 32768, 32767, 64, 9]),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-P{c[1]}-T{c[2]}-G{c[3]}")
+def test_gpu_bf16_long_context(case):
+    layout, page, t, g, lens = case
+    dev = torch.device("cuda")
+    q, k, v, table, kv_len = make_case(layout, 1, 8, g, t, 128, page, [lens], torch.bfloat16,
+                                       device=dev)
+    check_against_reference(q, k, v, table, kv_len, TOL[torch.bfloat16])
+    check_against_reference(q, k, v, table, kv_len, TOL[torch.bfloat16], num_splits=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_fp32_fp16(dtype):
+    dev = torch.device("cuda")
+    q, k, v, table, kv_len = make_case("pool", 2, 2, 4, 5, 64, 16, [[300, 0], [17, 512]], dtype,
+                                       device=dev)
+    check_against_reference(q, k, v, table, kv_len, TOL[dtype], num_splits=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["store", "pool"])
+def test_gpu_uva_host_pinned_equals_gpu_resident(layout):
+    dev = torch.device("cuda")
+    q, k, v, table, kv_len = make_case(layout, 2, 8, 4, 16, 128, 16,
+                                       [[8192, 8000, 0, 1, 4096, 8192, 77, 5000]] * 2,
+                                       torch.bfloat16, device=dev)
+    k_host, v_host = k.cpu().pin_memory(), v.cpu().pin_memory()
+    gpu = paged_attention(q, k, v, table, kv_len, scale=128 ** -0.5, return_page_scores=True,
+                          return_token_scores=True)
+    uva = paged_attention(q, HostPointer(k_host), HostPointer(v_host), table, kv_len,
+                          scale=128 ** -0.5, return_page_scores=True, return_token_scores=True)
+    bare = paged_attention(q, k_host, v_host, table, kv_len, scale=128 ** -0.5,
+                           return_page_scores=True, return_token_scores=True)
+    torch.cuda.synchronize()
+    for a, b, c in zip(uva, gpu, bare):
+        assert torch.equal(a, b) and torch.equal(c, b)
+    with pytest.raises(ValueError, match="pin"):
+        paged_attention(q, k.cpu(), v.cpu(), table, kv_len, scale=1.0)
+
+
+@pytest.mark.gpu
+def test_gpu_block_attention_bf16():
+    dev = torch.device("cuda")
+    n, hkv, g, t, d = 2, 8, 4, 16, 128
+    q, k, v, table, kv_len = make_case("store", n, hkv, g, t, d, 64,
+                                       [[4096, 4000, 0, 64, 1, 4096, 300, 2000]] * 2,
+                                       torch.bfloat16, device=dev)
+    k_blk = torch.randn(n, hkv, t, d, device=dev, dtype=torch.bfloat16)
+    v_blk = torch.randn(n, hkv, t, d, device=dev, dtype=torch.bfloat16)
+    out, ps, _ = block_attention(q, k_blk, v_blk, k, v, table, kv_len, scale=d ** -0.5,
+                                 return_page_scores=True)
+    ref, r_ps, _ = block_attention_reference(q.float(), k_blk.float(), v_blk.float(), k.float(),
+                                             v.float(), table, kv_len, scale=d ** -0.5,
+                                             return_page_scores=True)
+    assert rel_err(out.float(), ref) < TOL[torch.bfloat16]
+    check_scores(ps, r_ps)
+
+
+def test_case_builder_poisons_only_unread_slots():
+    """Sanity of the fixture itself: the reference never sees a NaN, the store does hold some."""
+    q, k, v, table, kv_len = make_case("store", 2, 2, 1, 1, 16, 16, [[20, 5], [0, 16]], torch.float32)
+    assert torch.isnan(k).any()
+    out, lse, ps, ts = paged_attention_reference(q, k, v, table, kv_len, scale=1.0,
+                                                 return_page_scores=True, return_token_scores=True)
+    assert not torch.isnan(out).any() and not torch.isnan(ts).any()
+    assert math.isinf(float(lse[1, 0, 0]))

@@ -1,0 +1,187 @@
+"""HostKVStore: page bookkeeping (hypothesis), writes/reads, memory refusal, and (GPU) pinned UVA writes
+and memory returning to baseline across requests. Data checks are exact (tolerance 0): the store copies."""
+
+import os
+
+import psutil
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from offload.host_store import HostKVStore  # noqa: E402
+
+
+def _store(num_pages=16, page_size=4, layers=2, hkv=2, d=8, dtype=torch.float32, pin=False):
+    return HostKVStore(layers, hkv, d, page_size, num_pages, dtype=dtype, pin_memory=pin)
+
+
+def _check_books(store: HostKVStore, expect_tokens: dict) -> None:
+    """Every page is free or owned by exactly one sequence, and tables match token counts."""
+    owned = []
+    for sid, ntok in expect_tokens.items():
+        table = store.page_table(sid).tolist()
+        assert store.num_tokens(sid) == ntok
+        assert len(table) == -(-ntok // store.page_size)
+        owned += table
+    free = list(store._free)
+    assert len(set(owned)) == len(owned), "a page is owned twice"
+    assert not set(owned) & set(free), "a page is both owned and free"
+    assert sorted(owned + free) == list(range(store.num_pages)), "a page was lost"
+    assert store.free_pages == store.num_pages - len(owned)
+
+
+OPS = st.lists(
+    st.tuples(st.sampled_from(["alloc", "extend", "free"]), st.integers(0, 5), st.integers(0, 40)),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS)
+def test_page_bookkeeping_random_ops(ops):
+    store = _store(num_pages=16, page_size=4)
+    expect: dict[int, int] = {}
+    for op, sid, ntok in ops:
+        before = (list(store._free), dict(expect))
+        try:
+            if op == "alloc":
+                store.allocate(sid, ntok)
+                expect[sid] = ntok
+            elif op == "extend":
+                store.extend(sid, ntok)
+                expect[sid] = ntok
+            else:
+                store.free(sid)
+                del expect[sid]
+        except (ValueError, KeyError, RuntimeError) as err:
+            # refused ops must be for a reason and must change nothing
+            assert (op == "alloc" and sid in expect) or (op != "alloc" and sid not in expect) or (
+                op == "extend" and ntok < expect[sid]) or "out of pages" in str(err), (op, sid, ntok, err)
+            assert (list(store._free), expect) == before
+        _check_books(store, expect)
+    for sid in list(expect):
+        store.free(sid)
+    assert store.free_pages == store.num_pages
+
+
+def test_errors_are_clear():
+    store = _store(num_pages=4, page_size=4)
+    store.allocate("a", 10)
+    with pytest.raises(ValueError, match="already allocated"):
+        store.allocate("a", 1)
+    with pytest.raises(RuntimeError, match=r"needs 2 more pages .* only 1 of 4 are free"):
+        store.allocate("b", 5)
+    with pytest.raises(ValueError, match="shrink"):
+        store.extend("a", 3)
+    store.free("a")
+    with pytest.raises(KeyError, match="double free"):
+        store.free("a")
+    with pytest.raises(KeyError, match="allocate it first"):
+        store.page_table("a")
+    assert store.free_pages == 4 and store.capacity_tokens == 16
+
+
+def test_refuses_more_than_available_memory():
+    avail = psutil.virtual_memory().available
+    rss = psutil.Process().memory_info().rss
+    huge_pages = 4 * avail // (2 * 36 * 8 * 16 * 128 * 2) + 1  # ~4x the host's available memory
+    with pytest.raises(MemoryError) as err:
+        HostKVStore(36, 8, 128, 16, huge_pages, dtype=torch.bfloat16, pin_memory=False)
+    msg = str(err.value)
+    assert "At most" in msg and "pages" in msg and "tokens" in msg and "GiB" in msg
+    assert psutil.Process().memory_info().rss - rss < 64 * 2**20  # nothing was allocated
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_write_read_roundtrip_cpu(dtype):
+    gen = torch.Generator().manual_seed(0)
+    store = _store(num_pages=20, page_size=4, dtype=dtype)
+    store.allocate("x", 6)
+    store.allocate("y", 3)
+    store.free("x")  # fragment the free list so tables are non-contiguous
+    store.allocate("z", 9)
+    store.extend("y", 17)
+    kz = torch.randn(2, 9, 8, generator=gen).to(dtype)
+    vz = torch.randn(2, 9, 8, generator=gen).to(dtype)
+    store.write("z", 1, 0, kz, vz)
+    # a block starting mid-page, spanning pages, for a batch of two rows
+    kb = torch.randn(2, 2, 2, 5, 8, generator=gen).to(dtype)  # [L, N, Hkv, T, D]
+    vb = torch.randn(2, 2, 2, 5, 8, generator=gen).to(dtype)
+    store.write(["y", "z"], None, [11, 3], kb, vb)
+    k, v = store.read("y", 0, 11, 16)
+    assert torch.equal(k, kb[0, 0]) and torch.equal(v, vb[0, 0])
+    k, v = store.read("z", 1, 0, 9)
+    assert torch.equal(k[:, :3], kz[:, :3]) and torch.equal(k[:, 3:8], kb[1, 1]) and torch.equal(k[:, 8:], kz[:, 8:])
+    assert torch.equal(v[:, 3:8], vb[1, 1])
+    with pytest.raises(ValueError, match="extend first"):
+        store.write("y", 0, 15, kz[:, :3], vz[:, :3])
+    with pytest.raises(ValueError, match="dims"):
+        store.write("y", 0, 0, kb, vb)
+
+
+def test_close_and_reuse_without_reallocation():
+    store = _store(num_pages=8)
+    ptr = store.k(0).data_ptr()
+    for i in range(50):  # many requests: same buffers, pages all come back
+        store.allocate(i, 1 + i % 20)
+        store.extend(i, 25)
+        store.free(i)
+    assert store.k(0).data_ptr() == ptr and store.free_pages == 8
+    store.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        store.allocate(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_pinned_store_gpu_write_bf16():
+    store = HostKVStore(3, 8, 128, 16, 64, dtype=torch.bfloat16)
+    assert store.pinned and store.k(0).is_pinned(), store.pin_method
+    store.allocate(1, 100)
+    store.allocate(2, 70)
+    k = torch.randn(3, 2, 8, 32, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    store.write([1, 2], None, [40, 9], k, v)  # all layers, GPU -> pinned host through UVA
+    store.write(2, 1, 60, k[1, 1, :, :10], v[1, 1, :, :10])
+    for layer in range(3):
+        rk, rv = store.read(1, layer, 40, 72)
+        assert torch.equal(rk, k[layer, 0].cpu()) and torch.equal(rv, v[layer, 0].cpu())
+    rk, _ = store.read(2, 1, 60, 70)
+    assert torch.equal(rk, k[1, 1, :, :10].cpu())
+    store.close()
+
+
+@pytest.mark.gpu
+def test_memory_returns_to_baseline_across_requests():
+    torch.cuda.synchronize()
+    rss0 = psutil.Process().memory_info().rss
+    store = HostKVStore(4, 8, 128, 16, 512, dtype=torch.bfloat16)  # 64 MiB
+    ptrs = (store.k_all.data_ptr(), store.v_all.data_ptr())
+    k = torch.randn(4, 1, 8, 32, 128, device="cuda", dtype=torch.bfloat16)
+
+    def request(i):
+        store.allocate(i, 1000 + 37 * (i % 5))
+        store.write(i, None, 500, k[:, 0], k[:, 0])
+        store.extend(i, 2000)
+        store.free(i)
+
+    request(-1)  # warm the small pinned/device caches used for page tables
+    torch.cuda.synchronize()
+    gpu0 = torch.cuda.memory_allocated()
+    host0 = torch.cuda.host_memory_stats().get("allocated_bytes.current") if hasattr(torch.cuda, "host_memory_stats") else None
+    for i in range(200):
+        request(i)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == gpu0
+    if host0 is not None:
+        assert torch.cuda.host_memory_stats().get("allocated_bytes.current") == host0
+    assert (store.k_all.data_ptr(), store.v_all.data_ptr()) == ptrs and store.free_pages == 512
+    store.close()
+    del store
+    assert psutil.Process().memory_info().rss - rss0 < 32 * 2**20  # the 64 MiB of pinned buffers went back

@@ -1,0 +1,85 @@
+"""The public API and the command line on the bundled default checkpoint."""
+import json
+
+import pytest
+import torch
+
+from runtime import Engine, EngineConfig, GenerationRequest
+from runtime.cli import main
+from runtime.engine import DEFAULT_MODEL
+
+
+@pytest.fixture(scope="module")
+def engine():
+    # float64: the random default model's predictions are near-ties, and only exact arithmetic
+    # makes token equality across batch compositions a statement about the code, not rounding.
+    return Engine(EngineConfig(model_path=str(DEFAULT_MODEL), device="cpu", dtype="float64", progress=False,
+                               max_batch_size=2))
+
+
+def test_generate_returns_results_in_order(engine):
+    prompts = ["The key is", "abc", GenerationRequest(prompt="Hello there, friend", max_new_tokens=5, request_id="x")]
+    results = engine.generate(prompts, max_new_tokens=7)
+    assert [r.request_id for r in results][2] == "x"
+    assert [len(r.tokens) for r in results] == [7, 7, 5] or any(r.finish_reason == "eos" for r in results)
+    for r in results:
+        assert r.finish_reason in ("eos", "length")
+        assert r.text == engine.tokenizer.decode(r.tokens)
+        assert r.blocks >= 1 and r.denoising_passes >= r.blocks
+    assert engine.last_stats.generated_tokens == sum(len(r.tokens) for r in results)
+
+
+def test_batch_composition_does_not_change_tokens(engine):
+    prompts = ["one", "a longer prompt than the block", "x" * 13]
+    batched = engine.generate(prompts, max_new_tokens=9)
+    for prompt, result in zip(prompts, batched):
+        assert engine.generate([prompt], max_new_tokens=9)[0].tokens == result.tokens
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    req = GenerationRequest(prompt="same seed", max_new_tokens=8, temperature=1.0, seed=7)
+    assert engine.generate([req])[0].tokens == engine.generate([req])[0].tokens
+
+
+def test_token_id_prompts(engine):
+    ids = engine.tokenizer.encode("token ids")
+    assert engine.generate([ids], max_new_tokens=4)[0].tokens == engine.generate(["token ids"], max_new_tokens=4)[0].tokens
+
+
+def test_bad_input_is_refused_with_a_reason(engine):
+    limit = engine.model_config.max_position_embeddings
+    with pytest.raises(ValueError, match="beyond the model's"):
+        engine.generate([[1] * limit], max_new_tokens=8)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([[]])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate([[engine.model_config.vocab_size + 3]])
+    with pytest.raises(ValueError, match="mode"):
+        EngineConfig(model_path=str(DEFAULT_MODEL), mode="nonsense")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_requested_without_cuda():
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        Engine(EngineConfig(model_path=str(DEFAULT_MODEL), device="cuda"))
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Engine(EngineConfig(model_path=str(tmp_path)))
+
+
+def test_cli_demo_and_generate(capsys):
+    assert main(["demo", "--no-progress", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "demo wall time" in out and "tokens/s" in out
+    assert main(["generate", "--no-progress", "--prompt", "hi", "--prompt", "there", "--json",
+                 "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [line["prompt"] for line in lines] == ["hi", "there"]
+    assert all(len(line["tokens"]) <= 5 for line in lines)
+
+
+def test_cli_reports_errors_without_traceback(capsys, tmp_path):
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--no-progress"]) == 2
+    assert "config.json" in capsys.readouterr().err
