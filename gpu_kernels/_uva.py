@@ -89,3 +89,9 @@ def launch_device(*tensors: torch.Tensor) -> torch.device:
         if t.is_cuda:
             return t.device
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def as_kernel_arg(tensor: torch.Tensor, name: str = "tensor") -> torch.Tensor | HostPointer:
+    """``kernel_arg`` deciding the launch kind from the tensor alone: a host tensor is wrapped when CUDA
+    is present (pinned -> ``HostPointer``, pageable -> error) and passed as is without CUDA."""
+    return kernel_arg(tensor, name, needs_gpu_launch(tensor))

@@ -27,38 +27,40 @@ _VEC_BYTES = 16  # widest global access; alignment hints aim for it
 def _gather_pages_kernel(
     src_k, src_v, dst_k, dst_v,
     page_ids, head_ids, slot_ids, layer_ids,
+    num_units,
     s_src_layer, s_src_page, s_src_head,
     s_dst_layer, s_dst_slot,
     unit_elems,
     HAS_LAYER: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, EVEN: tl.constexpr,
 ):
-    # One program copies one BLOCK-sized chunk of one (page, head) unit, for K and V both.
-    u = tl.program_id(0)
+    # Program (p, c) copies chunk c (BLOCK elements) of units p, p + grid0, ... for K and V both.
+    # A grid of one program per unit runs each loop once; a smaller grid leaves SMs to concurrent compute.
     chunk = tl.program_id(1)
-    page = tl.load(page_ids + u).to(tl.int64)
-    head = tl.load(head_ids + u).to(tl.int64)
-    slot = tl.load(slot_ids + u).to(tl.int64)
-    src_off = page * s_src_page + head * s_src_head
-    dst_off = slot * s_dst_slot
-    if HAS_LAYER:
-        layer = tl.load(layer_ids + u).to(tl.int64)
-        src_off += layer * s_src_layer
-        dst_off += layer * s_dst_layer
-    # Unit bases are multiples of ALIGN elements (checked by the wrapper): lets loads/stores be 16 B wide.
-    src_off = tl.multiple_of(src_off, ALIGN)
-    dst_off = tl.multiple_of(dst_off, ALIGN)
     offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    if EVEN:
-        k = tl.load(src_k + src_off + offs)
-        v = tl.load(src_v + src_off + offs)
-        tl.store(dst_k + dst_off + offs, k)
-        tl.store(dst_v + dst_off + offs, v)
-    else:
-        mask = offs < unit_elems
-        k = tl.load(src_k + src_off + offs, mask=mask)
-        v = tl.load(src_v + src_off + offs, mask=mask)
-        tl.store(dst_k + dst_off + offs, k, mask=mask)
-        tl.store(dst_v + dst_off + offs, v, mask=mask)
+    for u in tl.range(tl.program_id(0), num_units, tl.num_programs(0)):
+        page = tl.load(page_ids + u).to(tl.int64)
+        head = tl.load(head_ids + u).to(tl.int64)
+        slot = tl.load(slot_ids + u).to(tl.int64)
+        src_off = page * s_src_page + head * s_src_head
+        dst_off = slot * s_dst_slot
+        if HAS_LAYER:
+            layer = tl.load(layer_ids + u).to(tl.int64)
+            src_off += layer * s_src_layer
+            dst_off += layer * s_dst_layer
+        # Unit bases are multiples of ALIGN elements (checked by the wrapper): 16-byte-wide accesses.
+        src_off = tl.multiple_of(src_off, ALIGN)
+        dst_off = tl.multiple_of(dst_off, ALIGN)
+        if EVEN:
+            k = tl.load(src_k + src_off + offs)
+            v = tl.load(src_v + src_off + offs)
+            tl.store(dst_k + dst_off + offs, k)
+            tl.store(dst_v + dst_off + offs, v)
+        else:
+            mask = offs < unit_elems
+            k = tl.load(src_k + src_off + offs, mask=mask)
+            v = tl.load(src_v + src_off + offs, mask=mask)
+            tl.store(dst_k + dst_off + offs, k, mask=mask)
+            tl.store(dst_v + dst_off + offs, v, mask=mask)
 
 
 @triton.jit
@@ -193,6 +195,7 @@ def gather_pages(
     validate: bool = True,
     block: int | None = None,
     num_warps: int | None = None,
+    max_programs: int | None = None,
 ) -> None:
     """Copy (page, head) units of a paged store into pool slots, K and V in one launch.
 
@@ -203,7 +206,8 @@ def gather_pages(
 
     Runs asynchronously on the current CUDA stream. ``validate`` checks id ranges first (this reads
     the ids: a device sync when they are on the GPU); out-of-range ids without it corrupt memory.
-    ``block``/``num_warps`` override the launch shape (for benchmarks).
+    ``block``/``num_warps`` override the launch shape; ``max_programs`` caps the programs per chunk
+    (each then loops over several units), leaving SMs to compute running concurrently.
     """
     _check_pair(src_k, src_v, "src")
     _check_pair(dst_k, dst_v, "dst")
@@ -243,6 +247,8 @@ def gather_pages(
         raise ValueError(f"block must be a power of two, got {block}")
     if num_warps is None:
         num_warps = 4 if block <= 2048 else 8
+    if max_programs is not None and max_programs <= 0:
+        raise ValueError(f"max_programs must be positive, got {max_programs}")
 
     gpu = needs_gpu_launch(src_k, dst_k, page_ids)
     ids = [page_ids, head_ids, slot_ids] + ([layer_ids] if multi else [])
@@ -252,9 +258,9 @@ def gather_pages(
     if not multi:
         ids.append(ids[0])  # unused layer_ids pointer (HAS_LAYER is off)
     args = [kernel_arg(t, n, gpu) for t, n in ((src_k, "src_k"), (src_v, "src_v"), (dst_k, "dst_k"), (dst_v, "dst_v"))]
-    grid = (m, triton.cdiv(unit, block))
+    grid = (m if max_programs is None else min(m, max_programs), triton.cdiv(unit, block))
     launch = lambda: _gather_pages_kernel[grid](  # noqa: E731
-        *args, *ids,
+        *args, *ids, m,
         s_src_layer, s_src_page, s_src_head, s_dst_layer, s_dst_slot, unit,
         HAS_LAYER=multi, BLOCK=block, ALIGN=align, EVEN=(unit % block == 0), num_warps=num_warps,
     )
@@ -335,6 +341,7 @@ def _check_write(dst_k, dst_v, page_table, start_pos, k_new, v_new, validate: bo
         lps = (first[:, None] + torch.arange(span, device=sp.device)[None, :])
         last = (sp + t - 1) // p
         used = lps <= last[:, None]
+        lps, used = lps.to(page_table.device), used.to(page_table.device)
         pages = page_table.long().gather(1, lps.clamp(max=page_table.shape[1] - 1))[used]
         _check_range(pages, "page ids in page_table for the written positions", num_pages)
     return multi

@@ -20,6 +20,8 @@ tokens. Selection (top-k pages or tokens per KV head) reads these.
 """
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +31,7 @@ from .merge import attention_with_block, merge_attention_states
 
 _LOG2E = 1.4426950408889634
 
-KVTensor = "torch.Tensor | HostPointer"
+KVTensor = Union[torch.Tensor, HostPointer]  # a GPU tensor, or pinned host memory read over PCIe
 
 
 @triton.jit
@@ -111,11 +113,17 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    # Per-token page lookup (a tile spans BLOCK_N // PAGE table entries), loaded one tile ahead:
+    # with the index load in the same iteration as the K/V loads that use it, Triton's pipeliner
+    # keeps only two K/V buffers whatever num_stages says; loop-carried, it keeps num_stages.
+    offs_next = lo + tl.arange(0, BLOCK_N)
+    page_next = tl.load(pt_base + (offs_next // PAGE) * stride_pte, mask=offs_next < hi, other=0)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         tok_ok = offs_n < hi
-        # Per-token page lookup: a tile spans BLOCK_N // PAGE table entries.
-        page = tl.load(pt_base + (offs_n // PAGE) * stride_pte, mask=tok_ok, other=0).to(tl.int64)
+        page = page_next.to(tl.int64)
+        offs_next = offs_n + BLOCK_N
+        page_next = tl.load(pt_base + (offs_next // PAGE) * stride_pte, mask=offs_next < hi, other=0)
         in_page = offs_n % PAGE
         if EVEN_D:
             kv_mask = tok_ok[:, None]
@@ -277,7 +285,7 @@ def default_config(rows: int, head_dim: int, page_size: int, device: torch.devic
 
     rows = G * T queries per KV head. On the GPU: BLOCK_M covers the rows (at most 128 per
     program), BLOCK_N = 64 tokens (at least one page), 8 warps for 128-row tiles, 3 stages
-    (2 when a K+V tile is large).
+    (fewer when a K+V tile is large: the stages share about 228 KB of shared memory on Hopper).
     """
     block_m = max(16, min(128, triton.next_power_of_2(rows)))
     block_n = max(64, page_size)
@@ -285,24 +293,25 @@ def default_config(rows: int, head_dim: int, page_size: int, device: torch.devic
         return dict(block_m=block_m, block_n=block_n, num_warps=4, num_stages=1)
     block_d = max(16, triton.next_power_of_2(head_dim))
     kv_tile_bytes = 2 * block_n * block_d * 2
+    stages = 3 if kv_tile_bytes <= 32768 else 2 if kv_tile_bytes <= 65536 else 1
     return dict(block_m=block_m, block_n=block_n, num_warps=8 if block_m >= 128 else 4,
-                num_stages=2 if kv_tile_bytes > 32768 else 3)
+                num_stages=stages)
 
 
 def default_num_splits(programs: int, max_tokens: int, block_n: int, rows: int,
                        device: torch.device) -> int:
     """Splits per (row, KV head, row block) so that the GPU has about two programs per SM.
 
-    programs = N * Hkv * row_blocks. A split keeps at least max(4 tiles, 8 * rows) tokens: each
-    split writes rows * D fp32 partials that the merge reads back, and below that size this
-    traffic rivals the K/V it saves. On the CPU (interpreter) a small number.
+    programs = N * Hkv * row_blocks. A split keeps at least max(4 tiles, 4 * rows) tokens: each
+    split writes rows * D fp32 partials that the merge reads back (mostly from L2), and below
+    that size this traffic rivals the K/V it splits. On the CPU (interpreter) a small number.
     """
     tiles = max(1, triton.cdiv(max_tokens, block_n))
     if device.type != "cuda":
         return min(2, tiles)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = triton.cdiv(2 * sms, max(1, programs))
-    cap = max(1, max_tokens // max(4 * block_n, 8 * rows))
+    cap = max(1, max_tokens // max(4 * block_n, 4 * rows))
     return max(1, min(want, cap, tiles))
 
 

@@ -1,16 +1,21 @@
 """The paged KV store in host memory: all layers' K and V, allocated once and reused across requests.
 
-Layout: K and V are each one tensor ``[L, num_pages, Hkv, P, D]``; ``k(layer)`` is the per-layer view
-``[num_pages, Hkv, P, D]`` the page-copy kernels take. Sequences own pages through page tables
+Layout: one buffer ``[2, L, num_pages, Hkv, P, D]`` holds K (``k_all``) and V (``v_all``), each
+``[L, num_pages, Hkv, P, D]``; ``k(layer)`` is the per-layer view ``[num_pages, Hkv, P, D]`` the
+page-copy kernels take. Sequences own pages through page tables
 (logical page i = positions ``i*P .. i*P+P-1`` -> physical page id) drawn from one free list.
 
-Pinning: the buffers are allocated as plain memory and page-locked with ``cudaHostRegister``, which
-locks exactly the bytes asked for. torch's pinned allocator rounds every block up to a power of two
-(an 18 GiB store would lock 32 GiB) and keeps freed blocks cached, so it is only the fallback.
+Pinning: the buffer is allocated as plain memory and page-locked with ``cudaHostRegister``, which
+locks exactly the (page-rounded) bytes asked for and gives them back on ``close``. torch's pinned
+allocator rounds every block up to a power of two (an 18 GiB store would lock 32 GiB) and keeps
+freed blocks cached, so it is only the fallback. The registered range is page-aligned inside an
+over-allocated block so that no other allocation shares its pages (a second registration of a
+shared page would fail).
 """
 
 from __future__ import annotations
 
+import mmap
 import weakref
 from collections.abc import Hashable, Sequence
 
@@ -23,21 +28,24 @@ _GIB = 2**30
 _CUDA_HOST_REGISTER_PORTABLE_MAPPED = 1 | 2  # portable to all contexts, mapped into the device address space
 
 
-def _register(t: torch.Tensor) -> bool:
-    """Page-lock ``t``'s memory in place; False if this torch build or driver cannot."""
+def _alloc_registered(nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` (rounded up to whole pages) of page-aligned host memory page-locked in place with
+    cudaHostRegister, as a uint8 tensor; None if this torch build or the driver cannot register it."""
     cudart = torch.cuda.cudart()
     if not hasattr(cudart, "cudaHostRegister"):
-        return False
-    err = int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), _CUDA_HOST_REGISTER_PORTABLE_MAPPED))
-    return err == 0
+        return None
+    page = mmap.PAGESIZE
+    span = -(-nbytes // page) * page
+    raw = torch.empty(span + page, dtype=torch.uint8)
+    buf = raw[(-raw.data_ptr()) % page:][:span]  # keeps raw's storage alive
+    err = int(cudart.cudaHostRegister(buf.data_ptr(), span, _CUDA_HOST_REGISTER_PORTABLE_MAPPED))
+    return buf if err == 0 else None
 
 
-def _unregister(tensors: list[torch.Tensor]) -> None:
+def _unregister(buf: torch.Tensor) -> None:
     # Runs from close() or the finalizer; at interpreter exit CUDA may already be gone, so errors are ignored.
     try:
-        cudart = torch.cuda.cudart()
-        for t in tensors:
-            cudart.cudaHostUnregister(t.data_ptr())
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
     except Exception:
         pass
 
@@ -83,27 +91,27 @@ class HostKVStore:
         self.nbytes = self.page_bytes * num_pages
         self._check_memory(reserve_bytes, self.nbytes)
 
-        shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
-        self._k = torch.empty(shape, dtype=dtype)
-        self._v = torch.empty(shape, dtype=dtype)
+        shape = (2, num_layers, num_pages, num_kv_heads, page_size, head_dim)
         self.pin_method = "none"
         if pin_memory:
-            registered = [t for t in (self._k, self._v) if _register(t)]
-            if len(registered) == 2:
+            raw = _alloc_registered(self.nbytes)
+            if raw is not None:
+                buf = raw[: self.nbytes].view(dtype).view(shape)
                 self.pin_method = "cudaHostRegister"
-                self._finalizer = weakref.finalize(self, _unregister, registered)
+                self._finalizer = weakref.finalize(self, _unregister, raw)
             else:
-                _unregister(registered)
-                # torch's pinned allocator rounds each buffer up to a power of two: check that size too.
-                del self._k, self._v
-                self._check_memory(reserve_bytes, 2 * _pow2_ceil(self.nbytes // 2))
-                self._k = torch.empty(shape, dtype=dtype, pin_memory=True)
-                self._v = torch.empty(shape, dtype=dtype, pin_memory=True)
+                # torch's pinned allocator rounds the block up to a power of two: check that size too.
+                self._check_memory(reserve_bytes, _pow2_ceil(self.nbytes))
+                buf = torch.empty(shape, dtype=dtype, pin_memory=True)
                 self.pin_method = "torch_pinned_allocator"
+        else:
+            buf = torch.empty(shape, dtype=dtype)
+        self._k, self._v = buf[0], buf[1]
         self.pinned = pin_memory
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # stack: pops 0, 1, 2, ...
         self._tables: dict[Hashable, list[int]] = {}
         self._ntok: dict[Hashable, int] = {}
+        self._table_t: dict[Hashable, torch.Tensor] = {}  # cached int32 tables (hot path: every fetch)
         self._closed = False
 
     # ------------------------------------------------------------------------------------------
@@ -184,6 +192,7 @@ class HostKVStore:
         extra = self.pages_for(new_total_tokens) - len(table)
         if extra > 0:
             table.extend(self._take(extra, f"extending {seq_id!r} from {cur} to {new_total_tokens} tokens"))
+            self._table_t.pop(seq_id, None)
         self._ntok[seq_id] = int(new_total_tokens)
         return self.page_table(seq_id)
 
@@ -194,6 +203,7 @@ class HostKVStore:
             raise KeyError(f"free({seq_id!r}): sequence is not allocated (double free, or never allocated)")
         self._free.extend(reversed(self._tables.pop(seq_id)))
         del self._ntok[seq_id]
+        self._table_t.pop(seq_id, None)
 
     def has(self, seq_id: Hashable) -> bool:
         return seq_id in self._tables
@@ -207,18 +217,24 @@ class HostKVStore:
         return self._ntok[seq_id]
 
     def page_table(self, seq_id: Hashable) -> torch.Tensor:
-        """``[num_pages_of_seq]`` int32: logical page -> physical page."""
-        return torch.tensor(self._table(seq_id), dtype=torch.int32)
+        """``[num_pages_of_seq]`` int32: logical page -> physical page (a copy)."""
+        return self._cached_table(seq_id).clone()
+
+    def _cached_table(self, seq_id: Hashable) -> torch.Tensor:
+        t = self._table_t.get(seq_id)
+        if t is None:
+            t = self._table_t[seq_id] = torch.tensor(self._table(seq_id), dtype=torch.int32)
+        return t
 
     def page_tables(self, seq_ids: Sequence[Hashable], max_pages: int | None = None) -> torch.Tensor:
         """``[N, max_pages]`` int32, row i = seq_ids[i]'s table padded with -1."""
-        tables = [self._table(s) for s in seq_ids]
-        width = max((len(t) for t in tables), default=0) if max_pages is None else max_pages
+        tables = [self._cached_table(s) for s in seq_ids]
+        width = max((t.numel() for t in tables), default=0) if max_pages is None else max_pages
         out = torch.full((len(tables), width), -1, dtype=torch.int32)
         for i, t in enumerate(tables):
-            if len(t) > width:
-                raise ValueError(f"sequence {seq_ids[i]!r} has {len(t)} pages, more than max_pages={width}")
-            out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+            if t.numel() > width:
+                raise ValueError(f"sequence {seq_ids[i]!r} has {t.numel()} pages, more than max_pages={width}")
+            out[i, : t.numel()] = t
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -329,6 +345,7 @@ class HostKVStore:
         self._k = self._v = None  # type: ignore[assignment]
         self._tables.clear()
         self._ntok.clear()
+        self._table_t.clear()
         self._free = []
 
     def __enter__(self) -> HostKVStore:

@@ -54,6 +54,15 @@ class CachePlan:
     def num_misses(self) -> int:
         return int(self.miss_slots.numel())
 
+    def device_tables(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slot_table, logical_pages, num_selected) on ``device`` for the attention kernel; CUDA copies
+        go through pinned staging so they are asynchronous on the current stream."""
+        device = torch.device(device)
+        tabs = (self.slot_table, self.logical_pages, self.num_selected)
+        if device.type != "cuda":
+            return tuple(t.to(device) for t in tabs)
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tabs)
+
 
 def _normalize_selection(selection, n_rows: int):
     """Flatten a selection into entry arrays (row, head, position, logical page), row-major.

@@ -32,7 +32,15 @@ from .page_cache import CachePlan, GpuPageCache
 class Prefetcher:
     """Fetch stream + commit stream between a ``HostKVStore`` and a ``GpuPageCache``."""
 
-    def __init__(self, store: HostKVStore, cache: GpuPageCache, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        store: HostKVStore,
+        cache: GpuPageCache,
+        device: torch.device | str | None = None,
+        max_programs: int | None = None,
+    ) -> None:
+        """``max_programs`` caps the gather kernel's grid (see ``gather_pages``) so fetches leave SMs to
+        the compute they overlap with; None launches one program per (page, head) unit."""
         device = cache.device if device is None else torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -52,6 +60,7 @@ class Prefetcher:
         if mismatch:
             raise ValueError("store and cache disagree: " + ", ".join(f"{n} {a} vs {b}" for n, a, b in mismatch))
         self.store, self.cache, self.device = store, cache, device
+        self.max_programs = max_programs
         self.cuda = device.type == "cuda"
         if self.cuda:
             if not store.pinned:
@@ -202,7 +211,8 @@ class Prefetcher:
                 start, end = self._event(), self._event()
                 start.record(stream)
                 ids_dev = ids.to(self.device, non_blocking=True)
-                gather_pages(k_src, v_src, ids_dev[0], ids_dev[1], k_dst, v_dst, ids_dev[2], validate=False)
+                gather_pages(k_src, v_src, ids_dev[0], ids_dev[1], k_dst, v_dst, ids_dev[2], validate=False,
+                             max_programs=self.max_programs)
                 end.record(stream)
             self._layer_event[layer] = end
             self._timed.append(("fetch", start, end, nbytes))

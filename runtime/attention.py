@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from runtime.config import ModelConfig
+from gpu_kernels.paged_attention import block_attention
+from runtime.config import ATTENTION_BACKENDS, ModelConfig
 
 
 class Phase(enum.Enum):
@@ -159,9 +160,15 @@ class DenseAttention(AttentionMode):
     name = "dense"
 
     def __init__(self, model: ModelConfig, max_sequences: int, max_tokens: int, page_size: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, backend: str = "torch"):
         if max_tokens < 1 or max_sequences < 1:
             raise ValueError(f"need max_tokens >= 1 and max_sequences >= 1, got {max_tokens}, {max_sequences}")
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"backend={backend!r}; choose one of {ATTENTION_BACKENDS}")
+        # torch: gather + SDPA (what users run today). triton: the split-KV paged kernel for the
+        # block phases (prefill stays on SDPA: it is compute-bound and needs a causal mask).
+        self.backend = backend
+        self.scale = model.head_dim ** -0.5
         self.page_size = page_size
         self.pages_per_seq = -(-max_tokens // page_size)
         self.max_tokens = self.pages_per_seq * page_size
@@ -176,8 +183,10 @@ class DenseAttention(AttentionMode):
                     f"{nbytes / 2**30:.2f} GiB, GPU has {free / 2**30:.2f} GiB free: about {fits} tokens "
                     "in all would fit; lower max_batch_size or the context, or use an offloading mode"
                 )
-        self.k_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
-        self.v_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+        # Zeroed, not empty: the torch path pads rows to the longest context and multiplies masked
+        # positions' values by a zero weight, and 0 * NaN garbage would still be NaN.
+        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
         self.free_slots = list(range(max_sequences - 1, -1, -1))
         self.slot_of: dict[int, int] = {}
         self.batch: ForwardBatch | None = None
@@ -201,6 +210,15 @@ class DenseAttention(AttentionMode):
             raise ValueError(f"forward reaches position {end}; the KV slots hold {self.max_tokens} tokens")
         self.batch = batch
         self._slots = torch.tensor([self.slot_of[s] for s in batch.seq_ids], dtype=torch.int64)
+        if self._use_kernel(batch):
+            dev = self.k_cache[0].device
+            pages = max(1, -(-int(batch.context_lens.max()) // self.page_size))
+            table = self._slots[:, None] * self.pages_per_seq + torch.arange(pages)[None, :]
+            self._page_table = table.to(device=dev, dtype=torch.int32)
+            self._kv_len = batch.context_lens.to(device=dev, dtype=torch.int32)
+
+    def _use_kernel(self, batch: ForwardBatch) -> bool:
+        return self.backend == "triton" and batch.phase is not Phase.PREFILL
 
     def _rows(self, cache: torch.Tensor, length: int) -> torch.Tensor:
         """[N, Hkv, length, D] contiguous view of the planned rows' first `length` positions."""
@@ -221,6 +239,13 @@ class DenseAttention(AttentionMode):
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         batch = self.batch
         assert batch is not None, "plan() must precede run()"
+        if self._use_kernel(batch):
+            if batch.phase.writes_kv:  # written past kv_len: the kernel does not see them twice
+                self._write(self.k_cache[layer], k)
+                self._write(self.v_cache[layer], v)
+            out, _, _ = block_attention(q, k, v, self.k_cache[layer], self.v_cache[layer], self._page_table,
+                                        self._kv_len, scale=self.scale)
+            return out
         ctx_lens = batch.context_lens
         max_ctx = int(ctx_lens.max())
         t = batch.num_new

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 ATTENTION_MODES = ("dense",)
+ATTENTION_BACKENDS = ("torch", "triton")
 UNMASKING_SCHEDULES = ("threshold", "fixed")
 PROMPT_ATTENTION = ("causal", "block_causal")
 
@@ -162,6 +163,7 @@ class EngineConfig:
 
     model_path: str
     mode: str = "dense"
+    attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16 | float64
     block_size: int | None = None
@@ -177,6 +179,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.mode not in ATTENTION_MODES:
             raise ValueError(f"mode={self.mode!r}; choose one of {ATTENTION_MODES}")
+        if self.attention_backend not in ("auto", *ATTENTION_BACKENDS):
+            raise ValueError(f"attention_backend={self.attention_backend!r}; choose auto or one of {ATTENTION_BACKENDS}")
         if self.unmasking not in UNMASKING_SCHEDULES:
             raise ValueError(f"unmasking={self.unmasking!r}; choose one of {UNMASKING_SCHEDULES}")
         if self.prompt_attention is not None and self.prompt_attention not in PROMPT_ATTENTION:

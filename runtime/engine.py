@@ -15,6 +15,7 @@ from runtime.checkpoint import load_model
 from runtime.config import EngineConfig, ModelConfig
 from runtime.decoding import DecodeSettings, GenerationRequest, GenerationResult, SequenceState
 from runtime.generate import BlockDiffusionLoop
+from runtime.model import Transformer
 from runtime.tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -81,22 +82,29 @@ class RunStats:
 class Engine:
     """Loads a checkpoint once; each `generate` call decodes a list of requests as batches."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, model: Transformer | None = None, tokenizer: Tokenizer | None = None):
+        """Load `config.model_path`, or take an already built `model` (random weights for speed runs)."""
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         path = Path(config.model_path)
-        self.model, self.model_config = load_model(path, dtype=self.dtype, device=self.device)
-        self.model.eval()
-        self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+        if model is None:
+            model, _ = load_model(path, dtype=self.dtype, device=self.device)
+            if tokenizer is None and (path / "tokenizer.json").is_file():
+                tokenizer = Tokenizer.from_dir(path)
+        self.model, self.model_config = model.eval(), model.config
+        self.tokenizer = tokenizer
         self.settings = resolve_settings(config, self.model_config, self.tokenizer)
         self.last_stats = RunStats()
         self._ids = itertools.count()
 
-    def _make_mode(self, num_sequences: int, max_tokens: int) -> AttentionMode:
+    def make_mode(self, num_sequences: int, max_tokens: int) -> AttentionMode:
+        backend = self.config.attention_backend
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
         if self.config.mode == "dense":
             return DenseAttention(self.model_config, num_sequences, max_tokens, page_size=16,
-                                  dtype=self.dtype, device=self.device)
+                                  dtype=self.dtype, device=self.device, backend=backend)
         raise ValueError(f"mode {self.config.mode!r} is not available")
 
     def _encode(self, request: GenerationRequest) -> list[int]:
@@ -113,7 +121,7 @@ class Engine:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary of {self.model_config.vocab_size}")
         return ids
 
-    def _sequence(self, request: GenerationRequest) -> SequenceState:
+    def make_sequence(self, request: GenerationRequest) -> SequenceState:
         seq_id = next(self._ids)
         ids = self._encode(request)
         generator = torch.Generator(device="cpu")
@@ -141,10 +149,10 @@ class Engine:
                     for p in prompts]
         if not requests:
             return []
-        sequences = [self._sequence(r) for r in requests]
+        sequences = [self.make_sequence(r) for r in requests]
         t0 = time.perf_counter()
         batch = min(self.config.max_batch_size, len(sequences))
-        mode = self._make_mode(batch, max(s.max_tokens for s in sequences))
+        mode = self.make_mode(batch, max(s.max_tokens for s in sequences))
         loop = BlockDiffusionLoop(self.model, mode, self.settings, batch, self.config.prefill_chunk_size, self.device)
         total_blocks = sum((s.max_tokens - s.prefix_len) // self.settings.block_size for s in sequences)
         bar = tqdm(total=total_blocks, unit="block", desc=f"generate [{self.config.mode}]",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a lent GPU, in one call: the gpu-marked tests, then the benchmarks; everything lands in $OUT.
-# Usage: bash scripts/gpu_check.sh [benchmark ...]   (default: every benchmark in $BENCHMARKS)
+# Usage: bash scripts/gpu_check.sh ["benchmark args" ...]   e.g. "kernels --quick" decode
+# (default: kernels transfer decode). SKIP_TESTS=1 skips the tests; BENCH_TIMEOUT caps each benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/out}
@@ -19,9 +20,11 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   python3 -m pytest -m gpu -q -p no:cacheprovider -x --timeout=300 tests 2>&1 | tail -n 40 | tee -a "$log" || status=1
 fi
 benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(kernels transfer)
+[ ${#benches[@]} -gt 0 ] || benches=(kernels transfer decode)
 for bench in "${benches[@]}"; do
-  echo "=== benchmarks.$bench" | tee -a "$log"
-  timeout "${BENCH_TIMEOUT:-240}" python3 -m "benchmarks.$bench" 2>&1 | tee -a "$log" || status=1
+  read -r name args <<<"$bench"
+  echo "=== benchmarks.$name $args" | tee -a "$log"
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-400}" python3 -m "benchmarks.$name" $args 2>&1 | tee -a "$log" || status=1
 done
 exit $status

@@ -22,6 +22,12 @@ from gpu_kernels.page_copy import (  # noqa: E402
 )
 
 CPU_DTYPES = [torch.float32, torch.float16]
+# Under the interpreter everything is on the CPU; on a GPU machine the same tests run on the GPU.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dev(*tensors):
+    return [t.to(DEV) for t in tensors]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -54,27 +60,30 @@ def test_gather_pages_matches_reference(dtype, shape):
     src_v = torch.randn(num_pages, hkv, p, d, generator=gen).to(dtype)
     pages, heads, slots = _units(gen, num_pages, hkv, num_slots, m)
     pages = pages.to(torch.int32)  # mixed index dtypes are allowed
-    out_k, out_v = _poisoned((num_slots, p, d), dtype), _poisoned((num_slots, p, d), dtype)
+    out_k, out_v = _poisoned((num_slots, p, d), dtype, DEV), _poisoned((num_slots, p, d), dtype, DEV)
     ref_k, ref_v = out_k.clone(), out_v.clone()
+    src_k, src_v, pages, heads, slots = _dev(src_k, src_v, pages, heads, slots)
     gather_pages(src_k, src_v, pages, heads, out_k, out_v, slots)
     gather_pages_reference(src_k, src_v, pages, heads, ref_k, ref_v, slots)
     assert _same(out_k, ref_k) and _same(out_v, ref_v)
     assert not out_k[slots].isnan().any() and out_k.isnan().sum() == (num_slots - m) * p * d
 
 
-@pytest.mark.parametrize("block", [None, 16, 32, 64])  # P*D = 72: every block leaves a masked tail
-def test_gather_pages_block_sizes_and_strided_views(block):
+@pytest.mark.parametrize("block,max_programs", [(None, None), (16, None), (32, 3), (64, 1)])
+def test_gather_pages_block_sizes_and_strided_views(block, max_programs):
+    # P*D = 72: every block leaves a masked tail; max_programs < M makes programs loop over units
     gen = torch.Generator().manual_seed(7)
     L, num_pages, hkv, p, d, num_slots, m = 3, 10, 2, 3, 24, 12, 8
     store_k = torch.randn(L, num_pages, hkv, p, d, generator=gen, dtype=torch.float16)
     store_v = torch.randn(L, num_pages, hkv, p, d, generator=gen, dtype=torch.float16)
-    pool_k = _poisoned((L, num_slots, p, d), torch.float16)
+    pool_k = _poisoned((L, num_slots, p, d), torch.float16, DEV)
     pool_v = pool_k.clone()
     ref_k, ref_v = pool_k.clone(), pool_v.clone()
-    pages, heads, slots = _units(gen, num_pages, hkv, num_slots, m)
+    pages, heads, slots = _dev(*_units(gen, num_pages, hkv, num_slots, m))
+    store_k, store_v = _dev(store_k, store_v)
     # per-layer views of larger tensors: non-trivial outer strides and storage offsets
     gather_pages(store_k[1], store_v[1], pages, heads, pool_k[2], pool_v[2], slots,
-                 block=block, num_warps=1 if block else None)
+                 block=block, num_warps=1 if block else None, max_programs=max_programs)
     gather_pages_reference(store_k[1], store_v[1], pages, heads, ref_k[2], ref_v[2], slots)
     assert _same(pool_k, ref_k) and _same(pool_v, ref_v)
 
@@ -89,8 +98,8 @@ def test_gather_pages_multi_layer(dtype):
     for layer, m in zip(range(L), (4, 0, 7)):  # ragged per layer, one layer with nothing
         pg, hd, sl = _units(gen, num_pages, hkv, num_slots, m)
         units.append((torch.full((m,), layer), pg, hd, sl))
-    layers, pages, heads, slots = (torch.cat(x) for x in zip(*units))
-    out_k, out_v = _poisoned((L, num_slots, p, d), dtype), _poisoned((L, num_slots, p, d), dtype)
+    layers, pages, heads, slots, src_k, src_v = _dev(*(torch.cat(x) for x in zip(*units)), src_k, src_v)
+    out_k, out_v = _poisoned((L, num_slots, p, d), dtype, DEV), _poisoned((L, num_slots, p, d), dtype, DEV)
     ref_k, ref_v = out_k.clone(), out_v.clone()
     gather_pages(src_k, src_v, pages, heads, out_k, out_v, slots, layers)
     gather_pages_reference(src_k, src_v, pages, heads, ref_k, ref_v, slots, layers)
@@ -151,7 +160,7 @@ def _write_case(gen, shape, dtype, layers=None):
 @pytest.mark.parametrize("shape", WRITE_SHAPES)
 def test_write_tokens_matches_reference(dtype, shape):
     gen = torch.Generator().manual_seed(hash(shape) % 2**31 + 1)
-    table, start, k_new, v_new, dst_k = _write_case(gen, shape, dtype)
+    table, start, k_new, v_new, dst_k = _dev(*_write_case(gen, shape, dtype))
     dst_v = dst_k.clone()
     ref_k, ref_v = dst_k.clone(), dst_v.clone()
     write_tokens(dst_k, dst_v, table, start, k_new, v_new)
@@ -168,7 +177,7 @@ def test_write_tokens_matches_reference(dtype, shape):
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_write_tokens_multi_layer_and_strided_source(dtype):
     gen = torch.Generator().manual_seed(5)
-    table, start, k_new, v_new, dst_k = _write_case(gen, (16, 2, 4, 8, 2, 6), dtype, layers=3)
+    table, start, k_new, v_new, dst_k = _dev(*_write_case(gen, (16, 2, 4, 8, 2, 6), dtype, layers=3))
     dst_v = dst_k.clone()
     ref_k, ref_v = dst_k.clone(), dst_v.clone()
     # source as a head-major view of a token-major tensor: non-contiguous rows

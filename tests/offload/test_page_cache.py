@@ -43,6 +43,8 @@ def test_plan_hits_misses_and_tables():
     p2 = cache.plan(0, ["a", "b"], t)
     assert (p2.hits, p2.misses, p2.num_misses) == (5, 0, 0)
     assert torch.equal(p2.slot_table, p1.slot_table)
+    st_, lp_, cnt_ = p2.device_tables("cpu")
+    assert torch.equal(st_, p2.slot_table) and torch.equal(lp_, p2.logical_pages) and torch.equal(cnt_, p2.num_selected)
     # another layer is independent
     p3 = cache.plan(1, ["a"], [[[3]]])
     assert p3.misses == 1

@@ -12,13 +12,13 @@ from runtime.reference import reference_decode
 VOCAB, MASK, EOS = 48, 47, 46
 
 
-def tiny_model(arch: str, seed: int = 0) -> Transformer:
+def tiny_model(arch: str, seed: int = 0, head_dim: int = 8, dtype: torch.dtype = torch.float64) -> Transformer:
     config = ModelConfig(architecture=arch, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=512,
+                         num_heads=4, num_kv_heads=2, head_dim=head_dim, max_position_embeddings=512,
                          rope=RopeConfig(theta=10000.0), attention_bias=arch == "qwen2", qk_norm=arch == "qwen3",
                          tie_word_embeddings=arch == "qwen2")
     torch.manual_seed(seed)
-    model = Transformer(config).to(torch.float64).eval()
+    model = Transformer(config).to(dtype).eval()
     with torch.no_grad():
         for p in model.parameters():  # sharper distributions than the default init, so unmasking order matters
             p.normal_(0.0, 0.3)
@@ -36,10 +36,10 @@ def make_seq(seq_id, prompt, block, max_new=10, **request):
     return SequenceState(seq_id, req, list(prompt), block, g)
 
 
-def run_loop(model, prompts, s, max_batch=8, chunk=8, max_new=10, **request):
+def run_loop(model, prompts, s, max_batch=8, chunk=8, max_new=10, backend="torch", **request):
     seqs = [make_seq(i, p, s.block_size, max_new, **request) for i, p in enumerate(prompts)]
     mode = DenseAttention(model.config, min(max_batch, len(seqs)), max(q.max_tokens for q in seqs), page_size=4,
-                          dtype=torch.float64, device=torch.device("cpu"))
+                          dtype=model.dtype, device=torch.device("cpu"), backend=backend)
     loop = BlockDiffusionLoop(model, mode, s, max_batch, chunk, torch.device("cpu"))
     with torch.no_grad():
         loop.run(seqs)
@@ -99,3 +99,13 @@ def test_stops_at_eos():
     first = free.generated.index(eos)
     assert got.finish_reason == "eos" and got.generated == free.generated[:first]
     assert got.blocks_done == (len(prompt) + first) // 4 - len(prompt) // 4 + 1
+
+
+def test_triton_backend_matches_torch_backend():
+    """The dense mode's split-KV kernel path (Triton interpreter on CPU) gives the torch path's tokens."""
+    model = tiny_model("qwen3", head_dim=16, dtype=torch.float32)
+    s = settings(block=4, steps=2, unmasking="fixed")
+    ps = prompts([6, 11])
+    torch_path = run_loop(model, ps, s, max_new=8)
+    kernel_path = run_loop(model, ps, s, max_new=8, backend="triton")
+    assert [q.generated for q in kernel_path] == [q.generated for q in torch_path]

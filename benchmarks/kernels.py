@@ -1,0 +1,364 @@
+"""Paged attention kernel throughput on the GPU, against the limits measured in the same run.
+
+One run measures:
+  1. pinned host->GPU copy bandwidth (1 GiB) and HBM device copy bandwidth (read + write);
+  2. for N=1, Hq=32, Hkv=8, D=128, bf16, T in {16, 32}, context in {32K, 64K, 128K},
+     page_size in {16, 64}:
+     (a) GPU-resident store layout: time (do_bench median), TB/s of K+V read, speed-up over torch
+         SDPA (enable_gqa) on the same KV made contiguous, fraction of the HBM copy bandwidth,
+         and the extra time of return_page_scores=True;
+     (b) K/V read zero-copy from pinned host memory: GB/s and fraction of the pinned copy
+         bandwidth;
+     (c) sparse: a random 5% and 10% of the pages per KV head in the pool layout: TB/s over the
+         bytes read.
+  Each mode sweeps a few tile/warp/stage configs and split counts and keeps the fastest; every
+  variant is checked against the plain-torch reference (rel error printed).
+Prints a table and writes $OUT/kernels.json (OUT defaults to ./out).
+
+    python -m benchmarks.kernels            # full sweep (a few minutes)
+    python -m benchmarks.kernels --quick    # 32K context only, smaller sweep
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+
+import torch
+
+HQ, HKV, D = 32, 8, 128
+TARGETS = dict(resident_TBps=2.0, uva_frac_of_pinned=0.9, sparse_TBps=1.5)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def scores_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    fin = torch.isfinite(ref)
+    if not torch.equal(torch.isfinite(got), fin):
+        return float("inf")
+    return rel_err(got[fin], ref[fin]) if fin.any() else 0.0
+
+
+class Timer:
+    """do_bench median, plus a variant whose launch overhead is hidden behind a GPU busy-wait.
+
+    triton.testing.do_bench flushes L2 (a 256 MB memset, not timed) before each repetition; the
+    busy-wait variant also sleeps the GPU before the start event so that host-side launch work of
+    the call is off the clock. A large gap between the two means the call is launch-bound.
+    """
+
+    def __init__(self, warmup_ms: float, rep_ms: float):
+        import triton.testing
+        self.do_bench = triton.testing.do_bench
+        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+        self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+
+    def median_ms(self, fn) -> float:
+        return float(self.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
+
+    def hidden_launch_ms(self, fn, reps: int = 20) -> float:
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            self.flush.zero_()
+            torch.cuda._sleep(1_000_000)  # about 0.5 ms of GPU time to cover the host's launch work
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        times.sort()
+        return times[len(times) // 2]
+
+
+def copy_bandwidths(timer: Timer, nbytes: int) -> dict:
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host.fill_(1)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    h2d_ms = timer.median_ms(lambda: dev.copy_(host, non_blocking=True))
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    d2d_ms = timer.median_ms(lambda: dev.copy_(src))
+    del host, dev, src
+    return dict(bytes=nbytes, pinned_h2d_GBps=nbytes / h2d_ms / 1e6,
+                hbm_copy_rw_GBps=2 * nbytes / d2d_ms / 1e6)
+
+
+def sweep_configs(quick: bool) -> list[dict]:
+    """Launch candidates (block_n, num_warps, num_stages, optionally block_m); block_n is raised
+    to the page size inside the kernel wrapper."""
+    if quick:
+        return [dict(block_n=64, num_warps=4, num_stages=3), dict(block_n=64, num_warps=8, num_stages=3),
+                dict(block_n=128, num_warps=8, num_stages=2)]
+    return [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=64, num_warps=4, num_stages=3),
+            dict(block_n=64, num_warps=8, num_stages=3), dict(block_n=64, num_warps=8, num_stages=4),
+            dict(block_n=128, num_warps=4, num_stages=2), dict(block_n=128, num_warps=8, num_stages=2),
+            # 64 query rows per program: T=32 (128 rows) becomes two row blocks that share K/V via L2
+            dict(block_m=64, block_n=64, num_warps=4, num_stages=3)]
+
+
+def split_candidates(default: int, factors=(0.5, 1, 2)) -> list[int]:
+    return sorted({max(1, int(round(default * f))) for f in factors})
+
+
+def best_cfg(record: dict) -> dict:
+    """The launch keywords of a sweep record."""
+    return {key: val for key, val in record.items() if key not in ("ms", "rel_err", "error")}
+
+
+def run_sweep(timer, call, ref_out, configs, splits_for, label) -> dict:
+    """Time call(**cfg, num_splits=s) for every config and split count; keep the fastest.
+
+    splits_for(cfg) -> candidate split counts. Returns the best variant, the max rel error over
+    all variants and every variant's record.
+    """
+    records = []
+    for cfg in configs:
+        for s in splits_for(cfg):
+            try:
+                out = call(num_splits=s, **cfg)[0]
+                err = rel_err(out.float(), ref_out)
+                ms = timer.median_ms(lambda: call(num_splits=s, **cfg))
+                records.append(dict(cfg, num_splits=s, ms=ms, rel_err=err))
+            except Exception as ex:  # a config that does not compile or run is recorded, not fatal
+                records.append(dict(cfg, num_splits=s, error=repr(ex)[:300]))
+                print(f"  {label} {cfg} splits={s}: FAILED {repr(ex)[:200]}", flush=True)
+    ok = [r for r in records if "ms" in r]
+    if not ok:
+        return dict(best=None, max_rel_err=float("nan"), variants=records)
+    best = min(ok, key=lambda r: r["ms"])
+    return dict(best=best, max_rel_err=max(r["rel_err"] for r in ok), variants=records)
+
+
+class Shape:
+    """One benchmark shape: q, a GPU-resident store with pages in random physical order, and the
+    reference output (fp32)."""
+
+    def __init__(self, t: int, ctx: int, page: int, gen: torch.Generator, dev: torch.device):
+        from gpu_kernels.paged_attention import paged_attention_reference
+
+        self.t, self.ctx, self.page, self.dev, self.gen = t, ctx, page, dev, gen
+        self.dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        self.scale = D ** -0.5
+        self.num_pages = ctx // page
+        self.q = torch.randn(1, HQ, t, D, device=dev, dtype=self.dtype, generator=gen)
+        shape = (self.num_pages, HKV, page, D)
+        self.k = torch.randn(shape, device=dev, dtype=self.dtype, generator=gen)
+        self.v = torch.randn(shape, device=dev, dtype=self.dtype, generator=gen)
+        self.table = torch.randperm(self.num_pages, device=dev, generator=gen).int()[None]
+        self.kv_len = torch.full((1, HKV), ctx, dtype=torch.int32, device=dev)
+        self.kv_bytes = 2 * self.k.numel() * self.k.element_size()
+        out, _, self.ref_ps, _ = paged_attention_reference(
+            self.q, self.k, self.v, self.table, self.kv_len, scale=self.scale, return_page_scores=True)
+        self.ref_out = out.float()
+        self.base = dict(T=t, context=ctx, page_size=page)
+
+    def default_splits(self, cfg: dict, tokens: int) -> int:
+        from gpu_kernels.paged_attention import default_config, default_num_splits
+
+        rows = HQ // HKV * self.t
+        dflt = default_config(rows, D, self.page, self.dev)
+        bn = max(cfg.get("block_n", dflt["block_n"]), self.page)
+        row_blocks = -(-rows // cfg.get("block_m", dflt["block_m"]))
+        return default_num_splits(HKV * row_blocks, tokens, bn, rows, self.dev)
+
+
+def bench_resident(timer, limits, sh: Shape, configs) -> dict:
+    """(a) exact attention over the GPU-resident store."""
+    from gpu_kernels.paged_attention import paged_attention
+
+    def call(**kw):
+        return paged_attention(sh.q, sh.k, sh.v, sh.table, sh.kv_len, scale=sh.scale, **kw)
+
+    sw = run_sweep(timer, call, sh.ref_out, configs,
+                   lambda cfg: split_candidates(sh.default_splits(cfg, sh.ctx)), "resident")
+    order = sh.table[0].long()
+    k_c = sh.k[order].permute(1, 0, 2, 3).reshape(1, HKV, sh.ctx, D).contiguous()
+    v_c = sh.v[order].permute(1, 0, 2, 3).reshape(1, HKV, sh.ctx, D).contiguous()
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        sh.q, k_c, v_c, scale=sh.scale, enable_gqa=True)
+    sdpa_err = rel_err(sdpa().float(), sh.ref_out)
+    sdpa_ms = timer.median_ms(sdpa)
+    del k_c, v_c
+    rec = dict(sh.base, mode="resident", kv_bytes=sh.kv_bytes, default_ms=timer.median_ms(lambda: call()),
+               sdpa_ms=sdpa_ms, sdpa_rel_err_vs_ref=sdpa_err, max_rel_err=sw["max_rel_err"],
+               variants=sw["variants"])
+    if sw["best"] is None:
+        return rec
+    cfg, ms = best_cfg(sw["best"]), sw["best"]["ms"]
+    out_s, _, ps, _ = call(return_page_scores=True, **cfg)
+    ms_scores = timer.median_ms(lambda: call(return_page_scores=True, **cfg))
+    t0 = time.perf_counter()
+    for _ in range(50):
+        call(**cfg)
+    host_us = (time.perf_counter() - t0) / 50 * 1e6
+    if sh.dev.type == "cuda":
+        torch.cuda.synchronize()
+    tbps = sh.kv_bytes / ms / 1e9
+    rec.update(best=cfg, ms=ms, hidden_launch_ms=timer.hidden_launch_ms(lambda: call(**cfg)),
+               TBps=tbps, vs_sdpa=sdpa_ms / ms, frac_hbm=tbps * 1e3 / limits["hbm_copy_rw_GBps"],
+               scores_ms=ms_scores, scores_overhead=ms_scores / ms - 1,
+               scores_rel_err=scores_err(ps, sh.ref_ps), scores_out_rel_err=rel_err(out_s.float(), sh.ref_out),
+               host_us_per_call=host_us, target_ok=tbps >= TARGETS["resident_TBps"])
+    return rec
+
+
+def bench_sparse(timer, sh: Shape, configs, frac: float) -> dict:
+    """(c) a random `frac` of the pages per KV head, gathered into the pool layout."""
+    from gpu_kernels.paged_attention import paged_attention, paged_attention_reference
+
+    dev, gen = sh.dev, sh.gen
+    n_sel = max(1, round(frac * sh.num_pages))
+    sel = torch.stack([torch.randperm(sh.num_pages, device=dev, generator=gen)[:n_sel] for _ in range(HKV)])
+    heads = torch.arange(HKV, device=dev)[:, None].expand(HKV, n_sel)
+    # Slot perm[i] holds list entry i (head i // n_sel); shuffled so each list is scattered.
+    perm = torch.randperm(HKV * n_sel, device=dev, generator=gen)
+    k_pool = torch.empty((HKV * n_sel, sh.page, D), device=dev, dtype=sh.dtype)
+    v_pool = torch.empty_like(k_pool)
+    k_pool[perm] = sh.k[sel.reshape(-1), heads.reshape(-1)]
+    v_pool[perm] = sh.v[sel.reshape(-1), heads.reshape(-1)]
+    table = perm.reshape(1, HKV, n_sel).int()
+    kv_len = torch.full((1, HKV), n_sel * sh.page, dtype=torch.int32, device=dev)
+    ref = paged_attention_reference(sh.q, k_pool, v_pool, table, kv_len, scale=sh.scale)[0].float()
+
+    def call(**kw):
+        return paged_attention(sh.q, k_pool, v_pool, table, kv_len, scale=sh.scale, **kw)
+
+    sw = run_sweep(timer, call, ref, configs,
+                   lambda cfg: split_candidates(sh.default_splits(cfg, n_sel * sh.page), (1, 2, 4)), "sparse")
+    nbytes = 2 * k_pool.numel() * k_pool.element_size()
+    rec = dict(sh.base, mode=f"sparse_{round(frac * 100)}pct", kv_bytes=nbytes,
+               max_rel_err=sw["max_rel_err"], variants=sw["variants"])
+    if sw["best"] is not None:
+        cfg, ms = best_cfg(sw["best"]), sw["best"]["ms"]
+        rec.update(best=cfg, ms=ms, TBps=nbytes / ms / 1e9,
+                   hidden_launch_ms=timer.hidden_launch_ms(lambda: call(**cfg)),
+                   target_ok=nbytes / ms / 1e9 >= TARGETS["sparse_TBps"])
+    return rec
+
+
+def bench_uva(timer, limits, sh: Shape, configs) -> dict:
+    """(b) the store in pinned host memory, read zero-copy by the kernel over PCIe."""
+    from gpu_kernels._uva import HostPointer
+    from gpu_kernels.paged_attention import paged_attention
+
+    hk, hv = HostPointer(sh.k.cpu().pin_memory()), HostPointer(sh.v.cpu().pin_memory())
+
+    def call(**kw):
+        return paged_attention(sh.q, hk, hv, sh.table, sh.kv_len, scale=sh.scale, **kw)
+
+    sw = run_sweep(timer, call, sh.ref_out, configs,
+                   lambda cfg: split_candidates(sh.default_splits(cfg, sh.ctx), (1, 2, 4)), "uva")
+    rec = dict(sh.base, mode="uva_host", kv_bytes=sh.kv_bytes, max_rel_err=sw["max_rel_err"],
+               variants=sw["variants"])
+    if sw["best"] is not None:
+        ms = sw["best"]["ms"]
+        gbps = sh.kv_bytes / ms / 1e6
+        rec.update(best=best_cfg(sw["best"]), ms=ms, GBps=gbps, frac_pinned=gbps / limits["pinned_h2d_GBps"],
+                   target_ok=gbps / limits["pinned_h2d_GBps"] >= TARGETS["uva_frac_of_pinned"])
+    return rec
+
+
+def bench_shape(timer, limits, t, ctx, page, configs, quick, gen, dev: torch.device,
+                modes=("resident", "sparse")) -> list[dict]:
+    """Every requested mode at one (T, context, page size); returns one record per mode."""
+    sh = Shape(t, ctx, page, gen, dev)
+    rows = []
+    if "resident" in modes:
+        rows.append(bench_resident(timer, limits, sh, configs))
+    if "sparse" in modes:
+        rows.extend(bench_sparse(timer, sh, configs, frac) for frac in (0.05, 0.10))
+    if "uva" in modes:
+        uva_cfgs = configs[:1] if quick else [configs[1], configs[2]]
+        rows.append(bench_uva(timer, limits, sh, uva_cfgs))
+    del sh
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(limits: dict, rows: list[dict]) -> None:
+    print(f"\npinned H2D {limits['pinned_h2d_GBps']:.1f} GB/s   HBM copy (r+w) "
+          f"{limits['hbm_copy_rw_GBps'] / 1e3:.2f} TB/s")
+    head = (f"{'mode':<12}{'T':>4}{'ctx':>8}{'P':>4} {'ms':>8} {'rate':>11} {'vs ref':>14} "
+            f"{'scores+':>8} {'no-launch ms':>12} {'best (bm,bn,w,st,splits)':>25} {'max err':>9} ok")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "ms" not in r:
+            print(f"{r['mode']:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4}  all variants failed")
+            continue
+        b = r["best"]
+        cfg = f"({b.get('block_m', '-')},{b['block_n']},{b['num_warps']},{b['num_stages']},{b['num_splits']})"
+        if r["mode"] == "uva_host":
+            rate, vs = f"{r['GBps']:.1f} GB/s", f"{r['frac_pinned']:.2f} of pinned"
+        elif r["mode"] == "resident":
+            rate = f"{r['TBps']:.2f} TB/s"
+            vs = f"{r['frac_hbm']:.2f}HBM {r['vs_sdpa']:.1f}xSDPA"
+        else:
+            rate, vs = f"{r['TBps']:.2f} TB/s", ""
+        sc = f"{100 * r['scores_overhead']:+.0f}%" if "scores_overhead" in r else ""
+        hl = f"{r['hidden_launch_ms']:.4f}" if "hidden_launch_ms" in r else ""
+        print(f"{r['mode']:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4} {r['ms']:>8.4f} {rate:>11} "
+              f"{vs:>14} {sc:>8} {hl:>12} {cfg:>25} {r['max_rel_err']:>9.2e} {'yes' if r['target_ok'] else 'NO'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="32K context only, 3 configs (about a minute)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "./out"), help="folder for kernels.json (default $OUT or ./out)")
+    ap.add_argument("--contexts", type=int, nargs="+", default=None, help="context lengths (default 32K 64K 128K)")
+    ap.add_argument("--pages", type=int, nargs="+", default=[16, 64], help="page sizes (default 16 64)")
+    ap.add_argument("--T", type=int, nargs="+", default=[16, 32], dest="ts", help="block sizes (default 16 32)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.kernels needs a CUDA GPU (none found)")
+    import triton
+
+    contexts = args.contexts or ([32768] if args.quick else [32768, 65536, 131072])
+    configs = sweep_configs(args.quick)
+    timer = Timer(warmup_ms=10, rep_ms=30 if args.quick else 50)
+    limits = copy_bandwidths(timer, (256 if args.quick else 1024) * 2**20)
+    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}",
+          flush=True)
+    print(f"pinned H2D {limits['pinned_h2d_GBps']:.1f} GB/s, HBM copy {limits['hbm_copy_rw_GBps']:.0f} GB/s",
+          flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "kernels.json")
+    rows: list[dict] = []
+    t_start = time.time()
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
+                           device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           triton=triton.__version__, shape=dict(N=1, Hq=HQ, Hkv=HKV, D=D, dtype="bf16"),
+                           targets=TARGETS, limits=limits, seconds=time.time() - t_start, rows=rows),
+                      f, indent=1)
+
+    # UVA last: a fault reading host memory would end the process, so the rest is saved first.
+    for modes in (("resident", "sparse"), ("uva",)):
+        for t in args.ts:
+            for ctx in contexts:
+                for page in args.pages:
+                    new = bench_shape(timer, limits, t, ctx, page, configs, args.quick, gen,
+                                      torch.device("cuda"), modes)
+                    for r in new:
+                        print(f"  T={t} ctx={ctx} P={page} {r['mode']}: ms={r.get('ms', float('nan')):.4f} "
+                              f"max_err={r['max_rel_err']:.2e}", flush=True)
+                    rows.extend(new)
+                    save()
+    print_table(limits, rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,433 @@
+"""Transfer benchmark: how close page recalls and commits get to PCIe, and how much transfer the
+prefetcher hides behind compute.
+
+One run measures, on one GPU:
+  1. pinned host <-> GPU copy bandwidth (1 GiB, tensor.copy_ = cudaMemcpyAsync): the reference;
+  2. gather_pages reading pinned host memory through UVA, 5% / 10% of a 128K-token context at page
+     sizes 16..128 (Hkv=8, D=128, bf16, K+V), a few launch shapes, checked bit for bit;
+  3. write_tokens GPU -> pinned host for a 32-token block across 36 layers (one launch, and one per layer);
+  4. the prefetcher over 36 layers: layer l+1's pages fetched on the side stream while a bf16 matmul
+     stand-in computes layer l; hidden fraction when compute > transfer and when compute < transfer.
+Prints a table last and writes $OUT/transfer.json (OUT defaults to ./out).
+
+    python benchmarks/transfer.py            # full run (GPU)
+    python benchmarks/transfer.py --quick    # smaller context and fewer iterations (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_kernels.page_copy import gather_pages, write_tokens  # noqa: E402
+from offload import GpuPageCache, HostKVStore, Prefetcher  # noqa: E402
+
+GB = 1e9
+BF16 = torch.bfloat16
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--context", type=int, default=131072, help="context tokens per layer (default 128K)")
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--page-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.10])
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--block-tokens", type=int, default=32, help="tokens per committed block")
+    ap.add_argument("--overlap-page-size", type=int, default=32)
+    ap.add_argument("--overlap-fraction", type=float, default=0.05)
+    ap.add_argument("--overlap-context", type=int, default=None, help="context for the overlap test (default --context)")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="32K context, 5 iterations: a smoke test")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: a dry run of the benchmark's code path on tiny sizes (needs TRITON_INTERPRET=1); "
+                         "its numbers mean nothing")
+    ap.add_argument("--out", type=str, default=os.environ.get("OUT", "./out"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.context, args.iters = 32768, 5
+    if args.overlap_context is None:
+        args.overlap_context = args.context
+    return args
+
+
+class Clock:
+    """CUDA events on the current stream on a GPU; wall time on the CPU dry run."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def ms(self, a, b) -> float:
+        if not self.cuda:
+            return (b - a) * 1e3
+        b.synchronize()
+        return a.elapsed_time(b)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def median_ms(self, fn, iters: int, warmup: int = 2) -> float:
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(iters):
+            a = self.mark()
+            fn()
+            times.append(self.ms(a, self.mark()))
+        return statistics.median(times)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16)  # bitwise comparison, NaN-safe
+
+
+def fill_random(host: torch.Tensor, clock: Clock, dev: torch.device, chunk_elems: int = 1 << 26) -> None:
+    """Fill a (pinned) host tensor with random values made on the GPU (fast; no CPU RNG over GiBs)."""
+    flat = host.view(-1)
+    src = torch.randn(min(chunk_elems, flat.numel()), device=dev, dtype=host.dtype)
+    for a in range(0, flat.numel(), chunk_elems):
+        b = min(a + chunk_elems, flat.numel())
+        src.normal_()
+        flat[a:b].copy_(src[: b - a], non_blocking=True)
+    clock.sync()
+
+
+# ---------------------------------------------------------------------------------------------- 1
+
+
+def copy_bandwidth(clock: Clock, dev: torch.device, n: int) -> dict:
+    h = torch.empty(n, dtype=torch.uint8, pin_memory=clock.cuda)
+    h.fill_(1)
+    d = torch.empty(n, dtype=torch.uint8, device=dev)
+    h2d = clock.median_ms(lambda: d.copy_(h, non_blocking=True), iters=10)
+    d2h = clock.median_ms(lambda: h.copy_(d, non_blocking=True), iters=10)
+    del h, d
+    return {"bytes": n, "h2d_GBps": n / h2d / 1e6, "d2h_GBps": n / d2h / 1e6}
+
+
+# ---------------------------------------------------------------------------------------------- 2
+
+
+def random_units(num_pages: int, hkv: int, k: int, device) -> tuple[torch.Tensor, ...]:
+    """k distinct pages per head (sorted, as a top-k page set would be fetched), random slot order."""
+    pages = torch.stack([torch.randperm(num_pages)[:k].sort().values for _ in range(hkv)]).view(-1)
+    heads = torch.arange(hkv).repeat_interleave(k)
+    slots = torch.randperm(hkv * k)
+    return tuple(t.to(torch.int32).to(device) for t in (pages, heads, slots))
+
+
+def bench_gather(args, clock: Clock, dev: torch.device, copy_gbps: float, sms: int) -> list[dict]:
+    rows = []
+    hkv, d = args.kv_heads, args.head_dim
+    for p in args.page_sizes:
+        num_pages = args.context // p
+        store = HostKVStore(1, hkv, d, p, num_pages, dtype=BF16, pin_memory=clock.cuda)
+        fill_random(store.k_all, clock, dev)
+        fill_random(store.v_all, clock, dev)
+        unit = p * d
+        # the default launch (None: block min(P*D, 4096)), smaller chunks, and a grid capped at 4 programs/SM
+        configs = [dict(block=None, num_warps=None, max_programs=None)]
+        default_block = min(triton.next_power_of_2(unit), 4096)
+        default_warps = 4 if default_block <= 2048 else 8
+        for block, warps in ((1024, 2), (1024, 4), (2048, 2), (2048, 4), (2048, 8), (4096, 4), (4096, 8)):
+            if block <= default_block and (block, warps) != (default_block, default_warps):
+                configs.append(dict(block=block, num_warps=warps, max_programs=None))
+        configs.append(dict(block=None, num_warps=None, max_programs=4 * sms))
+        for frac in args.fractions:
+            k = max(1, round(frac * num_pages))
+            m = hkv * k
+            nbytes = 2 * m * unit * 2
+            pool_k = torch.empty(m, p, d, device=dev, dtype=BF16)
+            pool_v = torch.empty_like(pool_k)
+            # several selections, cycled, so repeated iterations do not re-read host-cache-hot lines
+            sels = [random_units(num_pages, hkv, k, dev) for _ in range(6)]
+            results = []
+            for cfg in configs:
+                it = iter(range(10**9))
+
+                def run():
+                    pg, hd, sl = sels[next(it) % len(sels)]
+                    gather_pages(store.k(0), store.v(0), pg, hd, pool_k, pool_v, sl, validate=False, **cfg)
+
+                ms = clock.median_ms(run, args.iters)
+                results.append({**cfg, "ms": ms, "GBps": nbytes / ms / 1e6})
+            best = max(results, key=lambda r: r["GBps"])
+            # correctness of the best configuration, bit for bit against torch indexing on the host
+            pool_k.fill_(float("nan"))
+            pool_v.fill_(float("nan"))
+            cfg = {k_: best[k_] for k_ in ("block", "num_warps", "max_programs")}
+            pg, hd, sl = sels[0]
+            gather_pages(store.k(0), store.v(0), pg, hd, pool_k, pool_v, sl, validate=False, **cfg)
+            clock.sync()
+            pgc, hdc, slc = pg.cpu().long(), hd.cpu().long(), sl.cpu().long()
+            ok = torch.equal(bits(pool_k.cpu()[slc]), bits(store.k(0)[pgc, hdc])) and torch.equal(
+                bits(pool_v.cpu()[slc]), bits(store.v(0)[pgc, hdc]))
+            row = {
+                "page_size": p, "fraction": frac, "units": m, "MB": nbytes / 1e6,
+                "GBps": best["GBps"], "ratio_to_copy": best["GBps"] / copy_gbps, "ok": ok,
+                "best_config": cfg, "configs": results,
+            }
+            rows.append(row)
+            print(f"gather P={p} frac={frac}: {best['GBps']:.1f} GB/s ({100 * row['ratio_to_copy']:.0f}% of copy) "
+                  f"ok={ok} best={cfg}", flush=True)
+            del pool_k, pool_v, sels
+        store.close()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- 3
+
+
+def bench_write(args, clock: Clock, dev: torch.device, d2h_gbps: float) -> list[dict]:
+    rows = []
+    L, hkv, d, t, p = args.layers, args.kv_heads, args.head_dim, args.block_tokens, 16
+    for n in (1, 8):
+        tokens = 263 + t  # the block starts mid-page (263 % 16 = 7) and spans three 16-token pages
+        pages_per_seq = -(-tokens // p)
+        store = HostKVStore(L, hkv, d, p, n * pages_per_seq + 3, dtype=BF16, pin_memory=clock.cuda)
+        store.allocate("pad", 40)  # so sequences do not start at physical page 0
+        seqs = list(range(n))
+        for s in seqs:
+            store.allocate(s, tokens)
+        k_new = torch.randn(L, n, hkv, t, d, device=dev, dtype=BF16)
+        v_new = torch.randn_like(k_new)
+        table = store.page_tables(seqs).to(dev)
+        start = torch.full((n,), 263, device=dev, dtype=torch.int64)
+        nbytes = 2 * k_new.numel() * 2
+
+        def one_launch():
+            write_tokens(store.k_all, store.v_all, table, start, k_new, v_new, validate=False)
+
+        def per_layer():
+            for layer in range(L):
+                write_tokens(store.k(layer), store.v(layer), table, start, k_new[layer], v_new[layer], validate=False)
+
+        host_k = torch.empty(k_new.shape, dtype=BF16, pin_memory=clock.cuda)
+        host_v = torch.empty(k_new.shape, dtype=BF16, pin_memory=clock.cuda)
+
+        def contiguous_d2h():
+            host_k.copy_(k_new, non_blocking=True)
+            host_v.copy_(v_new, non_blocking=True)
+
+        ms_one, ms_per, ms_d2h = (clock.median_ms(f, args.iters) for f in (one_launch, per_layer, contiguous_d2h))
+        store.k_all.fill_(0)
+        store.v_all.fill_(0)
+        one_launch()
+        clock.sync()
+        ok = all(
+            torch.equal(bits(store.read(s, layer, 263, 263 + t)[0]), bits(k_new[layer, s].cpu()))
+            and torch.equal(bits(store.read(s, layer, 263, 263 + t)[1]), bits(v_new[layer, s].cpu()))
+            for s in seqs for layer in (0, L // 2, L - 1)
+        )
+        row = {
+            "rows": n, "tokens": t, "layers": L, "page_size": p, "MB": nbytes / 1e6,
+            "one_launch_ms": ms_one, "one_launch_GBps": nbytes / ms_one / 1e6,
+            "per_layer_ms": ms_per, "per_layer_GBps": nbytes / ms_per / 1e6,
+            "contiguous_d2h_GBps": nbytes / ms_d2h / 1e6,
+            "ratio_to_1GiB_d2h": nbytes / ms_one / 1e6 / d2h_gbps, "ok": ok,
+        }
+        rows.append(row)
+        print(f"write_tokens N={n}: {row['one_launch_GBps']:.1f} GB/s one launch, {row['per_layer_GBps']:.1f} "
+              f"per layer, contiguous D2H {row['contiguous_d2h_GBps']:.1f}, ok={ok}", flush=True)
+        store.close()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- 4
+
+
+def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
+    L, hkv, d, p = args.layers, args.kv_heads, args.head_dim, args.overlap_page_size
+    num_pages = args.overlap_context // p
+    k = max(1, round(args.overlap_fraction * num_pages))
+    units = hkv * k
+    t_setup = time.perf_counter()
+    store = HostKVStore(L, hkv, d, p, num_pages, dtype=BF16, pin_memory=clock.cuda)
+    fill_random(store.k_all, clock, dev)
+    fill_random(store.v_all, clock, dev)
+    setup_s = time.perf_counter() - t_setup
+    cache = GpuPageCache(L, units, p, d, BF16, dev)
+    pf = Prefetcher(store, cache, dev)
+    seq = "ctx"
+    store.allocate(seq, args.overlap_context)
+
+    def selection():
+        return torch.stack([torch.randperm(num_pages)[:k].sort().values for _ in range(hkv)])[None]
+
+    def fresh_plans():
+        pf.drop_sequence(seq, free_host=False)  # forget resident pages: every selected page misses
+        pf.synchronize()
+        return [cache.plan(layer, [seq], selection()) for layer in range(L)]
+
+    n = 2048 if clock.cuda else 128
+    a = torch.randn(n, n, device=dev, dtype=BF16)
+    b = torch.randn(n, n, device=dev, dtype=BF16)
+    mm_ms = clock.median_ms(lambda: a @ b, 20)
+
+    def compute(reps):
+        for _ in range(reps):
+            a @ b
+
+    # transfer alone: per-layer time of the fetches with nothing else running
+    plans = fresh_plans()
+    clock.sync()
+    pf.reset_stats()
+    e0 = clock.mark()
+    for layer in range(L):
+        pf.fetch(layer, [seq], plans[layer])
+    for layer in range(L):
+        pf.wait(layer)
+        pf.release(plans[layer])
+    transfer_only_ms = clock.ms(e0, clock.mark())
+    st = pf.stats()
+    per_layer_transfer = st["fetch_ms"] / L
+    layer_bytes = st["bytes_fetched"] / L
+
+    def run_pass(reps: int, max_programs, with_fetch=True) -> dict:
+        pf.max_programs = max_programs
+        plans = fresh_plans()
+        clock.sync()
+        pf.reset_stats()
+        t0 = time.perf_counter()
+        s = clock.mark()
+        if with_fetch:
+            pf.fetch(0, [seq], plans[0])
+        compute(reps)  # the previous block's last layer: layer 0's fetch overlaps it as in a running decode
+        for layer in range(L):
+            if with_fetch and layer + 1 < L:
+                pf.fetch(layer + 1, [seq], plans[layer + 1])
+            if with_fetch:
+                pf.wait(layer)
+            compute(reps)
+            pf.release(plans[layer])
+        e = clock.mark()
+        host_ms = (time.perf_counter() - t0) * 1e3
+        out = pf.stats()
+        out.pop("cache")
+        out.update(gpu_ms=clock.ms(s, e), host_enqueue_ms=host_ms)
+        if with_fetch:  # spot check: the last layer's pool holds its pages
+            plan = plans[L - 1]
+            phys = pf.physical_pages(plan)
+            got = cache.k_pool(L - 1).cpu()[plan.miss_slots]
+            out["ok"] = torch.equal(bits(got), bits(store.k(L - 1)[phys, plan.miss_heads]))
+        return out
+
+    cases = []
+    for label, ratio in (("compute>transfer", 1.5), ("compute<transfer", 0.5)):
+        reps = max(1, round(ratio * per_layer_transfer / mm_ms))
+        base = [run_pass(reps, None, with_fetch=False) for _ in range(2)][-1]
+        for max_programs in (None, 4 * sms):
+            res = [run_pass(reps, max_programs) for _ in range(3)]
+            r = res[-1]
+            hidden = statistics.median(x["hidden_fraction"] for x in res)
+            case = {
+                "case": label, "max_programs": max_programs, "matmul_reps": reps,
+                "compute_per_layer_ms": reps * mm_ms, "transfer_per_layer_ms": per_layer_transfer,
+                "hidden_fraction": hidden, "hidden_fraction_runs": [x["hidden_fraction"] for x in res],
+                "stall_ms": r["stall_ms"], "fetch_ms": r["fetch_ms"], "fetch_GBps": r["fetch_GBps"],
+                "gpu_ms": r["gpu_ms"], "compute_only_gpu_ms": base["gpu_ms"], "transfer_only_gpu_ms": transfer_only_ms,
+                "slowdown_vs_compute_only": r["gpu_ms"] / base["gpu_ms"],
+                "host_enqueue_ms": r["host_enqueue_ms"], "ok": all(x["ok"] for x in res),
+            }
+            cases.append(case)
+            print(f"overlap {label} max_programs={max_programs}: hidden {100 * hidden:.1f}% "
+                  f"gpu {r['gpu_ms']:.2f} ms vs compute-only {base['gpu_ms']:.2f} ms", flush=True)
+    store.close()
+    return {
+        "layers": L, "page_size": p, "fraction": args.overlap_fraction, "context": args.overlap_context,
+        "units_per_layer": units, "MB_per_layer": layer_bytes / 1e6, "matmul_ms": mm_ms,
+        "transfer_per_layer_ms": per_layer_transfer, "transfer_only_gpu_ms": transfer_only_ms,
+        "store_setup_s": setup_s, "cases": cases,
+        "note": "hidden = (fetch time - compute-stream stall) / fetch time, from CUDA events; layer 0's fetch "
+                "overlaps a stand-in for the previous block's last layer",
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def print_tables(res: dict) -> None:
+    c = res["copy"]
+    print("\n== pinned copy (1 GiB, tensor.copy_): host->GPU {:.1f} GB/s, GPU->host {:.1f} GB/s".format(
+        c["h2d_GBps"], c["d2h_GBps"]))
+    print("\n== gather_pages: pinned host -> GPU pool through UVA (target >= 90% of copy at 16-token pages)")
+    print(f"{'page':>5} {'frac':>5} {'units':>7} {'MB':>7} {'GB/s':>7} {'%copy':>6} {'ok':>5}  best launch")
+    for r in res["gather"]:
+        print(f"{r['page_size']:>5} {r['fraction']:>5.2f} {r['units']:>7} {r['MB']:>7.1f} {r['GBps']:>7.1f} "
+              f"{100 * r['ratio_to_copy']:>5.0f}% {str(r['ok']):>5}  {r['best_config']}")
+    print(f"\n== write_tokens: GPU -> pinned host, {res['write'][0]['tokens']}-token block x "
+          f"{res['write'][0]['layers']} layers (16-token pages, mid-page start)")
+    print(f"{'rows':>5} {'MB':>7} {'1-launch GB/s':>14} {'per-layer GB/s':>15} {'contig D2H GB/s':>16} "
+          f"{'%1GiB D2H':>10} {'ok':>5}")
+    for r in res["write"]:
+        print(f"{r['rows']:>5} {r['MB']:>7.2f} {r['one_launch_GBps']:>14.1f} {r['per_layer_GBps']:>15.1f} "
+              f"{r['contiguous_d2h_GBps']:>16.1f} {100 * r['ratio_to_1GiB_d2h']:>9.0f}% {str(r['ok']):>5}")
+    o = res["overlap"]
+    print(f"\n== prefetcher overlap: {o['layers']} layers, {o['page_size']}-token pages, {o['fraction']:.0%} of "
+          f"{o['context']} tokens = {o['MB_per_layer']:.1f} MB/layer (target hidden >= 90% when compute > transfer)")
+    print(f"{'case':>17} {'max_prog':>8} {'xfer/layer ms':>13} {'compute/layer ms':>16} {'hidden':>7} "
+          f"{'gpu ms':>8} {'compute-only ms':>15} {'slowdown':>8} {'ok':>5}")
+    for r in o["cases"]:
+        print(f"{r['case']:>17} {str(r['max_programs']):>8} {r['transfer_per_layer_ms']:>13.3f} "
+              f"{r['compute_per_layer_ms']:>16.3f} {100 * r['hidden_fraction']:>6.1f}% {r['gpu_ms']:>8.2f} "
+              f"{r['compute_only_gpu_ms']:>15.2f} {r['slowdown_vs_compute_only']:>8.2f} {str(r['ok']):>5}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/transfer.py needs a CUDA GPU (pinned host memory, UVA kernels, CUDA streams); "
+              "--device cpu is a dry run of the code path only.", file=sys.stderr)
+        return 2
+    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("--device cpu runs the kernels in the Triton interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    clock = Clock(dev)
+    if clock.cuda:
+        props = torch.cuda.get_device_properties(0)
+        name, sms = props.name, props.multi_processor_count
+    else:
+        name, sms = "cpu dry run (numbers meaningless)", 2
+    res = {
+        "device": name, "torch": torch.__version__, "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args),
+    }
+    res["copy"] = copy_bandwidth(clock, dev, (1 << 30) if clock.cuda else (1 << 20))
+    print(f"copy: h2d {res['copy']['h2d_GBps']:.1f} GB/s, d2h {res['copy']['d2h_GBps']:.1f} GB/s", flush=True)
+    res["gather"] = bench_gather(args, clock, dev, res["copy"]["h2d_GBps"], sms)
+    res["write"] = bench_write(args, clock, dev, res["copy"]["d2h_GBps"])
+    res["overlap"] = bench_overlap(args, clock, dev, sms)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "transfer.json").write_text(json.dumps(res, indent=1))
+    print_tables(res)
+    print(f"\nwrote {out / 'transfer.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Prefetcher end to end: plan -> fetch -> the pool holds exactly the selected pages; commits land in the
+store; drops wait for in-flight transfers; (GPU) wait(layer) orders only that layer. Copies are exact
+(tolerance 0)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from offload import GpuPageCache, HostKVStore, Prefetcher  # noqa: E402
+
+L, HKV, D, P = 2, 2, 8, 4
+
+
+def _setup(device="cpu", dtype=torch.float32, num_pages=64, num_slots=24, pin=None):
+    store = HostKVStore(L, HKV, D, P, num_pages, dtype=dtype, pin_memory=pin)
+    gen = torch.Generator().manual_seed(0)
+    store.k_all.copy_(torch.randn(store.k_all.shape, generator=gen).to(dtype))
+    store.v_all.copy_(torch.randn(store.v_all.shape, generator=gen).to(dtype))
+    cache = GpuPageCache(L, num_slots, P, D, dtype, device)
+    cache.k_all.fill_(float("nan"))
+    cache.v_all.fill_(float("nan"))
+    return store, cache, Prefetcher(store, cache, device)
+
+
+def _assert_pool_holds(store, cache, plan):
+    """Every selected (row, head, logical page) sits in its slot, bit for bit."""
+    k_pool, v_pool = cache.k_pool(plan.layer).cpu(), cache.v_pool(plan.layer).cpu()
+    for r, sid in enumerate(plan.seq_ids):
+        table = store.page_table(sid)
+        for h in range(plan.slot_table.shape[1]):
+            for j in range(int(plan.num_selected[r, h])):
+                slot, lp = int(plan.slot_table[r, h, j]), int(plan.logical_pages[r, h, j])
+                assert torch.equal(k_pool[slot], store.k(plan.layer)[int(table[lp]), h])
+                assert torch.equal(v_pool[slot], store.v(plan.layer)[int(table[lp]), h])
+
+
+def test_fetch_fills_pool_and_refetches_only_misses_cpu():
+    store, cache, pf = _setup()
+    store.allocate("a", 30)  # 8 pages
+    store.allocate("junk", 9)
+    store.allocate("b", 21)  # 6 pages, not contiguous with a's
+    sel = [[[0, 5, 7], [2]], [[1, 4], [0, 3, 5]]]
+    plan = cache.plan(1, ["a", "b"], sel)
+    pf.fetch(1, ["a", "b"], plan)
+    pf.wait(1)
+    _assert_pool_holds(store, cache, plan)
+    assert cache.k_pool(0).isnan().all()  # other layers untouched
+    pf.release(plan)
+    plan2 = cache.plan(1, ["a", "b"], [[[0, 6], [2, 3]], [[1], [5]]])
+    assert plan2.misses == 2
+    pf.fetch(1, ["a", "b"], plan2)
+    _assert_pool_holds(store, cache, plan2)
+    s = pf.stats()
+    assert s["bytes_fetched"] == (9 + 2) * 2 * P * D * 4 and s["fetches"] == 2
+    assert s["hidden_fraction"] == 0.0  # the CPU path is synchronous: nothing hidden
+
+
+def test_commit_then_fetch_sees_new_tokens_cpu():
+    store, cache, pf = _setup()
+    store.allocate(7, 10)
+    store.extend(7, 13)
+    gen = torch.Generator().manual_seed(1)
+    k = torch.randn(1, HKV, 5, D, generator=gen)
+    v = torch.randn(1, HKV, 5, D, generator=gen)
+    pf.commit([7], 0, 8, k, v)  # positions 8..12: mid page 2 into page 3
+    plan = cache.plan(0, [7], [[[2, 3], [3]]])
+    pf.fetch(0, [7], plan)
+    _assert_pool_holds(store, cache, plan)
+    rk, rv = store.read(7, 0, 8, 13)
+    assert torch.equal(rk, k[0]) and torch.equal(rv, v[0])
+    assert pf.stats()["bytes_committed"] == 2 * k.numel() * 4
+
+
+def test_errors_and_drop_cpu():
+    store, cache, pf = _setup()
+    store.allocate("a", 8)  # 2 pages
+    plan = cache.plan(0, ["a"], [[[0, 5], []]])
+    with pytest.raises(ValueError, match="logical page 5 of 'a'"):
+        pf.fetch(0, ["a"], plan)
+    with pytest.raises(ValueError, match="does not match"):
+        pf.fetch(1, ["a"], plan)
+    assert pf.drop_sequence("a") is True
+    assert not store.has("a") and cache.used_slots(0) == 0
+    cache.check_invariants()
+    with pytest.raises(ValueError, match="page_size"):
+        Prefetcher(store, GpuPageCache(L, 4, P * 2, D, torch.float32, "cpu"), "cpu")
+
+
+def test_many_requests_no_leak_cpu():
+    store, cache, pf = _setup(num_pages=64, num_slots=16)
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        n = int(rng.integers(4, 60))
+        store.allocate(i, n)
+        pages = -(-n // P)
+        for layer in range(L):
+            sel = [[list(rng.choice(pages, min(pages, 3), replace=False)) for _ in range(HKV)]]
+            plan = cache.plan(layer, [i], sel)
+            pf.fetch(layer, [i], plan)
+            pf.wait(layer)
+            _assert_pool_holds(store, cache, plan)
+            pf.release(plan)
+        live = store.sequences
+        if len(live) > 1 + i % 3:  # sequences finish out of order, some while others continue
+            pf.drop_sequence(live[int(rng.integers(len(live)))])
+    for s in list(store.sequences):
+        pf.drop_sequence(s)
+    pf.synchronize()
+    assert store.free_pages == 64 and all(cache.used_slots(layer) == 0 for layer in range(L))
+    cache.check_invariants()
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+SLEEP_CYCLES = 2_000_000_000  # about a second of GPU spin: far longer than any host step below
+
+
+@pytest.mark.gpu
+def test_gpu_fetch_commit_roundtrip_bf16():
+    store, cache, pf = _setup("cuda", torch.bfloat16, num_pages=256, num_slots=200)
+    assert store.k(0).is_pinned()
+    store.allocate(0, 500)
+    store.allocate(1, 333)
+    k = torch.randn(L, 2, HKV, 32, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    pf.commit([0, 1], None, [200, 300], k, v)  # all layers, mid-page starts
+    plans = []
+    for layer in range(L):
+        plan = cache.plan(layer, [0, 1], [[list(range(40, 60)), list(range(50, 90))], [list(range(70, 84)), [0]]])
+        pf.fetch(layer, [0, 1], plan)  # pages 50..57 of seq 0 and 75..82 of seq 1 were just committed
+        pf.wait(layer)
+        pf.release(plan)
+        plans.append(plan)
+    pf.synchronize()
+    for layer, plan in enumerate(plans):
+        _assert_pool_holds(store, cache, plan)
+        rk, _ = store.read(1, layer, 300, 332)
+        assert torch.equal(rk, k[layer, 1].cpu())
+    s = pf.stats()
+    assert s["bytes_fetched"] > 0 and s["fetch_ms"] > 0 and s["commit_ms"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_wait_orders_only_its_layer():
+    store, cache, pf = _setup("cuda", torch.bfloat16, num_pages=256, num_slots=200)
+    store.allocate(0, 900)
+    plan0 = cache.plan(0, [0], [[list(range(0, 50)), list(range(100, 150))]])
+    pf.fetch(0, [0], plan0)
+    with torch.cuda.stream(pf.fetch_stream):
+        torch.cuda._sleep(SLEEP_CYCLES)  # layer 1's fetch is stuck behind this
+    plan1 = cache.plan(1, [0], [[list(range(10, 60)), list(range(0, 30))]])
+    pf.fetch(1, [0], plan1)
+    pf.wait(0)
+    got = cache.k_pool(0).clone()  # compute-stream read of layer 0's pool
+    done0 = torch.cuda.Event()
+    done0.record()
+    done0.synchronize()  # returns while layer 1 is still sleeping: wait(0) did not wait on layer 1
+    assert not pf._layer_event[1].query()
+    exp = cache.k_pool(0).clone()
+    _assert_pool_holds(store, cache, plan0)
+    assert torch.equal(got, exp)
+    pf.wait(1)
+    after = cache.k_pool(1).clone()
+    torch.cuda.synchronize()
+    assert pf._layer_event[1].query()
+    _assert_pool_holds(store, cache, plan1)
+    assert torch.equal(after, cache.k_pool(1))  # the read after wait(1) saw the fetched pages
+    st = pf.stats()
+    assert st["stall_ms"] > 100  # the compute stream sat in wait(1) behind the sleep
+
+
+@pytest.mark.gpu
+def test_gpu_drop_deferred_until_transfer_done_and_commit_keeps_source_alive():
+    store, cache, pf = _setup("cuda", torch.bfloat16, num_pages=256, num_slots=200)
+    store.allocate(5, 400)
+    store.allocate(6, 400)
+    with torch.cuda.stream(pf.fetch_stream):
+        torch.cuda._sleep(SLEEP_CYCLES)
+    plan = cache.plan(0, [5], [[list(range(20)), list(range(30, 60))]])
+    pf.fetch(0, [5], plan)
+    pf.release(plan)
+    assert pf.drop_sequence(5) is False  # fetch still in flight: nothing freed yet
+    assert store.has(5) and cache.used_slots(0) == 50 and 5 in pf.pending_drops
+    with pytest.raises(ValueError, match="being dropped"):
+        pf.commit([5], 0, 0, torch.zeros(1, HKV, 1, D, device="cuda", dtype=torch.bfloat16),
+                  torch.zeros(1, HKV, 1, D, device="cuda", dtype=torch.bfloat16))
+    pf.synchronize()
+    assert not store.has(5) and cache.used_slots(0) == 0 and not pf.pending_drops
+    cache.check_invariants()
+    # commit: the source is freed right after the call; the allocator must not recycle it early
+    with torch.cuda.stream(pf.commit_stream):
+        torch.cuda._sleep(SLEEP_CYCLES // 4)
+    k = torch.randn(1, HKV, 64, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    expect_k = k.cpu()
+    pf.commit([6], 1, 100, k, v)
+    del k, v
+    junk = [torch.full((1, HKV, 64, D), 7.0, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+    pf.synchronize()
+    rk, _ = store.read(6, 1, 100, 164)
+    assert torch.equal(rk, expect_k[0]) and len(junk) == 8
+
+
+@pytest.mark.gpu
+def test_gpu_memory_returns_to_baseline_across_requests():
+    store, cache, pf = _setup("cuda", torch.bfloat16, num_pages=256, num_slots=200)
+    k = torch.randn(L, 1, HKV, 32, D, device="cuda", dtype=torch.bfloat16)
+    ptrs = (store.k_all.data_ptr(), cache.k_all.data_ptr())
+
+    def request(i):
+        store.allocate(i, 600)
+        pf.commit([i], None, 100, k, k)
+        for layer in range(L):
+            plan = cache.plan(layer, [i], [[list(range(0, 60, 3)), list(range(40))]])
+            pf.fetch(layer, [i], plan)
+            pf.wait(layer)
+            pf.release(plan)
+        pf.drop_sequence(i)  # usually deferred: the fetches are still in flight
+        pf.synchronize()  # completes the drop, so the next request finds the pages free
+
+    request(-1)
+    pf.synchronize()
+    gpu0 = torch.cuda.memory_allocated()
+    for i in range(100):
+        request(i)
+    pf.synchronize()
+    assert torch.cuda.memory_allocated() == gpu0
+    assert store.free_pages == 256 and cache.used_slots(0) == 0 and not pf.pending_drops
+    assert (store.k_all.data_ptr(), cache.k_all.data_ptr()) == ptrs
+    cache.check_invariants()
