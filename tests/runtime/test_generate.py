@@ -38,9 +38,10 @@ def make_seq(seq_id, prompt, block, max_new=10, **request):
 
 def run_loop(model, prompts, s, max_batch=8, chunk=8, max_new=10, backend="torch", **request):
     seqs = [make_seq(i, p, s.block_size, max_new, **request) for i, p in enumerate(prompts)]
+    device = next(model.parameters()).device
     mode = DenseAttention(model.config, min(max_batch, len(seqs)), max(q.max_tokens for q in seqs), page_size=4,
-                          dtype=model.dtype, device=torch.device("cpu"), backend=backend)
-    loop = BlockDiffusionLoop(model, mode, s, max_batch, chunk, torch.device("cpu"))
+                          dtype=model.dtype, device=device, backend=backend)
+    loop = BlockDiffusionLoop(model, mode, s, max_batch, chunk, device)
     with torch.no_grad():
         loop.run(seqs)
     assert not mode.slot_of, "every sequence must give its KV slot back"
@@ -102,8 +103,10 @@ def test_stops_at_eos():
 
 
 def test_triton_backend_matches_torch_backend():
-    """The dense mode's split-KV kernel path (Triton interpreter on CPU) gives the torch path's tokens."""
+    """The dense mode's split-KV kernel path gives the torch path's tokens (interpreter on CPU, fp32)."""
     model = tiny_model("qwen3", head_dim=16, dtype=torch.float32)
+    if torch.cuda.is_available():
+        model = model.cuda()
     s = settings(block=4, steps=2, unmasking="fixed")
     ps = prompts([6, 11])
     torch_path = run_loop(model, ps, s, max_new=8)
