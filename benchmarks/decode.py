@@ -30,6 +30,8 @@ GEOMETRIES = {
     "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8),
     # Qwen3-1.7B as SDAR-1.7B uses it
     "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16, num_kv_heads=8),
+    # a smoke-test size for machines without a GPU
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2),
 }
 
 

@@ -9,14 +9,21 @@ One run measures:
          and the extra time of return_page_scores=True;
      (b) K/V read zero-copy from pinned host memory: GB/s and fraction of the pinned copy
          bandwidth;
-     (c) sparse: a random 5% and 10% of the pages per KV head in the pool layout: TB/s over the
-         bytes read.
-  Each mode sweeps a few tile/warp/stage configs and split counts and keeps the fastest; every
-  variant is checked against the plain-torch reference (rel error printed).
+     (c) sparse: a random 5% and 10% of the pages per KV head in the pool layout: the bytes
+         read (K+V of the selected pages, plus q and the page table) and TB/s over the K+V bytes.
+  Each mode sweeps a few tile/warp/stage configs and split counts; every variant is checked
+  against the plain-torch reference (rel error printed) and timed two ways:
+    "launch ms": triton.testing.do_bench median of the Python call (allocations, checks and
+                 kernel launches included; when the host is slower than the GPU this is host time);
+    "graph ms":  one replay of a CUDA graph of the call with preallocated outputs and workspace
+                 (what the runtime sees when it replays graphs), L2 flushed before each replay
+                 and the host's replay submission hidden behind a GPU sleep.
+  The table shows the variant with the best launch ms and, separately, the best graph ms.
 Prints a table and writes $OUT/kernels.json (OUT defaults to ./out).
 
-    python -m benchmarks.kernels            # full sweep (a few minutes)
-    python -m benchmarks.kernels --quick    # 32K context only, smaller sweep
+    python -m benchmarks.kernels                # full sweep (about 4 minutes on an H100)
+    python -m benchmarks.kernels --quick        # 32K context only, smaller sweep
+    python -m benchmarks.kernels --sparse-only  # only the sparse pool rows (add --quick for 32K)
 """
 from __future__ import annotations
 
@@ -77,6 +84,22 @@ class Timer:
         times.sort()
         return times[len(times) // 2]
 
+    def graph_ms(self, fn, reps: int = 20) -> float:
+        """GPU time of one replay of a CUDA graph of fn (fn must allocate nothing: preallocated
+        outputs), measured like hidden_launch_ms."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile and warm up outside the capture
+            fn()
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        ms = self.hidden_launch_ms(graph.replay, reps)
+        del graph
+        return ms
+
 
 def copy_bandwidths(timer: Timer, nbytes: int) -> dict:
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
@@ -109,14 +132,29 @@ def split_candidates(default: int, factors=(0.5, 1, 2)) -> list[int]:
 
 def best_cfg(record: dict) -> dict:
     """The launch keywords of a sweep record."""
-    return {key: val for key, val in record.items() if key not in ("ms", "rel_err", "error")}
+    return {key: val for key, val in record.items() if key not in ("ms", "graph_ms", "rel_err", "graph_rel_err", "error")}
 
 
-def run_sweep(timer, call, ref_out, configs, splits_for, label) -> dict:
-    """Time call(**cfg, num_splits=s) for every config and split count; keep the fastest.
+def preallocated(q: torch.Tensor, max_pages: int, page: int, cfg: dict, scores: bool = False) -> dict:
+    """Output buffers and split workspace for one call, so that it allocates nothing (graphs)."""
+    from gpu_kernels.paged_attention import launch_config
 
-    splits_for(cfg) -> candidate split counts. Returns the best variant, the max rel error over
-    all variants and every variant's record.
+    n, hq, t, d = q.shape
+    plan = launch_config(n, hq, t, d, HKV, page, max_pages, q.device, **cfg)
+    bufs = dict(out=torch.empty_like(q), lse=torch.empty(n, hq, t, device=q.device),
+                workspace=torch.empty(max(1, plan["workspace_numel"]), device=q.device))
+    if scores:
+        bufs["page_scores"] = torch.empty(n, HKV, max_pages, device=q.device)
+    return bufs
+
+
+def run_sweep(timer, call, ref_out, configs, splits_for, label, max_pages=None, page=None,
+              graphs=True) -> dict:
+    """Time call(**cfg, num_splits=s) for every config and split count, with launches (do_bench)
+    and, when graphs, as a CUDA graph replay with preallocated buffers.
+
+    splits_for(cfg) -> candidate split counts. Returns the best variant by launch ms ("best")
+    and by graph ms ("graph_best"), the max rel error over all variants and every record.
     """
     records = []
     for cfg in configs:
@@ -125,15 +163,24 @@ def run_sweep(timer, call, ref_out, configs, splits_for, label) -> dict:
                 out = call(num_splits=s, **cfg)[0]
                 err = rel_err(out.float(), ref_out)
                 ms = timer.median_ms(lambda: call(num_splits=s, **cfg))
-                records.append(dict(cfg, num_splits=s, ms=ms, rel_err=err))
+                rec = dict(cfg, num_splits=s, ms=ms, rel_err=err)
+                if graphs:
+                    bufs = preallocated(call.q, max_pages, page, dict(cfg, num_splits=s))
+                    rec["graph_ms"] = timer.graph_ms(lambda: call(num_splits=s, **cfg, **bufs))
+                    rec["graph_rel_err"] = rel_err(bufs["out"].float(), ref_out)
+                    err = max(err, rec["graph_rel_err"])
+                records.append(rec)
             except Exception as ex:  # a config that does not compile or run is recorded, not fatal
                 records.append(dict(cfg, num_splits=s, error=repr(ex)[:300]))
                 print(f"  {label} {cfg} splits={s}: FAILED {repr(ex)[:200]}", flush=True)
     ok = [r for r in records if "ms" in r]
     if not ok:
-        return dict(best=None, max_rel_err=float("nan"), variants=records)
+        return dict(best=None, graph_best=None, max_rel_err=float("nan"), variants=records)
     best = min(ok, key=lambda r: r["ms"])
-    return dict(best=best, max_rel_err=max(r["rel_err"] for r in ok), variants=records)
+    graph_best = min(ok, key=lambda r: r["graph_ms"]) if graphs else None
+    return dict(best=best, graph_best=graph_best,
+                max_rel_err=max(max(r["rel_err"], r.get("graph_rel_err", 0.0)) for r in ok),
+                variants=records)
 
 
 class Shape:
@@ -159,25 +206,42 @@ class Shape:
         self.ref_out = out.float()
         self.base = dict(T=t, context=ctx, page_size=page)
 
-    def default_splits(self, cfg: dict, tokens: int) -> int:
-        from gpu_kernels.paged_attention import default_config, default_num_splits
+    def default_splits(self, cfg: dict, max_pages: int) -> int:
+        """The split count paged_attention picks for this config over max_pages table entries."""
+        from gpu_kernels.paged_attention import launch_config
 
-        rows = HQ // HKV * self.t
-        dflt = default_config(rows, D, self.page, self.dev)
-        bn = max(cfg.get("block_n", dflt["block_n"]), self.page)
-        row_blocks = -(-rows // cfg.get("block_m", dflt["block_m"]))
-        return default_num_splits(HKV * row_blocks, tokens, bn, rows, self.dev)
+        return launch_config(1, HQ, self.t, D, HKV, self.page, max_pages, self.dev,
+                             block_m=cfg.get("block_m"), block_n=cfg.get("block_n"))["num_splits"]
+
+
+class Call:
+    """paged_attention over fixed inputs; keywords are launch options and buffers."""
+
+    def __init__(self, sh: Shape, k, v, table, kv_len):
+        from gpu_kernels.paged_attention import paged_attention
+
+        self.fn = paged_attention
+        self.q, self.k, self.v, self.table, self.kv_len, self.scale = sh.q, k, v, table, kv_len, sh.scale
+
+    def __call__(self, **kw):
+        return self.fn(self.q, self.k, self.v, self.table, self.kv_len, scale=self.scale, **kw)
+
+
+def graph_fields(sw: dict, nbytes: int) -> dict:
+    """The best-by-graph variant of a sweep: its config, ms and TB/s over nbytes."""
+    g = sw.get("graph_best")
+    if g is None:
+        return {}
+    return dict(graph_best=best_cfg(g), graph_ms=g["graph_ms"], graph_TBps=nbytes / g["graph_ms"] / 1e9)
 
 
 def bench_resident(timer, limits, sh: Shape, configs) -> dict:
     """(a) exact attention over the GPU-resident store."""
-    from gpu_kernels.paged_attention import paged_attention
-
-    def call(**kw):
-        return paged_attention(sh.q, sh.k, sh.v, sh.table, sh.kv_len, scale=sh.scale, **kw)
-
+    call = Call(sh, sh.k, sh.v, sh.table, sh.kv_len)
+    max_pages = sh.num_pages
     sw = run_sweep(timer, call, sh.ref_out, configs,
-                   lambda cfg: split_candidates(sh.default_splits(cfg, sh.ctx)), "resident")
+                   lambda cfg: split_candidates(sh.default_splits(cfg, max_pages)), "resident",
+                   max_pages, sh.page)
     order = sh.table[0].long()
     k_c = sh.k[order].permute(1, 0, 2, 3).reshape(1, HKV, sh.ctx, D).contiguous()
     v_c = sh.v[order].permute(1, 0, 2, 3).reshape(1, HKV, sh.ctx, D).contiguous()
@@ -187,6 +251,7 @@ def bench_resident(timer, limits, sh: Shape, configs) -> dict:
     sdpa_ms = timer.median_ms(sdpa)
     del k_c, v_c
     rec = dict(sh.base, mode="resident", kv_bytes=sh.kv_bytes, default_ms=timer.median_ms(lambda: call()),
+               default_splits=sh.default_splits({}, max_pages),
                sdpa_ms=sdpa_ms, sdpa_rel_err_vs_ref=sdpa_err, max_rel_err=sw["max_rel_err"],
                variants=sw["variants"])
     if sw["best"] is None:
@@ -194,24 +259,38 @@ def bench_resident(timer, limits, sh: Shape, configs) -> dict:
     cfg, ms = best_cfg(sw["best"]), sw["best"]["ms"]
     out_s, _, ps, _ = call(return_page_scores=True, **cfg)
     ms_scores = timer.median_ms(lambda: call(return_page_scores=True, **cfg))
+    rec.update(graph_fields(sw, sh.kv_bytes))
+    # page-score overhead without host noise: graphs of the graph-best config with and without
+    gcfg = rec["graph_best"]
+    bufs = preallocated(sh.q, max_pages, sh.page, gcfg)
+    bufs_s = preallocated(sh.q, max_pages, sh.page, gcfg, scores=True)
+    g_plain = timer.graph_ms(lambda: call(**gcfg, **bufs))
+    g_scores = timer.graph_ms(lambda: call(**gcfg, **bufs_s))
     t0 = time.perf_counter()
     for _ in range(50):
         call(**cfg)
     host_us = (time.perf_counter() - t0) / 50 * 1e6
-    if sh.dev.type == "cuda":
-        torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        call(**cfg, **bufs)
+    host_us_prealloc = (time.perf_counter() - t0) / 50 * 1e6
+    torch.cuda.synchronize()
     tbps = sh.kv_bytes / ms / 1e9
     rec.update(best=cfg, ms=ms, hidden_launch_ms=timer.hidden_launch_ms(lambda: call(**cfg)),
                TBps=tbps, vs_sdpa=sdpa_ms / ms, frac_hbm=tbps * 1e3 / limits["hbm_copy_rw_GBps"],
                scores_ms=ms_scores, scores_overhead=ms_scores / ms - 1,
+               graph_plain_ms=g_plain, graph_scores_ms=g_scores, graph_scores_overhead=g_scores / g_plain - 1,
                scores_rel_err=scores_err(ps, sh.ref_ps), scores_out_rel_err=rel_err(out_s.float(), sh.ref_out),
-               host_us_per_call=host_us, target_ok=tbps >= TARGETS["resident_TBps"])
+               graph_scores_rel_err=scores_err(bufs_s["page_scores"], sh.ref_ps),
+               host_us_per_call=host_us, host_us_per_call_prealloc=host_us_prealloc,
+               target_ok=max(tbps, rec["graph_TBps"]) >= TARGETS["resident_TBps"])
     return rec
 
 
 def bench_sparse(timer, sh: Shape, configs, frac: float) -> dict:
     """(c) a random `frac` of the pages per KV head, gathered into the pool layout."""
-    from gpu_kernels.paged_attention import paged_attention, paged_attention_reference
+    from gpu_kernels.paged_attention import paged_attention_reference
 
     dev, gen = sh.dev, sh.gen
     n_sel = max(1, round(frac * sh.num_pages))
@@ -226,35 +305,33 @@ def bench_sparse(timer, sh: Shape, configs, frac: float) -> dict:
     table = perm.reshape(1, HKV, n_sel).int()
     kv_len = torch.full((1, HKV), n_sel * sh.page, dtype=torch.int32, device=dev)
     ref = paged_attention_reference(sh.q, k_pool, v_pool, table, kv_len, scale=sh.scale)[0].float()
-
-    def call(**kw):
-        return paged_attention(sh.q, k_pool, v_pool, table, kv_len, scale=sh.scale, **kw)
-
+    call = Call(sh, k_pool, v_pool, table, kv_len)
     sw = run_sweep(timer, call, ref, configs,
-                   lambda cfg: split_candidates(sh.default_splits(cfg, n_sel * sh.page), (1, 2, 4)), "sparse")
+                   lambda cfg: sorted(set(split_candidates(sh.default_splits(cfg, n_sel))) | {1}),
+                   "sparse", n_sel, sh.page)
     nbytes = 2 * k_pool.numel() * k_pool.element_size()
-    rec = dict(sh.base, mode=f"sparse_{round(frac * 100)}pct", kv_bytes=nbytes,
+    read_bytes = nbytes + sh.q.numel() * sh.q.element_size() + table.numel() * 4
+    rec = dict(sh.base, mode=f"sparse_{round(frac * 100)}pct", kv_bytes=nbytes, read_bytes=read_bytes,
+               tokens_per_head=n_sel * sh.page, default_splits=sh.default_splits({}, n_sel),
                max_rel_err=sw["max_rel_err"], variants=sw["variants"])
     if sw["best"] is not None:
         cfg, ms = best_cfg(sw["best"]), sw["best"]["ms"]
         rec.update(best=cfg, ms=ms, TBps=nbytes / ms / 1e9,
-                   hidden_launch_ms=timer.hidden_launch_ms(lambda: call(**cfg)),
-                   target_ok=nbytes / ms / 1e9 >= TARGETS["sparse_TBps"])
+                   hidden_launch_ms=timer.hidden_launch_ms(lambda: call(**cfg)))
+        rec.update(graph_fields(sw, nbytes))
+        rec["target_ok"] = max(rec["TBps"], rec.get("graph_TBps", 0.0)) >= TARGETS["sparse_TBps"]
     return rec
 
 
 def bench_uva(timer, limits, sh: Shape, configs) -> dict:
     """(b) the store in pinned host memory, read zero-copy by the kernel over PCIe."""
     from gpu_kernels._uva import HostPointer
-    from gpu_kernels.paged_attention import paged_attention
 
     hk, hv = HostPointer(sh.k.cpu().pin_memory()), HostPointer(sh.v.cpu().pin_memory())
-
-    def call(**kw):
-        return paged_attention(sh.q, hk, hv, sh.table, sh.kv_len, scale=sh.scale, **kw)
-
+    call = Call(sh, hk, hv, sh.table, sh.kv_len)
     sw = run_sweep(timer, call, sh.ref_out, configs,
-                   lambda cfg: split_candidates(sh.default_splits(cfg, sh.ctx), (1, 2, 4)), "uva")
+                   lambda cfg: split_candidates(sh.default_splits(cfg, sh.num_pages), (1, 2, 4)), "uva",
+                   graphs=False)
     rec = dict(sh.base, mode="uva_host", kv_bytes=sh.kv_bytes, max_rel_err=sw["max_rel_err"],
                variants=sw["variants"])
     if sw["best"] is not None:
@@ -283,19 +360,26 @@ def bench_shape(timer, limits, t, ctx, page, configs, quick, gen, dev: torch.dev
     return rows
 
 
+def _cfg_str(b: dict) -> str:
+    return f"({b.get('block_m', '-')},{b['block_n']},{b['num_warps']},{b['num_stages']},{b['num_splits']})"
+
+
 def print_table(limits: dict, rows: list[dict]) -> None:
     print(f"\npinned H2D {limits['pinned_h2d_GBps']:.1f} GB/s   HBM copy (r+w) "
           f"{limits['hbm_copy_rw_GBps'] / 1e3:.2f} TB/s")
-    head = (f"{'mode':<12}{'T':>4}{'ctx':>8}{'P':>4} {'ms':>8} {'rate':>11} {'vs ref':>14} "
-            f"{'scores+':>8} {'no-launch ms':>12} {'best (bm,bn,w,st,splits)':>25} {'max err':>9} ok")
+    print("launch ms: do_bench of the Python call (host work included); no-launch ms: the same "
+          "call with the host's launch work hidden; graph ms: CUDA-graph replay with preallocated "
+          "buffers (best variant by graph time, its config in the last column). Rates are over "
+          "the K+V bytes (MB). scores+: extra time of return_page_scores (launch / graph).")
+    head = (f"{'mode':<12}{'T':>4}{'ctx':>8}{'P':>4}{'MB':>7} {'launch ms':>9} {'rate':>11} {'vs ref':>14} "
+            f"{'scores+':>11} {'no-launch':>9} {'graph ms':>8} {'graph rate':>10} "
+            f"{'best launch (bm,bn,w,st,S)':>26} {'best graph':>18} {'max err':>9} ok")
     print(head)
     print("-" * len(head))
     for r in rows:
         if "ms" not in r:
             print(f"{r['mode']:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4}  all variants failed")
             continue
-        b = r["best"]
-        cfg = f"({b.get('block_m', '-')},{b['block_n']},{b['num_warps']},{b['num_stages']},{b['num_splits']})"
         if r["mode"] == "uva_host":
             rate, vs = f"{r['GBps']:.1f} GB/s", f"{r['frac_pinned']:.2f} of pinned"
         elif r["mode"] == "resident":
@@ -303,15 +387,21 @@ def print_table(limits: dict, rows: list[dict]) -> None:
             vs = f"{r['frac_hbm']:.2f}HBM {r['vs_sdpa']:.1f}xSDPA"
         else:
             rate, vs = f"{r['TBps']:.2f} TB/s", ""
-        sc = f"{100 * r['scores_overhead']:+.0f}%" if "scores_overhead" in r else ""
+        sc = (f"{100 * r['scores_overhead']:+.0f}%/{100 * r['graph_scores_overhead']:+.0f}%"
+              if "scores_overhead" in r else "")
         hl = f"{r['hidden_launch_ms']:.4f}" if "hidden_launch_ms" in r else ""
-        print(f"{r['mode']:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4} {r['ms']:>8.4f} {rate:>11} "
-              f"{vs:>14} {sc:>8} {hl:>12} {cfg:>25} {r['max_rel_err']:>9.2e} {'yes' if r['target_ok'] else 'NO'}")
+        gm = f"{r['graph_ms']:.4f}" if "graph_ms" in r else ""
+        gr = f"{r['graph_TBps']:.2f} TB/s" if "graph_TBps" in r else ""
+        gb = _cfg_str(r["graph_best"]) if "graph_best" in r else ""
+        print(f"{r['mode']:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4}{r['kv_bytes'] / 1e6:>7.1f} "
+              f"{r['ms']:>9.4f} {rate:>11} {vs:>14} {sc:>11} {hl:>9} {gm:>8} {gr:>10} "
+              f"{_cfg_str(r['best']):>26} {gb:>18} {r['max_rel_err']:>9.2e} {'yes' if r['target_ok'] else 'NO'}")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="32K context only, 3 configs (about a minute)")
+    ap.add_argument("--sparse-only", action="store_true", help="only the sparse pool-layout rows")
     ap.add_argument("--out", default=os.environ.get("OUT", "./out"), help="folder for kernels.json (default $OUT or ./out)")
     ap.add_argument("--contexts", type=int, nargs="+", default=None, help="context lengths (default 32K 64K 128K)")
     ap.add_argument("--pages", type=int, nargs="+", default=[16, 64], help="page sizes (default 16 64)")
@@ -324,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
 
     contexts = args.contexts or ([32768] if args.quick else [32768, 65536, 131072])
     configs = sweep_configs(args.quick)
-    timer = Timer(warmup_ms=10, rep_ms=30 if args.quick else 50)
+    timer = Timer(warmup_ms=10, rep_ms=30 if args.quick else 40)
     limits = copy_bandwidths(timer, (256 if args.quick else 1024) * 2**20)
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}",
           flush=True)
@@ -345,7 +435,8 @@ def main(argv: list[str] | None = None) -> None:
                       f, indent=1)
 
     # UVA last: a fault reading host memory would end the process, so the rest is saved first.
-    for modes in (("resident", "sparse"), ("uva",)):
+    mode_groups = ((("sparse",),) if args.sparse_only else (("resident", "sparse"), ("uva",)))
+    for modes in mode_groups:
         for t in args.ts:
             for ctx in contexts:
                 for page in args.pages:

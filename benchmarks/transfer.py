@@ -169,7 +169,7 @@ def bench_gather(args, clock: Clock, dev: torch.device, copy_gbps: float, sms: i
 
                 def run():
                     pg, hd, sl = sels[next(it) % len(sels)]
-                    gather_pages(store.k(0), store.v(0), pg, hd, pool_k, pool_v, sl, validate=False, **cfg)
+                    gather_pages(store.kernel_k(0), store.kernel_v(0), pg, hd, pool_k, pool_v, sl, validate=False, **cfg)
 
                 ms = clock.median_ms(run, args.iters)
                 results.append({**cfg, "ms": ms, "GBps": nbytes / ms / 1e6})
@@ -179,7 +179,7 @@ def bench_gather(args, clock: Clock, dev: torch.device, copy_gbps: float, sms: i
             pool_v.fill_(float("nan"))
             cfg = {k_: best[k_] for k_ in ("block", "num_warps", "max_programs")}
             pg, hd, sl = sels[0]
-            gather_pages(store.k(0), store.v(0), pg, hd, pool_k, pool_v, sl, validate=False, **cfg)
+            gather_pages(store.kernel_k(0), store.kernel_v(0), pg, hd, pool_k, pool_v, sl, validate=False, **cfg)
             clock.sync()
             pgc, hdc, slc = pg.cpu().long(), hd.cpu().long(), sl.cpu().long()
             ok = torch.equal(bits(pool_k.cpu()[slc]), bits(store.k(0)[pgc, hdc])) and torch.equal(
@@ -218,11 +218,12 @@ def bench_write(args, clock: Clock, dev: torch.device, d2h_gbps: float) -> list[
         nbytes = 2 * k_new.numel() * 2
 
         def one_launch():
-            write_tokens(store.k_all, store.v_all, table, start, k_new, v_new, validate=False)
+            write_tokens(store.kernel_k_all, store.kernel_v_all, table, start, k_new, v_new, validate=False)
 
         def per_layer():
             for layer in range(L):
-                write_tokens(store.k(layer), store.v(layer), table, start, k_new[layer], v_new[layer], validate=False)
+                write_tokens(store.kernel_k(layer), store.kernel_v(layer), table, start, k_new[layer], v_new[layer],
+                             validate=False)
 
         host_k = torch.empty(k_new.shape, dtype=BF16, pin_memory=clock.cuda)
         host_v = torch.empty(k_new.shape, dtype=BF16, pin_memory=clock.cuda)

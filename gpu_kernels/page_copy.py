@@ -5,8 +5,9 @@ Layouts (elements, last two dims contiguous):
 - pool (GPU), per layer: ``[num_slots, P, D]``; several layers: ``[L, num_slots, P, D]``.
   One slot holds one KV head's page, so a (page, head) unit is one contiguous ``P*D`` chunk on both sides.
 
-Either side may be a pinned host tensor: the kernels then read/write it zero-copy through unified
-addressing (see ``_uva``). Offsets are computed in int64 (a 128K-token store overflows int32).
+Either side may be a pinned host tensor, bare or in a ``HostPointer`` (memory registered with
+cudaHostRegister must come wrapped: ``HostPointer(t, registered=True)``): the kernels then read/write
+it zero-copy through unified addressing (see ``_uva``). Offsets are computed in int64 (a 128K-token store overflows int32).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._uva import kernel_arg, launch_device, needs_gpu_launch
+from ._uva import HostPointer, host_tensor, kernel_arg, launch_device, needs_gpu_launch
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _VEC_BYTES = 16  # widest global access; alignment hints aim for it
@@ -183,12 +184,12 @@ def _gather_layout(src_k, dst_k, layer_ids):
 
 
 def gather_pages(
-    src_k: torch.Tensor,
-    src_v: torch.Tensor,
+    src_k: torch.Tensor | HostPointer,
+    src_v: torch.Tensor | HostPointer,
     page_ids: torch.Tensor,
     head_ids: torch.Tensor,
-    dst_k: torch.Tensor,
-    dst_v: torch.Tensor,
+    dst_k: torch.Tensor | HostPointer,
+    dst_v: torch.Tensor | HostPointer,
     slot_ids: torch.Tensor,
     layer_ids: torch.Tensor | None = None,
     *,
@@ -199,8 +200,9 @@ def gather_pages(
 ) -> None:
     """Copy (page, head) units of a paged store into pool slots, K and V in one launch.
 
-    src_k, src_v: ``[num_pages, Hkv, P, D]`` (or ``[L, num_pages, Hkv, P, D]``), GPU or pinned host.
-    dst_k, dst_v: ``[num_slots, P, D]`` (or ``[L, num_slots, P, D]``), GPU or pinned host.
+    src_k, src_v: ``[num_pages, Hkv, P, D]`` (or ``[L, num_pages, Hkv, P, D]``), GPU or pinned host
+    (a tensor or a ``HostPointer``).
+    dst_k, dst_v: ``[num_slots, P, D]`` (or ``[L, num_slots, P, D]``), GPU or pinned host (likewise).
     page_ids, head_ids, slot_ids (and layer_ids for the multi-layer form): ``[M]`` int32/int64;
     unit m copies ``src[layer, page_ids[m], head_ids[m]]`` into ``dst[layer, slot_ids[m]]``.
 
@@ -209,6 +211,8 @@ def gather_pages(
     ``block``/``num_warps`` override the launch shape; ``max_programs`` caps the programs per chunk
     (each then loops over several units), leaving SMs to compute running concurrently.
     """
+    launch_args = (src_k, src_v, dst_k, dst_v)  # HostPointers stay wrapped for the launch
+    src_k, src_v, dst_k, dst_v = (host_tensor(x) for x in launch_args)
     _check_pair(src_k, src_v, "src")
     _check_pair(dst_k, dst_v, "dst")
     multi = _gather_layout(src_k, dst_k, layer_ids)
@@ -257,7 +261,7 @@ def gather_pages(
         ids = [_to_device(t, dev) for t in ids]
     if not multi:
         ids.append(ids[0])  # unused layer_ids pointer (HAS_LAYER is off)
-    args = [kernel_arg(t, n, gpu) for t, n in ((src_k, "src_k"), (src_v, "src_v"), (dst_k, "dst_k"), (dst_v, "dst_v"))]
+    args = [kernel_arg(t, n, gpu) for t, n in zip(launch_args, ("src_k", "src_v", "dst_k", "dst_v"))]
     grid = (m if max_programs is None else min(m, max_programs), triton.cdiv(unit, block))
     launch = lambda: _gather_pages_kernel[grid](  # noqa: E731
         *args, *ids, m,
@@ -282,6 +286,7 @@ def gather_pages_reference(
     layer_ids: torch.Tensor | None = None,
 ) -> None:
     """Torch-indexing version of ``gather_pages`` (same arguments, synchronous, any devices)."""
+    src_k, src_v, dst_k, dst_v = (host_tensor(x) for x in (src_k, src_v, dst_k, dst_v))
     multi = _gather_layout(src_k, dst_k, layer_ids)
     sdev, ddev = src_k.device, dst_k.device
     p, h, s = page_ids.to(sdev).long(), head_ids.to(sdev).long(), slot_ids.to(ddev).long()
@@ -348,26 +353,29 @@ def _check_write(dst_k, dst_v, page_table, start_pos, k_new, v_new, validate: bo
 
 
 def write_tokens(
-    dst_k: torch.Tensor,
-    dst_v: torch.Tensor,
+    dst_k: torch.Tensor | HostPointer,
+    dst_v: torch.Tensor | HostPointer,
     page_table: torch.Tensor,
     start_pos: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
+    k_new: torch.Tensor | HostPointer,
+    v_new: torch.Tensor | HostPointer,
     *,
     validate: bool = True,
 ) -> None:
     """Write a block of T new tokens per row into a paged store, K and V in one launch.
 
-    dst_k, dst_v: ``[num_pages, Hkv, P, D]`` (or ``[L, num_pages, Hkv, P, D]``), GPU or pinned host.
+    dst_k, dst_v: ``[num_pages, Hkv, P, D]`` (or ``[L, num_pages, Hkv, P, D]``), GPU or pinned host
+    (a tensor or a ``HostPointer``).
     page_table: ``[N, max_pages]`` int32/int64 (row i's logical page -> physical page).
     start_pos: ``[N]`` int; row i's tokens go to positions ``start_pos[i] .. start_pos[i]+T-1``
     (a block may start mid-page and span pages).
-    k_new, v_new: ``[N, Hkv, T, D]`` (or ``[L, N, Hkv, T, D]``), GPU or pinned host, dst's dtype.
+    k_new, v_new: ``[N, Hkv, T, D]`` (or ``[L, N, Hkv, T, D]``), GPU or pinned host (likewise), dst's dtype.
 
     Runs asynchronously on the current CUDA stream. ``validate`` checks positions and touched page ids
     (a device sync when page_table/start_pos are on the GPU).
     """
+    launch_args = (dst_k, dst_v, k_new, v_new)  # HostPointers stay wrapped for the launch
+    dst_k, dst_v, k_new, v_new = (host_tensor(x) for x in launch_args)
     multi = _check_write(dst_k, dst_v, page_table, start_pos, k_new, v_new, validate)
     n, hkv, t, d = k_new.shape[-4:]
     if n == 0 or t == 0 or (multi and k_new.shape[0] == 0):
@@ -392,7 +400,7 @@ def write_tokens(
     if gpu:
         dev = launch_device(dst_k, k_new, page_table, start_pos)
         page_table, start_pos = _to_device(page_table, dev), _to_device(start_pos, dev)
-    args = [kernel_arg(x, nm, gpu) for x, nm in ((dst_k, "dst_k"), (dst_v, "dst_v"), (k_new, "k_new"), (v_new, "v_new"))]
+    args = [kernel_arg(x, nm, gpu) for x, nm in zip(launch_args, ("dst_k", "dst_v", "k_new", "v_new"))]
     grid = (n * hkv, triton.cdiv(t, block_t), layers)
     launch = lambda: _write_tokens_kernel[grid](  # noqa: E731
         *args, page_table, start_pos, t, hkv, *s_dst, *s_new, *s_vnew, page_table.stride(0),
@@ -414,6 +422,7 @@ def write_tokens_reference(
     v_new: torch.Tensor,
 ) -> None:
     """Torch-indexing version of ``write_tokens`` (same arguments, synchronous, any devices)."""
+    dst_k, dst_v, k_new, v_new = (host_tensor(x) for x in (dst_k, dst_v, k_new, v_new))
     multi = _write_layout(dst_k, k_new)
     dev = dst_k.device
     t = k_new.shape[-2]

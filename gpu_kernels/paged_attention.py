@@ -12,11 +12,19 @@ from the store).
 Token t of table entry i is context position i * page_size + t; ``kv_len [N, Hkv]`` (int32) says how
 many positions of each list are valid. One program handles the G*T queries of one KV head (G query
 heads per KV head, T block positions), so each K/V tile is read once per KV head; the token range
-is cut into splits (flash-decoding) whose partial (out, lse) a second kernel merges.
+is cut into splits (flash-decoding) whose partial (out, lse) a second kernel merges, one row per
+program with all splits loaded at once. With one split the attention kernel writes the final
+output itself and there is no second launch (`default_num_splits` picks one split for short lists).
 
 The same pass can score every context token with the block-mean query (mean of the G*T query
 vectors of a KV head): token score = scale * q_mean . k, page score = max over a page's valid
-tokens. Selection (top-k pages or tokens per KV head) reads these.
+tokens. Selection (top-k pages or tokens per KV head) reads these. They come from the K tile the
+attention already holds: the column means of the q . k tile when one program holds all G*T
+queries, else one small extra MMA of q_mean against the tile; K is never read twice.
+
+Per call the host validates shapes and launches; nothing syncs with the device. With `out`, `lse`,
+score buffers and `workspace` passed in, a call allocates nothing and can be captured in a CUDA
+graph (`launch_config` says how large the workspace must be).
 """
 from __future__ import annotations
 
@@ -37,11 +45,10 @@ KVTensor = Union[torch.Tensor, HostPointer]  # a GPU tensor, or pinned host memo
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, pt_ptr, kvlen_ptr,
-    out_ptr, lse_ptr, pscore_ptr, tscore_ptr,
-    sm_scale, qk_scale_log2,
-    stride_qn, stride_qh, stride_qt, stride_qd,
-    stride_kp, stride_kh, stride_kt, stride_kd,
-    stride_vp, stride_vh, stride_vt, stride_vd,
+    out_ptr, lse_ptr, ws_ptr, pscore_ptr, tscore_ptr,
+    sm_scale,
+    stride_qn, stride_qh, stride_qt,
+    stride_kp, stride_kh, stride_kt,
     stride_ptn, stride_pth, stride_pte,
     stride_ln, stride_lh,
     max_pages, split_tokens, num_splits,
@@ -52,13 +59,19 @@ def _paged_attention_kernel(
     PAGE_SCORES: tl.constexpr, TOKEN_SCORES: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (N * HKV * ROW_BLOCKS, num_splits).
+    """Grid (N * HKV * ROW_BLOCKS, num_splits). q, K and V are contiguous in the head dim; K and V
+    share their strides (one store).
 
     WRITE_FINAL (one split): writes the final out (q's dtype) and lse to out_ptr / lse_ptr, rows
-    (n, h, t) contiguous with HEAD_DIM elements each. Otherwise writes normalised partial
-    out (fp32) and lse at [(n, h, t), split] of the workspace, merged by `_merge_splits_kernel`.
+    (n, h, t) contiguous with HEAD_DIM elements each; nothing else runs after this kernel.
+    Otherwise writes normalised partial out (fp32) at ws[(row * num_splits + split) * HEAD_DIM]
+    and lse at ws[rows * num_splits * HEAD_DIM + row * num_splits + split], merged by
+    `_merge_splits_kernel`.
     """
     SCORES: tl.constexpr = PAGE_SCORES or TOKEN_SCORES
+    # One row block holds every query of its KV head: the block-mean query's scores are the
+    # column means of the score tile the softmax computes anyway (no extra pass, no extra MMA).
+    MEAN_FROM_S: tl.constexpr = ROW_BLOCKS == 1
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     GT: tl.constexpr = G * T
     HQ: tl.constexpr = HKV * G
@@ -69,6 +82,7 @@ def _paged_attention_kernel(
     nh = pid // ROW_BLOCKS
     kvh = nh % HKV
     n = (nh // HKV).to(tl.int64)
+    qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
 
     max_tokens = max_pages * PAGE
     kvl = tl.load(kvlen_ptr + n * stride_ln + kvh * stride_lh)
@@ -85,29 +99,40 @@ def _paged_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q_ptrs = (q_ptr + n * stride_qn + qh[:, None].to(tl.int64) * stride_qh
-              + qt[:, None] * stride_qt + offs_d[None, :] * stride_qd)
+              + qt[:, None] * stride_qt + offs_d[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
     pt_base = pt_ptr + n * stride_ptn + kvh.to(tl.int64) * stride_pth
     k_base = k_ptr + kvh.to(tl.int64) * stride_kh
-    v_base = v_ptr + kvh.to(tl.int64) * stride_vh
+    v_base = v_ptr + kvh.to(tl.int64) * stride_kh
     score_base = (n * HKV + kvh).to(tl.int64)
     # Every row block sees the same tokens; only the first writes the scores.
     tok_lim = tl.where(rb == 0, max_tokens, 0)
     page_lim = tl.where(rb == 0, max_pages, 0)
 
-    if SCORES:
-        # Block-mean query over all G*T rows of this KV head (padding rows load as 0).
+    if SCORES and not MEAN_FROM_S:
+        # Several row blocks: this program sees only some of the queries, so it scores with the
+        # block-mean query itself, as a 16-row MMA operand (row 0 = q_mean rounded to the input
+        # dtype, row 1 = the rounding remainder, so the pair keeps fp32 accuracy) against the
+        # K tile already in shared memory.
         q_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
         for r0 in tl.static_range(0, GT, BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
             rq_ptrs = (q_ptr + n * stride_qn + (kvh * G + rows // T)[:, None].to(tl.int64) * stride_qh
-                       + (rows % T)[:, None] * stride_qt + offs_d[None, :] * stride_qd)
+                       + (rows % T)[:, None] * stride_qt + offs_d[None, :])
             rq = tl.load(rq_ptrs, mask=(rows < GT)[:, None] & d_ok[None, :], other=0.0)
             q_sum += tl.sum(rq.to(tl.float32), axis=0)
         q_mean = q_sum / GT
+        qm_row = tl.arange(0, 16)[:, None]
+        if UPCAST:
+            qm = tl.where(qm_row == 0, q_mean[None, :], 0.0)
+        else:
+            qm_hi = q_mean.to(q.dtype)
+            qm_lo = (q_mean - qm_hi.to(tl.float32)).to(q.dtype)
+            qm = tl.where(qm_row == 0, qm_hi[None, :], qm_lo[None, :])
+            qm = tl.where(qm_row < 2, qm, tl.zeros_like(qm))
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -124,33 +149,33 @@ def _paged_attention_kernel(
         page = page_next.to(tl.int64)
         offs_next = offs_n + BLOCK_N
         page_next = tl.load(pt_base + (offs_next // PAGE) * stride_pte, mask=offs_next < hi, other=0)
-        in_page = offs_n % PAGE
+        kv_off = page[:, None] * stride_kp + (offs_n % PAGE)[:, None] * stride_kt + offs_d[None, :]
         if EVEN_D:
             kv_mask = tok_ok[:, None]
         else:
             kv_mask = tok_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + page[:, None] * stride_kp + in_page[:, None] * stride_kt
-                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + page[:, None] * stride_vp + in_page[:, None] * stride_vt
-                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
 
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # raw q . k, fp32
         if SCORES:
-            ts = tl.sum(k.to(tl.float32) * q_mean[None, :], axis=1) * sm_scale
+            if MEAN_FROM_S:
+                # Padding rows of q are 0, so the column sum over BLOCK_M rows is over the GT queries.
+                ts = tl.sum(s, axis=0) * (sm_scale / GT)
+            else:
+                ts = tl.sum(tl.dot(qm, tl.trans(k), input_precision=DOT_PRECISION), axis=0) * sm_scale
             ts = tl.where(tok_ok, ts, float("-inf"))
             if TOKEN_SCORES:
-                tl.store(tscore_ptr + score_base * max_tokens + offs_n, ts,
-                         mask=offs_n < tok_lim)
+                tl.store(tscore_ptr + score_base * max_tokens + offs_n, ts, mask=offs_n < tok_lim)
             if PAGE_SCORES:
                 ps = tl.max(tl.reshape(ts, (BLOCK_N // PAGE, PAGE)), axis=1)
                 entries = start // PAGE + tl.arange(0, BLOCK_N // PAGE)
-                tl.store(pscore_ptr + score_base * max_pages + entries, ps,
-                         mask=entries < page_lim)
+                tl.store(pscore_ptr + score_base * max_pages + entries, ps, mask=entries < page_lim)
 
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        s = tl.where(tok_ok[None, :], s, float("-inf"))
+        s = tl.where(tok_ok[None, :], s * qk_scale, float("-inf"))
         # Every tile of this loop holds >= 1 valid token, so m_new is finite and exp2 never sees
         # (-inf) - (-inf).
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -186,40 +211,42 @@ def _paged_attention_kernel(
                  mask=o_mask)
         tl.store(lse_ptr + row, lse, mask=row_ok)
     else:
+        total_rows = (tl.num_programs(0) // (HKV * ROW_BLOCKS)).to(tl.int64) * (HQ * T)
         wrow = row * num_splits + split
-        tl.store(out_ptr + wrow[:, None] * HEAD_DIM + offs_d[None, :], o, mask=o_mask)
-        tl.store(lse_ptr + wrow, lse, mask=row_ok)
+        tl.store(ws_ptr + wrow[:, None] * HEAD_DIM + offs_d[None, :], o, mask=o_mask)
+        tl.store(ws_ptr + total_rows * num_splits * HEAD_DIM + wrow, lse, mask=row_ok)
 
 
 @triton.jit
 def _merge_splits_kernel(
-    ws_out_ptr, ws_lse_ptr, out_ptr, lse_ptr, total_rows, num_splits,
-    BLOCK_S: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    ws_ptr, out_ptr, lse_ptr, num_splits,
+    BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (cdiv(total_rows, BLOCK_R),): log-sum-exp merge of the splits of each row."""
-    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    row_ok = rows < total_rows
+    """Grid (rows,): log-sum-exp merge of one row's splits (workspace layout: see the attention
+    kernel). CHUNK_S splits are loaded per step (all of them for CHUNK_S >= num_splits), so a
+    row costs one round of loads, not one per split."""
+    row = tl.program_id(0).to(tl.int64)
+    lse_base = ws_ptr + tl.num_programs(0).to(tl.int64) * num_splits * HEAD_DIM + row * num_splits
     offs_s = tl.arange(0, BLOCK_S)
+    lse_all = tl.load(lse_base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    m = tl.max(lse_all, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.sum(tl.exp(lse_all - m), axis=0)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    lse_all = tl.load(ws_lse_ptr + rows[:, None] * num_splits + offs_s[None, :],
-                      mask=row_ok[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"))
-    m = tl.max(lse_all, axis=1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.sum(tl.exp(lse_all - m[:, None]), axis=1)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    for s in range(num_splits):
-        w = tl.exp(tl.load(ws_lse_ptr + rows * num_splits + s, mask=row_ok, other=float("-inf")) - m)
-        o = tl.load(ws_out_ptr + (rows * num_splits + s)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += w[:, None] * o
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for c in range(0, num_splits, CHUNK_S):
+        offs_c = c + tl.arange(0, CHUNK_S)
+        c_ok = offs_c < num_splits
+        w = tl.exp(tl.load(lse_base + offs_c, mask=c_ok, other=float("-inf")) - m)
+        o = tl.load(ws_ptr + (row * num_splits + offs_c)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * o, axis=0)
     empty = den == 0.0
     den_safe = tl.where(empty, 1.0, den)
-    o = acc / den_safe[:, None]
-    tl.store(out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(lse_ptr + rows, tl.where(empty, float("-inf"), m + tl.log(den_safe)), mask=row_ok)
+    tl.store(out_ptr + row * HEAD_DIM + offs_d, (acc / den_safe).to(out_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m + tl.log(den_safe)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,20 +326,56 @@ def default_config(rows: int, head_dim: int, page_size: int, device: torch.devic
 
 
 def default_num_splits(programs: int, max_tokens: int, block_n: int, rows: int,
-                       device: torch.device) -> int:
-    """Splits per (row, KV head, row block) so that the GPU has about two programs per SM.
+                       num_sms: int | None) -> int:
+    """Splits per (row, KV head, row block): enough programs for two per SM, each >= a few tiles.
 
-    programs = N * Hkv * row_blocks. A split keeps at least max(4 tiles, 4 * rows) tokens: each
-    split writes rows * D fp32 partials that the merge reads back (mostly from L2), and below
-    that size this traffic rivals the K/V it splits. On the CPU (interpreter) a small number.
+    programs = N * Hkv * row_blocks; num_sms None means the CPU interpreter (a small number).
+    A split keeps at least max(2, 2 * rows / block_n) tiles: it writes rows * D fp32 partials
+    that the merge reads back, which should not outweigh the (2-byte) K/V tiles it reads. When
+    that leaves a single split, the kernel writes the final output itself (no merge launch).
     """
     tiles = max(1, triton.cdiv(max_tokens, block_n))
-    if device.type != "cuda":
+    if num_sms is None:
         return min(2, tiles)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, max(1, programs))
-    cap = max(1, max_tokens // max(4 * block_n, 4 * rows))
-    return max(1, min(want, cap, tiles))
+    want = triton.cdiv(2 * num_sms, max(1, programs))
+    min_tiles = max(2, triton.cdiv(2 * rows, block_n))
+    return max(1, min(want, tiles // min_tiles))
+
+
+def launch_config(n: int, hq: int, t: int, head_dim: int, hkv: int, page_size: int, max_pages: int,
+                  device: torch.device, *, num_splits: int | None = None, block_m: int | None = None,
+                  block_n: int | None = None, num_warps: int | None = None,
+                  num_stages: int | None = None) -> dict:
+    """Everything `paged_attention` decides before launching, for callers that preallocate
+    (CUDA graphs) or tune. Returns dict(block_m, block_n, num_warps, num_stages, row_blocks,
+    num_splits (the effective count: splits that would start past the end are dropped),
+    split_tokens, workspace_numel (fp32 elements of the split workspace; 0 for one split))."""
+    rows = hq // hkv * t
+    cfg = default_config(rows, head_dim, page_size, device)
+    bm = block_m or cfg["block_m"]
+    bn = max(block_n or cfg["block_n"], page_size)
+    for name, val in (("block_m", bm), ("block_n", bn)):
+        if val < 16 or val & (val - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot needs 16), got {val}")
+    row_blocks = triton.cdiv(rows, bm)
+    max_tokens = max(1, max_pages * page_size)
+    if num_splits is None:
+        sms = (torch.cuda.get_device_properties(device).multi_processor_count
+               if device.type == "cuda" else None)
+        num_splits = default_num_splits(n * hkv * row_blocks, max_tokens, bn, rows, sms)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), bn) * bn
+    num_splits = triton.cdiv(max_tokens, split_tokens)
+    return dict(block_m=bm, block_n=bn, num_warps=num_warps or cfg["num_warps"],
+                num_stages=num_stages or cfg["num_stages"], row_blocks=row_blocks,
+                num_splits=num_splits, split_tokens=split_tokens,
+                workspace_numel=workspace_numel(n, hq, t, head_dim, num_splits))
+
+
+def workspace_numel(n: int, hq: int, t: int, head_dim: int, num_splits: int) -> int:
+    """fp32 elements of the split workspace: partial out [rows, splits, D] then lse [rows, splits]."""
+    return 0 if num_splits <= 1 else n * hq * t * num_splits * (head_dim + 1)
 
 
 def paged_attention(
@@ -330,6 +393,7 @@ def paged_attention(
     lse: torch.Tensor | None = None,
     page_scores: torch.Tensor | None = None,
     token_scores: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -340,7 +404,7 @@ def paged_attention(
     q [N, Hq, T, D] (bf16/fp16/fp32; Hq = G * Hkv, query head h uses KV head h // G).
     k_pages, v_pages: store layout [num_pages, Hkv, page_size, D] or pool layout
       [num_slots, page_size, D]; GPU tensors, or pinned host tensors (bare or in `HostPointer`),
-      read zero-copy over PCIe. Same dtype as q, last dim contiguous.
+      read zero-copy over PCIe. Same dtype as q, same strides as each other, last dim contiguous.
     page_table int32: [N, max_pages] (store, shared by heads) or [N, Hkv, max_pages] (per head;
       required for the pool). Entries at and beyond cdiv(kv_len, page_size) are never read.
     kv_len int32 [N, Hkv] (or [N]): valid tokens per list; clamped to [0, max_pages * page_size]
@@ -351,55 +415,56 @@ def paged_attention(
       scale * q_mean . k, page_scores [N, Hkv, max_pages] fp32 = max over each page's valid
       tokens; -inf beyond kv_len.
     num_splits: split-KV factor (default: `default_num_splits`). out/lse/page_scores/token_scores:
-      optional contiguous output buffers. block_m/block_n/num_warps/num_stages: tuning overrides
-      (block_n is raised to page_size when smaller).
+      optional contiguous output buffers. workspace: optional fp32 buffer of at least
+      `launch_config(...)["workspace_numel"]` elements for the split partials (with all buffers
+      given, a call allocates nothing, so it can be captured in a CUDA graph and replayed).
+      block_m/block_n/num_warps/num_stages: tuning overrides (block_n is raised to page_size).
 
+    Host work per call: shape checks, one (or, with splits, two) kernel launches; no device sync.
     Returns (out [N, Hq, T, D] in q's dtype, lse [N, Hq, T] fp32 natural log (-inf for an empty
     context, where out is 0), page_scores or None, token_scores or None).
     """
     hkv, page_size, per_head, pool, kv_len = _describe_layout(q, k_pages, v_pages, page_table, kv_len)
     n, hq, t, d = q.shape
-    g = hq // hkv
     dev = q.device
     max_pages = page_table.shape[-1]
-    max_tokens = max_pages * page_size
     want_pages = return_page_scores or page_scores is not None
     want_tokens = return_token_scores or token_scores is not None
 
-    for name, x in (("page_table", page_table), ("kv_len", kv_len)):
-        if x.device != dev:
-            raise ValueError(f"{name} is on {x.device}; it must be on q's device {dev}")
+    if page_table.device != dev or kv_len.device != dev:
+        raise ValueError(f"page_table ({page_table.device}) and kv_len ({kv_len.device}) must be on "
+                         f"q's device {dev}")
     k, v = k_pages, v_pages
     if dev.type == "cuda":
         # Pinned host tensors are read zero-copy (wrapped here if the caller did not); pageable
         # ones are refused by kernel_arg with a message saying to pin them.
-        k = k if isinstance(k, HostPointer) else kernel_arg(k, "k_pages", True)
-        v = v if isinstance(v, HostPointer) else kernel_arg(v, "v_pages", True)
+        if not isinstance(k, HostPointer):
+            k = kernel_arg(k, "k_pages", True)
+        if not isinstance(v, HostPointer):
+            v = kernel_arg(v, "v_pages", True)
         for name, x in (("k_pages", k), ("v_pages", v)):
             if not isinstance(x, HostPointer) and x.device != dev:
                 raise ValueError(f"{name} is on {x.device}; q is on {dev}")
     else:
         # The CPU interpreter reads host tensors directly; it cannot take the pointer wrapper.
         k, v = _unwrap(k), _unwrap(v)
-        for name, x in (("k_pages", k), ("v_pages", v)):
-            if x.device != dev:
-                raise ValueError(f"{name} is on {x.device}; q is on {dev}")
-    for name, x in (("k_pages", k), ("v_pages", v)):
-        if x.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in head_dim (stride {x.stride(-1)})")
+        if k.device != dev or v.device != dev:
+            raise ValueError(f"k_pages ({k.device}) and v_pages ({v.device}) must be on q's device {dev}")
+    k_strides = k.stride()
+    if k_strides != v.stride():
+        raise ValueError(f"k_pages and v_pages must have the same strides (one store); got {k_strides} "
+                         f"and {v.stride()}")
+    if k_strides[-1] != 1:
+        raise ValueError(f"k_pages / v_pages must be contiguous in head_dim (stride {k_strides[-1]})")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
 
-    def _buffer(buf, shape, dtype, name):
-        if buf is None:
-            return torch.empty(shape, dtype=dtype, device=dev)
-        if tuple(buf.shape) != tuple(shape) or buf.dtype != dtype or not buf.is_contiguous() or buf.device != dev:
-            raise ValueError(f"{name} buffer must be contiguous {tuple(shape)} {dtype} on {dev}; got "
-                             f"{tuple(buf.shape)} {buf.dtype} on {buf.device}")
-        return buf
-
-    out = _buffer(out, (n, hq, t, d), q.dtype, "out")
-    lse = _buffer(lse, (n, hq, t), torch.float32, "lse")
-    pscores = _buffer(page_scores, (n, hkv, max_pages), torch.float32, "page_scores") if want_pages else None
-    tscores = _buffer(token_scores, (n, hkv, max_tokens), torch.float32, "token_scores") if want_tokens else None
+    out = _buffer(out, (n, hq, t, d), q.dtype, dev, "out")
+    lse = _buffer(lse, (n, hq, t), torch.float32, dev, "lse")
+    pscores = _buffer(page_scores, (n, hkv, max_pages), torch.float32, dev, "page_scores") \
+        if want_pages else None
+    tscores = _buffer(token_scores, (n, hkv, max_pages * page_size), torch.float32, dev,
+                      "token_scores") if want_tokens else None
     if n == 0 or t == 0:
         return out, lse, pscores, tscores
     if max_pages == 0:
@@ -407,59 +472,61 @@ def paged_attention(
         lse.fill_(float("-inf"))
         return out, lse, pscores, tscores
 
-    cfg = default_config(g * t, d, page_size, dev)
-    bm = block_m or cfg["block_m"]
-    bn = max(block_n or cfg["block_n"], page_size)
-    nw = num_warps or cfg["num_warps"]
-    ns = num_stages or cfg["num_stages"]
-    for name, val in (("block_m", bm), ("block_n", bn)):
-        if val < 16 or val & (val - 1):
-            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot needs 16), got {val}")
-    row_blocks = triton.cdiv(g * t, bm)
-    if num_splits is None:
-        num_splits = default_num_splits(n * hkv * row_blocks, max_tokens, bn, g * t, dev)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), bn) * bn
-    num_splits = triton.cdiv(max_tokens, split_tokens)  # drop splits that would start past the end
-
-    block_d = max(16, triton.next_power_of_2(d))
-    if num_splits == 1:
-        dst_out, dst_lse = out, lse
+    cfg = launch_config(n, hq, t, d, hkv, page_size, max_pages, dev, num_splits=num_splits,
+                        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    splits = cfg["num_splits"]
+    if splits > 1:
+        need = cfg["workspace_numel"]
+        if workspace is None:
+            workspace = torch.empty(need, dtype=torch.float32, device=dev)
+        elif (workspace.dtype != torch.float32 or workspace.device != dev or not workspace.is_contiguous()
+              or workspace.numel() < need):
+            raise ValueError(f"workspace must be a contiguous fp32 tensor on {dev} with >= {need} elements "
+                             f"({splits} splits); got {workspace.numel()} {workspace.dtype} on {workspace.device}")
     else:
-        dst_out = torch.empty((n * hq * t * num_splits, d), dtype=torch.float32, device=dev)
-        dst_lse = torch.empty((n * hq * t * num_splits,), dtype=torch.float32, device=dev)
-    dummy = lse  # score pointers are never dereferenced when their switch is off
+        workspace = lse  # never dereferenced: the kernel writes the final output itself
     upcast = dev.type != "cuda"
-    precision = "ieee" if (upcast or q.dtype == torch.float32) else "tf32"
-    k_strides = (k.stride(0), 0, k.stride(1), k.stride(2)) if pool else tuple(k.stride())
-    v_strides = (v.stride(0), 0, v.stride(1), v.stride(2)) if pool else tuple(v.stride())
-    pt_strides = ((page_table.stride(0), page_table.stride(1), page_table.stride(2)) if per_head
-                  else (page_table.stride(0), 0, page_table.stride(1)))
-    grid = (n * hkv * row_blocks, num_splits)
-    _paged_attention_kernel[grid](
+    block_d = max(16, triton.next_power_of_2(d))
+    if pool:
+        k_strides = (k_strides[0], 0, k_strides[1])
+    else:
+        k_strides = k_strides[:3]
+    pt_strides = page_table.stride()
+    if not per_head:
+        pt_strides = (pt_strides[0], 0, pt_strides[1])
+    q_strides = q.stride()
+    _paged_attention_kernel[(n * hkv * cfg["row_blocks"], splits)](
         q, k, v, page_table, kv_len,
-        dst_out, dst_lse,
-        pscores if pscores is not None else dummy, tscores if tscores is not None else dummy,
-        float(scale), float(scale) * _LOG2E,
-        *q.stride(), *k_strides, *v_strides, *pt_strides,
+        out, lse, workspace,
+        lse if pscores is None else pscores, lse if tscores is None else tscores,  # unread if off
+        float(scale),
+        q_strides[0], q_strides[1], q_strides[2], *k_strides, *pt_strides,
         kv_len.stride(0), kv_len.stride(1),
-        max_pages, split_tokens, num_splits,
-        HKV=hkv, G=g, T=t, HEAD_DIM=d, BLOCK_D=block_d,
-        BLOCK_M=bm, ROW_BLOCKS=row_blocks, BLOCK_N=bn, PAGE=page_size,
-        WRITE_FINAL=num_splits == 1, PAGE_SCORES=want_pages, TOKEN_SCORES=want_tokens,
-        UPCAST=upcast, DOT_PRECISION=precision,
-        num_warps=nw, num_stages=ns,
+        max_pages, cfg["split_tokens"], splits,
+        HKV=hkv, G=hq // hkv, T=t, HEAD_DIM=d, BLOCK_D=block_d,
+        BLOCK_M=cfg["block_m"], ROW_BLOCKS=cfg["row_blocks"], BLOCK_N=cfg["block_n"], PAGE=page_size,
+        WRITE_FINAL=splits == 1, PAGE_SCORES=want_pages, TOKEN_SCORES=want_tokens,
+        UPCAST=upcast, DOT_PRECISION="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if num_splits > 1:
-        rows = n * hq * t
-        block_r = 8
-        _merge_splits_kernel[(triton.cdiv(rows, block_r),)](
-            dst_out, dst_lse, out, lse, rows, num_splits,
-            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, num_warps=4,
+    if splits > 1:
+        block_s = max(2, triton.next_power_of_2(splits))
+        _merge_splits_kernel[(n * hq * t,)](
+            workspace, out, lse, splits,
+            BLOCK_S=block_s, CHUNK_S=min(block_s, 32), HEAD_DIM=d, BLOCK_D=block_d,
+            num_warps=4 if block_d >= 128 else 2,
         )
     return out, lse, pscores, tscores
+
+
+def _buffer(buf, shape, dtype, dev, name):
+    """buf checked against (shape, dtype, device, contiguous), or a new empty tensor."""
+    if buf is None:
+        return torch.empty(shape, dtype=dtype, device=dev)
+    if buf.shape != shape or buf.dtype != dtype or buf.device != dev or not buf.is_contiguous():
+        raise ValueError(f"{name} buffer must be contiguous {tuple(shape)} {dtype} on {dev}; got "
+                         f"{tuple(buf.shape)} {buf.dtype} on {buf.device}")
+    return buf
 
 
 def _gather_context(k_pages, v_pages, page_table, kv_len, n, h, page_size, pool, per_head, device):
@@ -585,5 +652,5 @@ def block_attention_reference(
 __all__ = [
     "HostPointer", "paged_attention", "paged_attention_reference", "block_attention",
     "block_attention_reference", "attention_with_block", "merge_attention_states",
-    "default_config", "default_num_splits",
+    "default_config", "default_num_splits", "launch_config", "workspace_numel",
 ]

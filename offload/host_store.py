@@ -10,7 +10,9 @@ locks exactly the (page-rounded) bytes asked for and gives them back on ``close`
 allocator rounds every block up to a power of two (an 18 GiB store would lock 32 GiB) and keeps
 freed blocks cached, so it is only the fallback. The registered range is page-aligned inside an
 over-allocated block so that no other allocation shares its pages (a second registration of a
-shared page would fail).
+shared page would fail). ``tensor.is_pinned()`` does not see registered memory on every torch
+version, so kernels take the buffers through ``kernel_k``/``kernel_v`` (``HostPointer(view,
+registered=True)`` for registered memory) and ``pinned`` says whether the buffer is page-locked.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Hashable, Sequence
 import psutil
 import torch
 
+from gpu_kernels._uva import HostPointer
 from gpu_kernels.page_copy import write_tokens, write_tokens_reference
 
 _GIB = 2**30
@@ -107,7 +110,6 @@ class HostKVStore:
         else:
             buf = torch.empty(shape, dtype=dtype)
         self._k, self._v = buf[0], buf[1]
-        self.pinned = pin_memory
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # stack: pops 0, 1, 2, ...
         self._tables: dict[Hashable, list[int]] = {}
         self._ntok: dict[Hashable, int] = {}
@@ -130,6 +132,12 @@ class HostKVStore:
                 f"{reserve / _GIB:.2f} GiB reserve). At most {fit_pages} pages ({fit_pages * self.page_size} tokens) "
                 "fit: lower num_pages or free host memory."
             )
+
+    @property
+    def pinned(self) -> bool:
+        """True when the buffer is page-locked (cudaHostRegister or torch's pinned allocator): GPU
+        kernels can read and write it through ``kernel_k``/``kernel_v``."""
+        return self.pin_method != "none"
 
     @property
     def capacity_tokens(self) -> int:
@@ -260,6 +268,30 @@ class HostKVStore:
         self._live()
         return self._v
 
+    def _kernel_view(self, view: torch.Tensor) -> torch.Tensor | HostPointer:
+        # Registered memory is invisible to is_pinned(), so the store, which registered it, vouches for it.
+        return HostPointer(view, registered=True) if self.pin_method == "cudaHostRegister" else view
+
+    def kernel_k(self, layer: int) -> torch.Tensor | HostPointer:
+        """``k(layer)`` as a page-copy / attention kernel argument: ``HostPointer(view, registered=True)``
+        when the buffer is registered with cudaHostRegister, else the view itself (torch-pinned or
+        unpinned memory, which the kernels check themselves)."""
+        return self._kernel_view(self.k(layer))
+
+    def kernel_v(self, layer: int) -> torch.Tensor | HostPointer:
+        """``v(layer)`` as a kernel argument (see ``kernel_k``)."""
+        return self._kernel_view(self.v(layer))
+
+    @property
+    def kernel_k_all(self) -> torch.Tensor | HostPointer:
+        """``k_all`` ``[L, num_pages, Hkv, P, D]`` as a kernel argument (see ``kernel_k``)."""
+        return self._kernel_view(self.k_all)
+
+    @property
+    def kernel_v_all(self) -> torch.Tensor | HostPointer:
+        """``v_all`` as a kernel argument (see ``kernel_k``)."""
+        return self._kernel_view(self.v_all)
+
     def write(
         self,
         seq_id: Hashable | Sequence[Hashable],
@@ -311,7 +343,8 @@ class HostKVStore:
         start = torch.tensor(starts, dtype=torch.int64)
         dst_k, dst_v = (self._k, self._v) if layer is None else (self._k[layer], self._v[layer])
         if k_new.is_cuda and self.pinned:
-            write_tokens(dst_k, dst_v, table, start, k_new, v_new, validate=False)
+            write_tokens(self._kernel_view(dst_k), self._kernel_view(dst_v), table, start, k_new, v_new,
+                         validate=False)
         else:
             write_tokens_reference(dst_k, dst_v, table, start, k_new.cpu(), v_new.cpu())
 

@@ -191,15 +191,16 @@ class Prefetcher:
             return  # the layer's previous event (if any) still covers earlier fetches of resident pages
         phys = self.physical_pages(plan)
         nbytes = plan.num_misses * self.unit_bytes
-        k_src, v_src = self.store.k(layer), self.store.v(layer)
         k_dst, v_dst = self.cache.k_pool(layer), self.cache.v_pool(layer)
         if not self.cuda:
+            k_src, v_src = self.store.k(layer), self.store.v(layer)
             t0 = time.perf_counter()
             gather_pages_reference(k_src, v_src, phys, plan.miss_heads, k_dst, v_dst, plan.miss_slots)
             ms = (time.perf_counter() - t0) * 1e3
             self.fetch_ms += ms
             self.stall_ms += ms  # synchronous: compute waited for all of it
         else:
+            k_src, v_src = self.store.kernel_k(layer), self.store.kernel_v(layer)
             ids = torch.stack([phys, plan.miss_heads, plan.miss_slots]).to(torch.int32).pin_memory()
             stream = self.fetch_stream
             with torch.cuda.device(self.device), torch.cuda.stream(stream):

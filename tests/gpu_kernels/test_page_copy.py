@@ -137,6 +137,51 @@ def test_unpinned_host_tensor_is_refused_for_gpu_launch():
     assert kernel_arg(host, "src_k", gpu_launch=False) is host  # interpreter: plain tensors
 
 
+def test_registered_host_pointer_skips_pin_check_and_passes_through():
+    # cudaHostRegister'ed memory is not is_pinned() on torch 2.11: its owner vouches with registered=True.
+    host = torch.randn(4, 8)
+    ptr = HostPointer(host, registered=True)
+    assert ptr.registered and ptr.tensor is host and ptr.data_ptr() == host.data_ptr()
+    assert ptr.shape == host.shape and ptr.stride() == host.stride() and ptr.dtype == host.dtype
+    assert kernel_arg(ptr, "src_k", gpu_launch=True) is ptr  # no re-wrap, no pin check
+    assert kernel_arg(ptr, "src_k", gpu_launch=False) is host  # the interpreter needs the tensor
+    with pytest.raises(ValueError, match="host tensors"):
+        HostPointer(torch.randn(2, device="meta"), registered=True)
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_page_copy_accepts_host_pointers(multi):
+    # Store buffers reach the kernels as HostPointer(registered=True); the wrappers must read their shapes.
+    # On a GPU the memory is really pinned (so the vouch is true); under the interpreter it is unwrapped.
+    gen = torch.Generator().manual_seed(3)
+    L, num_pages, hkv, p, d, num_slots, m, n, t = 2, 9, 2, 4, 8, 10, 6, 2, 5
+    shape = (L, num_pages, hkv, p, d) if multi else (num_pages, hkv, p, d)
+    store_k, store_v = (torch.randn(shape, generator=gen, dtype=torch.float16) for _ in range(2))
+    if torch.cuda.is_available():
+        store_k, store_v = store_k.pin_memory(), store_v.pin_memory()
+    hk, hv = HostPointer(store_k, registered=True), HostPointer(store_v, registered=True)
+    # write_tokens into the store through the pointers
+    lead = (L,) if multi else ()
+    k_new, v_new = _dev(*(torch.randn(*lead, n, hkv, t, d, generator=gen, dtype=torch.float16) for _ in range(2)))
+    table = torch.tensor([[3, 0, 7], [5, 1, 2]], dtype=torch.int32)
+    start = torch.tensor([2, 6], dtype=torch.int64)
+    ref_k, ref_v = store_k.clone(), store_v.clone()
+    write_tokens(hk, hv, table, start, k_new, v_new)
+    write_tokens_reference(ref_k, ref_v, table, start, k_new, v_new)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    assert _same(store_k, ref_k) and _same(store_v, ref_v)
+    # gather_pages out of the store through the pointers
+    pages, heads, slots = _dev(*_units(gen, num_pages, hkv, num_slots, m))
+    layers = _dev(torch.arange(m) % L)[0] if multi else None
+    pool_shape = (L, num_slots, p, d) if multi else (num_slots, p, d)
+    out_k, out_v = _poisoned(pool_shape, torch.float16, DEV), _poisoned(pool_shape, torch.float16, DEV)
+    exp_k, exp_v = out_k.clone(), out_v.clone()
+    gather_pages(hk, hv, pages, heads, out_k, out_v, slots, layers)
+    gather_pages_reference(store_k, store_v, pages, heads, exp_k, exp_v, slots, layers)
+    assert _same(out_k, exp_k) and _same(out_v, exp_v)
+
+
 # (num_pages, Hkv, P, D, N, T): blocks start mid-page, span 2-4 pages, T below / above P, ragged D
 WRITE_SHAPES = [(16, 2, 4, 16, 3, 7), (12, 1, 8, 8, 2, 3), (20, 3, 3, 24, 2, 10), (9, 2, 16, 8, 1, 32)]
 

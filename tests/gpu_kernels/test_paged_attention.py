@@ -21,7 +21,8 @@ from gpu_kernels._uva import HostPointer  # noqa: E402
 from gpu_kernels.merge import (  # noqa: E402
     attention_with_block, block_self_attention, merge_attention_states)
 from gpu_kernels.paged_attention import (  # noqa: E402
-    block_attention, block_attention_reference, paged_attention, paged_attention_reference)
+    block_attention, block_attention_reference, default_num_splits, launch_config, paged_attention,
+    paged_attention_reference)
 
 CPU = torch.device("cpu")
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -172,6 +173,14 @@ def test_splits_agree_and_scores_optional():
     assert rel_err(out_s, results[0][0]) < 1e-5
 
 
+def test_merge_of_more_splits_than_one_chunk():
+    """41 splits of one 16-token tile each (41 table entries): the merge takes two 32-split chunks."""
+    q, k, v, table, kv_len = make_case("store", 1, 1, 2, 2, 16, 16, [[630]], torch.float32, seed=7)
+    check_against_reference(q, k, v, table, kv_len, TOL[torch.float32], num_splits=41, block_n=16)
+    assert launch_config(1, 2, 2, 16, 1, 16, table.shape[-1], q.device, num_splits=41,
+                         block_n=16)["num_splits"] == 41
+
+
 def test_kv_len_1d_and_all_empty():
     q, k, v, table, kv_len = make_case("store", 2, 2, 1, 2, 16, 16, [[20, 20], [33, 33]],
                                        torch.float32, seed=2)
@@ -197,6 +206,40 @@ def test_bad_arguments_raise():
         paged_attention(q[:, :1], k, v, table, kv_len, scale=1.0)
     with pytest.raises(ValueError, match="power of two"):
         paged_attention(q, k, v, table, kv_len, scale=1.0, block_n=24)
+    with pytest.raises(ValueError, match="same strides"):
+        paged_attention(q, k, v.transpose(0, 1).contiguous().transpose(0, 1), table, kv_len, scale=1.0)
+    with pytest.raises(ValueError, match="workspace"):
+        paged_attention(q, k, v, table, kv_len, scale=1.0, num_splits=2, block_n=16,
+                        workspace=torch.empty(3))
+
+
+def test_preallocated_workspace_and_buffers_are_used():
+    """With every buffer passed in, a call writes only into them (what a CUDA graph replays)."""
+    q, k, v, table, kv_len = make_case("pool", 2, 2, 4, 3, 16, 16, [[70, 33], [0, 100]],
+                                       torch.float32, seed=6)
+    n, hq, t, d = q.shape
+    plan = launch_config(n, hq, t, d, 2, 16, table.shape[-1], q.device, num_splits=3, block_n=16)
+    assert plan["num_splits"] == 3 and plan["workspace_numel"] == n * hq * t * 3 * (d + 1)
+    ws = torch.full((plan["workspace_numel"] + 5,), float("nan"))  # larger than needed is fine
+    out, lse = check_against_reference(q, k, v, table, kv_len, TOL[torch.float32], num_splits=3,
+                                       block_n=16, workspace=ws)
+    assert not torch.isnan(ws[:plan["workspace_numel"]]).any()  # partials went to the workspace
+    ref_out, ref_lse, _, _ = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=1)
+    assert rel_err(out, ref_out) < 1e-5
+
+
+def test_default_num_splits_fills_the_gpu_with_a_few_tiles_per_split():
+    # exact 32K context, 8 KV heads, one row block each: about two programs per SM (132 SMs)
+    assert default_num_splits(8, 32768, 64, 64, 132) == 33
+    # 16 tiles per head: splits keep >= 2 tiles (64 rows) or >= 4 tiles (128 rows)
+    assert default_num_splits(8, 1024, 64, 64, 132) == 8
+    assert default_num_splits(8, 1024, 64, 128, 132) == 4
+    # a head of at most 3 tiles is not split: the kernel writes the final output, no merge launch
+    assert default_num_splits(8, 192, 64, 64, 132) == 1
+    assert default_num_splits(8, 192, 64, 64, None) == 2  # interpreter: exercise the merge anyway
+    # the effective count drops splits that would start past the end
+    plan = launch_config(1, 32, 16, 128, 8, 16, 2048, torch.device("cpu"), num_splits=33)
+    assert plan["num_splits"] == 32 and plan["split_tokens"] == 1024
 
 
 # ---------------------------------------------------------------- merging and the block part
@@ -266,24 +309,65 @@ def test_block_attention_matches_reference(layout, dtype):
 
 # ---------------------------------------------------------------------------------------- GPU
 
-GPU_CASES = [  # (layout, page, T, G, kv_len per head)
-    ("store", 16, 16, 4, [32768, 32768 - 5, 20000, 0, 1, 32768, 777, 4096]),
-    ("store", 64, 32, 4, [32768, 32000, 31999, 64, 0, 12345, 32768, 100]),
-    ("pool", 16, 32, 4, [3277, 3000, 1, 0, 3277, 2048, 100, 3276]),
-    ("pool", 64, 16, 4, [6554, 6000, 64, 0, 6553, 5000, 1, 6554]),
-    ("store", 32, 5, 1, [32768, 1000, 0, 17, 32768, 32767, 64, 9]),
+GPU_CASES = [  # (layout, page, T, G, kv_len per head, extra kwargs)
+    ("store", 16, 16, 4, [32768, 32768 - 5, 20000, 0, 1, 32768, 777, 4096], {}),
+    ("store", 64, 32, 4, [32768, 32000, 31999, 64, 0, 12345, 32768, 100], {}),
+    ("pool", 16, 32, 4, [3277, 3000, 1, 0, 3277, 2048, 100, 3276], {}),
+    ("pool", 64, 16, 4, [6554, 6000, 64, 0, 6553, 5000, 1, 6554], {}),
+    ("store", 32, 5, 1, [32768, 1000, 0, 17, 32768, 32767, 64, 9], {}),
+    # two row blocks of 64 queries: scores from the explicit block-mean query MMA (hi/lo bf16)
+    ("store", 16, 32, 4, [20000, 32768, 0, 1, 777, 4096, 32767, 64], dict(block_m=64)),
+    ("pool", 16, 32, 4, [3277, 3000, 1, 0, 3277, 2048, 100, 3276], dict(block_m=64, block_n=128)),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-P{c[1]}-T{c[2]}-G{c[3]}")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-P{c[1]}-T{c[2]}-G{c[3]}-{c[5]}")
 def test_gpu_bf16_long_context(case):
-    layout, page, t, g, lens = case
+    layout, page, t, g, lens, extra = case
     dev = torch.device("cuda")
     q, k, v, table, kv_len = make_case(layout, 1, 8, g, t, 128, page, [lens], torch.bfloat16,
                                        device=dev)
-    check_against_reference(q, k, v, table, kv_len, TOL[torch.bfloat16])
-    check_against_reference(q, k, v, table, kv_len, TOL[torch.bfloat16], num_splits=1)
+    check_against_reference(q, k, v, table, kv_len, TOL[torch.bfloat16], **extra)
+    check_against_reference(q, k, v, table, kv_len, TOL[torch.bfloat16], num_splits=1, **extra)
+    check_against_reference(q, k, v, table, kv_len, TOL[torch.bfloat16], num_splits=97, **extra)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, None])
+def test_gpu_cuda_graph_replay_matches_eager(splits):
+    """Captured with preallocated buffers, a replay over new inputs equals an eager call."""
+    dev = torch.device("cuda")
+    q, k, v, table, kv_len = make_case("pool", 1, 8, 4, 16, 128, 16, [[3277, 3000, 1, 0, 3277, 2048, 100, 3276]],
+                                       torch.bfloat16, device=dev)
+    n, hq, t, d = q.shape
+    plan = launch_config(n, hq, t, d, 8, 16, table.shape[-1], dev, num_splits=splits)
+    bufs = nan_buffers(q, 8, table.shape[-1], 16)
+    bufs["workspace"] = torch.empty(max(1, plan["workspace_numel"]), device=dev)
+
+    def call():
+        paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=splits, **bufs)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    q.copy_(torch.randn_like(q))  # new queries, same addresses
+    for buf in bufs.values():
+        buf.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=splits,
+                            return_page_scores=True, return_token_scores=True)
+    for name, want in zip(("out", "lse", "page_scores", "token_scores"), eager):
+        got = bufs[name]
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want)), name
+        fin = torch.isfinite(want)
+        assert rel_err(got[fin].float(), want[fin].float()) < 1e-6, name
 
 
 @pytest.mark.gpu

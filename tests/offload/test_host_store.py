@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from gpu_kernels._uva import HostPointer  # noqa: E402
+from gpu_kernels.page_copy import gather_pages, write_tokens  # noqa: E402
 from offload.host_store import HostKVStore  # noqa: E402
 
 
@@ -123,6 +125,18 @@ def test_write_read_roundtrip_cpu(dtype):
         store.write("y", 0, 0, kb, vb)
 
 
+def test_unpinned_store_kernel_views_are_plain_tensors():
+    store = _store(pin=False)
+    assert not store.pinned and store.pin_method == "none"
+    # nothing registered: kernels get the views themselves (the interpreter, or kernel_arg's own checks)
+    assert torch.equal(store.kernel_k(1), store.k(1))
+    assert store.kernel_v(0).data_ptr() == store.v(0).data_ptr()
+    assert store.kernel_k_all.data_ptr() == store.k_all.data_ptr()
+    assert store.kernel_v_all.shape == store.v_all.shape
+    assert not isinstance(store.kernel_k(0), HostPointer)
+    store.close()
+
+
 def test_close_and_reuse_without_reallocation():
     store = _store(num_pages=8)
     ptr = store.k(0).data_ptr()
@@ -142,7 +156,10 @@ def test_close_and_reuse_without_reallocation():
 @pytest.mark.gpu
 def test_pinned_store_gpu_write_bf16():
     store = HostKVStore(3, 8, 128, 16, 64, dtype=torch.bfloat16)
-    assert store.pinned and store.k(0).is_pinned(), store.pin_method
+    # is_pinned() does not see cudaHostRegister'ed memory (torch 2.11): the store says so itself
+    assert store.pinned and store.pin_method in ("cudaHostRegister", "torch_pinned_allocator"), store.pin_method
+    if store.pin_method == "cudaHostRegister":
+        assert isinstance(store.kernel_k(0), HostPointer) and store.kernel_k(0).registered
     store.allocate(1, 100)
     store.allocate(2, 70)
     k = torch.randn(3, 2, 8, 32, 128, device="cuda", dtype=torch.bfloat16)
@@ -154,6 +171,24 @@ def test_pinned_store_gpu_write_bf16():
         assert torch.equal(rk, k[layer, 0].cpu()) and torch.equal(rv, v[layer, 0].cpu())
     rk, _ = store.read(2, 1, 60, 70)
     assert torch.equal(rk, k[1, 1, :, :10].cpu())
+    # a GPU kernel writes and reads the store through kernel_k/kernel_v (all layers, and one layer)
+    table = store.page_tables([1]).cuda()
+    start = torch.tensor([0], device="cuda")
+    kw, vw = torch.randn_like(k[:, :1]), torch.randn_like(k[:, :1])
+    write_tokens(store.kernel_k_all, store.kernel_v_all, table, start, kw, vw)
+    torch.cuda.synchronize()
+    for layer in range(3):
+        rk, rv = store.read(1, layer, 0, 32)
+        assert torch.equal(rk, kw[layer, 0].cpu()) and torch.equal(rv, vw[layer, 0].cpu())
+    pages = store.page_table(1)[:2].long().repeat_interleave(8)  # first two pages, every head
+    heads = torch.arange(8).repeat(2)
+    slots = torch.randperm(16)
+    pool_k = torch.full((16, 16, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
+    pool_v = pool_k.clone()
+    gather_pages(store.kernel_k(2), store.kernel_v(2), pages.cuda(), heads.cuda(), pool_k, pool_v, slots.cuda())
+    torch.cuda.synchronize()
+    assert torch.equal(pool_k.cpu()[slots], store.k(2)[pages, heads])
+    assert torch.equal(pool_v.cpu()[slots], store.v(2)[pages, heads])
     store.close()
 
 

@@ -123,7 +123,7 @@ SLEEP_CYCLES = 2_000_000_000  # about a second of GPU spin: far longer than any 
 @pytest.mark.gpu
 def test_gpu_fetch_commit_roundtrip_bf16():
     store, cache, pf = _setup("cuda", torch.bfloat16, num_pages=256, num_slots=200)
-    assert store.k(0).is_pinned()
+    assert store.pinned, store.pin_method  # is_pinned() misses cudaHostRegister'ed memory (torch 2.11)
     store.allocate(0, 500)
     store.allocate(1, 333)
     k = torch.randn(L, 2, HKV, 32, D, device="cuda", dtype=torch.bfloat16)
