@@ -45,12 +45,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(engine: Engine, context: int, batch: int, blocks: int) -> dict:
+def profile_block(loop: BlockDiffusionLoop, seqs: list, device: torch.device) -> str:
+    """torch.profiler table of one more block: where the time goes, device and host side."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        loop.decode_block(seqs)
+        sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return (prof.key_averages().table(sort_by=sort, row_limit=25) + "\n"
+            + prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
+
+
+def measure(engine: Engine, context: int, batch: int, blocks: int, profile: bool = False) -> dict:
     b = engine.settings.block_size
     gen = torch.Generator().manual_seed(context + batch)
     vocab = engine.model_config.vocab_size - 2
     requests = [GenerationRequest(prompt=torch.randint(0, vocab, (context,), generator=gen).tolist(),
-                                  max_new_tokens=blocks * b, stop_at_eos=False) for _ in range(batch)]
+                                  max_new_tokens=(blocks + int(profile)) * b, stop_at_eos=False) for _ in range(batch)]
     seqs = [engine.make_sequence(r) for r in requests]
     mode = engine.make_mode(batch, max(s.max_tokens for s in seqs))
     loop = BlockDiffusionLoop(engine.model, mode, engine.settings, batch, engine.config.prefill_chunk_size,
@@ -68,6 +81,8 @@ def measure(engine: Engine, context: int, batch: int, blocks: int) -> dict:
             loop.decode_block(seqs)
             sync(engine.device)
             latencies.append(time.perf_counter() - t0)
+        if profile:
+            print(profile_block(loop, seqs, engine.device), flush=True)
     finally:
         mode.close()
         del mode
@@ -90,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="denoising steps per block (fixed schedule)")
     parser.add_argument("--blocks", type=int, default=3, help="blocks timed per configuration (first is warm-up)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one extra block")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = parser.parse_args(argv)
 
@@ -106,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                                      denoising_steps=args.steps, unmasking="fixed", mask_token_id=config.vocab_size - 1,
                                      max_batch_size=batch, attention_backend=backend, progress=False), model=model)
         try:
-            row = dict(geometry=args.geometry, backend=backend, **measure(engine, context, batch, args.blocks))
+            row = dict(geometry=args.geometry, backend=backend, **measure(engine, context, batch, args.blocks, args.profile))
         except (torch.OutOfMemoryError, MemoryError) as err:
             row = dict(geometry=args.geometry, backend=backend, context=context, batch=batch, error=str(err)[:200])
         rows.append(row)

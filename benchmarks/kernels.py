@@ -271,9 +271,10 @@ def bench_resident(timer, limits, sh: Shape, configs) -> dict:
         call(**cfg)
     host_us = (time.perf_counter() - t0) / 50 * 1e6
     torch.cuda.synchronize()
+    bufs_launch = preallocated(sh.q, max_pages, sh.page, cfg)  # sized for cfg's split count
     t0 = time.perf_counter()
     for _ in range(50):
-        call(**cfg, **bufs)
+        call(**cfg, **bufs_launch)
     host_us_prealloc = (time.perf_counter() - t0) / 50 * 1e6
     torch.cuda.synchronize()
     tbps = sh.kv_bytes / ms / 1e9

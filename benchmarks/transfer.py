@@ -4,19 +4,26 @@ prefetcher hides behind compute.
 One run measures, on one GPU:
   1. pinned host <-> GPU copy bandwidth (1 GiB, tensor.copy_ = cudaMemcpyAsync): the reference;
   2. gather_pages reading pinned host memory through UVA, 5% / 10% of a 128K-token context at page
-     sizes 16..128 (Hkv=8, D=128, bf16, K+V), a few launch shapes, checked bit for bit;
-  3. write_tokens GPU -> pinned host for a 32-token block across 36 layers (one launch, and one per layer);
+     sizes 16..128 (Hkv=8, D=128, bf16, K+V), checked bit for bit; a sweep of the persistent launch
+     (programs per SM {1, 2, 4, 8} x block {default, half} x units per program {1, 2, 4, 8} x warps
+     {4, 8}) against the defaults and the old one-program-per-unit shape, the best per grid size, and
+     the best launch reading a cudaHostAlloc copy of the store (is cudaHostRegister'ed memory slower?);
+  3. write_tokens GPU -> pinned host for a 32-token block across 36 layers (one launch, one per layer,
+     and HostKVStore.write of all layers = the prefetcher's commit_block path);
   4. the prefetcher over 36 layers: layer l+1's pages fetched on the side stream while a bf16 matmul
-     stand-in computes layer l; hidden fraction when compute > transfer and when compute < transfer.
+     stand-in computes layer l on Prefetcher.compute_stream; for gather caps {8, 16, 32, 66, default}:
+     hidden fraction and slowdown vs compute alone, when compute > transfer and when compute < transfer,
+     plus the recommended cap (the Prefetcher's default is DEFAULT_FETCH_PROGRAMS).
 Prints a table last and writes $OUT/transfer.json (OUT defaults to ./out).
 
     python benchmarks/transfer.py            # full run (GPU)
-    python benchmarks/transfer.py --quick    # smaller context and fewer iterations (smoke test)
+    python benchmarks/transfer.py --quick    # 32K context, 5 iterations, a few launch shapes (smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -30,8 +37,9 @@ import triton
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_kernels.page_copy import gather_pages, write_tokens  # noqa: E402
+from gpu_kernels.page_copy import gather_launch_config, gather_pages, write_tokens  # noqa: E402
 from offload import GpuPageCache, HostKVStore, Prefetcher  # noqa: E402
+from offload.prefetcher import DEFAULT_FETCH_PROGRAMS  # noqa: E402
 
 GB = 1e9
 BF16 = torch.bfloat16
@@ -51,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--overlap-fraction", type=float, default=0.05)
     ap.add_argument("--overlap-context", type=int, default=None, help="context for the overlap test (default --context)")
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--quick", action="store_true", help="32K context, 5 iterations: a smoke test")
+    ap.add_argument("--quick", action="store_true", help="32K context, 5 iterations, small sweeps: a smoke test")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a dry run of the benchmark's code path on tiny sizes (needs TRITON_INTERPRET=1); "
                          "its numbers mean nothing")
@@ -138,6 +146,36 @@ def random_units(num_pages: int, hkv: int, k: int, device) -> tuple[torch.Tensor
     return tuple(t.to(torch.int32).to(device) for t in (pages, heads, slots))
 
 
+LEGACY = 10**9  # max_programs "uncapped": one program per task, the pre-persistent launch shape
+
+
+def gather_configs(args, unit: int, sms: int) -> list[dict]:
+    """Launch shapes to sweep: programs per SM x block x units per program x warps, plus the resolved
+    defaults and the old one-program-per-unit shape for comparison."""
+    default_block = min(triton.next_power_of_2(unit), 4096)
+    configs = [dict(block=None, num_warps=None, max_programs=None, units_per_program=None),
+               dict(block=None, num_warps=None, max_programs=LEGACY, units_per_program=1)]
+    if args.quick:
+        per_sm, blocks, units, warps = (1, 4), (default_block,), (None,), (8,)
+    else:
+        per_sm, blocks, units, warps = (1, 2, 4, 8), (default_block, default_block // 2), (1, 2, 4, 8), (4, 8)
+    for pps in per_sm:
+        for block in blocks:
+            if block < 512:
+                continue
+            for u in units:
+                for w in warps:
+                    configs.append(dict(block=block, num_warps=w, max_programs=pps * sms, units_per_program=u))
+    return configs
+
+
+def _cfg_label(cfg: dict, sms: int) -> str:
+    mp = cfg["max_programs"]
+    grid = "default" if mp is None else ("1/unit" if mp >= LEGACY else f"{mp // sms}/SM" if mp % sms == 0 else str(mp))
+    return (f"grid={grid} block={cfg['block'] or 'dflt'} units={cfg['units_per_program'] or 'dflt'} "
+            f"warps={cfg['num_warps'] or 'dflt'}")
+
+
 def bench_gather(args, clock: Clock, dev: torch.device, copy_gbps: float, sms: int) -> list[dict]:
     rows = []
     hkv, d = args.kv_heads, args.head_dim
@@ -146,15 +184,14 @@ def bench_gather(args, clock: Clock, dev: torch.device, copy_gbps: float, sms: i
         store = HostKVStore(1, hkv, d, p, num_pages, dtype=BF16, pin_memory=clock.cuda)
         fill_random(store.k_all, clock, dev)
         fill_random(store.v_all, clock, dev)
+        # the same data in torch's pinned allocator (cudaHostAlloc) instead of cudaHostRegister'ed
+        # memory: tells whether the kind of pinning costs bandwidth
+        alloc_k = torch.empty(store.k_all.shape, dtype=BF16, pin_memory=clock.cuda)
+        alloc_v = torch.empty(store.v_all.shape, dtype=BF16, pin_memory=clock.cuda)
+        alloc_k.copy_(store.k_all)
+        alloc_v.copy_(store.v_all)
         unit = p * d
-        # the default launch (None: block min(P*D, 4096)), smaller chunks, and a grid capped at 4 programs/SM
-        configs = [dict(block=None, num_warps=None, max_programs=None)]
-        default_block = min(triton.next_power_of_2(unit), 4096)
-        default_warps = 4 if default_block <= 2048 else 8
-        for block, warps in ((1024, 2), (1024, 4), (2048, 2), (2048, 4), (2048, 8), (4096, 4), (4096, 8)):
-            if block <= default_block and (block, warps) != (default_block, default_warps):
-                configs.append(dict(block=block, num_warps=warps, max_programs=None))
-        configs.append(dict(block=None, num_warps=None, max_programs=4 * sms))
+        configs = gather_configs(args, unit, sms)
         for frac in args.fractions:
             k = max(1, round(frac * num_pages))
             m = hkv * k
@@ -163,36 +200,56 @@ def bench_gather(args, clock: Clock, dev: torch.device, copy_gbps: float, sms: i
             pool_v = torch.empty_like(pool_k)
             # several selections, cycled, so repeated iterations do not re-read host-cache-hot lines
             sels = [random_units(num_pages, hkv, k, dev) for _ in range(6)]
-            results = []
-            for cfg in configs:
+
+            def timed(cfg, src_k, src_v):
                 it = iter(range(10**9))
 
                 def run():
                     pg, hd, sl = sels[next(it) % len(sels)]
-                    gather_pages(store.kernel_k(0), store.kernel_v(0), pg, hd, pool_k, pool_v, sl, validate=False, **cfg)
+                    gather_pages(src_k, src_v, pg, hd, pool_k, pool_v, sl, validate=False, **cfg)
 
-                ms = clock.median_ms(run, args.iters)
+                return clock.median_ms(run, args.iters)
+
+            results = []
+            for cfg in configs:
+                ms = timed(cfg, store.kernel_k(0), store.kernel_v(0))
                 results.append({**cfg, "ms": ms, "GBps": nbytes / ms / 1e6})
             best = max(results, key=lambda r: r["GBps"])
+            cfg = {k_: best[k_] for k_ in ("block", "num_warps", "max_programs", "units_per_program")}
+            alloc_ms = timed(cfg, alloc_k[0], alloc_v[0])
             # correctness of the best configuration, bit for bit against torch indexing on the host
             pool_k.fill_(float("nan"))
             pool_v.fill_(float("nan"))
-            cfg = {k_: best[k_] for k_ in ("block", "num_warps", "max_programs")}
             pg, hd, sl = sels[0]
             gather_pages(store.kernel_k(0), store.kernel_v(0), pg, hd, pool_k, pool_v, sl, validate=False, **cfg)
             clock.sync()
             pgc, hdc, slc = pg.cpu().long(), hd.cpu().long(), sl.cpu().long()
             ok = torch.equal(bits(pool_k.cpu()[slc]), bits(store.k(0)[pgc, hdc])) and torch.equal(
                 bits(pool_v.cpu()[slc]), bits(store.v(0)[pgc, hdc]))
+            by_grid = {}
+            for r in results:  # best per grid size: how many programs the link needs
+                key = "default" if r["max_programs"] is None else (
+                    "1/unit" if r["max_programs"] >= LEGACY else f"{r['max_programs'] // sms}/SM")
+                if key not in by_grid or r["GBps"] > by_grid[key]["GBps"]:
+                    by_grid[key] = r
             row = {
                 "page_size": p, "fraction": frac, "units": m, "MB": nbytes / 1e6,
                 "GBps": best["GBps"], "ratio_to_copy": best["GBps"] / copy_gbps, "ok": ok,
-                "best_config": cfg, "configs": results,
+                "best_config": cfg, "best_label": _cfg_label(cfg, sms),
+                "default_GBps": results[0]["GBps"], "legacy_GBps": results[1]["GBps"],
+                "host_alloc_src_GBps": nbytes / alloc_ms / 1e6,
+                "best_by_grid": {g: {"GBps": r["GBps"], "label": _cfg_label(r, sms)} for g, r in by_grid.items()},
+                "configs": results,
             }
             rows.append(row)
-            print(f"gather P={p} frac={frac}: {best['GBps']:.1f} GB/s ({100 * row['ratio_to_copy']:.0f}% of copy) "
-                  f"ok={ok} best={cfg}", flush=True)
+            print(f"gather P={p} frac={frac}: best {best['GBps']:.1f} GB/s ({100 * row['ratio_to_copy']:.0f}% of copy) "
+                  f"[{row['best_label']}], default {row['default_GBps']:.1f}, old 1-program-per-unit "
+                  f"{row['legacy_GBps']:.1f}, best from cudaHostAlloc src {row['host_alloc_src_GBps']:.1f}, ok={ok}",
+                  flush=True)
+            print("    best per grid: " + ", ".join(f"{g} {v['GBps']:.1f}" for g, v in row["best_by_grid"].items()),
+                  flush=True)
             del pool_k, pool_v, sels
+        del alloc_k, alloc_v
         store.close()
     return rows
 
@@ -225,6 +282,9 @@ def bench_write(args, clock: Clock, dev: torch.device, d2h_gbps: float) -> list[
                 write_tokens(store.kernel_k(layer), store.kernel_v(layer), table, start, k_new[layer], v_new[layer],
                              validate=False)
 
+        def store_write():  # the prefetcher's commit_block path: page tables uploaded by the store
+            store.write(seqs, None, [263] * n, k_new, v_new)
+
         host_k = torch.empty(k_new.shape, dtype=BF16, pin_memory=clock.cuda)
         host_v = torch.empty(k_new.shape, dtype=BF16, pin_memory=clock.cuda)
 
@@ -232,7 +292,8 @@ def bench_write(args, clock: Clock, dev: torch.device, d2h_gbps: float) -> list[
             host_k.copy_(k_new, non_blocking=True)
             host_v.copy_(v_new, non_blocking=True)
 
-        ms_one, ms_per, ms_d2h = (clock.median_ms(f, args.iters) for f in (one_launch, per_layer, contiguous_d2h))
+        ms_one, ms_per, ms_store, ms_d2h = (clock.median_ms(f, args.iters)
+                                            for f in (one_launch, per_layer, store_write, contiguous_d2h))
         store.k_all.fill_(0)
         store.v_all.fill_(0)
         one_launch()
@@ -246,17 +307,24 @@ def bench_write(args, clock: Clock, dev: torch.device, d2h_gbps: float) -> list[
             "rows": n, "tokens": t, "layers": L, "page_size": p, "MB": nbytes / 1e6,
             "one_launch_ms": ms_one, "one_launch_GBps": nbytes / ms_one / 1e6,
             "per_layer_ms": ms_per, "per_layer_GBps": nbytes / ms_per / 1e6,
+            "store_write_ms": ms_store, "store_write_GBps": nbytes / ms_store / 1e6,
             "contiguous_d2h_GBps": nbytes / ms_d2h / 1e6,
             "ratio_to_1GiB_d2h": nbytes / ms_one / 1e6 / d2h_gbps, "ok": ok,
         }
         rows.append(row)
         print(f"write_tokens N={n}: {row['one_launch_GBps']:.1f} GB/s one launch, {row['per_layer_GBps']:.1f} "
-              f"per layer, contiguous D2H {row['contiguous_d2h_GBps']:.1f}, ok={ok}", flush=True)
+              f"per layer, store.write (commit_block) {row['store_write_GBps']:.1f}, contiguous D2H "
+              f"{row['contiguous_d2h_GBps']:.1f}, ok={ok}", flush=True)
         store.close()
     return rows
 
 
 # ---------------------------------------------------------------------------------------------- 4
+
+
+def overlap_caps(args, sms: int) -> list:
+    """Program caps for the prefetcher's gather: None = gather_pages' standalone default (2 per SM)."""
+    return [16, None] if args.quick else [8, 16, 32, 66, None]
 
 
 def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
@@ -273,6 +341,8 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
     pf = Prefetcher(store, cache, dev)
     seq = "ctx"
     store.allocate(seq, args.overlap_context)
+    # compute runs on the prefetcher's high-priority compute stream (transfers are at the lowest)
+    compute_stream = pf.compute_stream if clock.cuda else None
 
     def selection():
         return torch.stack([torch.randperm(num_pages)[:k].sort().values for _ in range(hkv)])[None]
@@ -285,49 +355,60 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
     n = 2048 if clock.cuda else 128
     a = torch.randn(n, n, device=dev, dtype=BF16)
     b = torch.randn(n, n, device=dev, dtype=BF16)
-    mm_ms = clock.median_ms(lambda: a @ b, 20)
-
     def compute(reps):
         for _ in range(reps):
             a @ b
 
-    # transfer alone: per-layer time of the fetches with nothing else running
-    plans = fresh_plans()
-    clock.sync()
-    pf.reset_stats()
-    e0 = clock.mark()
-    for layer in range(L):
-        pf.fetch(layer, [seq], plans[layer])
-    for layer in range(L):
-        pf.wait(layer)
-        pf.release(plans[layer])
-    transfer_only_ms = clock.ms(e0, clock.mark())
-    st = pf.stats()
-    per_layer_transfer = st["fetch_ms"] / L
-    layer_bytes = st["bytes_fetched"] / L
+    # back to back, as the passes run them (one matmul between two events also times its launch gap,
+    # which made "compute > transfer" in the previous run really compute ~0.66 ms < transfer 0.79 ms)
+    mm_ms = clock.median_ms(lambda: compute(20), 5) / 20
 
-    def run_pass(reps: int, max_programs, with_fetch=True) -> dict:
-        pf.max_programs = max_programs
+    def transfer_alone(max_programs, units=None) -> float:
+        """Per-layer fetch time with nothing else running."""
+        pf.max_programs, pf.units_per_program = max_programs, units
         plans = fresh_plans()
         clock.sync()
         pf.reset_stats()
-        t0 = time.perf_counter()
-        s = clock.mark()
-        if with_fetch:
-            pf.fetch(0, [seq], plans[0])
-        compute(reps)  # the previous block's last layer: layer 0's fetch overlaps it as in a running decode
         for layer in range(L):
-            if with_fetch and layer + 1 < L:
-                pf.fetch(layer + 1, [seq], plans[layer + 1])
-            if with_fetch:
-                pf.wait(layer)
-            compute(reps)
+            pf.fetch(layer, [seq], plans[layer])
+        for layer in range(L):
+            pf.wait(layer)
             pf.release(plans[layer])
-        e = clock.mark()
-        host_ms = (time.perf_counter() - t0) * 1e3
+        return pf.stats()["fetch_ms"] / L
+
+    def run_pass(reps: int, max_programs, with_fetch=True, stream=compute_stream, units=None) -> dict:
+        pf.max_programs, pf.units_per_program = max_programs, units
+        plans = fresh_plans()
+        clock.sync()
+        pf.reset_stats()
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx:
+            fetch_host = 0.0
+
+            def fetch(layer):
+                nonlocal fetch_host
+                t = time.perf_counter()
+                pf.fetch(layer, [seq], plans[layer])
+                fetch_host += time.perf_counter() - t
+
+            t0 = time.perf_counter()
+            s = clock.mark()
+            if with_fetch:
+                fetch(0)
+            compute(reps)  # the previous block's last layer: layer 0's fetch overlaps it as in a running decode
+            for layer in range(L):
+                if with_fetch and layer + 1 < L:
+                    fetch(layer + 1)
+                if with_fetch:
+                    pf.wait(layer)
+                compute(reps)
+                pf.release(plans[layer])
+            e = clock.mark()
+            host_ms = (time.perf_counter() - t0) * 1e3
         out = pf.stats()
         out.pop("cache")
-        out.update(gpu_ms=clock.ms(s, e), host_enqueue_ms=host_ms)
+        # host_enqueue_ms close to gpu_ms means the host, not the GPU, paced the pass
+        out.update(gpu_ms=clock.ms(s, e), host_enqueue_ms=host_ms, fetch_host_ms=fetch_host * 1e3)
         if with_fetch:  # spot check: the last layer's pool holds its pages
             plan = plans[L - 1]
             phys = pf.physical_pages(plan)
@@ -335,34 +416,66 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
             out["ok"] = torch.equal(bits(got), bits(store.k(L - 1)[phys, plan.miss_heads]))
         return out
 
+    caps = overlap_caps(args, sms)
+    # (max_programs, units_per_program, compute stream priority): the caps; 8 programs with twice the
+    # default tile (64 KiB in flight each: as many bytes on half the SMs); the default cap with compute
+    # on the default stream (what priorities buy)
+    units2 = 2 * gather_launch_config(p * d, 1, num_sms=sms)["units_per_program"]
+    variants = [(c, None, "high") for c in caps]
+    if not args.quick:
+        variants.append((8, units2, "high"))
+    if clock.cuda:
+        variants.append((DEFAULT_FETCH_PROGRAMS, None, "default"))
+    alone = {(c, u): transfer_alone(c, u) for c, u in {(c, u) for c, u, _ in variants}}
+    per_layer_transfer = alone[(None, None)]  # the standalone launch: compute is sized against the fastest fetch
+    layer_bytes = pf.stats()["bytes_fetched"] / L
     cases = []
     for label, ratio in (("compute>transfer", 1.5), ("compute<transfer", 0.5)):
         reps = max(1, round(ratio * per_layer_transfer / mm_ms))
         base = [run_pass(reps, None, with_fetch=False) for _ in range(2)][-1]
-        for max_programs in (None, 4 * sms):
-            res = [run_pass(reps, max_programs) for _ in range(3)]
+        for max_programs, units, prio in variants:
+            stream = compute_stream if prio == "high" else None
+            res = [run_pass(reps, max_programs, stream=stream, units=units) for _ in range(2 if args.quick else 3)]
             r = res[-1]
             hidden = statistics.median(x["hidden_fraction"] for x in res)
+            gpu_ms = statistics.median(x["gpu_ms"] for x in res)
             case = {
-                "case": label, "max_programs": max_programs, "matmul_reps": reps,
+                "case": label, "max_programs": max_programs, "units_per_program": units,
+                "compute_priority": prio, "matmul_reps": reps,
                 "compute_per_layer_ms": reps * mm_ms, "transfer_per_layer_ms": per_layer_transfer,
+                "transfer_alone_per_layer_ms": alone[(max_programs, units)],
                 "hidden_fraction": hidden, "hidden_fraction_runs": [x["hidden_fraction"] for x in res],
                 "stall_ms": r["stall_ms"], "fetch_ms": r["fetch_ms"], "fetch_GBps": r["fetch_GBps"],
-                "gpu_ms": r["gpu_ms"], "compute_only_gpu_ms": base["gpu_ms"], "transfer_only_gpu_ms": transfer_only_ms,
-                "slowdown_vs_compute_only": r["gpu_ms"] / base["gpu_ms"],
-                "host_enqueue_ms": r["host_enqueue_ms"], "ok": all(x["ok"] for x in res),
+                "gpu_ms": gpu_ms, "compute_only_gpu_ms": base["gpu_ms"],
+                "slowdown_vs_compute_only": gpu_ms / base["gpu_ms"],
+                "host_enqueue_ms": r["host_enqueue_ms"], "fetch_host_ms": r["fetch_host_ms"],
+                "compute_only_host_enqueue_ms": base["host_enqueue_ms"], "ok": all(x["ok"] for x in res),
             }
             cases.append(case)
-            print(f"overlap {label} max_programs={max_programs}: hidden {100 * hidden:.1f}% "
-                  f"gpu {r['gpu_ms']:.2f} ms vs compute-only {base['gpu_ms']:.2f} ms", flush=True)
+            print(f"overlap {label} max_programs={max_programs} units={units} compute priority {prio}: "
+                  f"hidden {100 * hidden:.1f}% "
+                  f"gpu {gpu_ms:.2f} ms vs compute-only {base['gpu_ms']:.2f} ms "
+                  f"(x{case['slowdown_vs_compute_only']:.2f}), fetch {r['fetch_GBps']:.1f} GB/s, host enqueue "
+                  f"{r['host_enqueue_ms']:.1f} ms of which fetch() {r['fetch_host_ms']:.1f}", flush=True)
     store.close()
+    # the pick: among caps with compute on the high-priority stream, hidden >= 90% when compute > transfer,
+    # then the smallest slowdown (ties within 2%: the fewer programs)
+    cand = [c for c in cases if c["case"] == "compute>transfer" and c["compute_priority"] == "high"
+            and c["units_per_program"] is None]
+    good = [c for c in cand if c["hidden_fraction"] >= 0.9] or cand
+    best_slow = min(c["slowdown_vs_compute_only"] for c in good)
+    near = [c for c in good if c["slowdown_vs_compute_only"] <= best_slow * 1.02]
+    pick = min(near, key=lambda c: (c["max_programs"] is None, c["max_programs"] or 0))
     return {
         "layers": L, "page_size": p, "fraction": args.overlap_fraction, "context": args.overlap_context,
         "units_per_layer": units, "MB_per_layer": layer_bytes / 1e6, "matmul_ms": mm_ms,
-        "transfer_per_layer_ms": per_layer_transfer, "transfer_only_gpu_ms": transfer_only_ms,
-        "store_setup_s": setup_s, "cases": cases,
+        "transfer_per_layer_ms": per_layer_transfer,
+        "transfer_alone_per_layer_ms": {f"{c}/{u}": ms for (c, u), ms in alone.items()},
+        "store_setup_s": setup_s, "cases": cases, "prefetcher_default": DEFAULT_FETCH_PROGRAMS,
+        "recommended_max_programs": pick["max_programs"],
         "note": "hidden = (fetch time - compute-stream stall) / fetch time, from CUDA events; layer 0's fetch "
-                "overlaps a stand-in for the previous block's last layer",
+                "overlaps a stand-in for the previous block's last layer; compute on Prefetcher.compute_stream "
+                "(high priority) unless compute_priority says default",
     }
 
 
@@ -374,26 +487,45 @@ def print_tables(res: dict) -> None:
     print("\n== pinned copy (1 GiB, tensor.copy_): host->GPU {:.1f} GB/s, GPU->host {:.1f} GB/s".format(
         c["h2d_GBps"], c["d2h_GBps"]))
     print("\n== gather_pages: pinned host -> GPU pool through UVA (target >= 90% of copy at 16-token pages)")
-    print(f"{'page':>5} {'frac':>5} {'units':>7} {'MB':>7} {'GB/s':>7} {'%copy':>6} {'ok':>5}  best launch")
+    print(f"{'page':>5} {'frac':>5} {'units':>7} {'MB':>7} {'best GB/s':>9} {'%copy':>6} {'default':>8} "
+          f"{'old':>6} {'HostAlloc':>9} {'ok':>5}  best launch")
     for r in res["gather"]:
-        print(f"{r['page_size']:>5} {r['fraction']:>5.2f} {r['units']:>7} {r['MB']:>7.1f} {r['GBps']:>7.1f} "
-              f"{100 * r['ratio_to_copy']:>5.0f}% {str(r['ok']):>5}  {r['best_config']}")
+        print(f"{r['page_size']:>5} {r['fraction']:>5.2f} {r['units']:>7} {r['MB']:>7.1f} {r['GBps']:>9.1f} "
+              f"{100 * r['ratio_to_copy']:>5.0f}% {r['default_GBps']:>8.1f} {r['legacy_GBps']:>6.1f} "
+              f"{r['host_alloc_src_GBps']:>9.1f} {str(r['ok']):>5}  {r['best_label']}")
+    print("  (default: gather_pages' defaults; old: one program per unit; HostAlloc: best launch reading a "
+          "cudaHostAlloc copy instead of the cudaHostRegister'ed store)")
+    grids = sorted({g for r in res["gather"] for g in r["best_by_grid"]})
+    print(f"\n   best GB/s per grid size: {'page':>5} {'frac':>5} " + " ".join(f"{g:>8}" for g in grids))
+    for r in res["gather"]:
+        print(f"{'':>27}{r['page_size']:>5} {r['fraction']:>5.2f} " + " ".join(
+            f"{r['best_by_grid'][g]['GBps']:>8.1f}" if g in r["best_by_grid"] else f"{'-':>8}" for g in grids))
     print(f"\n== write_tokens: GPU -> pinned host, {res['write'][0]['tokens']}-token block x "
           f"{res['write'][0]['layers']} layers (16-token pages, mid-page start)")
-    print(f"{'rows':>5} {'MB':>7} {'1-launch GB/s':>14} {'per-layer GB/s':>15} {'contig D2H GB/s':>16} "
-          f"{'%1GiB D2H':>10} {'ok':>5}")
+    print(f"{'rows':>5} {'MB':>7} {'1-launch GB/s':>14} {'per-layer GB/s':>15} {'store.write GB/s':>17} "
+          f"{'contig D2H GB/s':>16} {'%1GiB D2H':>10} {'ok':>5}")
     for r in res["write"]:
         print(f"{r['rows']:>5} {r['MB']:>7.2f} {r['one_launch_GBps']:>14.1f} {r['per_layer_GBps']:>15.1f} "
-              f"{r['contiguous_d2h_GBps']:>16.1f} {100 * r['ratio_to_1GiB_d2h']:>9.0f}% {str(r['ok']):>5}")
+              f"{r['store_write_GBps']:>17.1f} {r['contiguous_d2h_GBps']:>16.1f} "
+              f"{100 * r['ratio_to_1GiB_d2h']:>9.0f}% {str(r['ok']):>5}")
     o = res["overlap"]
     print(f"\n== prefetcher overlap: {o['layers']} layers, {o['page_size']}-token pages, {o['fraction']:.0%} of "
           f"{o['context']} tokens = {o['MB_per_layer']:.1f} MB/layer (target hidden >= 90% when compute > transfer)")
-    print(f"{'case':>17} {'max_prog':>8} {'xfer/layer ms':>13} {'compute/layer ms':>16} {'hidden':>7} "
-          f"{'gpu ms':>8} {'compute-only ms':>15} {'slowdown':>8} {'ok':>5}")
+    print(f"{'case':>17} {'max_prog':>8} {'units':>5} {'prio':>7} {'xfer alone ms':>13} {'compute/layer ms':>16} "
+          f"{'hidden':>7} "
+          f"{'fetch GB/s':>10} {'gpu ms':>8} {'compute-only ms':>15} {'slowdown':>8} {'host ms':>8} {'ok':>5}")
     for r in o["cases"]:
-        print(f"{r['case']:>17} {str(r['max_programs']):>8} {r['transfer_per_layer_ms']:>13.3f} "
-              f"{r['compute_per_layer_ms']:>16.3f} {100 * r['hidden_fraction']:>6.1f}% {r['gpu_ms']:>8.2f} "
-              f"{r['compute_only_gpu_ms']:>15.2f} {r['slowdown_vs_compute_only']:>8.2f} {str(r['ok']):>5}")
+        xa = r["transfer_alone_per_layer_ms"]
+        print(f"{r['case']:>17} {str(r['max_programs']):>8} {str(r['units_per_program'] or 'dflt'):>5} "
+              f"{r['compute_priority']:>7} "
+              f"{(f'{xa:.3f}' if xa is not None else '-'):>13} {r['compute_per_layer_ms']:>16.3f} "
+              f"{100 * r['hidden_fraction']:>6.1f}% {r['fetch_GBps']:>10.1f} {r['gpu_ms']:>8.2f} "
+              f"{r['compute_only_gpu_ms']:>15.2f} {r['slowdown_vs_compute_only']:>8.2f} "
+              f"{r['host_enqueue_ms']:>8.1f} {str(r['ok']):>5}")
+    print(f"  max_prog None = gather_pages' standalone default (2 per SM); prio high = compute on "
+          f"Prefetcher.compute_stream. Prefetcher default max_programs = {o['prefetcher_default']}; "
+          f"this run recommends {o['recommended_max_programs']} (hidden >= 90% when compute > transfer, then the "
+          "smallest slowdown, then the fewest programs)")
 
 
 def main(argv=None) -> int:

@@ -25,43 +25,67 @@ _VEC_BYTES = 16  # widest global access; alignment hints aim for it
 
 
 @triton.jit
+def _gather_task(
+    t, chunks, rows, num_units,
+    page_ids, head_ids, slot_ids, layer_ids,
+    s_src_layer, s_src_page, s_src_head, s_dst_layer, s_dst_slot,
+    HAS_LAYER: tl.constexpr, UNITS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+):
+    # Task t = chunk (t % chunks) of units [g*UNITS, g*UNITS + UNITS), g = t // chunks.
+    # Returns per-unit source/destination element offsets [UNITS] (int64: a 128K-token store
+    # overflows int32), the chunk index and the unit mask (tasks past the end are fully masked).
+    g = t // chunks
+    c = t % chunks
+    u = g * UNITS + rows
+    umask = u < num_units
+    page = tl.load(page_ids + u, mask=umask, other=0).to(tl.int64)
+    head = tl.load(head_ids + u, mask=umask, other=0).to(tl.int64)
+    slot = tl.load(slot_ids + u, mask=umask, other=0).to(tl.int64)
+    chunk_off = c.to(tl.int64) * BLOCK
+    src_off = page * s_src_page + head * s_src_head + chunk_off
+    dst_off = slot * s_dst_slot + chunk_off
+    if HAS_LAYER:
+        layer = tl.load(layer_ids + u, mask=umask, other=0).to(tl.int64)
+        src_off += layer * s_src_layer
+        dst_off += layer * s_dst_layer
+    # Unit bases and BLOCK are multiples of ALIGN elements (the wrapper checks): 16-byte accesses.
+    return tl.multiple_of(src_off, ALIGN), tl.multiple_of(dst_off, ALIGN), c, umask
+
+
+@triton.jit
 def _gather_pages_kernel(
     src_k, src_v, dst_k, dst_v,
     page_ids, head_ids, slot_ids, layer_ids,
-    num_units,
+    num_units, num_tasks, chunks,
     s_src_layer, s_src_page, s_src_head,
     s_dst_layer, s_dst_slot,
     unit_elems,
-    HAS_LAYER: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, EVEN: tl.constexpr,
+    HAS_LAYER: tl.constexpr, UNITS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
-    # Program (p, c) copies chunk c (BLOCK elements) of units p, p + grid0, ... for K and V both.
-    # A grid of one program per unit runs each loop once; a smaller grid leaves SMs to concurrent compute.
-    chunk = tl.program_id(1)
-    offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    for u in tl.range(tl.program_id(0), num_units, tl.num_programs(0)):
-        page = tl.load(page_ids + u).to(tl.int64)
-        head = tl.load(head_ids + u).to(tl.int64)
-        slot = tl.load(slot_ids + u).to(tl.int64)
-        src_off = page * s_src_page + head * s_src_head
-        dst_off = slot * s_dst_slot
-        if HAS_LAYER:
-            layer = tl.load(layer_ids + u).to(tl.int64)
-            src_off += layer * s_src_layer
-            dst_off += layer * s_dst_layer
-        # Unit bases are multiples of ALIGN elements (checked by the wrapper): 16-byte-wide accesses.
-        src_off = tl.multiple_of(src_off, ALIGN)
-        dst_off = tl.multiple_of(dst_off, ALIGN)
+    # Persistent: program p copies tasks p, p + G, p + 2G, ... (G programs). A task is one BLOCK-element
+    # chunk of UNITS units, K and V, as two [UNITS, BLOCK] tiles: all 2*UNITS loads of a task are in
+    # flight before its stores wait on them, and the next task's ids (device memory) are loaded while
+    # the current task's loads (host memory over PCIe) are outstanding. Few programs with many bytes
+    # each keep PCIe busy while leaving most SMs to concurrent compute.
+    rows = tl.arange(0, UNITS)
+    cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK), BLOCK), BLOCK)
+    src_off, dst_off, c, umask = _gather_task(
+        tl.program_id(0), chunks, rows, num_units, page_ids, head_ids, slot_ids, layer_ids,
+        s_src_layer, s_src_page, s_src_head, s_dst_layer, s_dst_slot, HAS_LAYER, UNITS, BLOCK, ALIGN)
+    for t in tl.range(tl.program_id(0), num_tasks, tl.num_programs(0)):
         if EVEN:
-            k = tl.load(src_k + src_off + offs)
-            v = tl.load(src_v + src_off + offs)
-            tl.store(dst_k + dst_off + offs, k)
-            tl.store(dst_v + dst_off + offs, v)
+            mask = tl.broadcast_to(umask[:, None], (UNITS, BLOCK))  # constant along a row: 16-byte vectors stay
         else:
-            mask = offs < unit_elems
-            k = tl.load(src_k + src_off + offs, mask=mask)
-            v = tl.load(src_v + src_off + offs, mask=mask)
-            tl.store(dst_k + dst_off + offs, k, mask=mask)
-            tl.store(dst_v + dst_off + offs, v, mask=mask)
+            mask = umask[:, None] & ((c * BLOCK + cols)[None, :] < unit_elems)
+        k = tl.load(src_k + src_off[:, None] + cols[None, :], mask=mask)
+        v = tl.load(src_v + src_off[:, None] + cols[None, :], mask=mask)
+        dst_cur = dst_off
+        src_off, dst_off, c, umask = _gather_task(
+            t + tl.num_programs(0), chunks, rows, num_units, page_ids, head_ids, slot_ids, layer_ids,
+            s_src_layer, s_src_page, s_src_head, s_dst_layer, s_dst_slot, HAS_LAYER, UNITS, BLOCK, ALIGN)
+        tl.store(dst_k + dst_cur[:, None] + cols[None, :], k, mask=mask)
+        tl.store(dst_v + dst_cur[:, None] + cols[None, :], v, mask=mask)
 
 
 @triton.jit
@@ -183,6 +207,52 @@ def _gather_layout(src_k, dst_k, layer_ids):
     )
 
 
+def _sm_count(dev: torch.device) -> int:
+    return torch.cuda.get_device_properties(dev).multi_processor_count
+
+
+def gather_launch_config(
+    unit_elems: int,
+    num_units: int,
+    *,
+    num_sms: int,
+    block: int | None = None,
+    num_warps: int | None = None,
+    max_programs: int | None = None,
+    units_per_program: int | None = None,
+) -> dict:
+    """The launch shape ``gather_pages`` uses for ``num_units`` units of ``unit_elems`` (P*D) elements.
+
+    Defaults: ``block`` = min(P*D rounded up to a power of two, 4096) elements per chunk;
+    ``units_per_program`` = 8192 // block (at least 1, at most 8), so one task moves 2 x 8192
+    elements (32 KiB of bf16 K+V) with every load in flight at once; ``num_warps`` 8 for such tiles
+    (4 for smaller); ``max_programs`` = 2 per SM (``num_sms``). Returns the resolved values plus
+    ``tasks`` (units/UNITS x chunks), ``chunks`` and ``grid`` (programs launched).
+    """
+    if block is None:
+        block = min(triton.next_power_of_2(unit_elems), 4096)
+    if block <= 0 or block & (block - 1):
+        raise ValueError(f"block must be a power of two, got {block}")
+    if units_per_program is None:
+        units_per_program = max(1, min(8, 8192 // block))
+    if units_per_program <= 0 or units_per_program & (units_per_program - 1):
+        raise ValueError(f"units_per_program must be a power of two, got {units_per_program}")
+    if num_warps is None:
+        num_warps = 8 if units_per_program * block >= 8192 else 4
+    if num_warps <= 0 or num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps must be a power of two, got {num_warps}")
+    if max_programs is None:
+        max_programs = 2 * num_sms
+    if max_programs <= 0:
+        raise ValueError(f"max_programs must be positive, got {max_programs}")
+    chunks = triton.cdiv(unit_elems, block)
+    tasks = triton.cdiv(num_units, units_per_program) * chunks
+    return {
+        "block": block, "units_per_program": units_per_program, "num_warps": num_warps,
+        "max_programs": max_programs, "chunks": chunks, "tasks": tasks, "grid": max(1, min(tasks, max_programs)),
+    }
+
+
 def gather_pages(
     src_k: torch.Tensor | HostPointer,
     src_v: torch.Tensor | HostPointer,
@@ -197,6 +267,7 @@ def gather_pages(
     block: int | None = None,
     num_warps: int | None = None,
     max_programs: int | None = None,
+    units_per_program: int | None = None,
 ) -> None:
     """Copy (page, head) units of a paged store into pool slots, K and V in one launch.
 
@@ -208,8 +279,12 @@ def gather_pages(
 
     Runs asynchronously on the current CUDA stream. ``validate`` checks id ranges first (this reads
     the ids: a device sync when they are on the GPU); out-of-range ids without it corrupt memory.
-    ``block``/``num_warps`` override the launch shape; ``max_programs`` caps the programs per chunk
-    (each then loops over several units), leaving SMs to compute running concurrently.
+    Launch shape (see ``gather_launch_config`` for the defaults): a persistent grid of at most
+    ``max_programs`` programs, each copying ``units_per_program`` units x ``block`` elements of K and
+    V per step with ``num_warps`` warps. A small ``max_programs`` (e.g. 16) leaves the other SMs to
+    compute running concurrently; each program then keeps its whole tile in flight over PCIe.
+    Host index tensors are pinned (torch's pinned allocator) and uploaded on the current stream;
+    callers on a hot path pass device tensors.
     """
     launch_args = (src_k, src_v, dst_k, dst_v)  # HostPointers stay wrapped for the launch
     src_k, src_v, dst_k, dst_v = (host_tensor(x) for x in launch_args)
@@ -228,6 +303,13 @@ def gather_pages(
     _check_index(slot_ids, "slot_ids", m)
     if multi:
         _check_index(layer_ids, "layer_ids", m)
+    gpu = needs_gpu_launch(src_k, dst_k, page_ids)
+    dev = launch_device(src_k, dst_k, page_ids, head_ids, slot_ids) if gpu else None
+    p, d = src_k.shape[-2], src_k.shape[-1]
+    unit = p * d
+    # Without a GPU (the interpreter runs programs one after another) a few programs suffice.
+    cfg = gather_launch_config(unit, m, num_sms=_sm_count(dev) if gpu else 2, block=block, num_warps=num_warps,
+                               max_programs=max_programs, units_per_program=units_per_program)
     if m == 0:
         return
     num_pages, hkv = src_k.shape[-4], src_k.shape[-3]
@@ -238,35 +320,24 @@ def gather_pages(
         if multi:
             _check_range(layer_ids, "layer_ids", src_k.shape[0])
 
-    p, d = src_k.shape[-2], src_k.shape[-1]
-    unit = p * d
     s_src_layer = src_k.stride(0) if multi else 0
     s_dst_layer = dst_k.stride(0) if multi else 0
     s_src_page, s_src_head = src_k.stride(-4), src_k.stride(-3)
     s_dst_slot = dst_k.stride(-3)
-    align = _pow2_align([unit, s_src_page, s_src_head, s_dst_slot, s_src_layer, s_dst_layer], src_k.element_size())
-    if block is None:
-        block = min(triton.next_power_of_2(unit), 4096)
-    if block <= 0 or block & (block - 1):
-        raise ValueError(f"block must be a power of two, got {block}")
-    if num_warps is None:
-        num_warps = 4 if block <= 2048 else 8
-    if max_programs is not None and max_programs <= 0:
-        raise ValueError(f"max_programs must be positive, got {max_programs}")
-
-    gpu = needs_gpu_launch(src_k, dst_k, page_ids)
+    align = _pow2_align([unit, cfg["block"], s_src_page, s_src_head, s_dst_slot, s_src_layer, s_dst_layer],
+                        src_k.element_size())
     ids = [page_ids, head_ids, slot_ids] + ([layer_ids] if multi else [])
     if gpu:
-        dev = launch_device(src_k, dst_k, page_ids, head_ids, slot_ids)
         ids = [_to_device(t, dev) for t in ids]
     if not multi:
         ids.append(ids[0])  # unused layer_ids pointer (HAS_LAYER is off)
     args = [kernel_arg(t, n, gpu) for t, n in zip(launch_args, ("src_k", "src_v", "dst_k", "dst_v"))]
-    grid = (m if max_programs is None else min(m, max_programs), triton.cdiv(unit, block))
-    launch = lambda: _gather_pages_kernel[grid](  # noqa: E731
-        *args, *ids, m,
+    block = cfg["block"]
+    launch = lambda: _gather_pages_kernel[(cfg["grid"],)](  # noqa: E731
+        *args, *ids, m, cfg["tasks"], cfg["chunks"],
         s_src_layer, s_src_page, s_src_head, s_dst_layer, s_dst_slot, unit,
-        HAS_LAYER=multi, BLOCK=block, ALIGN=align, EVEN=(unit % block == 0), num_warps=num_warps,
+        HAS_LAYER=multi, UNITS=cfg["units_per_program"], BLOCK=block, ALIGN=align, EVEN=(unit % block == 0),
+        num_warps=cfg["num_warps"],
     )
     if gpu:
         with torch.cuda.device(dev):

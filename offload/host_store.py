@@ -57,6 +57,81 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+class IndexUploader:
+    """Uploads small host index arrays (page tables, positions, unit ids) to one GPU through a reused
+    pinned ring buffer, so repeated uploads allocate no new pinned memory.
+
+    Why: a pageable tensor's ``.to(device, non_blocking=True)`` blocks the host until the stream
+    drains, and pinning each array (``tensor.pin_memory()``) takes a block from torch's pinned
+    cache per power-of-two size class and per copy still in flight, so the cache keeps growing with
+    new table sizes and with how far the host runs ahead. Here each upload packs its arrays into
+    the next free region of one int32 ring (``capacity`` elements, doubled when a single upload
+    needs more: bounded by the largest upload), issues one host-to-device copy on the current
+    stream and records an event; a region is rewritten only after the copy that read it finished
+    (the host waits on that event, which happens only when the ring wraps onto an unfinished copy).
+    The returned device tensors come from torch's caching allocator on the current stream.
+    """
+
+    def __init__(self, device: torch.device | str, capacity: int = 1 << 18) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.device = torch.device(device)
+        self.capacity = int(capacity)
+        self._buf: torch.Tensor | None = None  # pinned lazily: a store that never uploads pins nothing
+        self._head = 0
+        self._inflight: list[tuple[int, int, torch.cuda.Event]] = []  # (start, end, copy done)
+        self.num_grows = 0
+
+    def _reserve(self, n: int) -> int:
+        if n > self.capacity or self._buf is None:
+            if n > self.capacity:
+                self.capacity = _pow2_ceil(n)
+                self.num_grows += 1
+            for _, _, ev in self._inflight:  # copies from the old buffer must finish before it is freed
+                ev.synchronize()
+            self._inflight.clear()
+            self._buf = torch.empty(self.capacity, dtype=torch.int32, pin_memory=True)
+            self._head = 0
+        if self._head + n > self.capacity:
+            self._head = 0
+        a, b = self._head, self._head + n
+        keep = []
+        for s, e, ev in self._inflight:
+            if ev.query():
+                continue  # finished: the region is free
+            if s < b and a < e:
+                ev.synchronize()  # the ring wrapped onto a copy still in flight
+                continue
+            keep.append((s, e, ev))
+        self._inflight = keep
+        self._head = b
+        return a
+
+    def upload(self, arrays: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy host integer tensors to the device as int32 (each keeps its shape); one copy on the
+        current stream. Values must fit in int32 (page ids, slots, positions do)."""
+        sizes = [int(t.numel()) for t in arrays]
+        n = sum(sizes)
+        if n == 0:
+            return [torch.empty(t.shape, dtype=torch.int32, device=self.device) for t in arrays]
+        a = self._reserve(n)
+        host = self._buf[a:a + n]
+        off = 0
+        for t, sz in zip(arrays, sizes):
+            host[off:off + sz].copy_(t.reshape(-1))
+            off += sz
+        dev = torch.empty(n, dtype=torch.int32, device=self.device)
+        dev.copy_(host, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self._inflight.append((a, a + n, ev))
+        out, off = [], 0
+        for t, sz in zip(arrays, sizes):
+            out.append(dev[off:off + sz].view(t.shape))
+            off += sz
+        return out
+
+
 class HostKVStore:
     """All layers' paged K/V in (pinned) host memory plus per-sequence page tables.
 
@@ -114,6 +189,7 @@ class HostKVStore:
         self._tables: dict[Hashable, list[int]] = {}
         self._ntok: dict[Hashable, int] = {}
         self._table_t: dict[Hashable, torch.Tensor] = {}  # cached int32 tables (hot path: every fetch)
+        self._uploaders: dict[torch.device, IndexUploader] = {}  # page tables for GPU writes, per device
         self._closed = False
 
     # ------------------------------------------------------------------------------------------
@@ -340,13 +416,26 @@ class HostKVStore:
         if k_new.dtype != self.dtype:
             raise ValueError(f"k_new dtype {k_new.dtype} differs from the store's {self.dtype}")
         table = self.page_tables(seq_ids)
-        start = torch.tensor(starts, dtype=torch.int64)
+        start = torch.tensor(starts, dtype=torch.int32)
         dst_k, dst_v = (self._k, self._v) if layer is None else (self._k[layer], self._v[layer])
         if k_new.is_cuda and self.pinned:
+            # page table and starts go up in one copy through a reused pinned ring (no pinned allocation
+            # per write: host pinned memory stays flat across requests)
+            table, start = self.uploader(k_new.device).upload([table, start])
             write_tokens(self._kernel_view(dst_k), self._kernel_view(dst_v), table, start, k_new, v_new,
                          validate=False)
         else:
             write_tokens_reference(dst_k, dst_v, table, start, k_new.cpu(), v_new.cpu())
+
+    def uploader(self, device: torch.device | str) -> IndexUploader:
+        """The store's ``IndexUploader`` for ``device`` (made on first use)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        up = self._uploaders.get(device)
+        if up is None:
+            up = self._uploaders[device] = IndexUploader(device)
+        return up
 
     def read(self, seq_id: Hashable, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of positions ``[start, end)``: two ``[Hkv, end-start, D]`` host tensors (copies).
@@ -379,6 +468,7 @@ class HostKVStore:
         self._tables.clear()
         self._ntok.clear()
         self._table_t.clear()
+        self._uploaders.clear()
         self._free = []
 
     def __enter__(self) -> HostKVStore:

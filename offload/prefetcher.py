@@ -3,7 +3,9 @@
 - ``fetch`` gathers a plan's misses from pinned host memory (zero-copy UVA kernel) on the fetch
   stream and records one event per layer; ``wait(layer)`` makes the compute stream wait on that
   layer's event only, so layer l's attention starts as soon as layer l's pages are in.
-- ``commit`` writes a finished block's K/V to the host store on the commit stream.
+- ``commit_block`` writes a finished block's K/V of every layer to the host store in one kernel
+  launch on the commit stream (the decode path); ``commit`` with a layer is for prefill, where
+  each layer's K/V exist before the next layer runs.
 - ``release`` unpins a plan and records where on the compute stream its slots stop being read;
   a later fetch that may overwrite those slots waits on that point first.
 - ``drop_sequence`` frees a sequence's slots and host pages only once its in-flight transfers
@@ -11,6 +13,13 @@
 
 Counters use CUDA events: transfer time is the fetch kernels' time on the fetch stream; stall time
 is how long the compute stream sat in ``wait``; hidden = transfer - stall.
+
+Sharing the GPU with compute: the UVA gather keeps its warps resident while they wait on PCIe, so
+a gather launched over every SM starves the compute it should hide behind. The prefetcher therefore
+launches it as a small persistent grid (``max_programs``, default ``DEFAULT_FETCH_PROGRAMS``), each
+program keeping a 32 KiB K+V tile in flight, and puts the fetch and commit streams at the lowest
+priority; compute should run on ``compute_stream`` (high priority), so that the block scheduler
+places compute blocks before pending transfer blocks.
 
 Without CUDA (device "cpu") the same API runs synchronously with torch indexing.
 All compute is assumed to run on one stream (the current stream when the methods are called).
@@ -28,6 +37,17 @@ from gpu_kernels.page_copy import gather_pages, gather_pages_reference
 from .host_store import HostKVStore
 from .page_cache import CachePlan, GpuPageCache
 
+# Programs of the prefetcher's gather (a persistent grid). Why 16: PCIe Gen5 x16 moves ~52 GB/s and a
+# loaded UVA read takes a few microseconds, so ~150-250 KB must be in flight to keep the link busy;
+# 16 programs x 32 KiB (the default tile: K+V of 4 units of 16-token pages or 2 of 32-token pages)
+# = 512 KiB is 2-3x that, while 16 programs hold at most 16 of an H100's 132 SMs (12%; a GEMM CTA that
+# takes a whole SM cannot share one with a gather program). 8 programs (256 KiB in flight, 6% of the
+# SMs) leave little margin for latency spikes; 32+ take SMs from compute for no more bandwidth. If
+# the GPU sweep (benchmarks.transfer, "overlap" table) shows 8 hiding as much, 8 is the better default.
+DEFAULT_FETCH_PROGRAMS = 16
+# CUDA stream priorities: lower is more urgent; 0 is the default streams' (and the lowest) priority.
+_LOW_PRIORITY, _HIGH_PRIORITY = 0, -1
+
 
 class Prefetcher:
     """Fetch stream + commit stream between a ``HostKVStore`` and a ``GpuPageCache``."""
@@ -37,10 +57,13 @@ class Prefetcher:
         store: HostKVStore,
         cache: GpuPageCache,
         device: torch.device | str | None = None,
-        max_programs: int | None = None,
+        max_programs: int | None = DEFAULT_FETCH_PROGRAMS,
+        units_per_program: int | None = None,
     ) -> None:
-        """``max_programs`` caps the gather kernel's grid (see ``gather_pages``) so fetches leave SMs to
-        the compute they overlap with; None launches one program per (page, head) unit."""
+        """``max_programs`` / ``units_per_program``: the gather kernel's persistent grid and per-step
+        tile (see ``gather_pages``); few programs leave the SMs to the compute fetches overlap with.
+        None: ``gather_pages``' standalone defaults (2 programs per SM, for a GPU with nothing else
+        to do)."""
         device = cache.device if device is None else torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -60,13 +83,19 @@ class Prefetcher:
         if mismatch:
             raise ValueError("store and cache disagree: " + ", ".join(f"{n} {a} vs {b}" for n, a, b in mismatch))
         self.store, self.cache, self.device = store, cache, device
-        self.max_programs = max_programs
+        if max_programs is not None and max_programs <= 0:
+            raise ValueError(f"max_programs must be positive or None, got {max_programs}")
+        self.max_programs, self.units_per_program = max_programs, units_per_program
         self.cuda = device.type == "cuda"
         if self.cuda:
             if not store.pinned:
                 raise ValueError("a GPU prefetcher needs a pinned HostKVStore (pin_memory=None or True)")
-            self.fetch_stream = torch.cuda.Stream(device)
-            self.commit_stream = torch.cuda.Stream(device)
+            # Transfers at the lowest priority; compute_stream above them (the default stream already
+            # has the lowest priority, so compute must move up for the scheduler to favour it).
+            self.fetch_stream = torch.cuda.Stream(device, priority=_LOW_PRIORITY)
+            self.commit_stream = torch.cuda.Stream(device, priority=_LOW_PRIORITY)
+            self.compute_stream = torch.cuda.Stream(device, priority=_HIGH_PRIORITY)
+            self._uploader = store.uploader(device)  # unit ids go up through a reused pinned ring
         self.unit_bytes = 2 * store.page_size * store.head_dim * torch.empty((), dtype=store.dtype).element_size()
         self._layer_event: dict[int, torch.cuda.Event] = {}  # last fetch of each layer
         self._release_event: dict[int, torch.cuda.Event] = {}  # last release of each layer (compute stream)
@@ -201,7 +230,7 @@ class Prefetcher:
             self.stall_ms += ms  # synchronous: compute waited for all of it
         else:
             k_src, v_src = self.store.kernel_k(layer), self.store.kernel_v(layer)
-            ids = torch.stack([phys, plan.miss_heads, plan.miss_slots]).to(torch.int32).pin_memory()
+            ids = torch.stack([phys, plan.miss_heads, plan.miss_slots])
             stream = self.fetch_stream
             with torch.cuda.device(self.device), torch.cuda.stream(stream):
                 rel = self._release_event.get(layer)
@@ -211,9 +240,9 @@ class Prefetcher:
                     stream.wait_event(self._last_commit)  # a fetched page may have just been committed
                 start, end = self._event(), self._event()
                 start.record(stream)
-                ids_dev = ids.to(self.device, non_blocking=True)
+                (ids_dev,) = self._uploader.upload([ids])
                 gather_pages(k_src, v_src, ids_dev[0], ids_dev[1], k_dst, v_dst, ids_dev[2], validate=False,
-                             max_programs=self.max_programs)
+                             max_programs=self.max_programs, units_per_program=self.units_per_program)
                 end.record(stream)
             self._layer_event[layer] = end
             self._timed.append(("fetch", start, end, nbytes))
@@ -246,6 +275,23 @@ class Prefetcher:
     # ------------------------------------------------------------------------------------------
     # commit
 
+    def commit_block(
+        self,
+        seq_ids: Sequence[Hashable],
+        start_pos: int | Sequence[int],
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:
+        """Write a finished block of every layer to the host store in one kernel launch (the decode path):
+        k, v ``[L, N, Hkv, T, D]`` at ``start_pos`` (int or one per row). One launch over all layers
+        moves a 32-token block at ~20 GB/s where a launch per layer is launch-bound (~1 GB/s at N=1)."""
+        if k.dim() != 5 or k.shape[0] != self.store.num_layers:
+            raise ValueError(
+                f"commit_block takes k, v [L={self.store.num_layers}, N, Hkv, T, D]; got {tuple(k.shape)} "
+                "(per-layer writes during prefill go through commit(seq_ids, layer, ...))"
+            )
+        self.commit(seq_ids, None, start_pos, k, v)
+
     def commit(
         self,
         seq_ids: Sequence[Hashable],
@@ -254,10 +300,11 @@ class Prefetcher:
         k: torch.Tensor,
         v: torch.Tensor,
     ) -> None:
-        """Write a finished block to the host store: k, v ``[N, Hkv, T, D]`` (``[L, N, Hkv, T, D]`` when
-        ``layer`` is None) at ``start_pos`` (int or one per row). The store must already hold the
-        positions (extend first). On the GPU this runs on the commit stream after the work already
-        enqueued on the current stream, and k/v stay allocated until the copy is done."""
+        """Write K/V to the host store: k, v ``[N, Hkv, T, D]`` for one ``layer`` (prefill, layer by
+        layer), or ``[L, N, Hkv, T, D]`` when ``layer`` is None (one launch; see ``commit_block``)
+        at ``start_pos`` (int or one per row). The store must already hold the positions (extend
+        first). On the GPU this runs on the commit stream after the work already enqueued on the
+        current stream, and k/v stay allocated until the copy is done."""
         seq_ids = list(seq_ids)
         self._check_live(seq_ids)
         self.poll()

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 from gpu_kernels._uva import HostPointer, kernel_arg  # noqa: E402
 from gpu_kernels.page_copy import (  # noqa: E402
+    gather_launch_config,
     gather_pages,
     gather_pages_reference,
     write_tokens,
@@ -69,9 +70,13 @@ def test_gather_pages_matches_reference(dtype, shape):
     assert not out_k[slots].isnan().any() and out_k.isnan().sum() == (num_slots - m) * p * d
 
 
-@pytest.mark.parametrize("block,max_programs", [(None, None), (16, None), (32, 3), (64, 1)])
-def test_gather_pages_block_sizes_and_strided_views(block, max_programs):
-    # P*D = 72: every block leaves a masked tail; max_programs < M makes programs loop over units
+@pytest.mark.parametrize(
+    "block,max_programs,units",
+    [(None, None, None), (16, None, 1), (32, 3, 2), (64, 1, 4), (128, 2, 8), (16, 5, 16)],
+)
+def test_gather_pages_block_sizes_and_strided_views(block, max_programs, units):
+    # P*D = 72: every block leaves a masked tail; max_programs < tasks makes programs loop over tasks;
+    # units (per program step) that do not divide M = 8 or exceed it leave masked rows
     gen = torch.Generator().manual_seed(7)
     L, num_pages, hkv, p, d, num_slots, m = 3, 10, 2, 3, 24, 12, 8
     store_k = torch.randn(L, num_pages, hkv, p, d, generator=gen, dtype=torch.float16)
@@ -83,9 +88,44 @@ def test_gather_pages_block_sizes_and_strided_views(block, max_programs):
     store_k, store_v = _dev(store_k, store_v)
     # per-layer views of larger tensors: non-trivial outer strides and storage offsets
     gather_pages(store_k[1], store_v[1], pages, heads, pool_k[2], pool_v[2], slots,
-                 block=block, num_warps=1 if block else None, max_programs=max_programs)
+                 block=block, num_warps=1 if block else None, max_programs=max_programs, units_per_program=units)
     gather_pages_reference(store_k[1], store_v[1], pages, heads, ref_k[2], ref_v[2], slots)
     assert _same(pool_k, ref_k) and _same(pool_v, ref_v)
+
+
+@pytest.mark.parametrize("units,max_programs", [(1, 1), (2, 3), (4, 2), (8, None)])
+def test_gather_pages_even_chunks_persistent_multi_layer(units, max_programs):
+    # P*D = 64 split into 4 chunks of 16 (EVEN, no column mask); 13 units over 3 layers, so several
+    # tasks per program and a last group with masked rows
+    gen = torch.Generator().manual_seed(units)
+    L, num_pages, hkv, p, d, num_slots, m = 3, 9, 2, 4, 16, 7, 13
+    src_k = torch.randn(L, num_pages, hkv, p, d, generator=gen, dtype=torch.float16)
+    src_v = torch.randn(L, num_pages, hkv, p, d, generator=gen, dtype=torch.float16)
+    flat = torch.randperm(L * num_slots, generator=gen)[:m]  # distinct (layer, slot) targets
+    layers, slots = flat // num_slots, flat % num_slots
+    pages = torch.randint(0, num_pages, (m,), generator=gen)
+    heads = torch.randint(0, hkv, (m,), generator=gen)
+    out_k, out_v = _poisoned((L, num_slots, p, d), torch.float16, DEV), _poisoned((L, num_slots, p, d), torch.float16, DEV)
+    ref_k, ref_v = out_k.clone(), out_v.clone()
+    src_k, src_v, pages, heads, slots, layers = _dev(src_k, src_v, pages, heads, slots, layers)
+    gather_pages(src_k, src_v, pages, heads, out_k, out_v, slots, layers, block=16, num_warps=1,
+                 max_programs=max_programs, units_per_program=units)
+    gather_pages_reference(src_k, src_v, pages, heads, ref_k, ref_v, slots, layers)
+    assert _same(out_k, ref_k) and _same(out_v, ref_v)
+    assert out_k.isnan().sum() == (L * num_slots - m) * p * d
+
+
+def test_gather_launch_config_defaults_and_errors():
+    # 16-token pages of D=128: 4 units x 2048 elements per step, 8 warps, 2 programs per SM
+    cfg = gather_launch_config(16 * 128, 1000, num_sms=132)
+    assert (cfg["block"], cfg["units_per_program"], cfg["num_warps"], cfg["chunks"]) == (2048, 4, 8, 1)
+    assert cfg["tasks"] == 250 and cfg["grid"] == 250  # min(250 tasks, 2 x 132 programs)
+    cfg = gather_launch_config(128 * 128, 10, num_sms=132, max_programs=16)
+    assert (cfg["block"], cfg["units_per_program"], cfg["chunks"], cfg["tasks"], cfg["grid"]) == (4096, 2, 4, 20, 16)
+    for kw, msg in ((dict(units_per_program=3), "units_per_program"), (dict(num_warps=6), "num_warps"),
+                    (dict(max_programs=0), "max_programs"), (dict(block=100), "block")):
+        with pytest.raises(ValueError, match=msg):
+            gather_launch_config(64, 4, num_sms=2, **kw)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -251,7 +291,8 @@ def test_write_tokens_errors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("host_src", [False, True])
 @pytest.mark.parametrize("p", [16, 128])
-def test_gather_pages_bf16_gpu(host_src, p):
+@pytest.mark.parametrize("max_programs,units", [(None, None), (8, 8), (3, 1)])
+def test_gather_pages_bf16_gpu(host_src, p, max_programs, units):
     gen = torch.Generator().manual_seed(p)
     num_pages, hkv, d, num_slots, m = 300, 8, 128, 500, 400
     src_k = torch.randn(num_pages, hkv, p, d, generator=gen).to(torch.bfloat16)
@@ -264,7 +305,8 @@ def test_gather_pages_bf16_gpu(host_src, p):
     out_k = _poisoned((num_slots, p, d), torch.bfloat16, "cuda")
     out_v = out_k.clone()
     ref_k, ref_v = out_k.clone(), out_v.clone()
-    gather_pages(src_k, src_v, pages.cuda(), heads.cuda(), out_k, out_v, slots.cuda())
+    gather_pages(src_k, src_v, pages.cuda(), heads.cuda(), out_k, out_v, slots.cuda(),
+                 max_programs=max_programs, units_per_program=units)
     gather_pages_reference(src_k.cuda(), src_v.cuda(), pages, heads, ref_k, ref_v, slots)
     torch.cuda.synchronize()
     assert _same(out_k, ref_k) and _same(out_v, ref_v)

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from offload import GpuPageCache, HostKVStore, Prefetcher  # noqa: E402
+from offload.prefetcher import DEFAULT_FETCH_PROGRAMS  # noqa: E402
 
 L, HKV, D, P = 2, 2, 8, 4
 
@@ -74,6 +75,25 @@ def test_commit_then_fetch_sees_new_tokens_cpu():
     rk, rv = store.read(7, 0, 8, 13)
     assert torch.equal(rk, k[0]) and torch.equal(rv, v[0])
     assert pf.stats()["bytes_committed"] == 2 * k.numel() * 4
+
+
+def test_commit_block_writes_every_layer_cpu():
+    store, cache, pf = _setup()
+    store.allocate("a", 6)
+    store.allocate("b", 3)
+    store.extend("a", 14)
+    store.extend("b", 9)
+    gen = torch.Generator().manual_seed(2)
+    k = torch.randn(L, 2, HKV, 6, D, generator=gen)
+    v = torch.randn(L, 2, HKV, 6, D, generator=gen)
+    pf.commit_block(["a", "b"], [7, 3], k, v)  # rows start mid-page, at different positions
+    for layer in range(L):
+        for r, (sid, s) in enumerate((("a", 7), ("b", 3))):
+            rk, rv = store.read(sid, layer, s, s + 6)
+            assert torch.equal(rk, k[layer, r]) and torch.equal(rv, v[layer, r])
+    assert pf.stats()["commits"] == 1
+    with pytest.raises(ValueError, match=r"\[L=2, N, Hkv, T, D\]"):
+        pf.commit_block(["a"], 0, k[0, :1], v[0, :1])
 
 
 def test_errors_and_drop_cpu():
@@ -143,6 +163,27 @@ def test_gpu_fetch_commit_roundtrip_bf16():
         assert torch.equal(rk, k[layer, 1].cpu())
     s = pf.stats()
     assert s["bytes_fetched"] > 0 and s["fetch_ms"] > 0 and s["commit_ms"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_streams_priorities_and_small_gather_grid():
+    store, cache, pf = _setup("cuda", torch.bfloat16, num_pages=256, num_slots=200)
+    # compute must outrank transfers (lower number = higher priority) for the block scheduler to favour it
+    assert pf.compute_stream.priority < pf.fetch_stream.priority
+    assert pf.commit_stream.priority == pf.fetch_stream.priority
+    assert pf.max_programs == DEFAULT_FETCH_PROGRAMS
+    store.allocate(0, 900)
+    k = torch.randn(L, 1, HKV, 16, D, device="cuda", dtype=torch.bfloat16)
+    with torch.cuda.stream(pf.compute_stream):
+        pf.commit_block([0], 880, k, k)
+        plan = cache.plan(1, [0], [[list(range(0, 225, 2)), list(range(100, 180))]])  # 113 + 80 <= 200 slots
+        pf.fetch(1, [0], plan)
+        pf.wait(1)
+        pf.release(plan)
+    pf.synchronize()
+    _assert_pool_holds(store, cache, plan)
+    rk, _ = store.read(0, 1, 880, 896)
+    assert torch.equal(rk, k[1, 0].cpu())
 
 
 @pytest.mark.gpu
@@ -223,13 +264,16 @@ def test_gpu_memory_returns_to_baseline_across_requests():
         pf.drop_sequence(i)  # usually deferred: the fetches are still in flight
         pf.synchronize()  # completes the drop, so the next request finds the pages free
 
-    request(-1)
+    request(-1)  # every request has the same sizes: one warm-up request covers them
     pf.synchronize()
     gpu0 = torch.cuda.memory_allocated()
-    for i in range(100):
-        request(i)
-    pf.synchronize()
-    assert torch.cuda.memory_allocated() == gpu0
+    host0 = torch.cuda.host_memory_stats().get("allocated_bytes.current")
+    for rnd in range(2):  # equal after one round and after a second: no per-request growth
+        for i in range(100):
+            request(1000 * rnd + i)
+        pf.synchronize()
+        assert torch.cuda.memory_allocated() == gpu0, f"round {rnd}"
+        assert torch.cuda.host_memory_stats().get("allocated_bytes.current") == host0, f"round {rnd}"
     assert store.free_pages == 256 and cache.used_slots(0) == 0 and not pf.pending_drops
     assert (store.k_all.data_ptr(), cache.k_all.data_ptr()) == ptrs
     cache.check_invariants()

@@ -1,0 +1,117 @@
+"""Plots of benchmark JSON: what the tables say, as pictures.
+
+    python -m benchmarks.plot --kernels out/kernels.json --transfer out/transfer.json --decode out/decode.json \
+        --out benchmarks/plots
+
+Each input is optional; each gives one PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _context_axis(ax, contexts: list[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([c / 1024 for c in contexts], [f"{c // 1024}K" for c in contexts])
+    ax.minorticks_off()
+    ax.set_xlabel("context (tokens)")
+
+
+def plot_kernels(data: dict, out: Path) -> Path:
+    """Attention kernel read bandwidth against context length, with the measured HBM limit."""
+    rows = [r for r in data["rows"] if "ms" in r]
+    hbm = data["limits"]["hbm_copy_rw_GBps"] / 1e3
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, t in zip(axes, sorted({r["T"] for r in rows})):
+        for mode, style in (("resident", "o-"), ("sparse_10pct", "s--"), ("sparse_5pct", "^:")):
+            for page in sorted({r["page_size"] for r in rows}):
+                sel = sorted((r for r in rows if r["T"] == t and r["mode"] == mode and r["page_size"] == page),
+                             key=lambda r: r["context"])
+                if sel:
+                    ax.plot([r["context"] / 1024 for r in sel], [r.get("graph_TBps") or r["TBps"] for r in sel],
+                            style, label=f"{mode} P={page}")
+        sdpa = sorted((r for r in rows if r["T"] == t and r["mode"] == "resident" and r["page_size"] == 16),
+                      key=lambda r: r["context"])
+        ax.plot([r["context"] / 1024 for r in sdpa], [r["kv_bytes"] / r["sdpa_ms"] / 1e9 for r in sdpa], "kx-",
+                label="torch SDPA")
+        ax.axhline(hbm, color="grey", lw=1)
+        ax.text(32, hbm * 0.96, f"HBM copy {hbm:.2f} TB/s", va="top", fontsize=8, color="grey")
+        ax.set_title(f"block of T={t} queries, 32 q / 8 KV heads x 128")
+        _context_axis(ax, sorted({r["context"] for r in rows}))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("K+V read (TB/s, CUDA-graph replay)")
+    axes[1].legend(fontsize=7, loc="center right")
+    fig.suptitle(f"paged attention kernel, {data['device']}")
+    fig.tight_layout()
+    path = out / "kernels.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_transfer(data: dict, out: Path) -> Path:
+    """Page gather bandwidth from pinned host memory against the pinned copy limit."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    copy = data["copy"]["h2d_GBps"]
+    for frac in sorted({g["fraction"] for g in data["gather"]}):
+        sel = sorted((g for g in data["gather"] if g["fraction"] == frac), key=lambda g: g["page_size"])
+        ax.plot([g["page_size"] for g in sel], [g["GBps"] for g in sel], "o-", label=f"gather {frac:.0%} of 128K")
+    ax.axhline(copy, color="grey", lw=1, label=f"pinned copy {copy:.1f} GB/s")
+    ax.axhline(0.9 * copy, color="grey", lw=1, ls=":", label="90% target")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("page size (tokens)")
+    ax.set_ylabel("GB/s")
+    ax.set_ylim(0, copy * 1.1)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"UVA page gather, {data['device']}")
+    fig.tight_layout()
+    path = out / "transfer.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_decode(data: dict, out: Path) -> Path:
+    """Generated tokens per second of the engine, per backend, batch and context."""
+    rows = [r for r in data["rows"] if "tokens_per_s" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for backend in sorted({r["backend"] for r in rows}):
+        for batch in sorted({r["batch"] for r in rows}):
+            sel = sorted((r for r in rows if r["backend"] == backend and r["batch"] == batch), key=lambda r: r["context"])
+            ax.plot([r["context"] / 1024 for r in sel], [r["tokens_per_s"] for r in sel], "o-",
+                    label=f"dense/{backend}, batch {batch}")
+    _context_axis(ax, sorted({r["context"] for r in rows}))
+    ax.set_ylabel("generated tokens/s")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    meta = data["meta"]
+    ax.set_title(f"{rows[0]['geometry']}, block {meta['block_size']}, {meta['steps']} steps, {meta['device']}",
+                 fontsize=9)
+    fig.tight_layout()
+    path = out / "decode.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernels", type=Path)
+    parser.add_argument("--transfer", type=Path)
+    parser.add_argument("--decode", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/plots"))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path, plot in ((args.kernels, plot_kernels), (args.transfer, plot_transfer), (args.decode, plot_decode)):
+        if path is not None:
+            print("wrote", plot(json.loads(path.read_text()), args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

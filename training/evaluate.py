@@ -1,0 +1,111 @@
+"""Exact-match accuracy of a block-diffusion checkpoint on the synthetic retrieval tasks.
+
+    python -m training.evaluate --model DIR --contexts 512 1024 2048 4096 --per-task 50 --seed 1234
+
+Runs the real inference path (runtime.engine.Engine, greedy, the chosen attention mode) on
+held-out examples (training/tasks.py, split "eval"), prints a task x context table and writes
+JSON. `evaluate(engine, ...)` is the reusable part (the accuracy benchmark calls it with any mode).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from runtime.config import ATTENTION_MODES, EngineConfig
+from runtime.decoding import GenerationRequest
+from runtime.engine import Engine
+from training.tasks import ANSWER_ROOM, TASKS, generate_examples
+
+
+def evaluate(engine: Engine, tasks: Sequence[str], contexts: Sequence[int], per_task: int, seed: int,
+             *, max_new_tokens: int = ANSWER_ROOM, samples_per_cell: int = 1) -> dict[str, Any]:
+    """Greedy exact-match accuracy per task and context on `per_task` held-out examples each.
+
+    Returns {"accuracy": {task: {str(context): fraction}}, "mean": {str(context): fraction},
+    "correct"/"total" in the same layout, "samples": a few (prompt tail, answer, prediction),
+    "tokens_per_s", "wall_s", and the arguments}.
+    """
+    if per_task < 1:
+        raise ValueError(f"per_task={per_task} must be >= 1")
+    limit = engine.model_config.max_position_embeddings
+    too_long = [c for c in contexts if c > limit]
+    if too_long:
+        raise ValueError(f"contexts {too_long} exceed the model's max_position_embeddings={limit}")
+    accuracy: dict[str, dict[str, float]] = {t: {} for t in tasks}
+    correct: dict[str, dict[str, int]] = {t: {} for t in tasks}
+    samples: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    generated = 0
+    for ctx in contexts:
+        examples = [ex for task in tasks for ex in generate_examples(task, ctx, per_task, seed, split="eval")]
+        requests = [GenerationRequest(prompt=ex.prompt, max_new_tokens=max_new_tokens, request_id=str(i))
+                    for i, ex in enumerate(examples)]
+        results = engine.generate(requests)
+        generated += sum(len(r.tokens) for r in results)
+        for task in tasks:
+            pairs = [(ex, r) for ex, r in zip(examples, results) if ex.task == task]
+            hits = sum(ex.check(r.text) for ex, r in pairs)
+            correct[task][str(ctx)] = hits
+            accuracy[task][str(ctx)] = hits / len(pairs)
+            for ex, r in pairs[:samples_per_cell]:
+                samples.append({"task": task, "context": ctx, "prompt_tail": ex.prompt[-80:], "answer": ex.answer,
+                                "prediction": r.text, "correct": ex.check(r.text)})
+    wall = time.perf_counter() - t0
+    mean = {str(c): sum(accuracy[t][str(c)] for t in tasks) / len(tasks) for c in contexts}
+    return {"accuracy": accuracy, "mean": mean, "correct": correct, "total": per_task, "tasks": list(tasks),
+            "contexts": list(contexts), "seed": seed, "mode": engine.config.mode, "samples": samples,
+            "wall_s": round(wall, 2), "tokens_per_s": round(generated / wall, 1) if wall > 0 else 0.0}
+
+
+def accuracy_table(result: dict[str, Any], markdown: bool = False) -> str:
+    """The task x context accuracy table of an `evaluate` result, as text or Markdown."""
+    contexts = [str(c) for c in result["contexts"]]
+    rows = [[task] + [f"{result['accuracy'][task][c]:.2f}" for c in contexts] for task in result["tasks"]]
+    rows.append(["mean"] + [f"{result['mean'][c]:.2f}" for c in contexts])
+    header = ["task \\ context"] + contexts
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [header, *rows])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder")
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    p.add_argument("--per-task", type=int, default=50)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--mode", default="dense", choices=ATTENTION_MODES)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--json-out", type=Path, default=None, help="default: <model>/eval_<mode>.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    engine = Engine(EngineConfig(model_path=args.model, mode=args.mode, device=args.device, dtype=args.dtype,
+                                 attention_backend=args.attention_backend, max_batch_size=args.max_batch_size,
+                                 progress=False))
+    result = evaluate(engine, args.tasks, args.contexts, args.per_task, args.seed)
+    result.update(model=str(args.model), device=str(engine.device), dtype=str(engine.dtype))
+    print(f"{args.model}: mode {args.mode}, {engine.device}, {engine.dtype}, {args.per_task} per task, "
+          f"seed {args.seed}, {result['wall_s']} s")
+    print(accuracy_table(result))
+    out = args.json_out or Path(args.model) / f"eval_{args.mode}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Seeded synthetic long-context retrieval tasks in plain text (printable ASCII + newline).
+
+Every example is a prompt of filler text with a few facts hidden at random depths, ending in a
+question whose answer is a 5-6 digit number. With the project's character tokenizer one
+character is one token, so lengths here are token counts.
+
+Tasks:
+- `passkey`: one pass key hidden in the filler ("The pass key is 48213.").
+- `multikey`: several labelled pass keys ("The pass key for delta is 48213."), asked for one.
+- `kv`: many `k3f9: 51207` lines among the filler, asked for one key's value.
+- `vartrack`: an assignment chain (`QXJ = 48213.` ... `MPL = QXJ.` ... `RTE = MPL.`) plus a
+  distractor chain, asked which number the chain's last name holds.
+
+Lengths: an example built for `length` has a prompt of `length - ANSWER_ROOM - r` characters
+(r uniform in 0..7, so the answer starts at every offset inside a block), which leaves room for
+the answer and its end-of-sequence token: prompt + answer + EOS always fits in `length`.
+
+Determinism: example i of (split, seed, task, length) comes from its own `random.Random` seeded
+with that tuple as a string (hashed with SHA-512 by the standard library, so stable across runs
+and machines), so held-out examples (split "eval") never share a stream with training ones.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+TASKS = ("passkey", "multikey", "kv", "vartrack")
+ANSWER_ROOM = 16  # characters kept free after the prompt: answer (<= 6) + EOS, rounded up to blocks
+MIN_LENGTH = 192
+
+# Filler vocabulary: lowercase words with no digits and none of the words the facts use
+# ("pass", "key", "value", the multikey labels), so a fact is never confused with filler.
+_FILLER_WORDS = """
+the a an of to in on at by for with from about over under after before during between into
+through across around near far above below behind beside again still never always often
+sometimes soon later early quickly slowly quietly loudly softly gently warmly brightly very
+river mountain forest garden window table kitchen village harbor market bridge island meadow
+cloud storm rain snow wind sun moon star morning evening night winter summer autumn spring
+house road field stone tree leaf flower bird horse dog cat fish boat ship train wagon letter
+book story song voice friend teacher farmer baker sailor painter doctor child family neighbor
+walks runs sings reads writes paints builds carries finds keeps brings opens closes watches
+hears remembers forgets follows leads waits climbs crosses gathers plants cooks mends sells
+old young small large quiet busy bright dark warm cold green yellow brown silver golden gray
+happy tired careful curious patient gentle clever honest simple strange distant ancient fresh
+and but or so because while when where although then there here this that these those some
+many few every each another other people water bread paper light music wood iron glass salt
+""".split()
+_LABELS = """alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november
+oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu""".split()
+_KEY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+_UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+assert not set(_LABELS) & set(_FILLER_WORDS)
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """The checker: the generated text, stripped of surrounding whitespace, equals the answer."""
+    return prediction.strip() == answer
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+    task: str
+    length: int  # the context length it was built for: len(prompt) + len(answer) + 1 <= length
+
+    def check(self, prediction: str) -> bool:
+        return exact_match(prediction, self.answer)
+
+
+def _number(rng: random.Random, used: set[str]) -> str:
+    """A fresh 5- or 6-digit number (no leading zero) not in `used`."""
+    while True:
+        digits = rng.choice((5, 6))
+        value = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+        if value not in used:
+            used.add(value)
+            return value
+
+
+def filler(rng: random.Random, num_chars: int) -> str:
+    """Exactly `num_chars` characters of random sentences from the built-in vocabulary."""
+    if num_chars <= 0:
+        return ""
+    words = rng.choices(_FILLER_WORDS, k=num_chars // 5 + 8)
+    ends = rng.choices((". ", ". ", ".\n", ", ", " "), weights=(1, 1, 1, 1, 14), k=len(words))
+    parts, capital, size = [], True, 0
+    for word, end in zip(words, ends):
+        if capital:
+            word = word.capitalize()
+        parts.append(word)
+        parts.append(end)
+        size += len(word) + len(end)
+        capital = end[0] == "."
+        if size >= num_chars:
+            break
+    text = "".join(parts)
+    while len(text) < num_chars:  # only for very long words lists cut short; keeps the length exact
+        text += " " + filler(rng, num_chars - len(text) - 1)
+    return text[:num_chars]
+
+
+def _weave(rng: random.Random, num_chars: int, facts: list[str], ordered: bool = False) -> str:
+    """Filler of `num_chars` characters with `facts` inserted at random depths (between words).
+
+    ordered=True keeps the facts in the given order (chains read top to bottom).
+    """
+    body = filler(rng, num_chars)
+    cuts = sorted(rng.randrange(num_chars + 1) for _ in facts)
+    # Move every cut back to a word boundary so no filler word is split by a fact.
+    cuts = [c if c in (0, num_chars) else max(body.rfind(" ", 0, c) + 1, 0) for c in cuts]
+    order = list(facts) if ordered else rng.sample(facts, len(facts))
+    out, prev = [], 0
+    for cut, fact in zip(cuts, order):
+        out.append(body[prev:cut])
+        out.append(fact)
+        prev = cut
+    out.append(body[prev:])
+    return "".join(out)
+
+
+def _assemble(rng: random.Random, prompt_len: int, facts: list[str], question: str, ordered: bool = False) -> str:
+    room = prompt_len - len(question) - sum(len(f) for f in facts)
+    if room < 0:
+        raise ValueError(f"prompt of {prompt_len} characters cannot hold facts of "
+                         f"{sum(len(f) for f in facts)} and a question of {len(question)}; use a longer length")
+    return _weave(rng, room, facts, ordered) + question
+
+
+def _passkey(rng: random.Random, prompt_len: int) -> tuple[str, str]:
+    answer = _number(rng, set())
+    fact = f" The pass key is {answer}. Remember it. "
+    return _assemble(rng, prompt_len, [fact], "\nWhat is the pass key? The pass key is "), answer
+
+
+def _multikey(rng: random.Random, prompt_len: int) -> tuple[str, str]:
+    count = min(len(_LABELS), max(2, min(8, prompt_len // 128)))
+    labels = rng.sample(_LABELS, rng.randint(2, count))
+    used: set[str] = set()
+    values = [_number(rng, used) for _ in labels]
+    facts = [f" The pass key for {lab} is {val}. " for lab, val in zip(labels, values)]
+    i = rng.randrange(len(labels))
+    question = f"\nWhat is the pass key for {labels[i]}? The pass key for {labels[i]} is "
+    return _assemble(rng, prompt_len, facts, question), values[i]
+
+
+def _kv(rng: random.Random, prompt_len: int) -> tuple[str, str]:
+    # About a third of the prompt is key-value lines, the rest filler.
+    count = max(3, prompt_len // 40)
+    keys: list[str] = []
+    while len(keys) < count:
+        key = rng.choice(_KEY_CHARS[:26]) + "".join(rng.choices(_KEY_CHARS, k=3))
+        if key not in keys:
+            keys.append(key)
+    used: set[str] = set()
+    values = [_number(rng, used) for _ in keys]
+    facts = [f"\n{k}: {v}\n" for k, v in zip(keys, values)]
+    i = rng.randrange(count)
+    question = f"\nWhat is the value of {keys[i]}? {keys[i]}: "
+    return _assemble(rng, prompt_len, facts, question), values[i]
+
+
+def _names(rng: random.Random, count: int) -> list[str]:
+    names: list[str] = []
+    while len(names) < count:
+        name = "".join(rng.choices(_UPPER, k=3))
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _vartrack(rng: random.Random, prompt_len: int) -> tuple[str, str]:
+    hops = rng.randint(2, 3 if prompt_len < 1024 else 4)
+    decoy_hops = rng.randint(1, hops)
+    names = _names(rng, hops + decoy_hops)
+    chain, decoy = names[:hops], names[hops:]
+    used: set[str] = set()
+    answer, decoy_value = _number(rng, used), _number(rng, used)
+
+    def statements(chain_names: list[str], value: str) -> list[str]:
+        return [f" {chain_names[0]} = {value}. "] + [f" {b} = {a}. " for a, b in zip(chain_names, chain_names[1:])]
+
+    ours, theirs = statements(chain, answer), statements(decoy, decoy_value)
+    # Interleave the two chains at random while keeping each in order.
+    facts: list[str] = []
+    while ours or theirs:
+        pick = ours if (ours and (not theirs or rng.random() < 0.5)) else theirs
+        facts.append(pick.pop(0))
+    question = f"\nQuestion: which number does {chain[-1]} hold?\nAnswer: "
+    return _assemble(rng, prompt_len, facts, question, ordered=True), answer
+
+
+_BUILDERS: dict[str, Callable[[random.Random, int], tuple[str, str]]] = {
+    "passkey": _passkey, "multikey": _multikey, "kv": _kv, "vartrack": _vartrack,
+}
+
+
+def make_example(task: str, length: int, rng: random.Random) -> Example:
+    """One example of `task` for a context of `length` tokens, drawn from `rng`."""
+    if task not in _BUILDERS:
+        raise ValueError(f"task {task!r} is unknown; choose from {TASKS}")
+    if length < MIN_LENGTH:
+        raise ValueError(f"length={length} is below the shortest supported context {MIN_LENGTH}")
+    prompt_len = length - ANSWER_ROOM - rng.randrange(8)
+    prompt, answer = _BUILDERS[task](rng, prompt_len)
+    assert len(prompt) == prompt_len, (task, len(prompt), prompt_len)
+    return Example(prompt=prompt, answer=answer, task=task, length=length)
+
+
+def example_rng(split: str, seed: int, task: str, length: int, index: int) -> random.Random:
+    """The random stream of one example; `split` ("train" / "eval") keeps held-out data apart."""
+    return random.Random(f"{split}/{seed}/{task}/{length}/{index}")
+
+
+def generate_examples(task: str, length: int, count: int, seed: int, split: str = "eval",
+                      start: int = 0) -> list[Example]:
+    """Examples start .. start+count-1 of the (split, seed, task, length) stream."""
+    return [make_example(task, length, example_rng(split, seed, task, length, i))
+            for i in range(start, start + count)]
+
+
+__all__ = ["TASKS", "ANSWER_ROOM", "MIN_LENGTH", "Example", "exact_match", "filler", "make_example",
+           "example_rng", "generate_examples"]
