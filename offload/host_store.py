@@ -107,6 +107,12 @@ class IndexUploader:
         self._head = b
         return a
 
+    def warm(self) -> None:
+        """Pin the ring now: pinned allocation can synchronise the device, so a hot path must not
+        be the first to upload."""
+        if self._buf is None:
+            self._reserve(0)
+
     def upload(self, arrays: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Copy host integer tensors to the device as int32 (each keeps its shape); one copy on the
         current stream. Values must fit in int32 (page ids, slots, positions do)."""

@@ -96,6 +96,7 @@ class Prefetcher:
             self.commit_stream = torch.cuda.Stream(device, priority=_LOW_PRIORITY)
             self.compute_stream = torch.cuda.Stream(device, priority=_HIGH_PRIORITY)
             self._uploader = store.uploader(device)  # unit ids go up through a reused pinned ring
+            self._uploader.warm()
         self.unit_bytes = 2 * store.page_size * store.head_dim * torch.empty((), dtype=store.dtype).element_size()
         self._layer_event: dict[int, torch.cuda.Event] = {}  # last fetch of each layer
         self._release_event: dict[int, torch.cuda.Event] = {}  # last release of each layer (compute stream)
