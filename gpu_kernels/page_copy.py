@@ -52,7 +52,9 @@ def _gather_task(
     return tl.multiple_of(src_off, ALIGN), tl.multiple_of(dst_off, ALIGN), c, umask
 
 
-@triton.jit
+# Counts vary with every selection: specialising on them would compile (and load, which
+# synchronises the device) a new variant for new divisibilities in the middle of decoding.
+@triton.jit(do_not_specialize=["num_units", "num_tasks", "chunks"])
 def _gather_pages_kernel(
     src_k, src_v, dst_k, dst_v,
     page_ids, head_ids, slot_ids, layer_ids,

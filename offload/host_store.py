@@ -117,24 +117,28 @@ class IndexUploader:
         """Copy host integer tensors to the device as int32 (each keeps its shape); one copy on the
         current stream. Values must fit in int32 (page ids, slots, positions do)."""
         sizes = [int(t.numel()) for t in arrays]
-        n = sum(sizes)
+        # Each array starts on a 16-byte boundary: kernels see aligned index pointers whatever the
+        # sizes, so Triton never compiles (and loads, which synchronises the device) a variant for
+        # an unaligned one mid-run.
+        spans = [-(-sz // 4) * 4 for sz in sizes]
+        n = sum(spans)
         if n == 0:
             return [torch.empty(t.shape, dtype=torch.int32, device=self.device) for t in arrays]
         a = self._reserve(n)
         host = self._buf[a:a + n]
         off = 0
-        for t, sz in zip(arrays, sizes):
+        for t, sz, span in zip(arrays, sizes, spans):
             host[off:off + sz].copy_(t.reshape(-1))
-            off += sz
+            off += span
         dev = torch.empty(n, dtype=torch.int32, device=self.device)
         dev.copy_(host, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self.device))
         self._inflight.append((a, a + n, ev))
         out, off = [], 0
-        for t, sz in zip(arrays, sizes):
+        for t, sz, span in zip(arrays, sizes, spans):
             out.append(dev[off:off + sz].view(t.shape))
-            off += sz
+            off += span
         return out
 
 

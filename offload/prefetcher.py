@@ -231,7 +231,6 @@ class Prefetcher:
             self.stall_ms += ms  # synchronous: compute waited for all of it
         else:
             k_src, v_src = self.store.kernel_k(layer), self.store.kernel_v(layer)
-            ids = torch.stack([phys, plan.miss_heads, plan.miss_slots])
             stream = self.fetch_stream
             with torch.cuda.device(self.device), torch.cuda.stream(stream):
                 rel = self._release_event.get(layer)
@@ -241,8 +240,8 @@ class Prefetcher:
                     stream.wait_event(self._last_commit)  # a fetched page may have just been committed
                 start, end = self._event(), self._event()
                 start.record(stream)
-                (ids_dev,) = self._uploader.upload([ids])
-                gather_pages(k_src, v_src, ids_dev[0], ids_dev[1], k_dst, v_dst, ids_dev[2], validate=False,
+                pages_dev, heads_dev, slots_dev = self._uploader.upload([phys, plan.miss_heads, plan.miss_slots])
+                gather_pages(k_src, v_src, pages_dev, heads_dev, k_dst, v_dst, slots_dev, validate=False,
                              max_programs=self.max_programs, units_per_program=self.units_per_program)
                 end.record(stream)
             self._layer_event[layer] = end
