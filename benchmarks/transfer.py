@@ -352,7 +352,9 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
         pf.synchronize()
         return [cache.plan(layer, [seq], selection()) for layer in range(L)]
 
-    n = 2048 if clock.cuda else 128
+    # ~0.2 ms per matmul: a handful of launches per layer keeps the pass GPU-bound (a 2048^3 stand-in
+    # needed ~45 launches per layer and the host, not the GPU, paced the pass)
+    n = 4096 if clock.cuda else 128
     a = torch.randn(n, n, device=dev, dtype=BF16)
     b = torch.randn(n, n, device=dev, dtype=BF16)
     def compute(reps):
@@ -447,6 +449,8 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
                 "hidden_fraction": hidden, "hidden_fraction_runs": [x["hidden_fraction"] for x in res],
                 "stall_ms": r["stall_ms"], "fetch_ms": r["fetch_ms"], "fetch_GBps": r["fetch_GBps"],
                 "gpu_ms": gpu_ms, "compute_only_gpu_ms": base["gpu_ms"],
+                # end to end: the share of the standalone transfer time that did not lengthen the pass
+                "hidden_fraction_e2e": 1 - max(0.0, gpu_ms - base["gpu_ms"]) / (L * alone[(max_programs, units)]),
                 "slowdown_vs_compute_only": gpu_ms / base["gpu_ms"],
                 "host_enqueue_ms": r["host_enqueue_ms"], "fetch_host_ms": r["fetch_host_ms"],
                 "compute_only_host_enqueue_ms": base["host_enqueue_ms"], "ok": all(x["ok"] for x in res),
@@ -462,7 +466,7 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
     # then the smallest slowdown (ties within 2%: the fewer programs)
     cand = [c for c in cases if c["case"] == "compute>transfer" and c["compute_priority"] == "high"
             and c["units_per_program"] is None]
-    good = [c for c in cand if c["hidden_fraction"] >= 0.9] or cand
+    good = [c for c in cand if c["hidden_fraction_e2e"] >= 0.9] or cand
     best_slow = min(c["slowdown_vs_compute_only"] for c in good)
     near = [c for c in good if c["slowdown_vs_compute_only"] <= best_slow * 1.02]
     pick = min(near, key=lambda c: (c["max_programs"] is None, c["max_programs"] or 0))
@@ -512,16 +516,19 @@ def print_tables(res: dict) -> None:
     print(f"\n== prefetcher overlap: {o['layers']} layers, {o['page_size']}-token pages, {o['fraction']:.0%} of "
           f"{o['context']} tokens = {o['MB_per_layer']:.1f} MB/layer (target hidden >= 90% when compute > transfer)")
     print(f"{'case':>17} {'max_prog':>8} {'units':>5} {'prio':>7} {'xfer alone ms':>13} {'compute/layer ms':>16} "
-          f"{'hidden':>7} "
+          f"{'hidden':>7} {'e2e hid':>7} "
           f"{'fetch GB/s':>10} {'gpu ms':>8} {'compute-only ms':>15} {'slowdown':>8} {'host ms':>8} {'ok':>5}")
     for r in o["cases"]:
         xa = r["transfer_alone_per_layer_ms"]
         print(f"{r['case']:>17} {str(r['max_programs']):>8} {str(r['units_per_program'] or 'dflt'):>5} "
               f"{r['compute_priority']:>7} "
               f"{(f'{xa:.3f}' if xa is not None else '-'):>13} {r['compute_per_layer_ms']:>16.3f} "
-              f"{100 * r['hidden_fraction']:>6.1f}% {r['fetch_GBps']:>10.1f} {r['gpu_ms']:>8.2f} "
+              f"{100 * r['hidden_fraction']:>6.1f}% {100 * r['hidden_fraction_e2e']:>6.1f}% "
+              f"{r['fetch_GBps']:>10.1f} {r['gpu_ms']:>8.2f} "
               f"{r['compute_only_gpu_ms']:>15.2f} {r['slowdown_vs_compute_only']:>8.2f} "
               f"{r['host_enqueue_ms']:>8.1f} {str(r['ok']):>5}")
+    print("  hidden: event-timed stalls (under-counts, see RESULTS.md); e2e hid: 1 - (gpu ms - compute-only ms) / "
+          "(layers x xfer alone ms)")
     print(f"  max_prog None = gather_pages' standalone default (2 per SM); prio high = compute on "
           f"Prefetcher.compute_stream. Prefetcher default max_programs = {o['prefetcher_default']}; "
           f"this run recommends {o['recommended_max_programs']} (hidden >= 90% when compute > transfer, then the "

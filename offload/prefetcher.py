@@ -21,8 +21,17 @@ program keeping a 32 KiB K+V tile in flight, and puts the fetch and commit strea
 priority; compute should run on ``compute_stream`` (high priority), so that the block scheduler
 places compute blocks before pending transfer blocks.
 
+Streams: "the compute stream" below is whichever stream is current when ``wait``, ``release``,
+``commit``/``commit_block`` and ``drop_sequence`` are called; the prefetcher records and waits relative
+to it and never switches streams for the caller. All compute is assumed to run on that one stream: to
+get the priority above, call them (and launch the compute) inside
+``with torch.cuda.stream(pf.compute_stream):``. ``fetch`` always runs on ``fetch_stream`` and waits
+there for the last ``release`` of its layer (so a fetch never overwrites slots compute may still
+read) and for the last commit (a fetched page may have just been written); ``wait(layer)`` makes the
+compute stream wait for that layer's fetch event only. ``synchronize`` waits for the side streams,
+``compute_stream`` and the current stream.
+
 Without CUDA (device "cpu") the same API runs synchronously with torch indexing.
-All compute is assumed to run on one stream (the current stream when the methods are called).
 """
 
 from __future__ import annotations
@@ -37,14 +46,16 @@ from gpu_kernels.page_copy import gather_pages, gather_pages_reference
 from .host_store import HostKVStore
 from .page_cache import CachePlan, GpuPageCache
 
-# Programs of the prefetcher's gather (a persistent grid). Why 16: PCIe Gen5 x16 moves ~52 GB/s and a
+# Programs of the prefetcher's gather (a persistent grid). Why 8: PCIe Gen5 x16 moves ~52 GB/s and a
 # loaded UVA read takes a few microseconds, so ~150-250 KB must be in flight to keep the link busy;
-# 16 programs x 32 KiB (the default tile: K+V of 4 units of 16-token pages or 2 of 32-token pages)
-# = 512 KiB is 2-3x that, while 16 programs hold at most 16 of an H100's 132 SMs (12%; a GEMM CTA that
-# takes a whole SM cannot share one with a gather program). 8 programs (256 KiB in flight, 6% of the
-# SMs) leave little margin for latency spikes; 32+ take SMs from compute for no more bandwidth. If
-# the GPU sweep (benchmarks.transfer, "overlap" table) shows 8 hiding as much, 8 is the better default.
-DEFAULT_FETCH_PROGRAMS = 16
+# 8 programs x 32 KiB (the default tile: K+V of 4 units of 16-token pages or 2 of 32-token pages)
+# = 256 KiB covers that while holding at most 8 of an H100's 132 SMs (6%; a GEMM CTA that takes a
+# whole SM cannot share one with a gather program). Measured (benchmarks.transfer "overlap", H100
+# PCIe Gen5, 2026-11-23, 36 layers x 26.9 MB, compute > transfer, compute on compute_stream): hidden
+# 98.5% at cap 8, 95.7% at 16, 89.5% at 32, 82% at 66, 82% uncapped (2 per SM), fetch ~28 GB/s at
+# every cap: more programs take SMs from compute for no more bandwidth. Caveat: that run's compute
+# stand-in was host-bound (host ms ~ gpu ms); re-check with the GPU-bound stand-in.
+DEFAULT_FETCH_PROGRAMS = 8
 # CUDA stream priorities: lower is more urgent; 0 is the default streams' (and the lowest) priority.
 _LOW_PRIORITY, _HIGH_PRIORITY = 0, -1
 
@@ -252,7 +263,8 @@ class Prefetcher:
         self.num_fetches += 1
 
     def wait(self, layer: int) -> None:
-        """Make the current stream wait for ``layer``'s fetches (only that layer's event)."""
+        """Make the compute stream (the current stream) wait for ``layer``'s fetches: that layer's
+        event only, so later layers' fetches keep running behind it."""
         self.num_waits += 1
         ev = self._layer_event.get(layer)
         if not self.cuda or ev is None:
@@ -265,7 +277,9 @@ class Prefetcher:
         self._stalls.append((e0, e1))
 
     def release(self, plan: CachePlan) -> None:
-        """Unpin ``plan`` once its attention has been enqueued on the current stream."""
+        """Unpin ``plan`` once its attention has been enqueued on the compute stream (the current
+        stream): the next fetch of this layer waits for this point of that stream before it may
+        overwrite the plan's slots."""
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
@@ -379,9 +393,11 @@ class Prefetcher:
         return [s for s, _, _ in self._deferred]
 
     def synchronize(self) -> None:
-        """Wait for both side streams and the current stream, then complete deferred drops."""
+        """Wait for both side streams, ``compute_stream`` and the current stream, then complete
+        deferred drops."""
         if self.cuda:
             self.fetch_stream.synchronize()
             self.commit_stream.synchronize()
+            self.compute_stream.synchronize()  # compute may have been enqueued there from another context
             torch.cuda.current_stream(self.device).synchronize()
         self.poll()
