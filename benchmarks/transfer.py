@@ -11,9 +11,11 @@ One run measures, on one GPU:
   3. write_tokens GPU -> pinned host for a 32-token block across 36 layers (one launch, one per layer,
      and HostKVStore.write of all layers = the prefetcher's commit_block path);
   4. the prefetcher over 36 layers: layer l+1's pages fetched on the side stream while a bf16 matmul
-     stand-in computes layer l on Prefetcher.compute_stream; for gather caps {8, 16, 32, 66, default}:
-     hidden fraction and slowdown vs compute alone, when compute > transfer and when compute < transfer,
-     plus the recommended cap (the Prefetcher's default is DEFAULT_FETCH_PROGRAMS).
+     stand-in computes layer l on Prefetcher.compute_stream (one matmul per layer, sized to the target
+     time, so the GPU and not the host paces the pass; rows where host ms > 0.8 x gpu ms are flagged
+     host-bound); for gather caps {8, 16, 32, 66, default}: hidden fraction and slowdown vs compute
+     alone, when compute > transfer and when compute < transfer, plus the recommended cap (the
+     Prefetcher's default is DEFAULT_FETCH_PROGRAMS).
 Prints a table last and writes $OUT/transfer.json (OUT defaults to ./out).
 
     python benchmarks/transfer.py            # full run (GPU)
@@ -322,9 +324,59 @@ def bench_write(args, clock: Clock, dev: torch.device, d2h_gbps: float) -> list[
 # ---------------------------------------------------------------------------------------------- 4
 
 
+HOST_BOUND_RATIO = 0.8  # a pass whose host enqueue time exceeds this share of its GPU time was paced by the host
+
+
+class ComputeStandIn:
+    """Per-layer compute for the overlap passes: ONE bf16 matmul ``[rows, n] @ [n, n]`` per layer whose
+    ``rows`` are chosen so it takes the target time, so the host enqueues ~3 launches per layer (fetch,
+    wait, matmul) and runs far ahead of the GPU. (A loop of ~45 small matmuls per layer made the host,
+    not the GPU, pace the pass: host ms equalled GPU ms in every row.)
+
+    Calibrated once: a square ``n x n`` matmul is timed and ``rows`` scaled from it (a GEMM this large
+    takes time linear in its M dimension), then the sized matmul is timed and rescaled once if it
+    missed the target by more than 10%. Past ``MAX_ROWS_PER_N * n`` rows the work is split into a few
+    equal matmuls (bounded memory)."""
+
+    MAX_ROWS_PER_N = 16
+
+    def __init__(self, clock: Clock, dev: torch.device) -> None:
+        self.clock, self.dev = clock, dev
+        self.n = 4096 if clock.cuda else 64
+        self.granule = 128 if clock.cuda else 16  # rows in whole GEMM tiles
+        self.w = torch.randn(self.n, self.n, device=dev, dtype=BF16)
+        sq = torch.randn(self.n, self.n, device=dev, dtype=BF16)
+        out = torch.empty_like(sq)
+        self.square_ms = clock.median_ms(lambda: torch.matmul(sq, self.w, out=out), 10, warmup=3)
+
+    def _make(self, rows: int):
+        launches = -(-rows // (self.MAX_ROWS_PER_N * self.n))
+        per = -(-rows // launches // self.granule) * self.granule
+        x = torch.randn(per, self.n, device=self.dev, dtype=BF16)
+        out = torch.empty(per, self.n, device=self.dev, dtype=BF16)
+
+        def compute() -> None:
+            for _ in range(launches):
+                torch.matmul(x, self.w, out=out)
+
+        return compute, launches, per * launches
+
+    def build(self, target_ms: float):
+        """``(compute, info)``: ``compute()`` enqueues one layer's stand-in on the current stream; info
+        has the rows, launches, the measured ms and the target."""
+        rows = max(self.granule, round(self.n * target_ms / self.square_ms))
+        for attempt in range(2):
+            compute, launches, rows = self._make(rows)
+            ms = self.clock.median_ms(compute, 10, warmup=3)
+            if attempt or abs(ms / target_ms - 1) <= 0.1:
+                break
+            rows = max(self.granule, round(rows * target_ms / ms))
+        return compute, {"rows": rows, "n": self.n, "launches": launches, "ms": ms, "target_ms": target_ms}
+
+
 def overlap_caps(args, sms: int) -> list:
     """Program caps for the prefetcher's gather: None = gather_pages' standalone default (2 per SM)."""
-    return [16, None] if args.quick else [8, 16, 32, 66, None]
+    return [DEFAULT_FETCH_PROGRAMS, None] if args.quick else [8, 16, 32, 66, None]
 
 
 def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
@@ -352,18 +404,7 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
         pf.synchronize()
         return [cache.plan(layer, [seq], selection()) for layer in range(L)]
 
-    # ~0.2 ms per matmul: a handful of launches per layer keeps the pass GPU-bound (a 2048^3 stand-in
-    # needed ~45 launches per layer and the host, not the GPU, paced the pass)
-    n = 4096 if clock.cuda else 128
-    a = torch.randn(n, n, device=dev, dtype=BF16)
-    b = torch.randn(n, n, device=dev, dtype=BF16)
-    def compute(reps):
-        for _ in range(reps):
-            a @ b
-
-    # back to back, as the passes run them (one matmul between two events also times its launch gap,
-    # which made "compute > transfer" in the previous run really compute ~0.66 ms < transfer 0.79 ms)
-    mm_ms = clock.median_ms(lambda: compute(20), 5) / 20
+    stand_in = ComputeStandIn(clock, dev)
 
     def transfer_alone(max_programs, units=None) -> float:
         """Per-layer fetch time with nothing else running."""
@@ -378,7 +419,7 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
             pf.release(plans[layer])
         return pf.stats()["fetch_ms"] / L
 
-    def run_pass(reps: int, max_programs, with_fetch=True, stream=compute_stream, units=None) -> dict:
+    def run_pass(compute, max_programs, with_fetch=True, stream=compute_stream, units=None) -> dict:
         pf.max_programs, pf.units_per_program = max_programs, units
         plans = fresh_plans()
         clock.sync()
@@ -397,20 +438,23 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
             s = clock.mark()
             if with_fetch:
                 fetch(0)
-            compute(reps)  # the previous block's last layer: layer 0's fetch overlaps it as in a running decode
+            compute()  # the previous block's last layer: layer 0's fetch overlaps it as in a running decode
             for layer in range(L):
                 if with_fetch and layer + 1 < L:
                     fetch(layer + 1)
                 if with_fetch:
                     pf.wait(layer)
-                compute(reps)
+                compute()
                 pf.release(plans[layer])
             e = clock.mark()
             host_ms = (time.perf_counter() - t0) * 1e3
         out = pf.stats()
         out.pop("cache")
-        # host_enqueue_ms close to gpu_ms means the host, not the GPU, paced the pass
-        out.update(gpu_ms=clock.ms(s, e), host_enqueue_ms=host_ms, fetch_host_ms=fetch_host * 1e3)
+        gpu_ms = clock.ms(s, e)
+        # the host, not the GPU, paced the pass when enqueueing took most of its GPU time: then the GPU
+        # idled between layers, the slowdown measures Python and idle gaps flatter the hidden fraction
+        out.update(gpu_ms=gpu_ms, host_enqueue_ms=host_ms, fetch_host_ms=fetch_host * 1e3,
+                   host_bound=host_ms > HOST_BOUND_RATIO * gpu_ms)
         if with_fetch:  # spot check: the last layer's pool holds its pages
             plan = plans[L - 1]
             phys = pf.physical_pages(plan)
@@ -433,18 +477,19 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
     layer_bytes = pf.stats()["bytes_fetched"] / L
     cases = []
     for label, ratio in (("compute>transfer", 1.5), ("compute<transfer", 0.5)):
-        reps = max(1, round(ratio * per_layer_transfer / mm_ms))
-        base = [run_pass(reps, None, with_fetch=False) for _ in range(2)][-1]
+        compute, mm = stand_in.build(ratio * per_layer_transfer)
+        base = [run_pass(compute, None, with_fetch=False) for _ in range(2)][-1]
         for max_programs, units, prio in variants:
             stream = compute_stream if prio == "high" else None
-            res = [run_pass(reps, max_programs, stream=stream, units=units) for _ in range(2 if args.quick else 3)]
+            res = [run_pass(compute, max_programs, stream=stream, units=units) for _ in range(2 if args.quick else 3)]
             r = res[-1]
             hidden = statistics.median(x["hidden_fraction"] for x in res)
             gpu_ms = statistics.median(x["gpu_ms"] for x in res)
+            host_ms = statistics.median(x["host_enqueue_ms"] for x in res)
             case = {
                 "case": label, "max_programs": max_programs, "units_per_program": units,
-                "compute_priority": prio, "matmul_reps": reps,
-                "compute_per_layer_ms": reps * mm_ms, "transfer_per_layer_ms": per_layer_transfer,
+                "compute_priority": prio, "matmul": mm,
+                "compute_per_layer_ms": mm["ms"], "transfer_per_layer_ms": per_layer_transfer,
                 "transfer_alone_per_layer_ms": alone[(max_programs, units)],
                 "hidden_fraction": hidden, "hidden_fraction_runs": [x["hidden_fraction"] for x in res],
                 "stall_ms": r["stall_ms"], "fetch_ms": r["fetch_ms"], "fetch_GBps": r["fetch_GBps"],
@@ -452,34 +497,45 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
                 # end to end: the share of the standalone transfer time that did not lengthen the pass
                 "hidden_fraction_e2e": 1 - max(0.0, gpu_ms - base["gpu_ms"]) / (L * alone[(max_programs, units)]),
                 "slowdown_vs_compute_only": gpu_ms / base["gpu_ms"],
-                "host_enqueue_ms": r["host_enqueue_ms"], "fetch_host_ms": r["fetch_host_ms"],
-                "compute_only_host_enqueue_ms": base["host_enqueue_ms"], "ok": all(x["ok"] for x in res),
+                "host_enqueue_ms": host_ms, "fetch_host_ms": r["fetch_host_ms"],
+                "host_bound": host_ms > HOST_BOUND_RATIO * gpu_ms,
+                "compute_only_host_enqueue_ms": base["host_enqueue_ms"],
+                "compute_only_host_bound": base["host_bound"], "ok": all(x["ok"] for x in res),
             }
             cases.append(case)
             print(f"overlap {label} max_programs={max_programs} units={units} compute priority {prio}: "
                   f"hidden {100 * hidden:.1f}% "
                   f"gpu {gpu_ms:.2f} ms vs compute-only {base['gpu_ms']:.2f} ms "
                   f"(x{case['slowdown_vs_compute_only']:.2f}), fetch {r['fetch_GBps']:.1f} GB/s, host enqueue "
-                  f"{r['host_enqueue_ms']:.1f} ms of which fetch() {r['fetch_host_ms']:.1f}", flush=True)
+                  f"{host_ms:.1f} ms of which fetch() {r['fetch_host_ms']:.1f}"
+                  f"{' HOST-BOUND' if case['host_bound'] else ''}; compute-only host "
+                  f"{base['host_enqueue_ms']:.1f} ms{' HOST-BOUND' if base['host_bound'] else ''}", flush=True)
     store.close()
     # the pick: among caps with compute on the high-priority stream, hidden >= 90% when compute > transfer,
     # then the smallest slowdown (ties within 2%: the fewer programs)
+    # (host-bound rows only when every row is: their slowdown measures Python)
     cand = [c for c in cases if c["case"] == "compute>transfer" and c["compute_priority"] == "high"
             and c["units_per_program"] is None]
+    cand = [c for c in cand if not c["host_bound"]] or cand
     good = [c for c in cand if c["hidden_fraction_e2e"] >= 0.9] or cand
     best_slow = min(c["slowdown_vs_compute_only"] for c in good)
     near = [c for c in good if c["slowdown_vs_compute_only"] <= best_slow * 1.02]
     pick = min(near, key=lambda c: (c["max_programs"] is None, c["max_programs"] or 0))
     return {
         "layers": L, "page_size": p, "fraction": args.overlap_fraction, "context": args.overlap_context,
-        "units_per_layer": units, "MB_per_layer": layer_bytes / 1e6, "matmul_ms": mm_ms,
+        "units_per_layer": units, "MB_per_layer": layer_bytes / 1e6,
+        "square_matmul": {"n": stand_in.n, "ms": stand_in.square_ms},
         "transfer_per_layer_ms": per_layer_transfer,
         "transfer_alone_per_layer_ms": {f"{c}/{u}": ms for (c, u), ms in alone.items()},
         "store_setup_s": setup_s, "cases": cases, "prefetcher_default": DEFAULT_FETCH_PROGRAMS,
-        "recommended_max_programs": pick["max_programs"],
+        "recommended_max_programs": pick["max_programs"], "recommendation_host_bound": pick["host_bound"],
+        "host_bound_ratio": HOST_BOUND_RATIO,
         "note": "hidden = (fetch time - compute-stream stall) / fetch time, from CUDA events; layer 0's fetch "
                 "overlaps a stand-in for the previous block's last layer; compute on Prefetcher.compute_stream "
-                "(high priority) unless compute_priority says default",
+                "(high priority) unless compute_priority says default; compute per layer = one bf16 matmul "
+                "[rows, n] @ [n, n] sized from a timed square one (matmul.launches > 1 only past "
+                "ComputeStandIn.MAX_ROWS_PER_N); host_bound: host enqueue ms > "
+                f"{HOST_BOUND_RATIO} x gpu ms (the GPU idled, so slowdown and hidden describe Python)",
     }
 
 
@@ -517,7 +573,8 @@ def print_tables(res: dict) -> None:
           f"{o['context']} tokens = {o['MB_per_layer']:.1f} MB/layer (target hidden >= 90% when compute > transfer)")
     print(f"{'case':>17} {'max_prog':>8} {'units':>5} {'prio':>7} {'xfer alone ms':>13} {'compute/layer ms':>16} "
           f"{'hidden':>7} {'e2e hid':>7} "
-          f"{'fetch GB/s':>10} {'gpu ms':>8} {'compute-only ms':>15} {'slowdown':>8} {'host ms':>8} {'ok':>5}")
+          f"{'fetch GB/s':>10} {'gpu ms':>8} {'compute-only ms':>15} {'slowdown':>8} {'host ms':>8} {'bound':>5} "
+          f"{'ok':>5}")
     for r in o["cases"]:
         xa = r["transfer_alone_per_layer_ms"]
         print(f"{r['case']:>17} {str(r['max_programs']):>8} {str(r['units_per_program'] or 'dflt'):>5} "
@@ -526,13 +583,18 @@ def print_tables(res: dict) -> None:
               f"{100 * r['hidden_fraction']:>6.1f}% {100 * r['hidden_fraction_e2e']:>6.1f}% "
               f"{r['fetch_GBps']:>10.1f} {r['gpu_ms']:>8.2f} "
               f"{r['compute_only_gpu_ms']:>15.2f} {r['slowdown_vs_compute_only']:>8.2f} "
-              f"{r['host_enqueue_ms']:>8.1f} {str(r['ok']):>5}")
-    print("  hidden: event-timed stalls (under-counts, see RESULTS.md); e2e hid: 1 - (gpu ms - compute-only ms) / "
+              f"{r['host_enqueue_ms']:>8.1f} {('host' if r['host_bound'] else 'gpu'):>5} {str(r['ok']):>5}")
+    print("  hidden: transfer minus the event-timed stalls of the compute stream; e2e hid: 1 - (gpu ms - compute-only ms) / "
           "(layers x xfer alone ms)")
     print(f"  max_prog None = gather_pages' standalone default (2 per SM); prio high = compute on "
           f"Prefetcher.compute_stream. Prefetcher default max_programs = {o['prefetcher_default']}; "
-          f"this run recommends {o['recommended_max_programs']} (hidden >= 90% when compute > transfer, then the "
-          "smallest slowdown, then the fewest programs)")
+          f"this run recommends {o['recommended_max_programs']} (e2e hidden >= 90% when compute > transfer, then the "
+          "smallest slowdown, then the fewest programs, among rows that are not host-bound)")
+    sq = o["square_matmul"]
+    print(f"  bound: host when host ms > {o['host_bound_ratio']} x gpu ms (the GPU waited for Python: slowdown "
+          f"and hidden are not GPU numbers); compute/layer = one bf16 matmul per layer, rows sized from a "
+          f"{sq['n']}^2 matmul of {sq['ms']:.3f} ms"
+          + ("; THE RECOMMENDATION COMES FROM A HOST-BOUND ROW" if o["recommendation_host_bound"] else ""))
 
 
 def main(argv=None) -> int:

@@ -46,16 +46,15 @@ from gpu_kernels.page_copy import gather_pages, gather_pages_reference
 from .host_store import HostKVStore
 from .page_cache import CachePlan, GpuPageCache
 
-# Programs of the prefetcher's gather (a persistent grid). Why 8: PCIe Gen5 x16 moves ~52 GB/s and a
-# loaded UVA read takes a few microseconds, so ~150-250 KB must be in flight to keep the link busy;
-# 8 programs x 32 KiB (the default tile: K+V of 4 units of 16-token pages or 2 of 32-token pages)
-# = 256 KiB covers that while holding at most 8 of an H100's 132 SMs (6%; a GEMM CTA that takes a
-# whole SM cannot share one with a gather program). Measured (benchmarks.transfer "overlap", H100
-# PCIe Gen5, 2026-11-23, 36 layers x 26.9 MB, compute > transfer, compute on compute_stream): hidden
-# 98.5% at cap 8, 95.7% at 16, 89.5% at 32, 82% at 66, 82% uncapped (2 per SM), fetch ~28 GB/s at
-# every cap: more programs take SMs from compute for no more bandwidth. Caveat: that run's compute
-# stand-in was host-bound (host ms ~ gpu ms); re-check with the GPU-bound stand-in.
-DEFAULT_FETCH_PROGRAMS = 8
+# Programs of the prefetcher's gather (a persistent grid). PCIe Gen5 x16 moves ~52 GB/s and a
+# loaded UVA read takes a few microseconds, so ~150-250 KB must be in flight; 16 programs x 32 KiB
+# (the default tile) is 512 KiB while holding 16 of an H100's 132 SMs. Every SM a gather program
+# holds is lost to a GEMM that wants whole SMs, so the cap trades fetch bandwidth for compute.
+# Measured (benchmarks.transfer "overlap", H100 PCIe Gen5, 2026-11-23, 36 layers x 26.9 MB,
+# GPU-bound stand-in of 1.23 ms per layer vs 0.79 ms of transfer): end-to-end share of the transfer
+# hidden 75% at cap 16 (pass 1.16x compute-only), 70% at 32, 60% at 66, 48% uncapped; cap 8 fetched
+# at only 18 GB/s and left transfers exposed.
+DEFAULT_FETCH_PROGRAMS = 16
 # CUDA stream priorities: lower is more urgent; 0 is the default streams' (and the lowest) priority.
 _LOW_PRIORITY, _HIGH_PRIORITY = 0, -1
 

@@ -1,8 +1,15 @@
 """Prefetcher end to end: plan -> fetch -> the pool holds exactly the selected pages; commits land in the
-store; drops wait for in-flight transfers; (GPU) wait(layer) orders only that layer. Copies are exact
-(tolerance 0)."""
+store; drops wait for in-flight transfers; (GPU) wait(layer) orders only that layer and a fetch waits for
+the compute that still reads the slots it overwrites. Copies are exact (tolerance 0).
 
+The GPU ordering tests hold a stream with a spin kernel (a "gate") and check what has or has not run
+while the gate is still closed, as observed by querying events afterwards: a check counts only if the
+gate was still closed after it, so host delays (JIT, a slow CI host) make an attempt inconclusive (it is
+retried with a longer gate) instead of failing or passing by luck."""
+
+import functools
 import os
+import time
 
 import numpy as np
 import pytest
@@ -38,19 +45,25 @@ def _warm_gather(store, cache, pf):
         ids = torch.arange(units, device="cuda") % min(store.num_pages, cache.num_slots)
         gather_pages(store.kernel_k(0), store.kernel_v(0), ids, ids % HKV, k_dst, v_dst, ids, validate=False,
                      max_programs=pf.max_programs, units_per_program=pf.units_per_program)
+    _sleep_cycles_per_ms()  # calibrate the gates' spin now, not in the middle of a test
     torch.cuda.synchronize()
 
 
-def _assert_pool_holds(store, cache, plan):
-    """Every selected (row, head, logical page) sits in its slot, bit for bit."""
-    k_pool, v_pool = cache.k_pool(plan.layer).cpu(), cache.v_pool(plan.layer).cpu()
+def _assert_pool_holds(store, cache, plan, k_pool=None):
+    """Every selected (row, head, logical page) sits in its slot, bit for bit (K and V of the cache's
+    pools, or only K of a given ``k_pool`` copy ``[num_slots, P, D]``)."""
+    v_pool = None
+    if k_pool is None:
+        k_pool, v_pool = cache.k_pool(plan.layer).cpu(), cache.v_pool(plan.layer).cpu()
+    k_pool = k_pool.cpu()
     for r, sid in enumerate(plan.seq_ids):
         table = store.page_table(sid)
         for h in range(plan.slot_table.shape[1]):
             for j in range(int(plan.num_selected[r, h])):
                 slot, lp = int(plan.slot_table[r, h, j]), int(plan.logical_pages[r, h, j])
                 assert torch.equal(k_pool[slot], store.k(plan.layer)[int(table[lp]), h])
-                assert torch.equal(v_pool[slot], store.v(plan.layer)[int(table[lp]), h])
+                if v_pool is not None:
+                    assert torch.equal(v_pool[slot], store.v(plan.layer)[int(table[lp]), h])
 
 
 def test_fetch_fills_pool_and_refetches_only_misses_cpu():
@@ -151,6 +164,66 @@ def test_many_requests_no_leak_cpu():
 # ---------------------------------------------------------------------------------------------- GPU
 
 SLEEP_CYCLES = 2_000_000_000  # about a second of GPU spin: far longer than any host step below
+GATE_MS = (1000.0, 2000.0, 4000.0)  # gate length per attempt: retried longer when the host was too slow
+
+
+@functools.lru_cache(maxsize=None)
+def _sleep_cycles_per_ms() -> float:
+    """Clock cycles ``torch.cuda._sleep`` spins per millisecond on this GPU (timed once). The fastest of a
+    few runs: the clock may still be ramping up in the first, and a gate sized from a slow run would be
+    shorter than asked."""
+    torch.cuda._sleep(1000)  # load the spin kernel now: a module load synchronises the device
+    rates = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 100_000_000
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        rates.append(cycles / start.elapsed_time(end))
+    return max(rates)
+
+
+class _Gate:
+    """Holds ``stream`` for about ``ms``: a spin kernel, then ``done``. Work queued on ``stream`` after
+    it, and work waiting on that later work, cannot start before ``done`` completes."""
+
+    def __init__(self, stream: torch.cuda.Stream, ms: float) -> None:
+        self.ms, self.stream = ms, stream
+        cycles = int(ms * _sleep_cycles_per_ms())
+        self.done = torch.cuda.Event()
+        self.t0 = time.perf_counter()  # the spin starts on the GPU no earlier than this
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(cycles)
+            self.done.record(stream)
+
+    def closed(self) -> bool:
+        """Still spinning now (so it was at every earlier moment since it started)."""
+        return not self.done.query()
+
+    def closed_with_margin(self) -> bool:
+        """Still spinning with at least ~3/4 of its length left (the spin started after ``t0`` and lasts
+        ~``ms``; the calibration would have to be off by 4x for this to be wrong)."""
+        return self.closed() and self.host_ms() < self.ms / 4
+
+    def host_ms(self) -> float:
+        return (time.perf_counter() - self.t0) * 1e3
+
+    def inconclusive(self, what: str) -> str:
+        why = ("less than half the gate passed on the host, so something on that path synchronised the device"
+               if self.host_ms() < self.ms / 2 else "the host was slower than the gate")
+        return f"{self.ms:.0f} ms gate over {self.host_ms():.0f} ms after it was enqueued, before {what} ({why})"
+
+
+def _forget(pf, cache, seq_id):
+    """Between attempts: drop ``seq_id``'s resident pages (keeping its host pages) and poison the pools
+    again, so the next attempt's selections all miss."""
+    pf.drop_sequence(seq_id, free_host=False)
+    pf.synchronize()
+    cache.k_all.fill_(float("nan"))
+    cache.v_all.fill_(float("nan"))
+    torch.cuda.synchronize()
 
 
 @pytest.mark.gpu
@@ -201,36 +274,92 @@ def test_gpu_streams_priorities_and_small_gather_grid():
 
 @pytest.mark.gpu
 def test_gpu_wait_orders_only_its_layer():
+    """wait(0) on the compute stream must not wait for layer 1's fetch (held behind a gate on the fetch
+    stream), and a read after wait(1) must see layer 1's fetched pages."""
     store, cache, pf = _setup("cuda", torch.bfloat16, num_pages=256, num_slots=200)
     _warm_gather(store, cache, pf)
     store.allocate(0, 900)
-    plan0 = cache.plan(0, [0], [[list(range(0, 50)), list(range(100, 150))]])
-    pf.fetch(0, [0], plan0)
-    with torch.cuda.stream(pf.fetch_stream):
-        torch.cuda._sleep(SLEEP_CYCLES)  # layer 1's fetch is stuck behind this
-    plan1 = cache.plan(1, [0], [[list(range(10, 60)), list(range(0, 30))]])
-    pf.fetch(1, [0], plan1)
-    pf.wait(0)
-    got = cache.k_pool(0).clone()  # compute-stream read of layer 0's pool
-    done0 = torch.cuda.Event()
-    done0.record()
-    done0.synchronize()  # returns while layer 1 is still sleeping: wait(0) did not wait on layer 1
-    assert not pf._layer_event[1].query()
-    exp = cache.k_pool(0).clone()
-    assert torch.equal(got.view(torch.int16), exp.view(torch.int16))  # bitwise: unfetched slots hold NaN
-    pf.wait(1)  # before any device-wide sync (store.read syncs), so the stall is measured
-    after = cache.k_pool(1).clone()
+    sel0 = [[list(range(0, 50)), list(range(100, 150))]]
+    sel1 = [[list(range(10, 60)), list(range(0, 30))]]
+    notes = []
+    for ms in GATE_MS:
+        with torch.cuda.stream(pf.compute_stream):
+            plan0 = cache.plan(0, [0], sel0)
+            pf.fetch(0, [0], plan0)
+            gate = _Gate(pf.fetch_stream, ms)  # layer 1's fetch queues behind this on the fetch stream
+            plan1 = cache.plan(1, [0], sel1)
+            pf.fetch(1, [0], plan1)
+            fetched1 = pf._layer_event[1]
+            pf.wait(0)
+            got = cache.k_pool(0).clone()  # compute reads layer 0's pool
+            done0 = torch.cuda.Event()
+            done0.record()
+            pf.wait(1)
+            after = cache.k_pool(1).clone()  # compute reads layer 1's pool: must see the fetched pages
+            pf.release(plan0)
+            pf.release(plan1)
+            margin = gate.closed_with_margin()  # everything above is enqueued with >= ms/2 of gate left
+        done0.synchronize()
+        layer1_pending = not fetched1.query()
+        if gate.closed():  # queried last: the gate, hence layer 1's fetch, was pending at every check above
+            assert layer1_pending, "layer 1's fetch finished before the gate it was queued behind"
+            break
+        # done0 finished only after the gate: wait(0) blocked on layer 1, unless the host was too slow
+        assert not margin, (f"the compute stream's read of layer 0 was enqueued with ~{3 * ms / 4:.0f} ms of "
+                            "the fetch-stream gate left but finished only after it: wait(0) waited on layer 1")
+        notes.append(gate.inconclusive("the compute stream's read of layer 0 was enqueued"))
+        _forget(pf, cache, 0)
+    else:
+        pytest.fail("no conclusive attempt: " + "; ".join(notes))
     torch.cuda.synchronize()
-    assert pf._layer_event[1].query()
     _assert_pool_holds(store, cache, plan0)
     _assert_pool_holds(store, cache, plan1)
-    assert torch.equal(after.view(torch.int16), cache.k_pool(1).view(torch.int16))  # the read after wait(1) saw the fetched pages
+    assert torch.equal(got.view(torch.int16), cache.k_pool(0).view(torch.int16))  # bitwise: unfetched slots hold NaN
+    # read after wait(1) while layer 1's fetch was still held: without the wait it would have read the NaNs
+    assert torch.equal(after.view(torch.int16), cache.k_pool(1).view(torch.int16))
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="known bug (H100, 2026-11-23): the stall timed by events around "
-                   "wait_event reads ~0.03 ms for a ~1 s cross-stream wait, so stats()['hidden_fraction'] "
-                   "is not yet trustworthy")
+def test_gpu_fetch_waits_for_compute_that_reads_its_slots():
+    """A fetch that overwrites slots of a released plan waits for the compute enqueued before the release
+    (held behind a gate on the compute stream), so that compute still reads the old pages."""
+    store, cache, pf = _setup("cuda", torch.bfloat16, num_pages=256, num_slots=60)
+    _warm_gather(store, cache, pf)
+    store.allocate(0, 900)
+    sel_a = [[list(range(0, 30)), list(range(0, 30))]]  # 60 units: every slot of layer 0
+    sel_b = [[list(range(100, 130)), list(range(100, 130))]]  # 60 other units: must reuse all of a's slots
+    notes = []
+    for ms in GATE_MS:
+        with torch.cuda.stream(pf.compute_stream):
+            plan_a = cache.plan(0, [0], sel_a)
+            pf.fetch(0, [0], plan_a)
+            pf.wait(0)
+            gate = _Gate(pf.compute_stream, ms)  # plan a's attention is still running
+            seen = cache.k_pool(0).clone()  # ... and reads plan a's slots after it
+            pf.release(plan_a)
+            plan_b = cache.plan(0, [0], sel_b)
+            assert plan_b.num_misses == 60
+            assert sorted(plan_b.miss_slots.tolist()) == sorted(plan_a.miss_slots.tolist())
+            pf.fetch(0, [0], plan_b)
+            fetched_b = pf._layer_event[0]
+            time.sleep(0.05)  # ample time for an unordered fetch of 60 small units to run
+            b_done = fetched_b.query()
+            closed = gate.closed()  # queried last: closed at the query of fetched_b too
+            pf.wait(0)
+            pf.release(plan_b)
+        if closed:
+            break
+        notes.append(gate.inconclusive("the second fetch was checked"))
+        _forget(pf, cache, 0)
+    else:
+        pytest.fail("no conclusive attempt: " + "; ".join(notes))
+    assert not b_done, "the fetch into plan a's slots ran while compute enqueued before release(plan a) was pending"
+    torch.cuda.synchronize()
+    _assert_pool_holds(store, cache, plan_a, k_pool=seen)  # the gated read saw a's pages, not b's
+    _assert_pool_holds(store, cache, plan_b)
+
+
+@pytest.mark.gpu
 def test_gpu_stall_counter_sees_a_long_wait():
     store, cache, pf = _setup("cuda", torch.bfloat16, num_pages=256, num_slots=200)
     _warm_gather(store, cache, pf)
@@ -250,12 +379,25 @@ def test_gpu_drop_deferred_until_transfer_done_and_commit_keeps_source_alive():
     _warm_gather(store, cache, pf)
     store.allocate(5, 400)
     store.allocate(6, 400)
-    with torch.cuda.stream(pf.fetch_stream):
-        torch.cuda._sleep(SLEEP_CYCLES)
-    plan = cache.plan(0, [5], [[list(range(20)), list(range(30, 60))]])
-    pf.fetch(0, [5], plan)
-    pf.release(plan)
-    assert pf.drop_sequence(5) is False  # fetch still in flight: nothing freed yet
+    sel = [[list(range(20)), list(range(30, 60))]]
+    notes = []
+    for ms in GATE_MS:
+        if not store.has(5):
+            store.allocate(5, 400)
+        with torch.cuda.stream(pf.compute_stream):
+            gate = _Gate(pf.fetch_stream, ms)  # the fetch below queues behind this on the fetch stream
+            plan = cache.plan(0, [5], sel)
+            pf.fetch(0, [5], plan)
+            pf.wait(0)
+            pf.release(plan)
+            dropped_now = pf.drop_sequence(5)
+        if gate.closed():  # queried after the drop: the fetch was still pending when it polled
+            break
+        notes.append(gate.inconclusive("drop_sequence returned"))
+        pf.synchronize()  # completes this attempt's drop
+    else:
+        pytest.fail("no conclusive attempt: " + "; ".join(notes))
+    assert dropped_now is False  # fetch still in flight: nothing freed yet
     assert store.has(5) and cache.used_slots(0) == 50 and 5 in pf.pending_drops
     with pytest.raises(ValueError, match="being dropped"):
         pf.commit([5], 0, 0, torch.zeros(1, HKV, 1, D, device="cuda", dtype=torch.bfloat16),
@@ -263,18 +405,30 @@ def test_gpu_drop_deferred_until_transfer_done_and_commit_keeps_source_alive():
     pf.synchronize()
     assert not store.has(5) and cache.used_slots(0) == 0 and not pf.pending_drops
     cache.check_invariants()
-    # commit: the source is freed right after the call; the allocator must not recycle it early
-    with torch.cuda.stream(pf.commit_stream):
-        torch.cuda._sleep(SLEEP_CYCLES // 4)
-    k = torch.randn(1, HKV, 64, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    expect_k = k.cpu()
-    pf.commit([6], 1, 100, k, v)
-    del k, v
-    junk = [torch.full((1, HKV, 64, D), 7.0, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
-    pf.synchronize()
-    rk, _ = store.read(6, 1, 100, 164)
-    assert torch.equal(rk, expect_k[0]) and len(junk) == 8
+    # commit: the source is freed right after the call; the allocator must not hand its memory out
+    # again (same stream, same size: its first pick) before the copy, held behind a gate, has run
+    notes = []
+    for ms in GATE_MS:
+        with torch.cuda.stream(pf.compute_stream):
+            k = torch.randn(1, HKV, 64, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            expect_k = k.cpu()
+            src_ptrs = {k.data_ptr(), v.data_ptr()}
+            gate = _Gate(pf.commit_stream, ms)
+            pf.commit([6], 1, 100, k, v)
+            del k, v
+            junk = [torch.full((1, HKV, 64, D), 7.0, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+            junk_ptrs = {j.data_ptr() for j in junk}
+        closed = gate.closed()
+        pf.synchronize()
+        rk, _ = store.read(6, 1, 100, 164)
+        assert torch.equal(rk, expect_k[0])
+        if closed:
+            assert not src_ptrs & junk_ptrs, "k/v's memory was handed out again while the commit copy was pending"
+            break
+        notes.append(gate.inconclusive("the junk tensors were allocated"))
+    else:
+        pytest.fail("no conclusive attempt: " + "; ".join(notes))
 
 
 @pytest.mark.gpu
