@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from runtime.attention import MaskedAttention
 from runtime.checkpoint import save_checkpoint
 from runtime.config import EngineConfig, ModelConfig
-from runtime.engine import Engine
+from runtime.engine import Engine, resolve_device
 from runtime.model import Transformer
 from runtime.tokenizer import (EOS_TOKEN, MASK_TOKEN, UNK_TOKEN, Tokenizer, build_char_tokenizer,
                                hf_tokenizer_config)
@@ -278,15 +278,6 @@ def lr_at(progress: float, base_lr: float, warmup: float, min_ratio: float) -> f
 
 
 # ----------------------------------------------------------------------------- training
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} needs CUDA and this machine has none; use --device cpu")
-    return device
-
 
 def inference_engine(model: Transformer, tokenizer: Tokenizer, device: torch.device, *, max_batch_size: int,
                      attention_backend: str = "auto") -> Engine:
