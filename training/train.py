@@ -53,6 +53,9 @@ from training.evaluate import accuracy_table, evaluate
 from training.tasks import MIN_LENGTH, TASKS, example_rng, generate_examples, make_example
 
 CLEAN, NOISY, PAD = 0, 1, 2
+# Defaults that depend on the device: a CPU smoke run must finish in well under a minute.
+GPU_DEFAULTS = {"tokens_per_batch": 65536, "eval_per_task": 64, "final_per_task": 64}
+CPU_DEFAULTS = {"tokens_per_batch": 2048, "eval_per_task": 4, "final_per_task": 4}
 
 
 # ----------------------------------------------------------------------------- model and tokenizer
@@ -145,11 +148,6 @@ class TrainBatch:
     real_tokens: int
     masked_tokens: int
 
-    def to(self, device: torch.device) -> "TrainBatch":
-        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                 for k, v in self.__dict__.items()}
-        return TrainBatch(**moved)
-
 
 def training_mask(kind: torch.Tensor, positions: torch.Tensor, copy_id: torch.Tensor, block_size: int) -> torch.Tensor:
     """[N, L, L] bool visibility (query, key) of a training batch; inputs [N, L].
@@ -170,80 +168,81 @@ def training_mask(kind: torch.Tensor, positions: torch.Tensor, copy_id: torch.Te
 
 
 def build_batch(sequences: list[tuple[list[int], list[int]]], *, block_size: int, mask_token_id: int,
-                eos_token_id: int, noisy_copies: int, generator: torch.Generator, eps: float = 1e-3,
-                loss_weighting: str = "none", pad_multiple: int = 1) -> TrainBatch:
-    """Lay out (prompt ids, answer ids) pairs as training rows (CPU tensors; see TrainBatch).
+                eos_token_id: int, noisy_copies: int, generator: np.random.Generator, eps: float = 1e-3,
+                loss_weighting: str = "none", pad_multiple: int = 1,
+                device: torch.device | str = "cpu") -> TrainBatch:
+    """Lay out (prompt ids, answer ids) pairs as training rows on `device` (see TrainBatch).
 
     Per noisy copy t ~ U(eps, 1); each answer/EOS position of the answer blocks is masked with
     probability t, at least one. loss_weighting "none": weight 1 per masked position (the loss
-    averages them); "inv_t": weight 1/t, normalised later by the number of maskable positions.
+    averages them); "inv_t": weight 1/t, scaled so the loss is sum(CE / t) per maskable position.
+    The layout is built with numpy on the CPU; the [N, L, L] mask is built on `device` (it is the
+    only large tensor, and building it on the host would cost more than the GPU step).
     """
     if noisy_copies < 1:
         raise ValueError(f"noisy_copies={noisy_copies} must be >= 1")
     if loss_weighting not in ("none", "inv_t"):
         raise ValueError(f"loss_weighting={loss_weighting!r}; choose none or inv_t")
     b = block_size
-    rows = []
+    lengths = []
     for prompt, answer in sequences:
         if not prompt:
             raise ValueError("every training example needs a non-empty prompt")
+        clean_len = -(-(len(prompt) + len(answer) + 1) // b) * b
+        lengths.append(clean_len + noisy_copies * (clean_len - len(prompt) // b * b))
+    n, length = len(sequences), -(-max(lengths) // pad_multiple) * pad_multiple
+    ids = np.full((n, length), eos_token_id, dtype=np.int64)
+    pos = np.zeros((n, length), dtype=np.int64)
+    kind = np.full((n, length), PAD, dtype=np.int64)
+    cid = np.full((n, length), -1, dtype=np.int64)
+    targets = np.full((n, length), -100, dtype=np.int64)
+    weights = np.zeros((n, length), dtype=np.float32)
+    maskable_total = 0
+    for i, (prompt, answer) in enumerate(sequences):
         p, a = len(prompt), len(answer)
         clean_len = -(-(p + a + 1) // b) * b
-        clean = prompt + answer + [eos_token_id] * (clean_len - p - a)
         start = p // b * b  # first answer block
         span = clean_len - start
-        ids, pos, kind, cid = list(clean), list(range(clean_len)), [CLEAN] * clean_len, [-1] * clean_len
-        targets, weights = [-100] * clean_len, [0.0] * clean_len
-        maskable = torch.arange(start, clean_len) >= p  # [span]: answer + EOS positions
-        candidates = maskable.nonzero().squeeze(1)
-        for c in range(noisy_copies):
-            t = eps + (1 - eps) * float(torch.rand((), generator=generator))
-            masked = (torch.rand(span, generator=generator) < t) & maskable
-            if not masked.any():
-                masked[candidates[torch.randint(len(candidates), (), generator=generator)]] = True
-            block = clean[start:]
-            weight = 1.0 / t if loss_weighting == "inv_t" else 1.0
-            for j in range(span):
-                m = bool(masked[j])
-                ids.append(mask_token_id if m else block[j])
-                targets.append(block[j] if m else -100)
-                weights.append(weight if m else 0.0)
-            pos.extend(range(start, clean_len))
-            kind.extend([NOISY] * span)
-            cid.extend([c] * span)
-        rows.append((ids, pos, kind, cid, targets, weights, len(candidates)))
-    length = max(len(r[0]) for r in rows)
-    length = -(-length // pad_multiple) * pad_multiple
-    n = len(rows)
-    out = {
-        "input_ids": torch.full((n, length), eos_token_id, dtype=torch.int64),
-        "positions": torch.zeros((n, length), dtype=torch.int64),
-        "kind": torch.full((n, length), PAD, dtype=torch.int64),
-        "copy_id": torch.full((n, length), -1, dtype=torch.int64),
-        "targets": torch.full((n, length), -100, dtype=torch.int64),
-        "weights": torch.zeros((n, length), dtype=torch.float32),
-    }
-    maskable_total = 0
-    for i, (ids, pos, kind, cid, targets, weights, num_maskable) in enumerate(rows):
-        k = len(ids)
-        for name, values in zip(("input_ids", "positions", "kind", "copy_id", "targets", "weights"),
-                                (ids, pos, kind, cid, targets, weights)):
-            out[name][i, :k] = torch.tensor(values, dtype=out[name].dtype)
-        maskable_total += num_maskable * noisy_copies
+        ids[i, :p], ids[i, p:p + a] = prompt, answer  # the rest of the clean part stays EOS
+        pos[i, :clean_len] = np.arange(clean_len)
+        kind[i, :clean_len] = CLEAN
+        block = ids[i, start:clean_len].copy()  # [span]
+        maskable = np.arange(start, clean_len) >= p  # answer + EOS positions
+        t = eps + (1 - eps) * generator.random(noisy_copies)  # [copies]
+        masked = (generator.random((noisy_copies, span)) < t[:, None]) & maskable[None]
+        for c in np.flatnonzero(~masked.any(1)):
+            masked[c, generator.choice(np.flatnonzero(maskable))] = True
+        lo, hi = clean_len, clean_len + noisy_copies * span
+        ids[i, lo:hi] = np.where(masked, mask_token_id, block[None]).reshape(-1)
+        pos[i, lo:hi] = np.tile(np.arange(start, clean_len), noisy_copies)
+        kind[i, lo:hi] = NOISY
+        cid[i, lo:hi] = np.repeat(np.arange(noisy_copies), span)
+        targets[i, lo:hi] = np.where(masked, block[None], -100).reshape(-1)
+        per_copy = 1.0 / t if loss_weighting == "inv_t" else np.ones(noisy_copies)
+        weights[i, lo:hi] = (masked * per_copy[:, None]).reshape(-1)
+        maskable_total += int(maskable.sum()) * noisy_copies
+    masked_tokens = int((targets != -100).sum())
     if loss_weighting == "inv_t":
-        # MDLM: sum over masked positions of CE / t, per maskable position (the answer length).
-        out["weights"] *= (out["weights"] > 0).sum() / maskable_total
-    mask = training_mask(out["kind"], out["positions"], out["copy_id"], block_size)
-    return TrainBatch(**out, mask=mask, real_tokens=int((out["kind"] != PAD).sum()),
-                      masked_tokens=int((out["targets"] != -100).sum()))
+        # The loss divides by the sum of weights; this scale turns it into sum(CE / t) / maskable positions.
+        weights *= weights.sum() / maskable_total
+    dev = torch.device(device)
+    t_ = {name: torch.from_numpy(arr).to(dev, non_blocking=True)
+          for name, arr in (("input_ids", ids), ("positions", pos), ("kind", kind), ("copy_id", cid),
+                            ("targets", targets), ("weights", weights))}
+    mask = training_mask(t_["kind"], t_["positions"], t_["copy_id"], block_size)
+    return TrainBatch(**t_, mask=mask, real_tokens=int((kind != PAD).sum()), masked_tokens=masked_tokens)
 
 
 def batch_loss(model: Transformer, batch: TrainBatch) -> torch.Tensor:
-    """Weighted mean cross-entropy over the masked positions of the noisy copies (a scalar)."""
+    """Weighted mean cross-entropy over the masked positions of the noisy copies (a scalar).
+
+    Computed over every position with ignore_index, not by boolean selection, so the step never
+    waits for the GPU (selection would need the count on the host).
+    """
     logits = model(batch.input_ids, batch.positions, MaskedAttention(batch.mask))
-    sel = batch.targets != -100
-    ce = F.cross_entropy(logits[sel].float(), batch.targets[sel], reduction="none")
-    w = batch.weights[sel]
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=-100,
+                         reduction="none")
+    w = batch.weights.flatten()
     return (ce * w).sum() / w.sum()
 
 
@@ -323,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of training by which the curriculum reaches --max-context")
     g.add_argument("--replay", type=float, default=0.25,
                    help="probability that a step uses an earlier (shorter) curriculum stage")
-    g.add_argument("--tokens-per-batch", type=int, default=65536,
-                   help="batch rows = this // context length (capped by --max-batch)")
+    g.add_argument("--tokens-per-batch", type=int, default=None,
+                   help="batch rows = this // context length (capped by --max-batch); "
+                        f"default {GPU_DEFAULTS['tokens_per_batch']} on CUDA, {CPU_DEFAULTS['tokens_per_batch']} on CPU")
     g.add_argument("--max-batch", type=int, default=256)
     g.add_argument("--noisy-copies", type=int, default=4, help="independently masked copies of the answer blocks")
     g.add_argument("--eps", type=float, default=1e-3, help="t ~ U(eps, 1)")
@@ -339,14 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=25)
     g.add_argument("--eval-every", type=float, default=60.0,
                    help="seconds of training between quick evals at the current context (0: none)")
-    g.add_argument("--eval-per-task", type=int, default=64, help="held-out examples per task in the quick evals")
+    g.add_argument("--eval-per-task", type=int, default=None,
+                   help="held-out examples per task in the quick evals; default "
+                        f"{GPU_DEFAULTS['eval_per_task']} on CUDA, {CPU_DEFAULTS['eval_per_task']} on CPU")
     g.add_argument("--eval-seed", type=int, default=1234)
     g.add_argument("--eval-batch", type=int, default=64, help="engine max_batch_size in evals")
     g.add_argument("--eval-backend", default="auto", choices=("auto", "torch", "triton"),
                    help="DenseAttention backend of the evals (auto: triton on CUDA)")
     g.add_argument("--final-contexts", type=int, nargs="*", default=None,
                    help="contexts of the final eval (default: the curriculum stages and 2x the max)")
-    g.add_argument("--final-per-task", type=int, default=64)
+    g.add_argument("--final-per-task", type=int, default=None,
+                   help=f"default {GPU_DEFAULTS['final_per_task']} on CUDA, {CPU_DEFAULTS['final_per_task']} on CPU")
     return p
 
 
@@ -382,6 +385,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.steps is None and args.minutes is None:
         raise ValueError("give --steps N and/or --minutes M: the run needs an end")
     device = resolve_device(args.device)
+    for key, value in (GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     torch.manual_seed(args.seed)
     tokenizer = make_tokenizer()
     encoder = CharEncoder(tokenizer)
@@ -403,9 +409,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     sampler = Sampler(args.tasks, args.seed, encoder)
-    noise_gen = torch.Generator().manual_seed(args.seed + 1)
+    noise_gen = np.random.default_rng(args.seed + 1)
     stage_rng = random.Random(f"stage/{args.seed}")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     pad_multiple = 64 if device.type == "cuda" else 1
     budget = args.minutes * 60 if args.minutes is not None else None
 
@@ -444,14 +449,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         batch = build_batch(sampler.batch(ctx, rows), block_size=args.block_size,
                             mask_token_id=config.mask_token_id, eos_token_id=config.eos_token_ids[0],
                             noisy_copies=args.noisy_copies, generator=noise_gen, eps=args.eps,
-                            loss_weighting=args.loss_weighting, pad_multiple=pad_multiple).to(device)
+                            loss_weighting=args.loss_weighting, pad_multiple=pad_multiple, device=device)
         lr = lr_at(progress, args.lr, args.warmup, args.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        if autocast is not None:
-            with autocast:
-                loss = batch_loss(model, batch)
-        else:
+        # bf16 autocast on CUDA (fp32 master weights), plain fp32 on the CPU
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = batch_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -509,7 +512,7 @@ def demo_prompts(tokenizer: Tokenizer) -> list[dict[str, str]]:
 def readme(cfg: dict[str, Any], args: argparse.Namespace, log: dict[str, Any], final: dict[str, Any],
            n_params: int) -> str:
     device = log.get("device_name", log["device"])
-    cmd = "python -m training.train " + " ".join(sys.argv[1:]) if sys.argv[1:] else "python -m training.train"
+    cmd = getattr(args, "command", None) or "training.train.train() called from Python"
     return f"""# Block-diffusion retrieval model ({n_params / 1e6:.1f}M parameters)
 
 A small Qwen3-architecture block-diffusion language model trained from scratch by
@@ -539,7 +542,7 @@ masked with probability t ~ U({args.eps}, 1); cross-entropy on masked positions 
 {args.loss_weighting}). Curriculum {log['curriculum']} (reaching the max at {args.ramp_end:.0%} of training,
 {args.replay:.0%} replay of shorter stages), {args.tokens_per_batch} tokens per batch, AdamW lr {args.lr:g}
 (warmup {args.warmup:.0%}, cosine to {args.min_lr_ratio:g}x), weight decay {args.weight_decay}, clip {args.clip},
-bf16 autocast. {log['steps']} steps in {log['train_wall_s']} s on {device} (torch {log['torch']}).
+{"bf16 autocast" if log["device"].startswith("cuda") else "fp32"}. {log['steps']} steps in {log['train_wall_s']} s on {device} (torch {log['torch']}).
 
 Command: `{cmd}`
 
@@ -553,7 +556,10 @@ Re-measure: `python -m training.evaluate --model <this folder> --contexts 512 10
 
 
 def main(argv: list[str] | None = None) -> int:
-    train(build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.command = " ".join(["python -m training.train", *argv])
+    train(args)
     return 0
 
 
