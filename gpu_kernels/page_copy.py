@@ -38,9 +38,10 @@ def _gather_task(
     c = t % chunks
     u = g * UNITS + rows
     umask = u < num_units
+    slot = tl.load(slot_ids + u, mask=umask, other=-1).to(tl.int64)
+    umask = umask & (slot >= 0)  # a negative slot is a hole: nothing to copy (fixed-size unit lists)
     page = tl.load(page_ids + u, mask=umask, other=0).to(tl.int64)
     head = tl.load(head_ids + u, mask=umask, other=0).to(tl.int64)
-    slot = tl.load(slot_ids + u, mask=umask, other=0).to(tl.int64)
     chunk_off = c.to(tl.int64) * BLOCK
     src_off = page * s_src_page + head * s_src_head + chunk_off
     dst_off = slot * s_dst_slot + chunk_off
@@ -277,7 +278,9 @@ def gather_pages(
     (a tensor or a ``HostPointer``).
     dst_k, dst_v: ``[num_slots, P, D]`` (or ``[L, num_slots, P, D]``), GPU or pinned host (likewise).
     page_ids, head_ids, slot_ids (and layer_ids for the multi-layer form): ``[M]`` int32/int64;
-    unit m copies ``src[layer, page_ids[m], head_ids[m]]`` into ``dst[layer, slot_ids[m]]``.
+    unit m copies ``src[layer, page_ids[m], head_ids[m]]`` into ``dst[layer, slot_ids[m]]``; a unit
+    whose slot id is negative is a hole and copies nothing (so a fixed-size list can carry a
+    device-computed, variable set of misses without a host sync).
 
     Runs asynchronously on the current CUDA stream. ``validate`` checks id ranges first (this reads
     the ids: a device sync when they are on the GPU); out-of-range ids without it corrupt memory.
@@ -316,11 +319,12 @@ def gather_pages(
         return
     num_pages, hkv = src_k.shape[-4], src_k.shape[-3]
     if validate:
-        _check_range(page_ids, "page_ids", num_pages)
-        _check_range(head_ids, "head_ids", hkv)
-        _check_range(slot_ids, "slot_ids", dst_k.shape[-3])
+        live = slot_ids >= 0  # holes are never read
+        _check_range(page_ids[live.to(page_ids.device)], "page_ids", num_pages)
+        _check_range(head_ids[live.to(head_ids.device)], "head_ids", hkv)
+        _check_range(slot_ids[live], "slot_ids", dst_k.shape[-3])
         if multi:
-            _check_range(layer_ids, "layer_ids", src_k.shape[0])
+            _check_range(layer_ids[live.to(layer_ids.device)], "layer_ids", src_k.shape[0])
 
     s_src_layer = src_k.stride(0) if multi else 0
     s_dst_layer = dst_k.stride(0) if multi else 0
@@ -362,10 +366,12 @@ def gather_pages_reference(
     src_k, src_v, dst_k, dst_v = (host_tensor(x) for x in (src_k, src_v, dst_k, dst_v))
     multi = _gather_layout(src_k, dst_k, layer_ids)
     sdev, ddev = src_k.device, dst_k.device
+    live = slot_ids >= 0  # holes copy nothing
+    page_ids, head_ids, slot_ids = page_ids[live.to(page_ids.device)], head_ids[live.to(head_ids.device)], slot_ids[live]
     p, h, s = page_ids.to(sdev).long(), head_ids.to(sdev).long(), slot_ids.to(ddev).long()
     for src, dst in ((src_k, dst_k), (src_v, dst_v)):
         if multi:
-            lyr = layer_ids.long()
+            lyr = layer_ids[live.to(layer_ids.device)].long()
             dst[lyr.to(ddev), s] = src[lyr.to(sdev), p, h].to(ddev)
         else:
             dst[s] = src[p, h].to(ddev)

@@ -368,6 +368,30 @@ class GpuPageCache:
             self._dirs.pop((handle, layer), None)
         return freed
 
+    def invalidate(self, seq_id: Hashable, logical_pages: Sequence[int]) -> int:
+        """Forget the cached copies of some pages of a sequence (every layer and head): the host
+        store wrote them since they were fetched (a block committed into a partial page). Pinned
+        copies are dropped too, as ``drop_sequence`` drops them; the caller must have released, on
+        the compute stream, the plans that read them (the prefetcher orders the next fetch after
+        that). Returns how many slots were freed."""
+        handle = self._handles.get(seq_id)
+        if handle is None:
+            return 0
+        pages = np.asarray(list(logical_pages), dtype=np.int64)
+        freed = 0
+        for layer in range(self.num_layers):
+            d = self._dirs.get((handle, layer))
+            if d is None:
+                continue
+            cols = pages[pages < d.shape[1]]
+            slots = d[:, cols].reshape(-1)
+            slots = slots[slots != _FREE]
+            if slots.size:
+                self._evict(layer, slots)
+                self.evictions[layer] -= slots.size  # not a replacement decision
+                freed += slots.size
+        return freed
+
     @property
     def sequences(self) -> list[Hashable]:
         return list(self._handles)

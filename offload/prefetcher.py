@@ -275,6 +275,12 @@ class Prefetcher:
         e1.record(cur)
         self._stalls.append((e0, e1))
 
+    def wait_commits(self) -> None:
+        """Make the compute stream (the current stream) wait for every commit enqueued so far: for
+        kernels that read the host store directly (prefill context, dense layers over UVA)."""
+        if self.cuda and self._last_commit is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._last_commit)
+
     def release(self, plan: CachePlan) -> None:
         """Unpin ``plan`` once its attention has been enqueued on the compute stream (the current
         stream): the next fetch of this layer waits for this point of that stream before it may

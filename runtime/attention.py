@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,23 @@ class AttentionMode(ABC):
 
         q: [N, Hq, T, D]; k, v: [N, Hkv, T, D] of the new tokens (RoPE applied). Returns [N, Hq, T, D].
         """
+
+    def load_random_context(self, seq_id: int, num_tokens: int, seed: int = 0) -> None:
+        """Speed runs: make positions [0, num_tokens) hold random K/V, as if a prompt had been
+        prefilled (attention's speed does not depend on the values; a 128K prefill per
+        configuration would dominate a benchmark of decoding)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load a random context")
+
+    def graph_key(self, batch: ForwardBatch) -> object:
+        """What else (beyond the pass's phase and shape) a captured graph of this pass depends on."""
+        return None
+
+    def replayable(self, batch: ForwardBatch) -> bool:
+        """Whether this planned pass reads only fixed-address device buffers and never syncs with
+        the host, so the loop may capture it once in a CUDA graph and replay it (see
+        runtime/cuda_graphs.py). A replayable pass's `plan` must load everything that changes into
+        those same buffers."""
+        return False
 
     def close(self) -> None:
         """Free the mode's storage."""
@@ -191,6 +209,8 @@ class DenseAttention(AttentionMode):
         self.slot_of: dict[int, int] = {}
         self.batch: ForwardBatch | None = None
         self._slots: torch.Tensor | None = None
+        self._denoise_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows -> (table, kv_len)
+        self._write_index: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (rows, T) -> (page, offset)
 
     def add_sequence(self, seq_id: int, max_tokens: int) -> None:
         if seq_id in self.slot_of:
@@ -210,12 +230,47 @@ class DenseAttention(AttentionMode):
             raise ValueError(f"forward reaches position {end}; the KV slots hold {self.max_tokens} tokens")
         self.batch = batch
         self._slots = torch.tensor([self.slot_of[s] for s in batch.seq_ids], dtype=torch.int64)
+        dev = self.k_cache[0].device
+        if batch.phase.writes_kv:  # where the new tokens go, at fixed addresses per (rows, T)
+            pos = batch.positions("cpu")
+            index = (self._slots[:, None] * self.pages_per_seq + pos // self.page_size, pos % self.page_size)
+            key = (batch.num_rows, batch.num_new)
+            if key not in self._write_index:
+                self._write_index[key] = tuple(t.to(dev) for t in index)
+            else:
+                for buf, t in zip(self._write_index[key], index):
+                    buf.copy_(t)
+            self._write_at = self._write_index[key]
         if self._use_kernel(batch):
-            dev = self.k_cache[0].device
-            pages = max(1, -(-int(batch.context_lens.max()) // self.page_size))
-            table = self._slots[:, None] * self.pages_per_seq + torch.arange(pages)[None, :]
-            self._page_table = table.to(device=dev, dtype=torch.int32)
-            self._kv_len = batch.context_lens.to(device=dev, dtype=torch.int32)
+            if batch.phase is not Phase.PREFILL:  # fixed addresses and the full width: replayable
+                n = batch.num_rows
+                if n not in self._denoise_tables:
+                    self._denoise_tables[n] = (torch.empty(n, self.pages_per_seq, dtype=torch.int32, device=dev),
+                                               torch.empty(n, dtype=torch.int32, device=dev))
+                self._page_table, self._kv_len = self._denoise_tables[n]
+                self._page_table.copy_(self.store_table(self.pages_per_seq))
+                self._kv_len.copy_(batch.context_lens)
+            else:
+                self._page_table = self.store_table(-(-int(batch.context_lens.max()) // self.page_size))
+                self._kv_len = batch.context_lens.to(device=dev, dtype=torch.int32)
+
+    def replayable(self, batch: ForwardBatch) -> bool:
+        return self._use_kernel(batch) and self.k_cache[0].is_cuda  # denoise and commit passes
+
+    def load_random_context(self, seq_id: int, num_tokens: int, seed: int = 0) -> None:
+        if num_tokens > self.max_tokens:
+            raise ValueError(f"{num_tokens} tokens exceed the {self.max_tokens} a KV slot holds")
+        pages = -(-num_tokens // self.page_size)
+        slot = self.slot_of[seq_id]
+        gen = torch.Generator(self.k_cache[0].device).manual_seed(seed)
+        for cache in (*self.k_cache, *self.v_cache):
+            per_seq = cache.view(-1, self.pages_per_seq, *cache.shape[1:])
+            per_seq[slot, :pages].normal_(generator=gen)
+
+    def store_table(self, pages: int) -> torch.Tensor:
+        """[N, max(pages, 1)] int32 physical pages of the planned rows' first `pages` logical pages."""
+        table = self._slots[:, None] * self.pages_per_seq + torch.arange(max(1, pages))[None, :]
+        return table.to(device=self.k_cache[0].device, dtype=torch.int32)
 
     def _use_kernel(self, batch: ForwardBatch) -> bool:
         return self.backend == "triton" and batch.phase is not Phase.PREFILL
@@ -228,13 +283,9 @@ class DenseAttention(AttentionMode):
         return per_seq.permute(0, 2, 1, 3, 4).reshape(len(self._slots), hkv, pages * p, d)[:, :, :length]
 
     def _write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
-        """Write new: [N, Hkv, T, D] at each row's positions context_lens .. +T."""
-        batch = self.batch
-        pos = batch.positions("cpu")  # [N, T]
-        page = self._slots[:, None] * self.pages_per_seq + pos // self.page_size
-        offset = pos % self.page_size
-        dev = cache.device
-        cache[page.to(dev), :, offset.to(dev)] = new.transpose(1, 2).to(cache.dtype)
+        """Write new: [N, Hkv, T, D] at each row's positions context_lens .. +T (indices from plan)."""
+        page, offset = self._write_at
+        cache[page, :, offset] = new.transpose(1, 2).to(cache.dtype)
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         batch = self.batch
@@ -264,6 +315,48 @@ class DenseAttention(AttentionMode):
         return masked_attention(q, keys.to(q.dtype), values.to(q.dtype), mask.to(q.device))
 
     def close(self) -> None:
+        self._denoise_tables.clear()
+        self._write_index.clear()
         self.k_cache.clear()
         self.v_cache.clear()
         self.slot_of.clear()
+
+
+class ReplayTables:
+    """Per-layer selection tables at fixed device addresses, one set per batch size, so that a
+    captured CUDA graph reads each block's selection: tables [N, Hkv, width] int32 (-1 padded) and
+    kv_len [N, Hkv] int32 per layer. `load` copies only when the selection or the rows changed."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, width: int, device: torch.device):
+        self.num_layers, self.num_kv_heads, self.width, self.device = num_layers, num_kv_heads, width, device
+        self._buffers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._loaded: dict[int, object] = {}
+
+    def load(self, n: int, key: object,
+             make: Callable[[], list[tuple[torch.Tensor, torch.Tensor] | None]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The buffers for `n` rows holding what `make()` returns: per layer (table [n, Hkv, K],
+        kv_len [n, Hkv]) or None for layers that read none. `key` names that content: when it
+        matches what the buffers hold, `make` is not called."""
+        buffers = self._buffers.get(n)
+        if buffers is None:
+            buffers = self._buffers[n] = [
+                (torch.full((n, self.num_kv_heads, self.width), -1, dtype=torch.int32, device=self.device),
+                 torch.zeros(n, self.num_kv_heads, dtype=torch.int32, device=self.device))
+                for _ in range(self.num_layers)]
+        if self._loaded.get(n) != key:
+            for entry, (table_buf, len_buf) in zip(make(), buffers):
+                if entry is None:
+                    continue
+                table, kv_len = entry
+                k = table.shape[-1]
+                if k > self.width:
+                    raise ValueError(f"a selection of {k} pages exceeds the replay tables' width {self.width}")
+                table_buf[..., k:].fill_(-1)
+                table_buf[..., :k].copy_(table)
+                len_buf.copy_(kv_len)
+            self._loaded[n] = key
+        return buffers
+
+    def clear(self) -> None:
+        self._buffers.clear()
+        self._loaded.clear()

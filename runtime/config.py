@@ -9,7 +9,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-ATTENTION_MODES = ("dense",)
+ATTENTION_MODES = ("dense", "mage", "quest", "herald")
+SELECTION_SOURCES = ("gpu-exact", "cpu", "gpu-compact", "split")
+SELECTION_QUERIES = ("mean", "center")
+GRANULARITIES = ("page", "token")
 ATTENTION_BACKENDS = ("torch", "triton")
 UNMASKING_SCHEDULES = ("threshold", "fixed")
 PROMPT_ATTENTION = ("causal", "block_causal")
@@ -158,6 +161,59 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SparseConfig:
+    """How the sparse modes (mage, quest, herald) choose the context a block attends to.
+
+    The budget is per (layer, KV head) and counts selected context tokens (pages x page size),
+    the forced ones included: sinks, the local window and the last, partial page. The block's own
+    K/V are always attended on top of it.
+    """
+
+    budget_fraction: float = 0.05  # share of the context ...
+    budget_tokens: int | None = None  # ... or, when set, a fixed count instead
+    page_size: int = 16  # tokens per KV page (selection unit, transfer unit)
+    granularity: str = "page"  # page | token (token: mage only, MAGE's token-level top-k)
+    query: str = "mean"  # mean: block-mean over B positions and the GQA group (MAGE) | center: the
+    #                      centre [MASK] position, mean over its GQA group (HERALD)
+    source: str = "gpu-compact"  # herald's selection source: cpu | gpu-compact | split (mage: gpu-exact)
+    sink_tokens: int = 16
+    local_window: int = 64
+    dense_layers: int | None = None  # None: 2 for mage and quest (as both papers), 0 for herald
+    compact_bits: int = 4  # gpu-compact key copy: 4 or 8 bits, per-group scales
+    compact_group: int = 32
+    split_cpu_fraction: float = 0.5  # split source: the oldest share of pages the CPU scans
+    check_residency: bool = False  # assert before every sparse attention that its pages are resident
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.budget_fraction <= 1.0:
+            raise ValueError(f"budget_fraction={self.budget_fraction} must be in (0, 1]; 0 selects nothing")
+        if self.budget_tokens is not None and self.budget_tokens < 1:
+            raise ValueError(f"budget_tokens={self.budget_tokens} must be >= 1")
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size={self.page_size} must be a power of two (the kernels tile by it)")
+        for name, value, allowed in (("granularity", self.granularity, GRANULARITIES),
+                                     ("query", self.query, SELECTION_QUERIES),
+                                     ("source", self.source, SELECTION_SOURCES)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}; choose one of {allowed}")
+        if self.sink_tokens < 0 or self.local_window < 0:
+            raise ValueError(f"sink_tokens={self.sink_tokens} and local_window={self.local_window} must be >= 0")
+        if self.dense_layers is not None and self.dense_layers < 0:
+            raise ValueError(f"dense_layers={self.dense_layers} must be >= 0")
+        if self.compact_bits not in (4, 8):
+            raise ValueError(f"compact_bits={self.compact_bits}; choose 4 or 8")
+        if not 0.0 <= self.split_cpu_fraction <= 1.0:
+            raise ValueError(f"split_cpu_fraction={self.split_cpu_fraction} must be in [0, 1]")
+
+    def budget_pages(self, context_tokens: int) -> int:
+        """Pages to select for a context of `context_tokens` (all of them at most)."""
+        pages = -(-context_tokens // self.page_size)
+        tokens = (self.budget_tokens if self.budget_tokens is not None
+                  else self.budget_fraction * context_tokens)
+        return min(pages, max(1, -(-int(round(tokens)) // self.page_size)))
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs from its user. `None` means: take it from the checkpoint."""
 
@@ -175,6 +231,9 @@ class EngineConfig:
     max_batch_size: int = 8
     prefill_chunk_size: int = 2048
     progress: bool = True
+    cuda_graphs: bool = True  # replay denoising passes from CUDA graphs (CUDA + triton backend only)
+    sparse: SparseConfig = field(default_factory=SparseConfig)  # mage, quest, herald
+    host_memory_gib: float | None = None  # herald: pinned host store size (None: what the batch needs)
 
     def __post_init__(self) -> None:
         if self.mode not in ATTENTION_MODES:

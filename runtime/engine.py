@@ -15,6 +15,9 @@ from runtime.checkpoint import load_model
 from runtime.config import EngineConfig, ModelConfig
 from runtime.decoding import DecodeSettings, GenerationRequest, GenerationResult, SequenceState
 from runtime.generate import BlockDiffusionLoop
+from runtime.herald import HeraldAttention
+from runtime.memory import MemoryPlan, check_fits, largest_batch, plan_memory
+from runtime.resident_sparse import MageAttention, QuestAttention
 from runtime.model import Transformer
 from runtime.tokenizer import Tokenizer
 
@@ -96,16 +99,66 @@ class Engine:
         self.tokenizer = tokenizer
         self.settings = resolve_settings(config, self.model_config, self.tokenizer)
         self.last_stats = RunStats()
+        self.last_timeline: list[dict] = []  # herald: per-block selection / transfer / stall
         self._ids = itertools.count()
 
     def make_mode(self, num_sequences: int, max_tokens: int) -> AttentionMode:
+        backend = self.backend
+        mode, sparse = self.config.mode, self.config.sparse
+        self.check_memory(num_sequences, max_tokens)
+        args = (self.model_config, num_sequences, max_tokens)
+        if mode == "dense":
+            return DenseAttention(*args, page_size=sparse.page_size, dtype=self.dtype, device=self.device,
+                                  backend=backend)
+        if mode == "mage":
+            return MageAttention(*args, self.dtype, self.device, backend, sparse)
+        if mode == "quest":
+            return QuestAttention(*args, self.dtype, self.device, backend, sparse)
+        if mode == "herald":
+            return HeraldAttention(*args, self.dtype, self.device, backend, sparse)
+        raise ValueError(f"mode {mode!r} is not available")
+
+    def make_loop(self, mode: AttentionMode, max_batch_size: int) -> BlockDiffusionLoop:
+        graphs = self.config.cuda_graphs and self.device.type == "cuda" and self.backend == "triton"
+        return BlockDiffusionLoop(self.model, mode, self.settings, max_batch_size, self.config.prefill_chunk_size,
+                                  self.device, cuda_graphs=graphs)
+
+    @property
+    def backend(self) -> str:
         backend = self.config.attention_backend
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
-        if self.config.mode == "dense":
-            return DenseAttention(self.model_config, num_sequences, max_tokens, page_size=16,
-                                  dtype=self.dtype, device=self.device, backend=backend)
-        raise ValueError(f"mode {self.config.mode!r} is not available")
+        return backend
+
+    def memory_plan(self, num_sequences: int, max_tokens: int, **free) -> MemoryPlan:
+        """What `num_sequences` sequences of `max_tokens` tokens would take in the configured mode."""
+        return plan_memory(self.model_config, self.config.mode, self.config.sparse, num_sequences, max_tokens,
+                           self.dtype, self.device, self.settings.block_size, self.config.prefill_chunk_size, **free)
+
+    def largest_batch(self, max_tokens: int, **free) -> int:
+        """The most sequences of `max_tokens` tokens the configured mode fits in free memory now."""
+        return largest_batch(self.model_config, self.config.mode, self.config.sparse, max_tokens, self.dtype,
+                             self.device, self.settings.block_size, self.config.prefill_chunk_size, **free)
+
+    def check_memory(self, num_sequences: int, max_tokens: int) -> MemoryPlan:
+        """Refuse, before allocating, a batch that does not fit (the error says what would)."""
+        plan = self.memory_plan(num_sequences, max_tokens)
+        if not plan.fits:
+            check_fits(plan, self.largest_batch(max_tokens))
+        return plan
+
+    def _check_budget(self, sequences: list[SequenceState]) -> None:
+        """A token budget must leave something to select: refuse contexts it would cover whole."""
+        budget = self.config.sparse.budget_tokens
+        if self.config.mode == "dense" or budget is None:
+            return
+        short = [s for s in sequences if s.prefix_len <= budget]
+        if short:
+            s = short[0]
+            raise ValueError(
+                f"budget_tokens={budget} is not smaller than the {s.prefix_len}-token context of request "
+                f"{s.request.request_id or s.seq_id}: lower the budget, give it as budget_fraction, or use "
+                "mode='dense'")
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         if isinstance(request.prompt, str):
@@ -150,10 +203,11 @@ class Engine:
         if not requests:
             return []
         sequences = [self.make_sequence(r) for r in requests]
+        self._check_budget(sequences)
         t0 = time.perf_counter()
         batch = min(self.config.max_batch_size, len(sequences))
         mode = self.make_mode(batch, max(s.max_tokens for s in sequences))
-        loop = BlockDiffusionLoop(self.model, mode, self.settings, batch, self.config.prefill_chunk_size, self.device)
+        loop = self.make_loop(mode, batch)
         total_blocks = sum((s.max_tokens - s.prefix_len) // self.settings.block_size for s in sequences)
         bar = tqdm(total=total_blocks, unit="block", desc=f"generate [{self.config.mode}]",
                    disable=not self.config.progress, leave=False)
@@ -170,6 +224,7 @@ class Engine:
             loop.run(sequences, on_block)
         finally:
             bar.close()
+            self.last_timeline = list(getattr(mode, "timeline", []))
             mode.close()
         wall = time.perf_counter() - t0
         results = [self._result(s, finish_times[s.seq_id] - s.started_at) for s in sequences]

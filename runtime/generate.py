@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 import torch
 
 from runtime.attention import AttentionMode, ForwardBatch, Phase
+from runtime.cuda_graphs import PassGraphs
 from runtime.decoding import DecodeSettings, SequenceState, finish_block, start_block, unmask_step
 from runtime.model import Transformer
 
@@ -23,7 +24,7 @@ class BlockDiffusionLoop:
     """Drives a model and an attention mode through prefill, denoising and commit passes."""
 
     def __init__(self, model: Transformer, mode: AttentionMode, settings: DecodeSettings,
-                 max_batch_size: int, prefill_chunk_size: int, device: torch.device):
+                 max_batch_size: int, prefill_chunk_size: int, device: torch.device, cuda_graphs: bool = False):
         self.model = model
         self.mode = mode
         self.settings = settings
@@ -33,6 +34,8 @@ class BlockDiffusionLoop:
             raise ValueError(f"prefill_chunk_size={prefill_chunk_size} is smaller than the block size {b}")
         self.prefill_chunk = prefill_chunk_size // b * b  # chunks stay block-aligned
         self.device = device
+        self.graphs = PassGraphs(model, mode, device) if cuda_graphs else None
+        self.last_block_ms: dict[str, float] = {}
 
     def _forward(self, phase: Phase, rows: list[SequenceState], tokens: torch.Tensor,
                  visibility_block: int, step: int = 0) -> torch.Tensor | None:
@@ -46,6 +49,8 @@ class BlockDiffusionLoop:
             step=step,
         )
         self.mode.plan(batch)
+        if phase is not Phase.PREFILL and self.graphs is not None:
+            return self.graphs.forward(batch, tokens)
         return self.model(tokens.to(self.device), batch.positions(self.device), self.mode,
                           need_logits=phase is Phase.DENOISE)
 
@@ -62,22 +67,30 @@ class BlockDiffusionLoop:
         seq.tokens = list(seq.prompt_ids)
 
     def decode_block(self, rows: list[SequenceState]) -> None:
-        """Denoise one block of every row, then commit it."""
+        """Denoise one block of every row, then commit it. Host wall time of its parts lands in
+        `last_block_ms` (step 0, later steps: each ends when its logits reach the host; commit:
+        enqueue time only, it is not waited for)."""
         settings = self.settings
+        times = {"step0_ms": 0.0, "steps_ms": 0.0, "commit_ms": 0.0}
         for seq in rows:
             start_block(seq, settings)
         for step in range(settings.steps):
             active = [s for s in rows if s.masked.any()]
             if not active:
                 break
+            t0 = time.perf_counter()
             blocks = torch.stack([s.block for s in active])
             logits = self._forward(Phase.DENOISE, active, blocks, settings.block_size, step)
             for i, seq in enumerate(active):
                 unmask_step(seq, logits[i], step, settings)
                 seq.passes += 1
+            times["step0_ms" if step == 0 else "steps_ms"] += (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
         self._forward(Phase.COMMIT, rows, torch.stack([s.block for s in rows]), settings.block_size)
+        times["commit_ms"] = (time.perf_counter() - t0) * 1e3
         for seq in rows:
             finish_block(seq, settings)
+        self.last_block_ms = times
 
     def run(self, sequences: Iterable[SequenceState],
             on_block: Callable[[list[SequenceState]], None] | None = None) -> list[SequenceState]:

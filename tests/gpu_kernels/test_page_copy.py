@@ -70,6 +70,30 @@ def test_gather_pages_matches_reference(dtype, shape):
     assert not out_k[slots].isnan().any() and out_k.isnan().sum() == (num_slots - m) * p * d
 
 
+@pytest.mark.parametrize("multi", [False, True])
+def test_gather_pages_skips_holes(multi):
+    """Units with a negative slot copy nothing, whatever their page ids say (even out of range)."""
+    gen = torch.Generator().manual_seed(5)
+    layers, num_pages, hkv, p, d, num_slots, m = 2, 10, 2, 4, 16, 12, 9
+    shape = (layers, num_pages, hkv, p, d) if multi else (num_pages, hkv, p, d)
+    src_k, src_v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    pages, heads, slots = _units(gen, num_pages, hkv, num_slots, m)
+    holes = torch.tensor([1, 4, 5, 8])
+    slots[holes] = -1
+    pages[holes] = 10_000  # never read
+    layer_ids = torch.randint(0, layers, (m,), generator=gen) if multi else None
+    dst = (layers, num_slots, p, d) if multi else (num_slots, p, d)
+    out_k, out_v = _poisoned(dst, torch.float32, DEV), _poisoned(dst, torch.float32, DEV)
+    ref_k, ref_v = out_k.clone(), out_v.clone()
+    src_k, src_v, pages, heads, slots = _dev(src_k, src_v, pages, heads, slots)
+    layer_ids = None if layer_ids is None else layer_ids.to(DEV)
+    gather_pages(src_k, src_v, pages, heads, out_k, out_v, slots, layer_ids)
+    gather_pages_reference(src_k, src_v, pages, heads, ref_k, ref_v, slots, layer_ids)
+    assert _same(out_k, ref_k) and _same(out_v, ref_v)
+    written = (~out_k.isnan()).sum() // (p * d)
+    assert written == m - len(holes)
+
+
 @pytest.mark.parametrize(
     "block,max_programs,units",
     [(None, None, None), (16, None, 1), (32, 3, 2), (64, 1, 4), (128, 2, 8), (16, 5, 16)],

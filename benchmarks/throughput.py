@@ -1,0 +1,289 @@
+"""Throughput against GPU-only inference: dense, mage, quest and herald on the same requests, one GPU.
+
+For each context length and mode the memory planner (runtime/memory.py) finds the largest batch
+that fits (GPU memory for dense/mage/quest; host memory plus the page budget for herald); the sweep
+runs batches 1, 2, 4, ... up to it. Each configuration loads a random context per sequence (as if
+prefilled: speed does not depend on KV values, and a 128K prefill per configuration would swamp
+the decode measurement), then times whole blocks of the real loop (denoising passes + commit),
+synchronised per block. Weights are random at a real geometry.
+
+Reported per row: generated tokens/s, per-block latency p50/p99, GPU memory peak, host memory the
+mode pinned, transfer time hidden (herald), and herald's ratio over dense (each at its best batch;
+dense is the faster of its Triton-kernel and torch-SDPA backends) and over mage at equal batch.
+
+    python -m benchmarks.throughput --geometry qwen3-8b --contexts 32768 65536 131072
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.decode import GEOMETRIES, geometry, profile_block
+from runtime.checkpoint import random_model
+from runtime.config import EngineConfig, SparseConfig
+from runtime.decoding import GenerationRequest
+from runtime.engine import Engine
+
+GiB = 2**30
+
+
+def variants(sources: list[str]) -> list[tuple[str, str, dict]]:
+    """(label, mode, config overrides) of every configuration the table compares."""
+    rows = [("dense", "dense", {}), ("dense-sdpa", "dense", {"attention_backend": "torch"}),
+            ("mage", "mage", {}), ("quest", "quest", {})]
+    rows += [(f"herald-{s}", "herald", {"source": s}) for s in sources]
+    return rows
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, profile: bool = False) -> dict:
+    """Time `blocks` blocks (after one warm-up block) of `batch` sequences at `context` tokens."""
+    b = engine.settings.block_size
+    vocab = engine.model_config.vocab_size - 2
+    gen = torch.Generator().manual_seed(seed)
+    requests = [GenerationRequest(prompt=torch.randint(0, vocab, (context,), generator=gen).tolist(),
+                                  max_new_tokens=(blocks + 2) * b, stop_at_eos=False) for _ in range(batch)]
+    seqs = [engine.make_sequence(r) for r in requests]
+    device = engine.device
+    host_before = psutil.virtual_memory().used
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    mode = engine.make_mode(batch, max(s.max_tokens for s in seqs))
+    loop = engine.make_loop(mode, batch)
+    try:
+        for i, seq in enumerate(seqs):
+            mode.add_sequence(seq.seq_id, seq.max_tokens)
+            mode.load_random_context(seq.seq_id, seq.prefix_len, seed=seed + i)
+            seq.tokens = list(seq.prompt_ids)
+        sync(device)
+        host_used = psutil.virtual_memory().used - host_before
+        latencies, parts = [], []
+        for _ in range(blocks + 1):
+            t0 = time.perf_counter()
+            loop.decode_block(seqs)
+            sync(device)
+            latencies.append(time.perf_counter() - t0)
+            parts.append(dict(loop.last_block_ms))
+            parts[-1]["commit_ms"] = latencies[-1] * 1e3 - parts[-1]["step0_ms"] - parts[-1]["steps_ms"]
+        if profile:
+            print(f"\n=== profile of one more block: {engine.config.mode} context {context} batch {batch}")
+            print(profile_block(loop, seqs, device), flush=True)
+        timeline = list(getattr(mode, "timeline", []))[1:]
+        gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    finally:
+        mode.close()
+        del mode, loop
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    steady = latencies[1:]
+    p50 = statistics.median(steady)
+    steady_parts = parts[1:]
+    row = dict(context=context, batch=batch, tokens_per_s=batch * b / statistics.mean(steady),
+               step0_ms=statistics.mean(p["step0_ms"] for p in steady_parts),
+               later_steps_ms=statistics.mean(p["steps_ms"] for p in steady_parts),
+               commit_ms=statistics.mean(p["commit_ms"] for p in steady_parts),
+               block_p50_s=p50, block_p99_s=percentile(steady, 0.99), block_latencies_s=latencies,
+               gpu_peak_gib=gpu_peak / GiB, host_gib=max(0, host_used) / GiB)
+    if timeline:
+        blocks_timed = len(timeline)
+        fetch = sum(t["fetch_ms"] for t in timeline) / blocks_timed
+        row.update(fetch_ms_per_block=fetch, select_host_ms_per_block=sum(t["select_host_ms"] for t in timeline) / blocks_timed,
+                   pages_fetched_per_block=sum(t["pages_fetched"] for t in timeline) / blocks_timed,
+                   pages_selected_per_block=sum(t["pages_selected"] for t in timeline) / blocks_timed,
+                   fetch_GBps=sum(t["bytes_fetched"] for t in timeline) / blocks_timed / fetch / 1e6 if fetch else 0.0,
+                   # the synchronous path: each layer's fetch sits between its selection and its attention
+                   hidden_fraction=0.0, timeline=timeline)
+    return row
+
+
+def batches_up_to(largest: int, cap: int) -> list[int]:
+    out, n = [], 1
+    while n < min(largest, cap):
+        out.append(n)
+        n *= 2
+    if largest >= 1:
+        out.append(min(largest, cap))
+    return out
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Best batch per (label, context); herald's ratios over dense and mage."""
+    best: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        if "error" in r:
+            continue
+        key = (r["label"], r["context"])
+        if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
+            best[key] = r
+    ratios = []
+    for (label, context), r in sorted(best.items()):
+        if not label.startswith("herald"):
+            continue
+        dense = max((best.get((d, context)) for d in ("dense", "dense-sdpa") if (d, context) in best),
+                    key=lambda x: x["tokens_per_s"], default=None)
+        entry = dict(label=label, context=context, batch=r["batch"], tokens_per_s=r["tokens_per_s"])
+        if dense:
+            entry.update(dense_label=dense["label"], dense_batch=dense["batch"],
+                         over_dense_best=r["tokens_per_s"] / dense["tokens_per_s"])
+        mage_same = [m for m in rows if m.get("label") == "mage" and m["context"] == context
+                     and m["batch"] == r["batch"] and "error" not in m]
+        if mage_same:
+            entry.update(latency_over_mage_equal_batch=r["block_p50_s"] / mage_same[0]["block_p50_s"])
+        ratios.append(entry)
+    return dict(best={f"{k[0]}@{k[1]}": dict(batch=v["batch"], tokens_per_s=v["tokens_per_s"]) for k, v in best.items()},
+                ratios=ratios)
+
+
+def print_table(rows: list[dict], summary: dict, meta: dict) -> None:
+    print(f"\n{meta['geometry']}, block {meta['block_size']}, {meta['steps']} steps + commit, budget "
+          f"{meta['budget']}, {meta['device']}")
+    head = (f"{'mode':>17} {'context':>7} {'batch':>5} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'step0':>6} {'steps':>6} {'commit':>6} "
+            f"{'GPU GiB':>7} {'host GiB':>8} {'hidden':>6} {'fetch ms':>8} {'GB/s':>6} {'fetched':>7} {'select ms':>9}")
+    print(head)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['label']:>17} {r['context']:>7} {r['batch']:>5}  {r['error'][:90]}")
+            continue
+        extra = ""
+        if "hidden_fraction" in r:
+            share = r["pages_fetched_per_block"] / max(1.0, r["pages_selected_per_block"])
+            extra = (f" {100 * r['hidden_fraction']:>5.0f}% {r['fetch_ms_per_block']:>8.1f} "
+                     f"{r['fetch_GBps']:>6.1f} {100 * share:>6.0f}% {r['select_host_ms_per_block']:>9.1f}")
+        print(f"{r['label']:>17} {r['context']:>7} {r['batch']:>5} {r['tokens_per_s']:>8.1f} "
+              f"{r['block_p50_s'] * 1e3:>8.1f} {r['block_p99_s'] * 1e3:>8.1f} {r['step0_ms']:>6.0f} "
+              f"{r['later_steps_ms']:>6.0f} {r['commit_ms']:>6.0f} {r['gpu_peak_gib']:>7.1f} "
+              f"{r['host_gib']:>8.1f}{extra}")
+    print("\nherald at its best batch:")
+    for e in summary["ratios"]:
+        dense = (f"{e['over_dense_best']:.2f}x {e['dense_label']} (batch {e['dense_batch']})"
+                 if "over_dense_best" in e else "no dense row")
+        mage = (f"block latency {e['latency_over_mage_equal_batch']:.2f}x mage at batch {e['batch']}"
+                if "latency_over_mage_equal_batch" in e else "")
+        print(f"  {e['label']:>17} @ {e['context']:>6}: batch {e['batch']:>3} {e['tokens_per_s']:>8.1f} tok/s = {dense}; {mage}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = sorted({r["label"] for r in rows if "error" not in r})
+    for label in labels:
+        best = {}
+        for r in rows:
+            if r.get("label") == label and "error" not in r:
+                best[r["context"]] = max(best.get(r["context"], 0.0), r["tokens_per_s"])
+        xs = sorted(best)
+        ax.plot([x / 1024 for x in xs], [best[x] for x in xs], marker="o", label=label)
+    ax.set_xlabel("context (K tokens)")
+    ax.set_ylabel("generated tokens/s at the best batch")
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--geometry", default="qwen3-8b", choices=sorted(GEOMETRIES))
+    parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536, 131072])
+    parser.add_argument("--labels", nargs="*", default=None, help="subset of the mode labels to run")
+    parser.add_argument("--sources", nargs="+", default=["gpu-compact", "cpu", "split"])
+    parser.add_argument("--max-batch", type=int, default=64, help="cap on the sweep")
+    parser.add_argument("--batches", type=int, nargs="*", default=None, help="explicit batches (else the sweep)")
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8, help="denoising steps per block (fixed schedule)")
+    parser.add_argument("--blocks", type=int, default=4, help="timed blocks per configuration (+1 warm-up)")
+    parser.add_argument("--budget", type=float, default=0.05, help="sparse budget as a fraction of the context")
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--no-graphs", action="store_true", help="launch every pass eagerly")
+    parser.add_argument("--profile", nargs=3, metavar=("LABEL", "CONTEXT", "BATCH"), default=None,
+                        help="print a torch.profiler table of one extra block of this configuration")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model_config = geometry(args.geometry, max(args.contexts) + (args.blocks + 2) * args.block_size)
+    print(f"building {args.geometry} with random weights on {device} ({dtype})", flush=True)
+    model = random_model(model_config, dtype=dtype, device=device)
+    sparse = SparseConfig(budget_fraction=args.budget, page_size=args.page_size)
+    base = EngineConfig(model_path=f"<random {args.geometry}>", device=args.device,
+                        dtype=str(dtype).removeprefix("torch."), block_size=args.block_size,
+                        denoising_steps=args.steps, unmasking="fixed", mask_token_id=model_config.vocab_size - 1,
+                        progress=False, cuda_graphs=not args.no_graphs, sparse=sparse)
+    chosen = [v for v in variants(args.sources) if args.labels is None or v[0] in args.labels]
+    plans = []
+    for context in args.contexts:
+        for label, mode, overrides in chosen:
+            sparse_over = {k: v for k, v in overrides.items() if k in SparseConfig.__dataclass_fields__}
+            engine_over = {k: v for k, v in overrides.items() if k not in sparse_over}
+            config = replace(base, mode=mode, sparse=replace(sparse, **sparse_over), **engine_over)
+            engine = Engine(config, model=model)
+            max_tokens = context + (args.blocks + 1) * args.block_size
+            largest = engine.largest_batch(max_tokens)
+            batches = args.batches or batches_up_to(largest, args.max_batch)
+            if label == "dense-sdpa":  # the baseline as users run it: only at dense's largest batch
+                batches = batches[-1:]
+            plans += [(label, context, n, config, largest) for n in batches]
+    print(f"{len(plans)} configurations; host RAM {psutil.virtual_memory().total / GiB:.0f} GiB, "
+          f"GPU {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'none'}", flush=True)
+    rows = []
+    for label, context, batch, config, largest in tqdm(plans, desc="throughput", unit="config"):
+        engine = Engine(config, model=model)
+        try:
+            profile = args.profile is not None and args.profile == [label, str(context), str(batch)]
+            row = measure(engine, context, batch, args.blocks, seed=context + batch, profile=profile)
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+            row = dict(context=context, batch=batch, error=f"{type(err).__name__}: {err}"[:300])
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        row.update(label=label, mode=config.mode, largest_batch=largest)
+        rows.append(row)
+        tqdm.write(json.dumps({k: v for k, v in row.items() if k not in ("block_latencies_s", "timeline")}))
+
+    meta = dict(geometry=args.geometry, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                torch=torch.__version__, block_size=args.block_size, steps=args.steps, budget=args.budget,
+                page_size=args.page_size, cuda_graphs=not args.no_graphs,
+                host_ram_gib=psutil.virtual_memory().total / GiB, date=time.strftime("%Y-%m-%d"))
+    summary = summarise(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(dict(meta=meta, rows=rows, summary=summary), indent=1))
+    print_table(rows, summary, meta)
+    plot(rows, out / "throughput.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,418 @@
+"""The `herald` mode: the full KV in pinned host memory, a GPU page budget, cooperative selection.
+
+Per block (HERALD, arXiv 2606.21633; this is the synchronous path):
+1. Step 0 (all [MASK]), per layer: one selection query per (row, KV head) scores every context
+   page; the source is a compact quantized key copy on the GPU (`gpu-compact`), a numba scan of the
+   host keys (`cpu`), or both over two parts of the context (`split`). Top-k pages plus sinks, the
+   local window and the last page form the layer's selection.
+2. The page cache (offload.partitioned_cache, bookkeeping on the GPU) keeps the selected pages that
+   are already resident and gives the misses the slots of dropped pages; a zero-copy UVA kernel
+   gathers only the misses from pinned memory before the layer's attention reads them.
+3. Steps 1..S-1 and the commit pass attend to those pages plus the block's own K/V; on CUDA they
+   are replayed from CUDA graphs (every index they read sits at a fixed address).
+4. The commit pass writes the finished block's K/V into the host store (UVA write kernel) and its
+   keys into the compact copy, and forgets the cached copies of the pages it wrote into.
+
+With the gpu-compact source nothing in a block waits for the host; the cpu and split sources bring
+each layer's selection query to the host (one sync per layer at step 0) and the scores back.
+The first `dense_layers` layers (default 0 here) read the whole context from host memory through
+UVA: exact, but every pass streams those layers' KV over PCIe.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cpu_index import AsyncScanner, host_page_scores
+from gpu_kernels.merge import merge_attention_states
+from gpu_kernels.page_copy import gather_pages, gather_pages_reference, write_tokens
+from gpu_kernels.paged_attention import block_attention, paged_attention
+from offload.compact_keys import CompactKeyIndex
+from offload.host_store import HostKVStore
+from offload.partitioned_cache import PartitionedPageCache
+from offload.prefetcher import DEFAULT_FETCH_PROGRAMS
+from runtime.attention import AttentionMode, ForwardBatch, Phase, ReplayTables
+from runtime.config import ModelConfig, SparseConfig
+from runtime.memory import selected_pages_bound
+from runtime.selection import plan_selection, select_pages, selection_queries, table_attention_torch
+
+
+def chunk_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a prefill chunk over its own tokens under a [T, T] bool mask, with the lse.
+
+    q [N, Hq, T, D]; k, v [N, Hkv, T, D]. Returns (out [N, Hq, T, D] fp32, lse [N, Hq, T] fp32).
+    """
+    n, hq, t, d = q.shape
+    hkv = k.shape[1]
+    qf = q.float().view(n, hkv, hq // hkv * t, d)
+    s = torch.matmul(qf, k.float().transpose(-1, -2)) * scale  # [N, Hkv, G*T, T]
+    s = s.view(n, hkv, hq // hkv, t, t).masked_fill(~mask.to(q.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.softmax(s, dim=-1), v.float()[:, :, None])
+    return out.reshape(n, hq, t, d), lse.reshape(n, hq, t)
+
+
+def _quantizable(k: torch.Tensor) -> torch.Tensor:
+    """Keys as the compact index quantizes them (fp64 test models go through fp32)."""
+    return k.float() if k.dtype == torch.float64 else k
+
+
+class _RowBuffers:
+    """Per-pass inputs at fixed addresses for one batch size (CUDA graphs read them)."""
+
+    def __init__(self, n: int, pages_per_seq: int, device: torch.device):
+        self.rows = torch.zeros(n, dtype=torch.int64, device=device)  # cache partition of each row
+        self.store_table = torch.zeros(n, pages_per_seq, dtype=torch.int32, device=device)
+        self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.first_page = torch.zeros(n, dtype=torch.int32, device=device)  # pages a commit writes
+        self.last_page = torch.zeros(n, dtype=torch.int32, device=device)
+
+
+class HeraldAttention(AttentionMode):
+    """Offloaded KV with per-block selection and fetch of the misses (see the module docstring)."""
+
+    name = "herald"
+
+    def __init__(self, model: ModelConfig, max_sequences: int, max_tokens: int, dtype: torch.dtype,
+                 device: torch.device, backend: str, sparse: SparseConfig, reserve_host_bytes: int | None = None,
+                 fetch_programs: int | None = DEFAULT_FETCH_PROGRAMS):
+        if sparse.granularity != "page":
+            raise ValueError("herald moves and selects whole pages; set granularity='page' (token level is mage's)")
+        if sparse.source == "gpu-exact":
+            raise ValueError("herald's KV is off the GPU: choose source cpu, gpu-compact or split")
+        self.sparse, self.device, self.backend = sparse, device, backend
+        self.cuda = device.type == "cuda"
+        self.scale = model.head_dim ** -0.5
+        self.num_layers, self.num_kv_heads = model.num_layers, model.num_kv_heads
+        self.page_size = p = sparse.page_size
+        self.dense_layers = 0 if sparse.dense_layers is None else sparse.dense_layers
+        if self.dense_layers > model.num_layers:
+            raise ValueError(f"dense_layers={self.dense_layers} exceeds the model's {model.num_layers} layers")
+        self.pages_per_seq = -(-max_tokens // p)
+        self.max_tokens = self.pages_per_seq * p
+        self.max_selected = selected_pages_bound(sparse, self.max_tokens)
+        self.fetch_programs = fetch_programs
+        self.store = HostKVStore(model.num_layers, model.num_kv_heads, model.head_dim, p,
+                                 max_sequences * self.pages_per_seq, dtype=dtype,
+                                 pin_memory=self.cuda, reserve_bytes=reserve_host_bytes)
+        self.cache = self.compact = self.scanner = None
+        try:
+            self.cache = PartitionedPageCache(model.num_layers, max_sequences, model.num_kv_heads, self.max_selected,
+                                              p, model.head_dim, dtype, device)
+            if sparse.source in ("gpu-compact", "split"):
+                self.compact = CompactKeyIndex(model.num_layers, model.num_kv_heads, model.head_dim, p,
+                                               self.store.num_pages, bits=sparse.compact_bits,
+                                               group_size=sparse.compact_group, device=device,
+                                               use_kernel=self.cuda)  # CPU: the torch path
+            if sparse.source in ("cpu", "split"):
+                self.scanner = AsyncScanner()
+                self.scanner.warmup([dtype])  # numba compiles now, not inside the first block
+        except BaseException:
+            self.close()
+            raise
+        self._free_rows = list(range(max_sequences - 1, -1, -1))
+        self.row_of: dict[int, int] = {}
+        self._buffers: dict[int, _RowBuffers] = {}
+        self.batch: ForwardBatch | None = None
+        # the block's selection per layer, for the rows that started it: (slot table, kv_len); the
+        # passes after step 0 read copies for their own rows
+        self._block_tables = ReplayTables(model.num_layers, model.num_kv_heads, self.max_selected, device)
+        self._pass_tables = ReplayTables(model.num_layers, model.num_kv_heads, self.max_selected, device)
+        self._tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._selected_rows: tuple[int, ...] = ()
+        self._selection_id = 0
+        self._check_entries: dict[int, torch.Tensor] = {}  # assertion mode: each layer's selection
+        self._timeline: list[dict] = []  # per block: selection, transfer, pages selected / fetched
+        self._block: dict = {}
+
+    # ------------------------------------------------------------------------------------------
+    # sequences
+
+    def add_sequence(self, seq_id: int, max_tokens: int) -> None:
+        if max_tokens > self.max_tokens:
+            raise ValueError(f"sequence {seq_id} needs {max_tokens} tokens; the mode was sized for {self.max_tokens}")
+        if seq_id in self.row_of:
+            raise ValueError(f"sequence {seq_id} is already running")
+        if not self._free_rows:
+            raise RuntimeError(f"all {len(self.row_of)} rows are taken; remove a sequence first")
+        self.store.allocate(seq_id, max_tokens)
+        row = self._free_rows.pop()
+        self.row_of[seq_id] = row
+        self.cache.reset_rows(torch.tensor([row], device=self.device))
+
+    def remove_sequence(self, seq_id: int) -> None:
+        if self.cuda:  # queued kernels may still read its host pages or its slots
+            torch.cuda.current_stream(self.device).synchronize()
+        self.store.free(seq_id)
+        self._free_rows.append(self.row_of.pop(seq_id))
+
+    def load_random_context(self, seq_id: int, num_tokens: int, seed: int = 0) -> None:
+        if num_tokens > self.store.num_tokens(seq_id):
+            raise ValueError(f"{num_tokens} tokens exceed the {self.store.num_tokens(seq_id)} reserved for {seq_id}")
+        gen = torch.Generator(self.device).manual_seed(seed)
+        shape = (1, self.num_kv_heads, num_tokens, self.store.head_dim)
+        table = self.store.page_tables([seq_id]).to(self.device)
+        start = torch.zeros(1, dtype=torch.int32, device=self.device)
+        for layer in range(self.num_layers):
+            k = torch.randn(shape, generator=gen, device=self.device, dtype=self.store.dtype)
+            v = torch.randn(shape, generator=gen, device=self.device, dtype=self.store.dtype)
+            self._store_write(layer, table, start, k, v, [seq_id], [0])
+            if self.compact is not None:
+                self.compact.write(layer, table, start, _quantizable(k))
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        if self.scanner is not None:
+            self.scanner.close()
+        if self.compact is not None:
+            self.compact.close()
+        if self.cache is not None:
+            self.cache.close()
+        self._buffers.clear()
+        if hasattr(self, "_block_tables"):
+            self._block_tables.clear()
+            self._pass_tables.clear()
+        self.store.close()
+
+    # ------------------------------------------------------------------------------------------
+    # planning
+
+    def replayable(self, batch: ForwardBatch) -> bool:
+        """Steps after 0 and the commit pass: every index they read was loaded by plan or step 0."""
+        selecting = batch.phase is Phase.DENOISE and batch.step == 0
+        return (self.cuda and self.backend == "triton" and batch.phase is not Phase.PREFILL and not selecting
+                and not self.sparse.check_residency)
+
+    def plan(self, batch: ForwardBatch) -> None:
+        end = int(batch.context_lens.max()) + batch.num_new
+        if end > self.max_tokens:
+            raise ValueError(f"forward reaches position {end}; the mode holds {self.max_tokens} tokens per sequence")
+        self.batch = batch
+        n = batch.num_rows
+        buf = self._buffers.get(n)
+        if buf is None:
+            buf = self._buffers[n] = _RowBuffers(n, self.pages_per_seq, self.device)
+        lens = batch.context_lens
+        p = self.page_size
+        buf.rows.copy_(torch.tensor([self.row_of[s] for s in batch.seq_ids]))
+        buf.store_table.copy_(self.store.page_tables(batch.seq_ids, self.pages_per_seq))
+        buf.context_lens.copy_(lens)
+        buf.first_page.copy_(lens // p)
+        buf.last_page.copy_((lens + batch.num_new - 1) // p)
+        self._buf = buf
+        self._selecting = batch.phase is Phase.DENOISE and batch.step == 0
+        if self._selecting:
+            self._selected_rows = batch.seq_ids
+            self._selection_id += 1
+            self._selection_plan = plan_selection(lens, self.pages_per_seq, self.sparse, self.device)
+            self._step0_tables: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
+            self._tables = self._block_tables.load(n, self._selection_id, lambda: self._step0_tables)
+            self._start_block_stats(batch)
+        elif batch.phase is not Phase.PREFILL:
+            missing = [s for s in batch.seq_ids if s not in self._selected_rows]
+            if missing:
+                raise RuntimeError(f"sequences {missing} reached step {batch.step} without a step-0 selection")
+            # Later passes read their own buffers for this batch size (a captured graph reads the
+            # same addresses whether its rows are all of the block's or a subset)
+            index = torch.tensor([self._selected_rows.index(s) for s in batch.seq_ids], device=self.device)
+            full = self._block_tables.load(len(self._selected_rows), self._selection_id, list)
+            self._tables = self._pass_tables.load(n, (self._selection_id, batch.seq_ids),
+                                                  lambda: [(t[index], kl[index]) for t, kl in full])
+
+    # ------------------------------------------------------------------------------------------
+    # one layer
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        batch = self.batch
+        assert batch is not None, "plan() must precede run()"
+        if batch.phase is Phase.PREFILL:
+            out = self._prefill(layer, q, k, v)
+        elif layer < self.dense_layers:
+            out = self._exact_from_host(layer, q, k, v)
+        else:
+            if self._selecting:
+                self._select_and_fetch(layer, q)
+            slot_table, kv_len = self._tables[layer]
+            if self.sparse.check_residency:
+                self._check_resident(layer, slot_table, kv_len)
+            pool_k, pool_v = self.cache.k_pool(layer), self.cache.v_pool(layer)
+            if self.backend == "triton":
+                out, _, _ = block_attention(q, k, v, pool_k, pool_v, slot_table, kv_len, scale=self.scale)
+            else:
+                out = table_attention_torch(q, k, v, pool_k, pool_v, slot_table, kv_len, self.scale)
+        if batch.phase is Phase.COMMIT:
+            self._commit_layer(layer, k, v)
+        return out
+
+    def _prefill(self, layer: int, q, k, v) -> torch.Tensor:
+        """Chunk attention (its own mask) merged with the committed context read from host memory;
+        then the chunk's K/V go to the host store and its keys to the compact copy."""
+        batch = self.batch
+        chunk_out, chunk_lse = chunk_attention_lse(q, k, v, batch.new_token_mask(), self.scale)
+        if int(batch.context_lens.max()) > 0:
+            ctx_out, ctx_lse = self._context_from_host(layer, q)
+            chunk_out, _ = merge_attention_states(chunk_out, chunk_lse, ctx_out, ctx_lse)
+        self._write_new(layer, k, v)
+        return chunk_out.to(q.dtype)
+
+    def _context_from_host(self, layer: int, q) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) of q over every committed context token, read from the host store."""
+        buf = self._buf
+        if self.cuda:
+            out, lse, _, _ = paged_attention(q, self.store.kernel_k(layer), self.store.kernel_v(layer),
+                                             buf.store_table, buf.context_lens, scale=self.scale)
+            return out, lse
+        n, hq, t, d = q.shape
+        hkv = self.num_kv_heads
+        pages = -(-int(self.batch.context_lens.max()) // self.page_size)
+        table = buf.store_table[:, :pages].long()
+        keys = self.store.k(layer)[table].permute(0, 2, 1, 3, 4).reshape(n, hkv, -1, d).float()
+        vals = self.store.v(layer)[table].permute(0, 2, 1, 3, 4).reshape(n, hkv, -1, d).float()
+        s = torch.matmul(q.float().view(n, hkv, -1, d), keys.transpose(-1, -2)) * self.scale
+        valid = torch.arange(keys.shape[2])[None] < self.batch.context_lens[:, None]
+        s = s.masked_fill(~valid[:, None, None], float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        out = torch.matmul(torch.softmax(s, dim=-1).nan_to_num(0.0), vals)
+        return out.view(n, hq, t, d), lse.view(n, hq, t)
+
+    def _exact_from_host(self, layer: int, q, k, v) -> torch.Tensor:
+        buf = self._buf
+        table = buf.store_table[:, None].expand(-1, self.num_kv_heads, -1).contiguous()
+        kv_len = buf.context_lens[:, None].expand(-1, self.num_kv_heads).contiguous()
+        if self.cuda:
+            out, _, _ = block_attention(q, k, v, self.store.kernel_k(layer), self.store.kernel_v(layer),
+                                        table, kv_len, scale=self.scale)
+            return out
+        return table_attention_torch(q, k, v, self.store.k(layer), self.store.v(layer), table, kv_len, self.scale)
+
+    def _store_write(self, layer: int, table: torch.Tensor, start: torch.Tensor, k, v, seq_ids, starts) -> None:
+        """K/V [N, Hkv, T, D] of one layer into the host store (a UVA kernel on the current stream)."""
+        if self.cuda:
+            write_tokens(self.store.kernel_k(layer), self.store.kernel_v(layer), table, start,
+                         k.contiguous(), v.contiguous(), validate=False)
+        else:
+            self.store.write(list(seq_ids), layer, list(starts), k, v)
+
+    def _write_new(self, layer: int, k, v) -> None:
+        """The pass's new tokens of one layer: host store and compact keys."""
+        buf, batch = self._buf, self.batch
+        self._store_write(layer, buf.store_table, buf.context_lens, k, v, batch.seq_ids,
+                          [int(c) for c in batch.context_lens])
+        if self.compact is not None:
+            self.compact.write(layer, buf.store_table, buf.context_lens, _quantizable(k))
+
+    def _commit_layer(self, layer: int, k, v) -> None:
+        """Write the finished block's K/V of this layer; after the last layer, forget the cached
+        copies of the pages the block wrote into (their host copy now holds more tokens)."""
+        self._write_new(layer, k, v)
+        if layer == self.num_layers - 1:
+            buf = self._buf
+            self.cache.invalidate(buf.rows, buf.first_page, buf.last_page)
+
+    # ------------------------------------------------------------------------------------------
+    # selection and fetch
+
+    def _scores(self, layer: int, q_sel: torch.Tensor) -> torch.Tensor:
+        """[N, Hkv, pages_per_seq] page scores of the planned rows from the configured source."""
+        buf, lens, source = self._buf, self.batch.context_lens, self.sparse.source
+        if source == "gpu-compact":
+            return self.compact.page_scores(layer, q_sel, buf.store_table, buf.context_lens, self.scale)
+        host_table = self.store.page_tables(self.batch.seq_ids, self.pages_per_seq)
+        if self.cuda:  # the CPU reads the store itself: committed K/V must have landed
+            torch.cuda.current_stream(self.device).synchronize()
+        if source == "cpu":
+            scores = host_page_scores(self.store.k(layer), host_table, lens, q_sel.cpu(), scale=self.scale)
+            return scores.to(self.device, non_blocking=True)
+        # split: the CPU scans the oldest pages while the GPU scans the rest, then the parts join
+        cut = int(self.sparse.split_cpu_fraction * (int(lens.min()) // self.page_size))
+        future = self.scanner.submit(self.store.k(layer), host_table[:, :max(cut, 1)],
+                                     lens.clamp(max=cut * self.page_size), q_sel.cpu(), scale=self.scale)
+        gpu_part = self.compact.page_scores(layer, q_sel, buf.store_table[:, cut:].contiguous(),
+                                            (buf.context_lens - cut * self.page_size).clamp(min=0), self.scale)
+        cpu_part = future.result()[:, :, :cut].to(self.device)
+        return torch.cat([cpu_part, gpu_part], dim=-1)
+
+    def _select_and_fetch(self, layer: int, q: torch.Tensor) -> None:
+        """Step 0 of one layer: select, diff against the cache, gather the misses, keep the tables."""
+        t0 = time.perf_counter()
+        q_sel = selection_queries(q, self.num_kv_heads, self.sparse.query)
+        selection = select_pages(self._scores(layer, q_sel), None, self.sparse, self._selection_plan)
+        self._block["select_host_ms"] += (time.perf_counter() - t0) * 1e3
+        buf = self._buf
+        assignment = self.cache.assign(layer, buf.rows, selection.entries)
+        physical = buf.store_table[assignment.miss_rows, assignment.miss_pages]
+        pool_k, pool_v = self.cache.k_pool(layer), self.cache.v_pool(layer)
+        events = self._block["events"]
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            gather_pages(self.store.kernel_k(layer), self.store.kernel_v(layer), physical, assignment.miss_heads,
+                         pool_k, pool_v, assignment.miss_slots, validate=False, max_programs=self.fetch_programs)
+            end.record()
+            events.append((start, end))
+        else:
+            gather_pages_reference(self.store.k(layer), self.store.v(layer), physical, assignment.miss_heads,
+                                   pool_k, pool_v, assignment.miss_slots)
+        self._block["misses"].append((assignment.miss_slots >= 0).sum())
+        self._block["selected"].append(selection.counts.sum())
+        if self.sparse.check_residency:
+            self._check_entries[layer] = selection.entries.cpu()
+        table_buf, len_buf = self._tables[layer]
+        width = selection.entries.shape[-1]
+        table_buf[..., width:].fill_(-1)
+        table_buf[..., :width].copy_(assignment.slot_table)
+        len_buf.copy_(selection.kv_len)
+
+    def _check_resident(self, layer: int, slot_table: torch.Tensor, kv_len: torch.Tensor) -> None:
+        """Assertion mode: every slot the attention will read lies in its row's and head's partition
+        and holds the very page the block's selection named there, a committed page of the row."""
+        held = self.cache.held[layer].cpu()
+        lens, slots, counts = self.batch.context_lens, slot_table.cpu(), kv_len.cpu()
+        entries = self._check_entries[layer]
+        c, hkv = self.cache.capacity, self.num_kv_heads
+        for i, seq_id in enumerate(self.batch.seq_ids):
+            row, named = self.row_of[seq_id], entries[self._selected_rows.index(seq_id)]
+            for h in range(hkv):
+                for j in range(-(-int(counts[i, h]) // self.page_size)):
+                    owner, local = divmod(int(slots[i, h, j]), c)
+                    page = int(named[h, j])
+                    if owner != row * hkv + h or int(held[row, h, local]) != page or not 0 <= page * self.page_size < int(lens[i]):
+                        raise AssertionError(
+                            f"layer {layer}: sequence {seq_id} head {h} would read slot {int(slots[i, h, j])} for page "
+                            f"{page}, but that slot holds page {int(held[row, h, local])} of partition {owner}")
+
+    # ------------------------------------------------------------------------------------------
+    # per-block timeline
+
+    @property
+    def timeline(self) -> list[dict]:
+        """One entry per block: rows, context tokens, host time of selection at step 0 (scans
+        included for the cpu source), GPU time of the fetches, pages selected and fetched."""
+        self._finish_block_stats()
+        return self._timeline
+
+    def _start_block_stats(self, batch: ForwardBatch) -> None:
+        self._finish_block_stats()
+        self._block = dict(rows=batch.num_rows, context=int(batch.context_lens.sum()), select_host_ms=0.0, events=[], misses=[], selected=[])
+
+    def _finish_block_stats(self) -> None:
+        """Close the block's timeline entry: one device sync per block, at its end."""
+        block = self._block
+        if not block or not block["events" if self.cuda else "misses"]:
+            return
+        if self.cuda:
+            block["events"][-1][1].synchronize()
+        unit_bytes = 2 * self.page_size * self.store.head_dim * self.store.dtype.itemsize
+        fetched = int(torch.stack(block["misses"]).sum()) if block["misses"] else 0
+        self._timeline.append(dict(
+            rows=block["rows"], context=block["context"], select_host_ms=block["select_host_ms"],
+            fetch_ms=sum(s.elapsed_time(e) for s, e in block["events"]),
+            pages_selected=int(torch.stack(block["selected"]).sum()) if block["selected"] else 0,
+            pages_fetched=fetched, bytes_fetched=fetched * unit_bytes,
+        ))
+        self._block = {}

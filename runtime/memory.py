@@ -1,0 +1,136 @@
+"""The memory planner: will a batch fit, in GPU memory and in host memory, before anything is allocated?
+
+Each mode's footprint, from the geometry alone:
+- dense, mage: the whole KV on the GPU (quest adds fp32 min/max key summaries per page);
+- herald: the whole KV in pinned host memory; on the GPU a page cache of the selection budget and,
+  for the gpu-compact and split sources, the compact key copy (bits/8 of a key byte, plus scales).
+Every mode also needs working memory for the largest forward pass (a prefill chunk), estimated here
+from the activations it keeps alive, and the weights, which are already resident when the engine
+plans. Free memory is read at planning time (CUDA's mem_get_info, psutil for the host).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import psutil
+import torch
+
+from runtime.config import ModelConfig, SparseConfig
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    mode: str
+    batch: int
+    max_tokens: int
+    gpu_kv_bytes: int  # KV, caches, indexes the mode keeps on the GPU
+    gpu_work_bytes: int  # activations of the largest pass
+    host_bytes: int  # pinned host memory (herald)
+    gpu_free_bytes: int
+    host_free_bytes: int
+
+    @property
+    def gpu_bytes(self) -> int:
+        return self.gpu_kv_bytes + self.gpu_work_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_bytes <= self.gpu_free_bytes and self.host_bytes <= self.host_free_bytes
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), gpu_bytes=self.gpu_bytes, fits=self.fits)
+
+    def describe(self) -> str:
+        return (f"{self.mode}: {self.batch} x {self.max_tokens} tokens needs {self.gpu_bytes / GiB:.2f} GiB on the GPU "
+                f"({self.gpu_free_bytes / GiB:.2f} free) and {self.host_bytes / GiB:.2f} GiB of host memory "
+                f"({self.host_free_bytes / GiB:.2f} available)")
+
+
+def kv_bytes_per_token(model: ModelConfig, dtype: torch.dtype) -> int:
+    """K and V of one token over all layers."""
+    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def selected_pages_bound(sparse: SparseConfig, max_tokens: int) -> int:
+    """Most pages one (row, layer, KV head) can select: the budget plus the forced pages."""
+    p = sparse.page_size
+    forced = -(-sparse.sink_tokens // p) + -(-sparse.local_window // p) + 2
+    return min(-(-max_tokens // p), sparse.budget_pages(max_tokens) + forced)
+
+
+def work_bytes(model: ModelConfig, batch: int, block_size: int, prefill_chunk: int, dtype: torch.dtype) -> int:
+    """Activations of the largest pass: a prefill chunk (one row) or a block of every row.
+
+    Per token: hidden states, q/k/v, the MLP's gate/up/act; the chunk's own attention scores in fp32
+    (herald's prefill computes them explicitly); the block pass's fp32 logits.
+    """
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_token = elem * (4 * model.hidden_size + (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
+                        + 3 * model.intermediate_size)
+    chunk = prefill_chunk * per_token + 4 * 2 * model.num_heads * prefill_chunk * prefill_chunk
+    block = batch * block_size * (per_token + 4 * 2 * model.vocab_size)
+    return max(chunk, block) + GiB // 2  # allocator slack, kernel workspaces, CUDA graphs' pools
+
+
+def gpu_free_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return psutil.virtual_memory().available
+    free, _ = torch.cuda.mem_get_info(device)
+    return free
+
+
+def plan_memory(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int, max_tokens: int,
+                dtype: torch.dtype, device: torch.device, block_size: int, prefill_chunk: int,
+                gpu_free: int | None = None, host_free: int | None = None) -> MemoryPlan:
+    """The footprint of `batch` sequences of up to `max_tokens` tokens in `mode`."""
+    p = sparse.page_size
+    tokens = -(-max_tokens // p) * p
+    per_token = kv_bytes_per_token(model, dtype)
+    host = 0
+    if mode in ("dense", "mage", "quest"):
+        gpu_kv = batch * tokens * per_token
+        if mode == "quest":
+            gpu_kv += batch * (tokens // p) * 2 * model.num_layers * model.num_kv_heads * model.head_dim * 4
+    elif mode == "herald":
+        host = batch * tokens * per_token
+        slots = batch * model.num_kv_heads * selected_pages_bound(sparse, max_tokens)
+        gpu_kv = slots * p * per_token // model.num_kv_heads
+        if sparse.source in ("gpu-compact", "split"):
+            per_key = model.head_dim * sparse.compact_bits // 8 + 4 * model.head_dim // sparse.compact_group
+            gpu_kv += batch * tokens * model.num_layers * model.num_kv_heads * per_key
+    else:
+        raise ValueError(f"mode {mode!r}; choose dense, mage, quest or herald")
+    on_gpu = device.type == "cuda"
+    host_avail = psutil.virtual_memory().available if host_free is None else host_free
+    if gpu_free is None:
+        gpu_free = gpu_free_bytes(device)
+    if not on_gpu:  # one memory: the "GPU" side is host memory too
+        host += gpu_kv
+        gpu_free = host_avail
+    return MemoryPlan(mode, batch, max_tokens, gpu_kv, work_bytes(model, batch, block_size, prefill_chunk, dtype),
+                      host, gpu_free, host_avail)
+
+
+def largest_batch(model: ModelConfig, mode: str, sparse: SparseConfig, max_tokens: int, dtype: torch.dtype,
+                  device: torch.device, block_size: int, prefill_chunk: int, limit: int = 1024, **free) -> int:
+    """The most sequences of `max_tokens` tokens that fit (0 if not even one)."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if plan_memory(model, mode, sparse, mid, max_tokens, dtype, device, block_size, prefill_chunk, **free).fits:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def check_fits(plan: MemoryPlan, largest: int) -> None:
+    """Refuse a plan that does not fit, saying what would."""
+    if plan.fits:
+        return
+    where = "GPU" if plan.gpu_bytes > plan.gpu_free_bytes else "host"
+    hint = (f"at most {largest} such sequences fit" if largest else "not even one such sequence fits")
+    raise MemoryError(f"{plan.describe()}: does not fit in {where} memory; {hint}. Lower max_batch_size or the "
+                      "context, or use mode='herald' (KV in host memory) or a smaller budget")
