@@ -180,16 +180,40 @@ def propose(logits: torch.Tensor, request: GenerationRequest, generator: torch.G
     return tokens, conf
 
 
-def unmask_step(seq: SequenceState, logits: torch.Tensor, step: int, settings: DecodeSettings) -> None:
+def propose_rows(logits: torch.Tensor, rows: list[SequenceState],
+                 mask_token_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`propose` for every row of a pass: logits [N, B, V] -> per row (tokens [B], confidence [B])
+    on the host. Greedy rows are decided together on the logits' device with one transfer back
+    (per-row transfers cost a device round trip each); sampling rows draw from their own streams."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(rows)
+    greedy = [i for i, s in enumerate(rows) if s.request.temperature == 0.0]
+    if greedy:
+        chosen = logits[greedy].float()
+        chosen[..., mask_token_id] = float("-inf")
+        conf, tokens = chosen.softmax(-1).max(-1)  # [G, B]
+        both = torch.stack([tokens.to(conf.dtype), conf]).cpu()
+        for j, i in enumerate(greedy):
+            out[i] = (both[0, j].to(torch.int64), both[1, j])
+    for i, seq in enumerate(rows):
+        if out[i] is None:
+            tokens, conf = propose(logits[i], seq.request, seq.generator, mask_token_id)
+            out[i] = (tokens.cpu(), conf.cpu())
+    return out
+
+
+def unmask_step(seq: SequenceState, logits: torch.Tensor | None, step: int, settings: DecodeSettings,
+                proposal: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Apply one denoising step's prediction to the sequence's block.
 
-    logits: [B, V] for the block's positions. Unmasks the most confident masked positions: the
-    fixed schedule's quota for this step, or every one above the threshold (at least one). The
-    last allowed step unmasks whatever remains, so a block never takes more than `steps` passes.
+    logits: [B, V] for the block's positions (or `proposal`, what `propose_rows` made of them).
+    Unmasks the most confident masked positions: the fixed schedule's quota for this step, or every
+    one above the threshold (at least one). The last allowed step unmasks whatever remains, so a
+    block never takes more than `steps` passes.
     """
     assert seq.block is not None and seq.masked is not None
-    tokens, conf = propose(logits, seq.request, seq.generator, settings.mask_token_id)
-    tokens, conf = tokens.cpu(), conf.cpu()
+    if proposal is None:
+        proposal = propose(logits, seq.request, seq.generator, settings.mask_token_id)
+    tokens, conf = proposal[0].cpu(), proposal[1].cpu()
     masked = seq.masked
     remaining = int(masked.sum())
     if remaining == 0:

@@ -16,7 +16,8 @@ import torch
 
 from runtime.attention import AttentionMode, ForwardBatch, Phase
 from runtime.cuda_graphs import PassGraphs
-from runtime.decoding import DecodeSettings, SequenceState, finish_block, start_block, unmask_step
+from runtime.decoding import (DecodeSettings, SequenceState, finish_block, propose_rows, start_block,
+                              unmask_step)
 from runtime.model import Transformer
 
 
@@ -81,8 +82,8 @@ class BlockDiffusionLoop:
             t0 = time.perf_counter()
             blocks = torch.stack([s.block for s in active])
             logits = self._forward(Phase.DENOISE, active, blocks, settings.block_size, step)
-            for i, seq in enumerate(active):
-                unmask_step(seq, logits[i], step, settings)
+            for seq, proposal in zip(active, propose_rows(logits, active, settings.mask_token_id)):
+                unmask_step(seq, None, step, settings, proposal)
                 seq.passes += 1
             times["step0_ms" if step == 0 else "steps_ms"] += (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from typing import Callable
 
 TASKS = ("passkey", "multikey", "kv", "vartrack")
 ANSWER_ROOM = 16  # characters kept free after the prompt: answer (<= 6) + EOS, rounded up to blocks
-MIN_LENGTH = 192
+MIN_LENGTH = 128  # every task fits with little filler: the curriculum starts here, where retrieval is learnt fastest
 
 # Filler vocabulary: lowercase words with no digits and none of the words the facts use
 # ("pass", "key", "value", the multikey labels), so a fact is never confused with filler.
@@ -141,7 +141,8 @@ def _multikey(rng: random.Random, prompt_len: int) -> tuple[str, str]:
     values = [_number(rng, used) for _ in labels]
     facts = [f" The pass key for {lab} is {val}. " for lab, val in zip(labels, values)]
     i = rng.randrange(len(labels))
-    question = f"\nWhat is the pass key for {labels[i]}? The pass key for {labels[i]} is "
+    # A cloze question (the fact's own wording): short enough for two facts at MIN_LENGTH.
+    question = f"\nThe pass key for {labels[i]} is "
     return _assemble(rng, prompt_len, facts, question), values[i]
 
 
@@ -171,7 +172,8 @@ def _names(rng: random.Random, count: int) -> list[str]:
 
 
 def _vartrack(rng: random.Random, prompt_len: int) -> tuple[str, str]:
-    hops = rng.randint(2, 3 if prompt_len < 1024 else 4)
+    # Chain length 2 (one indirection) where the prompt is short, up to 3 otherwise.
+    hops = rng.randint(2, 2 if prompt_len < 256 else 3)
     decoy_hops = rng.randint(1, hops)
     names = _names(rng, hops + decoy_hops)
     chain, decoy = names[:hops], names[hops:]
