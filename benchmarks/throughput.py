@@ -106,11 +106,12 @@ def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, pr
                gpu_peak_gib=gpu_peak / GiB, host_gib=max(0, host_used) / GiB)
     if timeline:
         blocks_timed = len(timeline)
-        fetch = sum(t["fetch_ms"] for t in timeline) / blocks_timed
+        timed = [t["fetch_ms"] for t in timeline if t["fetch_ms"] is not None]  # graphs replay untimed
+        fetch = sum(timed) / len(timed) if timed else None
         row.update(fetch_ms_per_block=fetch, select_host_ms_per_block=sum(t["select_host_ms"] for t in timeline) / blocks_timed,
                    pages_fetched_per_block=sum(t["pages_fetched"] for t in timeline) / blocks_timed,
                    pages_selected_per_block=sum(t["pages_selected"] for t in timeline) / blocks_timed,
-                   fetch_GBps=sum(t["bytes_fetched"] for t in timeline) / blocks_timed / fetch / 1e6 if fetch else 0.0,
+                   fetch_GBps=(sum(t["bytes_fetched"] for t in timeline) / blocks_timed / fetch / 1e6) if fetch else None,
                    # the synchronous path: each layer's fetch sits between its selection and its attention
                    hidden_fraction=0.0, timeline=timeline)
     return row
@@ -168,8 +169,10 @@ def print_table(rows: list[dict], summary: dict, meta: dict) -> None:
         extra = ""
         if "hidden_fraction" in r:
             share = r["pages_fetched_per_block"] / max(1.0, r["pages_selected_per_block"])
-            extra = (f" {100 * r['hidden_fraction']:>5.0f}% {r['fetch_ms_per_block']:>8.1f} "
-                     f"{r['fetch_GBps']:>6.1f} {100 * share:>6.0f}% {r['select_host_ms_per_block']:>9.1f}")
+            fetch_ms = "-" if r["fetch_ms_per_block"] is None else f"{r['fetch_ms_per_block']:.1f}"
+            gbps = "-" if r["fetch_GBps"] is None else f"{r['fetch_GBps']:.1f}"
+            extra = (f" {100 * r['hidden_fraction']:>5.0f}% {fetch_ms:>8} {gbps:>6} {100 * share:>6.0f}% "
+                     f"{r['select_host_ms_per_block']:>9.1f}")
         print(f"{r['label']:>17} {r['context']:>7} {r['batch']:>5} {r['tokens_per_s']:>8.1f} "
               f"{r['block_p50_s'] * 1e3:>8.1f} {r['block_p99_s'] * 1e3:>8.1f} {r['step0_ms']:>6.0f} "
               f"{r['later_steps_ms']:>6.0f} {r['commit_ms']:>6.0f} {r['gpu_peak_gib']:>7.1f} "
@@ -184,6 +187,7 @@ def print_table(rows: list[dict], summary: dict, meta: dict) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Tokens/s against batch, one panel per context, one line per mode."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -191,20 +195,21 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    labels = sorted({r["label"] for r in rows if "error" not in r})
-    for label in labels:
-        best = {}
-        for r in rows:
-            if r.get("label") == label and "error" not in r:
-                best[r["context"]] = max(best.get(r["context"], 0.0), r["tokens_per_s"])
-        xs = sorted(best)
-        ax.plot([x / 1024 for x in xs], [best[x] for x in xs], marker="o", label=label)
-    ax.set_xlabel("context (K tokens)")
-    ax.set_ylabel("generated tokens/s at the best batch")
-    ax.set_xscale("log", base=2)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ok = [r for r in rows if "error" not in r]
+    contexts = sorted({r["context"] for r in ok})
+    if not contexts:
+        return
+    fig, axes = plt.subplots(1, len(contexts), figsize=(6 * len(contexts), 4.5), squeeze=False)
+    for ax, context in zip(axes[0], contexts):
+        for label in sorted({r["label"] for r in ok}):
+            pts = sorted((r["batch"], r["tokens_per_s"]) for r in ok if r["label"] == label and r["context"] == context)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_title(f"context {context // 1024}K")
+        ax.set_xlabel("batch (sequences)")
+        ax.set_ylabel("generated tokens/s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -283,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, summary, meta)
     plot(rows, out / "throughput.png")
     return 0
+
+
+def replot(json_paths: list[str], path: str) -> None:
+    """Redraw the plot from saved JSON files (rows of several runs together)."""
+    rows = [r for p in json_paths for r in json.loads(Path(p).read_text())["rows"]]
+    plot(rows, Path(path))
 
 
 if __name__ == "__main__":

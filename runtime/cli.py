@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.config import ATTENTION_MODES, UNMASKING_SCHEDULES, EngineConfig
+from runtime.config import ATTENTION_MODES, SELECTION_SOURCES, UNMASKING_SCHEDULES, EngineConfig, SparseConfig
 from runtime.decoding import GenerationRequest
 from runtime.engine import DEFAULT_MODEL, Engine
 
@@ -32,15 +32,28 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
+    sparse = parser.add_argument_group("sparse modes (mage, quest, herald)")
+    sparse.add_argument("--budget", type=float, default=0.05, help="share of the context each block attends to")
+    sparse.add_argument("--budget-tokens", type=int, default=None, help="a fixed token budget instead of --budget")
+    sparse.add_argument("--page-size", type=int, default=16)
+    sparse.add_argument("--source", default="gpu-compact", choices=[s for s in SELECTION_SOURCES if s != "gpu-exact"],
+                        help="herald's selection source")
+    sparse.add_argument("--dense-layers", type=int, default=None, help="first layers kept exact (default: per mode)")
+
+
+def _config(args: argparse.Namespace, mode: str | None = None) -> EngineConfig:
+    sparse = SparseConfig(budget_fraction=args.budget, budget_tokens=args.budget_tokens, page_size=args.page_size,
+                          source=args.source, dense_layers=args.dense_layers)
+    return EngineConfig(
+        model_path=args.model, mode=mode or args.mode, device=args.device, dtype=args.dtype,
+        block_size=args.block_size, denoising_steps=args.steps, unmasking=args.unmasking,
+        confidence_threshold=args.threshold, max_batch_size=args.max_batch_size,
+        progress=not args.no_progress, sparse=sparse,
+    )
 
 
 def _make_engine(args: argparse.Namespace) -> Engine:
-    return Engine(EngineConfig(
-        model_path=args.model, mode=args.mode, device=args.device, dtype=args.dtype,
-        block_size=args.block_size, denoising_steps=args.steps, unmasking=args.unmasking,
-        confidence_threshold=args.threshold, max_batch_size=args.max_batch_size,
-        progress=not args.no_progress,
-    ))
+    return Engine(_config(args))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -66,7 +79,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrieval_demo(args: argparse.Namespace, examples: list[dict]) -> int:
+    """A trained checkpoint's long-context retrieval prompts, answered by herald and by dense."""
+    t0 = time.perf_counter()
+    dense = _make_engine(argparse.Namespace(**{**vars(args), "mode": "dense"}))
+    herald = Engine(_config(args, "herald"), model=dense.model, tokenizer=dense.tokenizer)
+    prompts = [ex["prompt"] for ex in examples]
+    print(f"model {args.model} on {dense.device}: {len(prompts)} long-context retrieval prompts "
+          f"({', '.join(str(len(dense.tokenizer.encode(p))) for p in prompts)} tokens); herald keeps "
+          f"{100 * args.budget:.0f}% of the context per block ({args.source} selection), dense keeps all of it")
+    answers = {}
+    for name, engine in (("herald", herald), ("dense", dense)):
+        answers[name] = engine.generate(prompts, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        print(f"{name}: {engine.last_stats.generated_tokens} tokens in {engine.last_stats.wall_s:.2f} s")
+    for ex, h, d in zip(examples, answers["herald"], answers["dense"]):
+        question = ex["prompt"][-120:].replace("\n", " ")
+        print(f"\n> ...{question!r}\n  expected: {ex.get('answer')!r}\n  herald:   {h.text.strip()!r}\n"
+              f"  dense:    {d.text.strip()!r}")
+    print(f"\ndemo wall time {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    examples_file = Path(args.model) / "demo_prompts.json"
+    if examples_file.is_file() and args.mode == "dense":
+        return _retrieval_demo(args, json.loads(examples_file.read_text()))
     t0 = time.perf_counter()
     engine = _make_engine(args)
     print(f"model {args.model} ({engine.model_config.architecture}, {engine.model_config.num_layers} layers) "

@@ -180,7 +180,7 @@ class SparseConfig:
     local_window: int = 64
     dense_layers: int | None = None  # None: 2 for mage and quest (as both papers), 0 for herald
     compact_bits: int = 4  # gpu-compact key copy: 4 or 8 bits, per-group scales
-    compact_group: int = 32
+    compact_group: int = 32  # elements per scale (capped at head_dim)
     split_cpu_fraction: float = 0.5  # split source: the oldest share of pages the CPU scans
     check_residency: bool = False  # assert before every sparse attention that its pages are resident
 

@@ -35,7 +35,7 @@ from offload.prefetcher import DEFAULT_FETCH_PROGRAMS
 from runtime.attention import AttentionMode, ForwardBatch, Phase, ReplayTables
 from runtime.config import ModelConfig, SparseConfig
 from runtime.memory import selected_pages_bound
-from runtime.selection import plan_selection, select_pages, selection_queries, table_attention_torch
+from runtime.selection import SelectionPlan, plan_selection, select_pages, selection_queries, table_attention_torch
 
 
 def chunk_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -98,13 +98,14 @@ class HeraldAttention(AttentionMode):
                                  max_sequences * self.pages_per_seq, dtype=dtype,
                                  pin_memory=self.cuda, reserve_bytes=reserve_host_bytes)
         self.cache = self.compact = self.scanner = None
+        self._buffers: dict[int, _RowBuffers] = {}
         try:
             self.cache = PartitionedPageCache(model.num_layers, max_sequences, model.num_kv_heads, self.max_selected,
                                               p, model.head_dim, dtype, device)
             if sparse.source in ("gpu-compact", "split"):
                 self.compact = CompactKeyIndex(model.num_layers, model.num_kv_heads, model.head_dim, p,
                                                self.store.num_pages, bits=sparse.compact_bits,
-                                               group_size=sparse.compact_group, device=device,
+                                               group_size=min(sparse.compact_group, model.head_dim), device=device,
                                                use_kernel=self.cuda)  # CPU: the torch path
             if sparse.source in ("cpu", "split"):
                 self.scanner = AsyncScanner()
@@ -114,7 +115,6 @@ class HeraldAttention(AttentionMode):
             raise
         self._free_rows = list(range(max_sequences - 1, -1, -1))
         self.row_of: dict[int, int] = {}
-        self._buffers: dict[int, _RowBuffers] = {}
         self.batch: ForwardBatch | None = None
         # the block's selection per layer, for the rows that started it: (slot table, kv_len); the
         # passes after step 0 read copies for their own rows
@@ -124,6 +124,9 @@ class HeraldAttention(AttentionMode):
         self._selected_rows: tuple[int, ...] = ()
         self._selection_id = 0
         self._check_entries: dict[int, torch.Tensor] = {}  # assertion mode: each layer's selection
+        self._selection_plans: dict[int, SelectionPlan] = {}
+        # pages selected and fetched since the block began, counted on the device (graphs included)
+        self._counters = torch.zeros(2, dtype=torch.int64, device=device)
         self._timeline: list[dict] = []  # per block: selection, transfer, pages selected / fetched
         self._block: dict = {}
 
@@ -183,10 +186,15 @@ class HeraldAttention(AttentionMode):
     # planning
 
     def replayable(self, batch: ForwardBatch) -> bool:
-        """Steps after 0 and the commit pass: every index they read was loaded by plan or step 0."""
+        """Every pass but prefill: the indices they read were loaded by plan (or by step 0) into
+        fixed buffers. Step 0 too when selection stays on the GPU (the gpu-compact source)."""
         selecting = batch.phase is Phase.DENOISE and batch.step == 0
-        return (self.cuda and self.backend == "triton" and batch.phase is not Phase.PREFILL and not selecting
-                and not self.sparse.check_residency)
+        return (self.cuda and self.backend == "triton" and batch.phase is not Phase.PREFILL
+                and (not selecting or self.sparse.source == "gpu-compact") and not self.sparse.check_residency)
+
+    def graph_key(self, batch: ForwardBatch) -> object:
+        selecting = batch.phase is Phase.DENOISE and batch.step == 0
+        return self._selection_plan.width if selecting else None  # the top-k width is baked in
 
     def plan(self, batch: ForwardBatch) -> None:
         end = int(batch.context_lens.max()) + batch.num_new
@@ -209,7 +217,10 @@ class HeraldAttention(AttentionMode):
         if self._selecting:
             self._selected_rows = batch.seq_ids
             self._selection_id += 1
-            self._selection_plan = plan_selection(lens, self.pages_per_seq, self.sparse, self.device)
+            fresh = plan_selection(lens, self.pages_per_seq, self.sparse, self.device)
+            if n not in self._selection_plans:  # fixed addresses per batch size (graphs read them)
+                self._selection_plans[n] = fresh
+            self._selection_plan = self._selection_plans[n].copy_(fresh)
             self._step0_tables: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
             self._tables = self._block_tables.load(n, self._selection_id, lambda: self._step0_tables)
             self._start_block_stats(batch)
@@ -347,19 +358,20 @@ class HeraldAttention(AttentionMode):
         assignment = self.cache.assign(layer, buf.rows, selection.entries)
         physical = buf.store_table[assignment.miss_rows, assignment.miss_pages]
         pool_k, pool_v = self.cache.k_pool(layer), self.cache.v_pool(layer)
-        events = self._block["events"]
         if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            timed = not torch.cuda.is_current_stream_capturing()  # a graph replays without the host
+            if timed:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
             gather_pages(self.store.kernel_k(layer), self.store.kernel_v(layer), physical, assignment.miss_heads,
                          pool_k, pool_v, assignment.miss_slots, validate=False, max_programs=self.fetch_programs)
-            end.record()
-            events.append((start, end))
+            if timed:
+                end.record()
+                self._block["events"].append((start, end))
         else:
             gather_pages_reference(self.store.k(layer), self.store.v(layer), physical, assignment.miss_heads,
                                    pool_k, pool_v, assignment.miss_slots)
-        self._block["misses"].append((assignment.miss_slots >= 0).sum())
-        self._block["selected"].append(selection.counts.sum())
+        self._counters += torch.stack([selection.counts.sum(), (assignment.miss_slots >= 0).sum()])
         if self.sparse.check_residency:
             self._check_entries[layer] = selection.entries.cpu()
         table_buf, len_buf = self._tables[layer]
@@ -398,21 +410,22 @@ class HeraldAttention(AttentionMode):
 
     def _start_block_stats(self, batch: ForwardBatch) -> None:
         self._finish_block_stats()
-        self._block = dict(rows=batch.num_rows, context=int(batch.context_lens.sum()), select_host_ms=0.0, events=[], misses=[], selected=[])
+        self._counters.zero_()
+        self._block = dict(rows=batch.num_rows, context=int(batch.context_lens.sum()), select_host_ms=0.0,
+                           events=[], replayed=self.replayable(batch))
 
     def _finish_block_stats(self) -> None:
-        """Close the block's timeline entry: one device sync per block, at its end."""
+        """Close the block's timeline entry (one device sync per block, when it is read)."""
         block = self._block
-        if not block or not block["events" if self.cuda else "misses"]:
+        if not block:
             return
-        if self.cuda:
-            block["events"][-1][1].synchronize()
+        selected, fetched = (int(c) for c in self._counters.cpu())  # waits for the block's work
         unit_bytes = 2 * self.page_size * self.store.head_dim * self.store.dtype.itemsize
-        fetched = int(torch.stack(block["misses"]).sum()) if block["misses"] else 0
         self._timeline.append(dict(
             rows=block["rows"], context=block["context"], select_host_ms=block["select_host_ms"],
-            fetch_ms=sum(s.elapsed_time(e) for s, e in block["events"]),
-            pages_selected=int(torch.stack(block["selected"]).sum()) if block["selected"] else 0,
-            pages_fetched=fetched, bytes_fetched=fetched * unit_bytes,
+            # GPU time of the fetches, when step 0 ran eagerly (a replayed graph has no per-layer events)
+            fetch_ms=None if block["replayed"] and not block["events"] else
+            sum(s.elapsed_time(e) for s, e in block["events"]),
+            pages_selected=selected, pages_fetched=fetched, bytes_fetched=fetched * unit_bytes,
         ))
         self._block = {}

@@ -98,7 +98,7 @@ def plan_memory(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int,
         slots = batch * model.num_kv_heads * selected_pages_bound(sparse, max_tokens)
         gpu_kv = slots * p * per_token // model.num_kv_heads
         if sparse.source in ("gpu-compact", "split"):
-            per_key = model.head_dim * sparse.compact_bits // 8 + 4 * model.head_dim // sparse.compact_group
+            per_key = model.head_dim * sparse.compact_bits // 8 + 2 * model.head_dim // min(sparse.compact_group, model.head_dim)
             gpu_kv += batch * tokens * model.num_layers * model.num_kv_heads * per_key
     else:
         raise ValueError(f"mode {mode!r}; choose dense, mage, quest or herald")

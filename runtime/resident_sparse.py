@@ -75,61 +75,64 @@ class ResidentSparseAttention(DenseAttention):
 
 
 class MageAttention(ResidentSparseAttention):
-    """Exact step 0 whose top-k serves the rest of the block (see the module docstring)."""
+    """Exact step 0 whose top-k serves the rest of the block (see the module docstring).
+
+    Page granularity: step 0 writes each layer's selection (store page table, kv_len) into fixed
+    buffers for the rows that started the block, and later passes read copies for their own rows,
+    so every pass can be replayed from a CUDA graph. Token granularity packs the selected tokens'
+    K/V into fresh pages at step 0 (eager).
+    """
 
     name = "mage"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._selection: list[Selection | None] = [None] * self.num_layers
-        self._packed: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
+        width = selected_pages_bound(self.sparse, self.max_tokens)
+        dev = self.k_cache[0].device
+        self._block_tables = ReplayTables(self.num_layers, self.num_kv_heads, width, dev)
+        self._pass_tables = ReplayTables(self.num_layers, self.num_kv_heads, width, dev)
+        self._selection_plans: dict[int, SelectionPlan] = {}
+        self._token_selection: list[tuple[Selection, torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
         self._selected_rows: tuple[int, ...] = ()
         self._row_index: torch.Tensor | None = None
         self._selection_id = 0  # bumped at every step 0
-        self._replay = ReplayTables(self.num_layers, self.num_kv_heads,
-                                    selected_pages_bound(self.sparse, self.max_tokens), self.k_cache[0].device)
-        self._replay_tables = None
 
     def replayable(self, batch: ForwardBatch) -> bool:
-        """Steps after 0 and the commit pass (step 0 selects)."""
-        selecting = batch.phase is Phase.DENOISE and batch.step == 0
-        return (super().replayable(batch) and not selecting and self.sparse.granularity == "page"
-                and not self.sparse.check_residency)
+        return super().replayable(batch) and self.sparse.granularity == "page" and not self.sparse.check_residency
+
+    def graph_key(self, batch: ForwardBatch) -> object:
+        return self._selection_plan.width if self._selecting else None  # the top-k width is baked in
 
     def plan(self, batch: ForwardBatch) -> None:
         super().plan(batch)
         self._selecting = batch.phase is Phase.DENOISE and batch.step == 0
-        self._replay_tables = None
-        if batch.phase is Phase.PREFILL or self._selecting:
+        if batch.phase is Phase.PREFILL:
+            return
+        n, dev = batch.num_rows, self.k_cache[0].device
+        if self._selecting:
+            self._selected_rows = batch.seq_ids
+            self._selection_id += 1
             self._row_index = None
-            if self._selecting:
-                self._selected_rows = batch.seq_ids
-                self._selection_id += 1
+            fresh = plan_selection(batch.context_lens, self.pages_per_seq, self.sparse, dev)
+            if n not in self._selection_plans:  # fixed addresses per batch size
+                self._selection_plans[n] = fresh
+            self._selection_plan = self._selection_plans[n].copy_(fresh)
+            self._tables = self._block_tables.load(n, self._selection_id, lambda: [None] * self.num_layers)
             return
         missing = [s for s in batch.seq_ids if s not in self._selected_rows]
         if missing:
             raise RuntimeError(f"sequences {missing} reached step {batch.step} of a block without a step-0 selection")
         index = [self._selected_rows.index(s) for s in batch.seq_ids]
-        same = index == list(range(len(self._selected_rows)))
-        self._row_index = None if same else torch.tensor(index, device=self.k_cache[0].device)
-        if self.replayable(batch):
-            self._replay_tables = self._replay.load(batch.num_rows, (self._selection_id, batch.seq_ids),
-                                                    self._physical_tables)
+        self._row_index = torch.tensor(index, device=dev)
+        block = self._block_tables.load(len(self._selected_rows), self._selection_id, list)
+        self._tables = self._pass_tables.load(n, (self._selection_id, batch.seq_ids),
+                                              lambda: [(t[self._row_index], kl[self._row_index]) for t, kl in block])
 
     def close(self) -> None:
-        self._replay.clear()
+        self._block_tables.clear()
+        self._pass_tables.clear()
+        self._selection_plans.clear()
         super().close()
-
-    def _physical_tables(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        tables = []
-        for layer, selection in enumerate(self._selection):
-            if selection is None or layer < self.dense_layers:
-                tables.append(None)
-                continue
-            if self._row_index is not None:
-                selection = selection.rows(self._row_index)
-            tables.append((self._physical(selection), selection.kv_len))
-        return tables
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         batch = self.batch
@@ -137,20 +140,14 @@ class MageAttention(ResidentSparseAttention):
             return super().run(layer, q, k, v)
         if self._selecting:
             return self._exact_and_select(layer, q, k, v)
-        if self._replay_tables is not None:
-            table, kv_len = self._replay_tables[layer]
-            return self._sparse_attention(layer, q, k, v, table, kv_len)
-        selection = self._selection[layer]
-        if self._row_index is not None:
-            selection = selection.rows(self._row_index)
-        if selection.granularity == "token":
-            k_pool, v_pool = self._packed[layer]
-            table = selection.entries  # packed slot ids (rows index the packed pool)
-            return self._sparse_attention(layer, q, k, v, table, selection.kv_len, k_pool, v_pool)
-        table = self._physical(selection)
+        if self.sparse.granularity == "token":
+            selection, k_pool, v_pool = self._token_selection[layer]
+            selection = selection.rows(self._row_index)  # packed slot ids: rows index the packed pool
+            return self._sparse_attention(layer, q, k, v, selection.entries, selection.kv_len, k_pool, v_pool)
+        table, kv_len = self._tables[layer]
         if self.sparse.check_residency:
-            self._check_resident(table, selection.kv_len)
-        return self._sparse_attention(layer, q, k, v, table, selection.kv_len)
+            self._check_resident(table, kv_len)
+        return self._sparse_attention(layer, q, k, v, table, kv_len)
 
     def _exact_and_select(self, layer: int, q, k, v) -> torch.Tensor:
         """Step 0: exact attention, and the selection its scores give."""
@@ -164,15 +161,20 @@ class MageAttention(ResidentSparseAttention):
         else:
             out = super().run(layer, q, k, v)
             q_sel = selection_queries(q, self.num_kv_heads, sparse.query)
-            pages = -(-int(lens.max()) // self.page_size)
-            tscores = gather_token_scores(q_sel, self.k_cache[layer], self.store_table(pages), lens, self.scale)
+            table = self.store_table(self.pages_per_seq)
+            tscores = gather_token_scores(q_sel, self.k_cache[layer], table, lens, self.scale)
             pscores = None if tokens else page_scores_from_tokens(tscores, self.page_size)
         if tokens:
             selection = select_tokens(tscores, lens, sparse)
-            self._packed[layer], selection = self._pack(layer, selection)
-        else:
-            selection = select_pages(pscores, lens, sparse)
-        self._selection[layer] = selection
+            packed, selection = self._pack(layer, selection)
+            self._token_selection[layer] = (selection, *packed)
+            return out
+        selection = select_pages(pscores[..., :self.pages_per_seq], None, sparse, self._selection_plan)
+        table_buf, len_buf = self._tables[layer]
+        width = selection.entries.shape[-1]
+        table_buf[..., width:].fill_(-1)
+        table_buf[..., :width].copy_(self._physical(selection))
+        len_buf.copy_(selection.kv_len)
         return out
 
     def _pack(self, layer: int, selection: Selection) -> tuple[tuple[torch.Tensor, torch.Tensor], Selection]:
