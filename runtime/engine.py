@@ -22,7 +22,8 @@ from runtime.model import Transformer
 from runtime.tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-random"
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+DEFAULT_MODEL = CHECKPOINTS / "retrieval-4m"  # trained on the project's retrieval tasks (training/)
 
 
 def resolve_device(name: str) -> torch.device:

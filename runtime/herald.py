@@ -32,7 +32,7 @@ from offload.compact_keys import CompactKeyIndex
 from offload.host_store import HostKVStore
 from offload.partitioned_cache import PartitionedPageCache
 from offload.prefetcher import DEFAULT_FETCH_PROGRAMS
-from runtime.attention import AttentionMode, ForwardBatch, Phase, ReplayTables
+from runtime.attention import AttentionMode, ForwardBatch, Phase, ReplayTables, masked_attention
 from runtime.config import ModelConfig, SparseConfig
 from runtime.memory import selected_pages_bound
 from runtime.selection import SelectionPlan, plan_selection, select_pages, selection_queries, table_attention_torch
@@ -264,12 +264,15 @@ class HeraldAttention(AttentionMode):
         """Chunk attention (its own mask) merged with the committed context read from host memory;
         then the chunk's K/V go to the host store and its keys to the compact copy."""
         batch = self.batch
-        chunk_out, chunk_lse = chunk_attention_lse(q, k, v, batch.new_token_mask(), self.scale)
-        if int(batch.context_lens.max()) > 0:
+        mask = batch.new_token_mask()
+        if int(batch.context_lens.max()) == 0:  # the first chunk: nothing to merge with
+            out = masked_attention(q, k, v, mask.to(q.device))
+        else:
+            chunk_out, chunk_lse = chunk_attention_lse(q, k, v, mask, self.scale)
             ctx_out, ctx_lse = self._context_from_host(layer, q)
-            chunk_out, _ = merge_attention_states(chunk_out, chunk_lse, ctx_out, ctx_lse)
+            out, _ = merge_attention_states(chunk_out, chunk_lse, ctx_out, ctx_lse)
         self._write_new(layer, k, v)
-        return chunk_out.to(q.dtype)
+        return out.to(q.dtype)
 
     def _context_from_host(self, layer: int, q) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse) of q over every committed context token, read from the host store."""

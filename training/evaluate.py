@@ -22,12 +22,17 @@ from training.tasks import ANSWER_ROOM, TASKS, generate_examples
 
 
 def evaluate(engine: Engine, tasks: Sequence[str], contexts: Sequence[int], per_task: int, seed: int,
-             *, max_new_tokens: int = ANSWER_ROOM, samples_per_cell: int = 1) -> dict[str, Any]:
+             *, max_new_tokens: int = ANSWER_ROOM, samples_per_cell: int = 1,
+             deadline: float | None = None) -> dict[str, Any]:
     """Greedy exact-match accuracy per task and context on `per_task` held-out examples each.
+
+    Contexts run in the order given. deadline (a time.perf_counter() value): a context after the
+    first is skipped when its estimated time (the previous context's, scaled by length) would end
+    past it; skipped ones are listed, never silently dropped.
 
     Returns {"accuracy": {task: {str(context): fraction}}, "mean": {str(context): fraction},
     "correct"/"total" in the same layout, "samples": a few (prompt tail, answer, prediction),
-    "tokens_per_s", "wall_s", and the arguments}.
+    "contexts" (evaluated, ascending), "skipped_contexts", "tokens_per_s", "wall_s", and the arguments}.
     """
     if per_task < 1:
         raise ValueError(f"per_task={per_task} must be >= 1")
@@ -40,7 +45,16 @@ def evaluate(engine: Engine, tasks: Sequence[str], contexts: Sequence[int], per_
     samples: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     generated = 0
+    done: list[int] = []
+    skipped: list[int] = []
+    last: tuple[int, float] | None = None  # (context, seconds) of the previous context
     for ctx in contexts:
+        if deadline is not None and last is not None:
+            estimate = last[1] * ctx / last[0]
+            if time.perf_counter() + estimate > deadline:
+                skipped.append(ctx)
+                continue
+        t_ctx = time.perf_counter()
         examples = [ex for task in tasks for ex in generate_examples(task, ctx, per_task, seed, split="eval")]
         requests = [GenerationRequest(prompt=ex.prompt, max_new_tokens=max_new_tokens, request_id=str(i))
                     for i, ex in enumerate(examples)]
@@ -54,10 +68,15 @@ def evaluate(engine: Engine, tasks: Sequence[str], contexts: Sequence[int], per_
             for ex, r in pairs[:samples_per_cell]:
                 samples.append({"task": task, "context": ctx, "prompt_tail": ex.prompt[-80:], "answer": ex.answer,
                                 "prediction": r.text, "correct": ex.check(r.text)})
+        done.append(ctx)
+        last = (ctx, time.perf_counter() - t_ctx)
     wall = time.perf_counter() - t0
-    mean = {str(c): sum(accuracy[t][str(c)] for t in tasks) / len(tasks) for c in contexts}
+    done.sort()
+    accuracy = {t: {str(c): accuracy[t][str(c)] for c in done} for t in tasks}
+    correct = {t: {str(c): correct[t][str(c)] for c in done} for t in tasks}
+    mean = {str(c): sum(accuracy[t][str(c)] for t in tasks) / len(tasks) for c in done}
     return {"accuracy": accuracy, "mean": mean, "correct": correct, "total": per_task, "tasks": list(tasks),
-            "contexts": list(contexts), "seed": seed, "mode": engine.config.mode, "samples": samples,
+            "contexts": done, "skipped_contexts": skipped, "seed": seed, "mode": engine.config.mode, "samples": samples,
             "wall_s": round(wall, 2), "tokens_per_s": round(generated / wall, 1) if wall > 0 else 0.0}
 
 
@@ -71,7 +90,10 @@ def accuracy_table(result: dict[str, Any], markdown: bool = False) -> str:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [header, *rows])
+    text = "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [header, *rows])
+    if result.get("skipped_contexts"):
+        text += f"\n(not evaluated, out of time: contexts {result['skipped_contexts']})"
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:

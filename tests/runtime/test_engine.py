@@ -1,4 +1,4 @@
-"""The public API and the command line on the bundled default checkpoint."""
+"""The public API and the command line, on the bundled checkpoints."""
 import json
 
 import pytest
@@ -6,14 +6,16 @@ import torch
 
 from runtime import Engine, EngineConfig, GenerationRequest
 from runtime.cli import main
-from runtime.engine import DEFAULT_MODEL
+from runtime.engine import CHECKPOINTS, DEFAULT_MODEL
+
+TINY = CHECKPOINTS / "tiny-random"
 
 
 @pytest.fixture(scope="module")
 def engine():
     # float64: the random default model's predictions are near-ties, and only exact arithmetic
     # makes token equality across batch compositions a statement about the code, not rounding.
-    return Engine(EngineConfig(model_path=str(DEFAULT_MODEL), device="cpu", dtype="float64", progress=False,
+    return Engine(EngineConfig(model_path=str(TINY), device="cpu", dtype="float64", progress=False,
                                max_batch_size=2))
 
 
@@ -70,10 +72,10 @@ def test_missing_model_directory(tmp_path):
 
 
 def test_cli_demo_and_generate(capsys):
-    assert main(["demo", "--no-progress", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    assert main(["demo", "--model", str(TINY), "--no-progress", "--max-new-tokens", "6", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "demo wall time" in out and "tokens/s" in out
-    assert main(["generate", "--no-progress", "--prompt", "hi", "--prompt", "there", "--json",
+    assert main(["generate", "--model", str(TINY), "--no-progress", "--prompt", "hi", "--prompt", "there", "--json",
                  "--max-new-tokens", "5", "--device", "cpu"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [line["prompt"] for line in lines] == ["hi", "there"]
@@ -83,3 +85,15 @@ def test_cli_demo_and_generate(capsys):
 def test_cli_reports_errors_without_traceback(capsys, tmp_path):
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--no-progress"]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_default_model_answers_a_retrieval_prompt_with_herald_and_dense(capsys):
+    """The README's main command: the trained default model, herald at 5% and dense, side by side."""
+    examples = json.loads((DEFAULT_MODEL / "demo_prompts.json").read_text())
+    assert main(["demo", "--no-progress", "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "herald:" in out and "dense:" in out and out.count("expected:") == len(examples)
+    passkey = next(e for e in examples if e["task"] == "passkey")
+    engine = Engine(EngineConfig(model_path=str(DEFAULT_MODEL), device="cpu", progress=False))
+    [result] = engine.generate([passkey["prompt"]], max_new_tokens=8)
+    assert result.text.strip() == passkey["answer"]  # dense answers the held-out pass key

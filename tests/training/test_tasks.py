@@ -49,7 +49,7 @@ def test_answer_is_where_the_question_points(length):
         assert re.findall(r"The pass key is (\d+)\.", ex.prompt) == [ex.answer]
         assert ex.prompt.endswith("What is the pass key? The pass key is ")
     for ex in generate_examples("multikey", length, 10, seed=1):
-        label = re.search(r"What is the pass key for (\w+)\? The pass key for \1 is $", ex.prompt).group(1)
+        label = re.search(r"\nThe pass key for (\w+) is $", ex.prompt).group(1)
         keys = dict(re.findall(r"The pass key for (\w+) is (\d+)\.", ex.prompt))
         assert len(keys) >= 2 and keys[label] == ex.answer
         assert len(re.findall(r"The pass key for (\w+) is \d+\.", ex.prompt)) == len(keys)  # labels unique
@@ -62,6 +62,8 @@ def test_answer_is_where_the_question_points(length):
         name = re.search(r"which number does ([A-Z]{3}) hold\?\nAnswer: $", ex.prompt).group(1)
         assert _resolve_chain(ex.prompt, name) == ex.answer
         assert len(re.findall(r" [A-Z]{3} = \d+\. ", ex.prompt)) == 2  # the chain and its distractor
+        hops = len(re.findall(r" [A-Z]{3} = [A-Z]{3}\. ", ex.prompt))  # indirections of both chains
+        assert hops <= (2 if length < 256 else 4)
 
 
 def test_facts_sit_at_varied_depths():
@@ -91,3 +93,10 @@ def test_bad_arguments():
         make_example("nope", 512, random.Random(0))
     with pytest.raises(ValueError, match="shortest"):
         make_example("passkey", MIN_LENGTH - 1, random.Random(0))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_fits_the_shortest_context(task):
+    # The curriculum starts at MIN_LENGTH: every random draw (labels, chain lengths, offsets) must fit.
+    for ex in generate_examples(task, MIN_LENGTH, 300, seed=7, split="train"):
+        assert len(ex.prompt) + len(ex.answer) + 1 <= MIN_LENGTH

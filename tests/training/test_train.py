@@ -1,6 +1,7 @@
 """Training matches inference: the training forward's logits at a noisy answer block are the
 runtime's cached DENOISE logits for the same block over the same committed context."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from runtime.config import ModelConfig
 from runtime.decoding import DecodeSettings, GenerationRequest, SequenceState, finish_block, start_block
 from runtime.generate import BlockDiffusionLoop
 from runtime.model import Transformer
-from training.tasks import generate_examples
+from training.tasks import TASKS, generate_examples
 from training.train import (CLEAN, NOISY, PAD, CharEncoder, batch_loss, build_batch, build_parser, curriculum,
                             lr_at, make_tokenizer, model_config_dict, stage_at, train)
 
@@ -194,7 +195,7 @@ def test_train_saves_a_checkpoint_the_engine_runs(tmp_path, capsys):
     saved = json.loads((out / "training_log.json").read_text())
     assert saved["steps"] == log["steps"] == 4 and len(saved["loss"]) == 2
     assert set(saved["final_eval"]["accuracy"]) == {"passkey", "multikey", "kv", "vartrack"}
-    assert saved["final_eval"]["contexts"] == [192, 384]
+    assert saved["final_eval"]["contexts"] == [128, 192, 384]  # the curriculum's contexts and 2x the max
     model, config = load_model(out)
     assert model.dtype == torch.bfloat16 and config.block_size == 4
     engine = Engine(EngineConfig(model_path=str(out), device="cpu", progress=False))
@@ -210,3 +211,57 @@ def test_help_and_missing_end():
     args = build_parser().parse_args(["--out", "/nonexistent/never-written", "--device", "cpu"])
     with pytest.raises(ValueError, match="--steps"):
         train(args)
+
+
+TINY_ARGS = ["--device", "cpu", "--max-context", "192", "--hidden", "32", "--layers", "2", "--heads", "4",
+             "--kv-heads", "2", "--head-dim", "8", "--intermediate", "64", "--tokens-per-batch", "600"]
+
+
+def test_minutes_bound_the_whole_run_and_the_summary_says_what_happened(tmp_path, capsys):
+    out, summary_path = tmp_path / "ckpt", tmp_path / "summary.json"
+    budget_s = 9.0
+    args = build_parser().parse_args([
+        "--out", str(out), "--summary-json", str(summary_path), "--minutes", str(budget_s / 60),
+        "--final-eval-seconds", "3", "--eval-every", "1", "--eval-per-task", "1", "--save-every", "2",
+        "--final-per-task", "1", "--log-every", "10", *TINY_ARGS])
+    t0 = time.perf_counter()
+    log = train(args)
+    assert time.perf_counter() - t0 < budget_s + 5  # + model build and the first smoke eval, before the clock
+    summary = json.loads(summary_path.read_text())
+    # Training stops 3 s early for the final save + eval (a step or an eval estimated to fit may run
+    # over a little); the final eval's first context always runs, the rest only if they fit.
+    assert summary["finished"] and summary["total_wall_s"] <= budget_s + 2.0
+    assert summary["steps"] == log["steps"] > 0 and summary["params"] == log["params"]
+    assert summary["train_wall_s"] <= budget_s - 3 + 1.0
+    assert set(summary["accuracy"]) == set(TASKS) and 192 in summary["contexts"]  # the trained length comes first
+    assert summary["contexts"] + summary["skipped_contexts"] and "task \\ context" in summary["table"]
+    assert summary["examples"] > 0 and summary["trained_max_context"] in (128, 192)
+    assert len(log["snapshots"]) >= 2 and log["evals"]  # (periodic snapshots, if they fitted) + the two final saves
+    printed = capsys.readouterr().out
+    assert "[final eval]" in printed and "[level 0/2]" in printed, printed
+    saved = json.loads((out / "training_log.json").read_text())
+    assert saved["summary"]["finished"] and {"config.json", "model.safetensors", "demo_prompts.json"} <= {
+        f.name for f in out.iterdir()}
+    assert not (tmp_path / "ckpt.saving").exists() and not (tmp_path / "ckpt.old").exists()
+    demos = json.loads((out / "demo_prompts.json").read_text())
+    assert all(d["context"] == 192 and len(d["prompt"]) + len(d["answer"]) + 1 <= 192 for d in demos)
+    assert demos[0]["prompt"] not in {e.prompt for e in generate_examples(demos[0]["task"], 192, 64, seed=1234)}
+
+
+def test_out_folder_with_foreign_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    args = build_parser().parse_args(["--out", str(tmp_path), "--steps", "1", *TINY_ARGS])
+    with pytest.raises(ValueError, match="did not write"):
+        train(args)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_a_snapshot_at_every_save_interval_leaves_a_loadable_folder(tmp_path):
+    out = tmp_path / "ckpt"
+    args = build_parser().parse_args(["--out", str(out), "--steps", "3", "--save-every", "1e-6", "--eval-every", "0",
+                                      "--final-per-task", "1", "--final-contexts", "128", *TINY_ARGS])
+    log = train(args)
+    assert [s["step"] for s in log["snapshots"]] == [1, 2, 3, 3, 3]  # each step, then before and after the final eval
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no half-written folder left behind
+    model, config = load_model(out)
+    assert config.block_size == 4 and json.loads((out / "training_log.json").read_text())["summary"]["finished"]

@@ -1,0 +1,117 @@
+"""Training data: deterministic batches from worker processes, and the curriculum's moves."""
+import numpy as np
+import pytest
+
+from training.data import (NOISY, BatchRequest, BatchSource, CharEncoder, Curriculum, LayoutSettings, Level,
+                           make_batch_arrays, make_levels)
+from training.tasks import TASKS
+from training.train import make_tokenizer
+
+TOKENIZER = make_tokenizer()
+
+
+def settings(seed=0):
+    return LayoutSettings(seed=seed, block_size=4, mask_token_id=TOKENIZER.mask_token_id,
+                          eos_token_id=TOKENIZER.eos_token_ids[0], noisy_copies=2, eps=1e-3, loss_weighting="none",
+                          pad_multiple=8, max_rows=16, encoder=CharEncoder(TOKENIZER))
+
+
+def request(index, context=128, rows=3, tasks=TASKS, weights=(1.0, 1.0, 1.0, 1.0)):
+    return BatchRequest(index=index, context=context, rows=rows, tasks=tuple(tasks), weights=tuple(weights))
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_batch_arrays_depend_only_on_seed_and_request():
+    s = settings()
+    a = make_batch_arrays(s, request(5))
+    assert same(a, make_batch_arrays(s, request(5)))
+    assert not same(a, make_batch_arrays(s, request(6)))
+    assert not same(a, make_batch_arrays(settings(seed=1), request(5)))
+    assert a["input_ids"].shape[0] == 3 and a["input_ids"].shape[1] % 8 == 0
+    assert (a["kind"] == NOISY).any() and (a["targets"] != -100).any()
+    # a task of weight zero is never drawn: only the pass-key prompt ends this way
+    only_pk = make_batch_arrays(s, request(7, rows=8, weights=(1.0, 0.0, 0.0, 0.0)))
+    question = CharEncoder(TOKENIZER)("\nWhat is the pass key? The pass key is ")
+    for row in range(8):
+        clean = only_pk["input_ids"][row][only_pk["kind"][row] == 0].tolist()
+        assert any(clean[i:i + len(question)] == question for i in range(len(clean) - len(question) + 1)), row
+
+
+def test_worker_batches_equal_inline_batches_in_request_order():
+    def requests():  # endless: the pool asks `lookahead` requests ahead
+        i = 0
+        while True:
+            yield request(i, context=128 if i % 2 else 192, rows=2 + i % 3)
+            i += 1
+
+    inline = BatchSource(settings(), workers=0)
+    pooled = BatchSource(settings(), workers=1, lookahead=3)
+    try:
+        it_a, it_b = requests(), requests()
+        for _ in range(6):
+            ra, a = inline.next(lambda: next(it_a))
+            rb, b = pooled.next(lambda: next(it_b))
+            assert ra == rb and same(a, b)
+        assert pooled.pool is not None  # the pool really ran
+    finally:
+        pooled.close()
+
+
+def test_a_dead_pool_falls_back_to_inline_batches(capsys):
+    source = BatchSource(settings(), workers=1, lookahead=2)
+    source.pool.shutdown(wait=True)
+    reqs = iter([request(i) for i in range(4)])
+    req, arrays = source.next(lambda: next(reqs))
+    assert req.index == 0 and same(arrays, make_batch_arrays(settings(), req))
+    assert source.pool is None and "inline" in capsys.readouterr().err
+    req, _ = source.next(lambda: next(reqs))
+    assert req.index == 1  # the queued request is still served, in order
+
+
+def test_levels():
+    levels = make_levels(128, 1024, TASKS, warmup_tasks=["passkey"])
+    assert levels[0] == Level(128, ("passkey",))
+    assert [lv.context for lv in levels] == [128, 128, 256, 512, 1024]
+    assert all(lv.tasks == tuple(TASKS) for lv in levels[1:])
+    assert make_levels(128, 256, TASKS, warmup_tasks=TASKS) == [Level(128, tuple(TASKS)), Level(256, tuple(TASKS))]
+    assert len(make_levels(128, 256, TASKS)) == 2
+    with pytest.raises(ValueError, match="warm-up"):
+        make_levels(128, 256, ["kv"], warmup_tasks=["passkey"])
+    with pytest.raises(ValueError, match="min_context"):
+        make_levels(64, 256, TASKS)
+
+
+def test_curriculum_advances_on_evaluation_and_by_the_time_floor():
+    cur = Curriculum(make_levels(128, 512, TASKS, ["passkey"]), advance_at=0.9, ramp_end=0.8, replay=0.0)
+    assert cur.level_at(0.0) == 0 and cur.level_at(0.79) == 2 and cur.level_at(0.8) == 3  # floor, 4 levels
+    assert not cur.record(0, {"passkey": 0.85}, step=10, elapsed=1.0)
+    assert cur.record(0, {"passkey": 0.95}, step=20, elapsed=2.0) and cur.level_at(0.0) == 1
+    assert not cur.record(1, {"passkey": 1.0, "multikey": 0.95, "kv": 0.5, "vartrack": 1.0}, step=30, elapsed=3.0)
+    assert cur.record(1, dict.fromkeys(TASKS, 0.92), step=40, elapsed=4.0) and cur.level_at(0.0) == 2
+    assert [h["earned_level"] for h in cur.history] == [1, 2]
+    assert not cur.record(0, {"passkey": 1.0}, step=50, elapsed=5.0)  # an old level never moves it back or on
+    assert cur.earned == 2
+    never = Curriculum(make_levels(128, 256, TASKS), advance_at=None, ramp_end=0.5)
+    assert not never.record(0, dict.fromkeys(TASKS, 1.0), step=1, elapsed=0.0) and never.level_at(0.49) == 0
+
+
+def test_task_weights_follow_accuracy_and_requests_fit_the_batch():
+    cur = Curriculum(make_levels(128, 512, TASKS), advance_at=0.9, replay=0.0, min_task_weight=0.15)
+    assert cur.weights(TASKS) == (1.0, 1.0, 1.0, 1.0)
+    cur.record(0, {"passkey": 1.0, "multikey": 0.6, "kv": 0.0, "vartrack": 0.9}, step=1, elapsed=0.0)
+    assert cur.weights(TASKS) == pytest.approx((0.15, 0.4, 1.0, 0.15))
+    req = cur.request(3, 0.0, tokens_per_batch=1000, max_rows=5)
+    assert req.index == 3 and req.context == 128 and req.rows == 5 and req.weights == cur.weights(TASKS)
+    assert cur.request(4, 0.99, tokens_per_batch=1000, max_rows=64).rows == 1000 // 512
+
+
+def test_replay_draws_only_shorter_contexts():
+    cur = Curriculum(make_levels(128, 1024, TASKS, ["passkey"]), advance_at=None, ramp_end=0.5, replay=0.5, seed=3)
+    contexts = [cur.request(i, 0.99, tokens_per_batch=4096, max_rows=64).context for i in range(400)]
+    assert set(contexts) == {128, 256, 512, 1024}
+    assert 0.35 < contexts.count(1024) / len(contexts) < 0.65
+    first = [cur.request(i, 0.0, tokens_per_batch=4096, max_rows=64) for i in range(50)]
+    assert {r.context for r in first} == {128} and {r.tasks for r in first} == {("passkey",)}
