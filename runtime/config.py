@@ -178,7 +178,7 @@ class SparseConfig:
     source: str = "gpu-compact"  # herald's selection source: cpu | gpu-compact | split (mage: gpu-exact)
     sink_tokens: int = 16
     local_window: int = 64
-    dense_layers: int | None = None  # None: 2 for mage and quest (as both papers), 0 for herald
+    dense_layers: int | None = None  # None: 2 (MAGE and Quest keep two; herald holds theirs on the GPU)
     compact_bits: int = 4  # gpu-compact key copy: 4 or 8 bits, per-group scales
     compact_group: int = 32  # elements per scale (capped at head_dim)
     split_cpu_fraction: float = 0.5  # split source: the oldest share of pages the CPU scans

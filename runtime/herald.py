@@ -15,12 +15,13 @@ Per block (HERALD, arXiv 2606.21633; this is the synchronous path):
 
 With the gpu-compact source nothing in a block waits for the host; the cpu and split sources bring
 each layer's selection query to the host (one sync per layer at step 0) and the scores back.
-The first `dense_layers` layers (default 0 here) read the whole context from host memory through
-UVA: exact, but every pass streams those layers' KV over PCIe.
+The first `dense_layers` layers (default 2, as mage keeps them) stay exact: their KV (2/36 of an
+8B model's) lives on the GPU in a dense paged cache and never goes to the host store.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -32,7 +33,7 @@ from offload.compact_keys import CompactKeyIndex
 from offload.host_store import HostKVStore
 from offload.partitioned_cache import PartitionedPageCache
 from offload.prefetcher import DEFAULT_FETCH_PROGRAMS
-from runtime.attention import AttentionMode, ForwardBatch, Phase, ReplayTables, masked_attention
+from runtime.attention import AttentionMode, DenseAttention, ForwardBatch, Phase, ReplayTables, masked_attention
 from runtime.config import ModelConfig, SparseConfig
 from runtime.memory import selected_pages_bound
 from runtime.selection import SelectionPlan, plan_selection, select_pages, selection_queries, table_attention_torch
@@ -87,7 +88,7 @@ class HeraldAttention(AttentionMode):
         self.scale = model.head_dim ** -0.5
         self.num_layers, self.num_kv_heads = model.num_layers, model.num_kv_heads
         self.page_size = p = sparse.page_size
-        self.dense_layers = 0 if sparse.dense_layers is None else sparse.dense_layers
+        self.dense_layers = 2 if sparse.dense_layers is None else sparse.dense_layers
         if self.dense_layers > model.num_layers:
             raise ValueError(f"dense_layers={self.dense_layers} exceeds the model's {model.num_layers} layers")
         self.pages_per_seq = -(-max_tokens // p)
@@ -99,7 +100,11 @@ class HeraldAttention(AttentionMode):
                                  pin_memory=self.cuda, reserve_bytes=reserve_host_bytes)
         self.cache = self.compact = self.scanner = None
         self._buffers: dict[int, _RowBuffers] = {}
+        self.dense = None
         try:
+            if self.dense_layers:
+                self.dense = DenseAttention(replace(model, num_layers=self.dense_layers), max_sequences,
+                                            self.max_tokens, p, dtype, device, backend)
             self.cache = PartitionedPageCache(model.num_layers, max_sequences, model.num_kv_heads, self.max_selected,
                                               p, model.head_dim, dtype, device)
             if sparse.source in ("gpu-compact", "split"):
@@ -141,6 +146,8 @@ class HeraldAttention(AttentionMode):
         if not self._free_rows:
             raise RuntimeError(f"all {len(self.row_of)} rows are taken; remove a sequence first")
         self.store.allocate(seq_id, max_tokens)
+        if self.dense is not None:
+            self.dense.add_sequence(seq_id, max_tokens)
         row = self._free_rows.pop()
         self.row_of[seq_id] = row
         self.cache.reset_rows(torch.tensor([row], device=self.device))
@@ -149,6 +156,8 @@ class HeraldAttention(AttentionMode):
         if self.cuda:  # queued kernels may still read its host pages or its slots
             torch.cuda.current_stream(self.device).synchronize()
         self.store.free(seq_id)
+        if self.dense is not None:
+            self.dense.remove_sequence(seq_id)
         self._free_rows.append(self.row_of.pop(seq_id))
 
     def load_random_context(self, seq_id: int, num_tokens: int, seed: int = 0) -> None:
@@ -158,7 +167,9 @@ class HeraldAttention(AttentionMode):
         shape = (1, self.num_kv_heads, num_tokens, self.store.head_dim)
         table = self.store.page_tables([seq_id]).to(self.device)
         start = torch.zeros(1, dtype=torch.int32, device=self.device)
-        for layer in range(self.num_layers):
+        if self.dense is not None:
+            self.dense.load_random_context(seq_id, num_tokens, seed)
+        for layer in range(self.dense_layers, self.num_layers):
             k = torch.randn(shape, generator=gen, device=self.device, dtype=self.store.dtype)
             v = torch.randn(shape, generator=gen, device=self.device, dtype=self.store.dtype)
             self._store_write(layer, table, start, k, v, [seq_id], [0])
@@ -176,6 +187,8 @@ class HeraldAttention(AttentionMode):
             self.compact.close()
         if self.cache is not None:
             self.cache.close()
+        if self.dense is not None:
+            self.dense.close()
         self._buffers.clear()
         if hasattr(self, "_block_tables"):
             self._block_tables.clear()
@@ -201,6 +214,8 @@ class HeraldAttention(AttentionMode):
         if end > self.max_tokens:
             raise ValueError(f"forward reaches position {end}; the mode holds {self.max_tokens} tokens per sequence")
         self.batch = batch
+        if self.dense is not None:
+            self.dense.plan(batch)
         n = batch.num_rows
         buf = self._buffers.get(n)
         if buf is None:
@@ -241,10 +256,10 @@ class HeraldAttention(AttentionMode):
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         batch = self.batch
         assert batch is not None, "plan() must precede run()"
+        if layer < self.dense_layers:  # resident on the GPU, exact (writes included)
+            return self.dense.run(layer, q, k, v)
         if batch.phase is Phase.PREFILL:
             out = self._prefill(layer, q, k, v)
-        elif layer < self.dense_layers:
-            out = self._exact_from_host(layer, q, k, v)
         else:
             if self._selecting:
                 self._select_and_fetch(layer, q)
@@ -293,16 +308,6 @@ class HeraldAttention(AttentionMode):
         lse = torch.logsumexp(s, dim=-1)
         out = torch.matmul(torch.softmax(s, dim=-1).nan_to_num(0.0), vals)
         return out.view(n, hq, t, d), lse.view(n, hq, t)
-
-    def _exact_from_host(self, layer: int, q, k, v) -> torch.Tensor:
-        buf = self._buf
-        table = buf.store_table[:, None].expand(-1, self.num_kv_heads, -1).contiguous()
-        kv_len = buf.context_lens[:, None].expand(-1, self.num_kv_heads).contiguous()
-        if self.cuda:
-            out, _, _ = block_attention(q, k, v, self.store.kernel_k(layer), self.store.kernel_v(layer),
-                                        table, kv_len, scale=self.scale)
-            return out
-        return table_attention_torch(q, k, v, self.store.k(layer), self.store.v(layer), table, kv_len, self.scale)
 
     def _store_write(self, layer: int, table: torch.Tensor, start: torch.Tensor, k, v, seq_ids, starts) -> None:
         """K/V [N, Hkv, T, D] of one layer into the host store (a UVA kernel on the current stream)."""

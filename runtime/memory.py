@@ -2,8 +2,9 @@
 
 Each mode's footprint, from the geometry alone:
 - dense, mage: the whole KV on the GPU (quest adds fp32 min/max key summaries per page);
-- herald: the whole KV in pinned host memory; on the GPU a page cache of the selection budget and,
-  for the gpu-compact and split sources, the compact key copy (bits/8 of a key byte, plus scales).
+- herald: the whole KV in pinned host memory; on the GPU a page cache of the selection budget, the
+  full KV of the dense (exact) first layers and, for the gpu-compact and split sources, the compact
+  key copy (bits/8 of a key byte, plus scales).
 Every mode also needs working memory for the largest forward pass (a prefill chunk), estimated here
 from the activations it keeps alive, and the weights, which are already resident when the engine
 plans. Free memory is read at planning time (CUDA's mem_get_info, psutil for the host).
@@ -94,9 +95,11 @@ def plan_memory(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int,
         if mode == "quest":
             gpu_kv += batch * (tokens // p) * 2 * model.num_layers * model.num_kv_heads * model.head_dim * 4
     elif mode == "herald":
+        dense_layers = 2 if sparse.dense_layers is None else sparse.dense_layers
         host = batch * tokens * per_token
         slots = batch * model.num_kv_heads * selected_pages_bound(sparse, max_tokens)
         gpu_kv = slots * p * per_token // model.num_kv_heads
+        gpu_kv += batch * tokens * per_token * dense_layers // model.num_layers  # exact layers stay on the GPU
         if sparse.source in ("gpu-compact", "split"):
             per_key = model.head_dim * sparse.compact_bits // 8 + 2 * model.head_dim // min(sparse.compact_group, model.head_dim)
             gpu_kv += batch * tokens * model.num_layers * model.num_kv_heads * per_key
