@@ -40,10 +40,10 @@ DEFAULT_PLOT = Path("benchmarks/plots/accuracy.png")
 
 
 def mode_dense_layers(mode: str, dense_layers: int | None) -> int:
-    """The runtime's default: MAGE and Quest keep two layers dense, herald none."""
+    """The runtime's default: every sparse mode keeps its first two layers exact."""
     if dense_layers is not None:
         return dense_layers
-    return 0 if mode in ("herald", "dense") else 2
+    return 0 if mode == "dense" else 2
 
 
 def sparse_config(spec: str, budget_percent: float | None, *, page_size: int, sink_tokens: int, local_window: int,
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=SparseConfig.page_size)
     p.add_argument("--sink-tokens", type=int, default=SparseConfig.sink_tokens)
     p.add_argument("--local-window", type=int, default=SparseConfig.local_window)
-    p.add_argument("--dense-layers", type=int, default=None, help="default: 2 for mage/quest, 0 for herald")
+    p.add_argument("--dense-layers", type=int, default=None, help="default: 2 (the runtime's)")
     p.add_argument("--compact-bits", type=int, default=SparseConfig.compact_bits, choices=(4, 8))
     p.add_argument("--compact-group", type=int, default=SparseConfig.compact_group,
                    help="elements per scale of the compact keys (capped at the head dim)")

@@ -194,3 +194,14 @@ def test_residency_assertion_catches_a_wrong_slot(model, monkeypatch):
     monkeypatch.setattr(PartitionedPageCache, "assign", swapped)
     with pytest.raises(AssertionError, match="would read slot"):
         generate(model, "herald", budget_fraction=0.3, source="gpu-compact")
+
+
+@pytest.mark.parametrize("mode", ["dense", "mage", "quest", "herald"])
+def test_same_tokens_across_runs_and_batch_compositions(model, mode):
+    """Determinism: a request's tokens depend on its prompt only, not on what it shares a batch with
+    (its own selection, its own cache partition) or on the run."""
+    sparse = {} if mode == "dense" else {"budget_fraction": 0.3, "dense_layers": 1}
+    alone, _ = generate(model, mode, max_batch=1, **sparse)
+    together, _ = generate(model, mode, max_batch=3, **sparse)
+    again, _ = generate(model, mode, max_batch=3, **sparse)
+    assert alone == together == again
