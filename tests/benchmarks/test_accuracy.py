@@ -34,9 +34,10 @@ def test_sparse_config_per_spec():
 def test_mode_mass_averages_the_modes_sparse_layers():
     rec = {"rows": [{"variant": "mage", "granularity": "page16", "aggregate": "max", "budget": "5%",
                      "mass_by_layer": [0.2, 0.4, 0.6, 0.8]}]}
-    # mage keeps layers 0-1 dense by default: mean of layers 2-3; herald-cpu (same selection) uses all 4
+    # the sparse modes keep layers 0-1 dense by default: mean of layers 2-3; with none dense, all 4
     assert mode_mass(rec, "mage", 5.0, 4, 16, 4, None) == pytest.approx(0.7)
-    assert mode_mass(rec, "herald-cpu", 5.0, 4, 16, 4, None) == pytest.approx(0.5)
+    assert mode_mass(rec, "herald-cpu", 5.0, 4, 16, 4, None) == pytest.approx(0.7)
+    assert mode_mass(rec, "herald-cpu", 5.0, 4, 16, 4, 0) == pytest.approx(0.5)
     assert mode_mass(rec, "mage", 5.0, 4, 16, 2, None) == 1.0  # every layer dense
     assert mode_mass(rec, "dense", 5.0, 4, 16, 4, None) == 1.0
     assert mode_mass(rec, "quest", 5.0, 4, 16, 4, None) is None  # no quest row recorded
