@@ -1,0 +1,37 @@
+"""The throughput benchmark end to end on the tiny geometry (CPU): rows, ratios, JSON."""
+import json
+
+from benchmarks.throughput import batches_up_to, main, summarise
+
+
+def test_batches_up_to():
+    assert batches_up_to(6, 64) == [1, 2, 4, 6]
+    assert batches_up_to(8, 4) == [1, 2, 4]
+    assert batches_up_to(1, 8) == [1]
+    assert batches_up_to(0, 8) == []
+
+
+def test_summarise_takes_each_modes_best_batch():
+    rows = [dict(label="dense", context=8, batch=1, tokens_per_s=10.0, block_p50_s=1.0),
+            dict(label="dense", context=8, batch=2, tokens_per_s=15.0, block_p50_s=1.2),
+            dict(label="mage", context=8, batch=2, tokens_per_s=20.0, block_p50_s=0.8),
+            dict(label="herald-gpu-compact", context=8, batch=2, tokens_per_s=30.0, block_p50_s=1.0),
+            dict(label="herald-gpu-compact", context=8, batch=4, tokens_per_s=45.0, block_p50_s=1.6),
+            dict(label="herald-cpu", context=8, batch=4, error="MemoryError: ...")]
+    [ratio] = summarise(rows)["ratios"]
+    assert ratio["batch"] == 4 and ratio["over_dense_best"] == 3.0 and ratio["dense_batch"] == 2
+    assert "latency_over_mage_equal_batch" not in ratio  # mage has no batch-4 row
+
+
+def test_main_smoke(tmp_path, capsys):
+    assert main(["--geometry", "tiny", "--contexts", "128", "--max-batch", "1", "--blocks", "1", "--block-size", "4",
+                 "--steps", "2", "--labels", "dense", "mage", "herald-gpu-compact", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    rows = {r["label"]: r for r in data["rows"]}
+    assert set(rows) == {"dense", "mage", "herald-gpu-compact"}
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["batch"] == 1 and len(r["block_latencies_s"]) == 2
+    assert rows["herald-gpu-compact"]["host_gib"] >= 0 and "timeline" in rows["herald-gpu-compact"]
+    assert data["summary"]["ratios"][0]["label"] == "herald-gpu-compact"
+    assert "herald at its best batch" in capsys.readouterr().out
