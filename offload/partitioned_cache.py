@@ -73,16 +73,22 @@ class PartitionedPageCache:
     def v_pool(self, layer: int) -> torch.Tensor:
         return self.v[layer]
 
-    def assign(self, layer: int, rows: torch.Tensor, entries: torch.Tensor) -> Assignment:
+    def assign(self, layer: int, rows: torch.Tensor, entries: torch.Tensor,
+               protect: torch.Tensor | None = None) -> Assignment:
         """Resolve a selection: keep resident pages in place, give misses the slots of dropped pages.
 
         rows: [N] int64 (device) partition of each planned row; entries: [N, Hkv, K] int32 logical
         pages, sorted ascending, -1 padded at the end (runtime.selection's format), K <= capacity.
+        protect: optional [N, Hkv, K'] pool slots (-1 padded) that misses must not take, because
+        attention still reads them (the current block's, while the next block's pages arrive);
+        the partition then needs K + K' slots.
         """
         n, h, k = entries.shape
         c = self.capacity
-        if h != self.num_kv_heads or k > c:
-            raise ValueError(f"selection [N, {h}, {k}] does not fit partitions of {self.num_kv_heads} heads x {c} slots")
+        k_protected = 0 if protect is None else protect.shape[-1]
+        if h != self.num_kv_heads or k + k_protected > c:
+            raise ValueError(f"selection [N, {h}, {k}] (+{k_protected} protected slots) does not fit partitions of "
+                             f"{self.num_kv_heads} heads x {c} slots")
         held = self.held[layer, rows]  # [N, H, C]
         wanted = torch.where(entries >= 0, entries, _NONE).to(torch.int32)  # sorted, padding last
         # held slots whose page the new selection keeps
@@ -95,7 +101,14 @@ class PartitionedPageCache:
         hit_slot = order.gather(-1, at)
         # misses take free slots (not kept) in slot order; there are enough since K <= C
         miss = (entries >= 0) & ~hit
-        free_slots = torch.argsort((kept).to(torch.int8), dim=-1, stable=True)  # free slots first
+        taken = kept
+        if protect is not None:  # slots in use elsewhere count as taken
+            base = rows[:, None, None] * (h * c) + self._head_base
+            local_protected = torch.where(protect >= 0, protect.long() - base, c)
+            in_use = torch.zeros(n, h, c + 1, dtype=torch.bool, device=held.device)
+            in_use.scatter_(-1, local_protected, True)
+            taken = kept | in_use[..., :c]
+        free_slots = torch.argsort(taken.to(torch.int8), dim=-1, stable=True)  # free slots first
         rank = (torch.cumsum(miss.to(torch.int32), dim=-1) - 1).clamp(min=0)
         miss_slot = free_slots.gather(-1, rank.long())
         local = torch.where(hit, hit_slot, torch.where(miss, miss_slot, -1))

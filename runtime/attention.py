@@ -10,6 +10,10 @@ Phases of a forward pass over T new tokens per row:
   block-causally (`visibility_block` = block size) or causally (`visibility_block` = 1).
 - DENOISE: one denoising step of the current block; nothing is written; the block is bidirectional.
 - COMMIT: the finished block, run once more so its K/V are those of its final tokens; written.
+- LOOKAHEAD: a mode that asks for it (`wants_lookahead`) gets, after step 0 of a block, one pass
+  over [the block's draft (step 0's argmax) ; the next block, all [MASK]], so the next block's
+  selection and transfers can start while this block is still denoising (HERALD). Nothing is
+  written; the 2B tokens see each other block-causally where the backend masks them.
 """
 from __future__ import annotations
 
@@ -29,10 +33,11 @@ class Phase(enum.Enum):
     PREFILL = "prefill"
     DENOISE = "denoise"
     COMMIT = "commit"
+    LOOKAHEAD = "lookahead"  # [draft of this block ; next block all-[MASK]]: nothing written
 
     @property
     def writes_kv(self) -> bool:
-        return self is not Phase.DENOISE
+        return self in (Phase.PREFILL, Phase.COMMIT)
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,8 @@ class SparseConfig:
     compact_group: int = 32  # elements per scale (capped at head_dim)
     split_cpu_fraction: float = 0.5  # split source: the oldest share of pages the CPU scans
     check_residency: bool = False  # assert before every sparse attention that its pages are resident
+    lookahead: bool = False  # herald: select and fetch the next block's pages from this block's draft
+    measure_draft_recall: bool = False  # herald + lookahead: also select at step 0 and report the overlap
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget_fraction <= 1.0:

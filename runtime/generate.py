@@ -82,9 +82,12 @@ class BlockDiffusionLoop:
             t0 = time.perf_counter()
             blocks = torch.stack([s.block for s in active])
             logits = self._forward(Phase.DENOISE, active, blocks, settings.block_size, step)
-            for seq, proposal in zip(active, propose_rows(logits, active, settings.mask_token_id)):
+            proposals = propose_rows(logits, active, settings.mask_token_id)
+            for seq, proposal in zip(active, proposals):
                 unmask_step(seq, None, step, settings, proposal)
                 seq.passes += 1
+            if step == 0 and getattr(self.mode, "wants_lookahead", False):
+                self._lookahead(active, proposals)
             times["step0_ms" if step == 0 else "steps_ms"] += (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
         self._forward(Phase.COMMIT, rows, torch.stack([s.block for s in rows]), settings.block_size)
@@ -92,6 +95,20 @@ class BlockDiffusionLoop:
         for seq in rows:
             finish_block(seq, settings)
         self.last_block_ms = times
+
+    def _lookahead(self, rows: list[SequenceState], proposals: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The LOOKAHEAD pass: each row's draft of this block (its step-0 argmax where still masked)
+        followed by the next block all [MASK]; rows whose next block would pass their end sit out."""
+        b = self.settings.block_size
+        rows_next, drafts = [], []
+        for seq, (tokens, _) in zip(rows, proposals):
+            if seq.context_len + 2 * b > seq.max_tokens:
+                continue
+            draft = torch.where(seq.masked, tokens, seq.block)
+            drafts.append(torch.cat([draft, torch.full((b,), self.settings.mask_token_id, dtype=torch.int64)]))
+            rows_next.append(seq)
+        if rows_next:
+            self._forward(Phase.LOOKAHEAD, rows_next, torch.stack(drafts), b)
 
     def run(self, sequences: Iterable[SequenceState],
             on_block: Callable[[list[SequenceState]], None] | None = None) -> list[SequenceState]:

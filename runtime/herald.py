@@ -13,6 +13,14 @@ Per block (HERALD, arXiv 2606.21633; this is the synchronous path):
 4. The commit pass writes the finished block's K/V into the host store (UVA write kernel) and its
    keys into the compact copy, and forgets the cached copies of the pages it wrote into.
 
+With `lookahead` (HERALD's overlap, opt-in): after step 0 of block b the loop runs a LOOKAHEAD pass
+over [the draft of block b (step 0's argmax) ; block b+1 all [MASK]]. Its second half's queries
+select block b+1's pages, and the misses are fetched into slots block b does not read (each
+partition holds two selections). On CUDA the fetch runs on a side stream, behind block b's
+remaining steps. Block b+1's step 0 then starts from that selection and waits only for its
+layer's gather. The draft is an approximation: in the LOOKAHEAD pass the 2B tokens see each other
+bidirectionally on the kernel path.
+
 With the gpu-compact source nothing in a block waits for the host; the cpu and split sources bring
 each layer's selection query to the host (one sync per layer at step 0) and the scores back.
 The first `dense_layers` layers (default 2, as mage keeps them) stay exact: their KV (2/36 of an
@@ -36,7 +44,8 @@ from offload.prefetcher import DEFAULT_FETCH_PROGRAMS
 from runtime.attention import AttentionMode, DenseAttention, ForwardBatch, Phase, ReplayTables, masked_attention
 from runtime.config import ModelConfig, SparseConfig
 from runtime.memory import selected_pages_bound
-from runtime.selection import SelectionPlan, plan_selection, select_pages, selection_queries, table_attention_torch
+from runtime.selection import (Selection, SelectionPlan, plan_selection, select_pages, selection_queries,
+                               table_attention_torch)
 
 
 def chunk_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -53,6 +62,13 @@ def chunk_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     lse = torch.logsumexp(s, dim=-1)
     out = torch.matmul(torch.softmax(s, dim=-1), v.float()[:, :, None])
     return out.reshape(n, hq, t, d), lse.reshape(n, hq, t)
+
+
+def _shared_pages(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many entries of b [N, H, K2] (sorted, -1 padded) also appear in a [N, H, K1]; a scalar."""
+    wanted = torch.where(a >= 0, a, 2**31 - 1).to(torch.int32)
+    at = torch.searchsorted(wanted, b.to(torch.int32).contiguous()).clamp(max=a.shape[-1] - 1)
+    return ((wanted.gather(-1, at) == b) & (b >= 0)).sum()
 
 
 def _quantizable(k: torch.Tensor) -> torch.Tensor:
@@ -105,7 +121,9 @@ class HeraldAttention(AttentionMode):
             if self.dense_layers:
                 self.dense = DenseAttention(replace(model, num_layers=self.dense_layers), max_sequences,
                                             self.max_tokens, p, dtype, device, backend)
-            self.cache = PartitionedPageCache(model.num_layers, max_sequences, model.num_kv_heads, self.max_selected,
+            # the lookahead fetches the next block's pages while this block's stay in use: two sets
+            capacity = self.max_selected * (2 if sparse.lookahead else 1)
+            self.cache = PartitionedPageCache(model.num_layers, max_sequences, model.num_kv_heads, capacity,
                                               p, model.head_dim, dtype, device)
             if sparse.source in ("gpu-compact", "split"):
                 self.compact = CompactKeyIndex(model.num_layers, model.num_kv_heads, model.head_dim, p,
@@ -131,7 +149,16 @@ class HeraldAttention(AttentionMode):
         self._check_entries: dict[int, torch.Tensor] = {}  # assertion mode: each layer's selection
         self._selection_plans: dict[int, SelectionPlan] = {}
         # pages selected and fetched since the block began, counted on the device (graphs included)
-        self._counters = torch.zeros(2, dtype=torch.int64, device=device)
+        # selected, fetched at step 0, prefetched for the next block; draft-chosen pages the block's own
+        # step-0 queries also choose, and how many those choose (measure_draft_recall)
+        self._counters = torch.zeros(5, dtype=torch.int64, device=device)
+        # the lookahead's selection for the next block, per layer, and when its pages have arrived
+        self.wants_lookahead = sparse.lookahead
+        self._next_entries: list[torch.Tensor | None] = [None] * model.num_layers
+        self._next_ready: list[torch.cuda.Event | None] = [None] * model.num_layers
+        self._next_rows: tuple[int, ...] | None = None
+        self._use_next = False
+        self.fetch_stream = torch.cuda.Stream(device) if self.cuda and sparse.lookahead else None
         self._timeline: list[dict] = []  # per block: selection, transfer, pages selected / fetched
         self._block: dict = {}
 
@@ -155,6 +182,8 @@ class HeraldAttention(AttentionMode):
     def remove_sequence(self, seq_id: int) -> None:
         if self.cuda:  # queued kernels may still read its host pages or its slots
             torch.cuda.current_stream(self.device).synchronize()
+            if self.fetch_stream is not None:
+                self.fetch_stream.synchronize()
         self.store.free(seq_id)
         if self.dense is not None:
             self.dense.remove_sequence(seq_id)
@@ -202,8 +231,9 @@ class HeraldAttention(AttentionMode):
         """Every pass but prefill: the indices they read were loaded by plan (or by step 0) into
         fixed buffers. Step 0 too when selection stays on the GPU (the gpu-compact source)."""
         selecting = batch.phase is Phase.DENOISE and batch.step == 0
-        return (self.cuda and self.backend == "triton" and batch.phase is not Phase.PREFILL
-                and (not selecting or self.sparse.source == "gpu-compact") and not self.sparse.check_residency)
+        return (self.cuda and self.backend == "triton" and batch.phase not in (Phase.PREFILL, Phase.LOOKAHEAD)
+                and (not selecting or (self.sparse.source == "gpu-compact" and not self.sparse.lookahead))
+                and not self.sparse.check_residency)
 
     def graph_key(self, batch: ForwardBatch) -> object:
         selecting = batch.phase is Phase.DENOISE and batch.step == 0
@@ -238,6 +268,8 @@ class HeraldAttention(AttentionMode):
             self._selection_plan = self._selection_plans[n].copy_(fresh)
             self._step0_tables: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
             self._tables = self._block_tables.load(n, self._selection_id, lambda: self._step0_tables)
+            self._use_next = self._next_rows == batch.seq_ids  # the lookahead ran for exactly these rows
+            self._next_rows = None
             self._start_block_stats(batch)
         elif batch.phase is not Phase.PREFILL:
             missing = [s for s in batch.seq_ids if s not in self._selected_rows]
@@ -249,6 +281,10 @@ class HeraldAttention(AttentionMode):
             full = self._block_tables.load(len(self._selected_rows), self._selection_id, list)
             self._tables = self._pass_tables.load(n, (self._selection_id, batch.seq_ids),
                                                   lambda: [(t[index], kl[index]) for t, kl in full])
+            if batch.phase is Phase.LOOKAHEAD:  # the next block starts B tokens later
+                self._next_plan = plan_selection(lens + batch.num_new // 2, self.pages_per_seq, self.sparse,
+                                                 self.device)
+                self._next_rows = batch.seq_ids
 
     # ------------------------------------------------------------------------------------------
     # one layer
@@ -263,6 +299,8 @@ class HeraldAttention(AttentionMode):
         else:
             if self._selecting:
                 self._select_and_fetch(layer, q)
+            elif batch.phase is Phase.LOOKAHEAD:
+                self._prefetch_next(layer, q)
             slot_table, kv_len = self._tables[layer]
             if self.sparse.check_residency:
                 self._check_resident(layer, slot_table, kv_len)
@@ -359,8 +397,16 @@ class HeraldAttention(AttentionMode):
     def _select_and_fetch(self, layer: int, q: torch.Tensor) -> None:
         """Step 0 of one layer: select, diff against the cache, gather the misses, keep the tables."""
         t0 = time.perf_counter()
-        q_sel = selection_queries(q, self.num_kv_heads, self.sparse.query)
-        selection = select_pages(self._scores(layer, q_sel), None, self.sparse, self._selection_plan)
+        if self._use_next:  # chosen during the last block from its draft; its pages are (mostly) here
+            selection = self._next_selection(layer)
+            if self.sparse.measure_draft_recall:  # what selecting from the draft cost: compare with now
+                q_sel = selection_queries(q, self.num_kv_heads, self.sparse.query)
+                exact = select_pages(self._scores(layer, q_sel), None, self.sparse, self._selection_plan)
+                self._counters[3:] += torch.stack([_shared_pages(selection.entries, exact.entries),
+                                                   (exact.entries >= 0).sum()])
+        else:
+            q_sel = selection_queries(q, self.num_kv_heads, self.sparse.query)
+            selection = select_pages(self._scores(layer, q_sel), None, self.sparse, self._selection_plan)
         self._block["select_host_ms"] += (time.perf_counter() - t0) * 1e3
         buf = self._buf
         assignment = self.cache.assign(layer, buf.rows, selection.entries)
@@ -379,7 +425,7 @@ class HeraldAttention(AttentionMode):
         else:
             gather_pages_reference(self.store.k(layer), self.store.v(layer), physical, assignment.miss_heads,
                                    pool_k, pool_v, assignment.miss_slots)
-        self._counters += torch.stack([selection.counts.sum(), (assignment.miss_slots >= 0).sum()])
+        self._counters[:2] += torch.stack([selection.counts.sum(), (assignment.miss_slots >= 0).sum()])
         if self.sparse.check_residency:
             self._check_entries[layer] = selection.entries.cpu()
         table_buf, len_buf = self._tables[layer]
@@ -387,6 +433,49 @@ class HeraldAttention(AttentionMode):
         table_buf[..., width:].fill_(-1)
         table_buf[..., :width].copy_(assignment.slot_table)
         len_buf.copy_(selection.kv_len)
+
+    def _prefetch_next(self, layer: int, q: torch.Tensor) -> None:
+        """LOOKAHEAD, one layer: select the next block's pages from the queries of its all-[MASK]
+        half and fetch the misses into slots this block does not read; on CUDA the gather runs on
+        a side stream, overlapping this block's remaining steps."""
+        b = self.batch.num_new // 2
+        q_sel = selection_queries(q[:, :, b:], self.num_kv_heads, self.sparse.query)
+        selection = select_pages(self._scores(layer, q_sel), None, self.sparse, self._next_plan)
+        buf = self._buf
+        current_slots, _ = self._tables[layer]
+        assignment = self.cache.assign(layer, buf.rows, selection.entries, protect=current_slots)
+        physical = buf.store_table[assignment.miss_rows, assignment.miss_pages]
+        self._next_entries[layer] = selection.entries
+        self._counters[2] += (assignment.miss_slots >= 0).sum()
+        pool_k, pool_v = self.cache.k_pool(layer), self.cache.v_pool(layer)
+        if not self.cuda:
+            gather_pages_reference(self.store.k(layer), self.store.v(layer), physical, assignment.miss_heads,
+                                   pool_k, pool_v, assignment.miss_slots)
+            return
+        ready = torch.cuda.Event()
+        ready.record()
+        with torch.cuda.stream(self.fetch_stream):
+            self.fetch_stream.wait_event(ready)
+            gather_pages(self.store.kernel_k(layer), self.store.kernel_v(layer), physical, assignment.miss_heads,
+                         pool_k, pool_v, assignment.miss_slots, validate=False, max_programs=self.fetch_programs)
+            done = torch.cuda.Event()
+            done.record()
+        for t in (physical, assignment.miss_heads, assignment.miss_slots):
+            t.record_stream(self.fetch_stream)  # the allocator must not reuse them before the gather ran
+        self._next_ready[layer] = done
+
+    def _next_selection(self, layer: int) -> Selection:
+        """The lookahead's selection of this layer, with lengths for the block's actual context;
+        the attention waits for the lookahead's gather of this layer only."""
+        entries = self._next_entries[layer]
+        self._next_entries[layer] = None
+        if self._next_ready[layer] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._next_ready[layer])
+            self._next_ready[layer] = None
+        counts = (entries >= 0).sum(-1).to(torch.int32)
+        last = self._selection_plan.last_tokens[:, None]
+        kv_len = torch.where(counts > 0, (counts - 1) * self.page_size + last, 0).to(torch.int32)
+        return Selection(entries, counts, kv_len, "page")
 
     def _check_resident(self, layer: int, slot_table: torch.Tensor, kv_len: torch.Tensor) -> None:
         """Assertion mode: every slot the attention will read lies in its row's and head's partition
@@ -427,7 +516,7 @@ class HeraldAttention(AttentionMode):
         block = self._block
         if not block:
             return
-        selected, fetched = (int(c) for c in self._counters.cpu())  # waits for the block's work
+        selected, fetched, prefetched, shared, exact = (int(c) for c in self._counters.cpu())  # waits for the block
         unit_bytes = 2 * self.page_size * self.store.head_dim * self.store.dtype.itemsize
         self._timeline.append(dict(
             rows=block["rows"], context=block["context"], select_host_ms=block["select_host_ms"],
@@ -435,5 +524,9 @@ class HeraldAttention(AttentionMode):
             fetch_ms=None if block["replayed"] and not block["events"] else
             sum(s.elapsed_time(e) for s, e in block["events"]),
             pages_selected=selected, pages_fetched=fetched, bytes_fetched=fetched * unit_bytes,
+            # fetched during this block for the next one, on the side stream (lookahead)
+            pages_prefetched=prefetched, bytes_prefetched=prefetched * unit_bytes,
+            # share of the pages this block's step-0 queries select that the last block's draft chose
+            draft_recall=shared / exact if exact else None,
         ))
         self._block = {}

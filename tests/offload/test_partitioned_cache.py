@@ -99,3 +99,17 @@ def test_too_long_a_selection_is_refused():
     cache = PartitionedPageCache(1, 1, 1, 2, 4, 8, torch.float32, DEV)
     with pytest.raises(ValueError, match="does not fit"):
         cache.assign(0, torch.tensor([0], device=DEV), torch.zeros(1, 1, 3, dtype=torch.int32, device=DEV))
+
+
+def test_protected_slots_are_not_reused():
+    """The next block's misses never land in slots the current block still reads."""
+    gen = torch.Generator().manual_seed(3)
+    cache = PartitionedPageCache(1, 2, 2, 10, 4, 8, torch.float32, DEV)
+    rows = torch.tensor([0, 1], device=DEV)
+    for _ in range(20):
+        current = cache.assign(0, rows, random_selection(gen, 2, 2, 5, 30).to(DEV))
+        nxt = cache.assign(0, rows, random_selection(gen, 2, 2, 5, 30).to(DEV), protect=current.slot_table)
+        fetched = set(nxt.miss_slots[nxt.miss_slots >= 0].tolist())
+        assert not fetched & set(current.slot_table[current.slot_table >= 0].tolist())
+    with pytest.raises(ValueError, match="protected"):
+        cache.assign(0, rows, random_selection(gen, 2, 2, 6, 30).to(DEV), protect=current.slot_table)

@@ -205,3 +205,20 @@ def test_same_tokens_across_runs_and_batch_compositions(model, mode):
     together, _ = generate(model, mode, max_batch=3, **sparse)
     again, _ = generate(model, mode, max_batch=3, **sparse)
     assert alone == together == again
+
+
+def test_herald_lookahead_prefetches_the_next_blocks_pages(model):
+    """The lookahead picks the next block's pages from this block's draft and fetches them early:
+    with a 100% budget that is every page, so tokens equal mage's; at 30% the run passes the
+    residency assertion and most of each block's pages arrive before its step 0."""
+    mage, _ = generate(model, "mage", budget_fraction=1.0, dense_layers=0)
+    herald, _ = generate(model, "herald", budget_fraction=1.0, lookahead=True)
+    assert herald == mage
+    _, engine = generate(model, "herald", budget_fraction=0.3, lookahead=True, dense_layers=1, max_new=16,
+                         measure_draft_recall=True)
+    timeline = engine.last_timeline
+    prefetched = sum(b["pages_prefetched"] for b in timeline)
+    at_step0 = sum(b["pages_fetched"] for b in timeline[1:])
+    assert prefetched > 0 and at_step0 < prefetched
+    recalls = [b["draft_recall"] for b in timeline if b["draft_recall"] is not None]
+    assert recalls and all(0.0 <= r <= 1.0 for r in recalls)
