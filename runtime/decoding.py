@@ -47,7 +47,7 @@ class GenerationResult:
     prompt_tokens: int
     tokens: list[int]
     text: str
-    finish_reason: Literal["eos", "length"]
+    finish_reason: Literal["eos", "length", "cancelled"]
     blocks: int
     denoising_passes: int
     latency_s: float

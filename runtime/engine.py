@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -193,14 +193,18 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str | list[int] | GenerationRequest],
-                 **defaults) -> list[GenerationResult]:
+                 should_cancel: Callable[[str], bool] | None = None, **defaults) -> list[GenerationResult]:
         """Decode every prompt; results come back in the order of `prompts`.
 
         A prompt is text, token ids, or a GenerationRequest; `defaults` (max_new_tokens,
         temperature, top_k, top_p, seed, stop_at_eos) apply to those given as text or ids.
+        should_cancel(request_id) is asked before each pass of each request (ids are the requests'
+        `request_id`, or their index as text); a cancelled request returns what it had committed,
+        with finish_reason "cancelled", and frees its memory at once.
         """
         requests = [p if isinstance(p, GenerationRequest) else GenerationRequest(prompt=p, **defaults)
                     for p in prompts]
+        requests = [r if r.request_id is not None else replace(r, request_id=str(i)) for i, r in enumerate(requests)]
         if not requests:
             return []
         sequences = [self.make_sequence(r) for r in requests]
@@ -222,13 +226,15 @@ class Engine:
                     finish_times[s.seq_id] = now
 
         try:
-            loop.run(sequences, on_block)
+            cancel = None if should_cancel is None else (lambda seq: should_cancel(seq.request.request_id))
+            loop.run(sequences, on_block, cancel)
         finally:
             bar.close()
             self.last_timeline = list(getattr(mode, "timeline", []))
             mode.close()
         wall = time.perf_counter() - t0
-        results = [self._result(s, finish_times[s.seq_id] - s.started_at) for s in sequences]
+        end = time.perf_counter()  # cancelled requests end whenever they were dropped: here, at the latest
+        results = [self._result(s, finish_times.get(s.seq_id, end) - (s.started_at or end)) for s in sequences]
         self.last_stats = RunStats(len(results), sum(len(r.tokens) for r in results), wall)
         return results
 

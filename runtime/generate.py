@@ -37,6 +37,8 @@ class BlockDiffusionLoop:
         self.device = device
         self.graphs = PassGraphs(model, mode, device) if cuda_graphs else None
         self.last_block_ms: dict[str, float] = {}
+        self._should_cancel: Callable[[SequenceState], bool] | None = None
+        self._cancelled: list[SequenceState] = []
 
     def _forward(self, phase: Phase, rows: list[SequenceState], tokens: torch.Tensor,
                  visibility_block: int, step: int = 0) -> torch.Tensor | None:
@@ -67,15 +69,29 @@ class BlockDiffusionLoop:
             seq.tokens.extend(chunk)
         seq.tokens = list(seq.prompt_ids)
 
+    def _drop_cancelled(self, rows: list[SequenceState]) -> None:
+        """Take cancelled sequences out of `rows` (in place) and give their KV back now, mid-block
+        included; their unfinished block is dropped, committed tokens stay."""
+        if self._should_cancel is None:
+            return
+        for seq in [s for s in rows if self._should_cancel(s)]:
+            rows.remove(seq)
+            self.mode.remove_sequence(seq.seq_id)
+            seq.block = seq.masked = None
+            seq.finish_reason = "cancelled"
+            self._cancelled.append(seq)
+
     def decode_block(self, rows: list[SequenceState]) -> None:
         """Denoise one block of every row, then commit it. Host wall time of its parts lands in
         `last_block_ms` (step 0, later steps: each ends when its logits reach the host; commit:
-        enqueue time only, it is not waited for)."""
+        enqueue time only, it is not waited for). Rows cancelled meanwhile leave `rows`."""
         settings = self.settings
         times = {"step0_ms": 0.0, "steps_ms": 0.0, "commit_ms": 0.0}
+        self._drop_cancelled(rows)
         for seq in rows:
             start_block(seq, settings)
         for step in range(settings.steps):
+            self._drop_cancelled(rows)
             active = [s for s in rows if s.masked.any()]
             if not active:
                 break
@@ -89,6 +105,9 @@ class BlockDiffusionLoop:
             if step == 0 and getattr(self.mode, "wants_lookahead", False):
                 self._lookahead(active, proposals)
             times["step0_ms" if step == 0 else "steps_ms"] += (time.perf_counter() - t0) * 1e3
+        self._drop_cancelled(rows)
+        if not rows:
+            return
         t0 = time.perf_counter()
         self._forward(Phase.COMMIT, rows, torch.stack([s.block for s in rows]), settings.block_size)
         times["commit_ms"] = (time.perf_counter() - t0) * 1e3
@@ -111,19 +130,32 @@ class BlockDiffusionLoop:
             self._forward(Phase.LOOKAHEAD, rows_next, torch.stack(drafts), b)
 
     def run(self, sequences: Iterable[SequenceState],
-            on_block: Callable[[list[SequenceState]], None] | None = None) -> list[SequenceState]:
-        """Generate every sequence to completion; returns them in completion order."""
+            on_block: Callable[[list[SequenceState]], None] | None = None,
+            should_cancel: Callable[[SequenceState], bool] | None = None) -> list[SequenceState]:
+        """Generate every sequence to completion; returns them in completion order.
+
+        should_cancel(seq) is asked before a waiting sequence starts and before every pass of a
+        running one; a cancelled sequence ends with finish_reason "cancelled" and its KV (pages,
+        slots, cache partition) is released at once.
+        """
         waiting = deque(sequences)
         running: list[SequenceState] = []
         done: list[SequenceState] = []
+        self._should_cancel, self._cancelled = should_cancel, done
         try:
             while waiting or running:
                 while waiting and len(running) < self.max_batch_size:
                     seq = waiting.popleft()
+                    if should_cancel is not None and should_cancel(seq):
+                        seq.finish_reason = "cancelled"
+                        done.append(seq)
+                        continue
                     self.mode.add_sequence(seq.seq_id, seq.max_tokens)
                     running.append(seq)
                     seq.started_at = time.perf_counter()
                     self.prefill(seq)
+                if not running:
+                    continue
                 self.decode_block(running)
                 if on_block is not None:
                     on_block(running)
@@ -134,4 +166,5 @@ class BlockDiffusionLoop:
         finally:
             for seq in running:
                 self.mode.remove_sequence(seq.seq_id)
+            self._should_cancel, self._cancelled = None, []
         return done

@@ -187,7 +187,9 @@ class HeraldAttention(AttentionMode):
         self.store.free(seq_id)
         if self.dense is not None:
             self.dense.remove_sequence(seq_id)
-        self._free_rows.append(self.row_of.pop(seq_id))
+        row = self.row_of.pop(seq_id)
+        self.cache.reset_rows(torch.tensor([row], device=self.device))
+        self._free_rows.append(row)
 
     def load_random_context(self, seq_id: int, num_tokens: int, seed: int = 0) -> None:
         if num_tokens > self.store.num_tokens(seq_id):
@@ -268,7 +270,11 @@ class HeraldAttention(AttentionMode):
             self._selection_plan = self._selection_plans[n].copy_(fresh)
             self._step0_tables: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
             self._tables = self._block_tables.load(n, self._selection_id, lambda: self._step0_tables)
-            self._use_next = self._next_rows == batch.seq_ids  # the lookahead ran for exactly these rows
+            # rows the lookahead prepared take its selection; the others (new rows) scan. Per row, so
+            # a row's pages never depend on what it shares the batch with
+            looked = self._next_rows or ()
+            self._next_index = [looked.index(s) if s in looked else -1 for s in batch.seq_ids]
+            self._use_next = any(i >= 0 for i in self._next_index)
             self._next_rows = None
             self._start_block_stats(batch)
         elif batch.phase is not Phase.PREFILL:
@@ -397,16 +403,17 @@ class HeraldAttention(AttentionMode):
     def _select_and_fetch(self, layer: int, q: torch.Tensor) -> None:
         """Step 0 of one layer: select, diff against the cache, gather the misses, keep the tables."""
         t0 = time.perf_counter()
-        if self._use_next:  # chosen during the last block from its draft; its pages are (mostly) here
-            selection = self._next_selection(layer)
-            if self.sparse.measure_draft_recall:  # what selecting from the draft cost: compare with now
-                q_sel = selection_queries(q, self.num_kv_heads, self.sparse.query)
-                exact = select_pages(self._scores(layer, q_sel), None, self.sparse, self._selection_plan)
-                self._counters[3:] += torch.stack([_shared_pages(selection.entries, exact.entries),
-                                                   (exact.entries >= 0).sum()])
-        else:
+        every_row = self._use_next and all(i >= 0 for i in self._next_index)
+        scanned = None
+        if not every_row or self.sparse.measure_draft_recall:
             q_sel = selection_queries(q, self.num_kv_heads, self.sparse.query)
-            selection = select_pages(self._scores(layer, q_sel), None, self.sparse, self._selection_plan)
+            scanned = select_pages(self._scores(layer, q_sel), None, self.sparse, self._selection_plan)
+        selection = scanned
+        if self._use_next:  # chosen during the last block from its draft; its pages are (mostly) here
+            selection = self._next_selection(layer, scanned)
+            if self.sparse.measure_draft_recall and every_row:  # what selecting from the draft cost
+                self._counters[3:] += torch.stack([_shared_pages(selection.entries, scanned.entries),
+                                                   (scanned.entries >= 0).sum()])
         self._block["select_host_ms"] += (time.perf_counter() - t0) * 1e3
         buf = self._buf
         assignment = self.cache.assign(layer, buf.rows, selection.entries)
@@ -464,14 +471,22 @@ class HeraldAttention(AttentionMode):
             t.record_stream(self.fetch_stream)  # the allocator must not reuse them before the gather ran
         self._next_ready[layer] = done
 
-    def _next_selection(self, layer: int) -> Selection:
-        """The lookahead's selection of this layer, with lengths for the block's actual context;
-        the attention waits for the lookahead's gather of this layer only."""
-        entries = self._next_entries[layer]
+    def _next_selection(self, layer: int, scanned: Selection | None) -> Selection:
+        """The lookahead's selection of this layer for the rows it prepared (the scan's for the
+        others), with lengths for the block's actual context; the attention waits for the
+        lookahead's gather of this layer only."""
+        prepared = self._next_entries[layer]
         self._next_entries[layer] = None
         if self._next_ready[layer] is not None:
             torch.cuda.current_stream(self.device).wait_event(self._next_ready[layer])
             self._next_ready[layer] = None
+        index = torch.tensor([max(i, 0) for i in self._next_index], device=prepared.device)
+        entries = prepared[index]  # [N, H, K] in this batch's row order
+        if scanned is not None:  # rows without a lookahead keep the scan's pages
+            width = max(entries.shape[-1], scanned.entries.shape[-1])
+            pad = lambda e: torch.nn.functional.pad(e, (0, width - e.shape[-1]), value=-1)  # noqa: E731
+            has = torch.tensor([i >= 0 for i in self._next_index], device=prepared.device)[:, None, None]
+            entries = torch.where(has, pad(entries), pad(scanned.entries))
         counts = (entries >= 0).sum(-1).to(torch.int32)
         last = self._selection_plan.last_tokens[:, None]
         kv_len = torch.where(counts > 0, (counts - 1) * self.page_size + last, 0).to(torch.int32)

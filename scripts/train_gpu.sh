@@ -26,14 +26,14 @@ export PYTHONUNBUFFERED=1
 # Recipe (why: training/train.py docstring): 4.75M-param Qwen3 (6 layers, hidden 256, 8/4 heads of 32),
 # block 4; curriculum pass key alone at 128 tokens -> all four tasks at 128 -> 256 -> ... -> MAX_CONTEXT,
 # each level left when every task reaches 0.9 held-out accuracy (evaluated every 15 s) or by a time
-# floor reaching MAX_CONTEXT at 85% of training; 16K tokens per step (128 examples at 128 tokens,
+# floor reaching MAX_CONTEXT at 80% of training (one level per 16%); 16K tokens per step (128 examples at 128 tokens,
 # 8 at 2048), batches made ahead by 4 worker processes.
 "${PYTHON:-python3}" -m training.train \
   --out "$ckpt" --summary-json "$parent/train_summary.json" --device cuda \
   --minutes "$minutes" --final-eval-seconds 45 --save-every 60 \
   --hidden 256 --layers 6 --heads 8 --kv-heads 4 --head-dim 32 --intermediate 768 --block-size 4 \
   --max-context "$max_context" --min-context 128 --warmup-tasks passkey \
-  --advance-at 0.9 --ramp-end 0.85 --replay 0.2 --min-task-weight 0.15 \
+  --advance-at 0.9 --ramp-end 0.8 --replay 0.2 --min-task-weight 0.15 \
   --tokens-per-batch 16384 --max-batch 256 --noisy-copies 4 --data-workers 4 \
   --lr 2e-3 --warmup 0.02 --min-lr-ratio 0.1 --weight-decay 0.1 --clip 1.0 \
   --eval-every 15 --eval-per-task 32 --final-per-task 64 --log-every 100 \

@@ -341,7 +341,7 @@ class Curriculum:
 
     levels: list[Level]
     advance_at: float | None = 0.9
-    ramp_end: float = 0.85
+    ramp_end: float = 0.8
     replay: float = 0.2
     min_task_weight: float = 0.15
     seed: int = 0

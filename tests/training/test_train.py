@@ -219,20 +219,21 @@ TINY_ARGS = ["--device", "cpu", "--max-context", "192", "--hidden", "32", "--lay
 
 def test_minutes_bound_the_whole_run_and_the_summary_says_what_happened(tmp_path, capsys):
     out, summary_path = tmp_path / "ckpt", tmp_path / "summary.json"
-    budget_s = 9.0
+    budget_s, reserve_s = 12.0, 5.0
     args = build_parser().parse_args([
         "--out", str(out), "--summary-json", str(summary_path), "--minutes", str(budget_s / 60),
-        "--final-eval-seconds", "3", "--eval-every", "1", "--eval-per-task", "1", "--save-every", "2",
+        "--final-eval-seconds", str(reserve_s), "--eval-every", "1", "--eval-per-task", "1", "--save-every", "2",
         "--final-per-task", "1", "--log-every", "10", *TINY_ARGS])
     t0 = time.perf_counter()
     log = train(args)
-    assert time.perf_counter() - t0 < budget_s + 5  # + model build and the first smoke eval, before the clock
+    assert time.perf_counter() - t0 < budget_s + 8  # + model build and the first smoke eval, before the clock
     summary = json.loads(summary_path.read_text())
-    # Training stops 3 s early for the final save + eval (a step or an eval estimated to fit may run
-    # over a little); the final eval's first context always runs, the rest only if they fit.
-    assert summary["finished"] and summary["total_wall_s"] <= budget_s + 2.0
+    # Training stops reserve_s early for the final save + eval (a step or an eval estimated to fit may
+    # run over a little, more on a busy machine); the final eval's first context always runs, the rest
+    # only if they fit.
+    assert summary["finished"] and summary["total_wall_s"] <= budget_s + 3.0
     assert summary["steps"] == log["steps"] > 0 and summary["params"] == log["params"]
-    assert summary["train_wall_s"] <= budget_s - 3 + 1.0
+    assert summary["train_wall_s"] <= budget_s - reserve_s + 2.5 < budget_s
     assert set(summary["accuracy"]) == set(TASKS) and 192 in summary["contexts"]  # the trained length comes first
     assert summary["contexts"] + summary["skipped_contexts"] and "task \\ context" in summary["table"]
     assert summary["examples"] > 0 and summary["trained_max_context"] in (128, 192)
