@@ -252,7 +252,7 @@ class GpuPageCache:
 
         # 2. pin the hits before choosing victims so they cannot be evicted by this plan
         hit_slots = slots[~miss]
-        owner, pins = self._owner[layer], self._pins[layer]
+        pins = self._pins[layer]
         pins[hit_slots] += 1
         if n_miss:
             try:
