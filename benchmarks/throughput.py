@@ -29,7 +29,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.decode import GEOMETRIES, geometry, profile_block
+from benchmarks.decode import GEOMETRIES, geometry, profile_block, sync
 from runtime.checkpoint import random_model
 from runtime.config import EngineConfig, SparseConfig
 from runtime.decoding import GenerationRequest
@@ -44,11 +44,6 @@ def variants(sources: list[str]) -> list[tuple[str, str, dict]]:
             ("mage", "mage", {}), ("quest", "quest", {})]
     rows += [(f"herald-{s}", "herald", {"source": s}) for s in sources]
     return rows
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -409,16 +409,22 @@ def dequantize_keys(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_
     return (c * scales.float().unsqueeze(-1)).reshape(*codes.shape[:-1], d)
 
 
+def _check_rows(x: torch.Tensor, name: str, page_table: torch.Tensor) -> int:
+    """x's dtype is a float one and page_table is [N, max_pages] integer for x's N rows; returns N."""
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32/float16/bfloat16, got {x.dtype}")
+    n = x.shape[0]
+    if page_table.dim() != 2 or page_table.shape[0] != n or page_table.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"page_table must be int32/int64 [N={n}, max_pages], got {page_table.dtype} "
+                         f"{tuple(page_table.shape)}")
+    return n
+
+
 def _check_into_args(k_new, codes_pages, scale_pages, page_table, start_pos, bits, group_size):
     hkv, page_size, d = _check_paged(codes_pages, scale_pages, bits, group_size)
     if k_new.dim() != 4 or k_new.shape[1] != hkv or k_new.shape[3] != d:
         raise ValueError(f"k_new must be [N, Hkv={hkv}, T, D={d}], got {tuple(k_new.shape)}")
-    if k_new.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"k_new must be float32/float16/bfloat16, got {k_new.dtype}")
-    n = k_new.shape[0]
-    if page_table.dim() != 2 or page_table.shape[0] != n or page_table.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"page_table must be int32/int64 [N={n}, max_pages], got {page_table.dtype} "
-                         f"{tuple(page_table.shape)}")
+    n = _check_rows(k_new, "k_new", page_table)
     if start_pos.dim() != 1 or start_pos.shape[0] != n or start_pos.dtype not in _INDEX_DTYPES:
         raise ValueError(f"start_pos must be int32/int64 [N={n}], got {start_pos.dtype} {tuple(start_pos.shape)}")
     return hkv, page_size, d
@@ -541,12 +547,7 @@ def _check_scan_args(q, codes, scales, page_table, kv_len, bits, group_size):
     hkv, page_size, d = _check_paged(codes, scales, bits, group_size)
     if q.dim() != 3 or q.shape[1] != hkv or q.shape[2] != d:
         raise ValueError(f"q must be [N, Hkv={hkv}, D={d}], got {tuple(q.shape)}")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"q must be float32/float16/bfloat16, got {q.dtype}")
-    n = q.shape[0]
-    if page_table.dim() != 2 or page_table.shape[0] != n or page_table.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"page_table must be int32/int64 [N={n}, max_pages], got {page_table.dtype} "
-                         f"{tuple(page_table.shape)}")
+    n = _check_rows(q, "q", page_table)
     if kv_len.dtype not in _INDEX_DTYPES or tuple(kv_len.shape) not in ((n,), (n, hkv)):
         raise ValueError(f"kv_len must be int32/int64 [N={n}] or [N, Hkv={hkv}], got {kv_len.dtype} "
                          f"{tuple(kv_len.shape)}")

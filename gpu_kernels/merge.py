@@ -36,9 +36,11 @@ def merge_attention_states(
 
 
 def block_self_attention(
-    q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, *, scale: float
+    q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, *, scale: float,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bidirectional attention of a block's queries over the block's own keys, in fp32.
+    """Attention of a block's queries over the block's own keys, in fp32: bidirectional, or under
+    `mask` [T, Tk] bool (True = visible; every query must see at least one key).
 
     q [N, Hq, T, D]; k_block, v_block [N, Hkv, Tk, D] with Hq = G * Hkv (query head h reads KV
     head h // G). Returns (out [N, Hq, T, D] fp32, lse [N, Hq, T] fp32).
@@ -54,6 +56,8 @@ def block_self_attention(
     g = hq // hkv
     qf = q.float().reshape(n, hkv, g * t, d)
     s = torch.matmul(qf, k_block.float().transpose(-1, -2)) * scale  # [N, Hkv, G*T, Tk]
+    if mask is not None:  # rows are (g, t): the mask repeats per query head of the group
+        s = s.masked_fill(~mask.to(s.device).repeat(g, 1), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     out = torch.matmul(torch.softmax(s, dim=-1), v_block.float())
     return out.reshape(n, hq, t, d), lse.reshape(n, hq, t)

@@ -34,7 +34,7 @@ from dataclasses import replace
 import torch
 
 from cpu_index import AsyncScanner, host_page_scores
-from gpu_kernels.merge import merge_attention_states
+from gpu_kernels.merge import block_self_attention, merge_attention_states
 from gpu_kernels.page_copy import gather_pages, gather_pages_reference, write_tokens
 from gpu_kernels.paged_attention import block_attention, paged_attention
 from offload.compact_keys import CompactKeyIndex
@@ -46,22 +46,6 @@ from runtime.config import ModelConfig, SparseConfig
 from runtime.memory import selected_pages_bound
 from runtime.selection import (Selection, SelectionPlan, plan_selection, select_pages, selection_queries,
                                table_attention_torch)
-
-
-def chunk_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of a prefill chunk over its own tokens under a [T, T] bool mask, with the lse.
-
-    q [N, Hq, T, D]; k, v [N, Hkv, T, D]. Returns (out [N, Hq, T, D] fp32, lse [N, Hq, T] fp32).
-    """
-    n, hq, t, d = q.shape
-    hkv = k.shape[1]
-    qf = q.float().view(n, hkv, hq // hkv * t, d)
-    s = torch.matmul(qf, k.float().transpose(-1, -2)) * scale  # [N, Hkv, G*T, T]
-    s = s.view(n, hkv, hq // hkv, t, t).masked_fill(~mask.to(q.device), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    out = torch.matmul(torch.softmax(s, dim=-1), v.float()[:, :, None])
-    return out.reshape(n, hq, t, d), lse.reshape(n, hq, t)
 
 
 def _shared_pages(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -256,6 +240,7 @@ class HeraldAttention(AttentionMode):
         p = self.page_size
         buf.rows.copy_(torch.tensor([self.row_of[s] for s in batch.seq_ids]))
         buf.store_table.copy_(self.store.page_tables(batch.seq_ids, self.pages_per_seq))
+        self._host_table = None
         buf.context_lens.copy_(lens)
         buf.first_page.copy_(lens // p)
         buf.last_page.copy_((lens + batch.num_new - 1) // p)
@@ -327,7 +312,7 @@ class HeraldAttention(AttentionMode):
         if int(batch.context_lens.max()) == 0:  # the first chunk: nothing to merge with
             out = masked_attention(q, k, v, mask.to(q.device))
         else:
-            chunk_out, chunk_lse = chunk_attention_lse(q, k, v, mask, self.scale)
+            chunk_out, chunk_lse = block_self_attention(q, k, v, scale=self.scale, mask=mask)
             ctx_out, ctx_lse = self._context_from_host(layer, q)
             out, _ = merge_attention_states(chunk_out, chunk_lse, ctx_out, ctx_lse)
         self._write_new(layer, k, v)
@@ -385,7 +370,9 @@ class HeraldAttention(AttentionMode):
         buf, lens, source = self._buf, self.batch.context_lens, self.sparse.source
         if source == "gpu-compact":
             return self.compact.page_scores(layer, q_sel, buf.store_table, buf.context_lens, self.scale)
-        host_table = self.store.page_tables(self.batch.seq_ids, self.pages_per_seq)
+        if self._host_table is None:  # the host-side copy of the pass's page table, once per pass
+            self._host_table = self.store.page_tables(self.batch.seq_ids, self.pages_per_seq)
+        host_table = self._host_table
         if self.cuda:  # the CPU reads the store itself: committed K/V must have landed
             torch.cuda.current_stream(self.device).synchronize()
         if source == "cpu":
