@@ -36,6 +36,8 @@ from runtime.decoding import GenerationRequest
 from runtime.engine import Engine
 
 GiB = 2**30
+# untimed blocks first: the first captures every pass's graph, the second step 0's from a lookahead
+WARMUP_BLOCKS = 2
 
 
 def variants(sources: list[str]) -> list[tuple[str, str, dict]]:
@@ -43,7 +45,26 @@ def variants(sources: list[str]) -> list[tuple[str, str, dict]]:
     rows = [("dense", "dense", {}), ("dense-sdpa", "dense", {"attention_backend": "torch"}),
             ("mage", "mage", {}), ("quest", "quest", {})]
     rows += [(f"herald-{s}", "herald", {"source": s}) for s in sources]
+    # HERALD's overlap: the next block's selection and fetch on a side stream, from this block's draft
+    rows.append(("herald-lookahead", "herald", {"source": "gpu-compact", "lookahead": True}))
     return rows
+
+
+def pinned_copy_GBps(device: torch.device, nbytes: int = 256 * 2**20) -> float | None:
+    """Measured pinned host-to-GPU copy bandwidth (the PCIe limit transfers are compared with)."""
+    if device.type != "cuda":
+        return None
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    for _ in range(2):
+        dev.copy_(host, non_blocking=True)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        dev.copy_(host, non_blocking=True)
+    end.record()
+    end.synchronize()
+    return 5 * nbytes / (start.elapsed_time(end) * 1e6)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -51,13 +72,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, profile: bool = False) -> dict:
-    """Time `blocks` blocks (after one warm-up block) of `batch` sequences at `context` tokens."""
+def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, profile: bool = False,
+            copy_GBps: float | None = None, warmup: int = WARMUP_BLOCKS) -> dict:
+    """Time `blocks` blocks (after `warmup` untimed ones) of `batch` sequences at `context` tokens.
+
+    Transfer hidden (herald): the transfer time is estimated as bytes moved / the measured pinned
+    copy bandwidth `copy_GBps` (a lower bound: the gather is no faster than the copy); exposed are
+    the fetches on the compute stream at step 0 (estimated alike) and the main stream's stalls for
+    the lookahead's side pass; hidden = 1 - exposed / transfer."""
     b = engine.settings.block_size
     vocab = engine.model_config.vocab_size - 2
     gen = torch.Generator().manual_seed(seed)
     requests = [GenerationRequest(prompt=torch.randint(0, vocab, (context,), generator=gen).tolist(),
-                                  max_new_tokens=(blocks + 2) * b, stop_at_eos=False) for _ in range(batch)]
+                                  max_new_tokens=(blocks + warmup + 1) * b, stop_at_eos=False) for _ in range(batch)]
     seqs = [engine.make_sequence(r) for r in requests]
     device = engine.device
     host_before = psutil.virtual_memory().used
@@ -73,7 +100,7 @@ def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, pr
         sync(device)
         host_used = psutil.virtual_memory().used - host_before
         latencies, parts = [], []
-        for _ in range(blocks + 1):
+        for _ in range(warmup + blocks):
             t0 = time.perf_counter()
             loop.decode_block(seqs)
             sync(device)
@@ -83,7 +110,7 @@ def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, pr
         if profile:
             print(f"\n=== profile of one more block: {engine.config.mode} context {context} batch {batch}")
             print(profile_block(loop, seqs, device), flush=True)
-        timeline = list(getattr(mode, "timeline", []))[1:]
+        timeline = list(getattr(mode, "timeline", []))[warmup:]
         gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     finally:
         mode.close()
@@ -91,9 +118,9 @@ def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, pr
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    steady = latencies[1:]
+    steady = latencies[warmup:]
     p50 = statistics.median(steady)
-    steady_parts = parts[1:]
+    steady_parts = parts[warmup:]
     row = dict(context=context, batch=batch, tokens_per_s=batch * b / statistics.mean(steady),
                step0_ms=statistics.mean(p["step0_ms"] for p in steady_parts),
                later_steps_ms=statistics.mean(p["steps_ms"] for p in steady_parts),
@@ -109,6 +136,17 @@ def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, pr
                    pages_selected_per_block=sum(t["pages_selected"] for t in timeline) / blocks_timed,
                    fetch_GBps=(sum(t["bytes_fetched"] for t in timeline) / blocks_timed / fetch / 1e6) if fetch else None,
                    timeline=timeline)
+        side = [t for t in timeline if t.get("lookahead_ms") is not None]
+        row.update(lookahead_ms_per_block=sum(t["lookahead_ms"] for t in side) / len(side) if side else None,
+                   stall_ms_per_block=sum(t["lookahead_stall_ms"] for t in side) / len(side) if side else None,
+                   pages_prefetched_per_block=sum(t["pages_prefetched"] for t in timeline) / blocks_timed)
+        if copy_GBps:
+            sync_bytes = sum(t["bytes_fetched"] for t in timeline) / blocks_timed
+            side_bytes = sum(t["bytes_prefetched"] for t in timeline) / blocks_timed
+            transfer_ms = (sync_bytes + side_bytes) / (copy_GBps * 1e6)
+            exposed_ms = sync_bytes / (copy_GBps * 1e6) + (row["stall_ms_per_block"] or 0.0)
+            row.update(transfer_ms_est=transfer_ms,
+                       transfer_hidden=max(0.0, 1.0 - exposed_ms / transfer_ms) if transfer_ms > 0 else None)
     return row
 
 
@@ -155,7 +193,8 @@ def print_table(rows: list[dict], summary: dict, meta: dict) -> None:
           f"{meta['budget']}, {meta['device']}")
     head = (f"{'mode':>17} {'context':>7} {'batch':>5} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
             f"{'step0':>6} {'steps':>6} {'commit':>6} "
-            f"{'GPU GiB':>7} {'host GiB':>8} {'fetch ms':>8} {'GB/s':>6} {'fetched':>7} {'select ms':>9}")
+            f"{'GPU GiB':>7} {'host GiB':>8} {'fetch ms':>8} {'GB/s':>6} {'fetched':>7} {'select ms':>9} "
+            f"{'ahead':>6} {'stall':>6} {'hidden':>6}")
     print(head)
     for r in rows:
         if "error" in r:
@@ -166,14 +205,19 @@ def print_table(rows: list[dict], summary: dict, meta: dict) -> None:
             share = r["pages_fetched_per_block"] / max(1.0, r["pages_selected_per_block"])
             fetch_ms = "-" if r["fetch_ms_per_block"] is None else f"{r['fetch_ms_per_block']:.1f}"
             gbps = "-" if r["fetch_GBps"] is None else f"{r['fetch_GBps']:.1f}"
+            ahead = "-" if r.get("lookahead_ms_per_block") is None else f"{r['lookahead_ms_per_block']:.0f}"
+            stall = "-" if r.get("stall_ms_per_block") is None else f"{r['stall_ms_per_block']:.1f}"
+            hidden = "-" if r.get("transfer_hidden") is None else f"{100 * r['transfer_hidden']:.0f}%"
             extra = (f" {fetch_ms:>8} {gbps:>6} {100 * share:>6.0f}% "
-                     f"{r['select_host_ms_per_block']:>9.1f}")
+                     f"{r['select_host_ms_per_block']:>9.1f} {ahead:>6} {stall:>6} {hidden:>6}")
         print(f"{r['label']:>17} {r['context']:>7} {r['batch']:>5} {r['tokens_per_s']:>8.1f} "
               f"{r['block_p50_s'] * 1e3:>8.1f} {r['block_p99_s'] * 1e3:>8.1f} {r['step0_ms']:>6.0f} "
               f"{r['later_steps_ms']:>6.0f} {r['commit_ms']:>6.0f} {r['gpu_peak_gib']:>7.1f} "
               f"{r['host_gib']:>8.1f}{extra}")
-    print("\nherald's fetches run on the compute stream between each layer's selection and its attention "
-          "(the synchronous path): none of the transfer time is hidden.")
+    print("\nfetched: share of selected pages fetched at step 0 on the compute stream (the synchronous path: "
+          "not hidden); ahead: GPU ms per block of the lookahead's side pass (its compute, scan and gather, "
+          "beside the block's steps); stall: ms the main stream waited for it; hidden: share of the "
+          f"transfer time hidden (bytes at the measured {meta.get('pinned_copy_GBps') or 0:.1f} GB/s pinned copy).")
     print("\nherald at its best batch:")
     for e in summary["ratios"]:
         dense = (f"{e['over_dense_best']:.2f}x {e['dense_label']} (batch {e['dense_batch']})"
@@ -223,26 +267,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="*", default=None, help="explicit batches (else the sweep)")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8, help="denoising steps per block (fixed schedule)")
-    parser.add_argument("--blocks", type=int, default=4, help="timed blocks per configuration (+1 warm-up)")
+    parser.add_argument("--blocks", type=int, default=4, help=f"timed blocks per configuration (+{WARMUP_BLOCKS} warm-up)")
     parser.add_argument("--budget", type=float, default=0.05, help="sparse budget as a fraction of the context")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--no-graphs", action="store_true", help="launch every pass eagerly")
     parser.add_argument("--profile", nargs=3, metavar=("LABEL", "CONTEXT", "BATCH"), default=None,
                         help="print a torch.profiler table of one extra block of this configuration")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="plan every mode as if the GPU had this much memory (e.g. 80 on a 141 GB H200)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model_config = geometry(args.geometry, max(args.contexts) + (args.blocks + 2) * args.block_size)
+    model_config = geometry(args.geometry, max(args.contexts) + (args.blocks + WARMUP_BLOCKS + 1) * args.block_size)
     print(f"building {args.geometry} with random weights on {device} ({dtype})", flush=True)
     model = random_model(model_config, dtype=dtype, device=device)
     sparse = SparseConfig(budget_fraction=args.budget, page_size=args.page_size)
     base = EngineConfig(model_path=f"<random {args.geometry}>", device=args.device,
                         dtype=str(dtype).removeprefix("torch."), block_size=args.block_size,
                         denoising_steps=args.steps, unmasking="fixed", mask_token_id=model_config.vocab_size - 1,
-                        progress=False, cuda_graphs=not args.no_graphs, sparse=sparse)
+                        progress=False, cuda_graphs=not args.no_graphs, sparse=sparse,
+                        gpu_memory_gib=args.gpu_memory_gib)
+    if args.gpu_memory_gib is not None and device.type == "cuda":  # the allocator enforces the cap too
+        total = torch.cuda.get_device_properties(device).total_memory
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gib * GiB / total), index)
+    copy_GBps = pinned_copy_GBps(device)
     chosen = [v for v in variants(args.sources) if args.labels is None or v[0] in args.labels]
     plans = []
     for context in args.contexts:
@@ -251,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             engine_over = {k: v for k, v in overrides.items() if k not in sparse_over}
             config = replace(base, mode=mode, sparse=replace(sparse, **sparse_over), **engine_over)
             engine = Engine(config, model=model)
-            max_tokens = context + (args.blocks + 1) * args.block_size
+            max_tokens = context + (args.blocks + WARMUP_BLOCKS) * args.block_size
             largest = engine.largest_batch(max_tokens)
             batches = args.batches or batches_up_to(largest, args.max_batch)
             if label == "dense-sdpa":  # the baseline as users run it (its gather needs room: small batches)
@@ -264,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(config, model=model)
         try:
             profile = args.profile is not None and args.profile == [label, str(context), str(batch)]
-            row = measure(engine, context, batch, args.blocks, seed=context + batch, profile=profile)
+            row = measure(engine, context, batch, args.blocks, seed=context + batch, profile=profile,
+                          copy_GBps=copy_GBps)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
             row = dict(context=context, batch=batch, error=f"{type(err).__name__}: {err}"[:300])
             gc.collect()
@@ -277,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(geometry=args.geometry, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 torch=torch.__version__, block_size=args.block_size, steps=args.steps, budget=args.budget,
                 page_size=args.page_size, cuda_graphs=not args.no_graphs,
-                host_ram_gib=psutil.virtual_memory().total / GiB, date=time.strftime("%Y-%m-%d"))
+                host_ram_gib=psutil.virtual_memory().total / GiB, date=time.strftime("%Y-%m-%d"),
+                gpu_memory_gib=args.gpu_memory_gib, pinned_copy_GBps=copy_GBps)
     summary = summarise(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

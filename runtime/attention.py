@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,18 @@ class ForwardBatch:
         return block_of[None, :] <= block_of[:, None]
 
 
+class RequestError(Exception):
+    """A failure a mode can pin on some rows of a pass (a transfer of their pages failed, say).
+
+    The loop ends only those rows' requests with finish_reason "error"; the pass's other rows run
+    their block again. Any other exception from a pass fails every row of it.
+    """
+
+    def __init__(self, seq_ids: Iterable[int], message: str):
+        super().__init__(message)
+        self.seq_ids = frozenset(int(s) for s in seq_ids)
+
+
 class AttentionMode(ABC):
     """KV storage plus the attention a layer runs over it."""
 
@@ -81,7 +93,19 @@ class AttentionMode(ABC):
 
     @abstractmethod
     def remove_sequence(self, seq_id: int) -> None:
-        """Release everything the sequence holds."""
+        """Release everything the sequence holds, at any point: between blocks, mid-block, or
+        after a pass over it raised halfway (the mode must stay usable for the other sequences)."""
+
+    def restart_block(self, seq_ids: tuple[int, ...]) -> None:
+        """A pass of the current block failed and the loop runs the block of these sequences again
+        from step 0. Forget whatever the aborted block prepared that the rerun must not read.
+        Nothing to do for a mode whose passes leave only K/V beyond the committed context (a
+        commit that failed halfway), which the rerun's commit overwrites before anything reads it."""
+
+    def occupancy(self) -> dict[str, int]:
+        """What the mode holds for sequences now, as counts that are all 0 once every sequence has
+        been removed (the leak checks of the soak benchmark and of the tests read it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not report its occupancy")
 
     @abstractmethod
     def plan(self, batch: ForwardBatch) -> None:
@@ -110,6 +134,12 @@ class AttentionMode(ABC):
         runtime/cuda_graphs.py). A replayable pass's `plan` must load everything that changes into
         those same buffers."""
         return False
+
+    def pass_stream(self, batch: ForwardBatch) -> "torch.cuda.Stream | None":
+        """A side stream this planned pass should run on, beside the main one (None: the current
+        stream). Such a pass (herald's LOOKAHEAD) overlaps the passes that follow it; the mode
+        orders it after what it reads and makes later passes wait where they need its results."""
+        return None
 
     def close(self) -> None:
         """Free the mode's storage."""
@@ -165,6 +195,9 @@ class MaskedAttention(AttentionMode):
     def remove_sequence(self, seq_id: int) -> None:
         pass
 
+    def occupancy(self) -> dict[str, int]:
+        return {}  # holds no KV
+
     def plan(self, batch: ForwardBatch) -> None:
         pass
 
@@ -210,11 +243,14 @@ class DenseAttention(AttentionMode):
         # positions' values by a zero weight, and 0 * NaN garbage would still be NaN.
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+        self.max_sequences = max_sequences
         self.free_slots = list(range(max_sequences - 1, -1, -1))
         self.slot_of: dict[int, int] = {}
         self.batch: ForwardBatch | None = None
         self._slots: torch.Tensor | None = None
-        self._denoise_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows -> (table, kv_len)
+        # (rows, side pass) -> (table, kv_len); a LOOKAHEAD pass may run on a side stream beside the
+        # denoising passes, so it reads tables of its own
+        self._denoise_tables: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self._write_index: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (rows, T) -> (page, offset)
 
     def add_sequence(self, seq_id: int, max_tokens: int) -> None:
@@ -228,6 +264,9 @@ class DenseAttention(AttentionMode):
 
     def remove_sequence(self, seq_id: int) -> None:
         self.free_slots.append(self.slot_of.pop(seq_id))
+
+    def occupancy(self) -> dict[str, int]:
+        return dict(sequences=len(self.slot_of), slots_taken=self.max_sequences - len(self.free_slots))
 
     def plan(self, batch: ForwardBatch) -> None:
         end = int(batch.context_lens.max()) + batch.num_new
@@ -248,11 +287,11 @@ class DenseAttention(AttentionMode):
             self._write_at = self._write_index[key]
         if self._use_kernel(batch):
             if batch.phase is not Phase.PREFILL:  # fixed addresses and the full width: replayable
-                n = batch.num_rows
-                if n not in self._denoise_tables:
-                    self._denoise_tables[n] = (torch.empty(n, self.pages_per_seq, dtype=torch.int32, device=dev),
-                                               torch.empty(n, dtype=torch.int32, device=dev))
-                self._page_table, self._kv_len = self._denoise_tables[n]
+                n, key = batch.num_rows, (batch.num_rows, batch.phase is Phase.LOOKAHEAD)
+                if key not in self._denoise_tables:
+                    self._denoise_tables[key] = (torch.empty(n, self.pages_per_seq, dtype=torch.int32, device=dev),
+                                                 torch.empty(n, dtype=torch.int32, device=dev))
+                self._page_table, self._kv_len = self._denoise_tables[key]
                 self._page_table.copy_(self.store_table(self.pages_per_seq))
                 self._kv_len.copy_(batch.context_lens)
             else:

@@ -164,9 +164,9 @@ class ModelConfig:
 class SparseConfig:
     """How the sparse modes (mage, quest, herald) choose the context a block attends to.
 
-    The budget is per (layer, KV head) and counts selected context tokens (pages x page size),
-    the forced ones included: sinks, the local window and the last, partial page. The block's own
-    K/V are always attended on top of it.
+    The budget is per (layer, KV head) and counts the context tokens chosen by score (pages x page
+    size); the forced ones come on top of it: sinks, the local window and the last, partial page,
+    and the block's own K/V.
     """
 
     budget_fraction: float = 0.05  # share of the context ...
@@ -234,8 +234,13 @@ class EngineConfig:
     prefill_chunk_size: int = 2048
     progress: bool = True
     cuda_graphs: bool = True  # replay denoising passes from CUDA graphs (CUDA + triton backend only)
+    # CUDA: one QKV and one gate/up GEMM per layer and Triton kernels for RMSNorm (+ residual),
+    # q/k norm + RoPE and SiLU*mul (gpu_kernels/fused_layer.py) instead of ~60 small torch kernels
+    fused_layers: bool = True
     sparse: SparseConfig = field(default_factory=SparseConfig)  # mage, quest, herald
-    host_memory_gib: float | None = None  # herald: pinned host store size (None: what the batch needs)
+    # GPU memory the engine may use in all, weights included (None: whatever is free); e.g. 80 to
+    # plan batches on a larger card as on an 80 GB one, or to leave room for other processes
+    gpu_memory_gib: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ATTENTION_MODES:
@@ -254,6 +259,8 @@ class EngineConfig:
                 raise ValueError(f"{name}={value} must be >= 1")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1")
+        if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
+            raise ValueError(f"gpu_memory_gib={self.gpu_memory_gib} must be > 0 (None: no cap)")
 
     def with_(self, **changes: Any) -> "EngineConfig":
         return replace(self, **changes)

@@ -36,23 +36,25 @@ class PassGraphs:
         if device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device; run without them on the CPU")
         self.model, self.mode, self.device = model, mode, device
-        self.pool = torch.cuda.graph_pool_handle()  # one memory pool shared by every captured shape
+        self.pool = torch.cuda.graph_pool_handle()  # one memory pool shared by every main-stream shape
+        self.side_pool = torch.cuda.graph_pool_handle()  # side passes run beside them: their own
         self._graphs: dict[tuple, _Captured] = {}
         self.replays = 0
         self.captures = 0
 
-    def forward(self, batch: ForwardBatch, tokens: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, batch: ForwardBatch, tokens: torch.Tensor, side_pass: bool = False) -> torch.Tensor | None:
         """A planned pass: logits [N, T, V] fp32 for denoising passes, None for the others. A
-        replayed pass returns the graph's output buffer: read it before the next pass."""
+        replayed pass returns the graph's output buffer: read it before the next pass. side_pass:
+        the caller runs it on a side stream, concurrently with main-stream passes."""
         positions = batch.positions(self.device)
         need_logits = batch.phase is Phase.DENOISE
         if not self.mode.replayable(batch):
             return self.model(tokens.to(self.device), positions, self.mode, need_logits=need_logits)
-        key = (batch.phase, batch.num_rows, batch.num_new, self.mode.graph_key(batch))
+        key = (batch.phase, batch.num_rows, batch.num_new, side_pass, self.mode.graph_key(batch))
         captured = self._graphs.get(key)
         if captured is None:
             logits = self.model(tokens.to(self.device), positions, self.mode, need_logits=need_logits)
-            self._graphs[key] = self._capture(tokens, positions, need_logits)
+            self._graphs[key] = self._capture(tokens, positions, need_logits, self.side_pool if side_pass else self.pool)
             return logits
         captured.tokens.copy_(tokens, non_blocking=True)
         captured.positions.copy_(positions)
@@ -60,12 +62,12 @@ class PassGraphs:
         self.replays += 1
         return captured.logits
 
-    def _capture(self, tokens: torch.Tensor, positions: torch.Tensor, need_logits: bool) -> _Captured:
+    def _capture(self, tokens: torch.Tensor, positions: torch.Tensor, need_logits: bool, pool) -> _Captured:
         tokens_in = tokens.to(self.device).clone()
         positions_in = positions.clone()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=pool):
             logits = self.model(tokens_in, positions_in, self.mode, need_logits=need_logits)
         self.captures += 1
         return _Captured(graph, tokens_in, positions_in, logits)

@@ -47,10 +47,11 @@ class GenerationResult:
     prompt_tokens: int
     tokens: list[int]
     text: str
-    finish_reason: Literal["eos", "length", "cancelled"]
+    finish_reason: Literal["eos", "length", "cancelled", "error"]
     blocks: int
     denoising_passes: int
     latency_s: float
+    error: str | None = None  # finish_reason "error": what failed (tokens: those committed before it)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class SequenceState:
     masked: torch.Tensor | None = None  # [B] bool
     step_quota: list[int] = field(default_factory=list)  # fixed schedule: tokens to unmask per step
     finish_reason: str | None = None
+    error: str | None = None  # why the sequence ended with finish_reason "error"
     blocks_done: int = 0
     passes: int = 0
     started_at: float = 0.0

@@ -1,6 +1,7 @@
 """The Python API a batch pipeline embeds: `Engine(config).generate(prompts) -> results`."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, replace
@@ -77,6 +78,8 @@ class RunStats:
     requests: int = 0
     generated_tokens: int = 0
     wall_s: float = 0.0
+    cancelled: int = 0  # requests that ended with finish_reason "cancelled"
+    errors: int = 0  # ... and with "error" (a pass over them failed; see BlockDiffusionLoop.run)
 
     @property
     def tokens_per_s(self) -> float:
@@ -97,11 +100,15 @@ class Engine:
             if tokenizer is None and (path / "tokenizer.json").is_file():
                 tokenizer = Tokenizer.from_dir(path)
         self.model, self.model_config = model.eval(), model.config
+        if self.device.type == "cuda":  # the fused kernels are Triton: CUDA only (CPU runs the torch layer)
+            self.model.set_fused(config.fused_layers)
         self.tokenizer = tokenizer
         self.settings = resolve_settings(config, self.model_config, self.tokenizer)
         self.last_stats = RunStats()
         self.last_timeline: list[dict] = []  # herald: per-block selection / transfer / stall
+        self.last_occupancy: dict[str, int] = {}  # what the mode still held when the run ended: all 0
         self._ids = itertools.count()
+        self._side_stream: torch.cuda.Stream | None = None  # herald's lookahead stream
 
     def make_mode(self, num_sequences: int, max_tokens: int) -> AttentionMode:
         backend = self.backend
@@ -116,7 +123,9 @@ class Engine:
         if mode == "quest":
             return QuestAttention(*args, self.dtype, self.device, backend, sparse)
         if mode == "herald":
-            return HeraldAttention(*args, self.dtype, self.device, backend, sparse)
+            if self._side_stream is None and self.device.type == "cuda":
+                self._side_stream = torch.cuda.Stream(self.device)  # one for every mode this engine makes
+            return HeraldAttention(*args, self.dtype, self.device, backend, sparse, side_stream=self._side_stream)
         raise ValueError(f"mode {mode!r} is not available")
 
     def make_loop(self, mode: AttentionMode, max_batch_size: int) -> BlockDiffusionLoop:
@@ -131,15 +140,25 @@ class Engine:
             backend = "triton" if self.device.type == "cuda" else "torch"
         return backend
 
+    def _free(self, free: dict) -> dict:
+        """Free-memory overrides for the planner: the caller's, else the configured GPU cap."""
+        cap = self.config.gpu_memory_gib
+        if cap is not None and self.device.type == "cuda" and "gpu_free" not in free:
+            left = int(cap * 2**30) - torch.cuda.memory_reserved(self.device)
+            free = dict(free, gpu_free=max(0, min(left, torch.cuda.mem_get_info(self.device)[0])))
+        return free
+
     def memory_plan(self, num_sequences: int, max_tokens: int, **free) -> MemoryPlan:
         """What `num_sequences` sequences of `max_tokens` tokens would take in the configured mode."""
         return plan_memory(self.model_config, self.config.mode, self.config.sparse, num_sequences, max_tokens,
-                           self.dtype, self.device, self.settings.block_size, self.config.prefill_chunk_size, **free)
+                           self.dtype, self.device, self.settings.block_size, self.config.prefill_chunk_size,
+                           **self._free(free))
 
     def largest_batch(self, max_tokens: int, **free) -> int:
         """The most sequences of `max_tokens` tokens the configured mode fits in free memory now."""
         return largest_batch(self.model_config, self.config.mode, self.config.sparse, max_tokens, self.dtype,
-                             self.device, self.settings.block_size, self.config.prefill_chunk_size, **free)
+                             self.device, self.settings.block_size, self.config.prefill_chunk_size,
+                             **self._free(free))
 
     def check_memory(self, num_sequences: int, max_tokens: int) -> MemoryPlan:
         """Refuse, before allocating, a batch that does not fit (the error says what would)."""
@@ -200,7 +219,10 @@ class Engine:
         temperature, top_k, top_p, seed, stop_at_eos) apply to those given as text or ids.
         should_cancel(request_id) is asked before each pass of each request (ids are the requests'
         `request_id`, or their index as text); a cancelled request returns what it had committed,
-        with finish_reason "cancelled", and frees its memory at once.
+        with finish_reason "cancelled", and frees its memory at once. A request a failed pass
+        touched returns what it had committed with finish_reason "error" and the failure in
+        `error`, and the others are served as if nothing had happened (`BlockDiffusionLoop.run`
+        says what can and cannot be isolated); `last_stats` counts both.
         """
         requests = [p if isinstance(p, GenerationRequest) else GenerationRequest(prompt=p, **defaults)
                     for p in prompts]
@@ -228,15 +250,28 @@ class Engine:
         try:
             cancel = None if should_cancel is None else (lambda seq: should_cancel(seq.request.request_id))
             loop.run(sequences, on_block, cancel)
+        except BaseException:
+            with contextlib.suppress(Exception):  # a broken device must not hide why the run stopped
+                self._close_mode(mode)
+            raise
         finally:
             bar.close()
-            self.last_timeline = list(getattr(mode, "timeline", []))
-            mode.close()
+        self._close_mode(mode)
         wall = time.perf_counter() - t0
-        end = time.perf_counter()  # cancelled requests end whenever they were dropped: here, at the latest
+        end = time.perf_counter()  # cancelled and failed requests end when dropped: here, at the latest
         results = [self._result(s, finish_times.get(s.seq_id, end) - (s.started_at or end)) for s in sequences]
-        self.last_stats = RunStats(len(results), sum(len(r.tokens) for r in results), wall)
+        reasons = [r.finish_reason for r in results]
+        self.last_stats = RunStats(len(results), sum(len(r.tokens) for r in results), wall,
+                                   cancelled=reasons.count("cancelled"), errors=reasons.count("error"))
         return results
+
+    def _close_mode(self, mode: AttentionMode) -> None:
+        """Keep what the run left behind for inspection (timeline, occupancy), then free the mode."""
+        try:
+            self.last_timeline = list(getattr(mode, "timeline", []))
+            self.last_occupancy = mode.occupancy()
+        finally:
+            mode.close()
 
     def _result(self, seq: SequenceState, latency: float) -> GenerationResult:
         tokens = seq.generated
@@ -250,4 +285,5 @@ class Engine:
             blocks=seq.blocks_done,
             denoising_passes=seq.passes,
             latency_s=latency,
+            error=seq.error,
         )

@@ -5,20 +5,51 @@ block granularity). Per block: every running sequence opens a block, the batch r
 passes until all its blocks are unmasked (a sequence whose block finished early sits out the
 remaining passes), then one commit pass writes the blocks' final K/V. Each pass is planned once on
 the attention mode and run layer by layer; the loop never knows which mode it drives.
+
+Faults stay with the requests they touch: an exception from a prefill or from any pass of a block
+ends that pass's rows with finish_reason "error" (or only the rows a `RequestError` names, while
+the pass's other rows run their block again from its start), and the loop goes on serving the
+rest. See `BlockDiffusionLoop.run`.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 
-from runtime.attention import AttentionMode, ForwardBatch, Phase
+from runtime.attention import AttentionMode, ForwardBatch, Phase, RequestError
 from runtime.cuda_graphs import PassGraphs
 from runtime.decoding import (DecodeSettings, SequenceState, finish_block, propose_rows, start_block,
                               unmask_step)
 from runtime.model import Transformer
+
+
+@dataclass
+class _BlockStart:
+    """A running sequence as its block began: what the loop puts back to run the block again."""
+
+    tokens: list[int]  # the committed list as it was (the loop only appends to it or rebinds it)
+    num_tokens: int
+    rng_state: torch.Tensor
+    passes: int
+    blocks_done: int
+
+    @classmethod
+    def of(cls, seq: SequenceState) -> "_BlockStart":
+        # no copy of the tokens: a long context would pay one per row per block for a rare failure
+        return cls(seq.tokens, len(seq.tokens), seq.generator.get_state(), seq.passes, seq.blocks_done)
+
+    def restore(self, seq: SequenceState) -> None:
+        """Back to the block's start: the next `decode_block` re-masks it and draws the same numbers."""
+        seq.tokens = self.tokens[:self.num_tokens]
+        seq.generator.set_state(self.rng_state)
+        seq.passes, seq.blocks_done = self.passes, self.blocks_done
+        seq.block = seq.masked = None
+        seq.finish_reason = None
 
 
 class BlockDiffusionLoop:
@@ -39,6 +70,8 @@ class BlockDiffusionLoop:
         self.last_block_ms: dict[str, float] = {}
         self._should_cancel: Callable[[SequenceState], bool] | None = None
         self._cancelled: list[SequenceState] = []
+        self._last_pass: ForwardBatch | None = None  # the pass a failure is charged to (see run)
+        self._callback_error: Exception | None = None  # should_cancel's own failure: propagates
 
     def _forward(self, phase: Phase, rows: list[SequenceState], tokens: torch.Tensor,
                  visibility_block: int, step: int = 0) -> torch.Tensor | None:
@@ -51,11 +84,14 @@ class BlockDiffusionLoop:
             visibility_block=visibility_block,
             step=step,
         )
+        self._last_pass = batch
         self.mode.plan(batch)
-        if phase is not Phase.PREFILL and self.graphs is not None:
-            return self.graphs.forward(batch, tokens)
-        return self.model(tokens.to(self.device), batch.positions(self.device), self.mode,
-                          need_logits=phase is Phase.DENOISE)
+        side = self.mode.pass_stream(batch)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            if phase is not Phase.PREFILL and self.graphs is not None:
+                return self.graphs.forward(batch, tokens, side_pass=side is not None)
+            return self.model(tokens.to(self.device), batch.positions(self.device), self.mode,
+                              need_logits=phase is Phase.DENOISE)
 
     def prefill(self, seq: SequenceState) -> None:
         """Write the KV of the prompt's whole blocks, chunk by chunk."""
@@ -137,34 +173,125 @@ class BlockDiffusionLoop:
         should_cancel(seq) is asked before a waiting sequence starts and before every pass of a
         running one; a cancelled sequence ends with finish_reason "cancelled" and its KV (pages,
         slots, cache partition) is released at once.
+
+        Faults: an Exception raised while prefilling a sequence or while running a block (any of
+        its passes, DENOISE, LOOKAHEAD or COMMIT, or the sampling of a pass's logits) is charged to
+        the rows of that pass: they end with finish_reason "error" and the error's text in
+        `seq.error`, keep the tokens committed before the failed block, and their KV is released
+        through `mode.remove_sequence`; the loop goes on with the waiting sequences. A mode that
+        knows which rows a failure touched raises `RequestError(seq_ids, message)`: then only
+        those rows fail. Every other row of the interrupted block runs the block again from its
+        start (re-masked, its sampling generator rewound to the block's start, `mode.restart_block`
+        told), so its tokens are those of a fault-free run. The KV a failed pass may have half
+        written lies beyond every row's committed context and is rewritten before anything reads it.
+        KeyboardInterrupt and other BaseExceptions, errors of should_cancel itself, and
+        AssertionErrors (a broken invariant of the runtime, such as `check_residency` finds: no
+        state of the mode can be trusted then) propagate after every running sequence's KV was
+        released. On CUDA an error that leaves the context unusable (an illegal memory access, a
+        device-side assert: CUDA errors are sticky) cannot be isolated: the device is synchronised
+        after every failure and, if that fails too, run() raises at once instead of failing the
+        remaining requests one by one. An asynchronous kernel error surfaces at the next
+        synchronisation, usually when a pass's logits reach the host, and is charged to that pass.
         """
         waiting = deque(sequences)
         running: list[SequenceState] = []
         done: list[SequenceState] = []
-        self._should_cancel, self._cancelled = should_cancel, done
+        self._should_cancel = None if should_cancel is None else self._asking(should_cancel)
+        self._cancelled = done
         try:
             while waiting or running:
                 while waiting and len(running) < self.max_batch_size:
                     seq = waiting.popleft()
-                    if should_cancel is not None and should_cancel(seq):
+                    if self._should_cancel is not None and self._should_cancel(seq):
                         seq.finish_reason = "cancelled"
                         done.append(seq)
                         continue
                     self.mode.add_sequence(seq.seq_id, seq.max_tokens)
                     running.append(seq)
                     seq.started_at = time.perf_counter()
-                    self.prefill(seq)
+                    self._last_pass = None
+                    try:
+                        self.prefill(seq)
+                    except AssertionError:
+                        raise
+                    except Exception as err:
+                        self._isolate(err, [seq], running, done, {})
                 if not running:
                     continue
-                self.decode_block(running)
+                starts = {s.seq_id: _BlockStart.of(s) for s in running}
+                self._last_pass = None
+                try:
+                    self.decode_block(running)
+                except AssertionError:
+                    raise
+                except Exception as err:
+                    self._isolate(err, list(running), running, done, starts)
+                    continue
                 if on_block is not None:
                     on_block(running)
                 for seq in [s for s in running if s.finish_reason is not None]:
                     running.remove(seq)
                     self.mode.remove_sequence(seq.seq_id)
                     done.append(seq)
+        except BaseException:
+            for seq in running:  # best effort: a failed release must not hide why the run stopped
+                with contextlib.suppress(Exception):
+                    self.mode.remove_sequence(seq.seq_id)
+            raise
         finally:
-            for seq in running:
-                self.mode.remove_sequence(seq.seq_id)
             self._should_cancel, self._cancelled = None, []
+            self._last_pass = self._callback_error = None
         return done
+
+    def _asking(self, should_cancel: Callable[[SequenceState], bool]) -> Callable[[SequenceState], bool]:
+        """should_cancel, remembering its own failures: a broken callback is the caller's bug, not
+        a fault of the requests, so run() lets it propagate."""
+        def ask(seq: SequenceState) -> bool:
+            try:
+                return should_cancel(seq)
+            except Exception as err:
+                self._callback_error = err
+                raise
+        return ask
+
+    def _isolate(self, err: Exception, block_rows: list[SequenceState], running: list[SequenceState],
+                 done: list[SequenceState], starts: dict[int, _BlockStart]) -> None:
+        """A prefill or block of `block_rows` raised `err`: end the rows it touched with "error"
+        and release their KV; put the other rows of the block back to its start (see run)."""
+        failed_pass, self._last_pass = self._last_pass, None
+        if err is self._callback_error:
+            raise err
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception as fatal:
+                raise RuntimeError(
+                    f"the CUDA context is unusable after {type(err).__name__}: {err}; no request can be served "
+                    "in this process any more: restart it") from fatal
+        touched = [s for s in block_rows if failed_pass is None or s.seq_id in failed_pass.seq_ids] or block_rows
+        if isinstance(err, RequestError):  # the mode says which rows; names outside the pass: all of it
+            touched = [s for s in touched if s.seq_id in err.seq_ids] or touched
+        message = f"{self._where(failed_pass)}: {type(err).__name__}: {err}"
+        failed_ids = {s.seq_id for s in touched}
+        for seq in touched:
+            if seq.seq_id in starts:
+                starts[seq.seq_id].restore(seq)
+            else:  # a prefill: nothing of the sequence was committed
+                seq.tokens, seq.block, seq.masked = list(seq.prompt_ids), None, None
+            running.remove(seq)
+            self.mode.remove_sequence(seq.seq_id)
+            seq.finish_reason, seq.error = "error", message
+            done.append(seq)
+        redo = [s for s in block_rows if s.seq_id not in failed_ids and s.seq_id in starts]
+        for seq in redo:
+            starts[seq.seq_id].restore(seq)
+        if redo:
+            self.mode.restart_block(tuple(s.seq_id for s in redo))
+
+    @staticmethod
+    def _where(batch: ForwardBatch | None) -> str:
+        if batch is None:
+            return "block"
+        if batch.phase is Phase.DENOISE:
+            return f"denoise pass (step {batch.step})"
+        return f"{batch.phase.value} pass"

@@ -16,10 +16,12 @@ Per block (HERALD, arXiv 2606.21633; this is the synchronous path):
 With `lookahead` (HERALD's overlap, opt-in): after step 0 of block b the loop runs a LOOKAHEAD pass
 over [the draft of block b (step 0's argmax) ; block b+1 all [MASK]]. Its second half's queries
 select block b+1's pages, and the misses are fetched into slots block b does not read (each
-partition holds two selections). On CUDA the fetch runs on a side stream, behind block b's
-remaining steps. Block b+1's step 0 then starts from that selection and waits only for its
-layer's gather. The draft is an approximation: in the LOOKAHEAD pass the 2B tokens see each other
-bidirectionally on the kernel path.
+partition holds two selections). On CUDA the whole LOOKAHEAD pass (its compute, scan, diff and
+gather) runs on a side stream, replayed from a CUDA graph of its own, beside block b's remaining
+steps on the main stream; block b's commit waits for it (the commit rewrites the cache directory),
+and block b+1's step 0 starts from its selection, fetching only the pages the commit rewrote. The
+draft is an approximation: in the LOOKAHEAD pass the 2B tokens see each other bidirectionally on
+the kernel path.
 
 With the gpu-compact source nothing in a block waits for the host; the cpu and split sources bring
 each layer's selection query to the host (one sync per layer at step 0) and the scores back.
@@ -78,7 +80,10 @@ class HeraldAttention(AttentionMode):
 
     def __init__(self, model: ModelConfig, max_sequences: int, max_tokens: int, dtype: torch.dtype,
                  device: torch.device, backend: str, sparse: SparseConfig, reserve_host_bytes: int | None = None,
-                 fetch_programs: int | None = DEFAULT_FETCH_PROGRAMS):
+                 fetch_programs: int | None = DEFAULT_FETCH_PROGRAMS, side_stream: torch.cuda.Stream | None = None):
+        """side_stream: the stream the lookahead runs on (CUDA; default: a new one). An engine passes
+        the same one to every mode it makes: cuBLAS keeps a workspace per stream it has run on for
+        the life of the process, so a fresh stream per request batch would grow GPU memory."""
         if sparse.granularity != "page":
             raise ValueError("herald moves and selects whole pages; set granularity='page' (token level is mage's)")
         if sparse.source == "gpu-exact":
@@ -99,7 +104,7 @@ class HeraldAttention(AttentionMode):
                                  max_sequences * self.pages_per_seq, dtype=dtype,
                                  pin_memory=self.cuda, reserve_bytes=reserve_host_bytes)
         self.cache = self.compact = self.scanner = None
-        self._buffers: dict[int, _RowBuffers] = {}
+        self._buffers: dict[tuple[int, bool], _RowBuffers] = {}  # (rows, side pass) -> buffers
         self.dense = None
         try:
             if self.dense_layers:
@@ -127,6 +132,7 @@ class HeraldAttention(AttentionMode):
         # passes after step 0 read copies for their own rows
         self._block_tables = ReplayTables(model.num_layers, model.num_kv_heads, self.max_selected, device)
         self._pass_tables = ReplayTables(model.num_layers, model.num_kv_heads, self.max_selected, device)
+        self._side_tables = ReplayTables(model.num_layers, model.num_kv_heads, self.max_selected, device)
         self._tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._selected_rows: tuple[int, ...] = ()
         self._selection_id = 0
@@ -136,13 +142,20 @@ class HeraldAttention(AttentionMode):
         # selected, fetched at step 0, prefetched for the next block; draft-chosen pages the block's own
         # step-0 queries also choose, and how many those choose (measure_draft_recall)
         self._counters = torch.zeros(5, dtype=torch.int64, device=device)
-        # the lookahead's selection for the next block, per layer, and when its pages have arrived
+        # the lookahead: per batch size of its pass, the next block's selection per layer [n, Hkv,
+        # max_selected] (-1 padded) and its plan, at fixed addresses (a side-stream graph writes them);
+        # per batch size of step 0, which lookahead row each row takes ([n] int64) and whether it has one
         self.wants_lookahead = sparse.lookahead
-        self._next_entries: list[torch.Tensor | None] = [None] * model.num_layers
-        self._next_ready: list[torch.cuda.Event | None] = [None] * model.num_layers
+        self._next_store: dict[int, list[torch.Tensor]] = {}
+        self._next_plans: dict[int, SelectionPlan] = {}
+        self._next_index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._next_rows: tuple[int, ...] | None = None
-        self._use_next = False
-        self.fetch_stream = torch.cuda.Stream(device) if self.cuda and sparse.lookahead else None
+        self._next_width = 0
+        self._step0_key: tuple = ()
+        self.fetch_stream = None
+        if self.cuda and sparse.lookahead:
+            self.fetch_stream = side_stream if side_stream is not None else torch.cuda.Stream(device)
+        self._side_events: tuple[torch.cuda.Event, ...] | None = None  # the lookahead in flight: start
         self._timeline: list[dict] = []  # per block: selection, transfer, pages selected / fetched
         self._block: dict = {}
 
@@ -174,6 +187,29 @@ class HeraldAttention(AttentionMode):
         row = self.row_of.pop(seq_id)
         self.cache.reset_rows(torch.tensor([row], device=self.device))
         self._free_rows.append(row)
+
+    def restart_block(self, seq_ids: tuple[int, ...]) -> None:
+        """The rerun of an aborted block starts from empty partitions: the failed pass may have
+        given slots to pages whose gather never ran (the cost: one refetch of the rows' selections).
+        A lookahead the aborted block prepared was made for the block after it, and the one this
+        block took its selection from may since have been overwritten, so neither is used: with the
+        lookahead on, the rerun's rows scan instead, and their tokens can differ from a fault-free
+        run's (both are valid selections; without the lookahead they are the same tokens). On CUDA
+        the main stream first waits for the side stream, whose work in flight writes those slots."""
+        if self.fetch_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.fetch_stream)
+        rows = [self.row_of[s] for s in seq_ids if s in self.row_of]
+        if rows:
+            self.cache.reset_rows(torch.tensor(rows, device=self.device))
+        self._next_rows = None
+
+    def occupancy(self) -> dict[str, int]:
+        counts = dict(sequences=len(self.row_of), rows_taken=self.cache.max_rows - len(self._free_rows),
+                      host_pages_used=self.store.used_pages, host_sequences=len(self.store.sequences),
+                      partition_pages_held=int((self.cache.held >= 0).sum()))
+        if self.dense is not None:
+            counts.update({f"dense_{name}": count for name, count in self.dense.occupancy().items()})
+        return counts
 
     def load_random_context(self, seq_id: int, num_tokens: int, seed: int = 0) -> None:
         if num_tokens > self.store.num_tokens(seq_id):
@@ -215,15 +251,38 @@ class HeraldAttention(AttentionMode):
 
     def replayable(self, batch: ForwardBatch) -> bool:
         """Every pass but prefill: the indices they read were loaded by plan (or by step 0) into
-        fixed buffers. Step 0 too when selection stays on the GPU (the gpu-compact source)."""
-        selecting = batch.phase is Phase.DENOISE and batch.step == 0
-        return (self.cuda and self.backend == "triton" and batch.phase not in (Phase.PREFILL, Phase.LOOKAHEAD)
-                and (not selecting or (self.sparse.source == "gpu-compact" and not self.sparse.lookahead))
+        fixed buffers. Step 0 and the LOOKAHEAD too when selection stays on the GPU (the
+        gpu-compact source)."""
+        selecting = (batch.phase is Phase.DENOISE and batch.step == 0) or batch.phase is Phase.LOOKAHEAD
+        return (self.cuda and self.backend == "triton" and batch.phase is not Phase.PREFILL
+                and (not selecting or self.sparse.source == "gpu-compact")
                 and not self.sparse.check_residency)
 
     def graph_key(self, batch: ForwardBatch) -> object:
-        selecting = batch.phase is Phase.DENOISE and batch.step == 0
-        return self._selection_plan.width if selecting else None  # the top-k width is baked in
+        """What a captured step 0 or LOOKAHEAD bakes in: top-k widths and where selections come from."""
+        if batch.phase is Phase.LOOKAHEAD:
+            return self._next_plans[batch.num_rows].width
+        if batch.phase is Phase.DENOISE and batch.step == 0:
+            return self._step0_key
+        return None
+
+    def pass_stream(self, batch: ForwardBatch) -> torch.cuda.Stream | None:
+        """The LOOKAHEAD runs on the fetch stream, beside the block's remaining steps."""
+        return self.fetch_stream if batch.phase is Phase.LOOKAHEAD else None
+
+    def _join_lookahead(self) -> None:
+        """Order the main stream after the lookahead in flight (no host wait), noting how long the
+        main stream would have stalled for it."""
+        if self._side_events is None:
+            return
+        main = torch.cuda.current_stream(self.device)
+        main_ready, side_done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        main_ready.record(main)
+        side_done.record(self.fetch_stream)
+        main.wait_event(side_done)
+        if self._block:
+            self._block["side_events"] = (*self._side_events, side_done, main_ready)
+        self._side_events = None
 
     def plan(self, batch: ForwardBatch) -> None:
         end = int(batch.context_lens.max()) + batch.num_new
@@ -232,10 +291,12 @@ class HeraldAttention(AttentionMode):
         self.batch = batch
         if self.dense is not None:
             self.dense.plan(batch)
-        n = batch.num_rows
-        buf = self._buffers.get(n)
-        if buf is None:
-            buf = self._buffers[n] = _RowBuffers(n, self.pages_per_seq, self.device)
+        n, side = batch.num_rows, batch.phase is Phase.LOOKAHEAD
+        if batch.phase is Phase.COMMIT or (batch.phase is Phase.DENOISE and batch.step == 0):
+            self._join_lookahead()  # the commit rewrites the directory the lookahead diffs against
+        buf = self._buffers.get((n, side))
+        if buf is None:  # a side pass reads buffers of its own: the main stream refills its own meanwhile
+            buf = self._buffers[(n, side)] = _RowBuffers(n, self.pages_per_seq, self.device)
         lens = batch.context_lens
         p = self.page_size
         buf.rows.copy_(torch.tensor([self.row_of[s] for s in batch.seq_ids]))
@@ -249,7 +310,7 @@ class HeraldAttention(AttentionMode):
         if self._selecting:
             self._selected_rows = batch.seq_ids
             self._selection_id += 1
-            fresh = plan_selection(lens, self.pages_per_seq, self.sparse, self.device)
+            fresh = plan_selection(lens, self.pages_per_seq, self.sparse, self.device, self.max_selected)
             if n not in self._selection_plans:  # fixed addresses per batch size (graphs read them)
                 self._selection_plans[n] = fresh
             self._selection_plan = self._selection_plans[n].copy_(fresh)
@@ -258,8 +319,19 @@ class HeraldAttention(AttentionMode):
             # rows the lookahead prepared take its selection; the others (new rows) scan. Per row, so
             # a row's pages never depend on what it shares the batch with
             looked = self._next_rows or ()
-            self._next_index = [looked.index(s) if s in looked else -1 for s in batch.seq_ids]
-            self._use_next = any(i >= 0 for i in self._next_index)
+            index = [looked.index(s) if s in looked else -1 for s in batch.seq_ids]
+            self._use_next = any(i >= 0 for i in index)
+            self._every_row = self._use_next and all(i >= 0 for i in index)
+            self._looked_n = len(looked)
+            if self._use_next:
+                if n not in self._next_index:
+                    self._next_index[n] = (torch.zeros(n, dtype=torch.int64, device=self.device),
+                                           torch.zeros(n, 1, 1, dtype=torch.bool, device=self.device))
+                rows_buf, has_buf = self._next_index[n]
+                rows_buf.copy_(torch.tensor([max(i, 0) for i in index]))
+                has_buf.copy_(torch.tensor([i >= 0 for i in index])[:, None, None])
+            self._step0_key = (fresh.width, self._use_next, self._every_row,
+                               self._looked_n if self._use_next else 0, self._next_width if self._use_next else 0)
             self._next_rows = None
             self._start_block_stats(batch)
         elif batch.phase is not Phase.PREFILL:
@@ -270,12 +342,30 @@ class HeraldAttention(AttentionMode):
             # same addresses whether its rows are all of the block's or a subset)
             index = torch.tensor([self._selected_rows.index(s) for s in batch.seq_ids], device=self.device)
             full = self._block_tables.load(len(self._selected_rows), self._selection_id, list)
-            self._tables = self._pass_tables.load(n, (self._selection_id, batch.seq_ids),
-                                                  lambda: [(t[index], kl[index]) for t, kl in full])
-            if batch.phase is Phase.LOOKAHEAD:  # the next block starts B tokens later
-                self._next_plan = plan_selection(lens + batch.num_new // 2, self.pages_per_seq, self.sparse,
-                                                 self.device)
-                self._next_rows = batch.seq_ids
+            tables = self._side_tables if side else self._pass_tables
+            self._tables = tables.load(n, (self._selection_id, batch.seq_ids),
+                                       lambda: [(t[index], kl[index]) for t, kl in full])
+            if side:
+                self._plan_lookahead(batch)
+
+    def _plan_lookahead(self, batch: ForwardBatch) -> None:
+        """Buffers of the next block's selection (it starts B tokens later) for this pass's rows, and
+        the side stream ordered after everything the main stream has queued (step 0 above all)."""
+        n = batch.num_rows
+        fresh = plan_selection(batch.context_lens + batch.num_new // 2, self.pages_per_seq, self.sparse, self.device,
+                               self.max_selected)
+        if n not in self._next_plans:
+            self._next_plans[n] = fresh
+            self._next_store[n] = [torch.full((n, self.num_kv_heads, self.max_selected), -1, dtype=torch.int32,
+                                              device=self.device) for _ in range(self.num_layers)]
+        self._next_plan = self._next_plans[n].copy_(fresh)
+        self._next_width = fresh.width
+        self._next_rows = batch.seq_ids
+        if self.cuda:
+            self.fetch_stream.wait_stream(torch.cuda.current_stream(self.device))
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(self.fetch_stream)
+            self._side_events = (start,)
 
     # ------------------------------------------------------------------------------------------
     # one layer
@@ -390,7 +480,7 @@ class HeraldAttention(AttentionMode):
     def _select_and_fetch(self, layer: int, q: torch.Tensor) -> None:
         """Step 0 of one layer: select, diff against the cache, gather the misses, keep the tables."""
         t0 = time.perf_counter()
-        every_row = self._use_next and all(i >= 0 for i in self._next_index)
+        every_row = self._every_row
         scanned = None
         if not every_row or self.sparse.measure_draft_recall:
             q_sel = selection_queries(q, self.num_kv_heads, self.sparse.query)
@@ -430,8 +520,8 @@ class HeraldAttention(AttentionMode):
 
     def _prefetch_next(self, layer: int, q: torch.Tensor) -> None:
         """LOOKAHEAD, one layer: select the next block's pages from the queries of its all-[MASK]
-        half and fetch the misses into slots this block does not read; on CUDA the gather runs on
-        a side stream, overlapping this block's remaining steps."""
+        half and fetch the misses into slots this block does not read (on CUDA this whole pass runs
+        on the fetch stream, overlapping this block's remaining steps)."""
         b = self.batch.num_new // 2
         q_sel = selection_queries(q[:, :, b:], self.num_kv_heads, self.sparse.query)
         selection = select_pages(self._scores(layer, q_sel), None, self.sparse, self._next_plan)
@@ -439,40 +529,25 @@ class HeraldAttention(AttentionMode):
         current_slots, _ = self._tables[layer]
         assignment = self.cache.assign(layer, buf.rows, selection.entries, protect=current_slots)
         physical = buf.store_table[assignment.miss_rows, assignment.miss_pages]
-        self._next_entries[layer] = selection.entries
+        self._next_store[self.batch.num_rows][layer][..., :selection.entries.shape[-1]].copy_(selection.entries)
         self._counters[2] += (assignment.miss_slots >= 0).sum()
         pool_k, pool_v = self.cache.k_pool(layer), self.cache.v_pool(layer)
-        if not self.cuda:
-            gather_pages_reference(self.store.k(layer), self.store.v(layer), physical, assignment.miss_heads,
-                                   pool_k, pool_v, assignment.miss_slots)
-            return
-        ready = torch.cuda.Event()
-        ready.record()
-        with torch.cuda.stream(self.fetch_stream):
-            self.fetch_stream.wait_event(ready)
+        if self.cuda:
             gather_pages(self.store.kernel_k(layer), self.store.kernel_v(layer), physical, assignment.miss_heads,
                          pool_k, pool_v, assignment.miss_slots, validate=False, max_programs=self.fetch_programs)
-            done = torch.cuda.Event()
-            done.record()
-        for t in (physical, assignment.miss_heads, assignment.miss_slots):
-            t.record_stream(self.fetch_stream)  # the allocator must not reuse them before the gather ran
-        self._next_ready[layer] = done
+        else:
+            gather_pages_reference(self.store.k(layer), self.store.v(layer), physical, assignment.miss_heads,
+                                   pool_k, pool_v, assignment.miss_slots)
 
     def _next_selection(self, layer: int, scanned: Selection | None) -> Selection:
         """The lookahead's selection of this layer for the rows it prepared (the scan's for the
-        others), with lengths for the block's actual context; the attention waits for the
-        lookahead's gather of this layer only."""
-        prepared = self._next_entries[layer]
-        self._next_entries[layer] = None
-        if self._next_ready[layer] is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._next_ready[layer])
-            self._next_ready[layer] = None
-        index = torch.tensor([max(i, 0) for i in self._next_index], device=prepared.device)
-        entries = prepared[index]  # [N, H, K] in this batch's row order
+        others), with lengths for the block's actual context (device work only: step 0 replays)."""
+        prepared = self._next_store[self._looked_n][layer][..., :self._next_width]
+        rows, has = self._next_index[self.batch.num_rows]
+        entries = prepared.index_select(0, rows)  # [N, H, K] in this batch's row order
         if scanned is not None:  # rows without a lookahead keep the scan's pages
             width = max(entries.shape[-1], scanned.entries.shape[-1])
             pad = lambda e: torch.nn.functional.pad(e, (0, width - e.shape[-1]), value=-1)  # noqa: E731
-            has = torch.tensor([i >= 0 for i in self._next_index], device=prepared.device)[:, None, None]
             entries = torch.where(has, pad(entries), pad(scanned.entries))
         counts = (entries >= 0).sum(-1).to(torch.int32)
         last = self._selection_plan.last_tokens[:, None]
@@ -503,7 +578,8 @@ class HeraldAttention(AttentionMode):
     @property
     def timeline(self) -> list[dict]:
         """One entry per block: rows, context tokens, host time of selection at step 0 (scans
-        included for the cpu source), GPU time of the fetches, pages selected and fetched."""
+        included for the cpu source), GPU time of the fetches, pages selected and fetched; with the
+        lookahead, the GPU time of its side pass and how long the main stream stalled for it."""
         self._finish_block_stats()
         return self._timeline
 
@@ -515,10 +591,16 @@ class HeraldAttention(AttentionMode):
 
     def _finish_block_stats(self) -> None:
         """Close the block's timeline entry (one device sync per block, when it is read)."""
+        self._join_lookahead()
         block = self._block
         if not block:
             return
         selected, fetched, prefetched, shared, exact = (int(c) for c in self._counters.cpu())  # waits for the block
+        lookahead_ms = stall_ms = None
+        if "side_events" in block:  # start, end of the side pass; when the main stream reached it
+            start, side_done, main_ready = block["side_events"]
+            lookahead_ms = start.elapsed_time(side_done)
+            stall_ms = max(0.0, main_ready.elapsed_time(side_done))
         unit_bytes = 2 * self.page_size * self.store.head_dim * self.store.dtype.itemsize
         self._timeline.append(dict(
             rows=block["rows"], context=block["context"], select_host_ms=block["select_host_ms"],
@@ -530,5 +612,8 @@ class HeraldAttention(AttentionMode):
             pages_prefetched=prefetched, bytes_prefetched=prefetched * unit_bytes,
             # share of the pages this block's step-0 queries select that the last block's draft chose
             draft_recall=shared / exact if exact else None,
+            # GPU time of the LOOKAHEAD side pass (compute, scan and gather), and of it the time the
+            # main stream waited at the commit: the part of the prefetch not hidden
+            lookahead_ms=lookahead_ms, lookahead_stall_ms=stall_ms,
         ))
         self._block = {}

@@ -113,8 +113,9 @@ def plan_memory(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int,
     if not on_gpu:  # one memory: the "GPU" side is host memory too
         host += gpu_kv
         gpu_free = host_avail
-    return MemoryPlan(mode, batch, max_tokens, gpu_kv, work_bytes(model, batch, block_size, prefill_chunk, dtype),
-                      host, gpu_free, host_avail)
+    # the allocator fragments a GPU filled with large caches: keep 1% of them free beyond the work estimate
+    work = work_bytes(model, batch, block_size, prefill_chunk, dtype) + gpu_kv // 100
+    return MemoryPlan(mode, batch, max_tokens, gpu_kv, work, host, gpu_free, host_avail)
 
 
 def largest_batch(model: ModelConfig, mode: str, sparse: SparseConfig, max_tokens: int, dtype: torch.dtype,

@@ -4,6 +4,10 @@ Parameter names follow Hugging Face's (`model.layers.{i}.self_attn.q_proj.weight
 checkpoint's state dict loads as it is. Attention itself is not here: every layer hands its
 RoPE'd q/k/v to an `AttentionMode` (runtime/attention.py), which owns the KV cache and decides
 what each query sees. The model therefore knows nothing of caches, masks or phases.
+
+`Transformer.set_fused(True)` switches inference to a fused path (gpu_kernels/fused_layer.py):
+one QKV and one gate/up GEMM per layer, one kernel for q/k norm + RoPE + layouts, one for
+SiLU * mul, and RMSNorms that take the residual add with them. The plain path stays the reference.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_kernels.fused_layer import qk_norm_rope, rms_norm, silu_mul
 from runtime.attention import AttentionMode
 from runtime.config import ModelConfig, RopeConfig
 
@@ -121,7 +126,79 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-class Attention(nn.Module):
+def _share_rows(linears: list[nn.Linear], attr: str) -> torch.Tensor | None:
+    """Concatenate the linears' `attr` tensors along dim 0 into one new tensor and make each
+    parameter a view of its rows (same Parameter objects, so state_dict, optimisers and checkpoint
+    loading still see them), so the fused GEMM costs no second copy of the weights.
+    Returns the concatenation, or None when the linears have no `attr` (no bias)."""
+    params = [getattr(linear, attr) for linear in linears]
+    if params[0] is None:
+        return None
+    fused = torch.cat([p.detach() for p in params])
+    offset = 0
+    for p in params:
+        p.data = fused[offset:offset + p.shape[0]]
+        offset += p.shape[0]
+    return fused
+
+
+def _own_rows(linears: list[nn.Linear], fused: torch.Tensor | None, attr: str) -> None:
+    """Undo `_share_rows`: each parameter that is still a view of `fused` gets its own storage."""
+    if fused is None:
+        return
+    for linear in linears:
+        p = getattr(linear, attr)
+        if p.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr():
+            p.data = p.detach().clone()
+
+
+def _refuse_after_load(module: "_FusedProjections", _incompatible_keys) -> None:
+    # load_state_dict(assign=True) gives the parameters new storage: concatenate them again.
+    module.set_fused(module.fused)
+
+
+class _FusedProjections(nn.Module):
+    """A module whose fused path runs some of its nn.Linear children as one GEMM.
+
+    The concatenated weight (and bias) are non-persistent buffers (absent from state_dict) whose
+    storage the children's parameters view. Like nn.RNN's flattened weights, they are rebuilt
+    when the module is moved or cast (`_apply`) and after `load_state_dict`, which both give the
+    parameters new storage.
+    """
+
+    fused: bool
+
+    def _fused_linears(self) -> list[nn.Linear]:
+        raise NotImplementedError
+
+    def _init_fused(self) -> None:
+        self.fused = False
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
+        self.register_load_state_dict_post_hook(_refuse_after_load)
+
+    def set_fused(self, enabled: bool) -> None:
+        """Concatenate the weights (again: from the parameters as they are now) or drop the concatenation."""
+        linears = self._fused_linears()
+        _own_rows(linears, self.fused_weight, "weight")
+        _own_rows(linears, self.fused_bias, "bias")
+        self.fused_weight = self.fused_bias = None
+        if enabled:
+            self.fused_weight = _share_rows(linears, "weight")
+            self.fused_bias = _share_rows(linears, "bias")
+        self.fused = enabled
+
+    def _apply(self, fn, recurse=True):
+        fused = self.fused
+        if fused:
+            self.set_fused(False)
+        super()._apply(fn, recurse)
+        if fused:
+            self.set_fused(True)
+        return self
+
+
+class Attention(_FusedProjections):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
@@ -136,6 +213,10 @@ class Attention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self._init_fused()
+
+    def _fused_linears(self) -> list[nn.Linear]:
+        return [self.q_proj, self.k_proj, self.v_proj]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionMode,
                 layer: int) -> torch.Tensor:
@@ -151,16 +232,36 @@ class Attention(nn.Module):
         out = attention.run(layer, q, k, v)  # [N, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(n, t, self.num_heads * self.head_dim))
 
+    def forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionMode,
+                      layer: int) -> torch.Tensor:
+        """`forward` with one QKV GEMM and one kernel for q/k norm, RoPE and the head layouts."""
+        n, t, _ = x.shape
+        qkv = F.linear(x, self.fused_weight, self.fused_bias)  # [N, T, (Hq + 2 Hkv) * D]
+        q, k, v = qk_norm_rope(qkv, self.q_norm.weight if self.qk_norm else None,
+                               self.k_norm.weight if self.qk_norm else None, cos, sin,
+                               num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                               eps=self.q_norm.eps if self.qk_norm else 0.0)
+        out = attention.run(layer, q, k, v)  # [N, Hq, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(n, t, self.num_heads * self.head_dim))
 
-class MLP(nn.Module):
+
+class MLP(_FusedProjections):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self._init_fused()
+
+    def _fused_linears(self) -> list[nn.Linear]:
+        return [self.gate_proj, self.up_proj]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` with one gate/up GEMM and one SiLU * mul kernel."""
+        return self.down_proj(silu_mul(F.linear(x, self.fused_weight)))
 
 
 class DecoderLayer(nn.Module):
@@ -175,6 +276,23 @@ class DecoderLayer(nn.Module):
                 layer: int) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def set_fused(self, enabled: bool) -> None:
+        self.self_attn.set_fused(enabled)
+        self.mlp.set_fused(enabled)
+
+    def forward_fused(self, normed: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      attention: AttentionMode, layer: int, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused path of `forward`, with the residual stream carried beside its normalised form.
+
+        normed = input_layernorm(residual), residual: [N, T, H]. Returns (next_norm(h), h) for the
+        layer's output h, so each residual add runs inside the RMSNorm that follows it (the next
+        layer's input_layernorm, or the final norm).
+        """
+        attn = self.self_attn.forward_fused(normed, cos, sin, attention, layer)
+        normed, residual = rms_norm(attn, self.post_attention_layernorm.weight,
+                                    self.post_attention_layernorm.eps, residual)
+        return rms_norm(self.mlp.forward_fused(normed), next_norm.weight, next_norm.eps, residual)
 
 
 class Backbone(nn.Module):
@@ -198,12 +316,33 @@ class Transformer(nn.Module):
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config)
+        self._fused = False
         self.tie_weights()
 
     def tie_weights(self) -> None:
         """Share lm_head with the embedding when the checkpoint ties them (call again after re-assigning)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def set_fused(self, enabled: bool) -> None:
+        """Run inference on the fused path (True) or the plain torch one (False, the default).
+
+        Fused, each layer runs one QKV GEMM (Qwen2's q/k/v biases included) and one gate/up GEMM
+        over weights concatenated here, q/k norm + RoPE + the [N, H, T, D] layouts in one kernel,
+        SiLU * mul in one, and every residual add inside the RMSNorm that follows it (Triton
+        kernels: CUDA, or the CPU under TRITON_INTERPRET=1). The q/k/v and gate/up parameters
+        become views of the concatenations (no second copy of the weights); state_dict, parameter
+        names and checkpoint loading are unchanged. Moving or casting the model and load_state_dict
+        rebuild the concatenations; call again after assigning parameters any other way. The fused
+        path is inference only (no autograd): forward refuses it while parameters need gradients.
+        """
+        for layer in self.model.layers:
+            layer.set_fused(enabled)
+        self._fused = bool(enabled)
+
+    @property
+    def fused(self) -> bool:
+        return self._fused
 
     @property
     def dtype(self) -> torch.dtype:
@@ -225,11 +364,32 @@ class Transformer(nn.Module):
                              "must both be [N, T]")
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        if self._fused:
+            return self._forward_fused(x, cos, sin, attention, need_logits)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, attention, i)
         if not need_logits:
             return None
         return self.lm_head(self.model.norm(x)).float()
+
+    def _forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionMode,
+                       need_logits: bool) -> torch.Tensor | None:
+        """`forward` after the embedding, on the fused path (see `set_fused`)."""
+        if torch.is_grad_enabled() and self.model.norm.weight.requires_grad:
+            raise RuntimeError("the fused path is inference only (its kernels have no backward): run under "
+                               "torch.no_grad(), or call set_fused(False) to train")
+        layers = self.model.layers
+        norms = [layer.input_layernorm for layer in layers] + [self.model.norm]
+        residual, normed = x, rms_norm(x, norms[0].weight, norms[0].eps)
+        for i, layer in enumerate(layers):
+            if i == len(layers) - 1 and not need_logits:
+                # Only the last layer's K/V are still needed: its MLP would feed nothing.
+                layer.self_attn.forward_fused(normed, cos, sin, attention, i)
+                return None
+            normed, residual = layer.forward_fused(normed, residual, cos, sin, attention, i, norms[i + 1])
+        if not need_logits:
+            return None
+        return self.lm_head(normed).float()
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:

@@ -87,7 +87,7 @@ class MageAttention(ResidentSparseAttention):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        width = selected_pages_bound(self.sparse, self.max_tokens)
+        self.max_selected = width = selected_pages_bound(self.sparse, self.max_tokens)
         dev = self.k_cache[0].device
         self._block_tables = ReplayTables(self.num_layers, self.num_kv_heads, width, dev)
         self._pass_tables = ReplayTables(self.num_layers, self.num_kv_heads, width, dev)
@@ -113,7 +113,7 @@ class MageAttention(ResidentSparseAttention):
             self._selected_rows = batch.seq_ids
             self._selection_id += 1
             self._row_index = None
-            fresh = plan_selection(batch.context_lens, self.pages_per_seq, self.sparse, dev)
+            fresh = plan_selection(batch.context_lens, self.pages_per_seq, self.sparse, dev, self.max_selected)
             if n not in self._selection_plans:  # fixed addresses per batch size
                 self._selection_plans[n] = fresh
             self._selection_plan = self._selection_plans[n].copy_(fresh)
@@ -252,7 +252,8 @@ class QuestAttention(ResidentSparseAttention):
         if batch.phase is Phase.PREFILL:
             return
         n, dev = batch.num_rows, self.k_cache[0].device
-        fresh = plan_selection(batch.context_lens, self.pages_per_seq, self.sparse, dev)
+        fresh = plan_selection(batch.context_lens, self.pages_per_seq, self.sparse, dev,
+                               selected_pages_bound(self.sparse, self.max_tokens))
         table = self.store_table(self.pages_per_seq).long()
         if n not in self._plans:  # fixed addresses per batch size, refilled every pass
             self._plans[n] = (fresh, table)

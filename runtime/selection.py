@@ -83,7 +83,7 @@ class SelectionPlan:
     """Everything about a page selection that depends on the context lengths only, on the device,
     so the selection itself is device work alone (capturable in a CUDA graph).
 
-    keep [N] int64 pages to select per row (forced included); forced, valid [N, M] bool; last_tokens
+    keep [N] int64 pages to select per row (the budget plus the forced ones); forced, valid [N, M] bool; last_tokens
     [N] int32 valid tokens of each row's last page; width: the top-k width (host int, max of keep).
     """
 
@@ -102,23 +102,32 @@ class SelectionPlan:
 
 
 def plan_selection(context_lens: torch.Tensor, num_pages: int, config: SparseConfig,
-                   device: torch.device | str) -> SelectionPlan:
-    """The SelectionPlan of rows with `context_lens` [N] (CPU) over page score rows of `num_pages`."""
+                   device: torch.device | str, width: int | None = None) -> SelectionPlan:
+    """The SelectionPlan of rows with `context_lens` [N] (CPU) over page score rows of `num_pages`.
+
+    width: the top-k width, at least every row's keep (default: the largest keep). A mode that
+    replays CUDA graphs passes its fixed bound, so that a context growing block by block (and the
+    budget with it) never changes a captured selection's shape; rows still keep only `keep` pages.
+    """
     p = config.page_size
     lens = context_lens.to(torch.int64)
     forced = forced_pages(lens, num_pages, config, "cpu")
-    keep = torch.tensor([config.budget_pages(int(c)) for c in lens], dtype=torch.int64)
-    keep = torch.maximum(keep, forced.sum(-1))
     valid = torch.arange(num_pages)[None] * p < lens[:, None]
+    # the budget buys top-k pages on top of the forced ones (sinks, window, last page)
+    budget = torch.tensor([config.budget_pages(int(c)) for c in lens], dtype=torch.int64)
+    keep = torch.minimum(budget + forced.sum(-1), valid.sum(-1))
     last_tokens = (lens - ((lens - 1).clamp(min=0) // p) * p).to(torch.int32)
-    width = max(1, min(num_pages, int(keep.max()) if keep.numel() else 1))
+    needed = int(keep.max()) if keep.numel() else 1
+    if width is not None and width < needed:
+        raise ValueError(f"top-k width {width} is smaller than the {needed} pages a row keeps")
+    width = max(1, min(num_pages, needed if width is None else width))
     dev = torch.device(device)
     return SelectionPlan(keep.to(dev), forced.to(dev), valid.to(dev), last_tokens.to(dev), width)
 
 
 def select_pages(page_scores: torch.Tensor, context_lens: torch.Tensor | None, config: SparseConfig,
                  plan: SelectionPlan | None = None) -> Selection:
-    """Top-k pages per (row, KV head) plus the forced ones, from page_scores [N, Hkv, M].
+    """The budget's top-k pages per (row, KV head) plus the forced ones, from page_scores [N, Hkv, M].
 
     context_lens: [N] int64 (CPU) committed tokens of each row (pages at or beyond a row's context
     are never chosen); or a precomputed `plan` (then only device work runs here).
@@ -145,7 +154,7 @@ def select_tokens(token_scores: torch.Tensor, context_lens: torch.Tensor, config
     forced = ((pos < config.sink_tokens) | (pos >= lens[:, None] - config.local_window))[:, None] & valid
     budget = torch.tensor([config.budget_pages(int(c)) * config.page_size for c in context_lens],
                           dtype=torch.int64, device=dev)
-    keep = torch.maximum(budget, forced[:, 0].sum(-1))
+    keep = torch.minimum(budget + forced[:, 0].sum(-1), lens)
     positions, counts = _top_sorted(token_scores, forced, valid, keep, max(1, min(length, int(keep.max()))))
     return Selection(positions, counts, counts.clone(), "token")
 

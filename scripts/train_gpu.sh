@@ -3,6 +3,7 @@
 #
 #   bash scripts/train_gpu.sh OUT_DIR [MAX_CONTEXT=2048] [MINUTES=8.75] [extra training.train args...]
 #
+# Several recipes side by side in one call: scripts/train_variants.sh (named recipes: training/variants.py).
 # Writes the checkpoint to OUT_DIR (config.json, model.safetensors, HF tokenizer files, README.md,
 # training_log.json, demo_prompts.json), and next to it train_summary.json (accuracy table by task and
 # context, steps, params, wall time) and train.log. MINUTES bounds the whole run from the start of

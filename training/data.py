@@ -15,9 +15,11 @@ The curriculum is a list of levels (context length, tasks). Retrieval is learnt 
 is easiest, so it starts at the shortest context with the pass-key task alone (one number to copy:
 the model learns to find and copy digits), then all tasks at that context, then doubles the
 context. A level is left when the periodic held-out evaluation reaches `advance_at` on every one
-of its tasks, or when a time floor says so (so the run always ends at the longest context).
-Within a level, tasks are drawn with weight `1 - accuracy` (at least `min_task_weight`): the
-steps go to what is not learnt yet.
+of its tasks (or, with advance_on="mean", on their mean), or when a time floor says so (so the
+run always ends at the longest context). Within a level, tasks are drawn with weight
+`1 - accuracy` (at least `min_task_weight`): the steps go to what is not learnt yet. A level may
+also vary its tasks for training (training.tasks.TaskOptions, e.g. shorter vartrack chains in a
+warm-up level); held-out evaluations always measure the unvaried tasks.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from training.tasks import MIN_LENGTH, example_rng, make_example
+from training.tasks import DEFAULT_OPTIONS, MIN_LENGTH, TaskOptions, example_rng, make_example
 
 CLEAN, NOISY, PAD = 0, 1, 2
 
@@ -193,13 +195,15 @@ def build_batch(sequences: Sequence[tuple[list[int], list[int]]], *, block_size:
 
 @dataclass(frozen=True)
 class BatchRequest:
-    """Batch number `index`: `rows` examples of `context` tokens, tasks drawn with `weights`."""
+    """Batch number `index`: `rows` examples of `context` tokens, tasks drawn with `weights` and
+    built with `options`."""
 
     index: int
     context: int
     rows: int
     tasks: tuple[str, ...]
     weights: tuple[float, ...]
+    options: TaskOptions = DEFAULT_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -225,7 +229,7 @@ def make_batch_arrays(settings: LayoutSettings, request: BatchRequest) -> dict[s
     pairs = []
     for row, task in enumerate(tasks):
         ex = make_example(task, request.context, example_rng(
-            "train", settings.seed, task, request.context, request.index * settings.max_rows + row))
+            "train", settings.seed, task, request.context, request.index * settings.max_rows + row), request.options)
         pairs.append((settings.encoder(ex.prompt), settings.encoder(ex.answer)))
     return layout_batch(pairs, block_size=settings.block_size, mask_token_id=settings.mask_token_id,
                         eos_token_id=settings.eos_token_id, noisy_copies=settings.noisy_copies,
@@ -310,23 +314,43 @@ def stage_at(progress: float, num_stages: int, ramp_end: float) -> int:
     return min(num_stages - 1, int(progress / ramp_end * (num_stages - 1)))
 
 
+def stage_at_shares(progress: float, shares: Sequence[float]) -> int:
+    """Index of the stage the time schedule asks for at `progress` in [0, 1] when stage i is given
+    shares[i] / sum(shares) of training (stage i enters at the sum of the shares before it)."""
+    total, edge = sum(shares), 0.0
+    for i, share in enumerate(shares[:-1]):
+        edge += share / total
+        if progress < edge:
+            return i
+    return len(shares) - 1
+
+
 @dataclass(frozen=True)
 class Level:
     context: int
     tasks: tuple[str, ...]
+    options: TaskOptions = DEFAULT_OPTIONS  # how training examples of this level vary the tasks
 
 
 def make_levels(min_context: int, max_context: int, tasks: Sequence[str],
-                warmup_tasks: Sequence[str] = ()) -> list[Level]:
-    """[warm-up tasks at the shortest context (if they are a strict subset)] + all tasks at each context."""
+                warmup_tasks: Sequence[str] = (), options: TaskOptions = DEFAULT_OPTIONS,
+                warmup_options: TaskOptions | None = None) -> list[Level]:
+    """[warm-up tasks at the shortest context (if they are a strict subset)]
+    + [all tasks at the shortest context built with `warmup_options` (if given)]
+    + all tasks at each context, built with `options`."""
     contexts = doubling_contexts(min_context, max_context)
     unknown = set(warmup_tasks) - set(tasks)
     if unknown:
         raise ValueError(f"warm-up tasks {sorted(unknown)} are not among the trained tasks {list(tasks)}")
     levels = []
     if warmup_tasks and set(warmup_tasks) != set(tasks):
-        levels.append(Level(contexts[0], tuple(t for t in tasks if t in warmup_tasks)))
-    return levels + [Level(c, tuple(tasks)) for c in contexts]
+        levels.append(Level(contexts[0], tuple(t for t in tasks if t in warmup_tasks), options))
+    if warmup_options is not None:
+        levels.append(Level(contexts[0], tuple(tasks), warmup_options))
+    return levels + [Level(c, tuple(tasks), options) for c in contexts]
+
+
+ADVANCE_RULES = ("all", "mean")
 
 
 @dataclass
@@ -334,9 +358,14 @@ class Curriculum:
     """The level each step trains at: max(the level evaluations earned, the time floor).
 
     advance_at: leave a level when every one of its tasks scores at least this in a held-out
-    evaluation at its context (None: never, the time floor alone moves). ramp_end: the fraction of
-    training by which the time floor reaches the last level. replay: probability that a step
-    trains on an earlier level's (shorter) context, with the current tasks, against forgetting.
+    evaluation at its context (advance_on="all"), or their mean does (advance_on="mean": one slow
+    task does not hold every other back at a short context); None: never, the time floor alone
+    moves. ramp_end: the fraction of training by which the time floor reaches the last level.
+    replay: probability that a step trains on an earlier level's (shorter) context, with the
+    current tasks, against forgetting.
+    shares: one weight per level; the time floor then gives level i shares[i] / sum(shares) of
+    training instead of the even ramp (ramp_end is unused): e.g. more time where a skill is learnt
+    (short contexts) and at the longest context, less in between.
     """
 
     levels: list[Level]
@@ -345,6 +374,8 @@ class Curriculum:
     replay: float = 0.2
     min_task_weight: float = 0.15
     seed: int = 0
+    advance_on: str = "all"
+    shares: tuple[float, ...] | None = None
     earned: int = 0
     accuracy: dict[str, float] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
@@ -352,18 +383,32 @@ class Curriculum:
     def __post_init__(self) -> None:
         if not self.levels:
             raise ValueError("a curriculum needs at least one level")
+        if self.advance_on not in ADVANCE_RULES:
+            raise ValueError(f"advance_on={self.advance_on!r}; choose one of {ADVANCE_RULES}")
+        if self.shares is not None:
+            if len(self.shares) != len(self.levels) or min(self.shares) <= 0:
+                raise ValueError(f"level time shares {list(self.shares)} must be {len(self.levels)} positive numbers, "
+                                 f"one per level: {[(lv.context, list(lv.tasks)) for lv in self.levels]}")
         self.rng = random.Random(f"curriculum/{self.seed}")
 
+    def floor_at(self, progress: float) -> int:
+        """The level the time floor asks for at `progress` in [0, 1]."""
+        if self.shares is not None:
+            return stage_at_shares(progress, self.shares)
+        return stage_at(progress, len(self.levels), self.ramp_end)
+
     def level_at(self, progress: float) -> int:
-        return max(self.earned, stage_at(progress, len(self.levels), self.ramp_end))
+        return max(self.earned, self.floor_at(progress))
 
     def record(self, level: int, accuracy: dict[str, float], step: int, elapsed: float) -> bool:
         """Take a held-out evaluation of `level` (task -> accuracy at its context); True if it earned
         the next level."""
         self.accuracy.update(accuracy)
         lv = self.levels[level]
+        scores = [accuracy.get(t, 0.0) for t in lv.tasks]
+        score = min(scores) if self.advance_on == "all" else sum(scores) / len(scores)
         passed = (self.advance_at is not None and level + 1 < len(self.levels) and level >= self.earned
-                  and all(accuracy.get(t, 0.0) >= self.advance_at for t in lv.tasks))
+                  and score >= self.advance_at)
         if passed:
             self.earned = level + 1
             self.history.append({"step": step, "elapsed_s": round(elapsed, 1), "earned_level": self.earned,
@@ -384,9 +429,10 @@ class Curriculum:
         if shorter and self.rng.random() < self.replay:
             context = self.rng.choice(shorter)
         rows = max(1, min(max_rows, tokens_per_batch // context))
-        return BatchRequest(index=index, context=context, rows=rows, tasks=lv.tasks, weights=self.weights(lv.tasks))
+        return BatchRequest(index=index, context=context, rows=rows, tasks=lv.tasks, weights=self.weights(lv.tasks),
+                            options=lv.options)
 
 
 __all__ = ["CLEAN", "NOISY", "PAD", "ARRAY_NAMES", "CharEncoder", "TrainBatch", "training_mask", "layout_batch",
            "to_device", "build_batch", "BatchRequest", "LayoutSettings", "make_batch_arrays", "BatchSource",
-           "doubling_contexts", "stage_at", "Level", "make_levels", "Curriculum"]
+           "doubling_contexts", "stage_at", "stage_at_shares", "Level", "make_levels", "ADVANCE_RULES", "Curriculum"]

@@ -18,6 +18,10 @@ the answer and its end-of-sequence token: prompt + answer + EOS always fits in `
 Determinism: example i of (split, seed, task, length) comes from its own `random.Random` seeded
 with that tuple as a string (hashed with SHA-512 by the standard library, so stable across runs
 and machines), so held-out examples (split "eval") never share a stream with training ones.
+
+`TaskOptions` varies the tasks for training only (shorter or longer vartrack chains, questions
+about any variable, kv keys that differ from the asked one in a single character); its defaults
+build exactly the held-out tasks, drawing the same random numbers as before it existed.
 """
 from __future__ import annotations
 
@@ -51,6 +55,37 @@ oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu""".
 _KEY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 _UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 assert not set(_LABELS) & set(_FILLER_WORDS)
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Training-time variations of the tasks. The defaults are the evaluated tasks, bit for bit.
+
+    vartrack_chain: (min, max) names in the asked chain (1: the asked name holds the number
+    itself; 2: one indirection). None: 2 for prompts under 256 characters, else 2-3. A prompt too
+    short for the longest chain asked gets the longest that always fits.
+    vartrack_any_query: probability that the question asks a random name of either chain (the
+    distractor's too, at any depth) instead of the asked chain's last name: lookups of 0, 1, 2
+    indirections from the same prompts, so the single lookup is learnt and then composed.
+    kv_near_miss: probability that an example's distractor keys include up to 3 that differ from
+    the asked key in one character, so the whole key must be matched, not a prefix.
+    """
+
+    vartrack_chain: tuple[int, int] | None = None
+    vartrack_any_query: float = 0.0
+    kv_near_miss: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.vartrack_chain is not None:
+            lo, hi = self.vartrack_chain
+            if not 1 <= lo <= hi:
+                raise ValueError(f"vartrack_chain={self.vartrack_chain} must be (min, max) with 1 <= min <= max")
+        for name in ("vartrack_any_query", "kv_near_miss"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
+
+
+DEFAULT_OPTIONS = TaskOptions()
 
 
 def exact_match(prediction: str, answer: str) -> bool:
@@ -128,13 +163,13 @@ def _assemble(rng: random.Random, prompt_len: int, facts: list[str], question: s
     return _weave(rng, room, facts, ordered) + question
 
 
-def _passkey(rng: random.Random, prompt_len: int) -> tuple[str, str]:
+def _passkey(rng: random.Random, prompt_len: int, options: TaskOptions = DEFAULT_OPTIONS) -> tuple[str, str]:
     answer = _number(rng, set())
     fact = f" The pass key is {answer}. Remember it. "
     return _assemble(rng, prompt_len, [fact], "\nWhat is the pass key? The pass key is "), answer
 
 
-def _multikey(rng: random.Random, prompt_len: int) -> tuple[str, str]:
+def _multikey(rng: random.Random, prompt_len: int, options: TaskOptions = DEFAULT_OPTIONS) -> tuple[str, str]:
     count = min(len(_LABELS), max(2, min(8, prompt_len // 128)))
     labels = rng.sample(_LABELS, rng.randint(2, count))
     used: set[str] = set()
@@ -146,7 +181,21 @@ def _multikey(rng: random.Random, prompt_len: int) -> tuple[str, str]:
     return _assemble(rng, prompt_len, facts, question), values[i]
 
 
-def _kv(rng: random.Random, prompt_len: int) -> tuple[str, str]:
+def _near_misses(rng: random.Random, key: str, count: int, taken: list[str]) -> list[str]:
+    """Up to `count` keys not in `taken` that differ from `key` in exactly one character."""
+    out: list[str] = []
+    for _ in range(8 * count):
+        if len(out) == count:
+            break
+        at = rng.randrange(len(key))
+        alphabet = _KEY_CHARS[:26] if at == 0 else _KEY_CHARS  # keys start with a letter
+        other = key[:at] + rng.choice(alphabet.replace(key[at], "")) + key[at + 1:]
+        if other not in taken and other not in out:
+            out.append(other)
+    return out
+
+
+def _kv(rng: random.Random, prompt_len: int, options: TaskOptions = DEFAULT_OPTIONS) -> tuple[str, str]:
     # About a third of the prompt is key-value lines, the rest filler.
     count = max(3, prompt_len // 40)
     keys: list[str] = []
@@ -154,10 +203,18 @@ def _kv(rng: random.Random, prompt_len: int) -> tuple[str, str]:
         key = rng.choice(_KEY_CHARS[:26]) + "".join(rng.choices(_KEY_CHARS, k=3))
         if key not in keys:
             keys.append(key)
+    i = rng.randrange(count) if options.kv_near_miss > 0 else None
+    if i is not None and rng.random() < options.kv_near_miss:
+        # Replace some distractors (never the asked key) by one-character variants of the asked key.
+        others = [j for j in range(count) if j != i]
+        misses = _near_misses(rng, keys[i], min(3, len(others)), keys)
+        for j, miss in zip(rng.sample(others, len(misses)), misses):
+            keys[j] = miss
     used: set[str] = set()
     values = [_number(rng, used) for _ in keys]
     facts = [f"\n{k}: {v}\n" for k, v in zip(keys, values)]
-    i = rng.randrange(count)
+    if i is None:
+        i = rng.randrange(count)
     question = f"\nWhat is the value of {keys[i]}? {keys[i]}: "
     return _assemble(rng, prompt_len, facts, question), values[i]
 
@@ -171,9 +228,24 @@ def _names(rng: random.Random, count: int) -> list[str]:
     return names
 
 
-def _vartrack(rng: random.Random, prompt_len: int) -> tuple[str, str]:
-    # Chain length 2 (one indirection) where the prompt is short, up to 3 otherwise.
-    hops = rng.randint(2, 2 if prompt_len < 256 else 3)
+_QUESTION_CHARS = len("\nQuestion: which number does XXX hold?\nAnswer: ")
+_VALUE_STATEMENT, _NAME_STATEMENT = len(" XXX = 123456. "), len(" XXX = YYY. ")
+
+
+def longest_vartrack_chain(prompt_len: int) -> int:
+    """The longest asked chain whose worst case (a distractor as long, 6-digit numbers) fits the prompt."""
+    per_chain = (prompt_len - _QUESTION_CHARS) // 2
+    return max(1, 1 + (per_chain - _VALUE_STATEMENT) // _NAME_STATEMENT)
+
+
+def _vartrack(rng: random.Random, prompt_len: int, options: TaskOptions = DEFAULT_OPTIONS) -> tuple[str, str]:
+    if options.vartrack_chain is None:
+        # Chain length 2 (one indirection) where the prompt is short, up to 3 otherwise.
+        hops = rng.randint(2, 2 if prompt_len < 256 else 3)
+    else:
+        longest = longest_vartrack_chain(prompt_len)
+        lo, hi = options.vartrack_chain
+        hops = rng.randint(min(lo, longest), min(hi, longest))
     decoy_hops = rng.randint(1, hops)
     names = _names(rng, hops + decoy_hops)
     chain, decoy = names[:hops], names[hops:]
@@ -189,23 +261,30 @@ def _vartrack(rng: random.Random, prompt_len: int) -> tuple[str, str]:
     while ours or theirs:
         pick = ours if (ours and (not theirs or rng.random() < 0.5)) else theirs
         facts.append(pick.pop(0))
-    question = f"\nQuestion: which number does {chain[-1]} hold?\nAnswer: "
+    asked = chain[-1]
+    if options.vartrack_any_query > 0 and rng.random() < options.vartrack_any_query:
+        asked = rng.choice(names)
+        if asked in decoy:
+            answer = decoy_value
+    question = f"\nQuestion: which number does {asked} hold?\nAnswer: "
     return _assemble(rng, prompt_len, facts, question, ordered=True), answer
 
 
-_BUILDERS: dict[str, Callable[[random.Random, int], tuple[str, str]]] = {
+_BUILDERS: dict[str, Callable[[random.Random, int, TaskOptions], tuple[str, str]]] = {
     "passkey": _passkey, "multikey": _multikey, "kv": _kv, "vartrack": _vartrack,
 }
 
 
-def make_example(task: str, length: int, rng: random.Random) -> Example:
-    """One example of `task` for a context of `length` tokens, drawn from `rng`."""
+def make_example(task: str, length: int, rng: random.Random, options: TaskOptions | None = None) -> Example:
+    """One example of `task` for a context of `length` tokens, drawn from `rng`.
+
+    options: training-time variations (None or the defaults: the evaluated task)."""
     if task not in _BUILDERS:
         raise ValueError(f"task {task!r} is unknown; choose from {TASKS}")
     if length < MIN_LENGTH:
         raise ValueError(f"length={length} is below the shortest supported context {MIN_LENGTH}")
     prompt_len = length - ANSWER_ROOM - rng.randrange(8)
-    prompt, answer = _BUILDERS[task](rng, prompt_len)
+    prompt, answer = _BUILDERS[task](rng, prompt_len, options or DEFAULT_OPTIONS)
     assert len(prompt) == prompt_len, (task, len(prompt), prompt_len)
     return Example(prompt=prompt, answer=answer, task=task, length=length)
 
@@ -216,11 +295,11 @@ def example_rng(split: str, seed: int, task: str, length: int, index: int) -> ra
 
 
 def generate_examples(task: str, length: int, count: int, seed: int, split: str = "eval",
-                      start: int = 0) -> list[Example]:
+                      start: int = 0, options: TaskOptions | None = None) -> list[Example]:
     """Examples start .. start+count-1 of the (split, seed, task, length) stream."""
-    return [make_example(task, length, example_rng(split, seed, task, length, i))
+    return [make_example(task, length, example_rng(split, seed, task, length, i), options)
             for i in range(start, start + count)]
 
 
-__all__ = ["TASKS", "ANSWER_ROOM", "MIN_LENGTH", "Example", "exact_match", "filler", "make_example",
-           "example_rng", "generate_examples"]
+__all__ = ["TASKS", "ANSWER_ROOM", "MIN_LENGTH", "TaskOptions", "DEFAULT_OPTIONS", "Example", "exact_match", "filler",
+           "longest_vartrack_chain", "make_example", "example_rng", "generate_examples"]

@@ -28,6 +28,17 @@ at 256: pass key 0.75, multikey 0.81, kv 0.56). So the run starts with the pass 
 shortest context, many examples per step, and doubles the context once the held-out accuracy says
 the tasks are learnt, or when the time floor says so: every length up to the longest is trained.
 
+Variable tracking needs more than that (the shipped 4.75M model, trained as above: vartrack 0.44-0.59
+at every length, picking the distractor's number about as often as the right one). Its question is
+not a cloze of the fact, unlike the other three ("... k3f9: " is answered by copying what followed
+"k3f9: " earlier), and that model answers even a direct lookup (`QXJ = 48213.` ... which number does
+QXJ hold?) only about half the time: it never learnt name -> number, since the evaluated question
+always needs 1-2 indirections and a lookup earns nothing until it is composed. The training-only
+task variations (`--vartrack-any-query`: questions about any name, 0-2 indirections, from the same
+prompts; `--vartrack-warmup-chain`: a level of short chains first) supervise the single lookup so
+it can be learnt and then composed; `--level-shares` shapes the time floor (more time where skills
+are learnt and at the trained length); training/variants.py names the recipes compared.
+
 Time: `--minutes` bounds the whole run. Training stops `--final-eval-seconds` before the end; the
 checkpoint is saved, then the final evaluation runs contexts (the trained length first) while they
 fit. A snapshot is also saved every `--save-every` seconds, so a killed run still leaves a model.
@@ -44,7 +55,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,11 +67,11 @@ from runtime.engine import Engine, resolve_device
 from runtime.model import Transformer
 from runtime.tokenizer import (EOS_TOKEN, MASK_TOKEN, UNK_TOKEN, Tokenizer, build_char_tokenizer,
                                hf_tokenizer_config)
-from training.data import (CLEAN, NOISY, PAD, BatchRequest, BatchSource, CharEncoder, Curriculum, LayoutSettings, TrainBatch,
-                           build_batch, doubling_contexts, layout_batch, make_levels, stage_at, to_device,
-                           training_mask)
+from training.data import (ADVANCE_RULES, CLEAN, NOISY, PAD, BatchRequest, BatchSource, CharEncoder, Curriculum,
+                           LayoutSettings, Level, TrainBatch, build_batch, doubling_contexts, layout_batch,
+                           make_levels, stage_at, to_device, training_mask)
 from training.evaluate import accuracy_table, evaluate
-from training.tasks import MIN_LENGTH, TASKS, generate_examples
+from training.tasks import MIN_LENGTH, TASKS, TaskOptions, generate_examples
 
 # Defaults that depend on the device: a CPU smoke run must finish in well under a minute.
 GPU_DEFAULTS = {"tokens_per_batch": 16384, "eval_per_task": 32, "final_per_task": 64, "data_workers": 4,
@@ -158,8 +169,11 @@ def inference_engine(model: Transformer, tokenizer: Tokenizer, device: torch.dev
     CUDA; fp32 on CPU, as the engine's dtype="auto" would load it)."""
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     copy_ = copy.deepcopy(model).to(getattr(torch, dtype)).eval().requires_grad_(False)
+    # fused_layers off: evaluations during training use the reference layer path, so a checkpoint's
+    # numbers never depend on a kernel under test elsewhere
     config = EngineConfig(model_path="<in-memory model>", mode="dense", device=str(device), dtype=dtype,
-                          attention_backend=attention_backend, max_batch_size=max_batch_size, progress=False)
+                          attention_backend=attention_backend, max_batch_size=max_batch_size, progress=False,
+                          fused_layers=False)
     return Engine(config, model=copy_, tokenizer=tokenizer)
 
 
@@ -260,10 +274,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "time floor moves)")
     g.add_argument("--ramp-end", type=float, default=0.8,
                    help="fraction of training by which the time floor reaches the last level")
+    g.add_argument("--level-shares", type=float, nargs="+", default=None, metavar="SHARE",
+                   help="instead of --ramp-end: one relative time share per curriculum level (the start-up "
+                        "line lists the levels); the time floor gives level i share i / the sum of training")
     g.add_argument("--replay", type=float, default=0.2,
                    help="probability that a step uses an earlier (shorter) context")
     g.add_argument("--min-task-weight", type=float, default=0.15,
                    help="tasks are drawn with weight 1 - last accuracy, at least this")
+    g.add_argument("--advance-on", default="all", choices=ADVANCE_RULES,
+                   help="leave a level when every task (all) or the mean over its tasks (mean) reaches --advance-at")
+    g = p.add_argument_group("training-only task variations (training.tasks.TaskOptions; evaluations never use them)")
+    g.add_argument("--vartrack-any-query", type=float, default=0.0,
+                   help="probability that a vartrack question asks a random name of either chain (any depth) "
+                        "instead of the chain's last name")
+    g.add_argument("--vartrack-chain", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="names in the asked vartrack chain (default: the evaluated 2, or 2-3 from 256 tokens)")
+    g.add_argument("--vartrack-warmup-chain", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="add a level at the shortest context, after the task warm-up, where vartrack chains have "
+                        "MIN-MAX names (e.g. 1 2: direct lookups and one indirection)")
+    g.add_argument("--kv-near-miss", type=float, default=0.0,
+                   help="probability that a kv prompt holds up to 3 keys one character away from the asked key")
     g.add_argument("--tokens-per-batch", type=int, default=None,
                    help="batch rows = this // context length (capped by --max-batch); "
                         f"default {GPU_DEFAULTS['tokens_per_batch']} on CUDA, {CPU_DEFAULTS['tokens_per_batch']} on CPU")
@@ -284,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=50)
     g.add_argument("--eval-every", type=float, default=None,
                    help="seconds of training between quick evals at the current level, at least 9x the last "
-                        "eval's time (0: none, and then only the time floor moves the curriculum); default {GPU_DEFAULTS['eval_every']:g} on CUDA, "
+                        f"eval's time (0: none, and then only the time floor moves the curriculum); default {GPU_DEFAULTS['eval_every']:g} on CUDA, "
                         f"{CPU_DEFAULTS['eval_every']:g} on CPU")
     g.add_argument("--eval-per-task", type=int, default=None,
                    help="held-out examples per task in the quick evals; default "
@@ -311,6 +341,39 @@ def _apply_device_defaults(args: argparse.Namespace, device: torch.device) -> No
         args.min_context = min(MIN_LENGTH, args.max_context)
 
 
+def task_options(args: argparse.Namespace) -> tuple[TaskOptions, TaskOptions | None]:
+    """(options of every level, options of the vartrack warm-up level or None) from the arguments."""
+    chain = tuple(args.vartrack_chain) if args.vartrack_chain else None
+    options = TaskOptions(vartrack_chain=chain, vartrack_any_query=args.vartrack_any_query,
+                          kv_near_miss=args.kv_near_miss)
+    warmup = None
+    if args.vartrack_warmup_chain:
+        warmup = TaskOptions(vartrack_chain=tuple(args.vartrack_warmup_chain),
+                             vartrack_any_query=args.vartrack_any_query, kv_near_miss=args.kv_near_miss)
+    return options, warmup
+
+
+def options_text(options: TaskOptions, tasks: Sequence[str] = TASKS) -> str:
+    """The non-default variations of `options` that touch `tasks`, e.g. 'vartrack chain 1-2, vartrack
+    any-name questions 0.5'."""
+    parts = []
+    if "vartrack" in tasks and options.vartrack_chain is not None:
+        parts.append(f"vartrack chain {options.vartrack_chain[0]}-{options.vartrack_chain[1]}")
+    if "vartrack" in tasks and options.vartrack_any_query:
+        parts.append(f"vartrack any-name questions {options.vartrack_any_query:g}")
+    if "kv" in tasks and options.kv_near_miss:
+        parts.append(f"kv near-miss keys {options.kv_near_miss:g}")
+    return ", ".join(parts)
+
+
+def level_dict(level: Level) -> dict[str, Any]:
+    """A curriculum level as the log and summary store it."""
+    out: dict[str, Any] = {"context": level.context, "tasks": list(level.tasks)}
+    if options_text(level.options, level.tasks):
+        out["options"] = options_text(level.options, level.tasks)
+    return out
+
+
 def _budgets(args: argparse.Namespace) -> tuple[float | None, float | None]:
     """(whole-run budget, training budget) in seconds, None without --minutes."""
     if args.minutes is None:
@@ -332,9 +395,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     check_out_folder(out)
     torch.manual_seed(args.seed)
     tokenizer = make_tokenizer()
-    levels = make_levels(args.min_context, args.max_context, args.tasks, args.warmup_tasks)
+    options, warmup_options = task_options(args)
+    levels = make_levels(args.min_context, args.max_context, args.tasks, args.warmup_tasks, options, warmup_options)
     cur = Curriculum(levels, advance_at=args.advance_at if args.advance_at > 0 else None, ramp_end=args.ramp_end,
-                     replay=args.replay, min_task_weight=args.min_task_weight, seed=args.seed)
+                     replay=args.replay, min_task_weight=args.min_task_weight, seed=args.seed,
+                     advance_on=args.advance_on, shares=tuple(args.level_shares) if args.level_shares else None)
     cfg = model_config_dict(tokenizer, hidden=args.hidden, layers=args.layers, heads=args.heads,
                             kv_heads=args.kv_heads, head_dim=args.head_dim, intermediate=args.intermediate,
                             block_size=args.block_size, rope_theta=args.rope_theta, max_context=args.max_context,
@@ -356,13 +421,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     print(f"device {device} ({device_name}), torch {torch.__version__}; model {n_params / 1e6:.2f}M params "
           f"({args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads of {args.head_dim}), "
-          f"block {args.block_size}; levels {[(lv.context, list(lv.tasks)) for lv in levels]}; "
+          f"block {args.block_size}; levels {[tuple(level_dict(lv).values()) for lv in levels]}; "
           f"{args.tokens_per_batch} tokens/batch, {args.data_workers} data workers; budget "
           f"{'-' if total_budget is None else f'{total_budget:.0f} s ({train_budget:.0f} s training)'}", flush=True)
     log: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                            "device": str(device), "device_name": device_name, "torch": torch.__version__,
-                           "params": n_params, "levels": [{"context": lv.context, "tasks": list(lv.tasks)}
-                                                          for lv in levels],
+                           "params": n_params, "levels": [level_dict(lv) for lv in levels],
                            "loss": [], "evals": [], "snapshots": []}
     counters = {"steps": 0, "examples": 0, "tokens": 0, "max_context": 0, "data_wait_s": 0.0}
     start = time.perf_counter()
@@ -535,7 +599,13 @@ def readme(cfg: dict[str, Any], args: argparse.Namespace, log: dict[str, Any], f
     device = log.get("device_name", log["device"])
     cmd = getattr(args, "command", None) or "training.train.train() called from Python"
     levels = ", ".join(f"{lv.context}:{'+'.join(lv.tasks) if len(lv.tasks) < len(args.tasks) else 'all'}"
+                       + (f" ({options_text(lv.options, lv.tasks)})" if options_text(lv.options, lv.tasks) else "")
                        for lv in cur.levels)
+    rule = "every task" if args.advance_on == "all" else "the mean over its tasks"
+    if cur.shares is None:
+        floor = f"reaching the last level at\n{args.ramp_end:.0%} of training"
+    else:
+        floor = "giving the levels " + "/".join(f"{s / sum(cur.shares):.0%}" for s in cur.shares) + " of training"
     moves = "; ".join(f"level {h.get('earned_level', h.get('level'))} at step {h['step']} ({h['by']})"
                       for h in cur.history) or "none"
     return f"""# Block-diffusion retrieval model ({n_params / 1e6:.1f}M parameters)
@@ -564,9 +634,8 @@ one), `kv` (`k3f9: 51207` lines among filler), `vartrack` (assignment chains `QX
 SDAR/BD3-LM style: [clean sequence ; {args.noisy_copies} noisy copies of the answer blocks], clean part
 block-causal, each noisy block sees the clean positions before it and itself; answer positions
 masked with probability t ~ U({args.eps}, 1); cross-entropy on masked positions (weighting:
-{args.loss_weighting}). Curriculum levels (context:tasks) {levels}; a level is left when every task
-reaches {args.advance_at:g} held-out accuracy, or by a time floor reaching the last level at
-{args.ramp_end:.0%} of training; moves: {moves}. Tasks drawn with weight 1 - accuracy (at least
+{args.loss_weighting}). Curriculum levels (context:tasks) {levels}; a level is left when {rule}
+reaches {args.advance_at:g} held-out accuracy{" (on the unvaried tasks)" if options_text(cur.levels[-1].options) or args.vartrack_warmup_chain else ""}, or by a time floor {floor}; moves: {moves}. Tasks drawn with weight 1 - accuracy (at least
 {args.min_task_weight:g}); {args.replay:.0%} of steps replay a shorter context. {args.tokens_per_batch} tokens per
 batch, AdamW lr {args.lr:g} (warmup {args.warmup:.0%}, cosine to {args.min_lr_ratio:g}x), weight decay
 {args.weight_decay}, clip {args.clip}, {"bf16 autocast" if log["device"].startswith("cuda") else "fp32"}.

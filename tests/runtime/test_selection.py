@@ -13,7 +13,7 @@ from runtime.selection import (forced_pages, gather_token_scores, page_scores_fr
 
 
 def brute_force_pages(scores, lens, cfg):
-    """Per (row, head): forced pages, then the best others up to the budget; sorted."""
+    """Per (row, head): forced pages, plus the budget's best others; sorted."""
     n, h, m = scores.shape
     out = []
     for r in range(n):
@@ -21,7 +21,7 @@ def brute_force_pages(scores, lens, cfg):
         valid = -(-c // cfg.page_size)
         forced = {i for i in range(valid) if i * cfg.page_size < cfg.sink_tokens
                   or (i + 1) * cfg.page_size > c - cfg.local_window or i == valid - 1}
-        keep = max(cfg.budget_pages(c), len(forced)) if c else 0
+        keep = min(cfg.budget_pages(c) + len(forced), valid) if c else 0
         row = []
         for hh in range(h):
             rest = sorted((i for i in range(valid) if i not in forced), key=lambda i: -float(scores[r, hh, i]))
@@ -74,7 +74,8 @@ def test_select_tokens_keeps_sinks_window_and_the_best():
     scores[0, 0, [10, 20]] = 3.0
     sel = select_tokens(scores, torch.tensor([30]), cfg)
     got = sel.entries[0, 0, : sel.counts[0, 0]].tolist()
-    assert got[:2] == [0, 1] and got[-3:] == [27, 28, 29] and {10, 20} <= set(got) and len(got) == 8
+    # 2 sinks + 3 window tokens forced, plus the budget's 8 best others (10 and 20 first)
+    assert got[:2] == [0, 1] and got[-3:] == [27, 28, 29] and {10, 20} <= set(got) and len(got) == 5 + 8
 
 
 def test_page_scores_from_tokens_aggregates():

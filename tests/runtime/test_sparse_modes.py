@@ -127,7 +127,7 @@ def test_mode_specific_refusals(model):
 # on a GPU: the Triton kernels, CUDA-graph replay and the real prefetcher
 
 
-def generate_cuda(model, mode, graphs=True, max_batch=2, **sparse):
+def generate_cuda(model, mode, graphs=True, max_batch=2, prompts=None, **sparse):
     sparse.setdefault("page_size", 16)
     sparse.setdefault("sink_tokens", 16)
     sparse.setdefault("local_window", 16)
@@ -136,7 +136,7 @@ def generate_cuda(model, mode, graphs=True, max_batch=2, **sparse):
                           unmasking="fixed", max_batch_size=max_batch, prefill_chunk_size=64, cuda_graphs=graphs,
                           sparse=SparseConfig(**sparse))
     engine = Engine(config, model=model)
-    results = engine.generate(LONG_PROMPTS, max_new_tokens=24, stop_at_eos=False)
+    results = engine.generate(LONG_PROMPTS if prompts is None else prompts, max_new_tokens=24, stop_at_eos=False)
     return [r.tokens for r in results], engine
 
 
@@ -151,31 +151,63 @@ def cuda_model():
 @pytest.mark.gpu
 def test_cuda_graph_replay_gives_the_eager_tokens(cuda_model):
     for mode, extra in [("dense", {}), ("mage", {"budget_fraction": 0.3, "dense_layers": 1}),
-                        ("herald", {"budget_fraction": 0.3, "source": "gpu-compact"})]:
+                        ("herald", {"budget_fraction": 0.3, "source": "gpu-compact"}),
+                        ("herald", {"budget_fraction": 0.3, "source": "gpu-compact", "lookahead": True}),
+                        ("herald", {"budget_fraction": 0.3, "source": "gpu-compact", "lookahead": True,
+                                    "measure_draft_recall": True})]:
         eager, _ = generate_cuda(cuda_model, mode, graphs=False, **extra)
         graphed, engine = generate_cuda(cuda_model, mode, graphs=True, **extra)
-        assert graphed == eager, mode
+        assert graphed == eager, (mode, extra)
+
+
+@pytest.mark.gpu
+def test_cuda_lookahead_runs_beside_the_block_and_is_timed(cuda_model):
+    """The LOOKAHEAD pass runs on the fetch stream (eagerly, or replayed from its graph): blocks
+    after the first find their pages prefetched, and the timeline has the side pass's GPU time and
+    the main stream's stall."""
+    same_length = prompts([300, 300], seed=5)  # the two rows run the same blocks: every block after the first is prepared
+    for graphs in (False, True):
+        _, engine = generate_cuda(cuda_model, "herald", graphs=graphs, budget_fraction=0.3, source="gpu-compact",
+                                  lookahead=True, measure_draft_recall=True, prompts=same_length)
+        timeline = engine.last_timeline
+        seen = [(b["rows"], b["pages_selected"], b["pages_fetched"], b["pages_prefetched"], b["lookahead_ms"] is not None)
+                for b in timeline]
+        with_side = [b for b in timeline if b["lookahead_ms"] is not None]
+        assert with_side and all(b["lookahead_ms"] > 0 and 0 <= b["lookahead_stall_ms"] <= b["lookahead_ms"]
+                                 for b in with_side), (graphs, seen)
+        assert sum(b["pages_prefetched"] for b in timeline) > 0, (graphs, seen)
+        # a block whose rows were all prepared by the last block's lookahead fetches at step 0 only the
+        # pages the last commit rewrote: at most 2 per (row, sparse layer, KV head) with blocks of 4
+        sparse_layers, heads = cuda_model.config.num_layers - 2, cuda_model.config.num_kv_heads
+        prepared = timeline[1:]
+        assert len(prepared) == 5 and all(b["rows"] == 2 for b in timeline) and all(b["pages_fetched"] <= 2 * b["rows"] * sparse_layers * heads for b in prepared), \
+            (graphs, seen)
 
 
 @pytest.mark.gpu
 def test_cuda_full_budget_modes_equal_dense(cuda_model):
     dense, _ = generate_cuda(cuda_model, "dense")
     for mode, extra in [("mage", {}), ("quest", {}), ("herald", {"source": "gpu-compact"}),
-                        ("herald", {"source": "cpu"}), ("herald", {"source": "split"})]:
+                        ("herald", {"source": "cpu"}), ("herald", {"source": "split"}),
+                        ("herald", {"source": "gpu-compact", "lookahead": True})]:
         got, _ = generate_cuda(cuda_model, mode, budget_fraction=1.0, dense_layers=0, **extra)
         assert got == dense, (mode, extra)
 
 
 @pytest.mark.gpu
 def test_cuda_herald_residency_and_memory_return_to_baseline(cuda_model):
+    # cuBLAS keeps a workspace per stream it ran on for the life of the process (the lookahead's side
+    # stream adds one): not the mode's memory, so both measurements are taken without them
     torch.cuda.synchronize()
+    torch._C._cuda_clearCublasWorkspaces()
     before = torch.cuda.memory_allocated()
-    for source in ("gpu-compact", "cpu", "split"):
+    for source, lookahead in (("gpu-compact", False), ("cpu", False), ("split", False), ("gpu-compact", True)):
         _, engine = generate_cuda(cuda_model, "herald", graphs=False, budget_fraction=0.1, source=source,
-                                  check_residency=True)
+                                  check_residency=True, lookahead=lookahead)
         timeline = engine.last_timeline
         assert timeline and all(b["fetch_ms"] >= 0 and b["pages_fetched"] <= b["pages_selected"] for b in timeline)
     torch.cuda.synchronize()
+    torch._C._cuda_clearCublasWorkspaces()
     assert torch.cuda.memory_allocated() == before
 
 

@@ -1,10 +1,14 @@
 """Training data: deterministic batches from worker processes, and the curriculum's moves."""
+import dataclasses
+import itertools
+import re
+
 import numpy as np
 import pytest
 
 from training.data import (NOISY, BatchRequest, BatchSource, CharEncoder, Curriculum, LayoutSettings, Level,
-                           make_batch_arrays, make_levels)
-from training.tasks import TASKS
+                           make_batch_arrays, make_levels, stage_at_shares)
+from training.tasks import DEFAULT_OPTIONS, TASKS, TaskOptions, generate_examples
 from training.train import make_tokenizer
 
 TOKENIZER = make_tokenizer()
@@ -115,3 +119,75 @@ def test_replay_draws_only_shorter_contexts():
     assert 0.35 < contexts.count(1024) / len(contexts) < 0.65
     first = [cur.request(i, 0.0, tokens_per_batch=4096, max_rows=64) for i in range(50)]
     assert {r.context for r in first} == {128} and {r.tasks for r in first} == {("passkey",)}
+
+
+def test_levels_carry_task_options_into_the_batches():
+    options = TaskOptions(vartrack_any_query=1.0)
+    warm = TaskOptions(vartrack_chain=(1, 1), vartrack_any_query=1.0)
+    levels = make_levels(128, 256, TASKS, warmup_tasks=["passkey"], options=options, warmup_options=warm)
+    assert [(lv.context, lv.tasks, lv.options) for lv in levels] == [
+        (128, ("passkey",), options), (128, tuple(TASKS), warm), (128, tuple(TASKS), options),
+        (256, tuple(TASKS), options)]
+    cur = Curriculum(levels, advance_at=None, ramp_end=0.8, replay=0.0)
+    req = cur.request(0, 0.3, tokens_per_batch=128 * 6, max_rows=6)
+    assert cur.level_at(0.3) == 1 and req.options == warm
+    # Every vartrack row of the warm-up level asks for a name that holds its number directly.
+    vartrack_only = BatchRequest(index=1, context=128, rows=6, tasks=("vartrack",), weights=(1.0,), options=warm)
+    arrays = make_batch_arrays(settings(), vartrack_only)
+    chars = {i: c for c in map(chr, range(128)) if (i := TOKENIZER.token_to_id(c)) is not None}
+    for row in range(6):
+        text = "".join(chars.get(int(t), "") for t in arrays["input_ids"][row][arrays["kind"][row] == 0])
+        name = re.search(r"which number does ([A-Z]{3}) hold", text).group(1)
+        assert re.search(rf" {name} = \d+\. ", text)
+    plain = dataclasses.replace(vartrack_only, options=DEFAULT_OPTIONS)
+    assert plain.options == TaskOptions() and not same(arrays, make_batch_arrays(settings(), plain))
+
+
+def test_training_batches_never_hold_held_out_examples():
+    held_out = {ex.prompt for task in TASKS for ex in generate_examples(task, 128, 100, seed=0)}
+    encode = CharEncoder(TOKENIZER)
+    s = settings(seed=0)  # the training seed equal to the evaluation seed: the split still separates them
+    for index in range(4):
+        arrays = make_batch_arrays(s, request(index, rows=8))
+        for row in range(8):
+            clean = arrays["input_ids"][row][arrays["kind"][row] == 0].tolist()
+            assert not any(clean[:len(p)] == encode(p) for p in held_out)
+
+
+def test_advancing_on_the_mean_lets_one_slow_task_wait():
+    levels = make_levels(128, 512, TASKS)
+    every = Curriculum(levels, advance_at=0.85, replay=0.0)
+    mean = Curriculum(levels, advance_at=0.85, replay=0.0, advance_on="mean")
+    scores = {"passkey": 1.0, "multikey": 1.0, "kv": 0.95, "vartrack": 0.5}  # mean 0.8625
+    assert not every.record(0, scores, step=1, elapsed=1.0)
+    assert mean.record(0, scores, step=1, elapsed=1.0) and mean.level_at(0.0) == 1
+    assert not mean.record(1, {**scores, "kv": 0.8}, step=2, elapsed=2.0)  # mean 0.825
+    with pytest.raises(ValueError, match="advance_on"):
+        Curriculum(levels, advance_on="median")
+
+
+def test_level_time_shares_shape_the_time_floor():
+    assert [stage_at_shares(p, (1, 2, 1)) for p in (0.0, 0.24, 0.25, 0.74, 0.75, 1.0)] == [0, 0, 1, 1, 2, 2]
+    levels = make_levels(128, 1024, TASKS, ["passkey"])  # 5 levels
+    cur = Curriculum(levels, advance_at=0.9, replay=0.0, shares=(1, 1, 1, 1, 6))
+    assert [cur.level_at(p) for p in (0.05, 0.15, 0.25, 0.35, 0.45, 0.99)] == [0, 1, 2, 3, 4, 4]
+    cur.record(0, {"passkey": 1.0}, step=1, elapsed=1.0)
+    assert cur.level_at(0.05) == 1  # evaluations still move it ahead of the floor
+    with pytest.raises(ValueError, match="one per level"):
+        Curriculum(levels, shares=(1, 1, 1))
+    with pytest.raises(ValueError, match="one per level"):
+        Curriculum(levels, shares=(1, 1, 0, 1, 1))
+
+
+def test_task_options_travel_to_worker_processes():
+    options = TaskOptions(vartrack_chain=(1, 2), vartrack_any_query=1.0, kv_near_miss=1.0)
+    reqs = (BatchRequest(index=i, context=128, rows=4, tasks=TASKS, weights=(1.0,) * 4, options=options)
+            for i in itertools.count())  # endless: the pool asks `lookahead` requests ahead
+    pooled = BatchSource(settings(), workers=1, lookahead=2)
+    try:
+        for i in range(3):
+            got, arrays = pooled.next(lambda: next(reqs))
+            assert got.index == i and got.options == options and same(arrays, make_batch_arrays(settings(), got))
+        assert pooled.pool is not None
+    finally:
+        pooled.close()

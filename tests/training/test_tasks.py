@@ -4,7 +4,8 @@ import re
 import pytest
 
 from runtime.tokenizer import DEFAULT_ALPHABET
-from training.tasks import ANSWER_ROOM, MIN_LENGTH, TASKS, exact_match, filler, generate_examples, make_example
+from training.tasks import (ANSWER_ROOM, MIN_LENGTH, TASKS, TaskOptions, exact_match, filler, generate_examples,
+                            longest_vartrack_chain, make_example)
 
 LENGTHS = (MIN_LENGTH, 256, 1000, 4096)
 
@@ -100,3 +101,98 @@ def test_every_task_fits_the_shortest_context(task):
     # The curriculum starts at MIN_LENGTH: every random draw (labels, chain lengths, offsets) must fit.
     for ex in generate_examples(task, MIN_LENGTH, 300, seed=7, split="train"):
         assert len(ex.prompt) + len(ex.answer) + 1 <= MIN_LENGTH
+
+
+# ----------------------------------------------------------------------------- training-time variations
+
+def _chain_of(prompt: str, name: str) -> list[str]:
+    """The names from `name` back to the one that holds a number (name first)."""
+    assignments = dict(re.findall(r" ([A-Z]{3}) = ([A-Z]{3}|\d+)\. ", prompt))
+    chain = [name]
+    while not assignments[chain[-1]].isdigit():
+        chain.append(assignments[chain[-1]])
+    return chain
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_default_options_build_the_evaluated_tasks_exactly(task):
+    for length in (MIN_LENGTH, 512):
+        plain = generate_examples(task, length, 6, seed=2)
+        assert generate_examples(task, length, 6, seed=2, options=TaskOptions()) == plain
+
+
+@pytest.mark.parametrize("chain", [(1, 1), (1, 2), (2, 3), (3, 4), (1, 6)])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_a_vartrack_chain_schedule_yields_valid_answerable_examples(chain, length):
+    lo, hi = chain
+    options = TaskOptions(vartrack_chain=chain)
+    sizes = set()
+    for ex in generate_examples("vartrack", length, 40, seed=3, split="train", options=options):
+        assert len(ex.prompt) + len(ex.answer) + 1 <= length and set(ex.prompt) <= set(DEFAULT_ALPHABET)
+        name = re.search(r"which number does ([A-Z]{3}) hold\?\nAnswer: $", ex.prompt).group(1)
+        names = _chain_of(ex.prompt, name)
+        assert dict(re.findall(r" ([A-Z]{3}) = (\d+)\. ", ex.prompt))[names[-1]] == ex.answer
+        assert len(re.findall(r" [A-Z]{3} = \d+\. ", ex.prompt)) == 2  # the chain and its distractor, as evaluated
+        longest = longest_vartrack_chain(len(ex.prompt))
+        assert min(lo, longest) <= len(names) <= min(hi, longest)
+        sizes.add(len(names))
+    if length >= 1000:  # long prompts hold every chain asked for
+        assert sizes == set(range(lo, hi + 1))
+    if length == MIN_LENGTH:  # the shortest context holds 2 names at most (a distractor as long beside them)
+        assert max(sizes) <= 2
+
+
+def _asked(prompt: str) -> tuple[str, int, bool]:
+    """(asked name, its indirections to the number, whether no statement refers to it: a chain's end)."""
+    name = re.search(r"which number does ([A-Z]{3}) hold\?\nAnswer: $", prompt).group(1)
+    referenced = set(re.findall(r" [A-Z]{3} = ([A-Z]{3})\. ", prompt))
+    return name, len(_chain_of(prompt, name)) - 1, name not in referenced
+
+
+def test_any_name_questions_ask_every_depth_of_both_chains():
+    for probability, ends in ((0.0, (1.0, 1.0)), (0.5, (0.6, 0.9)), (1.0, (0.2, 0.6))):
+        examples = generate_examples("vartrack", 1000, 200, seed=4, split="train",
+                                     options=TaskOptions(vartrack_any_query=probability))
+        depths, at_end = set(), 0
+        for ex in examples:
+            name, depth, is_end = _asked(ex.prompt)
+            assert dict(re.findall(r" ([A-Z]{3}) = (\d+)\. ", ex.prompt))[_chain_of(ex.prompt, name)[-1]] == ex.answer
+            depths.add(depth)
+            at_end += is_end
+        # evaluated questions ask a chain's end, 1-2 indirections away; any-name ones any name, 0 too
+        assert depths == ({1, 2} if probability == 0 else {0, 1, 2})
+        assert ends[0] <= at_end / len(examples) <= ends[1], (probability, at_end)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_kv_near_miss_keys_differ_in_one_character_and_the_answer_stays_unique(length):
+    options = TaskOptions(kv_near_miss=1.0)
+    for ex in generate_examples("kv", length, 20, seed=5, split="train", options=options):
+        assert len(ex.prompt) + len(ex.answer) + 1 <= length
+        key = re.search(r"What is the value of (\w{4})\? \1: $", ex.prompt).group(1)
+        pairs = re.findall(r"\n(\w{4}): (\d+)\n", ex.prompt)
+        assert len(dict(pairs)) == len(pairs) and dict(pairs)[key] == ex.answer
+        assert len({v for _, v in pairs}) == len(pairs)  # values unique: the answer names one key
+        near = [k for k, _ in pairs if sum(a != b for a, b in zip(k, key)) == 1]
+        assert 1 <= len(near) <= 3 and all(k[0].isalpha() for k, _ in pairs)
+
+
+def test_task_options_are_checked():
+    with pytest.raises(ValueError, match="vartrack_chain"):
+        TaskOptions(vartrack_chain=(0, 2))
+    with pytest.raises(ValueError, match="vartrack_chain"):
+        TaskOptions(vartrack_chain=(3, 2))
+    with pytest.raises(ValueError, match="probability"):
+        TaskOptions(kv_near_miss=1.5)
+    with pytest.raises(ValueError, match="probability"):
+        TaskOptions(vartrack_any_query=-0.1)
+
+
+def test_held_out_examples_never_come_from_a_training_stream():
+    options = TaskOptions(vartrack_chain=(1, 3), vartrack_any_query=0.5, kv_near_miss=0.5)
+    for task in TASKS:
+        held_out = {ex.prompt for ex in generate_examples(task, 256, 200, seed=1234)}
+        for seed in (0, 1234):  # a training seed equal to the evaluation seed still draws another stream
+            for opts in (None, options):
+                train = generate_examples(task, 256, 200, seed=seed, split="train", options=opts)
+                assert not held_out & {ex.prompt for ex in train}

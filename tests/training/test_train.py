@@ -14,9 +14,9 @@ from runtime.config import ModelConfig
 from runtime.decoding import DecodeSettings, GenerationRequest, SequenceState, finish_block, start_block
 from runtime.generate import BlockDiffusionLoop
 from runtime.model import Transformer
-from training.tasks import TASKS, generate_examples
+from training.tasks import TASKS, TaskOptions, generate_examples
 from training.train import (CLEAN, NOISY, PAD, CharEncoder, batch_loss, build_batch, build_parser, curriculum,
-                            lr_at, make_tokenizer, model_config_dict, stage_at, train)
+                            lr_at, make_tokenizer, model_config_dict, stage_at, task_options, train)
 
 TOKENIZER = make_tokenizer()
 MASK = TOKENIZER.mask_token_id
@@ -266,3 +266,39 @@ def test_a_snapshot_at_every_save_interval_leaves_a_loadable_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no half-written folder left behind
     model, config = load_model(out)
     assert config.block_size == 4 and json.loads((out / "training_log.json").read_text())["summary"]["finished"]
+
+
+def test_task_variations_shares_and_the_mean_rule_reach_the_run(tmp_path):
+    out = tmp_path / "ckpt"
+    args = build_parser().parse_args([
+        "--out", str(out), "--steps", "4", "--eval-every", "0", "--final-per-task", "1", "--final-contexts", "128",
+        "--vartrack-any-query", "0.5", "--vartrack-warmup-chain", "1", "2", "--kv-near-miss", "0.25",
+        "--level-shares", "1", "1", "1", "2", "--advance-on", "mean", *TINY_ARGS])
+    options, warmup = task_options(args)
+    assert options == TaskOptions(vartrack_any_query=0.5, kv_near_miss=0.25)
+    assert warmup == TaskOptions(vartrack_chain=(1, 2), vartrack_any_query=0.5, kv_near_miss=0.25)
+    log = train(args)
+    assert [lv["context"] for lv in log["levels"]] == [128, 128, 128, 192]
+    assert "options" not in log["levels"][0]  # the pass-key warm-up: the variations touch no pass-key prompt
+    assert log["levels"][1]["options"] == "vartrack chain 1-2, vartrack any-name questions 0.5, kv near-miss keys 0.25"
+    assert "chain" not in log["levels"][3]["options"] and "any-name" in log["levels"][3]["options"]
+    readme = (out / "README.md").read_text()
+    assert "the mean over its tasks" in readme and "20%/20%/20%/40%" in readme and "unvaried tasks" in readme
+    # 4 steps over shares 1/1/1/2: the floor enters level 3 at 60% of the steps
+    assert [h["level"] for h in log["summary"]["level_history"]] == [1, 2, 3]
+    assert [h["step"] for h in log["summary"]["level_history"]] == [1, 2, 3]
+
+
+def test_default_arguments_keep_the_shipped_recipe(tmp_path):
+    args = build_parser().parse_args(["--out", str(tmp_path / "x")])
+    options, warmup = task_options(args)
+    assert options == TaskOptions() and warmup is None
+    assert args.advance_on == "all" and args.level_shares is None
+
+
+def test_level_shares_must_name_every_level(tmp_path):
+    args = build_parser().parse_args(["--out", str(tmp_path / "ckpt"), "--steps", "1", "--level-shares", "1", "2",
+                                      *TINY_ARGS])
+    with pytest.raises(ValueError, match="one per level"):
+        train(args)
+    assert not (tmp_path / "ckpt").exists()

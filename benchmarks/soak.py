@@ -1,0 +1,407 @@
+"""Soak: do hundreds of requests, cancellations and faults leave the engine's memory where it was?
+
+For each mode: a warm-up call (kernels compile, allocators fill their caches), then the baseline;
+then `--requests` requests of random prompt lengths and max_new_tokens (from `--seed`) through
+`--calls` Engine.generate calls, some cancelled before they start and some while they run (through
+should_cancel, so mid-block), optionally with injected faults (`--fault-rate`: per pass, a
+RuntimeError failing the pass or a RequestError naming one of its rows, raised in the mode's plan
+or in a random layer; on CUDA a pass replayed from a graph only sees plan faults). After every
+call the mode must have held nothing when it closed (`Engine.last_occupancy`: slots, host pages,
+rows, cache partitions), and at the end these must be back at the baseline:
+- process RSS (within --rss-tolerance-mib: allocators keep some freed memory),
+- pinned host memory: HostKVStores still open (they page-lock with cudaHostRegister, which torch
+  does not count) plus what torch's pinned allocator has handed out (index upload rings),
+- on CUDA, torch.cuda.memory_allocated and memory_reserved after empty_cache, cuBLAS's per-stream
+  workspaces cleared first (within --gpu-tolerance-mib).
+Every request must come back once, in prompt order, as length, eos, cancelled or (with faults) an
+injected error; any other error fails the run. Prints a line per call and a table; writes JSON;
+exits 1 if anything did not return to the baseline.
+
+    python -m benchmarks.soak --requests 300 --modes dense mage quest herald             # CPU, tiny-random
+    python -m benchmarks.soak --geometry qwen3-8b --context 32768 --requests 200 --modes herald-gpu-compact
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import psutil
+import torch
+
+from benchmarks.decode import GEOMETRIES, geometry, sync
+from benchmarks.throughput import variants
+from offload.host_store import HostKVStore
+from runtime.attention import AttentionMode, ForwardBatch, RequestError
+from runtime.checkpoint import load_model, random_model
+from runtime.config import SELECTION_SOURCES, EngineConfig, SparseConfig
+from runtime.decoding import GenerationRequest, GenerationResult
+from runtime.engine import CHECKPOINTS, Engine
+
+MiB = 2**20
+DATA = Path(__file__).resolve().parent / "data"
+
+
+# ------------------------------------------------------------------------------------------------
+# memory
+
+
+def memory_state(device: torch.device) -> dict[str, int]:
+    """What the process holds now: RSS, pinned host bytes, and on CUDA the GPU allocator's bytes."""
+    gc.collect()
+    # type(), not isinstance: isinstance would touch lazily imported modules' deprecated attributes
+    stores = [o for o in gc.get_objects() if issubclass(type(o), HostKVStore) and not o._closed]
+    state = dict(rss_bytes=psutil.Process().memory_info().rss, open_host_stores=len(stores),
+                 registered_pinned_bytes=sum(s.nbytes for s in stores if s.pin_method == "cudaHostRegister"),
+                 torch_pinned_bytes=0)
+    if device.type == "cuda":
+        sync(device)
+        # the pinned allocator takes blocks back from finished copies when it next allocates
+        torch.empty(1, pin_memory=True)
+        stats = torch.cuda.host_memory_stats()
+        state["torch_pinned_bytes"] = int(stats.get("active_bytes.current", stats.get("allocated_bytes.current", 0)))
+        state["torch_pinned_cached_bytes"] = int(stats.get("allocated_bytes.current", 0))
+        # cuBLAS keeps a workspace per stream it ran on, and each herald lookahead mode takes a side
+        # stream from torch's pool: not the engine's memory
+        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+            torch._C._cuda_clearCublasWorkspaces()
+        state["gpu_allocated_bytes"] = torch.cuda.memory_allocated(device)
+        torch.cuda.empty_cache()
+        state["gpu_reserved_bytes"] = torch.cuda.memory_reserved(device)
+    state["pinned_bytes"] = state["registered_pinned_bytes"] + state["torch_pinned_bytes"]
+    return state
+
+
+def baseline_checks(before: dict[str, int], after: dict[str, int], rss_tolerance: int,
+                    gpu_tolerance: int) -> dict[str, dict]:
+    """name -> {ok, before, after, allowed growth} for every memory figure that must come back."""
+    limits = dict(rss_bytes=rss_tolerance, open_host_stores=0, pinned_bytes=0,
+                  gpu_allocated_bytes=gpu_tolerance, gpu_reserved_bytes=gpu_tolerance)
+    return {name: dict(ok=after[name] - before[name] <= allowed, before=before[name], after=after[name],
+                       allowed_growth=allowed)
+            for name, allowed in limits.items() if name in before}
+
+
+# ------------------------------------------------------------------------------------------------
+# workload
+
+
+@dataclass
+class Workload:
+    """The requests of one mode's soak and when each is cancelled (the how-many-th question about
+    it answers yes; 1 = before it starts)."""
+
+    requests: list[GenerationRequest]
+    cancel_at: dict[str, int]
+
+
+def make_workload(count: int, seed: int, vocab: int, prompt_range: tuple[int, int], new_range: tuple[int, int],
+                  block: int, steps: int, cancel_rate: float, before_start_share: float = 0.3) -> Workload:
+    rng = random.Random(seed)
+    tokens = torch.Generator().manual_seed(seed)  # prompts of 100K tokens: drawn by torch, not one by one
+    reqs, cancel_at = [], {}
+    for i in range(count):
+        length, new = rng.randint(*prompt_range), rng.randint(*new_range)
+        sampled = rng.random() < 0.5
+        # ids 0, 1 (tiny-random's EOS and mask) and the last two (the geometries' mask) stay out of prompts
+        prompt = torch.randint(2, vocab - 2, (length,), generator=tokens).tolist()
+        req = GenerationRequest(prompt=prompt, max_new_tokens=new,
+                                temperature=0.8 if sampled else 0.0, top_p=0.95 if sampled else None,
+                                seed=rng.randrange(2**31), stop_at_eos=rng.random() < 0.5, request_id=f"r{i}")
+        reqs.append(req)
+        if rng.random() < cancel_rate:
+            blocks = -(-(length + new) // block) - length // block
+            asks = 1 + blocks * (steps + 2)  # at admission, then before every pass of every block
+            cancel_at[req.request_id] = 1 if rng.random() < before_start_share else rng.randint(2, asks)
+    return Workload(reqs, cancel_at)
+
+
+@dataclass
+class FaultInjector:
+    """Makes passes of the modes it is installed on fail at random (see the module docstring)."""
+
+    rate: float
+    rng: random.Random
+    injected: list[dict] = field(default_factory=list)
+
+    def install(self, mode: AttentionMode, num_layers: int) -> None:
+        plan, run = mode.plan, mode.run
+        armed: list[tuple[int, Exception]] = []  # (layer, error) for the planned pass
+
+        def error_for(batch: ForwardBatch) -> Exception:
+            where = f"{batch.phase.value} pass, step {batch.step}"
+            if self.rng.random() < 0.5:
+                victim = self.rng.choice(batch.seq_ids)
+                self.injected.append(dict(where=where, rows=[victim]))
+                return RequestError([victim], f"injected fault in the {where}")
+            self.injected.append(dict(where=where, rows=list(batch.seq_ids)))
+            return RuntimeError(f"injected fault in the {where}")
+
+        def plan_(batch: ForwardBatch) -> None:
+            armed.clear()
+            if self.rng.random() < self.rate:
+                if self.rng.random() < 0.5:
+                    raise error_for(batch)
+                armed.append((self.rng.randrange(num_layers), error_for(batch)))
+            plan(batch)
+
+        def run_(layer: int, q, k, v):
+            if armed and armed[0][0] == layer:
+                raise armed.pop()[1]
+            return run(layer, q, k, v)
+
+        mode.plan, mode.run = plan_, run_
+
+
+class SoakEngine(Engine):
+    """An Engine whose modes get the fault injector (when there is one)."""
+
+    injector: FaultInjector | None = None
+
+    def make_mode(self, num_sequences: int, max_tokens: int) -> AttentionMode:
+        mode = super().make_mode(num_sequences, max_tokens)
+        if self.injector is not None:
+            self.injector.install(mode, self.model_config.num_layers)
+        return mode
+
+
+# ------------------------------------------------------------------------------------------------
+# one mode
+
+
+def soak_mode(engine: SoakEngine, workload: Workload, calls: int, fault_rate: float, seed: int,
+              rss_tolerance: int, gpu_tolerance: int, label: str) -> dict:
+    device = engine.device
+    # a full batch: kernels compile for the shapes the soak runs (Triton and CUDA-graph memory is
+    # not a leak)
+    warm = [replace(r, request_id=f"warm{i}")
+            for i, r in enumerate(workload.requests[:engine.config.max_batch_size])]
+    engine.generate(warm)
+    before = memory_state(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    injector = engine.injector = FaultInjector(fault_rate, random.Random(seed + 1)) if fault_rate > 0 else None
+    asked: dict[str, int] = {}
+    cancelled_when: dict[str, int] = {}
+    peak_rss = before["rss_bytes"]
+    process = psutil.Process()
+
+    def should_cancel(request_id: str) -> bool:
+        nonlocal peak_rss
+        peak_rss = max(peak_rss, process.memory_info().rss)
+        asked[request_id] = asked.get(request_id, 0) + 1
+        if asked[request_id] == workload.cancel_at.get(request_id):
+            cancelled_when[request_id] = asked[request_id]
+            return True
+        return False
+
+    reqs = workload.requests
+    size = -(-len(reqs) // calls)
+    chunks = [reqs[start:start + size] for start in range(0, len(reqs), size)]
+    results: list[GenerationResult] = []
+    per_call, leftovers, problems = [], [], []
+    t0 = time.perf_counter()
+    for c, chunk in enumerate(chunks):
+        t_call = time.perf_counter()
+        got = engine.generate(chunk, should_cancel=should_cancel)
+        stats = engine.last_stats
+        if [r.request_id for r in got] != [r.request_id for r in chunk]:
+            problems.append(f"call {c}: results are not the requests in prompt order")
+        occupied = {k: v for k, v in engine.last_occupancy.items() if v}
+        if occupied:
+            leftovers.append(dict(call=c, occupancy=occupied))
+        results += got
+        entry = dict(call=c, requests=len(chunk), cancelled=stats.cancelled, errors=stats.errors,
+                     tokens=stats.generated_tokens, wall_s=time.perf_counter() - t_call,
+                     rss_mib=process.memory_info().rss / MiB, occupancy=dict(engine.last_occupancy))
+        per_call.append(entry)
+        print(f"  [{label}] call {c + 1}/{len(chunks)}: {len(chunk)} requests, {stats.cancelled} cancelled, "
+              f"{stats.errors} errors, {stats.generated_tokens} tokens in {entry['wall_s']:.1f} s; "
+              f"RSS {entry['rss_mib']:.0f} MiB; mode left {occupied or 'nothing'}", flush=True)
+    wall = time.perf_counter() - t0
+    engine.injector = None
+    after = memory_state(device)
+    peak_rss = max(peak_rss, after["rss_bytes"])
+
+    reasons = [r.finish_reason for r in results]
+    counts = {reason: reasons.count(reason) for reason in ("length", "eos", "cancelled", "error")}
+    unexpected = [r for r in results if r.finish_reason not in counts]
+    real_errors = [dict(request_id=r.request_id, error=r.error) for r in results
+                   if r.finish_reason == "error" and "injected" not in (r.error or "")]
+    before_start = sum(1 for rid, when in cancelled_when.items() if when == 1)
+    checks = baseline_checks(before, after, rss_tolerance, gpu_tolerance)
+    checks["mode_empty_after_every_call"] = dict(ok=not leftovers, leftovers=leftovers)
+    checks["every_request_answered"] = dict(
+        ok=not problems and not unexpected and len(results) == len(reqs) and sum(counts.values()) == len(reqs),
+        problems=problems + [f"{r.request_id}: finish_reason {r.finish_reason!r}" for r in unexpected])
+    checks["cancellations_counted"] = dict(ok=counts["cancelled"] == len(cancelled_when),
+                                           cancelled=counts["cancelled"], answered_yes=len(cancelled_when))
+    checks["no_error_but_injected_ones"] = dict(ok=not real_errors, errors=real_errors[:10])
+    row = dict(label=label, mode=engine.config.mode, requests=len(reqs), calls=len(per_call), **counts,
+               cancelled_before_start=before_start, cancelled_running=counts["cancelled"] - before_start,
+               faults_injected=len(injector.injected) if injector else 0, tokens=sum(len(r.tokens) for r in results),
+               wall_s=wall, tokens_per_s=sum(len(r.tokens) for r in results) / wall if wall > 0 else 0.0,
+               memory_before=before, memory_after=after, peak_rss_bytes=peak_rss,
+               gpu_peak_allocated_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+               checks=checks, restored=all(c["ok"] for c in checks.values()), per_call=per_call)
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
+# output
+
+
+def print_table(rows: list[dict], meta: dict) -> None:
+    print(f"\nsoak: {meta['model']}, {meta['device']}, batch {meta['batch']}, {meta['calls']} calls, "
+          f"cancel rate {meta['cancel_rate']}, fault rate {meta['fault_rate']}")
+    head = (f"{'mode':>18} {'reqs':>5} {'len':>4} {'eos':>4} {'canc':>9} {'err':>4} {'tokens':>7} {'tok/s':>7} "
+            f"{'RSS MiB before/after/peak':>26} {'pinned MiB':>12} {'GPU alloc MiB':>15} {'restored':>8}")
+    print(head)
+    for r in rows:
+        b, a = r["memory_before"], r["memory_after"]
+        rss = f"{b['rss_bytes'] / MiB:.0f}/{a['rss_bytes'] / MiB:.0f}/{r['peak_rss_bytes'] / MiB:.0f}"
+        pinned = f"{b['pinned_bytes'] / MiB:.0f}/{a['pinned_bytes'] / MiB:.0f}"
+        gpu = (f"{b['gpu_allocated_bytes'] / MiB:.0f}/{a['gpu_allocated_bytes'] / MiB:.0f}"
+               if "gpu_allocated_bytes" in b else "-")
+        cancelled = f"{r['cancelled_before_start']}+{r['cancelled_running']}"
+        print(f"{r['label']:>18} {r['requests']:>5} {r['length']:>4} {r['eos']:>4} {cancelled:>9} {r['error']:>4} "
+              f"{r['tokens']:>7} {r['tokens_per_s']:>7.1f} {rss:>26} {pinned:>12} {gpu:>15} "
+              f"{'yes' if r['restored'] else 'NO':>8}")
+        for name, check in r["checks"].items():
+            if not check["ok"]:
+                print(f"{'':>18} FAILED {name}: {json.dumps({k: v for k, v in check.items() if k != 'ok'})[:300]}")
+    print("canc: cancelled before start + while running; pinned: HostKVStores still open + torch's pinned "
+          "allocator in use")
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def mode_configs(names: list[str], source: str) -> list[tuple[str, str, dict]]:
+    """(label, mode, overrides) per name: a mode, or a label of benchmarks.throughput's table."""
+    known = {label: (label, mode, over) for label, mode, over in variants(list(SELECTION_SOURCES[1:]))}
+    out = []
+    for name in names:
+        if name == "herald":
+            out.append((f"herald-{source}", "herald", {"source": source}))
+        elif name in known:
+            out.append(known[name])
+        else:
+            raise SystemExit(f"--modes {name!r}: choose among herald, {', '.join(sorted(known))}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", nargs="+", default=["herald"],
+                        help="dense, mage, quest, herald (with --source) or a label of benchmarks.throughput "
+                             "(herald-cpu, dense-sdpa, ...)")
+    parser.add_argument("--mode", dest="modes", nargs="+", help="same as --modes")
+    parser.add_argument("--source", default="gpu-compact", choices=SELECTION_SOURCES[1:], help="herald's selection")
+    parser.add_argument("--lookahead", action="store_true", help="herald: the lookahead on")
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: checkpoints/tiny-random)")
+    parser.add_argument("--geometry", default=None, choices=sorted(GEOMETRIES),
+                        help="random weights at this geometry instead of a checkpoint (GPU runs)")
+    parser.add_argument("--context", type=int, default=8192, help="--geometry: the longest prompt")
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--calls", type=int, default=3, help="Engine.generate calls the requests are split over")
+    parser.add_argument("--batch", type=int, default=4, help="max_batch_size")
+    parser.add_argument("--min-prompt", type=int, default=None)
+    parser.add_argument("--max-prompt", type=int, default=None)
+    parser.add_argument("--max-new", type=int, default=None, help="max_new_tokens are drawn from 1..this")
+    parser.add_argument("--cancel-rate", type=float, default=0.25)
+    parser.add_argument("--fault-rate", type=float, default=0.0, help="probability that a pass fails")
+    parser.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's, 32 for --geometry")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps per block (default: 8 for --geometry, else the block size)")
+    parser.add_argument("--budget", type=float, default=None, help="sparse budget fraction")
+    parser.add_argument("--page-size", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rss-tolerance-mib", type=float, default=64.0)
+    parser.add_argument("--gpu-tolerance-mib", type=float, default=64.0)
+    parser.add_argument("--out", default=None, help=f"JSON file (default: {DATA}/soak_<mode>.json, one per mode)")
+    parser.add_argument("--quiet", action="store_true", help="no per-block progress bars")
+    args = parser.parse_args(argv)
+    for name in ("requests", "calls", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if not 0 <= args.cancel_rate <= 1 or not 0 <= args.fault_rate <= 1:
+        parser.error("--cancel-rate and --fault-rate are probabilities: give them in [0, 1]")
+    if args.geometry and args.model:
+        parser.error("give --model or --geometry, not both")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a GPU; use --device cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    real_geometry = args.geometry is not None
+
+    block = args.block_size or (32 if real_geometry else None)
+    if real_geometry:
+        lo, hi = args.min_prompt or args.context // 4, args.max_prompt or args.context
+        new_max = args.max_new or 4 * block
+        model_config = geometry(args.geometry, hi + new_max + block)
+        print(f"building {args.geometry} with random weights on {device} ({dtype})", flush=True)
+        model = random_model(model_config, dtype=dtype, device=device)
+        model_name = f"<random {args.geometry}>"
+        mask = model_config.vocab_size - 1
+        sparse = SparseConfig(budget_fraction=args.budget or 0.05, page_size=args.page_size or 16,
+                              lookahead=args.lookahead)
+    else:
+        path = Path(args.model) if args.model else CHECKPOINTS / "tiny-random"
+        model, model_config = load_model(path, dtype=dtype, device=device)
+        model_name, mask = str(path), None
+        lo, hi = args.min_prompt or 4, args.max_prompt or 200
+        new_max = args.max_new or 24
+        # small contexts: small pages, sinks and window, so the selection is a real subset
+        sparse = SparseConfig(budget_fraction=args.budget or 0.3, page_size=args.page_size or 4, sink_tokens=4,
+                              local_window=8, dense_layers=1, compact_group=16, lookahead=args.lookahead)
+    if not 1 <= lo <= hi:
+        parser.error(f"prompt lengths {lo}..{hi}: need 1 <= --min-prompt <= --max-prompt")
+    base = EngineConfig(model_path=model_name, device=args.device, dtype=str(dtype).removeprefix("torch."),
+                        block_size=block, denoising_steps=args.steps or (8 if real_geometry else None),
+                        unmasking="fixed" if real_geometry else "threshold",
+                        mask_token_id=mask, max_batch_size=args.batch, progress=not args.quiet, sparse=sparse)
+    configs = mode_configs(args.modes, args.source)
+    meta = dict(model=model_name, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                torch=torch.__version__, batch=args.batch, calls=args.calls, requests=args.requests,
+                prompt_range=[lo, hi], max_new=new_max, cancel_rate=args.cancel_rate, fault_rate=args.fault_rate,
+                seed=args.seed, sparse=dict(vars(sparse)), rss_tolerance_mib=args.rss_tolerance_mib,
+                gpu_tolerance_mib=args.gpu_tolerance_mib, date=time.strftime("%Y-%m-%d"))
+    rows = []
+    for label, mode, overrides in configs:
+        sparse_over = {k: v for k, v in overrides.items() if k in SparseConfig.__dataclass_fields__}
+        engine_over = {k: v for k, v in overrides.items() if k not in sparse_over}
+        config = replace(base, mode=mode, sparse=replace(sparse, **sparse_over), **engine_over)
+        engine = SoakEngine(config, model=model)
+        settings = engine.settings
+        workload = make_workload(args.requests, args.seed, model_config.vocab_size, (lo, hi), (1, new_max),
+                                 settings.block_size, settings.steps, args.cancel_rate)
+        print(f"[{label}] {args.requests} requests (prompts {lo}..{hi} tokens, 1..{new_max} new), "
+              f"{len(workload.cancel_at)} to cancel, fault rate {args.fault_rate}", flush=True)
+        rows.append(soak_mode(engine, workload, args.calls, args.fault_rate, args.seed,
+                              int(args.rss_tolerance_mib * MiB), int(args.gpu_tolerance_mib * MiB), label))
+        del engine
+    print_table(rows, meta)
+    if args.out:
+        outputs = {Path(args.out): rows}
+    else:
+        modes = [r["mode"] for r in rows]
+        outputs = {DATA / f"soak_{r['mode'] if modes.count(r['mode']) == 1 else r['label']}.json": [r] for r in rows}
+    for path, part in outputs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(meta=meta, runs=part), indent=1, default=str))
+        print(f"wrote {path}")
+    failed = [r["label"] for r in rows if not r["restored"]]
+    if failed:
+        print(f"NOT back at the baseline: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,304 @@
+"""Faults stay with the requests they touch (checkpoints/tiny-random on the CPU, every mode).
+
+A fault is injected by wrapping the attention mode the engine builds: it raises in the last layer
+of the n-th pass of a chosen phase (and step) that holds a chosen request, so the layers before it
+have done their work (a commit has half written its K/V). A plain exception fails every request of
+that pass; a `RequestError` naming one request fails only it, and the pass's other rows run their
+block again. Either way the failed requests end with "error" and the message, keep the tokens they
+had committed, every other request gets exactly the tokens of a fault-free run (greedy and seeded
+sampling alike), and afterwards every slot, host page, row and cache partition is free.
+"""
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from runtime import Engine, EngineConfig, RequestError
+from runtime.attention import AttentionMode, ForwardBatch, Phase
+from runtime.checkpoint import load_model
+from runtime.config import SparseConfig
+from runtime.decoding import GenerationRequest
+from runtime.engine import CHECKPOINTS
+from tests.runtime.kv_checks import still_held
+
+MODES = [("dense", {}), ("mage", {}), ("quest", {}), ("herald", {"source": "cpu"}),
+         ("herald", {"source": "gpu-compact"})]
+MODE_IDS = [m + (f"-{e['source']}" if e else "") for m, e in MODES]
+TARGET = "r1"  # the request the faults aim at: sampled, in the first batch, 41-token prompt (3 prefill chunks)
+
+
+@pytest.fixture(scope="module")
+def model():
+    model, _ = load_model(CHECKPOINTS / "tiny-random", dtype=torch.float32)
+    return model
+
+
+def requests(count=10, seed=3) -> list[GenerationRequest]:
+    """Even requests greedy, odd ones sampled from their own seed; random lengths."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        length = 41 if f"r{i}" == TARGET else rng.randint(5, 60)
+        sampling = dict(temperature=0.9, top_p=0.95, seed=100 + i) if i % 2 else {}
+        out.append(GenerationRequest(prompt=[rng.randrange(2, 101) for _ in range(length)],
+                                     max_new_tokens=rng.randint(6, 18), stop_at_eos=False, request_id=f"r{i}",
+                                     **sampling))
+    return out
+
+
+def make_engine(model, mode: str, extra: dict) -> Engine:
+    sparse = SparseConfig(budget_fraction=0.3, page_size=4, sink_tokens=4, local_window=8, dense_layers=1,
+                          compact_group=16, check_residency=True, **extra)
+    # fixed schedule, 4 steps: every full block runs steps 0..3, so a fault can aim at step 2
+    config = EngineConfig(model_path=str(CHECKPOINTS / "tiny-random"), mode=mode, device="cpu", dtype="float32",
+                          progress=False, unmasking="fixed", denoising_steps=4, max_batch_size=4,
+                          prefill_chunk_size=16, sparse=sparse)
+    return Engine(config, model=model)
+
+
+@dataclass
+class Fault:
+    """Raise in the last layer of the `occurrence`-th pass of `phase` (and `step`) holding `target`.
+
+    kind: "runtime" (a RuntimeError: the whole pass fails), "request" (RequestError naming the
+    target), "stray" (RequestError naming a sequence no pass holds), "interrupt"
+    (KeyboardInterrupt), "assertion" (AssertionError: a broken invariant), "transfer" (herald: the
+    cache assigns slots to the misses, then a RequestError naming the target before their gather
+    ran).
+    """
+
+    phase: Phase
+    step: int | None
+    occurrence: int
+    kind: str
+    target: str = TARGET
+    fired: tuple[str, ...] = ()  # request ids of the pass that raised
+
+    def install(self, mode: AttentionMode, request_of: dict[int, str], num_layers: int) -> None:
+        seen = 0
+        armed: list[ForwardBatch] = []
+        plan, run = mode.plan, mode.run
+
+        def matches(batch: ForwardBatch) -> bool:
+            return (not self.fired and batch.phase is self.phase and (self.step is None or batch.step == self.step)
+                    and self.target in [request_of[s] for s in batch.seq_ids])
+
+        def plan_(batch: ForwardBatch) -> None:
+            nonlocal seen
+            armed.clear()
+            if matches(batch):
+                seen += 1
+                if seen == self.occurrence:
+                    armed.append(batch)
+            plan(batch)
+
+        def fire() -> None:
+            batch = armed.pop()
+            self.fired = tuple(request_of[s] for s in batch.seq_ids)
+            where = f"{batch.phase.value} pass, step {batch.step}"
+            if self.kind == "interrupt":
+                raise KeyboardInterrupt
+            if self.kind == "assertion":
+                raise AssertionError(f"injected broken invariant in the {where}")
+            target = [s for s in batch.seq_ids if request_of[s] == self.target]
+            if self.kind == "stray":
+                raise RequestError([-1], f"injected fault naming no row of the {where}")
+            if self.kind in ("request", "transfer"):
+                raise RequestError(target, f"injected {self.kind} fault in the {where}")
+            raise RuntimeError(f"injected fault in the {where}")
+
+        def run_(layer, q, k, v):
+            if armed and layer == num_layers - 1 and self.kind != "transfer":
+                fire()
+            return run(layer, q, k, v)
+
+        mode.plan, mode.run = plan_, run_
+        if self.kind == "transfer":
+            assign = mode.cache.assign
+
+            def assign_(*args, **kwargs):
+                out = assign(*args, **kwargs)  # the misses now own slots ...
+                if armed:
+                    fire()  # ... that their gather never fills
+                return out
+
+            mode.cache.assign = assign_
+
+
+class Run:
+    """Engine.generate with `fault` injected into the mode it builds; what the mode still held
+    when generate closed it lands in `leftover`."""
+
+    def __init__(self, engine: Engine, fault: Fault | None = None):
+        self.engine, self.fault = engine, fault
+        self.leftover: list[str] | None = None
+        request_of: dict[int, str] = {}
+        make_sequence, make_mode = engine.make_sequence, engine.make_mode
+
+        def make_sequence_(request):
+            seq = make_sequence(request)
+            request_of[seq.seq_id] = request.request_id
+            return seq
+
+        def make_mode_(num_sequences, max_tokens):
+            mode = make_mode(num_sequences, max_tokens)
+            if fault is not None:
+                fault.install(mode, request_of, engine.model_config.num_layers)
+            close = mode.close
+
+            def close_():
+                self.leftover = still_held(mode, num_sequences)
+                close()
+
+            mode.close = close_
+            return mode
+
+        engine.make_sequence, engine.make_mode = make_sequence_, make_mode_
+
+    def generate(self, reqs, **kwargs):
+        return self.engine.generate(reqs, **kwargs)
+
+
+_baselines: dict[str, dict[str, list[int]]] = {}
+
+
+def baseline(model, mode, extra) -> dict[str, list[int]]:
+    """Tokens of a fault-free run, per request id (once per mode)."""
+    key = f"{mode}{extra}"
+    if key not in _baselines:
+        run = Run(make_engine(model, mode, extra))
+        results = run.generate(requests())
+        assert all(r.finish_reason == "length" and r.error is None for r in results)
+        assert run.leftover == []
+        _baselines[key] = {r.request_id: r.tokens for r in results}
+    return _baselines[key]
+
+
+FAULTS = {
+    "prefill": Fault(Phase.PREFILL, None, 2, "runtime"),  # the target's second prompt chunk
+    "step0-pass": Fault(Phase.DENOISE, 0, 2, "runtime"),
+    "step0-request": Fault(Phase.DENOISE, 0, 2, "request"),
+    "later-step-pass": Fault(Phase.DENOISE, 2, 1, "runtime"),
+    "later-step-request": Fault(Phase.DENOISE, 2, 2, "request"),
+    "commit-pass": Fault(Phase.COMMIT, None, 2, "runtime"),
+    "commit-request": Fault(Phase.COMMIT, None, 1, "request"),
+}
+
+
+def check_isolated(results, reqs, fault: Fault, want: dict[str, list[int]], engine: Engine) -> None:
+    assert [r.request_id for r in results] == [r.request_id for r in reqs]  # every request, prompt order
+    assert fault.fired, "the fault never fired: no pass matched it"
+    failed = {fault.target} if fault.kind in ("request", "transfer") else set(fault.fired)
+    assert fault.phase is Phase.PREFILL or len(fault.fired) > 1, "aim the fault at a pass of several rows"
+    for r in results:
+        if r.request_id in failed:
+            assert r.finish_reason == "error" and "injected" in r.error, (r.request_id, r.finish_reason, r.error)
+            assert r.tokens == want[r.request_id][: len(r.tokens)]  # what it had committed, nothing invented
+        else:
+            assert r.error is None and r.finish_reason == "length"
+            assert r.tokens == want[r.request_id], f"{r.request_id} differs from the fault-free run"
+    assert engine.last_stats.requests == len(reqs) and engine.last_stats.errors == len(failed)
+    assert engine.last_stats.cancelled == 0
+    assert engine.last_occupancy and not any(engine.last_occupancy.values())
+
+
+@pytest.mark.parametrize("fault_name", list(FAULTS))
+@pytest.mark.parametrize("mode,extra", MODES, ids=MODE_IDS)
+def test_fault_fails_only_the_requests_it_touched(model, mode, extra, fault_name):
+    want = baseline(model, mode, extra)
+    spec = FAULTS[fault_name]
+    fault = Fault(spec.phase, spec.step, spec.occurrence, spec.kind)
+    engine = make_engine(model, mode, extra)
+    run = Run(engine, fault)
+    reqs = requests()
+    results = run.generate(reqs)
+    check_isolated(results, reqs, fault, want, engine)
+    assert run.leftover == []
+    if fault.kind == "request":  # rows that ran their block again: greedy and sampled ones among them
+        redone = [r for r in reqs if r.request_id in fault.fired and r.request_id != fault.target]
+        assert {r.temperature > 0 for r in redone} == {True, False}, fault.fired
+
+
+@pytest.mark.parametrize("source", ["cpu", "gpu-compact"])
+def test_herald_transfer_fault_leaves_no_unfilled_slot(model, source):
+    """The cache gave the misses of a step 0 slots, then their transfer failed for one request:
+    the others run the block again and must not read those slots as if they held the pages."""
+    extra = {"source": source}
+    want = baseline(model, "herald", extra)
+    fault = Fault(Phase.DENOISE, 0, 3, "transfer")
+    engine = make_engine(model, "herald", extra)
+    run = Run(engine, fault)
+    reqs = requests()
+    check_isolated(run.generate(reqs), reqs, fault, want, engine)
+    assert run.leftover == []
+
+
+def test_request_error_naming_no_row_of_the_pass_fails_the_whole_pass(model):
+    want = baseline(model, "dense", {})
+    fault = Fault(Phase.DENOISE, 1, 1, "stray")
+    engine = make_engine(model, "dense", {})
+    run = Run(engine, fault)
+    reqs = requests()
+    check_isolated(run.generate(reqs), reqs, fault, want, engine)
+    assert run.leftover == []
+
+
+@pytest.mark.parametrize("mode,extra", MODES, ids=MODE_IDS)
+def test_keyboard_interrupt_propagates_and_releases_everything(model, mode, extra):
+    engine = make_engine(model, mode, extra)
+    run = Run(engine, Fault(Phase.DENOISE, 2, 1, "interrupt"))
+    with pytest.raises(KeyboardInterrupt):
+        run.generate(requests())
+    assert run.leftover == []
+
+
+@pytest.mark.parametrize("mode,extra", [MODES[0], MODES[3]], ids=[MODE_IDS[0], MODE_IDS[3]])
+def test_a_broken_invariant_propagates_and_releases_everything(model, mode, extra):
+    """An AssertionError (what check_residency raises) says the mode's state cannot be trusted:
+    it is not turned into request errors."""
+    run = Run(make_engine(model, mode, extra), Fault(Phase.COMMIT, None, 1, "assertion"))
+    with pytest.raises(AssertionError, match="injected broken invariant"):
+        run.generate(requests())
+    assert run.leftover == []
+
+
+def test_a_failing_should_cancel_propagates(model):
+    """A broken callback is the caller's bug, not a fault of the requests."""
+    engine = make_engine(model, "herald", {"source": "cpu"})
+    run = Run(engine)
+    asked = []
+
+    def should_cancel(request_id: str) -> bool:
+        asked.append(request_id)
+        if len(asked) == 9:  # mid-block
+            raise ValueError("callback bug")
+        return False
+
+    with pytest.raises(ValueError, match="callback bug"):
+        run.generate(requests(), should_cancel=should_cancel)
+    assert run.leftover == []
+
+
+def test_faults_and_cancellations_together(model):
+    """A cancelled request and a failed one in the same run: the counts add up and the rest is exact."""
+    want = baseline(model, "quest", {})
+    fault = Fault(Phase.DENOISE, 1, 2, "request")
+    engine = make_engine(model, "quest", {})
+    run = Run(engine, fault)
+    asked: dict[str, int] = {}
+
+    def should_cancel(request_id: str) -> bool:
+        asked[request_id] = asked.get(request_id, 0) + 1
+        return (request_id, asked[request_id]) in (("r4", 1), ("r2", 7))  # before start; mid-block
+
+    results = run.generate(requests(), should_cancel=should_cancel)
+    reasons = {r.request_id: r.finish_reason for r in results}
+    assert reasons["r4"] == reasons["r2"] == "cancelled" and reasons[TARGET] == "error"
+    assert engine.last_stats.cancelled == 2 and engine.last_stats.errors == 1
+    for r in results:
+        if r.finish_reason == "length":
+            assert r.tokens == want[r.request_id]
+        else:
+            assert r.tokens == want[r.request_id][: len(r.tokens)]
+    assert run.leftover == []
