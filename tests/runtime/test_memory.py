@@ -1,0 +1,82 @@
+"""The memory planner: each mode's footprint from the geometry, the largest batch, and refusals that
+say what would fit, before anything is allocated."""
+import pytest
+import torch
+
+from runtime import Engine, EngineConfig
+from runtime.config import ModelConfig, RopeConfig, SparseConfig
+from runtime.engine import CHECKPOINTS
+from runtime.memory import (GiB, check_fits, kv_bytes_per_token, largest_batch, plan_memory,
+                            selected_pages_bound)
+
+# Qwen3-8B as SDAR-8B uses it: 144 KiB of K and V per token in bf16
+QWEN3_8B = ModelConfig(architecture="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                       num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=262144,
+                       rope=RopeConfig(theta=1e6), qk_norm=True, mask_token_id=151669, block_size=32)
+CUDA = torch.device("cuda")  # planning only reads the device type when free memory is given
+CONTEXT = 131072
+
+
+def plan(mode, batch, sparse=None, **free):
+    free.setdefault("gpu_free", 200 * GiB)
+    free.setdefault("host_free", 200 * GiB)
+    return plan_memory(QWEN3_8B, mode, sparse or SparseConfig(), batch, CONTEXT, torch.bfloat16, CUDA, 32, 2048,
+                       **free)
+
+
+def test_footprints_follow_the_geometry():
+    per_token = kv_bytes_per_token(QWEN3_8B, torch.bfloat16)
+    assert per_token == 144 * 1024
+    dense = plan("dense", 3)
+    assert dense.gpu_kv_bytes == 3 * CONTEXT * per_token and dense.host_bytes == 0
+    quest = plan("quest", 3)
+    summaries = 3 * (CONTEXT // 16) * 2 * 36 * 8 * 128 * 4  # fp32 min and max per page and channel
+    assert quest.gpu_kv_bytes == dense.gpu_kv_bytes + summaries
+    herald = plan("herald", 3)
+    assert herald.host_bytes == 3 * CONTEXT * per_token  # the whole KV lives in pinned host memory
+    # on the GPU: the two exact layers' KV, the page cache of the budget, the int4 keys with scales
+    exact_layers = 3 * CONTEXT * per_token * 2 // 36
+    cache = 3 * 8 * selected_pages_bound(SparseConfig(), CONTEXT) * 16 * per_token // 8
+    compact = 3 * CONTEXT * 36 * 8 * (128 // 2 + 2 * 128 // 32)
+    assert herald.gpu_kv_bytes == exact_layers + cache + compact
+    assert herald.gpu_kv_bytes < dense.gpu_kv_bytes / 4
+    # the lookahead holds the next block's pages beside the current ones: twice the cache
+    ahead = plan("herald", 3, SparseConfig(lookahead=True))
+    assert ahead.gpu_kv_bytes == herald.gpu_kv_bytes + cache
+
+
+@pytest.mark.parametrize("mode", ["dense", "mage", "quest", "herald"])
+def test_largest_batch_is_the_fit_boundary(mode):
+    free = dict(gpu_free=63 * GiB, host_free=100 * GiB)  # an 80 GB card after the weights; 100 GiB of host RAM
+    n = largest_batch(QWEN3_8B, mode, SparseConfig(), CONTEXT, torch.bfloat16, CUDA, 32, 2048, **free)
+    assert n >= 1
+    assert plan(mode, n, **free).fits and not plan(mode, n + 1, **free).fits
+    if mode == "herald":
+        assert n == 5  # host bound: 18 GiB pinned per 128K sequence
+    if mode == "dense":
+        assert n == 3  # GPU bound: 18 GiB of KV per 128K sequence
+
+
+def test_a_batch_that_does_not_fit_is_refused_with_what_would():
+    too_many = plan("dense", 8, gpu_free=63 * GiB)
+    assert not too_many.fits
+    with pytest.raises(MemoryError, match=r"does not fit in GPU memory; at most 3 such sequences fit"):
+        check_fits(too_many, 3)
+    host_bound = plan("herald", 8, host_free=100 * GiB)
+    with pytest.raises(MemoryError, match=r"does not fit in host memory; at most 5 such sequences fit"):
+        check_fits(host_bound, 5)
+    with pytest.raises(MemoryError, match="not even one such sequence fits"):
+        check_fits(plan("dense", 1, gpu_free=GiB), 0)
+
+
+def test_engine_refuses_before_allocating():
+    engine = Engine(EngineConfig(model_path=str(CHECKPOINTS / "tiny-random"), device="cpu", progress=False,
+                                 mode="herald"))
+    assert engine.largest_batch(4096, gpu_free=0, host_free=0) == 0
+    tight = engine.memory_plan(4, 4096, gpu_free=1 << 20, host_free=1 << 20)
+    assert not tight.fits and "herald: 4 x 4096 tokens needs" in tight.describe()
+    with pytest.raises(ValueError, match="gpu_memory_gib=0 must be > 0"):
+        EngineConfig(model_path="x", gpu_memory_gib=0)
+    with pytest.raises(ValueError, match="prefill_chunk_size=2 is smaller than the block size"):
+        Engine(EngineConfig(model_path=str(CHECKPOINTS / "tiny-random"), device="cpu", progress=False,
+                            prefill_chunk_size=2)).generate(["a prompt"], max_new_tokens=4)
