@@ -142,11 +142,15 @@ class HeraldAttention(AttentionMode):
         # selected, fetched at step 0, prefetched for the next block; draft-chosen pages the block's own
         # step-0 queries also choose, and how many those choose (measure_draft_recall)
         self._counters = torch.zeros(5, dtype=torch.int64, device=device)
-        # the lookahead: per batch size of its pass, the next block's selection per layer [n, Hkv,
+        # the lookahead: per batch size of its pass, the next block's selection [L, n, Hkv,
         # max_selected] (-1 padded) and its plan, at fixed addresses (a side-stream graph writes them);
         # per batch size of step 0, which lookahead row each row takes ([n] int64) and whether it has one
         self.wants_lookahead = sparse.lookahead
-        self._next_store: dict[int, list[torch.Tensor]] = {}
+        self._next_store: dict[int, torch.Tensor] = {}
+        # the selection a block took from the lookahead (a copy: the block's own lookahead overwrites
+        # the store), its rows and width, so that a block rerun after a fault takes it again
+        self._next_backup: dict[int, torch.Tensor] = {}
+        self._consumed: tuple[tuple[int, ...], int, int] | None = None
         self._next_plans: dict[int, SelectionPlan] = {}
         self._next_index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._next_rows: tuple[int, ...] | None = None
@@ -191,17 +195,20 @@ class HeraldAttention(AttentionMode):
     def restart_block(self, seq_ids: tuple[int, ...]) -> None:
         """The rerun of an aborted block starts from empty partitions: the failed pass may have
         given slots to pages whose gather never ran (the cost: one refetch of the rows' selections).
-        A lookahead the aborted block prepared was made for the block after it, and the one this
-        block took its selection from may since have been overwritten, so neither is used: with the
-        lookahead on, the rerun's rows scan instead, and their tokens can differ from a fault-free
-        run's (both are valid selections; without the lookahead they are the same tokens). On CUDA
-        the main stream first waits for the side stream, whose work in flight writes those slots."""
+        A lookahead the aborted block prepared was made for the block after it: dropped. The
+        selection the aborted block took from the last lookahead is put back (from its copy), so the
+        rerun selects exactly the same pages and its tokens are a fault-free run's. On CUDA the main
+        stream first waits for the side stream, whose work in flight writes those slots."""
         if self.fetch_stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.fetch_stream)
         rows = [self.row_of[s] for s in seq_ids if s in self.row_of]
         if rows:
             self.cache.reset_rows(torch.tensor(rows, device=self.device))
         self._next_rows = None
+        if self._consumed is not None:  # the rerun takes the selection the aborted block took
+            looked, width, n = self._consumed
+            self._next_store[n].copy_(self._next_backup[n])
+            self._next_rows, self._next_width = looked, width
 
     def occupancy(self) -> dict[str, int]:
         counts = dict(sequences=len(self.row_of), rows_taken=self.cache.max_rows - len(self._free_rows),
@@ -330,6 +337,13 @@ class HeraldAttention(AttentionMode):
                 rows_buf, has_buf = self._next_index[n]
                 rows_buf.copy_(torch.tensor([max(i, 0) for i in index]))
                 has_buf.copy_(torch.tensor([i >= 0 for i in index])[:, None, None])
+                looked_n = len(looked)
+                if looked_n not in self._next_backup:
+                    self._next_backup[looked_n] = torch.empty_like(self._next_store[looked_n])
+                self._next_backup[looked_n].copy_(self._next_store[looked_n])  # after the join above
+                self._consumed = (looked, self._next_width, looked_n)
+            else:
+                self._consumed = None
             self._step0_key = (fresh.width, self._use_next, self._every_row,
                                self._looked_n if self._use_next else 0, self._next_width if self._use_next else 0)
             self._next_rows = None
@@ -356,8 +370,8 @@ class HeraldAttention(AttentionMode):
                                self.max_selected)
         if n not in self._next_plans:
             self._next_plans[n] = fresh
-            self._next_store[n] = [torch.full((n, self.num_kv_heads, self.max_selected), -1, dtype=torch.int32,
-                                              device=self.device) for _ in range(self.num_layers)]
+            self._next_store[n] = torch.full((self.num_layers, n, self.num_kv_heads, self.max_selected), -1,
+                                             dtype=torch.int32, device=self.device)
         self._next_plan = self._next_plans[n].copy_(fresh)
         self._next_width = fresh.width
         self._next_rows = batch.seq_ids

@@ -23,8 +23,8 @@ from runtime.engine import CHECKPOINTS
 from tests.runtime.kv_checks import still_held
 
 MODES = [("dense", {}), ("mage", {}), ("quest", {}), ("herald", {"source": "cpu"}),
-         ("herald", {"source": "gpu-compact"})]
-MODE_IDS = [m + (f"-{e['source']}" if e else "") for m, e in MODES]
+         ("herald", {"source": "gpu-compact"}), ("herald", {"source": "gpu-compact", "lookahead": True})]
+MODE_IDS = [m + (f"-{e['source']}" if e else "") + ("-lookahead" if e.get("lookahead") else "") for m, e in MODES]
 TARGET = "r1"  # the request the faults aim at: sampled, in the first batch, 41-token prompt (3 prefill chunks)
 
 
@@ -232,6 +232,44 @@ def test_herald_transfer_fault_leaves_no_unfilled_slot(model, source):
     reqs = requests()
     check_isolated(run.generate(reqs), reqs, fault, want, engine)
     assert run.leftover == []
+
+
+def test_herald_rerun_after_a_fault_takes_the_lookaheads_selection_again(model):
+    """With the lookahead a block takes its pages from the last block's draft, and its own
+    lookahead then overwrites that selection. Rows that rerun the block after another row's fault
+    must take the very same selection again (so their tokens are a fault-free run's), not a scan."""
+    extra = {"source": "gpu-compact", "lookahead": True}
+    engine = make_engine(model, "herald", extra)
+    fault = Fault(Phase.DENOISE, 2, 2, "request")
+    run = Run(engine, fault)
+    restored = []
+    make_mode = engine.make_mode  # Run's: installs the fault
+
+    def make_mode_(num_sequences, max_tokens):
+        mode = make_mode(num_sequences, max_tokens)
+        plan, restart_block = mode.plan, mode.restart_block
+        taken = {}
+
+        def plan_(batch):
+            plan(batch)
+            if batch.phase is Phase.DENOISE and batch.step == 0 and mode._consumed is not None:
+                looked, width, n = mode._consumed
+                taken["selection"] = (looked, width, mode._next_store[n].clone())
+
+        def restart_block_(seq_ids):
+            restart_block(seq_ids)
+            looked, width, store = taken["selection"]
+            assert mode._next_rows == looked and mode._next_width == width
+            assert torch.equal(mode._next_store[len(looked)], store)
+            restored.append(seq_ids)
+
+        mode.plan, mode.restart_block = plan_, restart_block_
+        return mode
+
+    engine.make_mode = make_mode_
+    reqs = requests()
+    check_isolated(run.generate(reqs), reqs, fault, baseline(model, "herald", extra), engine)
+    assert restored and run.leftover == []
 
 
 def test_request_error_naming_no_row_of_the_pass_fails_the_whole_pass(model):
