@@ -248,9 +248,11 @@ class HeraldAttention(AttentionMode):
         if self.dense is not None:
             self.dense.close()
         self._buffers.clear()
-        if hasattr(self, "_block_tables"):
-            self._block_tables.clear()
-            self._pass_tables.clear()
+        # device buffers planned per batch size (close may run from __init__, before some exist)
+        for name in ("_block_tables", "_pass_tables", "_side_tables", "_selection_plans", "_next_store",
+                     "_next_backup", "_next_plans", "_next_index"):
+            if hasattr(self, name):
+                getattr(self, name).clear()
         self.store.close()
 
     # ------------------------------------------------------------------------------------------
