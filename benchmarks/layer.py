@@ -33,7 +33,7 @@ import torch
 from benchmarks.decode import GEOMETRIES, geometry
 from runtime.attention import AttentionMode, ForwardBatch
 from runtime.config import ModelConfig
-from runtime.model import DecoderLayer, Rotary
+from runtime.model import DecoderLayer, Rotary, init_qwen_weights
 
 LAYER_CALLS = 8  # layer calls per captured graph: one replay's launch cost is spread over them
 
@@ -60,15 +60,7 @@ def build_layer(config: ModelConfig, dtype: torch.dtype, device: torch.device, s
     """One decoder layer with Qwen's random init (N(0, 0.02) matrices, unit norms), fused weights built."""
     with torch.device(device):
         layer = DecoderLayer(config).to(dtype)
-    gen = torch.Generator(device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+    init_qwen_weights(layer, 0.02, torch.Generator(device).manual_seed(seed))
     layer.set_fused(True)  # the plain forward reads the same (viewed) parameters
     return layer.requires_grad_(False).eval()
 

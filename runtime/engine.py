@@ -100,7 +100,9 @@ class Engine:
             if tokenizer is None and (path / "tokenizer.json").is_file():
                 tokenizer = Tokenizer.from_dir(path)
         self.model, self.model_config = model.eval(), model.config
-        if self.device.type == "cuda":  # the fused kernels are Triton: CUDA only (CPU runs the torch layer)
+        # the fused kernels are Triton: CUDA only (the CPU runs the torch layer). Engines sharing a
+        # model must not re-concatenate its weights each time: only a change of path does.
+        if self.device.type == "cuda" and self.model.fused != config.fused_layers:
             self.model.set_fused(config.fused_layers)
         self.tokenizer = tokenizer
         self.settings = resolve_settings(config, self.model_config, self.tokenizer)

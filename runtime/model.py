@@ -391,16 +391,21 @@ class Transformer(nn.Module):
             return None
         return self.lm_head(normed).float()
 
-    @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random weights as Qwen initialises them: N(0, std) matrices, zero biases, unit norms."""
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, std, generator=generator)
+        init_qwen_weights(self, std, generator)
+
+
+@torch.no_grad()
+def init_qwen_weights(module: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+    """Qwen's initialisation of any part of the model: N(0, std) matrices, zero biases, unit norms."""
+    for name, p in module.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, std, generator=generator)
 
 
 def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

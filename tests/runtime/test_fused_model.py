@@ -18,6 +18,7 @@ from runtime import Engine, EngineConfig
 from runtime.attention import MaskedAttention, block_diffusion_mask
 from runtime.config import ModelConfig, RopeConfig
 from runtime.model import Transformer, expected_tensor_shapes
+from tests.runtime.weights import perturb
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 VOCAB, MASK, EOS = 61, 60, 59
@@ -43,16 +44,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def tiny_model(config: ModelConfig, dtype=torch.float32, device="cpu", seed=0) -> Transformer:
     model = Transformer(config).to(device=device, dtype=dtype).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith(".bias"):
-                p.copy_(0.3 * noise)
-            else:
-                p.copy_(0.15 * noise)
+    perturb(model, seed)
     return model
 
 

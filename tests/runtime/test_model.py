@@ -16,6 +16,7 @@ from runtime.attention import (DenseAttention, ForwardBatch, MaskedAttention, Ph
 from runtime.checkpoint import load_model
 from runtime.config import ModelConfig, RopeConfig
 from runtime.model import Transformer, rope_frequencies
+from tests.runtime.weights import perturb
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
@@ -52,27 +53,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@torch.no_grad()
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    """Weights far from init (norms != 1, nonzero biases, larger matrices) so that every part matters."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen)
-        if name.endswith("norm.weight"):
-            p.copy_(1.0 + 0.2 * noise)
-        elif name.endswith(".bias"):
-            p.copy_(0.3 * noise)
-        else:
-            p.copy_(0.15 * noise)
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def pair(request, tmp_path_factory):
     """(transformers model, our model, first position) for one case, loaded from a saved directory."""
     config_cls, model_cls, overrides, start, shard = CASES[request.param]
     torch.manual_seed(0)
     hf = model_cls(config_cls(**BASE, **overrides)).eval()
-    _perturb(hf, seed=1)
+    perturb(hf, seed=1)
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
     if shard:
