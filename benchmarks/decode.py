@@ -45,14 +45,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def profile_block(loop: BlockDiffusionLoop, seqs: list, device: torch.device) -> str:
-    """torch.profiler table of one more block: where the time goes, device and host side."""
+def profile_block(loop: BlockDiffusionLoop, seqs: list, device: torch.device, trace: Path | None = None) -> str:
+    """torch.profiler table of one more block: where the time goes, device and host side. With
+    ``trace`` (a ``.json.gz`` path) the timeline is saved too, for chrome://tracing or Perfetto:
+    the side stream's overlap with the main one only shows there."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         loop.decode_block(seqs)
         sync(device)
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     return (prof.key_averages().table(sort_by=sort, row_limit=25) + "\n"
             + prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))

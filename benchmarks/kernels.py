@@ -2,7 +2,8 @@
 
 One run measures:
   1. pinned host->GPU copy bandwidth (1 GiB) and HBM device copy bandwidth (read + write);
-  2. for N=1, Hq=32, Hkv=8, D=128, bf16, T in {16, 32}, context in {32K, 64K, 128K},
+  2. for N=1 (`--batch`: N sequences, sparse rows only), Hq=32, Hkv=8, D=128, bf16, T in {16, 32},
+     context in {32K, 64K, 128K},
      page_size in {16, 64}:
      (a) GPU-resident store layout: time (do_bench median), TB/s of K+V read, speed-up over torch
          SDPA (enable_gqa) on the same KV made contiguous, fraction of the HBM copy bandwidth,
@@ -24,6 +25,7 @@ Prints a table and writes $OUT/kernels.json (OUT defaults to ./out).
     python -m benchmarks.kernels                # full sweep (about 4 minutes on an H100)
     python -m benchmarks.kernels --quick        # 32K context only, smaller sweep
     python -m benchmarks.kernels --sparse-only  # only the sparse pool rows (add --quick for 32K)
+    python -m benchmarks.kernels --batch 6 --T 32 --pages 16 --contexts 131072  # herald's shape at 128K
 """
 from __future__ import annotations
 
@@ -187,14 +189,15 @@ class Shape:
     """One benchmark shape: q, a GPU-resident store with pages in random physical order, and the
     reference output (fp32)."""
 
-    def __init__(self, t: int, ctx: int, page: int, gen: torch.Generator, dev: torch.device):
+    def __init__(self, t: int, ctx: int, page: int, gen: torch.Generator, dev: torch.device, batch: int = 1):
         from gpu_kernels.paged_attention import paged_attention_reference
 
-        self.t, self.ctx, self.page, self.dev, self.gen = t, ctx, page, dev, gen
+        self.t, self.ctx, self.page, self.dev, self.gen, self.batch = t, ctx, page, dev, gen, batch
         self.dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         self.scale = D ** -0.5
         self.num_pages = ctx // page
-        self.q = torch.randn(1, HQ, t, D, device=dev, dtype=self.dtype, generator=gen)
+        # Rows share the resident store (the exact rows are N=1); the sparse rows select per row.
+        self.q = torch.randn(batch, HQ, t, D, device=dev, dtype=self.dtype, generator=gen)
         shape = (self.num_pages, HKV, page, D)
         self.k = torch.randn(shape, device=dev, dtype=self.dtype, generator=gen)
         self.v = torch.randn(shape, device=dev, dtype=self.dtype, generator=gen)
@@ -202,15 +205,15 @@ class Shape:
         self.kv_len = torch.full((1, HKV), ctx, dtype=torch.int32, device=dev)
         self.kv_bytes = 2 * self.k.numel() * self.k.element_size()
         out, _, self.ref_ps, _ = paged_attention_reference(
-            self.q, self.k, self.v, self.table, self.kv_len, scale=self.scale, return_page_scores=True)
+            self.q[:1], self.k, self.v, self.table, self.kv_len, scale=self.scale, return_page_scores=True)
         self.ref_out = out.float()
-        self.base = dict(T=t, context=ctx, page_size=page)
+        self.base = dict(T=t, context=ctx, page_size=page, N=batch)
 
     def default_splits(self, cfg: dict, max_pages: int) -> int:
         """The split count paged_attention picks for this config over max_pages table entries."""
         from gpu_kernels.paged_attention import launch_config
 
-        return launch_config(1, HQ, self.t, D, HKV, self.page, max_pages, self.dev,
+        return launch_config(self.batch, HQ, self.t, D, HKV, self.page, max_pages, self.dev,
                              block_m=cfg.get("block_m"), block_n=cfg.get("block_n"))["num_splits"]
 
 
@@ -294,21 +297,26 @@ def bench_sparse(timer, sh: Shape, configs, frac: float) -> dict:
     from gpu_kernels.paged_attention import paged_attention_reference
 
     dev, gen = sh.dev, sh.gen
+    n, lists = sh.batch, sh.batch * HKV
     n_sel = max(1, round(frac * sh.num_pages))
-    sel = torch.stack([torch.randperm(sh.num_pages, device=dev, generator=gen)[:n_sel] for _ in range(HKV)])
-    heads = torch.arange(HKV, device=dev)[:, None].expand(HKV, n_sel)
-    # Slot perm[i] holds list entry i (head i // n_sel); shuffled so each list is scattered.
-    perm = torch.randperm(HKV * n_sel, device=dev, generator=gen)
-    k_pool = torch.empty((HKV * n_sel, sh.page, D), device=dev, dtype=sh.dtype)
+    sel = torch.stack([torch.randperm(sh.num_pages, device=dev, generator=gen)[:n_sel] for _ in range(lists)])
+    heads = (torch.arange(lists, device=dev) % HKV)[:, None].expand(lists, n_sel)
+    # Slot perm[i] holds list entry i (list i // n_sel); shuffled so each list is scattered.
+    perm = torch.randperm(lists * n_sel, device=dev, generator=gen)
+    k_pool = torch.empty((lists * n_sel, sh.page, D), device=dev, dtype=sh.dtype)
     v_pool = torch.empty_like(k_pool)
     k_pool[perm] = sh.k[sel.reshape(-1), heads.reshape(-1)]
     v_pool[perm] = sh.v[sel.reshape(-1), heads.reshape(-1)]
-    table = perm.reshape(1, HKV, n_sel).int()
-    kv_len = torch.full((1, HKV), n_sel * sh.page, dtype=torch.int32, device=dev)
+    table = perm.reshape(n, HKV, n_sel).int()
+    kv_len = torch.full((n, HKV), n_sel * sh.page, dtype=torch.int32, device=dev)
     ref = paged_attention_reference(sh.q, k_pool, v_pool, table, kv_len, scale=sh.scale)[0].float()
     call = Call(sh, k_pool, v_pool, table, kv_len)
+    # Splits: the default's neighbours plus counts that fill whole waves of programs (a grid of
+    # lists * splits programs runs in ceil(programs / resident slots) waves).
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
+    waves = {s for s in range(1, 25) if sms and (lists * s) % sms == 0}
     sw = run_sweep(timer, call, ref, configs,
-                   lambda cfg: sorted(set(split_candidates(sh.default_splits(cfg, n_sel))) | {1}),
+                   lambda cfg: sorted(set(split_candidates(sh.default_splits(cfg, n_sel))) | {1, 2, 4, 8, 16} | waves),
                    "sparse", n_sel, sh.page)
     nbytes = 2 * k_pool.numel() * k_pool.element_size()
     read_bytes = nbytes + sh.q.numel() * sh.q.element_size() + table.numel() * 4
@@ -344,9 +352,9 @@ def bench_uva(timer, limits, sh: Shape, configs) -> dict:
 
 
 def bench_shape(timer, limits, t, ctx, page, configs, quick, gen, dev: torch.device,
-                modes=("resident", "sparse")) -> list[dict]:
+                modes=("resident", "sparse"), batch: int = 1) -> list[dict]:
     """Every requested mode at one (T, context, page size); returns one record per mode."""
-    sh = Shape(t, ctx, page, gen, dev)
+    sh = Shape(t, ctx, page, gen, dev, batch)
     rows = []
     if "resident" in modes:
         rows.append(bench_resident(timer, limits, sh, configs))
@@ -378,8 +386,9 @@ def print_table(limits: dict, rows: list[dict]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
+        label = r["mode"] + (f" N={r['N']}" if r.get("N", 1) > 1 else "")
         if "ms" not in r:
-            print(f"{r['mode']:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4}  all variants failed")
+            print(f"{label:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4}  all variants failed")
             continue
         if r["mode"] == "uva_host":
             rate, vs = f"{r['GBps']:.1f} GB/s", f"{r['frac_pinned']:.2f} of pinned"
@@ -394,7 +403,7 @@ def print_table(limits: dict, rows: list[dict]) -> None:
         gm = f"{r['graph_ms']:.4f}" if "graph_ms" in r else ""
         gr = f"{r['graph_TBps']:.2f} TB/s" if "graph_TBps" in r else ""
         gb = _cfg_str(r["graph_best"]) if "graph_best" in r else ""
-        print(f"{r['mode']:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4}{r['kv_bytes'] / 1e6:>7.1f} "
+        print(f"{label:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4}{r['kv_bytes'] / 1e6:>7.1f} "
               f"{r['ms']:>9.4f} {rate:>11} {vs:>14} {sc:>11} {hl:>9} {gm:>8} {gr:>10} "
               f"{_cfg_str(r['best']):>26} {gb:>18} {r['max_rel_err']:>9.2e} {'yes' if r['target_ok'] else 'NO'}")
 
@@ -408,6 +417,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pages", type=int, nargs="+", default=[16, 64], help="page sizes (default 16 64)")
     ap.add_argument("--T", type=int, nargs="+", default=[16, 32], dest="ts", help="block sizes (default 16 32)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=1,
+                    help="sequences per call (sparse rows only: each selects its own pages; >1 implies "
+                         "--sparse-only)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.kernels needs a CUDA GPU (none found)")
@@ -431,18 +443,19 @@ def main(argv: list[str] | None = None) -> None:
         with open(path, "w") as f:
             json.dump(dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                            device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           triton=triton.__version__, shape=dict(N=1, Hq=HQ, Hkv=HKV, D=D, dtype="bf16"),
+                           triton=triton.__version__, shape=dict(N=args.batch, Hq=HQ, Hkv=HKV, D=D, dtype="bf16"),
                            targets=TARGETS, limits=limits, seconds=time.time() - t_start, rows=rows),
                       f, indent=1)
 
     # UVA last: a fault reading host memory would end the process, so the rest is saved first.
-    mode_groups = ((("sparse",),) if args.sparse_only else (("resident", "sparse"), ("uva",)))
+    sparse_only = args.sparse_only or args.batch > 1
+    mode_groups = ((("sparse",),) if sparse_only else (("resident", "sparse"), ("uva",)))
     for modes in mode_groups:
         for t in args.ts:
             for ctx in contexts:
                 for page in args.pages:
                     new = bench_shape(timer, limits, t, ctx, page, configs, args.quick, gen,
-                                      torch.device("cuda"), modes)
+                                      torch.device("cuda"), modes, args.batch)
                     for r in new:
                         print(f"  T={t} ctx={ctx} P={page} {r['mode']}: ms={r.get('ms', float('nan')):.4f} "
                               f"max_err={r['max_rel_err']:.2e}", flush=True)

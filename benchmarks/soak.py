@@ -295,6 +295,19 @@ def mode_configs(names: list[str], source: str) -> list[tuple[str, str, dict]]:
     return out
 
 
+def save(rows: list[dict], meta: dict, out: str | None) -> list[Path]:
+    """Write the runs so far: all in `out`, or one file per mode under benchmarks/data."""
+    if out:
+        outputs = {Path(out): rows}
+    else:
+        modes = [r["mode"] for r in rows]
+        outputs = {DATA / f"soak_{r['mode'] if modes.count(r['mode']) == 1 else r['label']}.json": [r] for r in rows}
+    for path, part in outputs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(meta=meta, runs=part), indent=1, default=str))
+    return list(outputs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", default=["herald"],
@@ -372,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompt_range=[lo, hi], max_new=new_max, cancel_rate=args.cancel_rate, fault_rate=args.fault_rate,
                 seed=args.seed, sparse=dict(vars(sparse)), rss_tolerance_mib=args.rss_tolerance_mib,
                 gpu_tolerance_mib=args.gpu_tolerance_mib, date=time.strftime("%Y-%m-%d"))
-    rows = []
+    rows, written = [], []
     for label, mode, overrides in configs:
         sparse_over = {k: v for k, v in overrides.items() if k in SparseConfig.__dataclass_fields__}
         engine_over = {k: v for k, v in overrides.items() if k not in sparse_over}
@@ -386,15 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(soak_mode(engine, workload, args.calls, args.fault_rate, args.seed,
                               int(args.rss_tolerance_mib * MiB), int(args.gpu_tolerance_mib * MiB), label))
         del engine
+        written = save(rows, meta, args.out)  # after every mode: a run cut short keeps what it measured
     print_table(rows, meta)
-    if args.out:
-        outputs = {Path(args.out): rows}
-    else:
-        modes = [r["mode"] for r in rows]
-        outputs = {DATA / f"soak_{r['mode'] if modes.count(r['mode']) == 1 else r['label']}.json": [r] for r in rows}
-    for path, part in outputs.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dict(meta=meta, runs=part), indent=1, default=str))
+    for path in written:
         print(f"wrote {path}")
     failed = [r["label"] for r in rows if not r["restored"]]
     if failed:

@@ -47,6 +47,9 @@ def variants(sources: list[str]) -> list[tuple[str, str, dict]]:
     rows += [(f"herald-{s}", "herald", {"source": s}) for s in sources]
     # HERALD's overlap: the next block's selection and fetch on a side stream, from this block's draft
     rows.append(("herald-lookahead", "herald", {"source": "gpu-compact", "lookahead": True}))
+    # the same with the passes at the side stream's priority (the default gives them a higher one)
+    rows.append(("herald-lookahead-flat", "herald", {"source": "gpu-compact", "lookahead": True,
+                                                     "stream_priority": False}))
     return rows
 
 
@@ -72,7 +75,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, profile: bool = False,
+def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, profile: Path | None = None,
             copy_GBps: float | None = None, warmup: int = WARMUP_BLOCKS) -> dict:
     """Time `blocks` blocks (after `warmup` untimed ones) of `batch` sequences at `context` tokens.
 
@@ -84,7 +87,8 @@ def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, pr
     vocab = engine.model_config.vocab_size - 2
     gen = torch.Generator().manual_seed(seed)
     requests = [GenerationRequest(prompt=torch.randint(0, vocab, (context,), generator=gen).tolist(),
-                                  max_new_tokens=(blocks + warmup + 1) * b, stop_at_eos=False) for _ in range(batch)]
+                                  max_new_tokens=(blocks + warmup + 1 + (profile is not None)) * b, stop_at_eos=False)
+                for _ in range(batch)]  # one block more when profiling: the profiled block has a next one (lookahead)
     seqs = [engine.make_sequence(r) for r in requests]
     device = engine.device
     host_before = psutil.virtual_memory().used
@@ -109,7 +113,7 @@ def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, pr
             parts[-1]["commit_ms"] = latencies[-1] * 1e3 - parts[-1]["step0_ms"] - parts[-1]["steps_ms"]
         if profile:
             print(f"\n=== profile of one more block: {engine.config.mode} context {context} batch {batch}")
-            print(profile_block(loop, seqs, device), flush=True)
+            print(profile_block(loop, seqs, device, trace=profile), flush=True)
         timeline = list(getattr(mode, "timeline", []))[warmup:]
         gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     finally:
@@ -272,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--no-graphs", action="store_true", help="launch every pass eagerly")
     parser.add_argument("--profile", nargs=3, metavar=("LABEL", "CONTEXT", "BATCH"), default=None,
-                        help="print a torch.profiler table of one extra block of this configuration")
+                        help="print a torch.profiler table of one extra block of this configuration and save its "
+                             "timeline under --out")
     parser.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="plan every mode as if the GPU had this much memory (e.g. 80 on a 141 GB H200)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -281,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model_config = geometry(args.geometry, max(args.contexts) + (args.blocks + WARMUP_BLOCKS + 1) * args.block_size)
+    model_config = geometry(args.geometry, max(args.contexts) + (args.blocks + WARMUP_BLOCKS + 2) * args.block_size)
     print(f"building {args.geometry} with random weights on {device} ({dtype})", flush=True)
     model = random_model(model_config, dtype=dtype, device=device)
     sparse = SparseConfig(budget_fraction=args.budget, page_size=args.page_size)
@@ -315,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, context, batch, config, largest in tqdm(plans, desc="throughput", unit="config"):
         engine = Engine(config, model=model)
         try:
-            profile = args.profile is not None and args.profile == [label, str(context), str(batch)]
+            profile = None
+            if args.profile is not None and args.profile == [label, str(context), str(batch)]:
+                profile = Path(args.out) / f"trace_{label}_{context}_{batch}.json.gz"
             row = measure(engine, context, batch, args.blocks, seed=context + batch, profile=profile,
                           copy_GBps=copy_GBps)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:

@@ -14,7 +14,9 @@ many positions of each list are valid. One program handles the G*T queries of on
 heads per KV head, T block positions), so each K/V tile is read once per KV head; the token range
 is cut into splits (flash-decoding) whose partial (out, lse) a second kernel merges, one row per
 program with all splits loaded at once. With one split the attention kernel writes the final
-output itself and there is no second launch (`default_num_splits` picks one split for short lists).
+output itself and there is no second launch (`default_num_splits` sizes the grid in whole waves).
+Given the block's own K/V as well (`block_attention`), split 0 attends to them after its context
+tiles, so attention over [context, block] is this one kernel (and the merge).
 
 The same pass can score every context token with the block-mean query (mean of the G*T query
 vectors of a KV head): token score = scale * q_mean . k, page score = max over a page's valid
@@ -35,7 +37,6 @@ import triton
 import triton.language as tl
 
 from ._uva import HostPointer, kernel_arg
-from .merge import attention_with_block, merge_attention_states
 
 _LOG2E = 1.4426950408889634
 
@@ -43,24 +44,53 @@ KVTensor = Union[torch.Tensor, HostPointer]  # a GPU tensor, or pinned host memo
 
 
 @triton.jit
+def _load_kv(k_ptrs, v_ptrs, mask, UPCAST: tl.constexpr):
+    """A K and a V tile (0 where masked); fp32 under UPCAST (the CPU interpreter's bf16 is wrong)."""
+    k = tl.load(k_ptrs, mask=mask, other=0.0)
+    v = tl.load(v_ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _softmax_update(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One tile of the online softmax: s [BLOCK_M, BLOCK_N] scaled scores in the exp2 domain (-inf
+    where masked, at least one finite per row), v [BLOCK_N, BLOCK_D]. Returns (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_ptr, v_ptr, pt_ptr, kvlen_ptr,
+    q_ptr, k_ptr, v_ptr, pt_ptr, kvlen_ptr, kb_ptr, vb_ptr,
     out_ptr, lse_ptr, ws_ptr, pscore_ptr, tscore_ptr,
     sm_scale,
     stride_qn, stride_qh, stride_qt,
     stride_kp, stride_kh, stride_kt,
     stride_ptn, stride_pth, stride_pte,
     stride_ln, stride_lh,
+    stride_bn, stride_bh, stride_bt,
     max_pages, split_tokens, num_splits,
     HKV: tl.constexpr, G: tl.constexpr, T: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    WRITE_FINAL: tl.constexpr,
+    WRITE_FINAL: tl.constexpr, HAS_BLOCK: tl.constexpr,
     PAGE_SCORES: tl.constexpr, TOKEN_SCORES: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Grid (N * HKV * ROW_BLOCKS, num_splits). q, K and V are contiguous in the head dim; K and V
     share their strides (one store).
+
+    HAS_BLOCK: the block's own K/V (kb/vb [N, HKV, T, D], strides stride_b*) are T more keys,
+    seen by every query (bidirectional), taken by split 0 after its context tiles: the result is
+    attention over [context, block] with no second pass and no merge in torch. Scores stay
+    context-only.
 
     WRITE_FINAL (one split): writes the final out (q's dtype) and lse to out_ptr / lse_ptr, rows
     (n, h, t) contiguous with HEAD_DIM elements each; nothing else runs after this kernel.
@@ -154,11 +184,7 @@ def _paged_attention_kernel(
             kv_mask = tok_ok[:, None]
         else:
             kv_mask = tok_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv(k_base + kv_off, v_base + kv_off, kv_mask, UPCAST)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # raw q . k, fp32
         if SCORES:
@@ -175,15 +201,24 @@ def _paged_attention_kernel(
                 entries = start // PAGE + tl.arange(0, BLOCK_N // PAGE)
                 tl.store(pscore_ptr + score_base * max_pages + entries, ps, mask=entries < page_lim)
 
-        s = tl.where(tok_ok[None, :], s * qk_scale, float("-inf"))
         # Every tile of this loop holds >= 1 valid token, so m_new is finite and exp2 never sees
         # (-inf) - (-inf).
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        s = tl.where(tok_ok[None, :], s * qk_scale, float("-inf"))
+        m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc, DOT_PRECISION)
+
+    if HAS_BLOCK:
+        # The block's own keys, in split 0 only (a range that is empty for the other splits).
+        kb_base = kb_ptr + n * stride_bn + kvh.to(tl.int64) * stride_bh
+        vb_base = vb_ptr + n * stride_bn + kvh.to(tl.int64) * stride_bh
+        blk_hi = tl.where(split == 0, T, 0)
+        for start in range(0, blk_hi, BLOCK_N):
+            offs_b = start + tl.arange(0, BLOCK_N)
+            b_ok = offs_b < T
+            b_off = offs_b[:, None] * stride_bt + offs_d[None, :]
+            kb, vb = _load_kv(kb_base + b_off, vb_base + b_off, b_ok[:, None] & d_ok[None, :], UPCAST)
+            s = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION)
+            s = tl.where(b_ok[None, :], s * qk_scale, float("-inf"))  # every block tile has a valid key
+            m_i, l_i, acc = _softmax_update(s, vb, m_i, l_i, acc, DOT_PRECISION)
 
     if SCORES:
         # Entries of this split beyond kv_len: -inf, so selection never picks them.
@@ -325,21 +360,45 @@ def default_config(rows: int, head_dim: int, page_size: int, device: torch.devic
                 num_stages=stages)
 
 
+def programs_per_sm(block_m: int) -> int:
+    """How many attention programs one SM holds at once: a 128-row tile (8 warps, a 64 KB fp32
+    accumulator in registers, a 32 KB q tile and 3 K/V stages in shared memory) fills an SM; a
+    64-row one leaves room for a second. Measured on H100/H200: grids of more programs than this
+    times the SM count run in extra waves (see `default_num_splits`)."""
+    return 1 if block_m >= 128 else 2
+
+
+# A program's fixed cost (q load, pipeline fill, partial-output store), in K/V tiles: fitted to
+# the H200 split sweep of `benchmarks.kernels --batch 6` (5% of 128K: one wave of 96 programs beat
+# two or three waves of smaller ones by 14-25%).
+_PROGRAM_OVERHEAD_TILES = 16
+
+
 def default_num_splits(programs: int, max_tokens: int, block_n: int, rows: int,
-                       num_sms: int | None) -> int:
-    """Splits per (row, KV head, row block): enough programs for two per SM, each >= a few tiles.
+                       num_sms: int | None, per_sm: int = 1) -> int:
+    """Splits per (row, KV head, row block), chosen by a wave model of the grid.
 
     programs = N * Hkv * row_blocks; num_sms None means the CPU interpreter (a small number).
-    A split keeps at least max(2, 2 * rows / block_n) tiles: it writes rows * D fp32 partials
-    that the merge reads back, which should not outweigh the (2-byte) K/V tiles it reads. When
-    that leaves a single split, the kernel writes the final output itself (no merge launch).
+    The grid of programs * s programs runs in ceil(programs * s / (num_sms * per_sm)) waves, each as
+    long as one program: its tiles / s plus a fixed cost. The count with the shortest estimate
+    wins (ties: fewer splits): one full wave for short lists (5% selections), several full waves
+    for long ones (exact attention over 128K). A split keeps at least max(2, 2 * rows / block_n)
+    tiles: it writes rows * D fp32 partials that the merge reads back, which should not outweigh
+    the (2-byte) K/V tiles it reads. When that leaves a single split, the kernel writes the final
+    output itself (no merge launch).
     """
     tiles = max(1, triton.cdiv(max_tokens, block_n))
     if num_sms is None:
         return min(2, tiles)
-    want = triton.cdiv(2 * num_sms, max(1, programs))
     min_tiles = max(2, triton.cdiv(2 * rows, block_n))
-    return max(1, min(want, tiles // min_tiles))
+    most = max(1, tiles // min_tiles)
+    slots = max(1, num_sms * per_sm)
+    programs = max(1, programs)
+
+    def estimate(s: int) -> float:
+        return triton.cdiv(programs * s, slots) * (tiles / s + _PROGRAM_OVERHEAD_TILES)
+
+    return min(range(1, min(most, 4 * slots) + 1), key=lambda s: (estimate(s), s))
 
 
 def launch_config(n: int, hq: int, t: int, head_dim: int, hkv: int, page_size: int, max_pages: int,
@@ -362,7 +421,7 @@ def launch_config(n: int, hq: int, t: int, head_dim: int, hkv: int, page_size: i
     if num_splits is None:
         sms = (torch.cuda.get_device_properties(device).multi_processor_count
                if device.type == "cuda" else None)
-        num_splits = default_num_splits(n * hkv * row_blocks, max_tokens, bn, rows, sms)
+        num_splits = default_num_splits(n * hkv * row_blocks, max_tokens, bn, rows, sms, programs_per_sm(bm))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), bn) * bn
@@ -398,8 +457,11 @@ def paged_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    k_block: torch.Tensor | None = None,
+    v_block: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Attention of a block of queries over a paged context (no causal mask inside the context).
+    """Attention of a block of queries over a paged context (no causal mask inside the context),
+    and optionally over the block's own keys too.
 
     q [N, Hq, T, D] (bf16/fp16/fp32; Hq = G * Hkv, query head h uses KV head h // G).
     k_pages, v_pages: store layout [num_pages, Hkv, page_size, D] or pool layout
@@ -419,6 +481,9 @@ def paged_attention(
       `launch_config(...)["workspace_numel"]` elements for the split partials (with all buffers
       given, a call allocates nothing, so it can be captured in a CUDA graph and replayed).
       block_m/block_n/num_warps/num_stages: tuning overrides (block_n is raised to page_size).
+    k_block, v_block: [N, Hkv, T, D] on q's device, q's dtype: the block's own K/V, T more keys
+      every query sees (bidirectional), attended in the same launch; out and lse then cover
+      [context, block]. The scores stay context-only.
 
     Host work per call: shape checks, one (or, with splits, two) kernel launches; no device sync.
     Returns (out [N, Hq, T, D] in q's dtype, lse [N, Hq, T] fp32 natural log (-inf for an empty
@@ -458,6 +523,7 @@ def paged_attention(
         raise ValueError(f"k_pages / v_pages must be contiguous in head_dim (stride {k_strides[-1]})")
     if q.stride(-1) != 1:
         q = q.contiguous()
+    has_block = _check_block(k_block, v_block, q, hkv)
 
     out = _buffer(out, (n, hq, t, d), q.dtype, dev, "out")
     lse = _buffer(lse, (n, hq, t), torch.float32, dev, "lse")
@@ -467,7 +533,7 @@ def paged_attention(
                       "token_scores") if want_tokens else None
     if n == 0 or t == 0:
         return out, lse, pscores, tscores
-    if max_pages == 0:
+    if max_pages == 0 and not has_block:
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse, pscores, tscores
@@ -495,17 +561,19 @@ def paged_attention(
     if not per_head:
         pt_strides = (pt_strides[0], 0, pt_strides[1])
     q_strides = q.stride()
+    b_strides = k_block.stride()[:3] if has_block else (0, 0, 0)
     _paged_attention_kernel[(n * hkv * cfg["row_blocks"], splits)](
         q, k, v, page_table, kv_len,
+        k_block if has_block else q, v_block if has_block else q,  # unread without a block
         out, lse, workspace,
         lse if pscores is None else pscores, lse if tscores is None else tscores,  # unread if off
         float(scale),
         q_strides[0], q_strides[1], q_strides[2], *k_strides, *pt_strides,
-        kv_len.stride(0), kv_len.stride(1),
+        kv_len.stride(0), kv_len.stride(1), *b_strides,
         max_pages, cfg["split_tokens"], splits,
         HKV=hkv, G=hq // hkv, T=t, HEAD_DIM=d, BLOCK_D=block_d,
         BLOCK_M=cfg["block_m"], ROW_BLOCKS=cfg["row_blocks"], BLOCK_N=cfg["block_n"], PAGE=page_size,
-        WRITE_FINAL=splits == 1, PAGE_SCORES=want_pages, TOKEN_SCORES=want_tokens,
+        WRITE_FINAL=splits == 1, HAS_BLOCK=has_block, PAGE_SCORES=want_pages, TOKEN_SCORES=want_tokens,
         UPCAST=upcast, DOT_PRECISION="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -517,6 +585,25 @@ def paged_attention(
             num_warps=4 if block_d >= 128 else 2,
         )
     return out, lse, pscores, tscores
+
+
+def _check_block(k_block: torch.Tensor | None, v_block: torch.Tensor | None, q: torch.Tensor, hkv: int) -> bool:
+    """Whether a block part was given, after checking it against q [N, Hq, T, D]."""
+    if k_block is None and v_block is None:
+        return False
+    if k_block is None or v_block is None:
+        raise ValueError("give both k_block and v_block, or neither")
+    n, _, t, d = q.shape
+    want = (n, hkv, t, d)
+    for name, x in (("k_block", k_block), ("v_block", v_block)):
+        if tuple(x.shape) != want or x.dtype != q.dtype or x.device != q.device:
+            raise ValueError(f"{name} must be {want} {q.dtype} on {q.device} (the block's own K/V); got "
+                             f"{tuple(x.shape)} {x.dtype} on {x.device}")
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim (stride {x.stride(-1)})")
+    if k_block.stride() != v_block.stride():
+        raise ValueError(f"k_block and v_block must share strides; got {k_block.stride()} and {v_block.stride()}")
+    return True
 
 
 def _buffer(buf, shape, dtype, dev, name):
@@ -602,17 +689,21 @@ def block_attention(
     return_token_scores: bool = False,
     **kernel_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Attention of a block's queries over [paged context, the block's own K/V] (bidirectional).
+    """Attention of a block's queries over [paged context, the block's own K/V] (bidirectional),
+    in one kernel launch (plus the split merge): the block's keys are the last tile of split 0.
 
     q [N, Hq, T, D]; k_block, v_block [N, Hkv, T, D]; the paged arguments as in
     `paged_attention` (kernel_kwargs go to it: num_splits, block_n, ...). Returns
     (out [N, Hq, T, D] in q's dtype, page_scores or None, token_scores or None); the scores cover
     the context only.
     """
-    ctx_out, ctx_lse, pscores, tscores = paged_attention(
+    if k_block.stride(-1) != 1 or k_block.stride() != v_block.stride():
+        k_block, v_block = k_block.contiguous(), v_block.contiguous()
+    out, _, pscores, tscores = paged_attention(
         q, k_pages, v_pages, page_table, kv_len, scale=scale,
-        return_page_scores=return_page_scores, return_token_scores=return_token_scores, **kernel_kwargs)
-    return attention_with_block(q, k_block, v_block, ctx_out, ctx_lse, scale=scale), pscores, tscores
+        return_page_scores=return_page_scores, return_token_scores=return_token_scores,
+        k_block=k_block, v_block=v_block, **kernel_kwargs)
+    return out, pscores, tscores
 
 
 def block_attention_reference(
@@ -651,6 +742,6 @@ def block_attention_reference(
 
 __all__ = [
     "HostPointer", "paged_attention", "paged_attention_reference", "block_attention",
-    "block_attention_reference", "attention_with_block", "merge_attention_states",
-    "default_config", "default_num_splits", "launch_config", "workspace_numel",
+    "block_attention_reference",
+    "default_config", "default_num_splits", "launch_config", "programs_per_sm", "workspace_numel",
 ]

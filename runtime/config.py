@@ -237,6 +237,9 @@ class EngineConfig:
     # CUDA: one QKV and one gate/up GEMM per layer and Triton kernels for RMSNorm (+ residual),
     # q/k norm + RoPE and SiLU*mul (gpu_kernels/fused_layer.py) instead of ~60 small torch kernels
     fused_layers: bool = True
+    # CUDA: run the passes on a high-priority stream, so that herald's lookahead (its side stream
+    # has the lowest priority) only takes the SMs they leave idle instead of slowing every step
+    stream_priority: bool = True
     sparse: SparseConfig = field(default_factory=SparseConfig)  # mage, quest, herald
     # GPU memory the engine may use in all, weights included (None: whatever is free); e.g. 80 to
     # plan batches on a larger card as on an 80 GB one, or to leave room for other processes

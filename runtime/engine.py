@@ -110,7 +110,10 @@ class Engine:
         self.last_timeline: list[dict] = []  # herald: per-block selection / transfer / stall
         self.last_occupancy: dict[str, int] = {}  # what the mode still held when the run ended: all 0
         self._ids = itertools.count()
-        self._side_stream: torch.cuda.Stream | None = None  # herald's lookahead stream
+        # Streams are the engine's, one each for every mode and loop it makes: cuBLAS keeps a
+        # workspace per stream it has run on for the life of the process.
+        self._side_stream: torch.cuda.Stream | None = None  # herald's lookahead stream (lowest priority)
+        self._compute_stream: torch.cuda.Stream | None = None  # the passes (high priority)
 
     def make_mode(self, num_sequences: int, max_tokens: int) -> AttentionMode:
         backend = self.backend
@@ -126,14 +129,17 @@ class Engine:
             return QuestAttention(*args, self.dtype, self.device, backend, sparse)
         if mode == "herald":
             if self._side_stream is None and self.device.type == "cuda":
-                self._side_stream = torch.cuda.Stream(self.device)  # one for every mode this engine makes
+                self._side_stream = torch.cuda.Stream(self.device)
             return HeraldAttention(*args, self.dtype, self.device, backend, sparse, side_stream=self._side_stream)
         raise ValueError(f"mode {mode!r} is not available")
 
     def make_loop(self, mode: AttentionMode, max_batch_size: int) -> BlockDiffusionLoop:
         graphs = self.config.cuda_graphs and self.device.type == "cuda" and self.backend == "triton"
+        if self._compute_stream is None and self.device.type == "cuda" and self.config.stream_priority:
+            _, highest = torch.cuda.Stream.priority_range()
+            self._compute_stream = torch.cuda.Stream(self.device, priority=highest)
         return BlockDiffusionLoop(self.model, mode, self.settings, max_batch_size, self.config.prefill_chunk_size,
-                                  self.device, cuda_graphs=graphs)
+                                  self.device, cuda_graphs=graphs, compute_stream=self._compute_stream)
 
     @property
     def backend(self) -> str:

@@ -56,7 +56,11 @@ class BlockDiffusionLoop:
     """Drives a model and an attention mode through prefill, denoising and commit passes."""
 
     def __init__(self, model: Transformer, mode: AttentionMode, settings: DecodeSettings,
-                 max_batch_size: int, prefill_chunk_size: int, device: torch.device, cuda_graphs: bool = False):
+                 max_batch_size: int, prefill_chunk_size: int, device: torch.device, cuda_graphs: bool = False,
+                 compute_stream: torch.cuda.Stream | None = None):
+        """compute_stream (CUDA): the stream prefill and the passes run on (e.g. one of high priority,
+        so that a mode's side stream yields to them); it joins the caller's stream on entry to
+        `prefill`, `decode_block` and `run`, and the caller's stream joins it on return."""
         self.model = model
         self.mode = mode
         self.settings = settings
@@ -67,6 +71,7 @@ class BlockDiffusionLoop:
         self.prefill_chunk = prefill_chunk_size // b * b  # chunks stay block-aligned
         self.device = device
         self.graphs = PassGraphs(model, mode, device) if cuda_graphs else None
+        self.compute_stream = compute_stream
         self.last_block_ms: dict[str, float] = {}
         self._should_cancel: Callable[[SequenceState], bool] | None = None
         self._cancelled: list[SequenceState] = []
@@ -93,8 +98,28 @@ class BlockDiffusionLoop:
             return self.model(tokens.to(self.device), batch.positions(self.device), self.mode,
                               need_logits=phase is Phase.DENOISE)
 
+    @contextlib.contextmanager
+    def _on_compute_stream(self):
+        """Run the body on `compute_stream`, ordered after and before the caller's stream's work
+        (nested uses, e.g. run -> decode_block, cost nothing)."""
+        stream = self.compute_stream
+        if stream is None or torch.cuda.current_stream(self.device) == stream:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        stream.wait_stream(caller)
+        try:
+            with torch.cuda.stream(stream):
+                yield
+        finally:
+            caller.wait_stream(stream)
+
     def prefill(self, seq: SequenceState) -> None:
         """Write the KV of the prompt's whole blocks, chunk by chunk."""
+        with self._on_compute_stream():
+            self._prefill(seq)
+
+    def _prefill(self, seq: SequenceState) -> None:
         b = self.settings.block_size
         visibility = 1 if self.settings.prompt_causal else b
         prefix = seq.prompt_ids[: seq.prefix_len]
@@ -121,6 +146,10 @@ class BlockDiffusionLoop:
         """Denoise one block of every row, then commit it. Host wall time of its parts lands in
         `last_block_ms` (step 0, later steps: each ends when its logits reach the host; commit:
         enqueue time only, it is not waited for). Rows cancelled meanwhile leave `rows`."""
+        with self._on_compute_stream():
+            self._decode_block(rows)
+
+    def _decode_block(self, rows: list[SequenceState]) -> None:
         settings = self.settings
         times = {"step0_ms": 0.0, "steps_ms": 0.0, "commit_ms": 0.0}
         self._drop_cancelled(rows)
@@ -193,6 +222,11 @@ class BlockDiffusionLoop:
         remaining requests one by one. An asynchronous kernel error surfaces at the next
         synchronisation, usually when a pass's logits reach the host, and is charged to that pass.
         """
+        with self._on_compute_stream():
+            return self._run(sequences, on_block, should_cancel)
+
+    def _run(self, sequences: Iterable[SequenceState], on_block: Callable[[list[SequenceState]], None] | None,
+             should_cancel: Callable[[SequenceState], bool] | None) -> list[SequenceState]:
         waiting = deque(sequences)
         running: list[SequenceState] = []
         done: list[SequenceState] = []

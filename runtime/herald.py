@@ -81,7 +81,9 @@ class HeraldAttention(AttentionMode):
     def __init__(self, model: ModelConfig, max_sequences: int, max_tokens: int, dtype: torch.dtype,
                  device: torch.device, backend: str, sparse: SparseConfig, reserve_host_bytes: int | None = None,
                  fetch_programs: int | None = DEFAULT_FETCH_PROGRAMS, side_stream: torch.cuda.Stream | None = None):
-        """side_stream: the stream the lookahead runs on (CUDA; default: a new one). An engine passes
+        """fetch_programs: the most programs the lookahead's gather may use (it runs beside the block's
+        steps; step 0's own fetch, which they wait for, uses every SM). side_stream: the stream the
+        lookahead runs on (CUDA; default: a new one). An engine passes
         the same one to every mode it makes: cuBLAS keeps a workspace per stream it has run on for
         the life of the process, so a fresh stream per request batch would grow GPU memory."""
         if sparse.granularity != "page":
@@ -517,8 +519,10 @@ class HeraldAttention(AttentionMode):
             if timed:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
+            # Step 0 waits for these pages: every SM may fetch (the fetch_programs cap is for the
+            # lookahead's gather, which shares the GPU with the block's steps).
             gather_pages(self.store.kernel_k(layer), self.store.kernel_v(layer), physical, assignment.miss_heads,
-                         pool_k, pool_v, assignment.miss_slots, validate=False, max_programs=self.fetch_programs)
+                         pool_k, pool_v, assignment.miss_slots, validate=False)
             if timed:
                 end.record()
                 self._block["events"].append((start, end))

@@ -22,7 +22,7 @@ from gpu_kernels.merge import (  # noqa: E402
     attention_with_block, block_self_attention, merge_attention_states)
 from gpu_kernels.paged_attention import (  # noqa: E402
     block_attention, block_attention_reference, default_num_splits, launch_config, paged_attention,
-    paged_attention_reference)
+    paged_attention_reference, programs_per_sm)
 
 CPU = torch.device("cpu")
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -229,14 +229,27 @@ def test_preallocated_workspace_and_buffers_are_used():
 
 
 def test_default_num_splits_fills_the_gpu_with_a_few_tiles_per_split():
-    # exact 32K context, 8 KV heads, one row block each: about two programs per SM (132 SMs)
-    assert default_num_splits(8, 32768, 64, 64, 132) == 33
+    # exact 32K context, 8 KV heads, 64-row tiles (two programs per SM): one full wave
+    assert default_num_splits(8, 32768, 64, 64, 132, per_sm=2) == 33
     # 16 tiles per head: splits keep >= 2 tiles (64 rows) or >= 4 tiles (128 rows)
-    assert default_num_splits(8, 1024, 64, 64, 132) == 8
+    assert default_num_splits(8, 1024, 64, 64, 132, per_sm=2) == 8
     assert default_num_splits(8, 1024, 64, 128, 132) == 4
     # a head of at most 3 tiles is not split: the kernel writes the final output, no merge launch
-    assert default_num_splits(8, 192, 64, 64, 132) == 1
+    assert default_num_splits(8, 192, 64, 64, 132, per_sm=2) == 1
     assert default_num_splits(8, 192, 64, 64, None) == 2  # interpreter: exercise the merge anyway
+
+
+def test_default_num_splits_avoids_a_partial_extra_wave():
+    # herald at batch 6 (48 lists of a 5% selection of 128K, 128-row tiles, one program per SM):
+    # one wave of 96 programs, not 288 programs in three waves (the H200 sweep: 87 vs 104 us)
+    assert default_num_splits(48, 417 * 16, 64, 128, 132) == 2
+    # exact attention over 128K at batch 6: whole waves (4 x 132 programs), not 2 x 48 on 96 SMs
+    assert default_num_splits(48, 131072, 64, 128, 132) == 11
+    # the lookahead pass (64 queries: two row blocks): 96 programs already fill one wave
+    assert default_num_splits(96, 417 * 16, 64, 256, 132) == 1
+    assert programs_per_sm(128) == 1 and programs_per_sm(64) == 2
+
+
     # the effective count drops splits that would start past the end
     plan = launch_config(1, 32, 16, 128, 8, 16, 2048, torch.device("cpu"), num_splits=33)
     assert plan["num_splits"] == 32 and plan["split_tokens"] == 1024
@@ -290,21 +303,38 @@ def test_attention_with_block_matches_single_softmax():
     assert rel_err(out, blk_out) < 1e-6 and not torch.isnan(out).any()
 
 
-@pytest.mark.parametrize("layout,dtype", [("store", torch.float32), ("pool", torch.float16)])
-def test_block_attention_matches_reference(layout, dtype):
-    n, hkv, g, t, d = 2, 2, 4, 5, 16
-    q, k, v, table, kv_len = make_case(layout, n, hkv, g, t, d, 16, [[40, 0], [16, 70]], dtype)
-    gen = torch.Generator().manual_seed(5)
+@pytest.mark.parametrize("layout,dtype,t,splits,kv_lens", [
+    ("store", torch.float32, 5, 2, [[40, 0], [16, 70]]),
+    ("pool", torch.float16, 5, 2, [[40, 0], [16, 70]]),
+    ("store", torch.float32, 5, 1, [[40, 0], [16, 70]]),  # one split: the kernel writes the result
+    ("pool", torch.float32, 70, 3, [[33, 1], [0, 90]]),  # a block longer than one key tile (64)
+    ("store", torch.float16, 3, 3, [[0, 0], [0, 0]]),  # no context: the block's keys alone
+])
+def test_block_attention_matches_reference(layout, dtype, t, splits, kv_lens):
+    """The block's own K/V ride in the paged kernel (split 0's last tiles): tolerance TOL[dtype]
+    against one fp32 softmax over [gathered context, block]; the page scores stay context-only."""
+    n, hkv, g, d = 2, 2, 4, 16
+    q, k, v, table, kv_len = make_case(layout, n, hkv, g, t, d, 16, kv_lens, dtype)
+    gen = torch.Generator().manual_seed(5 + t)
     k_blk = torch.randn(n, hkv, t, d, generator=gen).to(dtype)
     v_blk = torch.randn(n, hkv, t, d, generator=gen).to(dtype)
     out, ps, ts = block_attention(q, k_blk, v_blk, k, v, table, kv_len, scale=0.25,
-                                  return_page_scores=True, num_splits=2)
+                                  return_page_scores=True, num_splits=splits)
     ref, r_ps, _ = block_attention_reference(q.float(), k_blk.float(), v_blk.float(), k.float(),
                                              v.float(), table, kv_len, scale=0.25,
                                              return_page_scores=True)
-    assert ts is None and out.dtype == dtype
+    assert ts is None and out.dtype == dtype and not torch.isnan(out).any()
     assert rel_err(out.float(), ref) < TOL[dtype]
     check_scores(ps, r_ps)
+
+
+def test_paged_attention_checks_the_block_part():
+    q, k, v, table, kv_len = make_case("store", 1, 2, 2, 4, 16, 16, [[20, 5]], torch.float32)
+    blk = torch.zeros(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="both k_block and v_block"):
+        paged_attention(q, k, v, table, kv_len, scale=1.0, k_block=blk)
+    with pytest.raises(ValueError, match=r"k_block must be \(1, 2, 4, 16\)"):
+        paged_attention(q, k, v, table, kv_len, scale=1.0, k_block=blk[:, :, :3], v_block=blk[:, :, :3])
 
 
 # ---------------------------------------------------------------------------------------- GPU
@@ -401,9 +431,10 @@ def test_gpu_uva_host_pinned_equals_gpu_resident(layout):
 
 
 @pytest.mark.gpu
-def test_gpu_block_attention_bf16():
+@pytest.mark.parametrize("t", [16, 32, 64])
+def test_gpu_block_attention_bf16(t):
     dev = torch.device("cuda")
-    n, hkv, g, t, d = 2, 8, 4, 16, 128
+    n, hkv, g, d = 2, 8, 4, 128
     q, k, v, table, kv_len = make_case("store", n, hkv, g, t, d, 64,
                                        [[4096, 4000, 0, 64, 1, 4096, 300, 2000]] * 2,
                                        torch.bfloat16, device=dev)

@@ -127,14 +127,14 @@ def test_mode_specific_refusals(model):
 # on a GPU: the Triton kernels, CUDA-graph replay and the real prefetcher
 
 
-def generate_cuda(model, mode, graphs=True, max_batch=2, prompts=None, **sparse):
+def generate_cuda(model, mode, graphs=True, max_batch=2, prompts=None, stream_priority=True, **sparse):
     sparse.setdefault("page_size", 16)
     sparse.setdefault("sink_tokens", 16)
     sparse.setdefault("local_window", 16)
     sparse.setdefault("compact_group", 16)
     config = EngineConfig(model_path="unused", mode=mode, device="cuda", dtype="float32", progress=False,
                           unmasking="fixed", max_batch_size=max_batch, prefill_chunk_size=64, cuda_graphs=graphs,
-                          sparse=SparseConfig(**sparse))
+                          stream_priority=stream_priority, sparse=SparseConfig(**sparse))
     engine = Engine(config, model=model)
     results = engine.generate(LONG_PROMPTS if prompts is None else prompts, max_new_tokens=24, stop_at_eos=False)
     return [r.tokens for r in results], engine
@@ -158,6 +158,20 @@ def test_cuda_graph_replay_gives_the_eager_tokens(cuda_model):
         eager, _ = generate_cuda(cuda_model, mode, graphs=False, **extra)
         graphed, engine = generate_cuda(cuda_model, mode, graphs=True, **extra)
         assert graphed == eager, (mode, extra)
+
+
+@pytest.mark.gpu
+def test_cuda_passes_on_a_high_priority_stream_give_the_same_tokens(cuda_model):
+    """The passes run on the engine's high-priority stream (stream_priority, the default): every
+    ordering with the side stream and with the caller's stream still holds, so the tokens are
+    those of the default stream, and the caller's stream sees the finished work."""
+    extra = {"budget_fraction": 0.3, "source": "gpu-compact", "lookahead": True}
+    for mode, sparse in [("dense", {}), ("herald", extra)]:
+        flat, _ = generate_cuda(cuda_model, mode, stream_priority=False, **sparse)
+        high, engine = generate_cuda(cuda_model, mode, **sparse)
+        assert high == flat, mode
+        assert engine._compute_stream is not None and engine._compute_stream.priority < 0
+        assert engine._side_stream is None or engine._side_stream.priority > engine._compute_stream.priority
 
 
 @pytest.mark.gpu
