@@ -2,7 +2,8 @@
 
 An attention result over a key set is (out, lse): the softmax-weighted mean of the values and the
 natural-log sum of exp(scores). Two results over disjoint key sets combine exactly into the result
-over their union, which is how the context part (paged kernel) and the block part are joined.
+over their union: herald's prefill joins a chunk's attention over its own keys to the context's
+this way (the block passes do it inside the paged kernel).
 """
 from __future__ import annotations
 
@@ -61,26 +62,3 @@ def block_self_attention(
     lse = torch.logsumexp(s, dim=-1)
     out = torch.matmul(torch.softmax(s, dim=-1), v_block.float())
     return out.reshape(n, hq, t, d), lse.reshape(n, hq, t)
-
-
-def attention_with_block(
-    q: torch.Tensor,
-    k_block: torch.Tensor,
-    v_block: torch.Tensor,
-    ctx_out: torch.Tensor,
-    ctx_lse: torch.Tensor,
-    *,
-    scale: float,
-) -> torch.Tensor:
-    """Attention over [context, block]: the block part computed here, merged with the context part.
-
-    q [N, Hq, T, D]; k_block, v_block [N, Hkv, T, D]; ctx_out [N, Hq, T, D] and ctx_lse [N, Hq, T]
-    (fp32, -inf where the context is empty) from `paged_attention`. Returns out [N, Hq, T, D] in
-    q's dtype.
-    """
-    if ctx_out.shape != q.shape or ctx_lse.shape != q.shape[:-1]:
-        raise ValueError(f"ctx_out {tuple(ctx_out.shape)} / ctx_lse {tuple(ctx_lse.shape)} must be "
-                         f"{tuple(q.shape)} / {tuple(q.shape[:-1])}")
-    blk_out, blk_lse = block_self_attention(q, k_block, v_block, scale=scale)
-    out, _ = merge_attention_states(blk_out, blk_lse, ctx_out, ctx_lse)
-    return out.to(q.dtype)

@@ -103,10 +103,10 @@ class BlockDiffusionLoop:
         """Run the body on `compute_stream`, ordered after and before the caller's stream's work
         (nested uses, e.g. run -> decode_block, cost nothing)."""
         stream = self.compute_stream
-        if stream is None or torch.cuda.current_stream(self.device) == stream:
+        caller = None if stream is None else torch.cuda.current_stream(self.device)
+        if caller is None or caller == stream:
             yield
             return
-        caller = torch.cuda.current_stream(self.device)
         stream.wait_stream(caller)
         try:
             with torch.cuda.stream(stream):

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 from gpu_kernels._uva import HostPointer  # noqa: E402
 from gpu_kernels.merge import (  # noqa: E402
-    attention_with_block, block_self_attention, merge_attention_states)
+    block_self_attention, merge_attention_states)
 from gpu_kernels.paged_attention import (  # noqa: E402
     block_attention, block_attention_reference, default_num_splits, launch_config, paged_attention,
     paged_attention_reference, programs_per_sm)
@@ -237,6 +237,9 @@ def test_default_num_splits_fills_the_gpu_with_a_few_tiles_per_split():
     # a head of at most 3 tiles is not split: the kernel writes the final output, no merge launch
     assert default_num_splits(8, 192, 64, 64, 132, per_sm=2) == 1
     assert default_num_splits(8, 192, 64, 64, None) == 2  # interpreter: exercise the merge anyway
+    # the effective count drops splits that would start past the end
+    plan = launch_config(1, 32, 16, 128, 8, 16, 2048, torch.device("cpu"), num_splits=33)
+    assert plan["num_splits"] == 32 and plan["split_tokens"] == 1024
 
 
 def test_default_num_splits_avoids_a_partial_extra_wave():
@@ -248,11 +251,6 @@ def test_default_num_splits_avoids_a_partial_extra_wave():
     # the lookahead pass (64 queries: two row blocks): 96 programs already fill one wave
     assert default_num_splits(96, 417 * 16, 64, 256, 132) == 1
     assert programs_per_sm(128) == 1 and programs_per_sm(64) == 2
-
-
-    # the effective count drops splits that would start past the end
-    plan = launch_config(1, 32, 16, 128, 8, 16, 2048, torch.device("cpu"), num_splits=33)
-    assert plan["num_splits"] == 32 and plan["split_tokens"] == 1024
 
 
 # ---------------------------------------------------------------- merging and the block part
@@ -285,7 +283,8 @@ def test_merge_attention_states_matches_single_softmax():
     assert torch.all(o == 0) and torch.all(lse == float("-inf"))
 
 
-def test_attention_with_block_matches_single_softmax():
+def test_block_part_merged_with_the_context_matches_single_softmax():
+    """Herald's prefill joins a chunk's own attention to the context's with these two pieces."""
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(2, 8, 5, 16, generator=gen)
     k_ctx = torch.randn(2, 2, 23, 16, generator=gen)
@@ -294,12 +293,11 @@ def test_attention_with_block_matches_single_softmax():
     v_blk = torch.randn(2, 2, 5, 16, generator=gen)
     ref, _ = _softmax_over(q, torch.cat([k_ctx, k_blk], 2), torch.cat([v_ctx, v_blk], 2), 0.25)
     ctx_out, ctx_lse = _softmax_over(q, k_ctx, v_ctx, 0.25)
-    out = attention_with_block(q, k_blk, v_blk, ctx_out, ctx_lse, scale=0.25)
+    blk_out, blk_lse = block_self_attention(q, k_blk, v_blk, scale=0.25)
+    out, _ = merge_attention_states(blk_out, blk_lse, ctx_out, ctx_lse)
     assert rel_err(out, ref) < 1e-6
     # empty context: the block part alone
-    blk_out, _ = block_self_attention(q, k_blk, v_blk, scale=0.25)
-    out = attention_with_block(q, k_blk, v_blk, torch.zeros_like(q),
-                               torch.full(q.shape[:-1], float("-inf")), scale=0.25)
+    out, _ = merge_attention_states(blk_out, blk_lse, torch.zeros_like(q), torch.full(q.shape[:-1], float("-inf")))
     assert rel_err(out, blk_out) < 1e-6 and not torch.isnan(out).any()
 
 
