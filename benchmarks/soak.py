@@ -27,6 +27,7 @@ import gc
 import json
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -60,11 +61,19 @@ def memory_state(device: torch.device) -> dict[str, int]:
                  torch_pinned_bytes=0)
     if device.type == "cuda":
         sync(device)
-        # the pinned allocator takes blocks back from finished copies when it next allocates
-        torch.empty(1, pin_memory=True)
+        # The pinned allocator takes blocks back from finished copies only when it next looks (and
+        # blocks a CUDA graph's capture staged stay its until the cache is emptied): empty it, so
+        # that what is counted is what live tensors hold. (torch 2.13 names it in torch.accelerator.)
+        empty_host_cache = getattr(torch.accelerator, "empty_host_cache", None) or torch._C._host_emptyCache
+        empty_host_cache()
         stats = torch.cuda.host_memory_stats()
-        state["torch_pinned_bytes"] = int(stats.get("active_bytes.current", stats.get("allocated_bytes.current", 0)))
-        state["torch_pinned_cached_bytes"] = int(stats.get("allocated_bytes.current", 0))
+        # which live tensors hold pinned memory, if any does: what to look for when the check fails
+        pinned = Counter(f"{tuple(o.shape)} {o.dtype}" for o in gc.get_objects()
+                         if type(o) is torch.Tensor and o.device.type == "cpu" and o.is_pinned())
+        state["pinned_tensors"] = dict(pinned.most_common(20))
+        # allocated, not active, bytes: with the cache emptied they are the pinned memory torch holds
+        # (torch 2.11's active-bytes counter drifts: 8 -> 56 bytes over a soak with 0 bytes allocated)
+        state["torch_pinned_bytes"] = int(stats.get("allocated_bytes.current", 0))
         # cuBLAS keeps a workspace per stream it ran on, and each herald lookahead mode takes a side
         # stream from torch's pool: not the engine's memory
         if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
@@ -74,6 +83,29 @@ def memory_state(device: torch.device) -> dict[str, int]:
         state["gpu_reserved_bytes"] = torch.cuda.memory_reserved(device)
     state["pinned_bytes"] = state["registered_pinned_bytes"] + state["torch_pinned_bytes"]
     return state
+
+
+def python_objects() -> Counter:
+    """Live Python objects (those the collector tracks) by type name."""
+    gc.collect()
+    return Counter(type(o).__name__ for o in gc.get_objects())
+
+
+def compiled_triton_kernels() -> dict[str, int]:
+    """Kernels Triton has compiled in this process, per jitted function (over every device)."""
+    # type name, not isinstance: importing triton here would be the soak's only reason to
+    functions = [o for o in gc.get_objects() if type(o).__name__ == "JITFunction"]
+    counts = {fn.__name__: sum(len(cache[0]) for cache in getattr(fn, "device_caches", {}).values())
+              for fn in functions}
+    return {name: count for name, count in sorted(counts.items()) if count}
+
+
+def second_half_growth(values: list[float]) -> float | None:
+    """How much a per-call figure grew over the second half of the calls: warm-up (kernels compiled
+    for new shapes, allocator pools) is over by then, a leak still grows. None below 4 calls."""
+    if len(values) < 4:
+        return None
+    return values[-1] - values[len(values) // 2 - 1]
 
 
 def baseline_checks(before: dict[str, int], after: dict[str, int], rss_tolerance: int,
@@ -204,6 +236,7 @@ def soak_mode(engine: SoakEngine, workload: Workload, calls: int, fault_rate: fl
     chunks = [reqs[start:start + size] for start in range(0, len(reqs), size)]
     results: list[GenerationResult] = []
     per_call, leftovers, problems = [], [], []
+    last_objects = python_objects()
     t0 = time.perf_counter()
     for c, chunk in enumerate(chunks):
         t_call = time.perf_counter()
@@ -215,13 +248,21 @@ def soak_mode(engine: SoakEngine, workload: Workload, calls: int, fault_rate: fl
         if occupied:
             leftovers.append(dict(call=c, occupancy=occupied))
         results += got
+        # Python objects by type and compiled Triton kernels after each call: a leak of Python state
+        # grows the first call after call; kernels compiled for shapes not seen before, the second
+        objects = python_objects()
         entry = dict(call=c, requests=len(chunk), cancelled=stats.cancelled, errors=stats.errors,
                      tokens=stats.generated_tokens, wall_s=time.perf_counter() - t_call,
-                     rss_mib=process.memory_info().rss / MiB, occupancy=dict(engine.last_occupancy))
+                     rss_mib=process.memory_info().rss / MiB, python_objects=sum(objects.values()),
+                     python_object_growth=dict((objects - last_objects).most_common(8)),
+                     triton_kernels=compiled_triton_kernels(), occupancy=dict(engine.last_occupancy))
+        last_objects = objects
         per_call.append(entry)
         print(f"  [{label}] call {c + 1}/{len(chunks)}: {len(chunk)} requests, {stats.cancelled} cancelled, "
               f"{stats.errors} errors, {stats.generated_tokens} tokens in {entry['wall_s']:.1f} s; "
-              f"RSS {entry['rss_mib']:.0f} MiB; mode left {occupied or 'nothing'}", flush=True)
+              f"RSS {entry['rss_mib']:.0f} MiB, {entry['python_objects']} python objects, "
+              f"{sum(entry['triton_kernels'].values())} Triton kernels; "
+              f"mode left {occupied or 'nothing'}", flush=True)
     wall = time.perf_counter() - t0
     engine.injector = None
     after = memory_state(device)
@@ -247,7 +288,8 @@ def soak_mode(engine: SoakEngine, workload: Workload, calls: int, fault_rate: fl
                wall_s=wall, tokens_per_s=sum(len(r.tokens) for r in results) / wall if wall > 0 else 0.0,
                memory_before=before, memory_after=after, peak_rss_bytes=peak_rss,
                gpu_peak_allocated_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-               checks=checks, restored=all(c["ok"] for c in checks.values()), per_call=per_call)
+               checks=checks, restored=all(c["ok"] for c in checks.values()), per_call=per_call,
+               rss_growth_second_half_mib=second_half_growth([e["rss_mib"] for e in per_call]))
     return row
 
 
@@ -271,6 +313,8 @@ def print_table(rows: list[dict], meta: dict) -> None:
         print(f"{r['label']:>18} {r['requests']:>5} {r['length']:>4} {r['eos']:>4} {cancelled:>9} {r['error']:>4} "
               f"{r['tokens']:>7} {r['tokens_per_s']:>7.1f} {rss:>26} {pinned:>12} {gpu:>15} "
               f"{'yes' if r['restored'] else 'NO':>8}")
+        if r.get("rss_growth_second_half_mib") is not None:
+            print(f"{'':>18} RSS grew {r['rss_growth_second_half_mib']:+.0f} MiB over the second half of the calls")
         for name, check in r["checks"].items():
             if not check["ok"]:
                 print(f"{'':>18} FAILED {name}: {json.dumps({k: v for k, v in check.items() if k != 'ok'})[:300]}")

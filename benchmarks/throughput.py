@@ -50,6 +50,9 @@ def variants(sources: list[str]) -> list[tuple[str, str, dict]]:
     # the same with the passes at the side stream's priority (the default gives them a higher one)
     rows.append(("herald-lookahead-flat", "herald", {"source": "gpu-compact", "lookahead": True,
                                                      "stream_priority": False}))
+    # ... and with each layer's gather after its selection on the side stream (no gather stream)
+    rows.append(("herald-lookahead-serial", "herald", {"source": "gpu-compact", "lookahead": True,
+                                                       "lookahead_gather_stream": False}))
     return rows
 
 

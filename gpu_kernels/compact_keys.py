@@ -121,7 +121,7 @@ def _quantize_kernel(
 
 # max_pages and chunk_pages vary with every batch: specialising on their divisibility would compile
 # new variants in the middle of decoding.
-@triton.jit(do_not_specialize=["max_pages", "chunk_pages"])
+@triton.jit(do_not_specialize=["max_pages", "chunk_pages", "stride_ptn"])
 def _compact_scan_kernel(
     q_ptr, codes_ptr, scales_ptr, pt_ptr, kvlen_ptr, pscore_ptr, tscore_ptr,
     sm_scale, max_pages, chunk_pages,

@@ -91,7 +91,7 @@ def _gather_pages_kernel(
         tl.store(dst_v + dst_cur[:, None] + cols[None, :], v, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # a prefill chunk's length: any (see _gather_pages_kernel)
 def _write_tokens_kernel(
     dst_k, dst_v, k_new, v_new, page_table, start_pos,
     T, num_kv_heads,

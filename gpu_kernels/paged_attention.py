@@ -66,7 +66,9 @@ def _softmax_update(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit
+# Lengths and the page table's row strides change with every context and selection: specialising
+# on them (== 1, divisible by 16) would compile, and load, new variants in the middle of decoding.
+@triton.jit(do_not_specialize=["stride_ptn", "stride_pth", "max_pages", "split_tokens", "num_splits"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, pt_ptr, kvlen_ptr, kb_ptr, vb_ptr,
     out_ptr, lse_ptr, ws_ptr, pscore_ptr, tscore_ptr,
@@ -252,7 +254,7 @@ def _paged_attention_kernel(
         tl.store(ws_ptr + total_rows * num_splits * HEAD_DIM + wrow, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     ws_ptr, out_ptr, lse_ptr, num_splits,
     BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,

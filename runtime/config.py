@@ -185,6 +185,9 @@ class SparseConfig:
     check_residency: bool = False  # assert before every sparse attention that its pages are resident
     lookahead: bool = False  # herald: select and fetch the next block's pages from this block's draft
     measure_draft_recall: bool = False  # herald + lookahead: also select at step 0 and report the overlap
+    # herald + lookahead on CUDA: each layer's gather on a stream of its own, so that it overlaps the
+    # next layers' selection instead of following it (the side pass takes ~max, not the sum)
+    lookahead_gather_stream: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget_fraction <= 1.0:

@@ -113,6 +113,7 @@ class Engine:
         # Streams are the engine's, one each for every mode and loop it makes: cuBLAS keeps a
         # workspace per stream it has run on for the life of the process.
         self._side_stream: torch.cuda.Stream | None = None  # herald's lookahead stream (lowest priority)
+        self._gather_stream: torch.cuda.Stream | None = None  # its gathers (between the other two)
         self._compute_stream: torch.cuda.Stream | None = None  # the passes (high priority)
 
     def make_mode(self, num_sequences: int, max_tokens: int) -> AttentionMode:
@@ -129,8 +130,13 @@ class Engine:
             return QuestAttention(*args, self.dtype, self.device, backend, sparse)
         if mode == "herald":
             if self._side_stream is None and self.device.type == "cuda":
+                lowest, highest = torch.cuda.Stream.priority_range()
                 self._side_stream = torch.cuda.Stream(self.device)
-            return HeraldAttention(*args, self.dtype, self.device, backend, sparse, side_stream=self._side_stream)
+                # above the side pass's compute, which it would otherwise queue behind; below the passes
+                middle = (lowest + highest) // 2 if self.config.stream_priority else lowest
+                self._gather_stream = torch.cuda.Stream(self.device, priority=middle)
+            return HeraldAttention(*args, self.dtype, self.device, backend, sparse, side_stream=self._side_stream,
+                                   gather_stream=self._gather_stream)
         raise ValueError(f"mode {mode!r} is not available")
 
     def make_loop(self, mode: AttentionMode, max_batch_size: int) -> BlockDiffusionLoop:

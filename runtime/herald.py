@@ -80,12 +80,14 @@ class HeraldAttention(AttentionMode):
 
     def __init__(self, model: ModelConfig, max_sequences: int, max_tokens: int, dtype: torch.dtype,
                  device: torch.device, backend: str, sparse: SparseConfig, reserve_host_bytes: int | None = None,
-                 fetch_programs: int | None = DEFAULT_FETCH_PROGRAMS, side_stream: torch.cuda.Stream | None = None):
+                 fetch_programs: int | None = DEFAULT_FETCH_PROGRAMS, side_stream: torch.cuda.Stream | None = None,
+                 gather_stream: torch.cuda.Stream | None = None):
         """fetch_programs: the most programs the lookahead's gather may use (it runs beside the block's
         steps; step 0's own fetch, which they wait for, uses every SM). side_stream: the stream the
-        lookahead runs on (CUDA; default: a new one). An engine passes
-        the same one to every mode it makes: cuBLAS keeps a workspace per stream it has run on for
-        the life of the process, so a fresh stream per request batch would grow GPU memory."""
+        lookahead runs on; gather_stream: the one its gathers run on (sparse.lookahead_gather_stream)
+        (CUDA; default: new ones). An engine passes the same ones to every mode it makes: cuBLAS
+        keeps a workspace per stream it has run on for the life of the process, so fresh streams per
+        request batch would grow GPU memory."""
         if sparse.granularity != "page":
             raise ValueError("herald moves and selects whole pages; set granularity='page' (token level is mage's)")
         if sparse.source == "gpu-exact":
@@ -161,6 +163,12 @@ class HeraldAttention(AttentionMode):
         self.fetch_stream = None
         if self.cuda and sparse.lookahead:
             self.fetch_stream = side_stream if side_stream is not None else torch.cuda.Stream(device)
+        self.gather_stream = None
+        if self.fetch_stream is not None and sparse.lookahead_gather_stream:
+            self.gather_stream = gather_stream if gather_stream is not None else torch.cuda.Stream(device)
+        # the gathers' index tensors, held until the side stream joins the gather stream: the side
+        # stream made them, and the allocator would hand their memory to its next layer meanwhile
+        self._gather_inputs: list[tuple[torch.Tensor, ...]] = []
         self._side_events: tuple[torch.cuda.Event, ...] | None = None  # the lookahead in flight: start
         self._timeline: list[dict] = []  # per block: selection, transfer, pages selected / fetched
         self._block: dict = {}
@@ -185,8 +193,8 @@ class HeraldAttention(AttentionMode):
     def remove_sequence(self, seq_id: int) -> None:
         if self.cuda:  # queued kernels may still read its host pages or its slots
             torch.cuda.current_stream(self.device).synchronize()
-            if self.fetch_stream is not None:
-                self.fetch_stream.synchronize()
+            for stream in self._side_streams():
+                stream.synchronize()
         self.store.free(seq_id)
         if self.dense is not None:
             self.dense.remove_sequence(seq_id)
@@ -201,8 +209,9 @@ class HeraldAttention(AttentionMode):
         selection the aborted block took from the last lookahead is put back (from its copy), so the
         rerun selects exactly the same pages and its tokens are a fault-free run's. On CUDA the main
         stream first waits for the side stream, whose work in flight writes those slots."""
-        if self.fetch_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.fetch_stream)
+        for stream in self._side_streams():
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._gather_inputs.clear()
         rows = [self.row_of[s] for s in seq_ids if s in self.row_of]
         if rows:
             self.cache.reset_rows(torch.tensor(rows, device=self.device))
@@ -280,6 +289,9 @@ class HeraldAttention(AttentionMode):
     def pass_stream(self, batch: ForwardBatch) -> torch.cuda.Stream | None:
         """The LOOKAHEAD runs on the fetch stream, beside the block's remaining steps."""
         return self.fetch_stream if batch.phase is Phase.LOOKAHEAD else None
+
+    def _side_streams(self) -> list[torch.cuda.Stream]:
+        return [s for s in (self.fetch_stream, self.gather_stream) if s is not None]
 
     def _join_lookahead(self) -> None:
         """Order the main stream after the lookahead in flight (no host wait), noting how long the
@@ -430,9 +442,14 @@ class HeraldAttention(AttentionMode):
         """(out, lse) of q over every committed context token, read from the host store."""
         buf = self._buf
         if self.cuda:
-            out, lse, _, _ = paged_attention(q, self.store.kernel_k(layer), self.store.kernel_v(layer),
+            # The kernel is compiled per query count (a constexpr), and a prompt's last chunk may have
+            # any length: its queries are padded with zero rows to a power of two, so that prefills
+            # share a few compiled kernels instead of adding one (and its memory) per prompt length.
+            t = q.shape[2]
+            padded = torch.nn.functional.pad(q, (0, 0, 0, (1 << (t - 1).bit_length()) - t))
+            out, lse, _, _ = paged_attention(padded, self.store.kernel_k(layer), self.store.kernel_v(layer),
                                              buf.store_table, buf.context_lens, scale=self.scale)
-            return out, lse
+            return out[:, :, :t], lse[:, :, :t]
         n, hq, t, d = q.shape
         hkv = self.num_kv_heads
         pages = -(-int(self.batch.context_lens.max()) // self.page_size)
@@ -552,7 +569,21 @@ class HeraldAttention(AttentionMode):
         self._next_store[self.batch.num_rows][layer][..., :selection.entries.shape[-1]].copy_(selection.entries)
         self._counters[2] += (assignment.miss_slots >= 0).sum()
         pool_k, pool_v = self.cache.k_pool(layer), self.cache.v_pool(layer)
-        if self.cuda:
+        if self.gather_stream is not None:
+            # The gather writes slots this layer's selection just took, which nothing else in the pass
+            # reads: it may run beside the next layers' compute. The pass ends joined (a captured graph
+            # must, and the commit orders itself after the side stream alone).
+            side = torch.cuda.current_stream(self.device)
+            self.gather_stream.wait_stream(side)
+            with torch.cuda.stream(self.gather_stream):
+                gather_pages(self.store.kernel_k(layer), self.store.kernel_v(layer), physical,
+                             assignment.miss_heads, pool_k, pool_v, assignment.miss_slots, validate=False,
+                             max_programs=self.fetch_programs)
+            self._gather_inputs.append((physical, assignment.miss_heads, assignment.miss_slots))
+            if layer == self.num_layers - 1:
+                side.wait_stream(self.gather_stream)
+                self._gather_inputs.clear()
+        elif self.cuda:
             gather_pages(self.store.kernel_k(layer), self.store.kernel_v(layer), physical, assignment.miss_heads,
                          pool_k, pool_v, assignment.miss_slots, validate=False, max_programs=self.fetch_programs)
         else:

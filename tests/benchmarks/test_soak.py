@@ -55,3 +55,11 @@ def test_soak_fails_when_host_stores_stay_open(tmp_path, monkeypatch):
     assert code == 1 and not r["restored"] and r["checks"]["mode_empty_after_every_call"]["ok"]
     stores = r["checks"]["open_host_stores"]
     assert not stores["ok"] and stores["after"] - stores["before"] == 2  # one per generate call
+
+
+def test_second_half_growth_separates_warm_up_from_a_leak():
+    from benchmarks.soak import second_half_growth
+
+    assert second_half_growth([100.0, 150.0, 160.0]) is None  # too few calls to tell
+    assert second_half_growth([100.0, 150.0, 160.0, 160.0, 161.0, 161.0]) == 1.0  # warm-up, then flat
+    assert second_half_growth([100.0, 110.0, 120.0, 130.0]) == 20.0  # still growing

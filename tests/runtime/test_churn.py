@@ -103,7 +103,7 @@ def test_cancel_while_lookahead_transfers_are_in_flight():
         attention = engine.make_mode(3, max(s.max_tokens for s in seqs))
         loop = engine.make_loop(attention, 3)
         side = attention.fetch_stream
-        releases: list[bool] = []  # at each partition reset of a removal: was the side stream done?
+        releases: list[bool] = []  # at each partition reset of a removal: were the side streams done?
         rows: dict[str, int] = {}
         removing = []
         plan, remove, add = attention.plan, attention.remove_sequence, attention.add_sequence
@@ -124,7 +124,7 @@ def test_cancel_while_lookahead_transfers_are_in_flight():
 
         def reset_(partitions):
             if removing:
-                releases.append(side.query())
+                releases.append(side.query() and attention.gather_stream.query())
             reset(partitions)
 
         def add_(seq_id, max_tokens):

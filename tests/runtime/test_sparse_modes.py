@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from runtime import Engine, EngineConfig
+from runtime.attention import Phase
 from runtime.config import ModelConfig, RopeConfig, SparseConfig
 from runtime.model import Transformer
 
@@ -172,6 +173,54 @@ def test_cuda_passes_on_a_high_priority_stream_give_the_same_tokens(cuda_model):
         assert high == flat, mode
         assert engine._compute_stream is not None and engine._compute_stream.priority < 0
         assert engine._side_stream is None or engine._side_stream.priority > engine._compute_stream.priority
+
+
+@pytest.mark.gpu
+def test_cuda_lookahead_gathers_land_before_the_next_block_reads_them(cuda_model, monkeypatch):
+    """The lookahead's gathers run on a stream of their own (lookahead_gather_stream) and the pass
+    joins it before it ends. Every LOOKAHEAD pass's gather stream first sleeps ~25 ms, so a missing
+    join would let the next block's step 0 read slots not yet written (the directory already names
+    their pages, so nothing refetches them). Tokens must be those of gathers on the side stream."""
+    from runtime.herald import HeraldAttention
+
+    plan, delayed = HeraldAttention.plan, []
+
+    def late_gathers(self, batch):
+        plan(self, batch)
+        if batch.phase is Phase.LOOKAHEAD and self.gather_stream is not None:
+            with torch.cuda.stream(self.gather_stream):
+                torch.cuda._sleep(50_000_000)
+            delayed.append(batch.seq_ids)
+
+    monkeypatch.setattr(HeraldAttention, "plan", late_gathers)
+    same_length = prompts([300, 300], seed=5)  # every block after the first takes the lookahead's pages
+    for graphs in (False, True):
+        extra = dict(graphs=graphs, budget_fraction=0.3, source="gpu-compact", lookahead=True, prompts=same_length)
+        serial, _ = generate_cuda(cuda_model, "herald", lookahead_gather_stream=False, **extra)
+        count = len(delayed)
+        overlapped, engine = generate_cuda(cuda_model, "herald", **extra)
+        assert len(delayed) > count, "no lookahead ran on the gather stream: nothing was tested"
+        assert overlapped == serial, graphs
+        assert engine._gather_stream.priority < engine._side_stream.priority
+
+
+@pytest.mark.gpu
+def test_cuda_herald_compiles_no_kernel_per_prompt_length(cuda_model):
+    """Prompts whose last prefill chunks (64 tokens here) differ in length, and whose contexts and
+    selections differ in size, reuse the compiled attention kernels: a long-running server must not
+    compile (and keep) a variant per request. The GPU soak found herald adding ~4 per request batch."""
+    from gpu_kernels.paged_attention import _merge_splits_kernel, _paged_attention_kernel
+
+    def compiled():
+        return sum(len(cache[0]) for kernel in (_paged_attention_kernel, _merge_splits_kernel)
+                   for cache in kernel.device_caches.values())
+
+    # the same batches, chunk counts and longest prompt (so the same split counts), other lengths:
+    # last chunks of 44, 37, 47, 51 tokens, then of 50, 51, 53, 59 (all padded to 64 rows)
+    generate_cuda(cuda_model, "herald", budget_fraction=0.3, prompts=prompts([300, 229, 175, 115], seed=7))
+    before = compiled()
+    generate_cuda(cuda_model, "herald", budget_fraction=0.3, prompts=prompts([306, 243, 181, 123], seed=8))
+    assert compiled() == before
 
 
 @pytest.mark.gpu
