@@ -256,6 +256,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"context {context // 1024}K")
         ax.set_xlabel("batch (sequences)")
         ax.set_ylabel("generated tokens/s")
+        ax.set_ylim(bottom=0)  # ratios read true from the heights
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -330,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
                           copy_GBps=copy_GBps)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
             row = dict(context=context, batch=batch, error=f"{type(err).__name__}: {err}"[:300])
+        if "error" in row:
+            # Outside the except block: until it ends, the traceback's frames keep the failed run's
+            # tensors alive, and the next configuration would find their memory taken
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

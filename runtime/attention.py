@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from gpu_kernels.paged_attention import block_attention
 from runtime.config import ATTENTION_BACKENDS, ModelConfig
+from runtime.memory import gpu_free_bytes
 
 
 class Phase(enum.Enum):
@@ -231,7 +232,7 @@ class DenseAttention(AttentionMode):
         shape = (max_sequences * self.pages_per_seq, model.num_kv_heads, page_size, model.head_dim)
         nbytes = 2 * model.num_layers * torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
         if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
+            free = gpu_free_bytes(device)
             if nbytes > free:
                 fits = int(free // (nbytes / (max_sequences * self.max_tokens)))
                 raise MemoryError(

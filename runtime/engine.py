@@ -17,7 +17,7 @@ from runtime.config import EngineConfig, ModelConfig
 from runtime.decoding import DecodeSettings, GenerationRequest, GenerationResult, SequenceState
 from runtime.generate import BlockDiffusionLoop
 from runtime.herald import HeraldAttention
-from runtime.memory import MemoryPlan, check_fits, largest_batch, plan_memory
+from runtime.memory import MemoryPlan, check_fits, gpu_free_bytes, largest_batch, plan_memory
 from runtime.resident_sparse import MageAttention, QuestAttention
 from runtime.model import Transformer
 from runtime.tokenizer import Tokenizer
@@ -158,8 +158,8 @@ class Engine:
         """Free-memory overrides for the planner: the caller's, else the configured GPU cap."""
         cap = self.config.gpu_memory_gib
         if cap is not None and self.device.type == "cuda" and "gpu_free" not in free:
-            left = int(cap * 2**30) - torch.cuda.memory_reserved(self.device)
-            free = dict(free, gpu_free=max(0, min(left, torch.cuda.mem_get_info(self.device)[0])))
+            left = int(cap * 2**30) - torch.cuda.memory_allocated(self.device)
+            free = dict(free, gpu_free=max(0, min(left, gpu_free_bytes(self.device))))
         return free
 
     def memory_plan(self, num_sequences: int, max_tokens: int, **free) -> MemoryPlan:

@@ -79,7 +79,9 @@ def gpu_free_bytes(device: torch.device) -> int:
     if device.type != "cuda":
         return psutil.virtual_memory().available
     free, _ = torch.cuda.mem_get_info(device)
-    return free
+    # blocks torch's allocator holds but no tensor uses are free to this process (it hands them out
+    # again, and releases them to retry an allocation that would fail)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def plan_memory(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int, max_tokens: int,

@@ -6,7 +6,7 @@ import torch
 from runtime import Engine, EngineConfig
 from runtime.config import ModelConfig, RopeConfig, SparseConfig
 from runtime.engine import CHECKPOINTS
-from runtime.memory import (GiB, check_fits, kv_bytes_per_token, largest_batch, plan_memory,
+from runtime.memory import (GiB, check_fits, gpu_free_bytes, kv_bytes_per_token, largest_batch, plan_memory,
                             selected_pages_bound)
 
 # Qwen3-8B as SDAR-8B uses it: 144 KiB of K and V per token in bf16
@@ -80,3 +80,14 @@ def test_engine_refuses_before_allocating():
     with pytest.raises(ValueError, match="prefill_chunk_size=2 is smaller than the block size"):
         Engine(EngineConfig(model_path=str(CHECKPOINTS / "tiny-random"), device="cpu", progress=False,
                             prefill_chunk_size=2)).generate(["a prompt"], max_new_tokens=4)
+
+
+@pytest.mark.gpu
+def test_gpu_free_bytes_counts_the_allocators_cached_blocks():
+    """A failed run leaves its memory in torch's cache (cudaMemGetInfo calls it used): the planner
+    must count it free, or every configuration after an out-of-memory is refused."""
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    del x
+    driver_free, _ = torch.cuda.mem_get_info()
+    assert gpu_free_bytes(torch.device("cuda")) - driver_free >= 2**30
+    torch.cuda.empty_cache()
