@@ -30,6 +30,7 @@ The first `dense_layers` layers (default 2, as mage keeps them) stay exact: thei
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 
@@ -166,9 +167,7 @@ class HeraldAttention(AttentionMode):
         self.gather_stream = None
         if self.fetch_stream is not None and sparse.lookahead_gather_stream:
             self.gather_stream = gather_stream if gather_stream is not None else torch.cuda.Stream(device)
-        # the gathers' index tensors, held until the side stream joins the gather stream: the side
-        # stream made them, and the allocator would hand their memory to its next layer meanwhile
-        self._gather_inputs: list[tuple[torch.Tensor, ...]] = []
+        self._gather_inputs: list[tuple[torch.Tensor, ...]] = []  # see _on_gather_stream
         self._side_events: tuple[torch.cuda.Event, ...] | None = None  # the lookahead in flight: start
         self._timeline: list[dict] = []  # per block: selection, transfer, pages selected / fetched
         self._block: dict = {}
@@ -303,6 +302,8 @@ class HeraldAttention(AttentionMode):
         main_ready.record(main)
         side_done.record(self.fetch_stream)
         main.wait_event(side_done)
+        if self.gather_stream is not None:  # joined by the pass's last layer; a pass cut short is not
+            main.wait_stream(self.gather_stream)
         if self._block:
             self._block["side_events"] = (*self._side_events, side_done, main_ready)
         self._side_events = None
@@ -569,26 +570,33 @@ class HeraldAttention(AttentionMode):
         self._next_store[self.batch.num_rows][layer][..., :selection.entries.shape[-1]].copy_(selection.entries)
         self._counters[2] += (assignment.miss_slots >= 0).sum()
         pool_k, pool_v = self.cache.k_pool(layer), self.cache.v_pool(layer)
-        if self.gather_stream is not None:
-            # The gather writes slots this layer's selection just took, which nothing else in the pass
-            # reads: it may run beside the next layers' compute. The pass ends joined (a captured graph
-            # must, and the commit orders itself after the side stream alone).
-            side = torch.cuda.current_stream(self.device)
-            self.gather_stream.wait_stream(side)
-            with torch.cuda.stream(self.gather_stream):
-                gather_pages(self.store.kernel_k(layer), self.store.kernel_v(layer), physical,
-                             assignment.miss_heads, pool_k, pool_v, assignment.miss_slots, validate=False,
-                             max_programs=self.fetch_programs)
-            self._gather_inputs.append((physical, assignment.miss_heads, assignment.miss_slots))
-            if layer == self.num_layers - 1:
-                side.wait_stream(self.gather_stream)
-                self._gather_inputs.clear()
-        elif self.cuda:
-            gather_pages(self.store.kernel_k(layer), self.store.kernel_v(layer), physical, assignment.miss_heads,
-                         pool_k, pool_v, assignment.miss_slots, validate=False, max_programs=self.fetch_programs)
+        if self.cuda:
+            with self._on_gather_stream(layer, physical, assignment.miss_heads, assignment.miss_slots):
+                gather_pages(self.store.kernel_k(layer), self.store.kernel_v(layer), physical, assignment.miss_heads,
+                             pool_k, pool_v, assignment.miss_slots, validate=False, max_programs=self.fetch_programs)
         else:
             gather_pages_reference(self.store.k(layer), self.store.v(layer), physical, assignment.miss_heads,
                                    pool_k, pool_v, assignment.miss_slots)
+
+    @contextlib.contextmanager
+    def _on_gather_stream(self, layer: int, *inputs: torch.Tensor):
+        """Runs a LOOKAHEAD layer's gather on the gather stream, if there is one. The gather writes
+        slots this layer's selection just took, which nothing else in the pass reads, so it may run
+        beside the next layers' selection. The last layer joins the side stream to it: a captured
+        graph must end joined, and the commit orders itself after the side stream alone. inputs:
+        tensors the side stream made that the gather reads, held until then (the allocator would
+        hand their memory to the side stream's next layer)."""
+        if self.gather_stream is None:
+            yield
+            return
+        side = torch.cuda.current_stream(self.device)
+        self.gather_stream.wait_stream(side)
+        with torch.cuda.stream(self.gather_stream):
+            yield
+        self._gather_inputs.append(inputs)
+        if layer == self.num_layers - 1:
+            side.wait_stream(self.gather_stream)
+            self._gather_inputs.clear()
 
     def _next_selection(self, layer: int, scanned: Selection | None) -> Selection:
         """The lookahead's selection of this layer for the rows it prepared (the scan's for the
