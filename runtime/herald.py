@@ -447,7 +447,8 @@ class HeraldAttention(AttentionMode):
             # any length: its queries are padded with zero rows to a power of two, so that prefills
             # share a few compiled kernels instead of adding one (and its memory) per prompt length.
             t = q.shape[2]
-            padded = torch.nn.functional.pad(q, (0, 0, 0, (1 << (t - 1).bit_length()) - t))
+            rows = 1 << (t - 1).bit_length()
+            padded = q if rows == t else torch.nn.functional.pad(q, (0, 0, 0, rows - t))
             out, lse, _, _ = paged_attention(padded, self.store.kernel_k(layer), self.store.kernel_v(layer),
                                              buf.store_table, buf.context_lens, scale=self.scale)
             return out[:, :, :t], lse[:, :, :t]
