@@ -39,11 +39,14 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     sparse.add_argument("--source", default="gpu-compact", choices=[s for s in SELECTION_SOURCES if s != "gpu-exact"],
                         help="herald's selection source")
     sparse.add_argument("--dense-layers", type=int, default=None, help="first layers kept exact (default: per mode)")
+    sparse.add_argument("--lookahead", action="store_true",
+                        help="herald: select and fetch each next block's pages during this block, from its draft "
+                             "(HERALD's overlap; on a GPU the fastest herald)")
 
 
 def _config(args: argparse.Namespace, mode: str | None = None) -> EngineConfig:
     sparse = SparseConfig(budget_fraction=args.budget, budget_tokens=args.budget_tokens, page_size=args.page_size,
-                          source=args.source, dense_layers=args.dense_layers)
+                          source=args.source, dense_layers=args.dense_layers, lookahead=args.lookahead)
     return EngineConfig(
         model_path=args.model, mode=mode or args.mode, device=args.device, dtype=args.dtype,
         block_size=args.block_size, denoising_steps=args.steps, unmasking=args.unmasking,

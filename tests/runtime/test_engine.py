@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from runtime import Engine, EngineConfig, GenerationRequest
-from runtime.cli import main
+from runtime.cli import _config, build_parser, main
 from runtime.engine import CHECKPOINTS, DEFAULT_MODEL
 
 TINY = CHECKPOINTS / "tiny-random"
@@ -80,6 +80,11 @@ def test_cli_demo_and_generate(capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [line["prompt"] for line in lines] == ["hi", "there"]
     assert all(len(line["tokens"]) <= 5 for line in lines)
+    herald = ["generate", "--model", str(TINY), "--no-progress", "--prompt", "hi", "--json", "--mode", "herald",
+              "--lookahead", "--budget", "0.5", "--max-new-tokens", "5", "--device", "cpu"]
+    assert _config(build_parser().parse_args(herald)).sparse.lookahead
+    assert main(herald) == 0
+    assert "mode herald" in capsys.readouterr().err
 
 
 def test_cli_reports_errors_without_traceback(capsys, tmp_path):
