@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from tqdm.auto import tqdm
 
@@ -25,13 +25,21 @@ from training.evaluate import evaluate
 from training.tasks import TASKS
 
 # name -> (engine mode, selection source or None)
-MODE_SPECS: dict[str, tuple[str, str | None]] = {
-    "dense": ("dense", None),
-    "mage": ("mage", None),
-    "herald-cpu": ("herald", "cpu"),
-    "herald-gpu-compact": ("herald", "gpu-compact"),
-    "herald-split": ("herald", "split"),
-    "quest": ("quest", None),
+class ModeSpec(NamedTuple):
+    mode: str
+    source: str | None = None  # herald's selection source
+    lookahead: bool = False  # herald: the next block's pages chosen from this block's draft
+
+
+MODE_SPECS: dict[str, ModeSpec] = {
+    "dense": ModeSpec("dense"),
+    "mage": ModeSpec("mage"),
+    "herald-cpu": ModeSpec("herald", "cpu"),
+    "herald-gpu-compact": ModeSpec("herald", "gpu-compact"),
+    "herald-split": ModeSpec("herald", "split"),
+    # the configuration the throughput numbers use: its blocks after the first take the draft's pages
+    "herald-lookahead": ModeSpec("herald", "gpu-compact", lookahead=True),
+    "quest": ModeSpec("quest"),
 }
 DEFAULT_BUDGETS = (1.0, 2.0, 5.0, 10.0)  # percent of the context
 TASK_SHORT = {"passkey": "pk", "multikey": "mk", "kv": "kv", "vartrack": "vt"}
@@ -49,9 +57,10 @@ def mode_dense_layers(mode: str, dense_layers: int | None) -> int:
 def sparse_config(spec: str, budget_percent: float | None, *, page_size: int, sink_tokens: int, local_window: int,
                   dense_layers: int | None, compact_bits: int, compact_group: int) -> SparseConfig:
     """The SparseConfig one (mode spec, budget) row runs with."""
-    mode, source = MODE_SPECS[spec]
+    _, source, lookahead = MODE_SPECS[spec]
     kwargs: dict[str, Any] = dict(page_size=page_size, sink_tokens=sink_tokens, local_window=local_window,
-                                  dense_layers=dense_layers, compact_bits=compact_bits, compact_group=compact_group)
+                                  dense_layers=dense_layers, compact_bits=compact_bits, compact_group=compact_group,
+                                  lookahead=lookahead)
     if budget_percent is not None:
         kwargs["budget_fraction"] = budget_percent / 100.0
     if source is not None:
@@ -60,8 +69,9 @@ def sparse_config(spec: str, budget_percent: float | None, *, page_size: int, si
 
 
 def recall_variant(spec: str, compact_bits: int, page_size: int) -> tuple[str, str, str] | None:
-    """The recall harness row (variant, granularity, aggregate) that mirrors a mode's selection."""
-    mode, source = MODE_SPECS[spec]
+    """The recall harness row (variant, granularity, aggregate) that mirrors a mode's selection (the
+    lookahead's: that of its step-0 source, which its draft selection approximates)."""
+    mode, source, _ = MODE_SPECS[spec]
     gran = f"page{page_size}"
     if mode == "mage" or source == "cpu":  # exact scores of the block-mean query, page score max
         return ("mage", gran, "max")
@@ -77,7 +87,7 @@ def recall_variant(spec: str, compact_bits: int, page_size: int) -> tuple[str, s
 def mode_mass(recall_result: dict[str, Any], spec: str, budget_percent: float, compact_bits: int, page_size: int,
               num_layers: int, dense_layers: int | None) -> float | None:
     """Attention mass a mode keeps: the mean over its sparse layers (1.0 when every layer is dense)."""
-    mode, _ = MODE_SPECS[spec]
+    mode = MODE_SPECS[spec].mode
     if mode == "dense":
         return 1.0
     first_sparse = mode_dense_layers(mode, dense_layers)
@@ -96,11 +106,11 @@ def run_configs(base: Engine, specs: Sequence[str], budgets: Sequence[float], co
                 tasks: Sequence[str], per_task: int, seed: int, sparse_kwargs: dict[str, Any],
                 engine_kwargs: dict[str, Any], progress: bool = True) -> list[dict[str, Any]]:
     """Accuracy of every (mode spec, budget); dense once. One Engine per row, sharing the weights."""
-    plan = [(s, None) if MODE_SPECS[s][0] == "dense" else (s, b) for s in specs
-            for b in ([None] if MODE_SPECS[s][0] == "dense" else budgets)]
+    plan = [(s, None) if MODE_SPECS[s].mode == "dense" else (s, b) for s in specs
+            for b in ([None] if MODE_SPECS[s].mode == "dense" else budgets)]
     rows = []
     for spec, budget in tqdm(plan, desc="accuracy", unit="config", disable=not progress):
-        mode, source = MODE_SPECS[spec]
+        mode, source, _ = MODE_SPECS[spec]
         config = EngineConfig(model_path=base.config.model_path, mode=mode, progress=False,
                               sparse=sparse_config(spec, budget, **sparse_kwargs), **engine_kwargs)
         engine = Engine(config, model=base.model, tokenizer=base.tokenizer)

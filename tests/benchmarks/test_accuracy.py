@@ -24,6 +24,9 @@ def test_sparse_config_per_spec():
     cfg = sparse_config("herald-split", 5.0, **kw)
     assert (cfg.source, cfg.budget_fraction, cfg.page_size, cfg.compact_bits) == ("split", 0.05, 8, 8)
     assert sparse_config("herald-cpu", 1.0, **kw).source == "cpu"
+    lookahead = sparse_config("herald-lookahead", 5.0, **kw)
+    assert (lookahead.source, lookahead.lookahead) == ("gpu-compact", True)
+    assert not sparse_config("herald-gpu-compact", 5.0, **kw).lookahead
     assert sparse_config("dense", None, **kw).budget_fraction == 0.05  # unused by dense
     assert recall_variant("herald-gpu-compact", 4, 16) == ("herald-int4", "page16", "max")
     assert recall_variant("herald-cpu", 4, 16) == recall_variant("mage", 4, 16) == ("mage", "page16", "max")
