@@ -35,3 +35,24 @@ def test_main_smoke(tmp_path, capsys):
     assert rows["herald-gpu-compact"]["host_gib"] >= 0 and "timeline" in rows["herald-gpu-compact"]
     assert data["summary"]["ratios"][0]["label"] == "herald-gpu-compact"
     assert "herald at its best batch" in capsys.readouterr().out
+
+
+def test_a_failed_configuration_is_a_row_and_the_next_ones_run(tmp_path, monkeypatch):
+    """A configuration that runs out of memory (here: told to) is reported with its error, and its
+    memory is given back before the next one is planned, which then runs."""
+    import benchmarks.throughput as throughput
+
+    measure = throughput.measure
+
+    def failing_first(engine, *args, **kwargs):
+        if engine.config.mode == "dense":
+            raise MemoryError("dense: told to fail")
+        return measure(engine, *args, **kwargs)
+
+    monkeypatch.setattr(throughput, "measure", failing_first)
+    assert main(["--geometry", "tiny", "--contexts", "128", "--batches", "1", "--blocks", "1", "--block-size", "4",
+                 "--steps", "2", "--labels", "dense", "mage", "--device", "cpu", "--no-graphs",
+                 "--out", str(tmp_path)]) == 0
+    rows = {r["label"]: r for r in json.loads((tmp_path / "throughput.json").read_text())["rows"]}
+    assert rows["dense"]["error"] == "MemoryError: dense: told to fail"
+    assert rows["mage"]["tokens_per_s"] > 0
