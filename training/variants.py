@@ -57,6 +57,11 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "no longer holds every context back) with time shares 2/1.5/1.5/0.5/0.5/1/6 (~45% of training at the "
             "trained length, for kv's digit copying there)",
             _HOPS + ("--advance-on", "mean", "--level-shares", "2", "1.5", "1.5", "0.5", "0.5", "1", "6") + _DEEP),
+    Variant("hops-deep-8k", "hops-deep trained to 8192 tokens (9 levels, shares 2/2/2/1/1/1/1/1.5/4): at 2048 a 5% "
+            "budget is 6-7 scored pages and herald's sparse step 0 loses kv (RESULTS.md, third session), at 8192 it "
+            "is 25; the sparse modes' accuracy target needs a model that reads that far. Its --max-context "
+            "overrides the script's MAX_CONTEXT (later flags win)",
+            _HOPS + ("--max-context", "8192", "--level-shares", "2", "2", "2", "1", "1", "1", "1", "1.5", "4") + _DEEP),
 )}
 DEFAULT_VARIANTS = ("hops", "hops-deep", "hops-deep-long")
 
