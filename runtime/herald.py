@@ -301,9 +301,7 @@ class HeraldAttention(AttentionMode):
         main_ready, side_done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         main_ready.record(main)
         side_done.record(self.fetch_stream)
-        main.wait_event(side_done)
-        if self.gather_stream is not None:  # joined by the pass's last layer; a pass cut short is not
-            main.wait_stream(self.gather_stream)
+        main.wait_event(side_done)  # the side pass joined its gather stream at its last layer
         if self._block:
             self._block["side_events"] = (*self._side_events, side_done, main_ready)
         self._side_events = None
