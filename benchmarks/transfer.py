@@ -4,10 +4,11 @@ prefetcher hides behind compute.
 One run measures, on one GPU:
   1. pinned host <-> GPU copy bandwidth (1 GiB, tensor.copy_ = cudaMemcpyAsync): the reference;
   2. gather_pages reading pinned host memory through UVA, 5% / 10% of a 128K-token context at page
-     sizes 16..128 (Hkv=8, D=128, bf16, K+V), checked bit for bit; a sweep of the persistent launch
+     sizes 16..128 (Hkv=8, D=128, bf16, K+V) from a store of --gather-layers layers (each timed
+     gather reads the next layer), checked bit for bit; a sweep of the persistent launch
      (programs per SM {1, 2, 4, 8} x block {default, half} x units per program {1, 2, 4, 8} x warps
      {4, 8}) against the defaults and the old one-program-per-unit shape, the best per grid size, and
-     the best launch reading a cudaHostAlloc copy of the store (is cudaHostRegister'ed memory slower?);
+     the best launch reading the same store on 4 KiB pages instead of huge pages;
   3. write_tokens GPU -> pinned host for a 32-token block across 36 layers (one launch, one per layer,
      and HostKVStore.write of all layers = the prefetcher's commit_block path);
   4. the prefetcher over 36 layers: layer l+1's pages fetched on the side stream while a bf16 matmul
@@ -56,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--page-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.10])
     ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--gather-layers", type=int, default=16,
+                    help="layers of the gather benchmark's store (each 4 KiB-page and huge-page): 16 at 128K "
+                         "= 8 GiB, so that scattered reads cover a store of the runtime's size, not one layer")
     ap.add_argument("--block-tokens", type=int, default=32, help="tokens per committed block")
     ap.add_argument("--overlap-page-size", type=int, default=32)
     ap.add_argument("--overlap-fraction", type=float, default=0.05)
@@ -179,19 +183,20 @@ def _cfg_label(cfg: dict, sms: int) -> str:
 
 
 def bench_gather(args, clock: Clock, dev: torch.device, copy_gbps: float, sms: int) -> list[dict]:
+    """Per page size and selection share: the launch sweep over a store of ``--gather-layers`` layers
+    backed by huge pages (the store's default), each timed gather reading the next layer (as a pass
+    does: the scattered reads cover the whole store, not one layer's slice); then the best launch
+    from the same store on 4 KiB pages."""
     rows = []
-    hkv, d = args.kv_heads, args.head_dim
+    hkv, d, layers = args.kv_heads, args.head_dim, args.gather_layers
     for p in args.page_sizes:
         num_pages = args.context // p
-        store = HostKVStore(1, hkv, d, p, num_pages, dtype=BF16, pin_memory=clock.cuda)
-        fill_random(store.k_all, clock, dev)
-        fill_random(store.v_all, clock, dev)
-        # the same data in torch's pinned allocator (cudaHostAlloc) instead of cudaHostRegister'ed
-        # memory: tells whether the kind of pinning costs bandwidth
-        alloc_k = torch.empty(store.k_all.shape, dtype=BF16, pin_memory=clock.cuda)
-        alloc_v = torch.empty(store.v_all.shape, dtype=BF16, pin_memory=clock.cuda)
-        alloc_k.copy_(store.k_all)
-        alloc_v.copy_(store.v_all)
+        stores = {huge: HostKVStore(layers, hkv, d, p, num_pages, dtype=BF16, pin_memory=clock.cuda, huge_pages=huge)
+                  for huge in (True, False)}
+        for store in stores.values():
+            fill_random(store.k_all, clock, dev)
+            fill_random(store.v_all, clock, dev)
+        huge_share = stores[True].huge_page_share()
         unit = p * d
         configs = gather_configs(args, unit, sms)
         for frac in args.fractions:
@@ -200,34 +205,37 @@ def bench_gather(args, clock: Clock, dev: torch.device, copy_gbps: float, sms: i
             nbytes = 2 * m * unit * 2
             pool_k = torch.empty(m, p, d, device=dev, dtype=BF16)
             pool_v = torch.empty_like(pool_k)
-            # several selections, cycled, so repeated iterations do not re-read host-cache-hot lines
-            sels = [random_units(num_pages, hkv, k, dev) for _ in range(6)]
+            # several selections, each from the next layer, cycled: repeated iterations neither re-read
+            # host-cache-hot lines nor stay inside one layer's slice of the store
+            sels = [(i % layers, *random_units(num_pages, hkv, k, dev)) for i in range(max(6, layers))]
 
-            def timed(cfg, src_k, src_v):
+            def timed(cfg, store):
                 it = iter(range(10**9))
 
                 def run():
-                    pg, hd, sl = sels[next(it) % len(sels)]
-                    gather_pages(src_k, src_v, pg, hd, pool_k, pool_v, sl, validate=False, **cfg)
+                    layer, pg, hd, sl = sels[next(it) % len(sels)]
+                    gather_pages(store.kernel_k(layer), store.kernel_v(layer), pg, hd, pool_k, pool_v, sl,
+                                 validate=False, **cfg)
 
                 return clock.median_ms(run, args.iters)
 
             results = []
             for cfg in configs:
-                ms = timed(cfg, store.kernel_k(0), store.kernel_v(0))
+                ms = timed(cfg, stores[True])
                 results.append({**cfg, "ms": ms, "GBps": nbytes / ms / 1e6})
             best = max(results, key=lambda r: r["GBps"])
             cfg = {k_: best[k_] for k_ in ("block", "num_warps", "max_programs", "units_per_program")}
-            alloc_ms = timed(cfg, alloc_k[0], alloc_v[0])
+            base_ms = timed(cfg, stores[False])
             # correctness of the best configuration, bit for bit against torch indexing on the host
             pool_k.fill_(float("nan"))
             pool_v.fill_(float("nan"))
-            pg, hd, sl = sels[0]
-            gather_pages(store.kernel_k(0), store.kernel_v(0), pg, hd, pool_k, pool_v, sl, validate=False, **cfg)
+            layer, pg, hd, sl = sels[-1]
+            store = stores[True]
+            gather_pages(store.kernel_k(layer), store.kernel_v(layer), pg, hd, pool_k, pool_v, sl, validate=False, **cfg)
             clock.sync()
             pgc, hdc, slc = pg.cpu().long(), hd.cpu().long(), sl.cpu().long()
-            ok = torch.equal(bits(pool_k.cpu()[slc]), bits(store.k(0)[pgc, hdc])) and torch.equal(
-                bits(pool_v.cpu()[slc]), bits(store.v(0)[pgc, hdc]))
+            ok = torch.equal(bits(pool_k.cpu()[slc]), bits(store.k(layer)[pgc, hdc])) and torch.equal(
+                bits(pool_v.cpu()[slc]), bits(store.v(layer)[pgc, hdc]))
             by_grid = {}
             for r in results:  # best per grid size: how many programs the link needs
                 key = "default" if r["max_programs"] is None else (
@@ -236,23 +244,25 @@ def bench_gather(args, clock: Clock, dev: torch.device, copy_gbps: float, sms: i
                     by_grid[key] = r
             row = {
                 "page_size": p, "fraction": frac, "units": m, "MB": nbytes / 1e6,
+                "store_GiB": store.nbytes / 2**30, "huge_page_share": huge_share,
                 "GBps": best["GBps"], "ratio_to_copy": best["GBps"] / copy_gbps, "ok": ok,
                 "best_config": cfg, "best_label": _cfg_label(cfg, sms),
                 "default_GBps": results[0]["GBps"], "legacy_GBps": results[1]["GBps"],
-                "host_alloc_src_GBps": nbytes / alloc_ms / 1e6,
+                "base_pages_GBps": nbytes / base_ms / 1e6,
                 "best_by_grid": {g: {"GBps": r["GBps"], "label": _cfg_label(r, sms)} for g, r in by_grid.items()},
                 "configs": results,
             }
             rows.append(row)
             print(f"gather P={p} frac={frac}: best {best['GBps']:.1f} GB/s ({100 * row['ratio_to_copy']:.0f}% of copy) "
                   f"[{row['best_label']}], default {row['default_GBps']:.1f}, old 1-program-per-unit "
-                  f"{row['legacy_GBps']:.1f}, best from cudaHostAlloc src {row['host_alloc_src_GBps']:.1f}, ok={ok}",
-                  flush=True)
+                  f"{row['legacy_GBps']:.1f}, same launch from 4 KiB pages {row['base_pages_GBps']:.1f} "
+                  f"(store {row['store_GiB']:.1f} GiB, huge-page share {huge_share}), ok={ok}", flush=True)
             print("    best per grid: " + ", ".join(f"{g} {v['GBps']:.1f}" for g, v in row["best_by_grid"].items()),
                   flush=True)
             del pool_k, pool_v, sels
-        del alloc_k, alloc_v
-        store.close()
+        for store in stores.values():
+            store.close()
+        del stores, store
     return rows
 
 
@@ -548,13 +558,13 @@ def print_tables(res: dict) -> None:
         c["h2d_GBps"], c["d2h_GBps"]))
     print("\n== gather_pages: pinned host -> GPU pool through UVA (target >= 90% of copy at 16-token pages)")
     print(f"{'page':>5} {'frac':>5} {'units':>7} {'MB':>7} {'best GB/s':>9} {'%copy':>6} {'default':>8} "
-          f"{'old':>6} {'HostAlloc':>9} {'ok':>5}  best launch")
+          f"{'old':>6} {'4KiB pgs':>9} {'ok':>5}  best launch")
     for r in res["gather"]:
         print(f"{r['page_size']:>5} {r['fraction']:>5.2f} {r['units']:>7} {r['MB']:>7.1f} {r['GBps']:>9.1f} "
               f"{100 * r['ratio_to_copy']:>5.0f}% {r['default_GBps']:>8.1f} {r['legacy_GBps']:>6.1f} "
-              f"{r['host_alloc_src_GBps']:>9.1f} {str(r['ok']):>5}  {r['best_label']}")
-    print("  (default: gather_pages' defaults; old: one program per unit; HostAlloc: best launch reading a "
-          "cudaHostAlloc copy instead of the cudaHostRegister'ed store)")
+              f"{r['base_pages_GBps']:>9.1f} {str(r['ok']):>5}  {r['best_label']}")
+    print("  (default: gather_pages' defaults; old: one program per unit; 4KiB pgs: the best launch reading "
+          "the same store backed by 4 KiB pages instead of huge pages)")
     grids = sorted({g for r in res["gather"] for g in r["best_by_grid"]})
     print(f"\n   best GB/s per grid size: {'page':>5} {'frac':>5} " + " ".join(f"{g:>8}" for g in grids))
     for r in res["gather"]:

@@ -188,6 +188,8 @@ class SparseConfig:
     # herald + lookahead on CUDA: each layer's gather on a stream of its own, so that it overlaps the
     # next layers' selection instead of following it (the side pass takes ~max, not the sum)
     lookahead_gather_stream: bool = True
+    # herald's host KV store on 2 MiB transparent huge pages where the OS grants them (offload/host_store.py)
+    host_huge_pages: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget_fraction <= 1.0:

@@ -136,7 +136,7 @@ class Engine:
                 middle = (lowest + highest) // 2 if self.config.stream_priority else lowest
                 self._gather_stream = torch.cuda.Stream(self.device, priority=middle)
             return HeraldAttention(*args, self.dtype, self.device, backend, sparse, side_stream=self._side_stream,
-                                   gather_stream=self._gather_stream)
+                                   gather_stream=self._gather_stream, progress=self.config.progress)
         raise ValueError(f"mode {mode!r} is not available")
 
     def make_loop(self, mode: AttentionMode, max_batch_size: int) -> BlockDiffusionLoop:

@@ -82,13 +82,14 @@ class HeraldAttention(AttentionMode):
     def __init__(self, model: ModelConfig, max_sequences: int, max_tokens: int, dtype: torch.dtype,
                  device: torch.device, backend: str, sparse: SparseConfig, reserve_host_bytes: int | None = None,
                  fetch_programs: int | None = DEFAULT_FETCH_PROGRAMS, side_stream: torch.cuda.Stream | None = None,
-                 gather_stream: torch.cuda.Stream | None = None):
+                 gather_stream: torch.cuda.Stream | None = None, progress: bool = False):
         """fetch_programs: the most programs the lookahead's gather may use (it runs beside the block's
         steps; step 0's own fetch, which they wait for, uses every SM). side_stream: the stream the
         lookahead runs on; gather_stream: the one its gathers run on (sparse.lookahead_gather_stream)
         (CUDA; default: new ones). An engine passes the same ones to every mode it makes: cuBLAS
         keeps a workspace per stream it has run on for the life of the process, so fresh streams per
-        request batch would grow GPU memory."""
+        request batch would grow GPU memory. progress: a progress bar while the pinned host store is
+        faulted in."""
         if sparse.granularity != "page":
             raise ValueError("herald moves and selects whole pages; set granularity='page' (token level is mage's)")
         if sparse.source == "gpu-exact":
@@ -107,7 +108,8 @@ class HeraldAttention(AttentionMode):
         self.fetch_programs = fetch_programs
         self.store = HostKVStore(model.num_layers, model.num_kv_heads, model.head_dim, p,
                                  max_sequences * self.pages_per_seq, dtype=dtype,
-                                 pin_memory=self.cuda, reserve_bytes=reserve_host_bytes)
+                                 pin_memory=self.cuda, reserve_bytes=reserve_host_bytes,
+                                 huge_pages=sparse.host_huge_pages, progress=progress)
         self.cache = self.compact = self.scanner = None
         self._buffers: dict[tuple[int, bool], _RowBuffers] = {}  # (rows, side pass) -> buffers
         self.dense = None

@@ -139,6 +139,59 @@ def test_unpinned_store_kernel_views_are_plain_tensors():
     store.close()
 
 
+def _thp_mode() -> str:
+    path = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not os.path.exists(path):
+        return "absent"
+    text = open(path).read()
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@pytest.mark.parametrize("huge", [True, False])
+def test_store_backing_pages_and_release(huge):
+    """huge_pages=True: a 2 MiB-aligned mapping the OS backs with huge pages once touched (where THP is
+    "always" or "madvise"); False: the allocator's pages. Either way the memory leaves with close()."""
+    proc = psutil.Process()
+    rss0 = proc.memory_info().rss
+    store = HostKVStore(2, 2, 64, 16, 4096, dtype=torch.float32, pin_memory=False, huge_pages=huge)  # 32 MiB
+    assert store.huge_pages is huge
+    assert store.k_all.data_ptr() % (2**21 if huge else 4096) == 0
+    store.k_all.fill_(1.0)
+    store.v_all.fill_(2.0)
+    share = store.huge_page_share()
+    if huge and _thp_mode() in ("always", "madvise"):
+        # the kernel may fall back to 4 KiB pages when 2 MiB ones are not free: most must still be huge
+        assert share is not None and share >= 0.5, share
+    if not huge and _thp_mode() == "madvise":
+        assert share == 0.0, share
+    store.allocate("s", 20)
+    store.write("s", 0, 0, torch.full((2, 20, 64), 3.0), torch.full((2, 20, 64), 4.0))
+    k, v = store.read("s", 0, 0, 20)
+    assert torch.equal(k, torch.full((2, 20, 64), 3.0)) and torch.equal(v, torch.full((2, 20, 64), 4.0))
+    assert proc.memory_info().rss - rss0 >= 30 * 2**20  # touched: resident
+    del k, v
+    store.close()
+    assert proc.memory_info().rss - rss0 < 8 * 2**20  # unmapped (huge) or returned to the OS (large malloc)
+
+
+@pytest.mark.parametrize("huge", [True, False])
+def test_fault_in_makes_the_buffer_resident_and_changes_nothing(huge, capsys):
+    """What a pinned store runs before registration: every page touched, chunk by chunk, behind a
+    progress bar; the memory stays all zeros."""
+    from offload.host_store import _fault_in, _host_buffer
+
+    proc = psutil.Process()
+    # 40 MiB and a few bytes (a ragged last chunk); above glibc's largest mmap threshold, so never
+    # memory a freed block left resident
+    raw, mapping = _host_buffer(40 * 2**20 + 5, huge)
+    rss0 = proc.memory_info().rss
+    _fault_in(raw, progress=True, chunk_bytes=9 * 2**20)
+    assert proc.memory_info().rss - rss0 >= 36 * 2**20
+    assert "host KV store" in capsys.readouterr().err
+    assert int(raw.count_nonzero()) == 0
+    del raw, mapping
+
+
 def test_close_and_reuse_without_reallocation():
     store = _store(num_pages=8)
     ptr = store.k(0).data_ptr()
@@ -192,6 +245,33 @@ def test_pinned_store_gpu_write_bf16():
     assert torch.equal(pool_k.cpu()[slots], store.k(2)[pages, heads])
     assert torch.equal(pool_v.cpu()[slots], store.v(2)[pages, heads])
     store.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("huge", [True, False])
+def test_registered_store_on_huge_or_base_pages_gathers_exactly(huge):
+    """Registration faults every page in, so a huge-page store is backed by 2 MiB pages from the start
+    (where THP allows); the UVA gather reads either backing bit for bit, and close() unmaps it."""
+    rss0 = psutil.Process().memory_info().rss
+    store = HostKVStore(2, 8, 128, 16, 1024, dtype=torch.bfloat16, huge_pages=huge)  # 128 MiB
+    assert store.pin_method == "cudaHostRegister" and store.huge_pages is huge
+    if huge and _thp_mode() in ("always", "madvise"):
+        assert store.huge_page_share() >= 0.5, store.huge_page_share()
+    store.k_all.copy_(torch.randn(store.k_all.shape).to(torch.bfloat16))
+    store.v_all.copy_(torch.randn(store.v_all.shape).to(torch.bfloat16))
+    gen = torch.Generator().manual_seed(3)
+    pages = torch.randint(0, 1024, (300,), generator=gen, dtype=torch.int32)
+    heads = torch.randint(0, 8, (300,), generator=gen, dtype=torch.int32)
+    slots = torch.randperm(300, generator=gen).to(torch.int32)
+    pool_k = torch.full((300, 16, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
+    pool_v = torch.full_like(pool_k, float("nan"))
+    gather_pages(store.kernel_k(1), store.kernel_v(1), pages.cuda(), heads.cuda(), pool_k, pool_v, slots.cuda())
+    torch.cuda.synchronize()
+    p, h, sl = pages.long(), heads.long(), slots.long()
+    assert torch.equal(pool_k.cpu()[sl], store.k(1)[p, h]) and torch.equal(pool_v.cpu()[sl], store.v(1)[p, h])
+    store.close()
+    del store
+    assert psutil.Process().memory_info().rss - rss0 < 64 * 2**20  # the 128 MiB went back
 
 
 @pytest.mark.gpu
