@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.attention import MaskedAttention
-from runtime.checkpoint import save_checkpoint
+from runtime.checkpoint import load_model, save_checkpoint
 from runtime.config import EngineConfig, ModelConfig
 from runtime.engine import Engine, resolve_device
 from runtime.model import Transformer
@@ -147,6 +147,30 @@ def batch_loss(model: Transformer, batch: TrainBatch) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- schedules
+
+# config.json fields that fix the parameters' shapes and meaning (the context length may change)
+_ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "head_dim", "block_size", "rope_theta", "mask_token_id",
+                        "tie_word_embeddings")
+
+
+def load_initial_weights(model: Transformer, cfg: dict[str, Any], path: Path) -> None:
+    """Copy a saved checkpoint's weights (fp32) into `model`, whose config.json would be `cfg`.
+
+    Refuses, naming every difference, a checkpoint whose architecture differs from what the flags
+    build: the run would otherwise train a model other than the one its flags describe."""
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"--init-from {path}: no config.json there; give a folder this trainer wrote")
+    theirs = json.loads(config_file.read_text())
+    diff = [f"{name}: checkpoint {theirs.get(name)!r}, flags {cfg[name]!r}" for name in _ARCHITECTURE_FIELDS
+            if theirs.get(name) != cfg[name]]
+    if diff:
+        raise ValueError(f"--init-from {path} is not the model these flags build ({'; '.join(diff)}): pass the "
+                         "checkpoint's model flags (its config.json and training_log.json list them) or drop --init-from")
+    loaded, _ = load_model(path, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+
 
 def curriculum(min_context: int, max_context: int) -> list[int]:
     """Context lengths doubling from min to max (max always included)."""
@@ -248,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=float, default=60.0, help="seconds between snapshots of the model (0: none)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
+                   help="start from the weights of a checkpoint this trainer wrote (same model flags) instead of "
+                        "random ones: a run longer than one device call continues in the next, e.g. at its long "
+                        "levels only (--min-context, --warmup-tasks with no task)")
     g = p.add_argument_group("model (Qwen3 architecture)")
     g.add_argument("--hidden", type=int, default=256)
     g.add_argument("--layers", type=int, default=6)
@@ -388,6 +416,8 @@ def _budgets(args: argparse.Namespace) -> tuple[float | None, float | None]:
 def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.steps is None and args.minutes is None:
         raise ValueError("give --steps N and/or --minutes M: the run needs an end")
+    if (args.steps is not None and args.steps < 1) or (args.minutes is not None and args.minutes <= 0):
+        raise ValueError(f"--steps {args.steps} / --minutes {args.minutes}: give at least one step and a positive time")
     device = resolve_device(args.device)
     _apply_device_defaults(args, device)
     total_budget, train_budget = _budgets(args)
@@ -407,6 +437,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     config = ModelConfig.from_hf(cfg)
     model = Transformer(config)
     model.init_weights(std=cfg["initializer_range"], generator=torch.Generator().manual_seed(args.seed))
+    if args.init_from is not None:
+        load_initial_weights(model, cfg, args.init_from)
     model = model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]

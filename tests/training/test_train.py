@@ -206,11 +206,38 @@ def test_train_saves_a_checkpoint_the_engine_runs(tmp_path, capsys):
     assert result.blocks >= 1 and result.denoising_passes >= 1
 
 
+def test_init_from_continues_a_checkpoint_and_refuses_another_architecture(tmp_path):
+    first = tmp_path / "first"
+    train(build_parser().parse_args(["--out", str(first), "--steps", "2", "--eval-every", "0", "--final-per-task", "1",
+                                     "--final-contexts", "128", *TINY_ARGS]))
+    start, _ = load_model(first, dtype=torch.float32)
+    # one step at learning rate 0: the second run saves exactly the weights it started from
+    second = tmp_path / "second"
+    log = train(build_parser().parse_args(["--out", str(second), "--steps", "1", "--lr", "0", "--eval-every", "0",
+                                           "--final-per-task", "1", "--final-contexts", "128", "--init-from",
+                                           str(first), *TINY_ARGS]))
+    assert log["args"]["init_from"] == str(first)
+    again, _ = load_model(second, dtype=torch.float32)
+    for (name, a), (_, b) in zip(start.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    wider = [a if a != "32" else "64" for a in TINY_ARGS]  # --hidden 64
+    with pytest.raises(ValueError, match="hidden_size: checkpoint 32, flags 64"):
+        train(build_parser().parse_args(["--out", str(tmp_path / "third"), "--steps", "1", "--init-from", str(first),
+                                         *wider]))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        train(build_parser().parse_args(["--out", str(tmp_path / "fourth"), "--steps", "1", "--init-from",
+                                         str(tmp_path), *TINY_ARGS]))
+
+
 def test_help_and_missing_end():
     assert "--minutes" in build_parser().format_help()
     args = build_parser().parse_args(["--out", "/nonexistent/never-written", "--device", "cpu"])
     with pytest.raises(ValueError, match="--steps"):
         train(args)
+    for end in (["--steps", "0"], ["--minutes", "0"]):  # an end that never comes, or comes at once
+        args = build_parser().parse_args(["--out", "/nonexistent/never-written", "--device", "cpu", *end])
+        with pytest.raises(ValueError, match="at least one step"):
+            train(args)
 
 
 TINY_ARGS = ["--device", "cpu", "--max-context", "192", "--hidden", "32", "--layers", "2", "--heads", "4",
