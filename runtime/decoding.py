@@ -77,8 +77,10 @@ class SequenceState:
     block_size: int
     generator: torch.Generator
     tokens: list[int] = field(default_factory=list)  # committed: prompt + finished blocks
-    block: torch.Tensor | None = None  # [B] int64, current block's tokens ([MASK] where masked)
-    masked: torch.Tensor | None = None  # [B] bool
+    # [B] int64, current block's tokens ([MASK] where masked), and [B] bool. On the host; the loop keeps
+    # the live copy on the device while a block runs, so these hold the block as it started and as it ended
+    block: torch.Tensor | None = None
+    masked: torch.Tensor | None = None
     step_quota: list[int] = field(default_factory=list)  # fixed schedule: tokens to unmask per step
     finish_reason: str | None = None
     error: str | None = None  # why the sequence ended with finish_reason "error"
