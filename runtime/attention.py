@@ -71,6 +71,45 @@ class ForwardBatch:
         return block_of[None, :] <= block_of[:, None]
 
 
+
+def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device` without the host waiting for it: on CUDA it is staged in pinned
+    memory and copied asynchronously on the current stream (from pageable memory the copy blocks
+    until it ran). The caching host allocator keeps the staging buffer until the copy is done."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class PlannedBuffers:
+    """Which pass each set of a mode's fixed-address plan buffers was last filled for.
+
+    A host array copied into a device buffer comes from pageable memory, a copy the host waits
+    for. The denoising passes after step 0 of a block usually plan the very rows, contexts and T
+    the buffers already hold, so their plan may skip those copies (and the host work that makes
+    what they would copy) and queue the pass without waiting for the device. Whatever a buffer's
+    content depends on besides (seq_ids, context_lens, num_new), such as which KV slot or row a
+    sequence holds, changes only when sequences come and go: call `forget` then.
+    """
+
+    def __init__(self) -> None:
+        self._filled: dict[object, tuple] = {}
+
+    def need_upload(self, buffers: object, batch: ForwardBatch) -> bool:
+        """Whether the plan of `batch` must fill the buffer set `buffers` (any hashable name);
+        records that it does. Only a DENOISE pass after step 0 is ever spared: the other passes
+        fill as they always did."""
+        content = (batch.seq_ids, tuple(batch.context_lens.tolist()), batch.num_new)
+        if batch.phase is Phase.DENOISE and batch.step >= 1 and self._filled.get(buffers) == content:
+            return False
+        self._filled[buffers] = content
+        return True
+
+    def forget(self) -> None:
+        self._filled.clear()
+
+
 class RequestError(Exception):
     """A failure a mode can pin on some rows of a pass (a transfer of their pages failed, say).
 
@@ -253,6 +292,7 @@ class DenseAttention(AttentionMode):
         # denoising passes, so it reads tables of its own
         self._denoise_tables: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self._write_index: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (rows, T) -> (page, offset)
+        self._planned = PlannedBuffers()  # what the buffers above (and a subclass's) hold
 
     def add_sequence(self, seq_id: int, max_tokens: int) -> None:
         if seq_id in self.slot_of:
@@ -262,9 +302,11 @@ class DenseAttention(AttentionMode):
         if not self.free_slots:
             raise RuntimeError(f"all {len(self.slot_of)} KV slots are taken; remove a sequence first")
         self.slot_of[seq_id] = self.free_slots.pop()
+        self._planned.forget()
 
     def remove_sequence(self, seq_id: int) -> None:
         self.free_slots.append(self.slot_of.pop(seq_id))
+        self._planned.forget()
 
     def occupancy(self) -> dict[str, int]:
         return dict(sequences=len(self.slot_of), slots_taken=self.max_sequences - len(self.free_slots))
@@ -293,8 +335,9 @@ class DenseAttention(AttentionMode):
                     self._denoise_tables[key] = (torch.empty(n, self.pages_per_seq, dtype=torch.int32, device=dev),
                                                  torch.empty(n, dtype=torch.int32, device=dev))
                 self._page_table, self._kv_len = self._denoise_tables[key]
-                self._page_table.copy_(self.store_table(self.pages_per_seq))
-                self._kv_len.copy_(batch.context_lens)
+                if self._planned.need_upload(("tables", key), batch):
+                    self._page_table.copy_(self.store_table(self.pages_per_seq))
+                    self._kv_len.copy_(batch.context_lens)
             else:
                 self._page_table = self.store_table(-(-int(batch.context_lens.max()) // self.page_size))
                 self._kv_len = batch.context_lens.to(device=dev, dtype=torch.int32)
@@ -362,6 +405,7 @@ class DenseAttention(AttentionMode):
     def close(self) -> None:
         self._denoise_tables.clear()
         self._write_index.clear()
+        self._planned.forget()
         self.k_cache.clear()
         self.v_cache.clear()
         self.slot_of.clear()

@@ -42,28 +42,30 @@ class PassGraphs:
         self.replays = 0
         self.captures = 0
 
-    def forward(self, batch: ForwardBatch, tokens: torch.Tensor, side_pass: bool = False) -> torch.Tensor | None:
+    def forward(self, batch: ForwardBatch, tokens: torch.Tensor, positions: torch.Tensor,
+                side_pass: bool = False) -> torch.Tensor | None:
         """A planned pass: logits [N, T, V] fp32 for denoising passes, None for the others. A
-        replayed pass returns the graph's output buffer: read it before the next pass. side_pass:
-        the caller runs it on a side stream, concurrently with main-stream passes."""
-        positions = batch.positions(self.device)
+        replayed pass returns the graph's output buffer: read it before the next pass. tokens,
+        positions: [N, T] int64 on the device (a replay copies them into the graph's inputs, device
+        to device, without a host wait). side_pass: the caller runs it on a side stream,
+        concurrently with main-stream passes."""
         need_logits = batch.phase is Phase.DENOISE
         if not self.mode.replayable(batch):
-            return self.model(tokens.to(self.device), positions, self.mode, need_logits=need_logits)
+            return self.model(tokens, positions, self.mode, need_logits=need_logits)
         key = (batch.phase, batch.num_rows, batch.num_new, side_pass, self.mode.graph_key(batch))
         captured = self._graphs.get(key)
         if captured is None:
-            logits = self.model(tokens.to(self.device), positions, self.mode, need_logits=need_logits)
+            logits = self.model(tokens, positions, self.mode, need_logits=need_logits)
             self._graphs[key] = self._capture(tokens, positions, need_logits, self.side_pool if side_pass else self.pool)
             return logits
         captured.tokens.copy_(tokens, non_blocking=True)
-        captured.positions.copy_(positions)
+        captured.positions.copy_(positions, non_blocking=True)
         captured.graph.replay()
         self.replays += 1
         return captured.logits
 
     def _capture(self, tokens: torch.Tensor, positions: torch.Tensor, need_logits: bool, pool) -> _Captured:
-        tokens_in = tokens.to(self.device).clone()
+        tokens_in = tokens.clone()
         positions_in = positions.clone()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)

@@ -77,8 +77,10 @@ class SequenceState:
     block_size: int
     generator: torch.Generator
     tokens: list[int] = field(default_factory=list)  # committed: prompt + finished blocks
-    block: torch.Tensor | None = None  # [B] int64, current block's tokens ([MASK] where masked)
-    masked: torch.Tensor | None = None  # [B] bool
+    # [B] int64, current block's tokens ([MASK] where masked), and [B] bool. On the host; the loop keeps
+    # the live copy on the device while a block runs, so these hold the block as it started and as it ended
+    block: torch.Tensor | None = None
+    masked: torch.Tensor | None = None
     step_quota: list[int] = field(default_factory=list)  # fixed schedule: tokens to unmask per step
     finish_reason: str | None = None
     error: str | None = None  # why the sequence ended with finish_reason "error"
@@ -232,3 +234,48 @@ def unmask_step(seq: SequenceState, logits: torch.Tensor | None, step: int, sett
     chosen = torch.topk(conf, count).indices
     seq.block[chosen] = tokens[chosen]
     masked[chosen] = False
+
+
+def propose_greedy(logits: torch.Tensor, mask_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`propose` at temperature 0 for a whole pass, left on the logits' device (no host sync).
+
+    logits: [N, B, V]. Returns (tokens [N, B] int64, confidence [N, B] fp32): the softmax maximum
+    with [MASK] excluded, as `propose` and `propose_rows` compute it.
+    """
+    scores = logits.float()
+    if scores is logits:  # never edit the caller's logits (a replayed graph's output buffer)
+        scores = scores.clone()
+    scores[..., mask_token_id].fill_(float("-inf"))
+    conf, tokens = scores.softmax(-1).max(-1)
+    return tokens, conf
+
+
+def unmask_rows(block: torch.Tensor, masked: torch.Tensor, tokens: torch.Tensor, conf: torch.Tensor, step: int,
+                settings: DecodeSettings, quota: torch.Tensor | None) -> torch.Tensor:
+    """`unmask_step` for N rows at once, on their device and in place, without a host sync.
+
+    block: [N, B] int64 tokens ([MASK] where masked); masked: [N, B] bool; tokens, conf: [N, B]
+    proposals (int64, fp32); quota: [N] int64, the fixed schedule's count for this step (None for
+    threshold unmasking). Per row, the `count` most confident masked positions are unmasked, count
+    being the quota (at most what remains), or every position at or above the threshold (at least
+    one), or all that remain at the last step. Ties rank in position order (a stable sort).
+    Returns [N] int64: the masked positions each row has left.
+    """
+    remaining = masked.sum(-1)
+    conf = torch.where(masked, conf, torch.full_like(conf, -1.0))
+    if step >= settings.steps - 1:
+        count = remaining
+    elif settings.unmasking == "fixed":
+        assert quota is not None, "the fixed schedule needs each row's quota"
+        count = torch.minimum(quota.to(remaining.dtype), remaining)
+    else:
+        above = (conf >= settings.threshold).sum(-1)
+        count = torch.where(remaining > 0, above.clamp(min=1), 0)
+    order = torch.sort(conf, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(conf.shape[-1], device=conf.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    # boolean indexing would sync (it counts the chosen positions on the host): select with where
+    chosen = (rank < count[:, None]) & masked
+    block.copy_(torch.where(chosen, tokens, block))
+    masked &= ~chosen
+    return remaining - chosen.sum(-1)

@@ -21,10 +21,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from runtime.attention import AttentionMode, ForwardBatch, Phase, RequestError
+from runtime.attention import AttentionMode, ForwardBatch, Phase, RequestError, upload
 from runtime.cuda_graphs import PassGraphs
-from runtime.decoding import (DecodeSettings, SequenceState, finish_block, propose_rows, start_block,
-                              unmask_step)
+from runtime.decoding import (DecodeSettings, SequenceState, finish_block, propose, propose_greedy, start_block,
+                              unmask_rows)
 from runtime.model import Transformer
 
 
@@ -79,8 +79,10 @@ class BlockDiffusionLoop:
         self._callback_error: Exception | None = None  # should_cancel's own failure: propagates
 
     def _forward(self, phase: Phase, rows: list[SequenceState], tokens: torch.Tensor,
-                 visibility_block: int, step: int = 0) -> torch.Tensor | None:
-        """tokens: [N, T] int64. Returns fp32 logits [N, T, V] for denoising passes, else None."""
+                 visibility_block: int, step: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor | None:
+        """tokens: [N, T] int64 (host or device). positions: [N, T] int64 on the device (None: built
+        from the rows' contexts, a host-to-device copy). Returns fp32 logits [N, T, V] for
+        denoising passes, else None."""
         batch = ForwardBatch(
             phase=phase,
             seq_ids=tuple(s.seq_id for s in rows),
@@ -90,13 +92,22 @@ class BlockDiffusionLoop:
             step=step,
         )
         self._last_pass = batch
+        # inputs reach the device on the current stream, before the plan orders a side pass after it
+        tokens = tokens.to(self.device)
+        if positions is None:
+            positions = batch.positions(self.device)
         self.mode.plan(batch)
         side = self.mode.pass_stream(batch)
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            # made on the current stream, read on the side one: the allocator must not hand their
+            # memory to the current stream's next allocations before the side pass has read them
+            tokens.record_stream(side)
+            positions.record_stream(side)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if phase is not Phase.PREFILL and self.graphs is not None:
-                return self.graphs.forward(batch, tokens, side_pass=side is not None)
-            return self.model(tokens.to(self.device), batch.positions(self.device), self.mode,
-                              need_logits=phase is Phase.DENOISE)
+                return self.graphs.forward(batch, tokens, positions, side_pass=side is not None)
+            return self.model(tokens, positions, self.mode, need_logits=phase is Phase.DENOISE)
 
     @contextlib.contextmanager
     def _on_compute_stream(self):
@@ -143,56 +154,88 @@ class BlockDiffusionLoop:
             self._cancelled.append(seq)
 
     def decode_block(self, rows: list[SequenceState]) -> None:
-        """Denoise one block of every row, then commit it. Host wall time of its parts lands in
-        `last_block_ms` (step 0, later steps: each ends when its logits reach the host; commit:
-        enqueue time only, it is not waited for). Rows cancelled meanwhile leave `rows`."""
+        """Denoise one block of every row, then commit it. Rows cancelled meanwhile leave `rows`.
+
+        The block's tokens and mask stay on the device from its first pass to its commit, and
+        nothing waits for the device in between in the common case (greedy rows, the fixed
+        schedule): the passes queue back to back, and the block comes to the host once, after the
+        commit is queued (then `seq.block` / `seq.masked` hold it for `finish_block`). Sampling rows
+        draw on the host, and threshold unmasking reads each row's remaining count back after every
+        step but the last (which rows run the next step depends on it).
+
+        Host wall time of its parts lands in `last_block_ms`: step 0 and the later steps, the time
+        to queue them (and any wait a step still has, see above); commit, from queueing the commit
+        until the block's tokens reach the host, so it includes the queued steps' device time."""
         with self._on_compute_stream():
             self._decode_block(rows)
 
     def _decode_block(self, rows: list[SequenceState]) -> None:
         settings = self.settings
+        b = settings.block_size
         times = {"step0_ms": 0.0, "steps_ms": 0.0, "commit_ms": 0.0}
         self._drop_cancelled(rows)
         for seq in rows:
             start_block(seq, settings)
+        state = _DeviceBlock(rows, settings, lambda host: upload(host, self.device))
         for step in range(settings.steps):
             self._drop_cancelled(rows)
-            active = [s for s in rows if s.masked.any()]
+            active = [s for s in rows if state.remaining[s.seq_id] > 0]
             if not active:
                 break
             t0 = time.perf_counter()
-            blocks = torch.stack([s.block for s in active])
-            logits = self._forward(Phase.DENOISE, active, blocks, settings.block_size, step)
-            proposals = propose_rows(logits, active, settings.mask_token_id)
-            for seq, proposal in zip(active, proposals):
-                unmask_step(seq, None, step, settings, proposal)
+            at = state.index(active)
+            block, masked = state.take(state.block, at), state.take(state.masked, at)
+            logits = self._forward(Phase.DENOISE, active, block, b, step, state.positions(active, b))
+            tokens, conf = self._proposals(logits, active)
+            quota = state.take(state.quota[:, step], at) if settings.unmasking == "fixed" else None
+            left = unmask_rows(block, masked, tokens, conf, step, settings, quota)
+            if at is not None:  # a subset ran: its rows' new state back into the block's
+                state.block.index_copy_(0, at, block)
+                state.masked.index_copy_(0, at, masked)
+            state.count_remaining(active, left, step)
+            for seq in active:
                 seq.passes += 1
             if step == 0 and getattr(self.mode, "wants_lookahead", False):
-                self._lookahead(active, proposals)
+                self._lookahead(active, state, block, masked, tokens)
             times["step0_ms" if step == 0 else "steps_ms"] += (time.perf_counter() - t0) * 1e3
         self._drop_cancelled(rows)
         if not rows:
             return
         t0 = time.perf_counter()
-        self._forward(Phase.COMMIT, rows, torch.stack([s.block for s in rows]), settings.block_size)
+        self._forward(Phase.COMMIT, rows, state.take(state.block, state.index(rows)), b,
+                      positions=state.positions(rows, b))
+        state.to_host(rows)  # the block's one wait for the device, behind the queued commit
         times["commit_ms"] = (time.perf_counter() - t0) * 1e3
         for seq in rows:
             finish_block(seq, settings)
         self.last_block_ms = times
 
-    def _lookahead(self, rows: list[SequenceState], proposals: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _proposals(self, logits: torch.Tensor, rows: list[SequenceState]) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [N, B, V] -> (tokens [N, B] int64, confidence [N, B] fp32) on the logits' device.
+        Greedy rows are decided there together; sampling rows draw from their own generators (on
+        the host: that waits for the pass)."""
+        mask = self.settings.mask_token_id
+        tokens, conf = propose_greedy(logits, mask)
+        for i, seq in enumerate(rows):
+            if seq.request.temperature != 0.0:
+                tokens[i], conf[i] = propose(logits[i], seq.request, seq.generator, mask)
+        return tokens, conf
+
+    def _lookahead(self, rows: list[SequenceState], state: "_DeviceBlock", block: torch.Tensor,
+                   masked: torch.Tensor, tokens: torch.Tensor) -> None:
         """The LOOKAHEAD pass: each row's draft of this block (its step-0 argmax where still masked)
-        followed by the next block all [MASK]; rows whose next block would pass their end sit out."""
+        followed by the next block all [MASK]; rows whose next block would pass their end sit out.
+        block, masked: [N, B] the rows' state after step 0; tokens: [N, B] step 0's proposals."""
         b = self.settings.block_size
-        rows_next, drafts = [], []
-        for seq, (tokens, _) in zip(rows, proposals):
-            if seq.context_len + 2 * b > seq.max_tokens:
-                continue
-            draft = torch.where(seq.masked, tokens, seq.block)
-            drafts.append(torch.cat([draft, torch.full((b,), self.settings.mask_token_id, dtype=torch.int64)]))
-            rows_next.append(seq)
-        if rows_next:
-            self._forward(Phase.LOOKAHEAD, rows_next, torch.stack(drafts), b)
+        keep = [i for i, seq in enumerate(rows) if seq.context_len + 2 * b <= seq.max_tokens]
+        if not keep:
+            return
+        draft = torch.where(masked, tokens, block)  # device work: the side pass is ordered after it
+        if len(keep) < len(rows):
+            draft = draft.index_select(0, upload(torch.tensor(keep, dtype=torch.int64), self.device))
+        drafts = torch.cat([draft, torch.full_like(draft, self.settings.mask_token_id)], dim=1)
+        rows_next = [rows[i] for i in keep]
+        self._forward(Phase.LOOKAHEAD, rows_next, drafts, b, positions=state.positions(rows_next, 2 * b))
 
     def run(self, sequences: Iterable[SequenceState],
             on_block: Callable[[list[SequenceState]], None] | None = None,
@@ -220,7 +263,8 @@ class BlockDiffusionLoop:
         device-side assert: CUDA errors are sticky) cannot be isolated: the device is synchronised
         after every failure and, if that fails too, run() raises at once instead of failing the
         remaining requests one by one. An asynchronous kernel error surfaces at the next
-        synchronisation, usually when a pass's logits reach the host, and is charged to that pass.
+        synchronisation, usually when the block's tokens reach the host after its commit was queued,
+        and is charged to that pass (sampling rows and threshold unmasking meet it at a step).
         """
         with self._on_compute_stream():
             return self._run(sequences, on_block, should_cancel)
@@ -329,3 +373,71 @@ class BlockDiffusionLoop:
         if batch.phase is Phase.DENOISE:
             return f"denoise pass (step {batch.step})"
         return f"{batch.phase.value} pass"
+
+
+class _DeviceBlock:
+    """The running rows' block on the loop's device for the whole block, and what the host knows
+    of it without asking the device.
+
+    block: [N, B] int64, masked: [N, B] bool, quota: [N, steps] int64 (the fixed schedule), rows
+    in the order the block started with; `remaining` (host) counts each row's masked positions.
+    Index and position tensors are uploaded once per block and row set.
+    """
+
+    def __init__(self, rows: list[SequenceState], settings: DecodeSettings,
+                 upload: Callable[[torch.Tensor], torch.Tensor]):
+        self.settings, self.upload = settings, upload
+        self.row_of = {s.seq_id: i for i, s in enumerate(rows)}
+        self.quotas = {s.seq_id: s.step_quota for s in rows}
+        self.remaining = {s.seq_id: int(s.masked.sum()) for s in rows}
+        self.context_lens = {s.seq_id: s.context_len for s in rows}  # fixed until the block commits
+        if rows:
+            self.block = upload(torch.stack([s.block for s in rows]))
+            self.masked = upload(torch.stack([s.masked for s in rows]))
+            self.quota = upload(torch.tensor([s.step_quota for s in rows], dtype=torch.int64))
+        self._indices: dict[tuple[int, ...], torch.Tensor | None] = {}
+        self._positions: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
+
+    def index(self, rows: list[SequenceState]) -> torch.Tensor | None:
+        """[n] int64 device index of `rows` into the block's rows (None: all of them, in order)."""
+        key = tuple(self.row_of[s.seq_id] for s in rows)
+        if key not in self._indices:
+            everyone = key == tuple(range(len(self.row_of)))
+            self._indices[key] = None if everyone else self.upload(torch.tensor(key, dtype=torch.int64))
+        return self._indices[key]
+
+    @staticmethod
+    def take(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """The rows `index` names of t [N, ...] (t itself for all of them)."""
+        return t if index is None else t.index_select(0, index)
+
+    def positions(self, rows: list[SequenceState], num_new: int) -> torch.Tensor:
+        """[n, num_new] int64 device positions of a pass over `rows` (built once per block)."""
+        key = (tuple(s.seq_id for s in rows), num_new)
+        if key not in self._positions:
+            lens = torch.tensor([self.context_lens[s.seq_id] for s in rows], dtype=torch.int64)
+            self._positions[key] = self.upload(lens[:, None] + torch.arange(num_new, dtype=torch.int64)[None, :])
+        return self._positions[key]
+
+    def count_remaining(self, rows: list[SequenceState], left: torch.Tensor, step: int) -> None:
+        """After `step` ran over `rows`: their masked counts on the host. The fixed schedule's (and
+        the last step's) are known in advance; threshold unmasking's depend on the confidences, so
+        `left` [n] (device) comes to the host, the one wait such a step keeps."""
+        settings = self.settings
+        if step >= settings.steps - 1:
+            counts = [0] * len(rows)
+        elif settings.unmasking == "fixed":
+            counts = [r - min(self.quotas[s.seq_id][step], r) for s, r in
+                      ((s, self.remaining[s.seq_id]) for s in rows)]
+        else:
+            counts = left.tolist()
+        for seq, count in zip(rows, counts):
+            self.remaining[seq.seq_id] = int(count)
+
+    def to_host(self, rows: list[SequenceState]) -> None:
+        """The rows' block and mask into `seq.block` / `seq.masked`, in one device-to-host copy."""
+        b = self.settings.block_size
+        host = torch.cat([self.block, self.masked.to(torch.int64)], dim=1).cpu()
+        for seq in rows:
+            i = self.row_of[seq.seq_id]
+            seq.block, seq.masked = host[i, :b].clone(), host[i, b:].bool()

@@ -44,7 +44,8 @@ from offload.compact_keys import CompactKeyIndex
 from offload.host_store import HostKVStore
 from offload.partitioned_cache import PartitionedPageCache
 from offload.prefetcher import DEFAULT_FETCH_PROGRAMS
-from runtime.attention import AttentionMode, DenseAttention, ForwardBatch, Phase, ReplayTables, masked_attention
+from runtime.attention import (AttentionMode, DenseAttention, ForwardBatch, Phase, PlannedBuffers, ReplayTables,
+                               masked_attention, upload)
 from runtime.config import ModelConfig, SparseConfig
 from runtime.memory import selected_pages_bound
 from runtime.selection import (Selection, SelectionPlan, plan_selection, select_pages, selection_queries,
@@ -112,6 +113,7 @@ class HeraldAttention(AttentionMode):
                                  huge_pages=sparse.host_huge_pages, progress=progress)
         self.cache = self.compact = self.scanner = None
         self._buffers: dict[tuple[int, bool], _RowBuffers] = {}  # (rows, side pass) -> buffers
+        self._planned = PlannedBuffers()  # which pass each of them was last filled for
         self.dense = None
         try:
             if self.dense_layers:
@@ -189,6 +191,7 @@ class HeraldAttention(AttentionMode):
             self.dense.add_sequence(seq_id, max_tokens)
         row = self._free_rows.pop()
         self.row_of[seq_id] = row
+        self._planned.forget()
         self.cache.reset_rows(torch.tensor([row], device=self.device))
 
     def remove_sequence(self, seq_id: int) -> None:
@@ -202,6 +205,7 @@ class HeraldAttention(AttentionMode):
         row = self.row_of.pop(seq_id)
         self.cache.reset_rows(torch.tensor([row], device=self.device))
         self._free_rows.append(row)
+        self._planned.forget()
 
     def restart_block(self, seq_ids: tuple[int, ...]) -> None:
         """The rerun of an aborted block starts from empty partitions: the failed pass may have
@@ -260,6 +264,7 @@ class HeraldAttention(AttentionMode):
         if self.dense is not None:
             self.dense.close()
         self._buffers.clear()
+        self._planned.forget()
         # device buffers planned per batch size (close may run from __init__, before some exist)
         for name in ("_block_tables", "_pass_tables", "_side_tables", "_selection_plans", "_next_store",
                      "_next_backup", "_next_plans", "_next_index"):
@@ -323,12 +328,13 @@ class HeraldAttention(AttentionMode):
             buf = self._buffers[(n, side)] = _RowBuffers(n, self.pages_per_seq, self.device)
         lens = batch.context_lens
         p = self.page_size
-        buf.rows.copy_(torch.tensor([self.row_of[s] for s in batch.seq_ids]))
-        buf.store_table.copy_(self.store.page_tables(batch.seq_ids, self.pages_per_seq))
+        if self._planned.need_upload((n, side), batch):  # a later step of the block: they hold this already
+            buf.rows.copy_(torch.tensor([self.row_of[s] for s in batch.seq_ids]))
+            buf.store_table.copy_(self.store.page_tables(batch.seq_ids, self.pages_per_seq))
+            buf.context_lens.copy_(lens)
+            buf.first_page.copy_(lens // p)
+            buf.last_page.copy_((lens + batch.num_new - 1) // p)
         self._host_table = None
-        buf.context_lens.copy_(lens)
-        buf.first_page.copy_(lens // p)
-        buf.last_page.copy_((lens + batch.num_new - 1) // p)
         self._buf = buf
         self._selecting = batch.phase is Phase.DENOISE and batch.step == 0
         if self._selecting:
@@ -371,11 +377,17 @@ class HeraldAttention(AttentionMode):
                 raise RuntimeError(f"sequences {missing} reached step {batch.step} without a step-0 selection")
             # Later passes read their own buffers for this batch size (a captured graph reads the
             # same addresses whether its rows are all of the block's or a subset)
-            index = torch.tensor([self._selected_rows.index(s) for s in batch.seq_ids], device=self.device)
             full = self._block_tables.load(len(self._selected_rows), self._selection_id, list)
             tables = self._side_tables if side else self._pass_tables
-            self._tables = tables.load(n, (self._selection_id, batch.seq_ids),
-                                       lambda: [(t[index], kl[index]) for t, kl in full])
+
+            def rows_of_block() -> list[tuple[torch.Tensor, torch.Tensor]]:
+                # only when these buffers do not hold the selection for these rows yet (once per block)
+                if batch.seq_ids == self._selected_rows:
+                    return full
+                index = upload(torch.tensor([self._selected_rows.index(s) for s in batch.seq_ids]), self.device)
+                return [(t[index], kl[index]) for t, kl in full]
+
+            self._tables = tables.load(n, (self._selection_id, batch.seq_ids), rows_of_block)
             if side:
                 self._plan_lookahead(batch)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from gpu_kernels.paged_attention import block_attention
-from runtime.attention import DenseAttention, ForwardBatch, Phase, ReplayTables
+from runtime.attention import DenseAttention, ForwardBatch, Phase, ReplayTables, upload
 from runtime.config import ModelConfig, SparseConfig
 from runtime.memory import selected_pages_bound
 from runtime.selection import (Selection, SelectionPlan, gather_token_scores, page_scores_from_tokens,
@@ -42,7 +42,8 @@ class ResidentSparseAttention(DenseAttention):
         if n not in self._slot_bases:  # fixed address per batch size: read inside CUDA graphs
             self._slot_bases[n] = torch.empty(n, 1, 1, dtype=torch.int32, device=self.k_cache[0].device)
         self._slot_base = self._slot_bases[n]
-        self._slot_base.copy_((self._slots * self.pages_per_seq).view(n, 1, 1))
+        if self._planned.need_upload(("slot_base", n), batch):
+            self._slot_base.copy_((self._slots * self.pages_per_seq).view(n, 1, 1))
 
     def _physical(self, selection: Selection) -> torch.Tensor:
         """Store page table [N, Hkv, K] int32 of a page selection over the planned rows."""
@@ -94,7 +95,8 @@ class MageAttention(ResidentSparseAttention):
         self._selection_plans: dict[int, SelectionPlan] = {}
         self._token_selection: list[tuple[Selection, torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
         self._selected_rows: tuple[int, ...] = ()
-        self._row_index: torch.Tensor | None = None
+        self._row_index: torch.Tensor | None = None  # later passes: their rows among the block's [n] int64
+        self._row_index_of: tuple = ()  # (selection id, seq_ids) `_row_index` was made for
         self._selection_id = 0  # bumped at every step 0
 
     def replayable(self, batch: ForwardBatch) -> bool:
@@ -112,7 +114,7 @@ class MageAttention(ResidentSparseAttention):
         if self._selecting:
             self._selected_rows = batch.seq_ids
             self._selection_id += 1
-            self._row_index = None
+            self._row_index, self._row_index_of = None, ()
             fresh = plan_selection(batch.context_lens, self.pages_per_seq, self.sparse, dev, self.max_selected)
             if n not in self._selection_plans:  # fixed addresses per batch size
                 self._selection_plans[n] = fresh
@@ -122,8 +124,10 @@ class MageAttention(ResidentSparseAttention):
         missing = [s for s in batch.seq_ids if s not in self._selected_rows]
         if missing:
             raise RuntimeError(f"sequences {missing} reached step {batch.step} of a block without a step-0 selection")
-        index = [self._selected_rows.index(s) for s in batch.seq_ids]
-        self._row_index = torch.tensor(index, device=dev)
+        if self._row_index_of != (self._selection_id, batch.seq_ids):  # an upload: once per block and row set
+            index = [self._selected_rows.index(s) for s in batch.seq_ids]
+            self._row_index = upload(torch.tensor(index), dev)
+            self._row_index_of = (self._selection_id, batch.seq_ids)
         block = self._block_tables.load(len(self._selected_rows), self._selection_id, list)
         self._tables = self._pass_tables.load(n, (self._selection_id, batch.seq_ids),
                                               lambda: [(t[self._row_index], kl[self._row_index]) for t, kl in block])
@@ -252,14 +256,15 @@ class QuestAttention(ResidentSparseAttention):
         if batch.phase is Phase.PREFILL:
             return
         n, dev = batch.num_rows, self.k_cache[0].device
-        fresh = plan_selection(batch.context_lens, self.pages_per_seq, self.sparse, dev,
-                               selected_pages_bound(self.sparse, self.max_tokens))
-        table = self.store_table(self.pages_per_seq).long()
-        if n not in self._plans:  # fixed addresses per batch size, refilled every pass
-            self._plans[n] = (fresh, table)
-        else:
-            self._plans[n][0].copy_(fresh)
-            self._plans[n][1].copy_(table)
+        if self._planned.need_upload(("quest", n), batch) or n not in self._plans:
+            fresh = plan_selection(batch.context_lens, self.pages_per_seq, self.sparse, dev,
+                                   selected_pages_bound(self.sparse, self.max_tokens))
+            table = self.store_table(self.pages_per_seq).long()
+            if n not in self._plans:  # fixed addresses per batch size, refilled when the rows or contexts change
+                self._plans[n] = (fresh, table)
+            else:
+                self._plans[n][0].copy_(fresh)
+                self._plans[n][1].copy_(table)
         self._plan, self._table = self._plans[n]
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

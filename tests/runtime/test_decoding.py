@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from runtime.decoding import (DecodeSettings, GenerationRequest, SequenceState, _filter_logits, finish_block,
-                              fixed_schedule, propose, start_block, unmask_step)
+                              fixed_schedule, propose, propose_greedy, propose_rows, start_block, unmask_rows,
+                              unmask_step)
 
 MASK, EOS, VOCAB = 9, 8, 10
 
@@ -117,3 +118,61 @@ def test_request_validation():
         GenerationRequest(prompt=[1], max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         GenerationRequest(prompt=[1], top_p=0.0)
+
+
+def _rows_at_random_states(n: int, block: int, s: DecodeSettings, gen: torch.Generator) -> list[SequenceState]:
+    """n open blocks with a random prompt tail fixed and random earlier steps already applied, so
+    the rows have different remaining counts (some none)."""
+    rows = []
+    for i in range(n):
+        tail = int(torch.randint(0, block, (1,), generator=gen))
+        seq = sequence(list(range(block)) + list(range(tail)), max_new=4 * block, block=block)
+        seq.seq_id = i
+        start_block(seq, s)
+        done = torch.rand(block, generator=gen) < 0.4  # positions an earlier step unmasked
+        seq.block = torch.where(done & seq.masked, torch.randint(0, MASK, (block,), generator=gen), seq.block)
+        seq.masked &= ~done
+        rows.append(seq)
+    return rows
+
+
+@pytest.mark.parametrize("unmasking,threshold", [("fixed", 0.9), ("threshold", 0.3), ("threshold", 0.97)])
+@pytest.mark.parametrize("step", [0, 1, 3])  # 3: the last step unmasks whatever remains
+def test_unmask_rows_equals_unmask_step_row_by_row(unmasking, threshold, step):
+    block, steps = 16, 4
+    s = settings(unmasking, steps=steps, block=block, threshold=threshold)
+    gen = torch.Generator().manual_seed(100 * step + int(threshold * 100))
+    for trial in range(5):
+        rows = _rows_at_random_states(6, block, s, gen)
+        tokens = torch.randint(0, MASK, (len(rows), block), generator=gen)
+        conf = torch.rand(len(rows), block, generator=gen)
+        block_t = torch.stack([r.block for r in rows])
+        masked_t = torch.stack([r.masked for r in rows])
+        quota = torch.tensor([r.step_quota[step] for r in rows])
+        left = unmask_rows(block_t, masked_t, tokens, conf, step, s, quota if unmasking == "fixed" else None)
+        for i, seq in enumerate(rows):
+            unmask_step(seq, None, step, s, (tokens[i], conf[i]))
+            assert torch.equal(block_t[i], seq.block) and torch.equal(masked_t[i], seq.masked), (trial, i)
+            assert int(left[i]) == int(seq.masked.sum())
+        assert len({int(r.masked.sum()) for r in rows}) > 1 or step == steps - 1, "rows should differ in what is left"
+
+
+def test_unmask_rows_with_nothing_left_changes_nothing():
+    s = settings("threshold", steps=4, block=4, threshold=0.5)
+    block = torch.tensor([[1, 2, 3, 4]])
+    masked = torch.zeros(1, 4, dtype=torch.bool)
+    left = unmask_rows(block, masked, torch.tensor([[5, 5, 5, 5]]), torch.ones(1, 4), 0, s, None)
+    assert block.tolist() == [[1, 2, 3, 4]] and int(left[0]) == 0
+
+
+def test_propose_greedy_equals_propose_rows():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 4, VOCAB, generator=gen)
+    logits[1, :, MASK] = 50.0  # [MASK] would win: it is never proposed
+    before = logits.clone()
+    tokens, conf = propose_greedy(logits, MASK)
+    rows = [sequence([1, 2, 3, 4]) for _ in range(3)]
+    for i, (t, c) in enumerate(propose_rows(logits, rows, MASK)):
+        assert torch.equal(tokens[i], t) and torch.equal(conf[i], c)
+    assert torch.equal(logits, before), "the caller's logits stay as they were"
+

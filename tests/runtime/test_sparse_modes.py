@@ -12,7 +12,9 @@ import torch
 from runtime import Engine, EngineConfig
 from runtime.attention import Phase
 from runtime.config import ModelConfig, RopeConfig, SparseConfig
+from runtime.decoding import GenerationRequest
 from runtime.model import Transformer
+from runtime.reference import reference_decode
 
 VOCAB, MASK, EOS = 48, 47, 46
 
@@ -63,6 +65,15 @@ def test_full_budget_equals_dense(model):
                         ("quest", {})]:
         got, _ = generate(model, mode, budget_fraction=1.0, dense_layers=0, **extra)
         assert got == dense, (mode, extra)
+
+
+def test_sparse_loop_gives_the_reference_decoders_tokens(model):
+    """Greedy decoding through herald (full budget; the lookahead's drafts are built on the device
+    from step 0's proposals) gives the tokens of the recompute-everything reference decoder."""
+    got, engine = generate(model, "herald", budget_fraction=1.0, source="gpu-compact", lookahead=True)
+    for prompt, tokens in zip(PROMPTS, got):
+        seq = engine.make_sequence(GenerationRequest(prompt=prompt, max_new_tokens=12, stop_at_eos=False))
+        assert tokens == reference_decode(model, seq, engine.settings).generated
 
 
 @pytest.mark.parametrize("source", ["cpu", "gpu-compact", "split"])
@@ -317,3 +328,45 @@ def test_herald_lookahead_prefetches_the_next_blocks_pages(model):
     assert prefetched > 0 and at_step0 < prefetched
     recalls = [b["draft_recall"] for b in timeline if b["draft_recall"] is not None]
     assert recalls and all(0.0 <= r <= 1.0 for r in recalls)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,extra", [("dense", {}),
+                                        ("herald", {"budget_fraction": 0.3, "source": "gpu-compact"}),
+                                        ("herald", {"budget_fraction": 0.3, "source": "gpu-compact", "lookahead": True})])
+def test_cuda_steps_after_step_0_never_wait_for_the_device(cuda_model, monkeypatch, mode, extra):
+    """Greedy rows, the fixed schedule, CUDA graphs: from the plan of step 1 until the commit is
+    planned, nothing synchronises with the device (the proposals, the unmasking, which rows run,
+    positions and plan buffers all stay on the device or are known in advance). The first block
+    is left out: it captures the graphs. Tokens are those of a run without the check."""
+    from runtime.attention import DenseAttention
+    from runtime.herald import HeraldAttention
+
+    cls = DenseAttention if mode == "dense" else HeraldAttention
+    plan, blocks, checked = cls.plan, [], []
+
+    def plan_watched(self, batch):
+        if batch.phase is Phase.DENOISE and batch.step == 0:
+            blocks.append(batch.seq_ids)
+        if batch.phase is Phase.DENOISE and batch.step >= 1 and len(blocks) >= 2:
+            torch.cuda.set_sync_debug_mode("error")  # stays on through the step's pass, proposals and unmasking
+            checked.append(batch.step)
+        else:
+            torch.cuda.set_sync_debug_mode("default")
+        plan(self, batch)
+
+    same_length = prompts([300, 300], seed=5)  # both rows run every step of every block together
+    expected, _ = generate_cuda(cuda_model, mode, prompts=same_length, **extra)
+    monkeypatch.setattr(cls, "plan", plan_watched)
+    try:
+        config = EngineConfig(model_path="unused", mode=mode, device="cuda", dtype="float32", progress=False,
+                              unmasking="fixed", max_batch_size=2, prefill_chunk_size=64, cuda_graphs=True,
+                              sparse=SparseConfig(page_size=16, sink_tokens=16, local_window=16, compact_group=16,
+                                                  **extra))
+        results = Engine(config, model=cuda_model).generate(same_length, max_new_tokens=24, stop_at_eos=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(r.finish_reason == "length" for r in results), [r.error for r in results]
+    assert len(blocks) == 6 and len(checked) == 5 * 3, (blocks, checked)  # blocks 2..6, steps 1..3 of 4
+    assert [r.tokens for r in results] == expected
+
