@@ -224,7 +224,10 @@ def print_table(rows: list[dict], summary: dict, meta: dict) -> None:
               f"{r['block_p50_s'] * 1e3:>8.1f} {r['block_p99_s'] * 1e3:>8.1f} {r['step0_ms']:>6.0f} "
               f"{r['later_steps_ms']:>6.0f} {r['commit_ms']:>6.0f} {r['gpu_peak_gib']:>7.1f} "
               f"{r['host_gib']:>8.1f}{extra}")
-    print("\nfetched: share of selected pages fetched at step 0 on the compute stream (the synchronous path: "
+    print("\nstep0, steps: ms of the compute stream's timeline from the block's first pass to the end of step 0, "
+          "then to the end of the last step (CUDA events); commit: the rest of the block's wall time (the "
+          "commit pass, the block's tokens to the host, the host's work before the first pass).")
+    print("fetched: share of selected pages fetched at step 0 on the compute stream (the synchronous path: "
           "not hidden); ahead: GPU ms per block of the lookahead's side pass (its compute, scan and gather, "
           "beside the block's steps); stall: ms the main stream waited for it; hidden: share of the "
           f"transfer time hidden (bytes at the measured {meta.get('pinned_copy_GBps') or 0:.1f} GB/s pinned copy).")

@@ -184,32 +184,11 @@ def propose(logits: torch.Tensor, request: GenerationRequest, generator: torch.G
     return tokens, conf
 
 
-def propose_rows(logits: torch.Tensor, rows: list[SequenceState],
-                 mask_token_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`propose` for every row of a pass: logits [N, B, V] -> per row (tokens [B], confidence [B])
-    on the host. Greedy rows are decided together on the logits' device with one transfer back
-    (per-row transfers cost a device round trip each); sampling rows draw from their own streams."""
-    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(rows)
-    greedy = [i for i, s in enumerate(rows) if s.request.temperature == 0.0]
-    if greedy:
-        chosen = logits[greedy].float()
-        chosen[..., mask_token_id] = float("-inf")
-        conf, tokens = chosen.softmax(-1).max(-1)  # [G, B]
-        both = torch.stack([tokens.to(conf.dtype), conf]).cpu()
-        for j, i in enumerate(greedy):
-            out[i] = (both[0, j].to(torch.int64), both[1, j])
-    for i, seq in enumerate(rows):
-        if out[i] is None:
-            tokens, conf = propose(logits[i], seq.request, seq.generator, mask_token_id)
-            out[i] = (tokens.cpu(), conf.cpu())
-    return out
-
-
 def unmask_step(seq: SequenceState, logits: torch.Tensor | None, step: int, settings: DecodeSettings,
                 proposal: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Apply one denoising step's prediction to the sequence's block.
 
-    logits: [B, V] for the block's positions (or `proposal`, what `propose_rows` made of them).
+    logits: [B, V] for the block's positions (or `proposal`, what `propose` made of them).
     Unmasks the most confident masked positions: the fixed schedule's quota for this step, or every
     one above the threshold (at least one). The last allowed step unmasks whatever remains, so a
     block never takes more than `steps` passes.
@@ -240,7 +219,7 @@ def propose_greedy(logits: torch.Tensor, mask_token_id: int) -> tuple[torch.Tens
     """`propose` at temperature 0 for a whole pass, left on the logits' device (no host sync).
 
     logits: [N, B, V]. Returns (tokens [N, B] int64, confidence [N, B] fp32): the softmax maximum
-    with [MASK] excluded, as `propose` and `propose_rows` compute it.
+    with [MASK] excluded, as `propose` computes it.
     """
     scores = logits.float()
     if scores is logits:  # never edit the caller's logits (a replayed graph's output buffer)

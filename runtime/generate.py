@@ -163,16 +163,16 @@ class BlockDiffusionLoop:
         draw on the host, and threshold unmasking reads each row's remaining count back after every
         step but the last (which rows run the next step depends on it).
 
-        Host wall time of its parts lands in `last_block_ms`: step 0 and the later steps, the time
-        to queue them (and any wait a step still has, see above); commit, from queueing the commit
-        until the block's tokens reach the host, so it includes the queued steps' device time."""
+        The time of its parts lands in `last_block_ms` (step 0, the later steps, the commit): on
+        CUDA measured on the compute stream by events, since the host only queues the passes; on
+        the CPU, host wall time."""
         with self._on_compute_stream():
             self._decode_block(rows)
 
     def _decode_block(self, rows: list[SequenceState]) -> None:
         settings = self.settings
         b = settings.block_size
-        times = {"step0_ms": 0.0, "steps_ms": 0.0, "commit_ms": 0.0}
+        clock = _PartClock(self.device)
         self._drop_cancelled(rows)
         for seq in rows:
             start_block(seq, settings)
@@ -182,7 +182,6 @@ class BlockDiffusionLoop:
             active = [s for s in rows if state.remaining[s.seq_id] > 0]
             if not active:
                 break
-            t0 = time.perf_counter()
             at = state.index(active)
             block, masked = state.take(state.block, at), state.take(state.masked, at)
             logits = self._forward(Phase.DENOISE, active, block, b, step, state.positions(active, b))
@@ -197,18 +196,19 @@ class BlockDiffusionLoop:
                 seq.passes += 1
             if step == 0 and getattr(self.mode, "wants_lookahead", False):
                 self._lookahead(active, state, block, masked, tokens)
-            times["step0_ms" if step == 0 else "steps_ms"] += (time.perf_counter() - t0) * 1e3
+            if step == 0:
+                clock.mark("step0_ms")
+        clock.mark("steps_ms")
         self._drop_cancelled(rows)
         if not rows:
             return
-        t0 = time.perf_counter()
         self._forward(Phase.COMMIT, rows, state.take(state.block, state.index(rows)), b,
                       positions=state.positions(rows, b))
+        clock.mark("commit_ms")
         state.to_host(rows)  # the block's one wait for the device, behind the queued commit
-        times["commit_ms"] = (time.perf_counter() - t0) * 1e3
         for seq in rows:
             finish_block(seq, settings)
-        self.last_block_ms = times
+        self.last_block_ms = {"step0_ms": 0.0, "steps_ms": 0.0, **clock.parts()}
 
     def _proposals(self, logits: torch.Tensor, rows: list[SequenceState]) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [N, B, V] -> (tokens [N, B] int64, confidence [N, B] fp32) on the logits' device.
@@ -373,6 +373,40 @@ class BlockDiffusionLoop:
         if batch.phase is Phase.DENOISE:
             return f"denoise pass (step {batch.step})"
         return f"{batch.phase.value} pass"
+
+
+class _PartClock:
+    """Durations of a block's consecutive parts: `mark(name)` ends the part called `name` (a part
+    marked twice ends at the second mark). On CUDA the marks are events on the current stream,
+    read by `parts()` once the stream has passed them (the host only queues the passes, so its own
+    clock would time the queueing); on the CPU the host clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._marks: dict[str, object] = {}
+        self._start = self._now()
+
+    def _now(self) -> object:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mark(self, name: str) -> None:
+        self._marks[name] = self._now()
+
+    def parts(self) -> dict[str, float]:
+        """{name: ms} per part, each from the previous mark (the first from the clock's start)."""
+        out, last = {}, self._start
+        for name, mark in self._marks.items():
+            if self.cuda:
+                mark.synchronize()
+                out[name] = last.elapsed_time(mark)
+            else:
+                out[name] = (mark - last) * 1e3
+            last = mark
+        return out
 
 
 class _DeviceBlock:

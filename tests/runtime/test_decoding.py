@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from runtime.decoding import (DecodeSettings, GenerationRequest, SequenceState, _filter_logits, finish_block,
-                              fixed_schedule, propose, propose_greedy, propose_rows, start_block, unmask_rows,
+                              fixed_schedule, propose, propose_greedy, start_block, unmask_rows,
                               unmask_step)
 
 MASK, EOS, VOCAB = 9, 8, 10
@@ -165,14 +165,15 @@ def test_unmask_rows_with_nothing_left_changes_nothing():
     assert block.tolist() == [[1, 2, 3, 4]] and int(left[0]) == 0
 
 
-def test_propose_greedy_equals_propose_rows():
+def test_propose_greedy_equals_propose_row_by_row():
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(3, 4, VOCAB, generator=gen)
     logits[1, :, MASK] = 50.0  # [MASK] would win: it is never proposed
     before = logits.clone()
     tokens, conf = propose_greedy(logits, MASK)
-    rows = [sequence([1, 2, 3, 4]) for _ in range(3)]
-    for i, (t, c) in enumerate(propose_rows(logits, rows, MASK)):
+    for i in range(3):
+        seq = sequence([1, 2, 3, 4])
+        t, c = propose(logits[i], seq.request, seq.generator, MASK)
         assert torch.equal(tokens[i], t) and torch.equal(conf[i], c)
     assert torch.equal(logits, before), "the caller's logits stay as they were"
 
