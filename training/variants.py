@@ -62,6 +62,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "is 25; the sparse modes' accuracy target needs a model that reads that far. Its --max-context "
             "overrides the script's MAX_CONTEXT (later flags win)",
             _HOPS + ("--max-context", "8192", "--level-shares", "2", "2", "2", "1", "1", "1", "1", "1.5", "4") + _DEEP),
+    Variant("hops-deep-8k-continue", "hops-deep-8k's long levels only (2048/4096/8192, shares 1/2/5, lr 1e-3), to "
+            "continue a checkpoint of it in a second device call: give it `-- --init-from DIR` (without it, a "
+            "random model would start at 2048 with every task, what the curriculum exists to avoid). The first "
+            "call spent only 115 s at 8192 "
+            "(RESULTS.md, fourth session)",
+            ("--vartrack-any-query", "0.5", "--max-context", "8192", "--min-context", "2048", "--warmup-tasks",
+             "--level-shares", "1", "2", "5", "--lr", "1e-3") + _DEEP),
 )}
 DEFAULT_VARIANTS = ("hops", "hops-deep", "hops-deep-long")
 
