@@ -71,11 +71,13 @@ class ForwardBatch:
         return block_of[None, :] <= block_of[:, None]
 
 
-
 def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """A host tensor on `device` without the host waiting for it: on CUDA it is staged in pinned
     memory and copied asynchronously on the current stream (from pageable memory the copy blocks
-    until it ran). The caching host allocator keeps the staging buffer until the copy is done."""
+    until it ran). The caching host allocator keeps the staging buffer until the copy is done and
+    then reuses it; its cache is bounded by the uploads in flight, at most one block's, since the
+    loop waits for each block's tokens. Index arrays a mode uploads every pass go through
+    `offload.host_store.IndexUploader` (one pinned ring, int32) instead."""
     device = torch.device(device)
     if device.type != "cuda":
         return host.to(device)
