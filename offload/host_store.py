@@ -44,7 +44,7 @@ _SMAPS_RANGE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
 _CUDA_HOST_REGISTER_PORTABLE_MAPPED = 1 | 2  # portable to all contexts, mapped into the device address space
 
 
-def _host_buffer(nbytes: int, huge_pages: bool) -> tuple[torch.Tensor, mmap.mmap | None]:
+def host_buffer(nbytes: int, huge_pages: bool) -> tuple[torch.Tensor, mmap.mmap | None]:
     """``nbytes`` rounded up to whole pages of page-aligned host memory (2 MiB-aligned and advised
     MADV_HUGEPAGE when ``huge_pages`` and the platform has it) as a uint8 tensor, and the mapping
     that owns it (None for torch's allocator). Not yet touched: the kernel picks page sizes at the
@@ -79,7 +79,7 @@ def _fault_in(buf: torch.Tensor, progress: bool, chunk_bytes: int = _GIB) -> Non
             bar.update(chunk.numel())
 
 
-def _register(buf: torch.Tensor) -> bool:
+def register_host_memory(buf: torch.Tensor) -> bool:
     """Page-lock ``buf`` in place with cudaHostRegister (mapped into every device's address space);
     False if this torch build or the driver cannot."""
     cudart = torch.cuda.cudart()
@@ -248,12 +248,12 @@ class HostKVStore:
 
         shape = (2, num_layers, num_pages, num_kv_heads, page_size, head_dim)
         self.pin_method = "none"
-        raw, self._mapping = _host_buffer(self.nbytes, huge_pages)
+        raw, self._mapping = host_buffer(self.nbytes, huge_pages)
         self.huge_pages = self._mapping is not None  # asked for and advised; huge_page_share() says if granted
         buf = raw[: self.nbytes].view(dtype).view(shape)
         if pin_memory:
             _fault_in(raw, progress)
-            if _register(raw):
+            if register_host_memory(raw):
                 self.pin_method = "cudaHostRegister"
                 self._finalizer = weakref.finalize(self, _unregister, raw)
             else:

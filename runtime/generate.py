@@ -422,13 +422,13 @@ class _DeviceBlock:
                  upload: Callable[[torch.Tensor], torch.Tensor]):
         self.settings, self.upload = settings, upload
         self.row_of = {s.seq_id: i for i, s in enumerate(rows)}
-        self.quotas = {s.seq_id: s.step_quota for s in rows}
         self.remaining = {s.seq_id: int(s.masked.sum()) for s in rows}
-        self.context_lens = {s.seq_id: s.context_len for s in rows}  # fixed until the block commits
+        self.quota: torch.Tensor | None = None  # the fixed schedule only
         if rows:
             self.block = upload(torch.stack([s.block for s in rows]))
             self.masked = upload(torch.stack([s.masked for s in rows]))
-            self.quota = upload(torch.tensor([s.step_quota for s in rows], dtype=torch.int64))
+            if settings.unmasking == "fixed":
+                self.quota = upload(torch.tensor([s.step_quota for s in rows], dtype=torch.int64))
         self._indices: dict[tuple[int, ...], torch.Tensor | None] = {}
         self._positions: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
 
@@ -449,7 +449,7 @@ class _DeviceBlock:
         """[n, num_new] int64 device positions of a pass over `rows` (built once per block)."""
         key = (tuple(s.seq_id for s in rows), num_new)
         if key not in self._positions:
-            lens = torch.tensor([self.context_lens[s.seq_id] for s in rows], dtype=torch.int64)
+            lens = torch.tensor([s.context_len for s in rows], dtype=torch.int64)  # fixed until the commit
             self._positions[key] = self.upload(lens[:, None] + torch.arange(num_new, dtype=torch.int64)[None, :])
         return self._positions[key]
 
@@ -461,8 +461,7 @@ class _DeviceBlock:
         if step >= settings.steps - 1:
             counts = [0] * len(rows)
         elif settings.unmasking == "fixed":
-            counts = [r - min(self.quotas[s.seq_id][step], r) for s, r in
-                      ((s, self.remaining[s.seq_id]) for s in rows)]
+            counts = [r - min(s.step_quota[step], r) for s, r in ((s, self.remaining[s.seq_id]) for s in rows)]
         else:
             counts = left.tolist()
         for seq, count in zip(rows, counts):

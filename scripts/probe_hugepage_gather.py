@@ -6,8 +6,9 @@ gathers of 64 KiB units reach ~90%. One suspect is address translation: every 4 
 store backed by 4 KiB pages is its own page to translate. With transparent huge pages the same
 store spans 512x fewer pages.
 
-This probe allocates a store-sized buffer twice, as `HostKVStore` does (torch.empty, then
-cudaHostRegister) and from an anonymous mapping with MADV_HUGEPAGE, checks how much of each the
+This probe allocates a store-sized buffer twice with `HostKVStore`'s own allocation (4 KiB pages:
+torch.empty; huge pages: an anonymous mapping advised MADV_HUGEPAGE) and registers it as the store
+does, checks how much of each the
 kernel backed with huge pages (AnonHugePages in /proc/self/smaps), and times the project's
 `gather_pages` over the same random selections from both, beside a contiguous copy from each.
 Prints JSON (and writes it to $OUT/hugepage_gather.json when OUT is set).
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
-import re
 import statistics
 from pathlib import Path
 
@@ -28,10 +27,10 @@ import torch
 
 from gpu_kernels._uva import HostPointer
 from gpu_kernels.page_copy import gather_pages
+from offload.host_store import host_buffer, huge_page_bytes, register_host_memory
 
 MiB, GiB = 2**20, 2**30
 HUGE = 2 * MiB
-REGISTER_MAPPED = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
 
 
 def thp_settings() -> dict[str, str]:
@@ -40,39 +39,6 @@ def thp_settings() -> dict[str, str]:
         path = Path("/sys/kernel/mm/transparent_hugepage") / name
         out[name] = path.read_text().strip() if path.exists() else "absent"
     return out
-
-
-def huge_bytes_of(address: int, length: int) -> int:
-    """AnonHugePages of the mappings overlapping [address, address + length) of this process."""
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
-        if head:
-            lo, hi = int(head.group(1), 16), int(head.group(2), 16)
-            inside = lo < address + length and hi > address
-        elif inside and line.startswith("AnonHugePages:"):
-            total += int(line.split()[1]) * 1024
-    return total
-
-
-def plain_buffer(nbytes: int) -> tuple[torch.Tensor, object]:
-    """As HostKVStore allocates: torch's CPU allocator, page-aligned inside an over-allocation."""
-    raw = torch.empty(nbytes + mmap.PAGESIZE, dtype=torch.uint8)
-    return raw[(-raw.data_ptr()) % mmap.PAGESIZE:][:nbytes], raw
-
-
-def huge_buffer(nbytes: int) -> tuple[torch.Tensor, object]:
-    """An anonymous mapping, 2 MiB-aligned, advised MADV_HUGEPAGE before it is first touched."""
-    region = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(mmap.MADV_HUGEPAGE)
-    raw = torch.frombuffer(region, dtype=torch.uint8)
-    return raw[(-raw.data_ptr()) % HUGE:][:nbytes], region
-
-
-def register(buf: torch.Tensor) -> None:
-    err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), REGISTER_MAPPED))
-    if err:
-        raise RuntimeError(f"cudaHostRegister failed with CUDA error {err}")
 
 
 def timed_ms(fn, iters: int) -> float:
@@ -137,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
 
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, thp=thp_settings(),
                   buffer_GiB=nbytes / GiB, page_tokens=page, kv_heads=heads, head_dim=dim)
-    for label, make in (("plain", plain_buffer), ("madv_hugepage", huge_buffer)):
-        buf, owner = make(nbytes)
+    for label, huge in (("plain", False), ("madv_hugepage", True)):
+        buf, owner = host_buffer(nbytes, huge)  # as HostKVStore allocates with huge_pages=False / True
         buf.fill_(1)  # first touch: the kernel backs the pages now (huge ones where it can)
-        report[label] = dict(huge_page_share=huge_bytes_of(buf.data_ptr(), nbytes) / nbytes)
-        register(buf)
+        report[label] = dict(huge_page_share=(huge_page_bytes(buf.data_ptr(), nbytes) or 0) / nbytes)
+        if not register_host_memory(buf):
+            raise RuntimeError("cudaHostRegister failed")
         try:
             report[label].update(measure(buf, selections, heads, page, dim, args.iters))
         finally:

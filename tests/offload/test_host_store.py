@@ -178,12 +178,12 @@ def test_store_backing_pages_and_release(huge):
 def test_fault_in_makes_the_buffer_resident_and_changes_nothing(huge, capsys):
     """What a pinned store runs before registration: every page touched, chunk by chunk, behind a
     progress bar; the memory stays all zeros."""
-    from offload.host_store import _fault_in, _host_buffer
+    from offload.host_store import _fault_in, host_buffer
 
     proc = psutil.Process()
     # 40 MiB and a few bytes (a ragged last chunk); above glibc's largest mmap threshold, so never
     # memory a freed block left resident
-    raw, mapping = _host_buffer(40 * 2**20 + 5, huge)
+    raw, mapping = host_buffer(40 * 2**20 + 5, huge)
     rss0 = proc.memory_info().rss
     _fault_in(raw, progress=True, chunk_bytes=9 * 2**20)
     assert proc.memory_info().rss - rss0 >= 36 * 2**20
