@@ -44,7 +44,8 @@ def variants(sources: list[str]) -> list[tuple[str, str, dict]]:
     """(label, mode, config overrides) of every configuration the table compares."""
     rows = [("dense", "dense", {}), ("dense-sdpa", "dense", {"attention_backend": "torch"}),
             ("mage", "mage", {}), ("quest", "quest", {})]
-    rows += [(f"herald-{s}", "herald", {"source": s}) for s in sources]
+    # each source on the synchronous path: the block's pages selected and fetched at its own step 0
+    rows += [(f"herald-{s}", "herald", {"source": s, "lookahead": False}) for s in sources]
     # HERALD's overlap: the next block's selection and fetch on a side stream, from this block's draft
     rows.append(("herald-lookahead", "herald", {"source": "gpu-compact", "lookahead": True}))
     # the same with the passes at the side stream's priority (the default gives them a higher one)

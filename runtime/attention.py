@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from gpu_kernels.paged_attention import block_attention
 from runtime.config import ATTENTION_BACKENDS, ModelConfig
 from runtime.memory import gpu_free_bytes
+from runtime.uploads import upload, upload_into
 
 
 class Phase(enum.Enum):
@@ -71,26 +72,12 @@ class ForwardBatch:
         return block_of[None, :] <= block_of[:, None]
 
 
-def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A host tensor on `device` without the host waiting for it: on CUDA it is staged in pinned
-    memory and copied asynchronously on the current stream (from pageable memory the copy blocks
-    until it ran). The caching host allocator keeps the staging buffer until the copy is done and
-    then reuses it; its cache is bounded by the uploads in flight, at most one block's, since the
-    loop waits for each block's tokens. Index arrays a mode uploads every pass go through
-    `offload.host_store.IndexUploader` (one pinned ring, int32) instead."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
-
-
 class PlannedBuffers:
     """Which pass each set of a mode's fixed-address plan buffers was last filled for.
 
-    A host array copied into a device buffer comes from pageable memory, a copy the host waits
-    for. The denoising passes after step 0 of a block usually plan the very rows, contexts and T
-    the buffers already hold, so their plan may skip those copies (and the host work that makes
-    what they would copy) and queue the pass without waiting for the device. Whatever a buffer's
+    The denoising passes after step 0 of a block usually plan the very rows, contexts and T the
+    buffers already hold, so their plan may skip the host work that builds what it would upload,
+    and the uploads (`runtime.uploads`) themselves. Whatever a buffer's
     content depends on besides (seq_ids, context_lens, num_new), such as which KV slot or row a
     sequence holds, changes only when sequences come and go: call `forget` then.
     """
@@ -325,10 +312,10 @@ class DenseAttention(AttentionMode):
             index = (self._slots[:, None] * self.pages_per_seq + pos // self.page_size, pos % self.page_size)
             key = (batch.num_rows, batch.num_new)
             if key not in self._write_index:
-                self._write_index[key] = tuple(t.to(dev) for t in index)
+                self._write_index[key] = tuple(upload(t, dev) for t in index)
             else:
                 for buf, t in zip(self._write_index[key], index):
-                    buf.copy_(t)
+                    upload_into(buf, t)
             self._write_at = self._write_index[key]
         if self._use_kernel(batch):
             if batch.phase is not Phase.PREFILL:  # fixed addresses and the full width: replayable
@@ -339,10 +326,10 @@ class DenseAttention(AttentionMode):
                 self._page_table, self._kv_len = self._denoise_tables[key]
                 if self._planned.need_upload(("tables", key), batch):
                     self._page_table.copy_(self.store_table(self.pages_per_seq))
-                    self._kv_len.copy_(batch.context_lens)
+                    upload_into(self._kv_len, batch.context_lens)
             else:
                 self._page_table = self.store_table(-(-int(batch.context_lens.max()) // self.page_size))
-                self._kv_len = batch.context_lens.to(device=dev, dtype=torch.int32)
+                self._kv_len = upload(batch.context_lens.to(torch.int32), dev)
 
     def replayable(self, batch: ForwardBatch) -> bool:
         return self._use_kernel(batch) and self.k_cache[0].is_cuda  # denoise and commit passes
@@ -360,7 +347,7 @@ class DenseAttention(AttentionMode):
     def store_table(self, pages: int) -> torch.Tensor:
         """[N, max(pages, 1)] int32 physical pages of the planned rows' first `pages` logical pages."""
         table = self._slots[:, None] * self.pages_per_seq + torch.arange(max(1, pages))[None, :]
-        return table.to(device=self.k_cache[0].device, dtype=torch.int32)
+        return upload(table.to(torch.int32), self.k_cache[0].device)
 
     def _use_kernel(self, batch: ForwardBatch) -> bool:
         return self.backend == "triton" and batch.phase is not Phase.PREFILL

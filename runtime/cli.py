@@ -39,9 +39,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     sparse.add_argument("--source", default="gpu-compact", choices=[s for s in SELECTION_SOURCES if s != "gpu-exact"],
                         help="herald's selection source")
     sparse.add_argument("--dense-layers", type=int, default=None, help="first layers kept exact (default: per mode)")
-    sparse.add_argument("--lookahead", action="store_true",
+    sparse.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
                         help="herald: select and fetch each next block's pages during this block, from its draft "
-                             "(HERALD's overlap; on a GPU the fastest herald)")
+                             "(HERALD's overlap; default: on with CUDA, off on the CPU, where it runs in line)")
 
 
 def _config(args: argparse.Namespace, mode: str | None = None) -> EngineConfig:

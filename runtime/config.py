@@ -183,13 +183,19 @@ class SparseConfig:
     compact_group: int = 32  # elements per scale (capped at head_dim)
     split_cpu_fraction: float = 0.5  # split source: the oldest share of pages the CPU scans
     check_residency: bool = False  # assert before every sparse attention that its pages are resident
-    lookahead: bool = False  # herald: select and fetch the next block's pages from this block's draft
+    # herald: select and fetch the next block's pages from this block's draft, beside the block's steps.
+    # None: on with CUDA, where a side stream hides it; off on the CPU, where it would run in line
+    lookahead: bool | None = None
     measure_draft_recall: bool = False  # herald + lookahead: also select at step 0 and report the overlap
     # herald + lookahead on CUDA: each layer's gather on a stream of its own, so that it overlaps the
     # next layers' selection instead of following it (the side pass takes ~max, not the sum)
     lookahead_gather_stream: bool = True
     # herald's host KV store on 2 MiB transparent huge pages where the OS grants them (offload/host_store.py)
     host_huge_pages: bool = True
+
+    def lookahead_on(self, cuda: bool) -> bool:
+        """Whether herald runs the lookahead on a CUDA (`cuda`) or CPU device."""
+        return cuda if self.lookahead is None else self.lookahead
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget_fraction <= 1.0:

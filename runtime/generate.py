@@ -21,11 +21,12 @@ from typing import Callable, Iterable
 
 import torch
 
-from runtime.attention import AttentionMode, ForwardBatch, Phase, RequestError, upload
+from runtime.attention import AttentionMode, ForwardBatch, Phase, RequestError
 from runtime.cuda_graphs import PassGraphs
 from runtime.decoding import (DecodeSettings, SequenceState, finish_block, propose, propose_greedy, start_block,
                               unmask_rows)
 from runtime.model import Transformer
+from runtime.uploads import upload
 
 
 @dataclass

@@ -45,11 +45,12 @@ from offload.host_store import HostKVStore
 from offload.partitioned_cache import PartitionedPageCache
 from offload.prefetcher import DEFAULT_FETCH_PROGRAMS
 from runtime.attention import (AttentionMode, DenseAttention, ForwardBatch, Phase, PlannedBuffers, ReplayTables,
-                               masked_attention, upload)
+                               masked_attention)
 from runtime.config import ModelConfig, SparseConfig
 from runtime.memory import selected_pages_bound
 from runtime.selection import (Selection, SelectionPlan, plan_selection, select_pages, selection_queries,
                                table_attention_torch)
+from runtime.uploads import upload, upload_into
 
 
 def _shared_pages(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -97,6 +98,7 @@ class HeraldAttention(AttentionMode):
             raise ValueError("herald's KV is off the GPU: choose source cpu, gpu-compact or split")
         self.sparse, self.device, self.backend = sparse, device, backend
         self.cuda = device.type == "cuda"
+        self.wants_lookahead = sparse.lookahead_on(self.cuda)
         self.scale = model.head_dim ** -0.5
         self.num_layers, self.num_kv_heads = model.num_layers, model.num_kv_heads
         self.page_size = p = sparse.page_size
@@ -120,7 +122,7 @@ class HeraldAttention(AttentionMode):
                 self.dense = DenseAttention(replace(model, num_layers=self.dense_layers), max_sequences,
                                             self.max_tokens, p, dtype, device, backend)
             # the lookahead fetches the next block's pages while this block's stay in use: two sets
-            capacity = self.max_selected * (2 if sparse.lookahead else 1)
+            capacity = self.max_selected * (2 if self.wants_lookahead else 1)
             self.cache = PartitionedPageCache(model.num_layers, max_sequences, model.num_kv_heads, capacity,
                                               p, model.head_dim, dtype, device)
             if sparse.source in ("gpu-compact", "split"):
@@ -154,7 +156,6 @@ class HeraldAttention(AttentionMode):
         # the lookahead: per batch size of its pass, the next block's selection [L, n, Hkv,
         # max_selected] (-1 padded) and its plan, at fixed addresses (a side-stream graph writes them);
         # per batch size of step 0, which lookahead row each row takes ([n] int64) and whether it has one
-        self.wants_lookahead = sparse.lookahead
         self._next_store: dict[int, torch.Tensor] = {}
         # the selection a block took from the lookahead (a copy: the block's own lookahead overwrites
         # the store), its rows and width, so that a block rerun after a fault takes it again
@@ -166,7 +167,7 @@ class HeraldAttention(AttentionMode):
         self._next_width = 0
         self._step0_key: tuple = ()
         self.fetch_stream = None
-        if self.cuda and sparse.lookahead:
+        if self.cuda and self.wants_lookahead:
             self.fetch_stream = side_stream if side_stream is not None else torch.cuda.Stream(device)
         self.gather_stream = None
         if self.fetch_stream is not None and sparse.lookahead_gather_stream:
@@ -174,6 +175,7 @@ class HeraldAttention(AttentionMode):
         self._gather_inputs: list[tuple[torch.Tensor, ...]] = []  # see _on_gather_stream
         self._side_events: tuple[torch.cuda.Event, ...] | None = None  # the lookahead in flight: start
         self._timeline: list[dict] = []  # per block: selection, transfer, pages selected / fetched
+        self._closed_blocks: list[dict] = []  # blocks whose counters are still on their way to the host
         self._block: dict = {}
 
     # ------------------------------------------------------------------------------------------
@@ -329,11 +331,11 @@ class HeraldAttention(AttentionMode):
         lens = batch.context_lens
         p = self.page_size
         if self._planned.need_upload((n, side), batch):  # a later step of the block: they hold this already
-            buf.rows.copy_(torch.tensor([self.row_of[s] for s in batch.seq_ids]))
-            buf.store_table.copy_(self.store.page_tables(batch.seq_ids, self.pages_per_seq))
-            buf.context_lens.copy_(lens)
-            buf.first_page.copy_(lens // p)
-            buf.last_page.copy_((lens + batch.num_new - 1) // p)
+            upload_into(buf.rows, torch.tensor([self.row_of[s] for s in batch.seq_ids]))
+            upload_into(buf.store_table, self.store.page_tables(batch.seq_ids, self.pages_per_seq))
+            upload_into(buf.context_lens, lens)
+            upload_into(buf.first_page, lens // p)
+            upload_into(buf.last_page, (lens + batch.num_new - 1) // p)
         self._host_table = None
         self._buf = buf
         self._selecting = batch.phase is Phase.DENOISE and batch.step == 0
@@ -358,8 +360,8 @@ class HeraldAttention(AttentionMode):
                     self._next_index[n] = (torch.zeros(n, dtype=torch.int64, device=self.device),
                                            torch.zeros(n, 1, 1, dtype=torch.bool, device=self.device))
                 rows_buf, has_buf = self._next_index[n]
-                rows_buf.copy_(torch.tensor([max(i, 0) for i in index]))
-                has_buf.copy_(torch.tensor([i >= 0 for i in index])[:, None, None])
+                upload_into(rows_buf, torch.tensor([max(i, 0) for i in index]))
+                upload_into(has_buf, torch.tensor([i >= 0 for i in index])[:, None, None])
                 looked_n = len(looked)
                 if looked_n not in self._next_backup:
                     self._next_backup[looked_n] = torch.empty_like(self._next_store[looked_n])
@@ -653,6 +655,7 @@ class HeraldAttention(AttentionMode):
         included for the cpu source), GPU time of the fetches, pages selected and fetched; with the
         lookahead, the GPU time of its side pass and how long the main stream stalled for it."""
         self._finish_block_stats()
+        self._record_closed_blocks(wait=True)
         return self._timeline
 
     def _start_block_stats(self, batch: ForwardBatch) -> None:
@@ -662,30 +665,51 @@ class HeraldAttention(AttentionMode):
                            events=[], replayed=self.replayable(batch))
 
     def _finish_block_stats(self) -> None:
-        """Close the block's timeline entry (one device sync per block, when it is read)."""
+        """Close the block: its counters go to the host behind its work, and its timeline entry is
+        written once they are there. A block's step 0 closes the last block, and must not wait for it."""
         self._join_lookahead()
         block = self._block
         if not block:
             return
-        selected, fetched, prefetched, shared, exact = (int(c) for c in self._counters.cpu())  # waits for the block
-        lookahead_ms = stall_ms = None
-        if "side_events" in block:  # start, end of the side pass; when the main stream reached it
-            start, side_done, main_ready = block["side_events"]
-            lookahead_ms = start.elapsed_time(side_done)
-            stall_ms = max(0.0, main_ready.elapsed_time(side_done))
-        unit_bytes = 2 * self.page_size * self.store.head_dim * self.store.dtype.itemsize
-        self._timeline.append(dict(
-            rows=block["rows"], context=block["context"], select_host_ms=block["select_host_ms"],
-            # GPU time of the fetches, when step 0 ran eagerly (a replayed graph has no per-layer events)
-            fetch_ms=None if block["replayed"] and not block["events"] else
-            sum(s.elapsed_time(e) for s, e in block["events"]),
-            pages_selected=selected, pages_fetched=fetched, bytes_fetched=fetched * unit_bytes,
-            # fetched during this block for the next one, on the side stream (lookahead)
-            pages_prefetched=prefetched, bytes_prefetched=prefetched * unit_bytes,
-            # share of the pages this block's step-0 queries select that the last block's draft chose
-            draft_recall=shared / exact if exact else None,
-            # GPU time of the LOOKAHEAD side pass (compute, scan and gather), and of it the time the
-            # main stream waited at the commit: the part of the prefetch not hidden
-            lookahead_ms=lookahead_ms, lookahead_stall_ms=stall_ms,
-        ))
         self._block = {}
+        if self.cuda:
+            block["counters"] = torch.empty(self._counters.shape, dtype=self._counters.dtype, pin_memory=True)
+            block["counters"].copy_(self._counters, non_blocking=True)
+            block["copied"] = torch.cuda.Event()
+            block["copied"].record()
+        else:
+            block["counters"] = self._counters.clone()
+        self._closed_blocks.append(block)
+        self._record_closed_blocks(wait=False)
+
+    def _record_closed_blocks(self, wait: bool) -> None:
+        """Timeline entries of the closed blocks whose counters have reached the host (all of them
+        if `wait`), in block order."""
+        while self._closed_blocks:
+            block = self._closed_blocks[0]
+            if "copied" in block and not block["copied"].query():
+                if not wait:
+                    return
+                block["copied"].synchronize()  # the side pass and the fetches' events are done too
+            self._closed_blocks.pop(0)
+            selected, fetched, prefetched, shared, exact = block["counters"].tolist()
+            lookahead_ms = stall_ms = None
+            if "side_events" in block:  # start, end of the side pass; when the main stream reached it
+                start, side_done, main_ready = block["side_events"]
+                lookahead_ms = start.elapsed_time(side_done)
+                stall_ms = max(0.0, main_ready.elapsed_time(side_done))
+            unit_bytes = 2 * self.page_size * self.store.head_dim * self.store.dtype.itemsize
+            self._timeline.append(dict(
+                rows=block["rows"], context=block["context"], select_host_ms=block["select_host_ms"],
+                # GPU time of the fetches, when step 0 ran eagerly (a replayed graph has no per-layer events)
+                fetch_ms=None if block["replayed"] and not block["events"] else
+                sum(s.elapsed_time(e) for s, e in block["events"]),
+                pages_selected=selected, pages_fetched=fetched, bytes_fetched=fetched * unit_bytes,
+                # fetched during this block for the next one, on the side stream (lookahead)
+                pages_prefetched=prefetched, bytes_prefetched=prefetched * unit_bytes,
+                # share of the pages this block's step-0 queries select that the last block's draft chose
+                draft_recall=shared / exact if exact else None,
+                # GPU time of the LOOKAHEAD side pass (compute, scan and gather), and of it the time the
+                # main stream waited at the commit: the part of the prefetch not hidden
+                lookahead_ms=lookahead_ms, lookahead_stall_ms=stall_ms,
+            ))

@@ -14,12 +14,13 @@ from __future__ import annotations
 import torch
 
 from gpu_kernels.paged_attention import block_attention
-from runtime.attention import DenseAttention, ForwardBatch, Phase, ReplayTables, upload
+from runtime.attention import DenseAttention, ForwardBatch, Phase, ReplayTables
 from runtime.config import ModelConfig, SparseConfig
 from runtime.memory import selected_pages_bound
 from runtime.selection import (Selection, SelectionPlan, gather_token_scores, page_scores_from_tokens,
                                plan_selection, select_pages, select_tokens, selection_queries,
                                table_attention_torch)
+from runtime.uploads import upload, upload_into
 
 
 class ResidentSparseAttention(DenseAttention):
@@ -43,7 +44,7 @@ class ResidentSparseAttention(DenseAttention):
             self._slot_bases[n] = torch.empty(n, 1, 1, dtype=torch.int32, device=self.k_cache[0].device)
         self._slot_base = self._slot_bases[n]
         if self._planned.need_upload(("slot_base", n), batch):
-            self._slot_base.copy_((self._slots * self.pages_per_seq).view(n, 1, 1))
+            upload_into(self._slot_base, (self._slots * self.pages_per_seq).view(n, 1, 1))
 
     def _physical(self, selection: Selection) -> torch.Tensor:
         """Store page table [N, Hkv, K] int32 of a page selection over the planned rows."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.config import SparseConfig
+from runtime.uploads import upload
 
 
 def selection_queries(q: torch.Tensor, num_kv_heads: int, how: str) -> torch.Tensor:
@@ -122,7 +123,7 @@ def plan_selection(context_lens: torch.Tensor, num_pages: int, config: SparseCon
         raise ValueError(f"top-k width {width} is smaller than the {needed} pages a row keeps")
     width = max(1, min(num_pages, needed if width is None else width))
     dev = torch.device(device)
-    return SelectionPlan(keep.to(dev), forced.to(dev), valid.to(dev), last_tokens.to(dev), width)
+    return SelectionPlan(upload(keep, dev), upload(forced, dev), upload(valid, dev), upload(last_tokens, dev), width)
 
 
 def select_pages(page_scores: torch.Tensor, context_lens: torch.Tensor | None, config: SparseConfig,

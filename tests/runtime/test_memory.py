@@ -32,7 +32,7 @@ def test_footprints_follow_the_geometry():
     quest = plan("quest", 3)
     summaries = 3 * (CONTEXT // 16) * 2 * 36 * 8 * 128 * 4  # fp32 min and max per page and channel
     assert quest.gpu_kv_bytes == dense.gpu_kv_bytes + summaries
-    herald = plan("herald", 3)
+    herald = plan("herald", 3, SparseConfig(lookahead=False))
     assert herald.host_bytes == 3 * CONTEXT * per_token  # the whole KV lives in pinned host memory
     # on the GPU: the two exact layers' KV, the page cache of the budget, the int4 keys with scales
     exact_layers = 3 * CONTEXT * per_token * 2 // 36
@@ -43,6 +43,11 @@ def test_footprints_follow_the_geometry():
     # the lookahead holds the next block's pages beside the current ones: twice the cache
     ahead = plan("herald", 3, SparseConfig(lookahead=True))
     assert ahead.gpu_kv_bytes == herald.gpu_kv_bytes + cache
+    # by default the lookahead is on where a side stream can hide it: with CUDA, not on the CPU
+    assert plan("herald", 3).gpu_kv_bytes == ahead.gpu_kv_bytes
+    cpu = plan_memory(QWEN3_8B, "herald", SparseConfig(), 3, CONTEXT, torch.bfloat16, torch.device("cpu"), 32, 2048,
+                      gpu_free=200 * GiB, host_free=200 * GiB)
+    assert cpu.gpu_kv_bytes == herald.gpu_kv_bytes
 
 
 @pytest.mark.parametrize("mode", ["dense", "mage", "quest", "herald"])

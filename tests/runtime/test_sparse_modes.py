@@ -144,6 +144,7 @@ def generate_cuda(model, mode, graphs=True, max_batch=2, prompts=None, stream_pr
     sparse.setdefault("sink_tokens", 16)
     sparse.setdefault("local_window", 16)
     sparse.setdefault("compact_group", 16)
+    sparse.setdefault("lookahead", False)  # the synchronous path unless a test asks for the lookahead
     config = EngineConfig(model_path="unused", mode=mode, device="cuda", dtype="float32", progress=False,
                           unmasking="fixed", max_batch_size=max_batch, prefill_chunk_size=64, cuda_graphs=graphs,
                           stream_priority=stream_priority, sparse=SparseConfig(**sparse))
@@ -332,27 +333,30 @@ def test_herald_lookahead_prefetches_the_next_blocks_pages(model):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode,extra", [("dense", {}),
-                                        ("herald", {"budget_fraction": 0.3, "source": "gpu-compact"}),
+                                        ("herald", {"budget_fraction": 0.3, "source": "gpu-compact", "lookahead": False}),
                                         ("herald", {"budget_fraction": 0.3, "source": "gpu-compact", "lookahead": True})])
-def test_cuda_steps_after_step_0_never_wait_for_the_device(cuda_model, monkeypatch, mode, extra):
-    """Greedy rows, the fixed schedule, CUDA graphs: from the plan of step 1 until the commit is
-    planned, nothing synchronises with the device (the proposals, the unmasking, which rows run,
-    positions and plan buffers all stay on the device or are known in advance). The first block
-    is left out: it captures the graphs. Tokens are those of a run without the check."""
+def test_cuda_denoising_never_waits_for_the_device(cuda_model, monkeypatch, mode, extra):
+    """Greedy rows, the fixed schedule, CUDA graphs: from the plan of a block's step 0 until its
+    commit is planned, nothing synchronises with the device (the proposals, the unmasking, which
+    rows run, positions, plan uploads and the last block's statistics all stay on the device, are
+    staged in pinned memory or are known in advance), the lookahead's pass included. The first
+    blocks are left out: they capture the graphs (with the lookahead, block 2 captures the step 0
+    that takes its pages). Tokens are those of a run without the check."""
     from runtime.attention import DenseAttention
     from runtime.herald import HeraldAttention
 
     cls = DenseAttention if mode == "dense" else HeraldAttention
+    first = 3 if extra.get("lookahead") else 2
     plan, blocks, checked = cls.plan, [], []
 
     def plan_watched(self, batch):
         if batch.phase is Phase.DENOISE and batch.step == 0:
             blocks.append(batch.seq_ids)
-        if batch.phase is Phase.DENOISE and batch.step >= 1 and len(blocks) >= 2:
-            torch.cuda.set_sync_debug_mode("error")  # stays on through the step's pass, proposals and unmasking
-            checked.append(batch.step)
-        else:
-            torch.cuda.set_sync_debug_mode("default")
+        watched = len(blocks) >= first and batch.phase in (Phase.DENOISE, Phase.LOOKAHEAD)
+        # stays on through the pass, its proposals and unmasking, up to the next plan
+        torch.cuda.set_sync_debug_mode("error" if watched else "default")
+        if watched:
+            checked.append((batch.phase, batch.step))
         plan(self, batch)
 
     same_length = prompts([300, 300], seed=5)  # both rows run every step of every block together
@@ -367,6 +371,8 @@ def test_cuda_steps_after_step_0_never_wait_for_the_device(cuda_model, monkeypat
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(r.finish_reason == "length" for r in results), [r.error for r in results]
-    assert len(blocks) == 6 and len(checked) == 5 * 3, (blocks, checked)  # blocks 2..6, steps 1..3 of 4
+    steps = [step for phase, step in checked if phase is Phase.DENOISE]
+    assert len(blocks) == 6 and steps == [0, 1, 2, 3] * (7 - first), (blocks, checked)
+    assert (Phase.LOOKAHEAD, 0) in checked if extra.get("lookahead") else len(checked) == len(steps)
     assert [r.tokens for r in results] == expected
 
