@@ -1,7 +1,7 @@
 """Plots of benchmark JSON: what the tables say, as pictures.
 
     python -m benchmarks.plot --kernels out/kernels.json --transfer out/transfer.json --decode out/decode.json \
-        --out benchmarks/plots
+        --throughput out/throughput_32k.json out/throughput_128k.json --out benchmarks/plots
 
 Each input is optional; each gives one PNG.
 """
@@ -105,17 +105,61 @@ def plot_decode(data: dict, out: Path) -> Path:
     return path
 
 
+def plot_throughput_by_context(runs: list[dict], out: Path) -> Path:
+    """Each mode at its best measured batch, per context, from one or more throughput JSON files
+    (`benchmarks.throughput`), with herald's ratio over dense above its bars."""
+    best: dict[tuple[int, str], dict] = {}
+    for run in runs:
+        for r in run["rows"]:
+            if "error" in r or not r.get("tokens_per_s"):
+                continue
+            key = (r["context"], r["label"])
+            if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
+                best[key] = r
+    contexts = sorted({c for c, _ in best})
+    labels = sorted({label for _, label in best}, key=lambda label: (label != "dense", label))
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.7 * len(contexts), 4.2))
+    for i, label in enumerate(labels):
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j, c in enumerate(contexts) if (c, label) in best]
+        rows = [best[(c, label)] for c in contexts if (c, label) in best]
+        bars = ax.bar(xs, [r["tokens_per_s"] for r in rows], width, label=label)
+        for bar, r in zip(bars, rows):
+            dense = best.get((r["context"], "dense"))
+            text = f"batch {r['batch']}"
+            if label != "dense" and dense is not None:
+                text = f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}x\n" + text
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(contexts)), [f"{c // 1024}K" for c in contexts])
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("generated tokens/s (best batch)")
+    ax.set_ylim(0, 1.18 * max(r["tokens_per_s"] for r in best.values()))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    meta = runs[0].get("meta", {})
+    ax.set_title(f"{meta.get('geometry', '')} {meta.get('device', '')}: each mode at its best measured batch",
+                 fontsize=9)
+    fig.tight_layout()
+    path = out / "throughput_by_context.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernels", type=Path)
     parser.add_argument("--transfer", type=Path)
     parser.add_argument("--decode", type=Path)
+    parser.add_argument("--throughput", type=Path, nargs="+", help="benchmarks.throughput JSON files (contexts merged)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/plots"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     for path, plot in ((args.kernels, plot_kernels), (args.transfer, plot_transfer), (args.decode, plot_decode)):
         if path is not None:
             print("wrote", plot(json.loads(path.read_text()), args.out))
+    if args.throughput:
+        print("wrote", plot_throughput_by_context([json.loads(p.read_text()) for p in args.throughput], args.out))
     return 0
 
 
