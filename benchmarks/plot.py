@@ -61,7 +61,8 @@ def plot_transfer(data: dict, out: Path) -> Path:
     copy = data["copy"]["h2d_GBps"]
     for frac in sorted({g["fraction"] for g in data["gather"]}):
         sel = sorted((g for g in data["gather"] if g["fraction"] == frac), key=lambda g: g["page_size"])
-        line, = ax.plot([g["page_size"] for g in sel], [g["GBps"] for g in sel], "o-", label=f"gather {frac:.0%} of 128K")
+        line, = ax.plot([g["page_size"] for g in sel], [g["GBps"] for g in sel], "o-",
+                        label=f"gather {frac:.0%} of 128K")
         if all("contiguous_GBps" in g for g in sel):  # older files lack the zero-copy ceiling
             ax.plot([g["page_size"] for g in sel], [g["contiguous_GBps"] for g in sel], "s--", color=line.get_color(),
                     alpha=0.6, label=f"same bytes, contiguous ({frac:.0%})")

@@ -77,9 +77,9 @@ class PlannedBuffers:
 
     The denoising passes after step 0 of a block usually plan the very rows, contexts and T the
     buffers already hold, so their plan may skip the host work that builds what it would upload,
-    and the uploads (`runtime.uploads`) themselves. Whatever a buffer's
-    content depends on besides (seq_ids, context_lens, num_new), such as which KV slot or row a
-    sequence holds, changes only when sequences come and go: call `forget` then.
+    and the uploads (`runtime.uploads`) themselves. Whatever a buffer's content depends on besides
+    (seq_ids, context_lens, num_new), such as which KV slot or row a sequence holds, changes only
+    when sequences come and go: call `forget` then.
     """
 
     def __init__(self) -> None:

@@ -99,7 +99,8 @@ def plan_memory(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int,
     elif mode == "herald":
         dense_layers = 2 if sparse.dense_layers is None else sparse.dense_layers
         host = batch * tokens * per_token
-        sets = 2 if sparse.lookahead_on(device.type == "cuda") else 1  # the lookahead fills a second set while the first is read
+        # the lookahead fills a second set of page slots while the first is read
+        sets = 2 if sparse.lookahead_on(device.type == "cuda") else 1
         slots = batch * model.num_kv_heads * selected_pages_bound(sparse, max_tokens) * sets
         gpu_kv = slots * p * per_token // model.num_kv_heads
         gpu_kv += batch * tokens * per_token * dense_layers // model.num_layers  # exact layers stay on the GPU
