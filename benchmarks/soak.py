@@ -359,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(herald-cpu, dense-sdpa, ...)")
     parser.add_argument("--mode", dest="modes", nargs="+", help="same as --modes")
     parser.add_argument("--source", default="gpu-compact", choices=SELECTION_SOURCES[1:], help="herald's selection")
-    parser.add_argument("--lookahead", action="store_true", help="herald: the lookahead on")
+    parser.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
+                        help="herald: the lookahead on or off (default: the runtime's, on with CUDA)")
     parser.add_argument("--model", default=None, help="checkpoint directory (default: checkpoints/tiny-random)")
     parser.add_argument("--geometry", default=None, choices=sorted(GEOMETRIES),
                         help="random weights at this geometry instead of a checkpoint (GPU runs)")
