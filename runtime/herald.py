@@ -272,6 +272,8 @@ class HeraldAttention(AttentionMode):
                      "_next_backup", "_next_plans", "_next_index"):
             if hasattr(self, name):
                 getattr(self, name).clear()
+        if getattr(self, "_closed_blocks", None):  # their timeline entries, and their pinned counters freed
+            self._record_closed_blocks(wait=True)
         self.store.close()
 
     # ------------------------------------------------------------------------------------------
