@@ -24,6 +24,13 @@ def _context_axis(ax, contexts: list[int]) -> None:
     ax.set_xlabel("context (tokens)")
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_kernels(data: dict, out: Path) -> Path:
     """Attention kernel read bandwidth against context length, with the measured HBM limit."""
     rows = [r for r in data["rows"] if "ms" in r]
@@ -49,10 +56,7 @@ def plot_kernels(data: dict, out: Path) -> Path:
     axes[0].set_ylabel("K+V read (TB/s, CUDA-graph replay)")
     axes[1].legend(fontsize=7, loc="center right")
     fig.suptitle(f"paged attention kernel, {data['device']}")
-    fig.tight_layout()
-    path = out / "kernels.png"
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, out / "kernels.png")
 
 
 def plot_transfer(data: dict, out: Path) -> Path:
@@ -78,10 +82,7 @@ def plot_transfer(data: dict, out: Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_title(f"UVA page gather, {data['device']}")
-    fig.tight_layout()
-    path = out / "transfer.png"
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, out / "transfer.png")
 
 
 def plot_decode(data: dict, out: Path) -> Path:
@@ -100,10 +101,7 @@ def plot_decode(data: dict, out: Path) -> Path:
     meta = data["meta"]
     ax.set_title(f"{rows[0]['geometry']}, block {meta['block_size']}, {meta['steps']} steps, {meta['device']}",
                  fontsize=9)
-    fig.tight_layout()
-    path = out / "decode.png"
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, out / "decode.png")
 
 
 def plot_throughput_by_context(runs: list[dict], out: Path) -> Path:
@@ -141,10 +139,7 @@ def plot_throughput_by_context(runs: list[dict], out: Path) -> Path:
     meta = runs[0].get("meta", {})
     ax.set_title(f"{meta.get('geometry', '')} {meta.get('device', '')}: each mode at its best measured batch",
                  fontsize=9)
-    fig.tight_layout()
-    path = out / "throughput_by_context.png"
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, out / "throughput_by_context.png")
 
 
 def main(argv: list[str] | None = None) -> int:
