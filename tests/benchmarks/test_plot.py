@@ -1,7 +1,10 @@
 import json
 from pathlib import Path
 
-from benchmarks.plot import main
+import pytest
+
+pytest.importorskip("matplotlib", reason="plots need the bench extra (pip install -e .[bench])")
+from benchmarks.plot import main  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 
