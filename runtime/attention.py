@@ -64,7 +64,7 @@ class ForwardBatch:
     def positions(self, device: torch.device | str) -> torch.Tensor:
         """[N, T] int64 absolute positions of the new tokens."""
         offsets = torch.arange(self.num_new, dtype=torch.int64)
-        return (self.context_lens[:, None] + offsets[None, :]).to(device)
+        return upload(self.context_lens[:, None] + offsets[None, :], device)
 
     def new_token_mask(self) -> torch.Tensor:
         """[T, T] bool: which new tokens a new token sees (block-causal with `visibility_block`)."""

@@ -177,7 +177,7 @@ class BlockDiffusionLoop:
         self._drop_cancelled(rows)
         for seq in rows:
             start_block(seq, settings)
-        state = _DeviceBlock(rows, settings, lambda host: upload(host, self.device))
+        state = _DeviceBlock(rows, settings, self.device)
         for step in range(settings.steps):
             self._drop_cancelled(rows)
             active = [s for s in rows if state.remaining[s.seq_id] > 0]
@@ -419,17 +419,16 @@ class _DeviceBlock:
     Index and position tensors are uploaded once per block and row set.
     """
 
-    def __init__(self, rows: list[SequenceState], settings: DecodeSettings,
-                 upload: Callable[[torch.Tensor], torch.Tensor]):
-        self.settings, self.upload = settings, upload
+    def __init__(self, rows: list[SequenceState], settings: DecodeSettings, device: torch.device):
+        self.settings, self.device = settings, device
         self.row_of = {s.seq_id: i for i, s in enumerate(rows)}
         self.remaining = {s.seq_id: int(s.masked.sum()) for s in rows}
         self.quota: torch.Tensor | None = None  # the fixed schedule only
         if rows:
-            self.block = upload(torch.stack([s.block for s in rows]))
-            self.masked = upload(torch.stack([s.masked for s in rows]))
+            self.block = upload(torch.stack([s.block for s in rows]), device)
+            self.masked = upload(torch.stack([s.masked for s in rows]), device)
             if settings.unmasking == "fixed":
-                self.quota = upload(torch.tensor([s.step_quota for s in rows], dtype=torch.int64))
+                self.quota = upload(torch.tensor([s.step_quota for s in rows], dtype=torch.int64), device)
         self._indices: dict[tuple[int, ...], torch.Tensor | None] = {}
         self._positions: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
 
@@ -438,7 +437,7 @@ class _DeviceBlock:
         key = tuple(self.row_of[s.seq_id] for s in rows)
         if key not in self._indices:
             everyone = key == tuple(range(len(self.row_of)))
-            self._indices[key] = None if everyone else self.upload(torch.tensor(key, dtype=torch.int64))
+            self._indices[key] = None if everyone else upload(torch.tensor(key, dtype=torch.int64), self.device)
         return self._indices[key]
 
     @staticmethod
@@ -451,7 +450,8 @@ class _DeviceBlock:
         key = (tuple(s.seq_id for s in rows), num_new)
         if key not in self._positions:
             lens = torch.tensor([s.context_len for s in rows], dtype=torch.int64)  # fixed until the commit
-            self._positions[key] = self.upload(lens[:, None] + torch.arange(num_new, dtype=torch.int64)[None, :])
+            self._positions[key] = upload(lens[:, None] + torch.arange(num_new, dtype=torch.int64)[None, :],
+                                          self.device)
         return self._positions[key]
 
     def count_remaining(self, rows: list[SequenceState], left: torch.Tensor, step: int) -> None:
