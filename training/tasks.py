@@ -1,17 +1,22 @@
 """Seeded synthetic long-context retrieval tasks in plain text (printable ASCII + newline).
 
 Every example is a prompt of filler text with a few facts hidden at random depths, ending in a
-question whose answer is a 5-6 digit number. With the project's character tokenizer one
-character is one token, so lengths here are token counts.
+question whose answer is a 5-6 digit number (vartrack's: the chain of names leading to one). With
+the project's character tokenizer one character is one token, so lengths here are token counts.
 
 Tasks:
 - `passkey`: one pass key hidden in the filler ("The pass key is 48213.").
 - `multikey`: several labelled pass keys ("The pass key for delta is 48213."), asked for one.
 - `kv`: many `k3f9: 51207` lines among the filler, asked for one key's value.
 - `vartrack`: an assignment chain (`QXJ = 48213.` ... `MPL = QXJ.` ... `RTE = MPL.`) plus a
-  distractor chain, asked which number the chain's last name holds.
+  distractor chain, asked which number the chain's last name holds. The answer is worked: the
+  question ends in `Which number does RTE hold? RTE = ` and the answer is `MPL = QXJ = 48213`,
+  every name the chain passes through, then the number (graded whole). Each step is then the
+  cloze lookup the other tasks ask (copy what follows `MPL = ` in the prompt). A bare number
+  would need 1-2 lookups composed in one pass with no intermediate result to attend to: models
+  trained on that format picked the distractor chain's number about half the time.
 
-Lengths: an example built for `length` has a prompt of `length - ANSWER_ROOM - r` characters
+Lengths: an example built for `length` has a prompt of `length - ANSWER_ROOMS[task] - r` characters
 (r uniform in 0..7, so the answer starts at every offset inside a block), which leaves room for
 the answer and its end-of-sequence token: prompt + answer + EOS always fits in `length`.
 
@@ -30,7 +35,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 TASKS = ("passkey", "multikey", "kv", "vartrack")
-ANSWER_ROOM = 16  # characters kept free after the prompt: answer (<= 6) + EOS, rounded up to blocks
+MAX_VARTRACK_CHAIN = 3  # names in an asked chain: its worked answer (2 names + 6 digits = 18) must fit its room
+# Characters kept free after each task's prompt: its longest answer + EOS, rounded up to blocks (a number: 6 + 1;
+# vartrack's worked answer: 18 + 1). ANSWER_ROOM, the largest, is the generation limit an evaluation needs.
+ANSWER_ROOMS = {"passkey": 16, "multikey": 16, "kv": 16, "vartrack": 24}
+ANSWER_ROOM = max(ANSWER_ROOMS.values())
 MIN_LENGTH = 128  # every task fits with little filler: the curriculum starts here, where retrieval is learnt fastest
 
 # Filler vocabulary: lowercase words with no digits and none of the words the facts use
@@ -62,8 +71,9 @@ class TaskOptions:
     """Training-time variations of the tasks. The defaults are the evaluated tasks, bit for bit.
 
     vartrack_chain: (min, max) names in the asked chain (1: the asked name holds the number
-    itself; 2: one indirection). None: 2 for prompts under 256 characters, else 2-3. A prompt too
-    short for the longest chain asked gets the longest that always fits.
+    itself; 2: one indirection), max at most MAX_VARTRACK_CHAIN. None: 2 for prompts under 256
+    characters, else 2-3. A prompt too short for the longest chain asked gets the longest that
+    always fits.
     vartrack_any_query: probability that the question asks a random name of either chain (the
     distractor's too, at any depth) instead of the asked chain's last name: lookups of 0, 1, 2
     indirections from the same prompts, so the single lookup is learnt and then composed.
@@ -78,8 +88,9 @@ class TaskOptions:
     def __post_init__(self) -> None:
         if self.vartrack_chain is not None:
             lo, hi = self.vartrack_chain
-            if not 1 <= lo <= hi:
-                raise ValueError(f"vartrack_chain={self.vartrack_chain} must be (min, max) with 1 <= min <= max")
+            if not 1 <= lo <= hi <= MAX_VARTRACK_CHAIN:
+                raise ValueError(f"vartrack_chain={self.vartrack_chain} must be (min, max) with 1 <= min <= max <= "
+                                 f"{MAX_VARTRACK_CHAIN} (a longer chain's worked answer would not fit ANSWER_ROOMS['vartrack'])")
         for name in ("vartrack_any_query", "kv_near_miss"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
@@ -228,7 +239,7 @@ def _names(rng: random.Random, count: int) -> list[str]:
     return names
 
 
-_QUESTION_CHARS = len("\nQuestion: which number does XXX hold?\nAnswer: ")
+_QUESTION_CHARS = len("\nWhich number does XXX hold? XXX = ")
 _VALUE_STATEMENT, _NAME_STATEMENT = len(" XXX = 123456. "), len(" XXX = YYY. ")
 
 
@@ -261,13 +272,17 @@ def _vartrack(rng: random.Random, prompt_len: int, options: TaskOptions = DEFAUL
     while ours or theirs:
         pick = ours if (ours and (not theirs or rng.random() < 0.5)) else theirs
         facts.append(pick.pop(0))
+    asked_chain, value = chain, answer
     asked = chain[-1]
     if options.vartrack_any_query > 0 and rng.random() < options.vartrack_any_query:
         asked = rng.choice(names)
         if asked in decoy:
-            answer = decoy_value
-    question = f"\nQuestion: which number does {asked} hold?\nAnswer: "
-    return _assemble(rng, prompt_len, facts, question, ordered=True), answer
+            asked_chain, value = decoy, decoy_value
+    # The worked answer: the names from the asked one back to the chain's start, then its number.
+    depth = asked_chain.index(asked)
+    worked = " = ".join([*asked_chain[depth - 1::-1], value] if depth else [value])
+    question = f"\nWhich number does {asked} hold? {asked} = "
+    return _assemble(rng, prompt_len, facts, question, ordered=True), worked
 
 
 _BUILDERS: dict[str, Callable[[random.Random, int, TaskOptions], tuple[str, str]]] = {
@@ -283,7 +298,7 @@ def make_example(task: str, length: int, rng: random.Random, options: TaskOption
         raise ValueError(f"task {task!r} is unknown; choose from {TASKS}")
     if length < MIN_LENGTH:
         raise ValueError(f"length={length} is below the shortest supported context {MIN_LENGTH}")
-    prompt_len = length - ANSWER_ROOM - rng.randrange(8)
+    prompt_len = length - ANSWER_ROOMS[task] - rng.randrange(8)
     prompt, answer = _BUILDERS[task](rng, prompt_len, options or DEFAULT_OPTIONS)
     assert len(prompt) == prompt_len, (task, len(prompt), prompt_len)
     return Example(prompt=prompt, answer=answer, task=task, length=length)
@@ -301,5 +316,5 @@ def generate_examples(task: str, length: int, count: int, seed: int, split: str 
             for i in range(start, start + count)]
 
 
-__all__ = ["TASKS", "ANSWER_ROOM", "MIN_LENGTH", "TaskOptions", "DEFAULT_OPTIONS", "Example", "exact_match", "filler",
+__all__ = ["TASKS", "ANSWER_ROOM", "ANSWER_ROOMS", "MAX_VARTRACK_CHAIN", "MIN_LENGTH", "TaskOptions", "DEFAULT_OPTIONS", "Example", "exact_match", "filler",
            "longest_vartrack_chain", "make_example", "example_rng", "generate_examples"]

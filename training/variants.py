@@ -69,8 +69,18 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "(RESULTS.md, fourth session)",
             ("--vartrack-any-query", "0.5", "--max-context", "8192", "--min-context", "2048", "--warmup-tasks",
              "--level-shares", "1", "2", "5", "--lr", "1e-3") + _DEEP),
+    Variant("chain", "8 layers, trained on vartrack's worked answers (training/tasks.py: `RTE = MPL = QXJ = 48213`, "
+            "each step a cloze lookup, the skill kv teaches too; the recipes above trained a bare number and stayed at "
+            "0.33-0.59), half the questions about any name (0-2 steps); time shares 2/2/1/1/1.5/3.5 over the 6 levels "
+            "(a third at the trained length, where kv was still rising when the shipped run ended)",
+            ("--vartrack-any-query", "0.5", "--level-shares", "2", "2", "1", "1", "1.5", "3.5") + _DEEP),
+    Variant("chain-wide", "chain with 4x the tokens per step (65,536; up to 512 rows): the shipped run supervised about "
+            "250 answer positions per step at 2048 tokens (8 rows), and a 6-8 layer model leaves the GPU mostly idle, "
+            "so a wider step should cost far less than 4x its time",
+            ("--vartrack-any-query", "0.5", "--level-shares", "2", "2", "1", "1", "1.5", "3.5", "--tokens-per-batch",
+             "65536", "--max-batch", "512") + _DEEP),
 )}
-DEFAULT_VARIANTS = ("hops", "hops-deep", "hops-deep-long")
+DEFAULT_VARIANTS = ("chain", "chain-wide")
 
 
 def variant(name: str) -> Variant:

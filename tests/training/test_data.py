@@ -137,7 +137,7 @@ def test_levels_carry_task_options_into_the_batches():
     chars = {i: c for c in map(chr, range(128)) if (i := TOKENIZER.token_to_id(c)) is not None}
     for row in range(6):
         text = "".join(chars.get(int(t), "") for t in arrays["input_ids"][row][arrays["kind"][row] == 0])
-        name = re.search(r"which number does ([A-Z]{3}) hold", text).group(1)
+        name = re.search(r"Which number does ([A-Z]{3}) hold", text).group(1)
         assert re.search(rf" {name} = \d+\. ", text)
     plain = dataclasses.replace(vartrack_only, options=DEFAULT_OPTIONS)
     assert plain.options == TaskOptions() and not same(arrays, make_batch_arrays(settings(), plain))

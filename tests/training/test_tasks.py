@@ -4,8 +4,8 @@ import re
 import pytest
 
 from runtime.tokenizer import DEFAULT_ALPHABET
-from training.tasks import (ANSWER_ROOM, MIN_LENGTH, TASKS, TaskOptions, exact_match, filler, generate_examples,
-                            longest_vartrack_chain, make_example)
+from training.tasks import (ANSWER_ROOMS, MAX_VARTRACK_CHAIN, MIN_LENGTH, TASKS, TaskOptions, exact_match, filler,
+                            generate_examples, longest_vartrack_chain, make_example)
 
 LENGTHS = (MIN_LENGTH, 256, 1000, 4096)
 
@@ -26,22 +26,27 @@ def test_same_seed_same_examples_and_splits_differ(task):
 @pytest.mark.parametrize("length", LENGTHS)
 def test_lengths_and_alphabet(task, length):
     for ex in generate_examples(task, length, 8, seed=0):
-        assert length - ANSWER_ROOM - 7 <= len(ex.prompt) <= length - ANSWER_ROOM
+        assert length - ANSWER_ROOMS[task] - 7 <= len(ex.prompt) <= length - ANSWER_ROOMS[task]
         assert len(ex.prompt) + len(ex.answer) + 1 <= length
         assert set(ex.prompt) <= set(DEFAULT_ALPHABET)
-        assert re.fullmatch(r"[1-9]\d{4,5}", ex.answer)
+        # vartrack's answer is worked: the names its chain passes through, then the number
+        names = r"(?:[A-Z]{3} = ){0,%d}" % (MAX_VARTRACK_CHAIN - 1) if task == "vartrack" else ""
+        assert re.fullmatch(names + r"[1-9]\d{4,5}", ex.answer)
         assert ex.task == task and ex.length == length
     # the prompt length varies modulo every block size up to 8 (the answer starts anywhere in a block)
     assert len({len(ex.prompt) % 8 for ex in generate_examples(task, length, 64, seed=0)}) >= 6
 
 
-def _resolve_chain(prompt: str, name: str) -> str:
+_QUESTION = r"\nWhich number does ([A-Z]{3}) hold\? \1 = $"
+
+
+def _worked_answer(prompt: str, name: str) -> str:
+    """What `name` is assigned, then what that is assigned, ... down to the number, joined by ' = '."""
     assignments = dict(re.findall(r" ([A-Z]{3}) = ([A-Z]{3}|\d+)\. ", prompt))
-    value, hops = assignments[name], 0
-    while not value.isdigit():
-        value, hops = assignments[value], hops + 1
-    assert hops >= 1
-    return value
+    steps = [assignments[name]]
+    while not steps[-1].isdigit():
+        steps.append(assignments[steps[-1]])
+    return " = ".join(steps)
 
 
 @pytest.mark.parametrize("length", LENGTHS)
@@ -60,8 +65,9 @@ def test_answer_is_where_the_question_points(length):
         assert len(pairs) >= 3 and len(dict(pairs)) == len(pairs)
         assert dict(pairs)[key] == ex.answer
     for ex in generate_examples("vartrack", length, 10, seed=1):
-        name = re.search(r"which number does ([A-Z]{3}) hold\?\nAnswer: $", ex.prompt).group(1)
-        assert _resolve_chain(ex.prompt, name) == ex.answer
+        name = re.search(_QUESTION, ex.prompt).group(1)
+        assert _worked_answer(ex.prompt, name) == ex.answer and " = " in ex.answer  # 1-2 indirections
+        assert exact_match(f" {ex.answer}\n", ex.answer) and not exact_match(ex.answer.split(" = ")[-1], ex.answer)
         assert len(re.findall(r" [A-Z]{3} = \d+\. ", ex.prompt)) == 2  # the chain and its distractor
         hops = len(re.findall(r" [A-Z]{3} = [A-Z]{3}\. ", ex.prompt))  # indirections of both chains
         assert hops <= (2 if length < 256 else 4)
@@ -121,7 +127,7 @@ def test_default_options_build_the_evaluated_tasks_exactly(task):
         assert generate_examples(task, length, 6, seed=2, options=TaskOptions()) == plain
 
 
-@pytest.mark.parametrize("chain", [(1, 1), (1, 2), (2, 3), (3, 4), (1, 6)])
+@pytest.mark.parametrize("chain", [(1, 1), (1, 2), (2, 3), (3, 3), (1, MAX_VARTRACK_CHAIN)])
 @pytest.mark.parametrize("length", LENGTHS)
 def test_a_vartrack_chain_schedule_yields_valid_answerable_examples(chain, length):
     lo, hi = chain
@@ -129,9 +135,9 @@ def test_a_vartrack_chain_schedule_yields_valid_answerable_examples(chain, lengt
     sizes = set()
     for ex in generate_examples("vartrack", length, 40, seed=3, split="train", options=options):
         assert len(ex.prompt) + len(ex.answer) + 1 <= length and set(ex.prompt) <= set(DEFAULT_ALPHABET)
-        name = re.search(r"which number does ([A-Z]{3}) hold\?\nAnswer: $", ex.prompt).group(1)
+        name = re.search(_QUESTION, ex.prompt).group(1)
         names = _chain_of(ex.prompt, name)
-        assert dict(re.findall(r" ([A-Z]{3}) = (\d+)\. ", ex.prompt))[names[-1]] == ex.answer
+        assert " = ".join([*names[1:], dict(re.findall(r" ([A-Z]{3}) = (\d+)\. ", ex.prompt))[names[-1]]]) == ex.answer
         assert len(re.findall(r" [A-Z]{3} = \d+\. ", ex.prompt)) == 2  # the chain and its distractor, as evaluated
         longest = longest_vartrack_chain(len(ex.prompt))
         assert min(lo, longest) <= len(names) <= min(hi, longest)
@@ -144,7 +150,7 @@ def test_a_vartrack_chain_schedule_yields_valid_answerable_examples(chain, lengt
 
 def _asked(prompt: str) -> tuple[str, int, bool]:
     """(asked name, its indirections to the number, whether no statement refers to it: a chain's end)."""
-    name = re.search(r"which number does ([A-Z]{3}) hold\?\nAnswer: $", prompt).group(1)
+    name = re.search(_QUESTION, prompt).group(1)
     referenced = set(re.findall(r" [A-Z]{3} = ([A-Z]{3})\. ", prompt))
     return name, len(_chain_of(prompt, name)) - 1, name not in referenced
 
@@ -156,7 +162,7 @@ def test_any_name_questions_ask_every_depth_of_both_chains():
         depths, at_end = set(), 0
         for ex in examples:
             name, depth, is_end = _asked(ex.prompt)
-            assert dict(re.findall(r" ([A-Z]{3}) = (\d+)\. ", ex.prompt))[_chain_of(ex.prompt, name)[-1]] == ex.answer
+            assert _worked_answer(ex.prompt, name) == ex.answer
             depths.add(depth)
             at_end += is_end
         # evaluated questions ask a chain's end, 1-2 indirections away; any-name ones any name, 0 too
@@ -182,6 +188,8 @@ def test_task_options_are_checked():
         TaskOptions(vartrack_chain=(0, 2))
     with pytest.raises(ValueError, match="vartrack_chain"):
         TaskOptions(vartrack_chain=(3, 2))
+    with pytest.raises(ValueError, match="ANSWER_ROOMS"):  # its worked answer would not fit
+        TaskOptions(vartrack_chain=(1, MAX_VARTRACK_CHAIN + 1))
     with pytest.raises(ValueError, match="probability"):
         TaskOptions(kv_near_miss=1.5)
     with pytest.raises(ValueError, match="probability"):
