@@ -79,6 +79,11 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "so a wider step should cost far less than 4x its time",
             ("--vartrack-any-query", "0.5", "--level-shares", "2", "2", "1", "1", "1.5", "3.5", "--tokens-per-batch",
              "65536", "--max-batch", "512") + _DEEP),
+    Variant("chain-continue", "chain's last two levels (1024, 2048 tokens; shares 1/5, lr 7e-4) to continue a checkpoint "
+            "of it in a second device call: give it `-- --init-from DIR`. chain ended with kv at 0.81 at 2048 tokens, "
+            "still rising (0.34 -> 0.81 in its last 150 s), its misses digits miscopied from the right key",
+            ("--vartrack-any-query", "0.5", "--min-context", "1024", "--warmup-tasks", "--level-shares", "1", "5",
+             "--lr", "7e-4") + _DEEP),
 )}
 DEFAULT_VARIANTS = ("chain", "chain-wide")
 
