@@ -84,6 +84,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "still rising (0.34 -> 0.81 in its last 150 s), its misses digits miscopied from the right key",
             ("--vartrack-any-query", "0.5", "--min-context", "1024", "--warmup-tasks", "--level-shares", "1", "5",
              "--lr", "7e-4") + _DEEP),
+    Variant("chain-8k-continue", "chain-continue taken on to 4096 and 8192 tokens (shares 1/3, lr 7e-4; give it `-- "
+            "--init-from DIR`): at 2048 tokens a 5% budget is 6 scored pages and herald needs 10-20% to match dense "
+            "(RESULTS.md, sixth session); at 8192, 5% is 26 pages, the absolute budget that matched dense at 2048",
+            ("--vartrack-any-query", "0.5", "--max-context", "8192", "--min-context", "4096", "--warmup-tasks",
+             "--level-shares", "1", "3", "--lr", "7e-4", "--final-contexts", "8192", "4096", "2048",
+             "--final-per-task", "32") + _DEEP),
 )}
 DEFAULT_VARIANTS = ("chain", "chain-wide")
 
