@@ -24,7 +24,7 @@ from runtime.tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
-DEFAULT_MODEL = CHECKPOINTS / "retrieval-4m"  # trained on the project's retrieval tasks (training/)
+DEFAULT_MODEL = CHECKPOINTS / "retrieval-6m"  # trained on the project's retrieval tasks (training/)
 
 
 def resolve_device(name: str) -> torch.device:

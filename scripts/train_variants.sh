@@ -21,7 +21,7 @@
 # MINUTES bounds each run from its start of training; start-up adds ~20-30 s before that clock.
 # A CPU smoke run of the default variants as tiny models (~1 min on 2 cores; later flags win, so the
 # extra arguments replace the recipe's device, size, batch and workers; the full curriculum to 2048 runs,
-# since the recipes' --level-shares name its 7 levels):
+# since the recipes' --level-shares name its 6 levels):
 #   PYTHON=.venv/bin/python bash scripts/train_variants.sh /tmp/v 0.75 -- --device cpu --hidden 32 --layers 2 \
 #     --heads 4 --kv-heads 2 --head-dim 8 --intermediate 64 --tokens-per-batch 1024 --data-workers 0 \
 #     --eval-per-task 2 --final-per-task 2 --final-contexts 128 256 --final-eval-seconds 10

@@ -28,16 +28,14 @@ at 256: pass key 0.75, multikey 0.81, kv 0.56). So the run starts with the pass 
 shortest context, many examples per step, and doubles the context once the held-out accuracy says
 the tasks are learnt, or when the time floor says so: every length up to the longest is trained.
 
-Variable tracking needs more than that (the shipped 4.75M model, trained as above: vartrack 0.44-0.59
-at every length, picking the distractor's number about as often as the right one). Its question is
-not a cloze of the fact, unlike the other three ("... k3f9: " is answered by copying what followed
-"k3f9: " earlier), and that model answers even a direct lookup (`QXJ = 48213.` ... which number does
-QXJ hold?) only about half the time: it never learnt name -> number, since the evaluated question
-always needs 1-2 indirections and a lookup earns nothing until it is composed. The training-only
-task variations (`--vartrack-any-query`: questions about any name, 0-2 indirections, from the same
-prompts; `--vartrack-warmup-chain`: a level of short chains first) supervise the single lookup so
-it can be learnt and then composed; `--level-shares` shapes the time floor (more time where skills
-are learnt and at the trained length); training/variants.py names the recipes compared.
+Variable tracking needed more than that. Asked for a bare number, it was a composition of 1-2
+lookups in one pass (the 4.75M model trained as above: 0.44-0.59 at every length, the distractor's
+number about as often as the right one), and supervising the single lookup (`--vartrack-any-query`:
+questions about any name, 0-2 indirections; `--vartrack-warmup-chain`: a level of short chains
+first) did not teach it either (0.33-0.59). Its answer is now worked (training/tasks.py:
+`RTE = MPL = QXJ = 48213`): each step is the cloze lookup the other tasks ask, and the 6.3M
+default model answers it 0.98 at 2048 tokens. `--level-shares` shapes the time floor (more time
+where skills are learnt and at the trained length); training/variants.py names the recipes compared.
 
 Time: `--minutes` bounds the whole run. Training stops `--final-eval-seconds` before the end; the
 checkpoint is saved, then the final evaluation runs contexts (the trained length first) while they
@@ -244,7 +242,7 @@ def save_folder(model: Transformer, cfg: dict[str, Any], out: Path, tokenizer: T
         shutil.rmtree(old)
 
 
-def demo_prompts(context: int, tasks: tuple[str, ...] = ("passkey", "kv")) -> list[dict[str, Any]]:
+def demo_prompts(context: int, tasks: tuple[str, ...] = ("passkey", "kv", "vartrack")) -> list[dict[str, Any]]:
     """Long-context demo prompts at the trained length, from a stream no training or eval uses."""
     out = []
     for task in tasks:
@@ -659,7 +657,8 @@ tokenizer (printable ASCII + newline, {cfg['vocab_size']} ids).
 Prompts of filler sentences with facts at random depths, ending in a question; the answer is a
 5-6 digit number followed by EOS. `passkey` (one pass key), `multikey` (labelled pass keys, ask for
 one), `kv` (`k3f9: 51207` lines among filler), `vartrack` (assignment chains `QXJ = 48213.`,
-`MPL = QXJ.`, plus a distractor chain). Exact match after stripping whitespace.
+`MPL = QXJ.`, `RTE = MPL.` plus a distractor chain; asked `Which number does RTE hold? RTE = `,
+the answer is worked: `MPL = QXJ = 48213`). Exact match after stripping whitespace.
 `demo_prompts.json`: held-out prompts at {args.max_context} tokens with their answers.
 
 ## Training
