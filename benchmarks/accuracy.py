@@ -29,6 +29,7 @@ class ModeSpec(NamedTuple):
     mode: str
     source: str | None = None  # herald's selection source
     lookahead: bool = False  # herald: the next block's pages chosen from this block's draft
+    query: str | None = None  # the selection query (None: the mode's default, SparseConfig.selection_query)
 
 
 MODE_SPECS: dict[str, ModeSpec] = {
@@ -39,6 +40,8 @@ MODE_SPECS: dict[str, ModeSpec] = {
     "herald-split": ModeSpec("herald", "split"),
     # the configuration the throughput numbers use: its blocks after the first take the draft's pages
     "herald-lookahead": ModeSpec("herald", "gpu-compact", lookahead=True),
+    # herald scoring with the block-mean query (its default before the seventh session), for comparison
+    "herald-mean-query": ModeSpec("herald", "gpu-compact", query="mean"),
     "quest": ModeSpec("quest"),
 }
 DEFAULT_BUDGETS = (1.0, 2.0, 5.0, 10.0)  # percent of the context
@@ -57,10 +60,10 @@ def mode_dense_layers(mode: str, dense_layers: int | None) -> int:
 def sparse_config(spec: str, budget_percent: float | None, *, page_size: int, sink_tokens: int, local_window: int,
                   dense_layers: int | None, compact_bits: int, compact_group: int) -> SparseConfig:
     """The SparseConfig one (mode spec, budget) row runs with."""
-    _, source, lookahead = MODE_SPECS[spec]
+    _, source, lookahead, query = MODE_SPECS[spec]
     kwargs: dict[str, Any] = dict(page_size=page_size, sink_tokens=sink_tokens, local_window=local_window,
                                   dense_layers=dense_layers, compact_bits=compact_bits, compact_group=compact_group,
-                                  lookahead=lookahead)
+                                  lookahead=lookahead, query=query)
     if budget_percent is not None:
         kwargs["budget_fraction"] = budget_percent / 100.0
     if source is not None:
@@ -71,11 +74,15 @@ def sparse_config(spec: str, budget_percent: float | None, *, page_size: int, si
 def recall_variant(spec: str, compact_bits: int, page_size: int) -> tuple[str, str, str] | None:
     """The recall harness row (variant, granularity, aggregate) that mirrors a mode's selection (the
     lookahead's: that of its step-0 source, which its draft selection approximates)."""
-    mode, source, _ = MODE_SPECS[spec]
+    mode, source, _, query = MODE_SPECS[spec]
     gran = f"page{page_size}"
-    if mode == "mage" or source == "cpu":  # exact scores of the block-mean query, page score max
+    if mode == "mage" or (source == "cpu" and query == "mean"):  # exact scores of the block-mean query
         return ("mage", gran, "max")
-    if source == "gpu-compact":
+    if source == "cpu":  # exact scores of herald's default, one query per block position
+        return ("herald-positions", gran, "max")
+    if query == "mean":  # int4/int8 keys score as exact ones (RESULTS.md): mage's block-mean pages
+        return ("mage", gran, "max")
+    if source == "gpu-compact":  # the recall harness's compact variants take herald's default queries
         return (f"herald-int{compact_bits}", gran, "max")
     if source == "split":
         return ("herald-split", gran, "max")
@@ -110,7 +117,7 @@ def run_configs(base: Engine, specs: Sequence[str], budgets: Sequence[float], co
             for b in ([None] if MODE_SPECS[s].mode == "dense" else budgets)]
     rows = []
     for spec, budget in tqdm(plan, desc="accuracy", unit="config", disable=not progress):
-        mode, source, _ = MODE_SPECS[spec]
+        mode, source = MODE_SPECS[spec][:2]
         config = EngineConfig(model_path=base.config.model_path, mode=mode, progress=False,
                               sparse=sparse_config(spec, budget, **sparse_kwargs), **engine_kwargs)
         engine = Engine(config, model=base.model, tokenizer=base.tokenizer)

@@ -17,9 +17,10 @@ denoising step. Then, offline, for every budget (tokens or a share of the contex
   at step 0 and at each later step, per layer.
 
 Variants: `mage` (step-0 block-mean query, exact scores, reused for the block), `herald-center`
-(step-0 centre-position query, exact scores), `mage-softmax` (step-0 mean softmax probability:
-the step-0 oracle reused), `herald-int4` / `herald-int8` (block-mean query against int4/int8
-compact keys, as herald's gpu-compact source), `herald-split` (exact scores for the oldest
+(step-0 centre-position query, exact scores), `herald-positions` (step-0 queries of every block
+position, a token scoring the max over them, exact scores: herald's default), `mage-softmax` (step-0 mean softmax probability:
+the step-0 oracle reused), `herald-int4` / `herald-int8` (the `compact_query` queries, by default
+herald's per-position ones, against int4/int8 compact keys, as herald's gpu-compact source), `herald-split` (exact scores for the oldest
 pages, int-compact for the rest, as herald's split source), `quest` (a new page selection every
 step from per-page min/max key bounds) and `oracle` (a new exact selection every step: the
 ceiling for one subset per step).
@@ -50,11 +51,13 @@ from runtime.generate import BlockDiffusionLoop
 from runtime.selection import page_scores_from_tokens, select_pages, select_tokens, selection_queries
 from training.tasks import TASKS, generate_examples
 
-STEP0_VARIANTS = ("mage", "herald-center", "mage-softmax", "herald-int4", "herald-int8", "herald-split")
+STEP0_VARIANTS = ("mage", "herald-center", "herald-positions", "mage-softmax", "herald-int4", "herald-int8",
+                  "herald-split")
 PER_STEP_VARIANTS = ("oracle", "quest")
 ALL_VARIANTS = STEP0_VARIANTS + PER_STEP_VARIANTS
-DEFAULT_VARIANTS = ("mage", "herald-center", "mage-softmax", "herald-int4", "herald-int8", "quest", "oracle")
-TOKEN_VARIANTS = ("mage", "herald-center", "mage-softmax", "oracle")  # herald and quest move whole pages
+DEFAULT_VARIANTS = ("mage", "herald-center", "herald-positions", "mage-softmax", "herald-int4", "herald-int8",
+                    "quest", "oracle")
+TOKEN_VARIANTS = ("mage", "herald-center", "herald-positions", "mage-softmax", "oracle")  # herald and quest move whole pages
 AGGREGATES = ("max", "mean", "lse")
 DEFAULT_BUDGETS = ("512", "1024", "1%", "2%", "5%", "10%")
 DEFAULT_PAGE_SIZES = (8, 16, 32, 64)
@@ -117,7 +120,7 @@ class RecallSettings:
     local_window: int = 64
     dense_layers: int = 2  # averages skip these layers (MAGE keeps two dense); per-layer data keeps all
     compact_group: int = 32
-    compact_query: str = "mean"
+    compact_query: str = "positions"  # herald's default (SparseConfig.selection_query)
     split_bits: int = 4
     split_cpu_fraction: float = 0.5
 
@@ -134,8 +137,8 @@ class RecallSettings:
                 raise ValueError(f"page size {p} must be a power of two")
         if self.split_bits not in (4, 8):
             raise ValueError(f"split_bits={self.split_bits}; choose 4 or 8")
-        if self.compact_query not in ("mean", "center"):
-            raise ValueError(f"compact_query={self.compact_query!r}; choose mean or center")
+        if self.compact_query not in ("mean", "center", "positions"):
+            raise ValueError(f"compact_query={self.compact_query!r}; choose mean, center or positions")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,20 +468,25 @@ class RecallAnalysis:
 
         # step-0 token scores of the variants that select once per block
         scores: dict[str, torch.Tensor] = {}
-        if "mage" in self.variants or "herald-split" in self.variants:
+        if "mage" in self.variants:
             scores["mage"] = torch.einsum("hd,hld->hl", q_mean[0], keys) * self.scale
         if "herald-center" in self.variants:
             q_center = selection_queries(queries[:1], hkv, "center")[0]
             scores["herald-center"] = torch.einsum("hd,hld->hl", q_center, keys) * self.scale
+        if "herald-positions" in self.variants:
+            q_positions = selection_queries(queries[:1], hkv, "positions")[0]  # [H, B, D]
+            scores["herald-positions"] = torch.einsum("hrd,hld->hrl", q_positions, keys).amax(1) * self.scale
         if "mage-softmax" in self.variants:
             scores["mage-softmax"] = pbar[0].clamp(min=torch.finfo(pbar.dtype).tiny).log()
-        compact_q = q_mean[0] if settings.compact_query == "mean" else \
-            selection_queries(queries[:1], hkv, "center")[0]
+        compact_q = selection_queries(queries[:1], hkv, settings.compact_query)[0]  # [H, D] or [H, B, D]
+        compact_q = compact_q if compact_q.dim() == 3 else compact_q[:, None]
         for bits in (4, 8):
             split = "herald-split" in self.variants and bits == settings.split_bits
             if f"herald-int{bits}" in self.variants or split:
                 compact = dequantized_keys(keys, bits, self.group)
-                scores[f"herald-int{bits}"] = torch.einsum("hd,hld->hl", compact_q, compact) * self.scale
+                scores[f"herald-int{bits}"] = torch.einsum("hrd,hld->hrl", compact_q, compact).amax(1) * self.scale
+        if "herald-split" in self.variants:  # its CPU part scores the same queries on the exact keys
+            split_exact = torch.einsum("hrd,hld->hrl", compact_q, keys).amax(1) * self.scale
         step0 = [v for v in self.variants if v in STEP0_VARIANTS and v != "herald-split"]
         lens = lambda n: torch.full((n,), length, dtype=torch.int64)  # noqa: E731
         oracle_scores = pbar.clamp(min=torch.finfo(pbar.dtype).tiny).log()  # [S, H, L]
@@ -506,7 +514,7 @@ class RecallAnalysis:
                 if "herald-split" in self.variants:
                     cut = int(settings.split_cpu_fraction * (length // p)) * p
                     pos = torch.arange(length, device=dev)
-                    scores["herald-split"] = torch.where(pos < cut, scores["mage"],
+                    scores["herald-split"] = torch.where(pos < cut, split_exact,
                                                          scores[f"herald-int{settings.split_bits}"])
                     page_vars.append("herald-split")
                 if page_vars:
@@ -838,7 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-window", type=int, default=SparseConfig.local_window)
     p.add_argument("--dense-layers", type=int, default=2, help="first layers left out of the averages")
     p.add_argument("--compact-group", type=int, default=SparseConfig.compact_group)
-    p.add_argument("--compact-query", default="mean", choices=("mean", "center"))
+    p.add_argument("--compact-query", default="positions", choices=("mean", "center", "positions"),
+                   help="the queries of the herald-int* and herald-split variants (herald's default: positions)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--unmasking", default="fixed", choices=("fixed", "threshold"),

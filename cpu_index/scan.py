@@ -1,5 +1,5 @@
-"""CPU scan of the host KV store's keys: per-token and per-page scores of one selection query per
-(row, KV head), top-k page selection, and a one-thread executor that overlaps the scan with GPU work.
+"""CPU scan of the host KV store's keys: per-token and per-page scores of the selection queries of
+each (row, KV head), top-k page selection, and a one-thread executor that overlaps the scan with GPU work.
 
 Layouts:
 - keys: one layer of the host store, ``[num_pages, Hkv, P, D]`` (bf16 in production, fp16/fp32 in
@@ -8,9 +8,10 @@ Layouts:
   half->float conversion, so the scan never copies the store.
 - page_table: int32 ``[N, max_pages]``, logical page -> physical page, -1 padded. Only entries
   below ``cdiv(kv_len[n], P)`` are read, and those must be valid page ids.
-- queries: ``[N, Hkv, D]``, one query per row and KV head (the block-mean query), widened to fp32.
+- queries: ``[N, Hkv, D]``, one query per row and KV head (the block-mean query), or
+  ``[N, Hkv, R, D]``, R per row and KV head (one per block position), widened to fp32.
 
-score(token) = scale * q . k over the row's first ``kv_len`` tokens; a page's score aggregates its
+score(token) = scale * q . k (the max over the R queries) over the row's first ``kv_len`` tokens; a page's score aggregates its
 valid tokens (a partial last page counts only its valid tokens): ``max``, ``mean`` or ``lse``
 (logsumexp). Pages (and tokens) at or beyond kv_len score -inf.
 
@@ -127,6 +128,7 @@ _FASTMATH = {"reassoc", "contract"}
 def _scan_kernel(keys, table, kv_len, q, scale, agg, out_page, out_tok, write_tok, widen):
     n_rows, max_pages = table.shape
     heads, psize, dim = keys.shape[1], keys.shape[2], keys.shape[3]
+    n_queries = q.shape[2]
     neg_inf = np.float32(-np.inf)
     base = keys.ctypes.data
     row_bytes = dim * keys.itemsize
@@ -158,10 +160,12 @@ def _scan_kernel(keys, table, kv_len, q, scale, agg, out_page, out_tok, write_to
                     line = base + nxt * page_bytes + (h * psize + t) * row_bytes
                     for c in range(0, row_bytes, 64):
                         _prefetch(line + c)
-                acc = np.float32(0.0)
-                for d in range(dim):
-                    acc += q[n, h, d] * widen(keys[page, h, t, d])
-                x = acc * scale
+                x = neg_inf
+                for r in range(n_queries):
+                    acc = np.float32(0.0)
+                    for d in range(dim):
+                        acc += q[n, h, r, d] * widen(keys[page, h, t, d])
+                    x = max(x, acc * scale)
                 if write_tok:
                     out_tok[n, h, p * psize + t] = x
                 if agg == 2:  # online logsumexp: rescale the running sum when the maximum moves
@@ -236,8 +240,11 @@ def _check_scan_args(keys_np, page_table, kv_len, queries):
         raise ValueError(f"kv_len[{n}] = {lens[n]} needs {-(-int(lens[n]) // psize)} pages of {psize} tokens; "
                          f"the page table has {max_pages} columns")
     q = _as_numpy(queries, np.float32, "queries")
-    if q.shape != (n_rows, heads, dim):
-        raise ValueError(f"queries must be [N, Hkv, D] = {(n_rows, heads, dim)}, got {q.shape}")
+    if q.ndim == 3:
+        q = q[:, :, None]
+    if q.ndim != 4 or q.shape[:2] != (n_rows, heads) or q.shape[2] < 1 or q.shape[3] != dim:
+        raise ValueError(f"queries must be [N, Hkv, D] = {(n_rows, heads, dim)} or [N, Hkv, R>=1, D], "
+                         f"got {q.shape}")
     used = np.arange(max_pages)[None, :] < -(-lens[:, None] // psize)
     bad = used & ((table < 0) | (table >= num_pages))
     if bad.any():
@@ -307,7 +314,8 @@ def host_page_scores(
         keys: ``[num_pages, Hkv, P, D]`` host tensor, bf16/fp16/fp32, contiguous (read in place).
         page_table: int ``[N, max_pages]``, -1 padded; entries below ``cdiv(kv_len, P)`` must be page ids.
         kv_len: ``[N]`` tokens per row (at most ``max_pages * P``).
-        queries: ``[N, Hkv, D]`` one query per row and KV head (converted to fp32).
+        queries: ``[N, Hkv, D]`` one query per row and KV head, or ``[N, Hkv, R, D]`` (a token scores the
+            max over the R queries); converted to fp32.
         scale: multiplies q . k (typically ``1/sqrt(D)``).
         aggregate: "max", "mean" (over the page's valid tokens) or "lse" (logsumexp over them).
         out: optional contiguous float32 ``[N, Hkv, max_pages]`` host tensor to write into.
@@ -337,6 +345,7 @@ def host_token_scores_reference(keys, page_table, kv_len, queries, *, scale: flo
     table = torch.as_tensor(page_table).long()
     lens = torch.as_tensor(kv_len).long().reshape(-1)
     q = torch.as_tensor(queries).float()
+    q = q[:, :, None] if q.dim() == 3 else q  # [N, Hkv, R, D]
     n_rows, max_pages = table.shape
     out = torch.full((n_rows, heads, max_pages * psize), -math.inf, dtype=torch.float32)
     for n in range(n_rows):
@@ -344,7 +353,7 @@ def host_token_scores_reference(keys, page_table, kv_len, queries, *, scale: flo
         if used == 0:
             continue
         k = keys[table[n, :used]].float()  # [used, Hkv, P, D]
-        s = scale * torch.einsum("hd,phtd->hpt", q[n], k).reshape(heads, used * psize)
+        s = scale * torch.einsum("hrd,phtd->hrpt", q[n], k).amax(1).reshape(heads, used * psize)
         out[n, :, : int(lens[n])] = s[:, : int(lens[n])]
     return out
 

@@ -1,7 +1,7 @@
 """Compact quantized keys for selection: int8/int4 codes with per-group scales, scanned on the GPU (Triton).
 
-Selection ranks context pages by the score of one selection query per (row, KV head) against every
-key. Reading bf16 keys costs 2 bytes per element; a compact copy costs 1 (int8) or 1/2 (int4) plus
+Selection ranks context pages by the score of the selection queries of each (row, KV head) against
+every key (one query, or several: a token then scores the max over them). Reading bf16 keys costs 2 bytes per element; a compact copy costs 1 (int8) or 1/2 (int4) plus
 one scale per ``group_size`` elements, so the whole context's keys can stay resident on the GPU and
 be scanned at HBM speed.
 
@@ -119,13 +119,40 @@ def _quantize_kernel(
              mask=r_ok[:, None])
 
 
-# max_pages and chunk_pages vary with every batch: specialising on their divisibility would compile
-# new variants in the middle of decoding.
-@triton.jit(do_not_specialize=["max_pages", "chunk_pages", "stride_ptn"])
+@triton.jit
+def _load_query(q_row, offs_c, sm_scale, BITS: tl.constexpr):
+    """One selection query with the softmax scale folded in; bits=4 splits it into the even / odd
+    elements that a byte's low / high nibble multiply."""
+    if BITS == 8:
+        qa = tl.load(q_row + offs_c).to(tl.float32) * sm_scale
+        qb = qa
+    else:
+        qa = tl.load(q_row + 2 * offs_c).to(tl.float32) * sm_scale
+        qb = tl.load(q_row + 2 * offs_c + 1).to(tl.float32) * sm_scale
+    return qa, qb
+
+
+@triton.jit
+def _token_scores(ka, kb, qa, qb, sc, BITS: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+                  GW: tl.constexpr):
+    """[BLOCK_N] scores of one query against a tile of codes (ka: the codes, or the low nibbles and
+    kb the high ones) with their per-group scales sc [BLOCK_N, NG]."""
+    if BITS == 8:
+        prod = ka * qa[None, :]
+    else:
+        prod = ka * qa[None, :] + kb * qb[None, :]
+    # One scale per group: sum the group's products first, then scale.
+    part = tl.sum(tl.reshape(prod, (BLOCK_N, NG, GW)), axis=2)
+    return tl.sum(part * sc, axis=1)
+
+
+# max_pages, chunk_pages and the query count vary with every batch or block size: specialising on
+# their divisibility would compile new variants in the middle of decoding.
+@triton.jit(do_not_specialize=["max_pages", "chunk_pages", "num_queries", "stride_ptn"])
 def _compact_scan_kernel(
     q_ptr, codes_ptr, scales_ptr, pt_ptr, kvlen_ptr, pscore_ptr, tscore_ptr,
-    sm_scale, max_pages, chunk_pages,
-    stride_qn, stride_qh,
+    sm_scale, max_pages, chunk_pages, num_queries,
+    stride_qn, stride_qh, stride_qr,
     stride_cp, stride_ch,
     stride_sp, stride_sh,
     stride_ptn, stride_pte,
@@ -135,8 +162,9 @@ def _compact_scan_kernel(
     PAGE_SCORES: tl.constexpr, TOKEN_SCORES: tl.constexpr,
 ):
     """Grid (chunks, N * HKV). Program (c, n*HKV+h) scores table entries [c*chunk_pages, +chunk_pages)
-    of row n, head h, TILE_PAGES pages (BLOCK_N tokens) per step. Token score = sm_scale * q . dequant(k);
-    page score = max over its valid tokens; -inf at and beyond kv_len."""
+    of row n, head h, TILE_PAGES pages (BLOCK_N tokens) per step. Token score = the max over the
+    row's num_queries selection queries of sm_scale * q . dequant(k) (each tile is unpacked once for
+    all of them); page score = max over its valid tokens; -inf at and beyond kv_len."""
     NG: tl.constexpr = HEAD_DIM // GROUP
     BLOCK_N: tl.constexpr = TILE_PAGES * PAGE
     DC: tl.constexpr = HEAD_DIM * BITS // 8  # code bytes per token
@@ -154,16 +182,9 @@ def _compact_scan_kernel(
     hi = tl.minimum(chunk_end, tl.cdiv(kvl, PAGE))  # entries holding at least one valid token
     tok_lim = tl.minimum(kvl, chunk_end * PAGE)  # never read another chunk's pages
 
-    # The softmax scale is folded into q once; bits=4 splits q into the even / odd elements that a
-    # byte's low / high nibble multiply.
     q_base = q_ptr + n * stride_qn + h.to(tl.int64) * stride_qh
     offs_c = tl.arange(0, DC)
-    if BITS == 8:
-        qa = tl.load(q_base + offs_c).to(tl.float32) * sm_scale
-        qb = qa
-    else:
-        qa = tl.load(q_base + 2 * offs_c).to(tl.float32) * sm_scale
-        qb = tl.load(q_base + 2 * offs_c + 1).to(tl.float32) * sm_scale
+    qa, qb = _load_query(q_base, offs_c, sm_scale, BITS)  # the first query stays in registers
 
     offs_t = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, TILE_PAGES)
@@ -186,14 +207,16 @@ def _compact_scan_kernel(
         s_off = page * stride_sp + slot * NG
         sc = tl.load(s_base + s_off[:, None] + offs_g[None, :], mask=tok_ok[:, None], other=0.0).to(tl.float32)
         if BITS == 8:
-            codes = tl.load(c_base + c_off[:, None] + offs_c[None, :], mask=tok_ok[:, None], other=0)
-            prod = codes.to(tl.float32) * qa[None, :]
+            ka = tl.load(c_base + c_off[:, None] + offs_c[None, :], mask=tok_ok[:, None], other=0).to(tl.float32)
+            kb = ka
         else:
             byte = tl.load(c_base + c_off[:, None] + offs_c[None, :], mask=tok_ok[:, None], other=0).to(tl.int32)
-            prod = ((byte & 15) - 8).to(tl.float32) * qa[None, :] + ((byte >> 4) - 8).to(tl.float32) * qb[None, :]
-        # One scale per group: sum the group's products first, then scale.
-        part = tl.sum(tl.reshape(prod, (BLOCK_N, NG, GW)), axis=2)
-        ts = tl.sum(part * sc, axis=1)
+            ka = ((byte & 15) - 8).to(tl.float32)
+            kb = ((byte >> 4) - 8).to(tl.float32)
+        ts = _token_scores(ka, kb, qa, qb, sc, BITS, BLOCK_N, NG, GW)
+        for r in range(1, num_queries):
+            qa_r, qb_r = _load_query(q_base + r * stride_qr, offs_c, sm_scale, BITS)
+            ts = tl.maximum(ts, _token_scores(ka, kb, qa_r, qb_r, sc, BITS, BLOCK_N, NG, GW))
         ts = tl.where(tok_ok, ts, float("-inf"))
         if TOKEN_SCORES:
             tl.store(tscore_ptr + out_row * max_tokens + tok, ts, mask=tok < chunk_end * PAGE)
@@ -544,14 +567,17 @@ def scan_launch_config(
 
 
 def _check_scan_args(q, codes, scales, page_table, kv_len, bits, group_size):
+    """Checks the arguments; returns (Hkv, P, D, q as [N, Hkv, R, D])."""
     hkv, page_size, d = _check_paged(codes, scales, bits, group_size)
-    if q.dim() != 3 or q.shape[1] != hkv or q.shape[2] != d:
-        raise ValueError(f"q must be [N, Hkv={hkv}, D={d}], got {tuple(q.shape)}")
+    if q.dim() == 3:
+        q = q[:, :, None]
+    if q.dim() != 4 or q.shape[1] != hkv or q.shape[2] < 1 or q.shape[3] != d:
+        raise ValueError(f"q must be [N, Hkv={hkv}, D={d}] or [N, Hkv={hkv}, R>=1, D={d}], got {tuple(q.shape)}")
     n = _check_rows(q, "q", page_table)
     if kv_len.dtype not in _INDEX_DTYPES or tuple(kv_len.shape) not in ((n,), (n, hkv)):
         raise ValueError(f"kv_len must be int32/int64 [N={n}] or [N, Hkv={hkv}], got {kv_len.dtype} "
                          f"{tuple(kv_len.shape)}")
-    return hkv, page_size, d
+    return hkv, page_size, d, q
 
 
 def compact_page_scores(
@@ -571,19 +597,19 @@ def compact_page_scores(
     chunk_pages: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Score every context token against one selection query per (row, KV head) from compact keys (Triton).
+    """Score every context token against the selection queries of each (row, KV head) from compact keys (Triton).
 
-    q [N, Hkv, D] fp32/fp16/bf16; codes [num_pages, Hkv, P, D (int8, bits=8) or D/2 (uint8, bits=4)];
+    q [N, Hkv, D] or [N, Hkv, R, D] fp32/fp16/bf16 (a token scores the max over the R queries); codes [num_pages, Hkv, P, D (int8, bits=8) or D/2 (uint8, bits=4)];
     scales [num_pages, Hkv, P, D/group_size] fp16/fp32; page_table [N, max_pages] int32 (entries at and
     beyond cdiv(kv_len, P) are never read, so -1 padding is fine); kv_len [N] (or [N, Hkv]) int32,
     clamped to [0, max_pages * P] in the kernel (not checked on the host: no device sync).
     Returns page_scores [N, Hkv, max_pages] fp32: max over each page's valid tokens of
-    scale * q . dequant(k), -inf for pages with no valid token; and, with ``return_token_scores`` (or
+    scale * q . dequant(k) (max over the queries), -inf for pages with no valid token; and, with ``return_token_scores`` (or
     ``token_out``), token_scores [N, Hkv, max_pages * P] fp32 (-inf at and beyond kv_len), else None.
     ``out``/``token_out``: optional contiguous output buffers (a call then allocates nothing).
     block_n/chunk_pages/num_warps: tuning overrides (see `scan_launch_config`).
     """
-    hkv, page_size, d = _check_scan_args(q, codes, scales, page_table, kv_len, bits, group_size)
+    hkv, page_size, d, q = _check_scan_args(q, codes, scales, page_table, kv_len, bits, group_size)
     n, max_pages = q.shape[0], page_table.shape[1]
     dev = q.device
     want_tokens = return_token_scores or token_out is not None
@@ -602,8 +628,8 @@ def compact_page_scores(
     _compact_scan_kernel[cfg["grid"]](
         q, codes, scales, page_table, kv_len,
         pscores, pscores if tscores is None else tscores,  # token buffer unread when off
-        float(scale), max_pages, cfg["chunk_pages"],
-        q.stride(0), q.stride(1),
+        float(scale), max_pages, cfg["chunk_pages"], q.shape[2],
+        q.stride(0), q.stride(1), q.stride(2),
         codes.stride(0), codes.stride(1),
         scales.stride(0), scales.stride(1),
         page_table.stride(0), page_table.stride(1),
@@ -630,7 +656,7 @@ def compact_page_scores_reference(
     """Plain-torch `compact_page_scores`: gather each row's pages, dequantize, fp32 dot products.
     Checks that kv_len lies in [0, max_pages * P] and that every page holding a valid token is a real
     page id (ValueError otherwise)."""
-    hkv, page_size, d = _check_scan_args(q, codes, scales, page_table, kv_len, bits, group_size)
+    hkv, page_size, d, q = _check_scan_args(q, codes, scales, page_table, kv_len, bits, group_size)
     n, max_pages = q.shape[0], page_table.shape[1]
     max_tokens = max_pages * page_size
     dev = q.device
@@ -647,7 +673,7 @@ def compact_page_scores_reference(
     pages = table.clamp(0, max(codes.shape[0] - 1, 0))
     k = dequantize_keys(codes[pages].to(dev), scales[pages].to(dev), bits, group_size)  # [N, E, Hkv, P, D]
     k = k.permute(0, 2, 1, 3, 4).reshape(n, hkv, max_tokens, d)
-    ts = torch.einsum("nhd,nhtd->nht", q.float(), k) * scale
+    ts = torch.einsum("nhrd,nhtd->nhrt", q.float(), k).amax(2) * scale
     tok_ok = torch.arange(max_tokens, device=dev)[None, None, :] < lens[:, :, None]
     ts = torch.where(tok_ok, ts, torch.full_like(ts, float("-inf")))
     ps = ts.reshape(n, hkv, max_pages, page_size).amax(dim=-1)

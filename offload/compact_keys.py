@@ -5,8 +5,8 @@ here with the same page id, so the store's page tables (``store.page_tables(seq_
 device) index both. Per layer: codes ``[num_pages, Hkv, P, D]`` int8 or ``[num_pages, Hkv, P, D/2]``
 uint8 (int4, two per byte) and scales ``[num_pages, Hkv, P, D/group_size]`` (see
 ``gpu_kernels.compact_keys`` for the format). New tokens are quantized into it in place when they are
-committed (``write``), and ``page_scores`` scans a layer's compact keys with one selection query per
-(row, KV head) at HBM speed, giving the page scores selection ranks.
+committed (``write``), and ``page_scores`` scans a layer's compact keys with the selection queries of
+each (row, KV head) at HBM speed, giving the page scores selection ranks.
 
 Size: ``L * num_pages * Hkv * P * (D * bits/8 + (D/group_size) * scale bytes)``; for Qwen3-8B geometry
 (36 layers, 8 KV heads, D 128) at int4 with group 32 and fp16 scales that is 20.25 KiB per token,
@@ -215,7 +215,8 @@ class CompactKeyIndex:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(page_scores [N, Hkv, max_pages], token_scores [N, Hkv, max_pages * P] or None), fp32.
 
-        q [N, Hkv, D] (the selection query per row and KV head); page_table [N, max_pages] int32;
+        q [N, Hkv, D] or [N, Hkv, R, D] (the selection queries of each row and KV head: a token scores
+        the max over them); page_table [N, max_pages] int32;
         kv_len [N] int32 (or [N, Hkv]); scale multiplies q . k. Page score = max over the page's tokens
         below kv_len of scale * q . dequant(k); -inf for pages with no valid token. All on the index's
         device. ``out``/``token_out``: optional buffers (kernel path only)."""

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 ATTENTION_MODES = ("dense", "mage", "quest", "herald")
 SELECTION_SOURCES = ("gpu-exact", "cpu", "gpu-compact", "split")
-SELECTION_QUERIES = ("mean", "center")
+SELECTION_QUERIES = ("mean", "center", "positions")
 GRANULARITIES = ("page", "token")
 ATTENTION_BACKENDS = ("torch", "triton")
 UNMASKING_SCHEDULES = ("threshold", "fixed")
@@ -173,8 +173,11 @@ class SparseConfig:
     budget_tokens: int | None = None  # ... or, when set, a fixed count instead
     page_size: int = 16  # tokens per KV page (selection unit, transfer unit)
     granularity: str = "page"  # page | token (token: mage only, MAGE's token-level top-k)
-    query: str = "mean"  # mean: block-mean over B positions and the GQA group (MAGE) | center: the
-    #                      centre [MASK] position, mean over its GQA group (HERALD)
+    # mean: block-mean over B positions and the GQA group (MAGE) | center: the centre [MASK] position,
+    # mean over its GQA group (HERALD) | positions: one query per block position (GQA-group mean), a
+    # token scoring the max over them. None: positions for herald, whose step 0 attends only to what
+    # it selects; mean for mage (its step 0 is exact, and its kernel scores the block mean in that pass)
+    query: str | None = None
     source: str = "gpu-compact"  # herald's selection source: cpu | gpu-compact | split (mage: gpu-exact)
     sink_tokens: int = 16
     local_window: int = 64
@@ -193,6 +196,12 @@ class SparseConfig:
     # herald's host KV store on 2 MiB transparent huge pages where the OS grants them (offload/host_store.py)
     host_huge_pages: bool = True
 
+    def selection_query(self, mode: str) -> str:
+        """The selection query `mode` ("herald" or "mage") uses: `query`, or the mode's default."""
+        if self.query is not None:
+            return self.query
+        return "positions" if mode == "herald" else "mean"
+
     def lookahead_on(self, cuda: bool) -> bool:
         """Whether herald runs the lookahead on a CUDA (`cuda`) or CPU device."""
         return cuda if self.lookahead is None else self.lookahead
@@ -205,7 +214,7 @@ class SparseConfig:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size={self.page_size} must be a power of two (the kernels tile by it)")
         for name, value, allowed in (("granularity", self.granularity, GRANULARITIES),
-                                     ("query", self.query, SELECTION_QUERIES),
+                                     ("query", self.query or "mean", SELECTION_QUERIES),
                                      ("source", self.source, SELECTION_SOURCES)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; choose one of {allowed}")

@@ -1,8 +1,9 @@
 """The `herald` mode: the full KV in pinned host memory, a GPU page budget, cooperative selection.
 
 Per block (HERALD, arXiv 2606.21633; this is the synchronous path):
-1. Step 0 (all [MASK]), per layer: one selection query per (row, KV head) scores every context
-   page; the source is a compact quantized key copy on the GPU (`gpu-compact`), a numba scan of the
+1. Step 0 (all [MASK]), per layer: the selection queries of each (row, KV head) score every context
+   page (by default one query per block position, a token scoring the max over them: the block
+   mean cancels the positions' RoPE phases and loses the retrieved keys); the source is a compact quantized key copy on the GPU (`gpu-compact`), a numba scan of the
    host keys (`cpu`), or both over two parts of the context (`split`). Top-k pages plus sinks, the
    local window and the last page form the layer's selection.
 2. The page cache (offload.partitioned_cache, bookkeeping on the GPU) keeps the selected pages that
@@ -100,6 +101,7 @@ class HeraldAttention(AttentionMode):
         self.cuda = device.type == "cuda"
         self.wants_lookahead = sparse.lookahead_on(self.cuda)
         self.scale = model.head_dim ** -0.5
+        self.query = sparse.selection_query("herald")
         self.num_layers, self.num_kv_heads = model.num_layers, model.num_kv_heads
         self.page_size = p = sparse.page_size
         self.dense_layers = 2 if sparse.dense_layers is None else sparse.dense_layers
@@ -536,7 +538,7 @@ class HeraldAttention(AttentionMode):
         every_row = self._every_row
         scanned = None
         if not every_row or self.sparse.measure_draft_recall:
-            q_sel = selection_queries(q, self.num_kv_heads, self.sparse.query)
+            q_sel = selection_queries(q, self.num_kv_heads, self.query)
             scanned = select_pages(self._scores(layer, q_sel), None, self.sparse, self._selection_plan)
         selection = scanned
         if self._use_next:  # chosen during the last block from its draft; its pages are (mostly) here
@@ -578,7 +580,7 @@ class HeraldAttention(AttentionMode):
         half and fetch the misses into slots this block does not read (on CUDA this whole pass runs
         on the fetch stream, overlapping this block's remaining steps)."""
         b = self.batch.num_new // 2
-        q_sel = selection_queries(q[:, :, b:], self.num_kv_heads, self.sparse.query)
+        q_sel = selection_queries(q[:, :, b:], self.num_kv_heads, self.query)
         selection = select_pages(self._scores(layer, q_sel), None, self.sparse, self._next_plan)
         buf = self._buf
         current_slots, _ = self._tables[layer]

@@ -159,13 +159,14 @@ class MageAttention(ResidentSparseAttention):
         sparse = self.sparse
         tokens = sparse.granularity == "token"
         lens = self.batch.context_lens
-        if self.backend == "triton" and sparse.query == "mean":  # the kernel scores in the same pass
+        query = sparse.selection_query("mage")
+        if self.backend == "triton" and query == "mean":  # the kernel scores in the same pass
             out, pscores, tscores = block_attention(
                 q, k, v, self.k_cache[layer], self.v_cache[layer], self._page_table, self._kv_len,
                 scale=self.scale, return_page_scores=not tokens, return_token_scores=tokens)
         else:
             out = super().run(layer, q, k, v)
-            q_sel = selection_queries(q, self.num_kv_heads, sparse.query)
+            q_sel = selection_queries(q, self.num_kv_heads, query)
             table = self.store_table(self.pages_per_seq)
             tscores = gather_token_scores(q_sel, self.k_cache[layer], table, lens, self.scale)
             pscores = None if tokens else page_scores_from_tokens(tscores, self.page_size)

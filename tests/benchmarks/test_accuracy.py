@@ -29,14 +29,18 @@ def test_sparse_config_per_spec():
     assert not sparse_config("herald-gpu-compact", 5.0, **kw).lookahead
     assert sparse_config("dense", None, **kw).budget_fraction == 0.05  # unused by dense
     assert recall_variant("herald-gpu-compact", 4, 16) == ("herald-int4", "page16", "max")
-    assert recall_variant("herald-cpu", 4, 16) == recall_variant("mage", 4, 16) == ("mage", "page16", "max")
+    # herald selects with one query per block position (its default); the mean-query row as mage does
+    assert recall_variant("herald-cpu", 4, 16) == ("herald-positions", "page16", "max")
+    assert recall_variant("herald-mean-query", 4, 16) == recall_variant("mage", 4, 16) == ("mage", "page16", "max")
+    assert sparse_config("herald-mean-query", 5.0, **kw).selection_query("herald") == "mean"
+    assert sparse_config("herald-cpu", 5.0, **kw).selection_query("herald") == "positions"
     assert recall_variant("quest", 4, 16) == ("quest", "page16", "bound")
     assert recall_variant("dense", 4, 16) is None
 
 
 def test_mode_mass_averages_the_modes_sparse_layers():
-    rec = {"rows": [{"variant": "mage", "granularity": "page16", "aggregate": "max", "budget": "5%",
-                     "mass_by_layer": [0.2, 0.4, 0.6, 0.8]}]}
+    rec = {"rows": [{"variant": v, "granularity": "page16", "aggregate": "max", "budget": "5%",
+                     "mass_by_layer": [0.2, 0.4, 0.6, 0.8]} for v in ("mage", "herald-positions")]}
     # the sparse modes keep layers 0-1 dense by default: mean of layers 2-3; with none dense, all 4
     assert mode_mass(rec, "mage", 5.0, 4, 16, 4, None) == pytest.approx(0.7)
     assert mode_mass(rec, "herald-cpu", 5.0, 4, 16, 4, None) == pytest.approx(0.7)

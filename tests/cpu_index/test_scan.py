@@ -77,6 +77,26 @@ def test_page_scores_match_reference(dtype, aggregate, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_query_sets_match_reference_and_single_queries(dtype, aggregate, shape):
+    """[N, Hkv, R, D] queries (one per block position): a token scores the max over the R queries, so
+    the token scan equals the max of R single-query scans, and the page scores match the reference."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("sets", str(dtype), aggregate, str(shape))).encode()))
+    lens, hkv, psize, dim, max_pages = shape
+    keys, table, kv_len, _ = _case(gen, lens, hkv, psize, dim, max_pages, dtype)
+    q = torch.randn(len(lens), hkv, 3, dim, generator=gen)
+    scale = 1 / math.sqrt(dim)
+    got = host_page_scores(keys, table, kv_len, q, scale=scale, aggregate=aggregate,
+                           out=torch.full((len(lens), hkv, max_pages), math.nan))
+    ref = host_page_scores_reference(keys, table, kv_len, q, scale=scale, aggregate=aggregate)
+    assert _rel_err(got, ref) < TOL
+    tokens = host_token_scores(keys, table, kv_len, q, scale=scale)
+    single = torch.stack([host_token_scores(keys, table, kv_len, q[:, :, r], scale=scale) for r in range(3)])
+    assert _rel_err(tokens, single.amax(0)) < TOL
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_token_scores_match_reference(dtype, shape):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((str(dtype), str(shape), "tok")).encode()))

@@ -162,9 +162,11 @@ def test_quantize_into_refuses_unallocated_pages():
 # scan
 
 
-def make_scan_case(n, hkv, d, page, kv_lens, bits, group, q_dtype, *, pad="poison", seed=0, device=CPU):
+def make_scan_case(n, hkv, d, page, kv_lens, bits, group, q_dtype, *, pad="poison", seed=0, device=CPU,
+                   queries=None):
     """Random compact store and a table per row (distinct pages in random order). pad='poison': table
-    entries past a row's pages point at an all-NaN-scale page; pad='neg': they are -1."""
+    entries past a row's pages point at an all-NaN-scale page; pad='neg': they are -1. queries=R:
+    q is [N, Hkv, R, D] (R selection queries per row and head) instead of [N, Hkv, D]."""
     gen = torch.Generator().manual_seed(seed)
     kv_len = torch.tensor(kv_lens, dtype=torch.int32)
     need = [(int(x) + page - 1) // page for x in kv_lens]
@@ -183,13 +185,13 @@ def make_scan_case(n, hkv, d, page, kv_lens, bits, group, q_dtype, *, pad="poiso
         tail = int(kv_lens[i]) - (cnt - 1) * page
         if cnt and tail < page:
             scales[int(table[i, cnt - 1]), :, tail:] = float("nan")
-    q = torch.randn(n, hkv, d, generator=gen).to(q_dtype)
+    q = torch.randn(n, hkv, *(() if queries is None else (queries,)), d, generator=gen).to(q_dtype)
     to = dict(device=device)
     return q.to(**to), codes.to(**to), scales.to(**to), table.to(**to), kv_len.to(**to)
 
 
 def check_scan(q, codes, scales, table, kv_len, bits, group, **launch):
-    n, hkv, _ = q.shape
+    n, hkv = q.shape[:2]
     max_pages, page = table.shape[1], codes.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1])
     out = torch.full((n, hkv, max_pages), float("nan"), device=q.device)
@@ -220,6 +222,23 @@ def test_scan_matches_reference(bits, page, q_dtype):
     kv_lens = [3 * page + 5, 0, 1, 2 * page]
     case = make_scan_case(4, 2, 64, page, kv_lens, bits, 32, q_dtype, seed=page + bits)
     check_scan(*case, bits, 32)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("queries", [1, 3, 8])
+def test_scan_query_sets_match_reference(bits, queries):
+    """[N, Hkv, R, D] queries: the kernel unpacks each tile once and keeps the max over the R queries;
+    it matches the reference, and equals the max of R single-query scans."""
+    kv_lens = [5 * 16 + 3, 0, 1, 3 * 16]
+    q, codes, scales, table, kv_len = make_scan_case(4, 2, 64, 16, kv_lens, bits, 32, torch.float32,
+                                                     seed=queries + bits, queries=queries)
+    ps, _ = check_scan(q, codes, scales, table, kv_len, bits, 32, block_n=32, chunk_pages=3)
+    single = torch.stack([compact_page_scores(q[:, :, r], codes, scales, table, kv_len, bits=bits, group_size=32,
+                                              scale=1.0 / math.sqrt(64), block_n=32, chunk_pages=3)[0]
+                          for r in range(queries)])
+    fin = torch.isfinite(ps)
+    assert torch.equal(fin, torch.isfinite(single[0]))
+    assert rel_err(ps[fin], single.amax(0)[fin]) < SCAN_TOL
 
 
 @pytest.mark.parametrize("block_n,chunk_pages", [(16, 1), (32, 3), (64, 2), (128, 5)])
@@ -351,10 +370,12 @@ def test_gpu_bf16_quantize_exact(bits):
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("page", [16, 64])
-def test_gpu_bf16_scan(bits, page):
+@pytest.mark.parametrize("queries", [None, 4, 32])
+def test_gpu_bf16_scan(bits, page, queries):
     dev = torch.device("cuda")
     kv_lens = [32768, 32768 - 7 * page - 3, 1, 0]
-    case = make_scan_case(4, 8, 128, page, kv_lens, bits, 32, torch.bfloat16, seed=bits + page, device=dev)
+    case = make_scan_case(4, 8, 128, page, kv_lens, bits, 32, torch.bfloat16, seed=bits + page, device=dev,
+                          queries=queries)
     check_scan(*case, bits, 32)
 
 

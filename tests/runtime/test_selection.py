@@ -9,7 +9,7 @@ from gpu_kernels.paged_attention import block_attention
 from runtime.attention import masked_attention
 from runtime.config import SparseConfig
 from runtime.selection import (forced_pages, gather_token_scores, page_scores_from_tokens, select_pages,
-                               select_tokens, selection_queries, table_attention_torch)
+                               query_sets, select_tokens, selection_queries, table_attention_torch)
 
 
 def brute_force_pages(scores, lens, cfg):
@@ -92,6 +92,28 @@ def test_selection_queries():
     assert torch.allclose(mean[1, 2], q[1, 4:6].mean(dim=(0, 1)))
     center = selection_queries(q, 3, "center")
     assert torch.allclose(center[0, 1], q[0, 2:4, 2].mean(0))
+    positions = selection_queries(q, 3, "positions")  # [N, Hkv, T, D]: one query per block position
+    assert positions.shape == (2, 3, 5, 8)
+    assert torch.allclose(positions[1, 2, 3], q[1, 4:6, 3].mean(0))
+    assert torch.allclose(positions[:, :, 2], center)
+    with pytest.raises(ValueError, match="positions"):
+        selection_queries(q, 3, "middle")
+
+
+def test_query_sets_score_the_max_over_their_queries():
+    """gather_token_scores of [N, Hkv, R, D] queries equals the max of R single-query scans."""
+    g = torch.Generator().manual_seed(3)
+    k_pages = torch.randn(9, 2, 4, 8, generator=g)
+    table = torch.tensor([[3, 0, 7], [5, 1, -1]], dtype=torch.int32)
+    lens = torch.tensor([10, 6])
+    q = torch.randn(2, 2, 3, 8, generator=g)
+    got = gather_token_scores(q, k_pages, table, lens, 0.5)
+    single = torch.stack([gather_token_scores(q[:, :, r], k_pages, table, lens, 0.5) for r in range(3)])
+    assert torch.equal(torch.isfinite(got), torch.isfinite(single[0]))
+    assert torch.allclose(got, single.amax(0))
+    assert torch.equal(query_sets(q[:, :, 0]), q[:, :, :1])
+    with pytest.raises(ValueError, match="selection queries"):
+        query_sets(q[0, 0])
 
 
 def _store(n_pages, hkv, p, d, seed=0):

@@ -84,9 +84,11 @@ def test_herald_full_budget_equals_mage(model, source):
     assert engine.last_timeline and all(b["pages_selected"] > 0 for b in engine.last_timeline)
 
 
-def test_herald_cpu_source_selects_what_mage_selects(model, monkeypatch):
+@pytest.mark.parametrize("query", ["mean", "positions"])
+def test_herald_cpu_source_selects_what_mage_selects(model, monkeypatch, query):
     """Budget 20% with 4-token pages (a strict subset). Layer 0 is dense in both modes, so layer 1's
-    step-0 queries agree and the CPU scan of host keys must pick the pages mage's exact pass picks."""
+    step-0 queries agree and the CPU scan of host keys must pick the pages mage's exact pass picks,
+    with either selection query."""
     import runtime.herald
     import runtime.resident_sparse
 
@@ -102,8 +104,8 @@ def test_herald_cpu_source_selects_what_mage_selects(model, monkeypatch):
     mage_log, herald_log = [], []
     recording(runtime.resident_sparse, mage_log)
     recording(runtime.herald, herald_log)
-    generate(model, "mage", budget_fraction=0.2, dense_layers=1, max_new=4)
-    _, engine = generate(model, "herald", budget_fraction=0.2, dense_layers=1, source="cpu", max_new=4)
+    generate(model, "mage", budget_fraction=0.2, dense_layers=1, max_new=4, query=query)
+    _, engine = generate(model, "herald", budget_fraction=0.2, dense_layers=1, source="cpu", max_new=4, query=query)
     # the first block: layers 1 and 2 select once each; layer 1 sees the same inputs in both modes
     # (later blocks follow tokens that step 0 - exact in mage, sparse in herald - may have changed)
     first_mage, first_herald = mage_log[0], herald_log[0]
