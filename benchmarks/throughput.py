@@ -54,6 +54,9 @@ def variants(sources: list[str]) -> list[tuple[str, str, dict]]:
     # ... and with each layer's gather after its selection on the side stream (no gather stream)
     rows.append(("herald-lookahead-serial", "herald", {"source": "gpu-compact", "lookahead": True,
                                                        "lookahead_gather_stream": False}))
+    # ... and selecting with the block-mean query instead of one query per block position
+    rows.append(("herald-lookahead-mean-query", "herald", {"source": "gpu-compact", "lookahead": True,
+                                                           "query": "mean"}))
     # ... and with the host store on 4 KiB pages instead of huge pages
     rows.append(("herald-lookahead-base-pages", "herald", {"source": "gpu-compact", "lookahead": True,
                                                            "host_huge_pages": False}))

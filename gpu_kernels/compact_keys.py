@@ -160,11 +160,15 @@ def _compact_scan_kernel(
     HKV: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
     PAGE: tl.constexpr, TILE_PAGES: tl.constexpr,
     PAGE_SCORES: tl.constexpr, TOKEN_SCORES: tl.constexpr,
+    USE_DOT: tl.constexpr, R_PAD: tl.constexpr, DOT_FP16: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Grid (chunks, N * HKV). Program (c, n*HKV+h) scores table entries [c*chunk_pages, +chunk_pages)
     of row n, head h, TILE_PAGES pages (BLOCK_N tokens) per step. Token score = the max over the
     row's num_queries selection queries of sm_scale * q . dequant(k) (each tile is unpacked once for
-    all of them); page score = max over its valid tokens; -inf at and beyond kv_len."""
+    all of them); page score = max over its valid tokens; -inf at and beyond kv_len.
+    USE_DOT: the queries (padded to R_PAD columns) multiply the dequantized tile on the tensor cores,
+    as fp16 operands (DOT_FP16) or fp32 ones at DOT_PRECISION; else one query after the other on the
+    CUDA cores."""
     NG: tl.constexpr = HEAD_DIM // GROUP
     BLOCK_N: tl.constexpr = TILE_PAGES * PAGE
     DC: tl.constexpr = HEAD_DIM * BITS // 8  # code bytes per token
@@ -184,7 +188,21 @@ def _compact_scan_kernel(
 
     q_base = q_ptr + n * stride_qn + h.to(tl.int64) * stride_qh
     offs_c = tl.arange(0, DC)
-    qa, qb = _load_query(q_base, offs_c, sm_scale, BITS)  # the first query stays in registers
+    if USE_DOT:  # every query at once, as [DC, R_PAD] columns (the padding scores zero, masked below)
+        offs_r = tl.arange(0, R_PAD)
+        q_cols = q_base + offs_r[None, :] * stride_qr
+        q_ok = offs_r[None, :] < num_queries
+        if BITS == 8:
+            qa_t = tl.load(q_cols + offs_c[:, None], mask=q_ok, other=0.0).to(tl.float32) * sm_scale
+            qb_t = qa_t
+        else:
+            qa_t = tl.load(q_cols + 2 * offs_c[:, None], mask=q_ok, other=0.0).to(tl.float32) * sm_scale
+            qb_t = tl.load(q_cols + 2 * offs_c[:, None] + 1, mask=q_ok, other=0.0).to(tl.float32) * sm_scale
+        if DOT_FP16:
+            qa_t = qa_t.to(tl.float16)
+            qb_t = qb_t.to(tl.float16)
+    else:
+        qa, qb = _load_query(q_base, offs_c, sm_scale, BITS)  # the first query stays in registers
 
     offs_t = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, TILE_PAGES)
@@ -213,10 +231,22 @@ def _compact_scan_kernel(
             byte = tl.load(c_base + c_off[:, None] + offs_c[None, :], mask=tok_ok[:, None], other=0).to(tl.int32)
             ka = ((byte & 15) - 8).to(tl.float32)
             kb = ((byte >> 4) - 8).to(tl.float32)
-        ts = _token_scores(ka, kb, qa, qb, sc, BITS, BLOCK_N, NG, GW)
-        for r in range(1, num_queries):
-            qa_r, qb_r = _load_query(q_base + r * stride_qr, offs_c, sm_scale, BITS)
-            ts = tl.maximum(ts, _token_scores(ka, kb, qa_r, qb_r, sc, BITS, BLOCK_N, NG, GW))
+        if USE_DOT:
+            sc_bytes = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, NG, GW)), (BLOCK_N, DC))
+            deq_a = ka * sc_bytes
+            deq_b = kb * sc_bytes
+            if DOT_FP16:
+                deq_a = deq_a.to(tl.float16)
+                deq_b = deq_b.to(tl.float16)
+            acc = tl.dot(deq_a, qa_t, input_precision=DOT_PRECISION)
+            if BITS == 4:
+                acc = tl.dot(deq_b, qb_t, acc, input_precision=DOT_PRECISION)
+            ts = tl.max(tl.where(offs_r[None, :] < num_queries, acc, float("-inf")), axis=1)
+        else:
+            ts = _token_scores(ka, kb, qa, qb, sc, BITS, BLOCK_N, NG, GW)
+            for r in range(1, num_queries):
+                qa_r, qb_r = _load_query(q_base + r * stride_qr, offs_c, sm_scale, BITS)
+                ts = tl.maximum(ts, _token_scores(ka, kb, qa_r, qb_r, sc, BITS, BLOCK_N, NG, GW))
         ts = tl.where(tok_ok, ts, float("-inf"))
         if TOKEN_SCORES:
             tl.store(tscore_ptr + out_row * max_tokens + tok, ts, mask=tok < chunk_end * PAGE)
@@ -596,6 +626,8 @@ def compact_page_scores(
     block_n: int | None = None,
     chunk_pages: int | None = None,
     num_warps: int | None = None,
+    use_dot: bool | None = None,
+    dot_precision: str = "fp16",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Score every context token against the selection queries of each (row, KV head) from compact keys (Triton).
 
@@ -607,7 +639,12 @@ def compact_page_scores(
     scale * q . dequant(k) (max over the queries), -inf for pages with no valid token; and, with ``return_token_scores`` (or
     ``token_out``), token_scores [N, Hkv, max_pages * P] fp32 (-inf at and beyond kv_len), else None.
     ``out``/``token_out``: optional contiguous output buffers (a call then allocates nothing).
-    block_n/chunk_pages/num_warps: tuning overrides (see `scan_launch_config`).
+    block_n/chunk_pages/num_warps: tuning overrides (see `scan_launch_config`). use_dot: several
+    queries multiply each dequantized tile on the tensor cores instead of one after the other on the
+    CUDA cores; None: when R > 1 and the tile shapes allow a dot (D * bits / 8 >= 16 code bytes per
+    token, block_n >= 16). dot_precision: the dot's operands, "fp16" (the default: relative error
+    about 1e-3, a small fraction of int4's own), "tf32", or "tf32x3" (fp32 as three TF32 products:
+    close to fp32); IEEE fp32 under the interpreter, whatever is asked.
     """
     hkv, page_size, d, q = _check_scan_args(q, codes, scales, page_table, kv_len, bits, group_size)
     n, max_pages = q.shape[0], page_table.shape[1]
@@ -625,6 +662,15 @@ def compact_page_scores(
     cfg = scan_launch_config(n, hkv, max_pages, page_size, num_sms=num_sms, block_n=block_n,
                              chunk_pages=chunk_pages, num_warps=num_warps)
     l_strides = (kv_len.stride(0), 0) if kv_len.dim() == 1 else kv_len.stride()
+    r = q.shape[2]
+    dot_fits = d * bits // 8 >= 16 and cfg["tile_pages"] * page_size >= 16
+    if use_dot is None:
+        use_dot = r > 1 and dot_fits
+    elif use_dot and not dot_fits:
+        raise ValueError(f"use_dot needs >= 16 code bytes per token (D={d}, bits={bits}) and block_n >= 16")
+    if dot_precision not in ("tf32x3", "tf32", "fp16"):
+        raise ValueError(f"dot_precision={dot_precision!r}; choose tf32x3, tf32 or fp16")
+    interpreted = kernel_interpreted()
     _compact_scan_kernel[cfg["grid"]](
         q, codes, scales, page_table, kv_len,
         pscores, pscores if tscores is None else tscores,  # token buffer unread when off
@@ -636,6 +682,9 @@ def compact_page_scores(
         *l_strides,
         HKV=hkv, HEAD_DIM=d, GROUP=group_size, BITS=bits, PAGE=page_size, TILE_PAGES=cfg["tile_pages"],
         PAGE_SCORES=True, TOKEN_SCORES=want_tokens,
+        USE_DOT=bool(use_dot), R_PAD=max(16, triton.next_power_of_2(r)) if use_dot else 16,
+        DOT_FP16=dot_precision == "fp16" and not interpreted,
+        DOT_PRECISION="ieee" if interpreted or dot_precision == "fp16" else dot_precision,
         num_warps=cfg["num_warps"],
     )
     return pscores, tscores

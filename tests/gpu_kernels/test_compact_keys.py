@@ -225,14 +225,16 @@ def test_scan_matches_reference(bits, page, q_dtype):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("queries", [1, 3, 8])
-def test_scan_query_sets_match_reference(bits, queries):
-    """[N, Hkv, R, D] queries: the kernel unpacks each tile once and keeps the max over the R queries;
-    it matches the reference, and equals the max of R single-query scans."""
+@pytest.mark.parametrize("queries", [1, 3, 8, 20])
+@pytest.mark.parametrize("use_dot", [False, True])
+def test_scan_query_sets_match_reference(bits, queries, use_dot):
+    """[N, Hkv, R, D] queries: the kernel unpacks each tile once and keeps the max over the R queries
+    (one after the other, or all at once as a dot with padded columns); it matches the reference,
+    and equals the max of R single-query scans."""
     kv_lens = [5 * 16 + 3, 0, 1, 3 * 16]
     q, codes, scales, table, kv_len = make_scan_case(4, 2, 64, 16, kv_lens, bits, 32, torch.float32,
                                                      seed=queries + bits, queries=queries)
-    ps, _ = check_scan(q, codes, scales, table, kv_len, bits, 32, block_n=32, chunk_pages=3)
+    ps, _ = check_scan(q, codes, scales, table, kv_len, bits, 32, block_n=32, chunk_pages=3, use_dot=use_dot)
     single = torch.stack([compact_page_scores(q[:, :, r], codes, scales, table, kv_len, bits=bits, group_size=32,
                                               scale=1.0 / math.sqrt(64), block_n=32, chunk_pages=3)[0]
                           for r in range(queries)])
@@ -302,6 +304,13 @@ def test_topk_pages_agree_with_exact_scores(bits):
     assert gap > 2 * err, f"data not separated enough: gap {gap:.3f} vs max error {err:.3f}"
     top_approx = approx.topk(k_top, dim=-1).indices
     assert torch.equal(top_approx.sort(dim=-1).values, top_exact.indices.sort(dim=-1).values)
+
+
+def test_dot_needs_sixteen_code_bytes_per_token():
+    q, codes, scales, table, kv_len = make_scan_case(2, 2, 16, 16, [20, 5], 4, 16, torch.float32, queries=4)
+    with pytest.raises(ValueError, match="use_dot needs"):
+        compact_page_scores(q, codes, scales, table, kv_len, bits=4, group_size=16, scale=1.0, use_dot=True)
+    check_scan(q, codes, scales, table, kv_len, 4, 16)  # auto: the loop over the queries
 
 
 def test_argument_errors():
@@ -376,7 +385,7 @@ def test_gpu_bf16_scan(bits, page, queries):
     kv_lens = [32768, 32768 - 7 * page - 3, 1, 0]
     case = make_scan_case(4, 8, 128, page, kv_lens, bits, 32, torch.bfloat16, seed=bits + page, device=dev,
                           queries=queries)
-    check_scan(*case, bits, 32)
+    check_scan(*case, bits, 32, dot_precision="tf32x3")  # near fp32; the others: test_gpu_scan_dot_precisions
 
 
 @pytest.mark.gpu
@@ -389,3 +398,21 @@ def test_gpu_long_context_scan_default_launch():
                                                      device=dev)
     ps, pr = check_scan(q, codes, scales, table, kv_len, 4, 32)
     assert bool(torch.isfinite(ps[..., :tokens // page]).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,tol", [("tf32x3", SCAN_TOL), ("tf32", 3e-3), ("fp16", 3e-3)])
+def test_gpu_scan_dot_precisions(precision, tol):
+    """The dot path at each operand precision against the fp32 reference (tolerance per precision:
+    TF32 and fp16 keep 10 mantissa bits; int4 itself errs by about 5%), 32 queries per head."""
+    dev = torch.device("cuda")
+    kv_lens = [8192, 8192 - 5 * 16 - 3, 1, 0]
+    q, codes, scales, table, kv_len = make_scan_case(4, 8, 128, 16, kv_lens, 4, 32, torch.bfloat16, seed=11,
+                                                     device=dev, queries=32)
+    scale = 128 ** -0.5
+    ps, _ = compact_page_scores(q, codes, scales, table, kv_len, bits=4, group_size=32, scale=scale,
+                                use_dot=True, dot_precision=precision)
+    pr, _ = compact_page_scores_reference(q, codes, scales, table, kv_len, bits=4, group_size=32, scale=scale)
+    fin = torch.isfinite(pr)
+    assert torch.equal(fin, torch.isfinite(ps)) and not ps.isnan().any()
+    assert rel_err(ps[fin], pr[fin]) < tol
