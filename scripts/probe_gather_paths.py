@@ -37,27 +37,15 @@ import torch
 from gpu_kernels._uva import HostPointer
 from gpu_kernels.page_copy import gather_pages
 from offload.host_store import host_buffer, register_host_memory
+from probe_hugepage_gather import timed_ms as gpu_ms  # a sibling script: run from scripts/ or the repo root
 
 GiB = 2**30
 BF16 = torch.bfloat16
 
 
-def gpu_ms(fn, iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def wall_ms(fn, iters: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` until the device is idle: the host-side paths do their work on the
+    host, which CUDA events would not see (``gpu_ms`` times the device-only ones)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
