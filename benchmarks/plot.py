@@ -1,7 +1,8 @@
 """Plots of benchmark JSON: what the tables say, as pictures.
 
     python -m benchmarks.plot --kernels out/kernels.json --transfer out/transfer.json --decode out/decode.json \
-        --throughput out/throughput_32k.json out/throughput_128k.json --out benchmarks/plots
+        --throughput out/throughput_32k.json out/throughput_128k.json --sparse out/kernels.json \
+        --overlap out/transfer.json --out benchmarks/plots
 
 Each input is optional; each gives one PNG.
 """
@@ -61,6 +62,8 @@ def plot_kernels(data: dict, out: Path) -> Path:
 
 def plot_transfer(data: dict, out: Path) -> Path:
     """Page gather bandwidth from pinned host memory against the pinned copy limit."""
+    if "gather" not in data:
+        raise ValueError("this transfer JSON has no gather rows (an --overlap-only run): plot it with --overlap")
     fig, ax = plt.subplots(figsize=(6, 4))
     copy = data["copy"]["h2d_GBps"]
     for frac in sorted({g["fraction"] for g in data["gather"]}):
@@ -83,6 +86,55 @@ def plot_transfer(data: dict, out: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.set_title(f"UVA page gather, {data['device']}")
     return _save(fig, out / "transfer.png")
+
+
+def plot_sparse_attainable(runs: list[dict], out: Path) -> Path:
+    """Sparse rows of benchmarks.kernels runs: graph-replay TB/s (dirty and clean cold L2) against what
+    a replay can reach (launch floor + bytes at the HBM copy rate) and the 1.5 TB/s target."""
+    rows = [(run, r) for run in runs for r in run["rows"] if "attainable_TBps" in r]
+    if not rows:
+        raise ValueError("no sparse rows with attainable_TBps: give benchmarks.kernels JSON from a run that "
+                         "measured the launch floor")
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
+    xs = range(len(rows))
+    width = 0.27
+    ax.bar([x - width for x in xs], [r["graph_TBps"] for _, r in rows], width, label="graph replay (L2 flushed by writes)")
+    ax.bar(list(xs), [r.get("graph_TBps_clean_l2", 0.0) for _, r in rows], width, label="graph replay (clean cold L2)")
+    ax.bar([x + width for x in xs], [r["attainable_TBps"] for _, r in rows], width, color="lightgrey",
+           label="attainable: floor + bytes at HBM rate")
+    ax.axhline(rows[0][0]["targets"]["sparse_TBps"], color="k", ls=":", lw=1, label="target")
+    ax.set_xticks(list(xs), [f"N={r.get('N', 1)} T={r['T']}\n{r['context'] // 1024}K {r['mode'].split('_')[1]}"
+                             for _, r in rows], fontsize=7)
+    ax.set_ylabel("K+V read (TB/s)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(f"sparse paged attention, 16-token pages, {rows[0][0]['device']}")
+    return _save(fig, out / "sparse_attainable.png")
+
+
+def plot_overlap(data: dict, out: Path) -> Path:
+    """Prefetcher overlap (benchmarks.transfer): share of the transfer hidden, by the prefetcher's own
+    events and end to end, against the gather's program cap, with the SM-tax model."""
+    cases = [c for c in data["overlap"]["cases"] if c["case"] == "compute>transfer"
+             and c["compute_priority"] == "high" and c["units_per_program"] is None and c["max_programs"]]
+    if not cases:
+        raise ValueError("no capped compute>transfer overlap rows in this transfer JSON")
+    cases.sort(key=lambda c: c["max_programs"])
+    caps = [c["max_programs"] for c in cases]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(caps, [100 * c["hidden_fraction"] for c in cases], "o-", label="hidden (prefetcher events)")
+    ax.plot(caps, [100 * c["hidden_fraction_e2e"] for c in cases], "s-", label="hidden end to end")
+    if all("sm_tax_model_e2e" in c for c in cases):
+        ax.plot(caps, [100 * c["sm_tax_model_e2e"] for c in cases], "k--", lw=1, label="SM-tax model 1 - cap / SMs")
+    ax.axhline(90, color="grey", ls=":", lw=1, label="90% target")
+    ax.set_xlabel("gather programs (max_programs)")
+    ax.set_ylabel("% of transfer time hidden")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    o = data["overlap"]
+    ax.set_title(f"prefetcher beside a matmul, {o['MB_per_layer']:.0f} MB/layer, {data['device']}", fontsize=9)
+    return _save(fig, out / "overlap.png")
 
 
 def plot_decode(data: dict, out: Path) -> Path:
@@ -148,12 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transfer", type=Path)
     parser.add_argument("--decode", type=Path)
     parser.add_argument("--throughput", type=Path, nargs="+", help="benchmarks.throughput JSON files (contexts merged)")
+    parser.add_argument("--sparse", type=Path, nargs="+",
+                        help="benchmarks.kernels JSON files: sparse rows against their attainable rate")
+    parser.add_argument("--overlap", type=Path, help="benchmarks.transfer JSON: the prefetcher overlap by program cap")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/plots"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    for path, plot in ((args.kernels, plot_kernels), (args.transfer, plot_transfer), (args.decode, plot_decode)):
+    for path, plot in ((args.kernels, plot_kernels), (args.transfer, plot_transfer), (args.decode, plot_decode),
+                       (args.overlap, plot_overlap)):
         if path is not None:
             print("wrote", plot(json.loads(path.read_text()), args.out))
+    if args.sparse:
+        print("wrote", plot_sparse_attainable([json.loads(p.read_text()) for p in args.sparse], args.out))
     if args.throughput:
         print("wrote", plot_throughput_by_context([json.loads(p.read_text()) for p in args.throughput], args.out))
     return 0

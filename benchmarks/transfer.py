@@ -15,9 +15,11 @@ One run measures, on one GPU:
   4. the prefetcher over 36 layers: layer l+1's pages fetched on the side stream while a bf16 matmul
      stand-in computes layer l on Prefetcher.compute_stream (one matmul per layer, sized to the target
      time, so the GPU and not the host paces the pass; rows where host ms > 0.8 x gpu ms are flagged
-     host-bound); for gather caps {8, 16, 32, 66, default}: hidden fraction and slowdown vs compute
-     alone, when compute > transfer and when compute < transfer, plus the recommended cap (the
-     Prefetcher's default is DEFAULT_FETCH_PROGRAMS).
+     host-bound); for gather caps {8, 16, 32, 66, default} (--overlap-caps): hidden fraction and
+     slowdown vs compute alone, when compute > transfer and when compute < transfer, each row the
+     median of --overlap-reps back-to-back (compute-only, compute + fetch) pairs, beside the SM-tax
+     model (1 - programs / SMs), plus the recommended cap (the Prefetcher's default is
+     DEFAULT_FETCH_PROGRAMS). --overlap-only runs this part alone.
 Prints a table last and writes $OUT/transfer.json (OUT defaults to ./out).
 
     python benchmarks/transfer.py            # full run (GPU)
@@ -65,6 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--overlap-page-size", type=int, default=32)
     ap.add_argument("--overlap-fraction", type=float, default=0.05)
     ap.add_argument("--overlap-context", type=int, default=None, help="context for the overlap test (default --context)")
+    ap.add_argument("--overlap-caps", type=int, nargs="+", default=None,
+                    help="gather program caps for the overlap test (0 = gather_pages' standalone default; "
+                         "default 8 16 32 66 0)")
+    ap.add_argument("--overlap-reps", type=int, default=3,
+                    help="(compute-only, compute + fetch) pass pairs per overlap row, run back to back; the "
+                         "row reports their medians")
+    ap.add_argument("--overlap-only", action="store_true", help="skip the gather and commit sweeps")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="32K context, 5 iterations, small sweeps: a smoke test")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -406,7 +415,17 @@ class ComputeStandIn:
 
 def overlap_caps(args, sms: int) -> list:
     """Program caps for the prefetcher's gather: None = gather_pages' standalone default (2 per SM)."""
+    if args.overlap_caps is not None:
+        return [c or None for c in args.overlap_caps]
     return [DEFAULT_FETCH_PROGRAMS, None] if args.quick else [8, 16, 32, 66, None]
+
+
+def sm_tax_hidden(max_programs: int | None, sms: int) -> float:
+    """End-to-end hidden share a gather of `max_programs` persistent programs can reach beside compute
+    that wants every SM: its programs hold that many SMs for as long as the transfer runs, so the
+    compute loses programs / SMs of the transfer time (None: 2 per SM, everything)."""
+    programs = 2 * sms if max_programs is None else max_programs
+    return max(0.0, 1.0 - programs / sms)
 
 
 def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
@@ -502,17 +521,27 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
         variants.append((8, units2, "high"))
     if clock.cuda:
         variants.append((DEFAULT_FETCH_PROGRAMS, None, "default"))
-    alone = {(c, u): transfer_alone(c, u) for c, u in {(c, u) for c, u, _ in variants}}
+    alone = {(c, u): statistics.median(transfer_alone(c, u) for _ in range(3))
+             for c, u in {(c, u) for c, u, _ in variants} | {(None, None)}}
     per_layer_transfer = alone[(None, None)]  # the standalone launch: compute is sized against the fastest fetch
     layer_bytes = pf.stats()["bytes_fetched"] / L
     cases = []
     for label, ratio in (("compute>transfer", 1.5), ("compute<transfer", 0.5)):
         compute, mm = stand_in.build(ratio * per_layer_transfer)
-        base = [run_pass(compute, None, with_fetch=False) for _ in range(2)][-1]
+        run_pass(compute, None, with_fetch=False)  # warm-up
         for max_programs, units, prio in variants:
             stream = compute_stream if prio == "high" else None
-            res = [run_pass(compute, max_programs, stream=stream, units=units) for _ in range(2 if args.quick else 3)]
+            # pairs run back to back, so that clock and thermal drift between rows cancels in each pair
+            bases, res = [], []
+            for _ in range(2 if args.quick else args.overlap_reps):
+                bases.append(run_pass(compute, None, with_fetch=False))
+                res.append(run_pass(compute, max_programs, stream=stream, units=units))
             r = res[-1]
+            base = dict(gpu_ms=statistics.median(b["gpu_ms"] for b in bases),
+                        host_enqueue_ms=statistics.median(b["host_enqueue_ms"] for b in bases),
+                        host_bound=any(b["host_bound"] for b in bases))
+            pair_e2e = [1 - max(0.0, x["gpu_ms"] - b["gpu_ms"]) / (L * alone[(max_programs, units)])
+                        for b, x in zip(bases, res)]
             hidden = statistics.median(x["hidden_fraction"] for x in res)
             gpu_ms = statistics.median(x["gpu_ms"] for x in res)
             host_ms = statistics.median(x["host_enqueue_ms"] for x in res)
@@ -525,7 +554,9 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
                 "stall_ms": r["stall_ms"], "fetch_ms": r["fetch_ms"], "fetch_GBps": r["fetch_GBps"],
                 "gpu_ms": gpu_ms, "compute_only_gpu_ms": base["gpu_ms"],
                 # end to end: the share of the standalone transfer time that did not lengthen the pass
-                "hidden_fraction_e2e": 1 - max(0.0, gpu_ms - base["gpu_ms"]) / (L * alone[(max_programs, units)]),
+                # (median over the pairs)
+                "hidden_fraction_e2e": statistics.median(pair_e2e), "hidden_fraction_e2e_runs": pair_e2e,
+                "sm_tax_model_e2e": sm_tax_hidden(max_programs, sms),
                 "slowdown_vs_compute_only": gpu_ms / base["gpu_ms"],
                 "host_enqueue_ms": host_ms, "fetch_host_ms": r["fetch_host_ms"],
                 "host_bound": host_ms > HOST_BOUND_RATIO * gpu_ms,
@@ -576,36 +607,37 @@ def print_tables(res: dict) -> None:
     c = res["copy"]
     print("\n== pinned copy (1 GiB, tensor.copy_): host->GPU {:.1f} GB/s, GPU->host {:.1f} GB/s".format(
         c["h2d_GBps"], c["d2h_GBps"]))
-    print("\n== gather_pages: pinned host -> GPU pool through UVA (target >= 90% of copy at 16-token pages)")
-    print(f"{'page':>5} {'frac':>5} {'units':>7} {'MB':>7} {'best GB/s':>9} {'%copy':>6} {'default':>8} "
-          f"{'old':>6} {'4KiB pgs':>9} {'contig':>8} {'%contig':>8} {'ok':>5}  best launch")
-    for r in res["gather"]:
-        print(f"{r['page_size']:>5} {r['fraction']:>5.2f} {r['units']:>7} {r['MB']:>7.1f} {r['GBps']:>9.1f} "
-              f"{100 * r['ratio_to_copy']:>5.0f}% {r['default_GBps']:>8.1f} {r['legacy_GBps']:>6.1f} "
-              f"{r['base_pages_GBps']:>9.1f} {r['contiguous_GBps']:>8.1f} {100 * r['ratio_to_contiguous']:>7.0f}% "
-              f"{str(r['ok']):>5}  "
-              f"{r['best_label']}")
-    print("  (default: gather_pages' defaults; old: one program per unit; 4KiB pgs: the best launch reading "
-          "the same store backed by 4 KiB pages instead of huge pages; contig: the best launch reading as many bytes "
-          "from contiguous spans, the zero-copy ceiling without a gather)")
-    grids = sorted({g for r in res["gather"] for g in r["best_by_grid"]})
-    print(f"\n   best GB/s per grid size: {'page':>5} {'frac':>5} " + " ".join(f"{g:>8}" for g in grids))
-    for r in res["gather"]:
-        print(f"{'':>27}{r['page_size']:>5} {r['fraction']:>5.2f} " + " ".join(
-            f"{r['best_by_grid'][g]['GBps']:>8.1f}" if g in r["best_by_grid"] else f"{'-':>8}" for g in grids))
-    print(f"\n== write_tokens: GPU -> pinned host, {res['write'][0]['tokens']}-token block x "
-          f"{res['write'][0]['layers']} layers (16-token pages, mid-page start)")
-    print(f"{'rows':>5} {'MB':>7} {'1-launch GB/s':>14} {'per-layer GB/s':>15} {'store.write GB/s':>17} "
-          f"{'contig D2H GB/s':>16} {'%1GiB D2H':>10} {'ok':>5}")
-    for r in res["write"]:
-        print(f"{r['rows']:>5} {r['MB']:>7.2f} {r['one_launch_GBps']:>14.1f} {r['per_layer_GBps']:>15.1f} "
-              f"{r['store_write_GBps']:>17.1f} {r['contiguous_d2h_GBps']:>16.1f} "
-              f"{100 * r['ratio_to_1GiB_d2h']:>9.0f}% {str(r['ok']):>5}")
+    if "gather" in res:  # absent with --overlap-only
+        print("\n== gather_pages: pinned host -> GPU pool through UVA (target >= 90% of copy at 16-token pages)")
+        print(f"{'page':>5} {'frac':>5} {'units':>7} {'MB':>7} {'best GB/s':>9} {'%copy':>6} {'default':>8} "
+              f"{'old':>6} {'4KiB pgs':>9} {'contig':>8} {'%contig':>8} {'ok':>5}  best launch")
+        for r in res["gather"]:
+            print(f"{r['page_size']:>5} {r['fraction']:>5.2f} {r['units']:>7} {r['MB']:>7.1f} {r['GBps']:>9.1f} "
+                  f"{100 * r['ratio_to_copy']:>5.0f}% {r['default_GBps']:>8.1f} {r['legacy_GBps']:>6.1f} "
+                  f"{r['base_pages_GBps']:>9.1f} {r['contiguous_GBps']:>8.1f} {100 * r['ratio_to_contiguous']:>7.0f}% "
+                  f"{str(r['ok']):>5}  "
+                  f"{r['best_label']}")
+        print("  (default: gather_pages' defaults; old: one program per unit; 4KiB pgs: the best launch reading "
+              "the same store backed by 4 KiB pages instead of huge pages; contig: the best launch reading as many bytes "
+              "from contiguous spans, the zero-copy ceiling without a gather)")
+        grids = sorted({g for r in res["gather"] for g in r["best_by_grid"]})
+        print(f"\n   best GB/s per grid size: {'page':>5} {'frac':>5} " + " ".join(f"{g:>8}" for g in grids))
+        for r in res["gather"]:
+            print(f"{'':>27}{r['page_size']:>5} {r['fraction']:>5.2f} " + " ".join(
+                f"{r['best_by_grid'][g]['GBps']:>8.1f}" if g in r["best_by_grid"] else f"{'-':>8}" for g in grids))
+        print(f"\n== write_tokens: GPU -> pinned host, {res['write'][0]['tokens']}-token block x "
+              f"{res['write'][0]['layers']} layers (16-token pages, mid-page start)")
+        print(f"{'rows':>5} {'MB':>7} {'1-launch GB/s':>14} {'per-layer GB/s':>15} {'store.write GB/s':>17} "
+              f"{'contig D2H GB/s':>16} {'%1GiB D2H':>10} {'ok':>5}")
+        for r in res["write"]:
+            print(f"{r['rows']:>5} {r['MB']:>7.2f} {r['one_launch_GBps']:>14.1f} {r['per_layer_GBps']:>15.1f} "
+                  f"{r['store_write_GBps']:>17.1f} {r['contiguous_d2h_GBps']:>16.1f} "
+                  f"{100 * r['ratio_to_1GiB_d2h']:>9.0f}% {str(r['ok']):>5}")
     o = res["overlap"]
     print(f"\n== prefetcher overlap: {o['layers']} layers, {o['page_size']}-token pages, {o['fraction']:.0%} of "
           f"{o['context']} tokens = {o['MB_per_layer']:.1f} MB/layer (target hidden >= 90% when compute > transfer)")
     print(f"{'case':>17} {'max_prog':>8} {'units':>5} {'prio':>7} {'xfer alone ms':>13} {'compute/layer ms':>16} "
-          f"{'hidden':>7} {'e2e hid':>7} "
+          f"{'hidden':>7} {'e2e hid':>7} {'SM tax':>6} "
           f"{'fetch GB/s':>10} {'gpu ms':>8} {'compute-only ms':>15} {'slowdown':>8} {'host ms':>8} {'bound':>5} "
           f"{'ok':>5}")
     for r in o["cases"]:
@@ -614,11 +646,14 @@ def print_tables(res: dict) -> None:
               f"{r['compute_priority']:>7} "
               f"{(f'{xa:.3f}' if xa is not None else '-'):>13} {r['compute_per_layer_ms']:>16.3f} "
               f"{100 * r['hidden_fraction']:>6.1f}% {100 * r['hidden_fraction_e2e']:>6.1f}% "
+              f"{100 * r['sm_tax_model_e2e']:>5.0f}% "
               f"{r['fetch_GBps']:>10.1f} {r['gpu_ms']:>8.2f} "
               f"{r['compute_only_gpu_ms']:>15.2f} {r['slowdown_vs_compute_only']:>8.2f} "
               f"{r['host_enqueue_ms']:>8.1f} {('host' if r['host_bound'] else 'gpu'):>5} {str(r['ok']):>5}")
     print("  hidden: transfer minus the event-timed stalls of the compute stream; e2e hid: 1 - (gpu ms - compute-only ms) / "
-          "(layers x xfer alone ms)")
+          "(layers x xfer alone ms), median over back-to-back (compute-only, compute + fetch) pairs; SM tax: 1 - "
+          "max_prog / SMs, the e2e share a gather that holds max_prog SMs for its whole transfer can hide beside "
+          "compute that wants every SM")
     print(f"  max_prog None = gather_pages' standalone default (2 per SM); prio high = compute on "
           f"Prefetcher.compute_stream. Prefetcher default max_programs = {o['prefetcher_default']}; "
           f"this run recommends {o['recommended_max_programs']} (e2e hidden >= 90% when compute > transfer, then the "
@@ -653,8 +688,9 @@ def main(argv=None) -> int:
     }
     res["copy"] = copy_bandwidth(clock, dev, (1 << 30) if clock.cuda else (1 << 20))
     print(f"copy: h2d {res['copy']['h2d_GBps']:.1f} GB/s, d2h {res['copy']['d2h_GBps']:.1f} GB/s", flush=True)
-    res["gather"] = bench_gather(args, clock, dev, res["copy"]["h2d_GBps"], sms)
-    res["write"] = bench_write(args, clock, dev, res["copy"]["d2h_GBps"])
+    if not args.overlap_only:
+        res["gather"] = bench_gather(args, clock, dev, res["copy"]["h2d_GBps"], sms)
+        res["write"] = bench_write(args, clock, dev, res["copy"]["d2h_GBps"])
     res["overlap"] = bench_overlap(args, clock, dev, sms)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -193,6 +193,9 @@ class SparseConfig:
     # herald + lookahead on CUDA: each layer's gather on a stream of its own, so that it overlaps the
     # next layers' selection instead of following it (the side pass takes ~max, not the sum)
     lookahead_gather_stream: bool = True
+    # herald + lookahead: the most programs (SMs) its gathers hold beside the block's steps; each one
+    # is an SM the passes lose while the transfer runs. None: offload.prefetcher.DEFAULT_FETCH_PROGRAMS
+    lookahead_fetch_programs: int | None = None
     # herald's host KV store on 2 MiB transparent huge pages where the OS grants them (offload/host_store.py)
     host_huge_pages: bool = True
 
@@ -224,6 +227,9 @@ class SparseConfig:
             raise ValueError(f"dense_layers={self.dense_layers} must be >= 0")
         if self.compact_bits not in (4, 8):
             raise ValueError(f"compact_bits={self.compact_bits}; choose 4 or 8")
+        if self.lookahead_fetch_programs is not None and self.lookahead_fetch_programs < 1:
+            raise ValueError(f"lookahead_fetch_programs={self.lookahead_fetch_programs} must be >= 1 "
+                             "(None: the prefetcher's default)")
         if not 0.0 <= self.split_cpu_fraction <= 1.0:
             raise ValueError(f"split_cpu_fraction={self.split_cpu_fraction} must be in [0, 1]")
 

@@ -84,10 +84,10 @@ class HeraldAttention(AttentionMode):
 
     def __init__(self, model: ModelConfig, max_sequences: int, max_tokens: int, dtype: torch.dtype,
                  device: torch.device, backend: str, sparse: SparseConfig, reserve_host_bytes: int | None = None,
-                 fetch_programs: int | None = DEFAULT_FETCH_PROGRAMS, side_stream: torch.cuda.Stream | None = None,
+                 side_stream: torch.cuda.Stream | None = None,
                  gather_stream: torch.cuda.Stream | None = None, progress: bool = False):
-        """fetch_programs: the most programs the lookahead's gather may use (it runs beside the block's
-        steps; step 0's own fetch, which they wait for, uses every SM). side_stream: the stream the
+        """The lookahead's gathers use at most sparse.lookahead_fetch_programs programs (they run beside
+        the block's steps; step 0's own fetch, which they wait for, uses every SM). side_stream: the stream the
         lookahead runs on; gather_stream: the one its gathers run on (sparse.lookahead_gather_stream)
         (CUDA; default: new ones). An engine passes the same ones to every mode it makes: cuBLAS
         keeps a workspace per stream it has run on for the life of the process, so fresh streams per
@@ -110,7 +110,8 @@ class HeraldAttention(AttentionMode):
         self.pages_per_seq = -(-max_tokens // p)
         self.max_tokens = self.pages_per_seq * p
         self.max_selected = selected_pages_bound(sparse, self.max_tokens)
-        self.fetch_programs = fetch_programs
+        self.fetch_programs = (DEFAULT_FETCH_PROGRAMS if sparse.lookahead_fetch_programs is None
+                               else sparse.lookahead_fetch_programs)
         self.store = HostKVStore(model.num_layers, model.num_kv_heads, model.head_dim, p,
                                  max_sequences * self.pages_per_seq, dtype=dtype,
                                  pin_memory=self.cuda, reserve_bytes=reserve_host_bytes,

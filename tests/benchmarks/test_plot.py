@@ -19,3 +19,17 @@ def test_plots_from_recorded_runs(tmp_path):
         png = (tmp_path / name).read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert {r["context"] for run in runs for r in json.loads((DATA / run).read_text())["rows"]} == {32768, 65536, 131072}
+
+
+def test_sparse_and_overlap_plots_from_recorded_runs(tmp_path):
+    """The ninth session's kernels runs (N=1 and batch 6, with the launch floor) plot against their
+    attainable rate, and its overlap-only transfer run by program cap; a transfer run without gather
+    rows is refused by the gather plot with a message naming --overlap."""
+    kernels = [str(DATA / f) for f in ("kernels_sparse_n1_h200_floor.json", "kernels_sparse_batch6_h200_floor.json")]
+    overlap = str(DATA / "transfer_h200_overlap_pairs.json")
+    assert main(["--sparse", *kernels, "--overlap", overlap, "--out", str(tmp_path)]) == 0
+    for name in ("sparse_attainable.png", "overlap.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    with pytest.raises(ValueError, match="--overlap"):
+        main(["--transfer", overlap, "--out", str(tmp_path)])

@@ -18,6 +18,7 @@ from runtime.config import EngineConfig, SparseConfig
     ({"dense_layers": -2}, r"dense_layers=-2 must be >= 0"),
     ({"compact_bits": 2}, r"compact_bits=2; choose 4 or 8"),
     ({"split_cpu_fraction": 1.2}, r"split_cpu_fraction=1.2 must be in \[0, 1\]"),
+    ({"lookahead_fetch_programs": 0}, r"lookahead_fetch_programs=0 must be >= 1"),
 ])
 def test_bad_sparse_settings_are_refused(change, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,86 @@
+"""Where a small sparse call's time goes: the attention kernel vs the split merge (CUPTI durations).
+
+benchmarks.kernels times a sparse call as one graph replay (attention + merge). This probe runs the
+same pool-layout shapes eagerly under torch.profiler, L2 flushed (written) before each call, and
+prints each kernel's mean device time, so that the merge's share (what fusing it into the attention
+kernel could save) is measured rather than guessed. Prints JSON.
+
+    python scripts/probe_sparse_phases.py [--contexts 32768 131072] [--T 16 32] [--fractions 0.05 0.1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_kernels.paged_attention import launch_config, paged_attention  # noqa: E402
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+
+
+def kernel_times(fn, flush: torch.Tensor, reps: int) -> dict:
+    """Mean CUDA time (us) per call of each kernel fn launches, by kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            flush.zero_()
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for ev in prof.key_averages():
+        if "paged_attention" in ev.key or "merge_splits" in ev.key:
+            times[ev.key] = ev.device_time_total / reps
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--T", type=int, nargs="+", default=[16, 32], dest="ts")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.10])
+    ap.add_argument("--splits", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("probe_sparse_phases.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
+    rows = []
+    for ctx in args.contexts:
+        for frac in args.fractions:
+            n_sel = max(1, round(frac * ctx / PAGE))
+            k_pool = torch.randn(HKV * n_sel, PAGE, D, device=dev, dtype=torch.bfloat16, generator=gen)
+            v_pool = torch.randn_like(k_pool)
+            table = torch.randperm(HKV * n_sel, device=dev, generator=gen).reshape(1, HKV, n_sel).int()
+            kv_len = torch.full((1, HKV), n_sel * PAGE, dtype=torch.int32, device=dev)
+            nbytes = 2 * k_pool.numel() * k_pool.element_size()
+            for t in args.ts:
+                q = torch.randn(1, HQ, t, D, device=dev, dtype=torch.bfloat16, generator=gen)
+                for splits in args.splits:
+                    cfg = dict(num_splits=splits, block_n=64, num_warps=4 if t <= 16 else 8, num_stages=3)
+                    plan = launch_config(1, HQ, t, D, HKV, PAGE, n_sel, dev, **cfg)
+                    bufs = dict(out=torch.empty_like(q), lse=torch.empty(1, HQ, t, device=dev),
+                                workspace=torch.empty(max(1, plan["workspace_numel"]), device=dev))
+                    times = kernel_times(lambda: paged_attention(q, k_pool, v_pool, table, kv_len, scale=D ** -0.5,
+                                                                 **cfg, **bufs), flush, args.reps)
+                    attn = sum(us for name, us in times.items() if "paged_attention" in name)
+                    merge = sum(us for name, us in times.items() if "merge_splits" in name)
+                    row = dict(context=ctx, fraction=frac, T=t, num_splits=plan["num_splits"], MB=nbytes / 1e6,
+                               attention_us=attn, merge_us=merge,
+                               attention_TBps=nbytes / (attn * 1e-6) / 1e12 if attn else None)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
