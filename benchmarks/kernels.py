@@ -484,6 +484,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pages", type=int, nargs="+", default=[16, 64], help="page sizes (default 16 64)")
     ap.add_argument("--T", type=int, nargs="+", default=[16, 32], dest="ts", help="block sizes (default 16 32)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra-configs", type=json.loads, default=[],
+                    help='JSON list of launch configs added to the sweep, e.g. \'[{"block_m": 128, "block_n": 128, '
+                         '"num_warps": 8, "num_stages": 3}]\'')
     ap.add_argument("--batch", type=int, default=1,
                     help="sequences per call (sparse rows only: each selects its own pages; >1 implies "
                          "--sparse-only)")
@@ -493,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
     import triton
 
     contexts = args.contexts or ([32768] if args.quick else [32768, 65536, 131072])
-    configs = sweep_configs(args.quick)
+    configs = sweep_configs(args.quick) + args.extra_configs
     timer = Timer(warmup_ms=10, rep_ms=30 if args.quick else 40)
     limits = copy_bandwidths(timer, (256 if args.quick else 1024) * 2**20)
     limits["launch_floor"] = launch_floor(timer)
