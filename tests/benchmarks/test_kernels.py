@@ -1,0 +1,22 @@
+"""The kernel benchmark's bound for a sparse call: the replay floor of as many kernels as the call
+launches (the split merge is a second one) plus its bytes at the measured HBM rate."""
+import pytest
+
+from benchmarks.kernels import attainable_fields
+
+LIMITS = dict(hbm_copy_rw_GBps=4000.0, launch_floor=dict(graph_1_kernel_ms=0.0035, graph_2_kernels_ms=0.005))
+
+
+@pytest.mark.parametrize("splits, floor", [(1, 0.0035), (16, 0.005)])
+def test_attainable_counts_the_merge_kernel(splits, floor):
+    rec = dict(kv_bytes=40_000_000, read_bytes=40_000_000, graph_ms=0.03, graph_best=dict(num_splits=splits))
+    got = attainable_fields(rec, LIMITS)
+    best_ms = floor + 40_000_000 / 4e9  # 10 us of streaming at 4 TB/s
+    assert got["floor_ms"] == floor
+    assert got["attainable_ms"] == pytest.approx(best_ms)
+    assert got["attainable_TBps"] == pytest.approx(40e6 / best_ms / 1e9)
+    assert got["frac_of_attainable"] == pytest.approx(best_ms / 0.03)
+
+
+def test_no_graph_no_bound():
+    assert attainable_fields(dict(kv_bytes=1, ms=0.1), LIMITS) == {}

@@ -1,0 +1,34 @@
+"""The transfer benchmark's overlap part as a CPU dry run (the Triton interpreter; its numbers mean
+nothing): every pair of passes runs, the pages land bit for bit, and the JSON carries the per-pair
+end-to-end shares and the SM-tax model."""
+import json
+
+import pytest
+import torch
+
+from benchmarks.transfer import main, sm_tax_hidden
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run; the GPU runs it for real")
+
+
+def test_overlap_only_dry_run(tmp_path, capsys):
+    assert main(["--device", "cpu", "--quick", "--overlap-only", "--overlap-caps", "4", "0", "--layers", "2",
+                 "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "transfer.json").read_text())
+    assert "gather" not in data and "write" not in data
+    cases = data["overlap"]["cases"]
+    # caps 4 and 0 (the standalone default), for both compute/transfer ratios (the CPU has no stream
+    # priorities, so no default-priority row)
+    assert sorted((c["case"], c["max_programs"] or 0) for c in cases) == sorted(
+        (case, cap) for case in ("compute>transfer", "compute<transfer") for cap in (4, 0))
+    for c in cases:
+        assert c["ok"], "a fetched page differs from the host store"
+        assert len(c["hidden_fraction_e2e_runs"]) == 2  # --quick runs two pairs per row
+        assert c["sm_tax_model_e2e"] == sm_tax_hidden(c["max_programs"], 2)
+    assert "e2e hid" in capsys.readouterr().out
+
+
+def test_sm_tax_model():
+    assert sm_tax_hidden(8, 132) == pytest.approx(1 - 8 / 132)
+    assert sm_tax_hidden(None, 132) == 0.0  # two programs per SM: every SM is the gather's
+    assert sm_tax_hidden(200, 132) == 0.0
