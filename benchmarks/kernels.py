@@ -142,8 +142,8 @@ def attainable_fields(rec: dict, limits: dict) -> dict:
     split merge is a second kernel) plus its bytes at the measured HBM copy rate."""
     if "graph_ms" not in rec:
         return {}
-    kernels = 2 if rec["graph_best"]["num_splits"] > 1 else 1
-    floor = limits["launch_floor"][f"graph_{kernels}_kernel{'s' if kernels > 1 else ''}_ms"]
+    merged = rec["graph_best"]["num_splits"] > 1
+    floor = limits["launch_floor"]["graph_2_kernels_ms" if merged else "graph_1_kernel_ms"]
     stream_ms = rec.get("read_bytes", rec["kv_bytes"]) / (limits["hbm_copy_rw_GBps"] * 1e6)
     best_ms = floor + stream_ms
     return dict(floor_ms=floor, attainable_ms=best_ms, attainable_TBps=rec["kv_bytes"] / best_ms / 1e9,

@@ -18,9 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.kernels import HKV, HQ, D, preallocated  # noqa: E402  (benchmarks.kernels' shape)
 from gpu_kernels.paged_attention import launch_config, paged_attention  # noqa: E402
 
-HQ, HKV, D, PAGE = 32, 8, 128, 16
+PAGE = 16
 
 
 def kernel_times(fn, flush: torch.Tensor, reps: int) -> dict:
@@ -68,8 +69,7 @@ def main() -> None:
                 for splits in args.splits:
                     cfg = dict(num_splits=splits, block_n=64, num_warps=4 if t <= 16 else 8, num_stages=3)
                     plan = launch_config(1, HQ, t, D, HKV, PAGE, n_sel, dev, **cfg)
-                    bufs = dict(out=torch.empty_like(q), lse=torch.empty(1, HQ, t, device=dev),
-                                workspace=torch.empty(max(1, plan["workspace_numel"]), device=dev))
+                    bufs = preallocated(q, n_sel, PAGE, cfg)
                     times = kernel_times(lambda: paged_attention(q, k_pool, v_pool, table, kv_len, scale=D ** -0.5,
                                                                  **cfg, **bufs), flush, args.reps)
                     attn = sum(us for name, us in times.items() if "paged_attention" in name)
