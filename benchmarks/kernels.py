@@ -273,6 +273,26 @@ def graph_fields(sw: dict, nbytes: int) -> dict:
     return dict(graph_best=best_cfg(g), graph_ms=g["graph_ms"], graph_TBps=nbytes / g["graph_ms"] / 1e9)
 
 
+# The split path's two savings, each switched off alone and both together (the eighth session's
+# path): 16-bit partials halve what the merge moves; PDL launches the merge during the attention.
+SPLIT_PATH_VARIANTS = {
+    "shipped": {},
+    "fp32_partials": dict(partial_dtype=torch.float32),
+    "no_pdl": dict(pdl=False),
+    "fp32_partials_no_pdl": dict(partial_dtype=torch.float32, pdl=False),
+}
+
+
+def split_path_ab(timer, call, cfg: dict, bufs: dict, nbytes: int, ref: torch.Tensor) -> dict:
+    """Graph replays of one split config under each SPLIT_PATH_VARIANTS setting, back to back in
+    this run: {variant: dict(graph_ms, graph_TBps, rel_err)}."""
+    results = {}
+    for name, kw in SPLIT_PATH_VARIANTS.items():
+        ms = timer.graph_ms(lambda: call(**cfg, **kw, **bufs))
+        results[name] = dict(graph_ms=ms, graph_TBps=nbytes / ms / 1e9, rel_err=rel_err(bufs["out"].float(), ref))
+    return results
+
+
 def bench_resident(timer, limits, sh: Shape, configs) -> dict:
     """(a) exact attention over the GPU-resident store."""
     call = Call(sh, sh.k, sh.v, sh.table, sh.kv_len)
@@ -375,6 +395,8 @@ def bench_sparse(timer, limits, sh: Shape, configs, frac: float) -> dict:
             sorted_ms = timer.graph_ms(lambda: sorted_call(**gcfg, **bufs))
             rec.update(graph_ms_sorted_slots=sorted_ms, graph_TBps_sorted_slots=nbytes / sorted_ms / 1e9,
                        sorted_slots_rel_err=rel_err(bufs["out"].float(), ref))
+            if gcfg["num_splits"] > 1:
+                rec["split_path"] = split_path_ab(timer, call, gcfg, bufs, nbytes, ref)
         rec["target_ok"] = max(rec["TBps"], rec.get("graph_TBps", 0.0)) >= TARGETS["sparse_TBps"]
     return rec
 
@@ -473,6 +495,19 @@ def print_table(limits: dict, rows: list[dict]) -> None:
         print("  clean-L2: the graph-best variant replayed after a flush that reads 256 MB instead of writing it "
               "(graph ms flushes as do_bench does, leaving dirty lines whose write-back the call's reads also pay); "
               "sorted: the graph-best variant with each list's page table in ascending slot order")
+    ab = [r for r in rows if "split_path" in r]
+    if ab:
+        names = list(SPLIT_PATH_VARIANTS)
+        print("\nthe split path, graph-best variant replayed with each saving off (graph ms, and the "
+              "shipped path's speedup over each):")
+        print(f"{'mode':<12}{'T':>4}{'ctx':>8}{'S':>4} " + " ".join(f"{n:>22}" for n in names))
+        for r in ab:
+            label = r["mode"] + (f" N={r['N']}" if r.get("N", 1) > 1 else "")
+            sp = r["split_path"]
+            base = sp["shipped"]["graph_ms"]
+            cells = [f"{sp[n]['graph_ms']:.4f} ({sp[n]['graph_ms'] / base:.2f}x)" for n in names]
+            print(f"{label:<12}{r['T']:>4}{r['context']:>8}{r['graph_best']['num_splits']:>4} "
+                  + " ".join(f"{c:>22}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> None:

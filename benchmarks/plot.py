@@ -112,6 +112,31 @@ def plot_sparse_attainable(runs: list[dict], out: Path) -> Path:
     return _save(fig, out / "sparse_attainable.png")
 
 
+def plot_split_path(runs: list[dict], out: Path) -> Path:
+    """Sparse rows of benchmarks.kernels runs whose graph-best variant has splits: its replay with the
+    split path as shipped (16-bit partials, merge launched as a programmatic dependent) and with each
+    saving switched off, as TB/s of K+V read."""
+    rows = [(run, r) for run in runs for r in run["rows"] if "split_path" in r]
+    if not rows:
+        raise ValueError("no sparse rows with split_path: give benchmarks.kernels JSON from a run that "
+                         "compared the split path's variants")
+    names = list(rows[0][1]["split_path"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ax.bar([x + (i - (len(names) - 1) / 2) * width for x in range(len(rows))],
+               [r["split_path"][name]["graph_TBps"] for _, r in rows], width, label=name.replace("_", " "))
+    ax.axhline(rows[0][0]["targets"]["sparse_TBps"], color="k", ls=":", lw=1, label="target")
+    ax.set_xticks(range(len(rows)), [f"N={r.get('N', 1)} T={r['T']}\n{r['context'] // 1024}K "
+                                     f"{r['mode'].split('_')[1]} S={r['graph_best']['num_splits']}"
+                                     for _, r in rows], fontsize=7)
+    ax.set_ylabel("K+V read (TB/s), graph replay")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(f"sparse paged attention: the split path's savings, {rows[0][0]['device']}", fontsize=9)
+    return _save(fig, out / "sparse_split_path.png")
+
+
 def plot_overlap(data: dict, out: Path) -> Path:
     """Prefetcher overlap (benchmarks.transfer): share of the transfer hidden, by the prefetcher's own
     events and end to end, against the gather's program cap, with the SM-tax model."""
@@ -202,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput", type=Path, nargs="+", help="benchmarks.throughput JSON files (contexts merged)")
     parser.add_argument("--sparse", type=Path, nargs="+",
                         help="benchmarks.kernels JSON files: sparse rows against their attainable rate")
+    parser.add_argument("--split-path", type=Path, nargs="+",
+                        help="benchmarks.kernels JSON files: each sparse row's split path with its savings off")
     parser.add_argument("--overlap", type=Path, help="benchmarks.transfer JSON: the prefetcher overlap by program cap")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/plots"))
     args = parser.parse_args(argv)
@@ -212,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             print("wrote", plot(json.loads(path.read_text()), args.out))
     if args.sparse:
         print("wrote", plot_sparse_attainable([json.loads(p.read_text()) for p in args.sparse], args.out))
+    if args.split_path:
+        print("wrote", plot_split_path([json.loads(p.read_text()) for p in args.split_path], args.out))
     if args.throughput:
         print("wrote", plot_throughput_by_context([json.loads(p.read_text()) for p in args.throughput], args.out))
     return 0

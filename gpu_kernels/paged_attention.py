@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .features import pdl_supported
 from ._uva import HostPointer, kernel_arg
 
 _LOG2E = 1.4426950408889634
@@ -55,12 +56,14 @@ def _load_kv(k_ptrs, v_ptrs, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _softmax_update(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
-    """One tile of the online softmax: s [BLOCK_M, BLOCK_N] scaled scores in the exp2 domain (-inf
-    where masked, at least one finite per row), v [BLOCK_N, BLOCK_D]. Returns (m_i, l_i, acc)."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+def _softmax_update(s, v, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One tile of the online softmax: s [BLOCK_M, BLOCK_N] raw q . k scores (-inf where masked,
+    at least one finite per row), qk_scale > 0 the softmax scale times log2(e), v [BLOCK_N, BLOCK_D].
+    The scale is applied inside the exponent (one FMA per score) and to the row max, which a
+    positive scale commutes with. Returns (m_i, l_i, acc), m_i in the scaled exp2 domain."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -71,7 +74,7 @@ def _softmax_update(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 @triton.jit(do_not_specialize=["stride_ptn", "stride_pth", "max_pages", "split_tokens", "num_splits"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, pt_ptr, kvlen_ptr, kb_ptr, vb_ptr,
-    out_ptr, lse_ptr, ws_ptr, pscore_ptr, tscore_ptr,
+    out_ptr, lse_ptr, part_ptr, part_lse_ptr, pscore_ptr, tscore_ptr,
     sm_scale,
     stride_qn, stride_qh, stride_qt,
     stride_kp, stride_kh, stride_kt,
@@ -84,7 +87,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     WRITE_FINAL: tl.constexpr, HAS_BLOCK: tl.constexpr,
     PAGE_SCORES: tl.constexpr, TOKEN_SCORES: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Grid (N * HKV * ROW_BLOCKS, num_splits). q, K and V are contiguous in the head dim; K and V
     share their strides (one store).
@@ -96,9 +99,13 @@ def _paged_attention_kernel(
 
     WRITE_FINAL (one split): writes the final out (q's dtype) and lse to out_ptr / lse_ptr, rows
     (n, h, t) contiguous with HEAD_DIM elements each; nothing else runs after this kernel.
-    Otherwise writes normalised partial out (fp32) at ws[(row * num_splits + split) * HEAD_DIM]
-    and lse at ws[rows * num_splits * HEAD_DIM + row * num_splits + split], merged by
-    `_merge_splits_kernel`.
+    Otherwise writes the normalised partial out at part[(row * num_splits + split) * HEAD_DIM]
+    (in part_ptr's dtype: fp32, or q's 16-bit dtype, which halves the bytes the merge moves) and its
+    lse (fp32) at part_lse[row * num_splits + split], merged by `_merge_splits_kernel`.
+
+    USE_PDL (Hopper+, with the merge launched as a programmatic dependent): each program lets the
+    merge launch once its own tiles are done, so the merge's programs are launched while the
+    grid's last programs write their partials rather than after the grid has ended.
     """
     SCORES: tl.constexpr = PAGE_SCORES or TOKEN_SCORES
     # One row block holds every query of its KV head: the block-mean query's scores are the
@@ -173,14 +180,18 @@ def _paged_attention_kernel(
     # Per-token page lookup (a tile spans BLOCK_N // PAGE table entries), loaded one tile ahead:
     # with the index load in the same iteration as the K/V loads that use it, Triton's pipeliner
     # keeps only two K/V buffers whatever num_stages says; loop-carried, it keeps num_stages.
+    # The lookup is bounded by the table, not by kv_len, so the first one goes out together with
+    # the kv_len load instead of after it (one memory latency less before the first K/V tile);
+    # entries past kv_len are loaded but only address masked-off tokens.
     offs_next = lo + tl.arange(0, BLOCK_N)
-    page_next = tl.load(pt_base + (offs_next // PAGE) * stride_pte, mask=offs_next < hi, other=0)
+    page_next = tl.load(pt_base + (offs_next // PAGE) * stride_pte, mask=offs_next < split_end, other=0)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         tok_ok = offs_n < hi
         page = page_next.to(tl.int64)
         offs_next = offs_n + BLOCK_N
-        page_next = tl.load(pt_base + (offs_next // PAGE) * stride_pte, mask=offs_next < hi, other=0)
+        page_next = tl.load(pt_base + (offs_next // PAGE) * stride_pte, mask=offs_next < split_end,
+                            other=0)
         kv_off = page[:, None] * stride_kp + (offs_n % PAGE)[:, None] * stride_kt + offs_d[None, :]
         if EVEN_D:
             kv_mask = tok_ok[:, None]
@@ -205,8 +216,8 @@ def _paged_attention_kernel(
 
         # Every tile of this loop holds >= 1 valid token, so m_new is finite and exp2 never sees
         # (-inf) - (-inf).
-        s = tl.where(tok_ok[None, :], s * qk_scale, float("-inf"))
-        m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc, DOT_PRECISION)
+        s = tl.where(tok_ok[None, :], s, float("-inf"))
+        m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     if HAS_BLOCK:
         # The block's own keys, in split 0 only (a range that is empty for the other splits).
@@ -219,8 +230,8 @@ def _paged_attention_kernel(
             b_off = offs_b[:, None] * stride_bt + offs_d[None, :]
             kb, vb = _load_kv(kb_base + b_off, vb_base + b_off, b_ok[:, None] & d_ok[None, :], UPCAST)
             s = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION)
-            s = tl.where(b_ok[None, :], s * qk_scale, float("-inf"))  # every block tile has a valid key
-            m_i, l_i, acc = _softmax_update(s, vb, m_i, l_i, acc, DOT_PRECISION)
+            s = tl.where(b_ok[None, :], s, float("-inf"))  # every block tile has a valid key
+            m_i, l_i, acc = _softmax_update(s, vb, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     if SCORES:
         # Entries of this split beyond kv_len: -inf, so selection never picks them.
@@ -237,6 +248,10 @@ def _paged_attention_kernel(
                          tl.full([BLOCK_N // PAGE], float("-inf"), dtype=tl.float32),
                          mask=entries < page_lim)
 
+    if USE_PDL:
+        # Only now: merge programs launched earlier sit on the SMs for the whole split, which made
+        # N=1 calls 2-16% slower on the H200 than no PDL at all.
+        tl.extra.cuda.gdc_launch_dependents()
     empty = l_i == 0.0  # no valid token in this split (or kv_len 0): out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
@@ -248,38 +263,47 @@ def _paged_attention_kernel(
                  mask=o_mask)
         tl.store(lse_ptr + row, lse, mask=row_ok)
     else:
-        total_rows = (tl.num_programs(0) // (HKV * ROW_BLOCKS)).to(tl.int64) * (HQ * T)
         wrow = row * num_splits + split
-        tl.store(ws_ptr + wrow[:, None] * HEAD_DIM + offs_d[None, :], o, mask=o_mask)
-        tl.store(ws_ptr + total_rows * num_splits * HEAD_DIM + wrow, lse, mask=row_ok)
+        tl.store(part_ptr + wrow[:, None] * HEAD_DIM + offs_d[None, :], o.to(part_ptr.dtype.element_ty),
+                 mask=o_mask)
+        tl.store(part_lse_ptr + wrow, lse, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
-    ws_ptr, out_ptr, lse_ptr, num_splits,
-    BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    part_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits,
+    CHUNK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """Grid (rows,): log-sum-exp merge of one row's splits (workspace layout: see the attention
-    kernel). CHUNK_S splits are loaded per step (all of them for CHUNK_S >= num_splits), so a
-    row costs one round of loads, not one per split."""
+    """Grid (rows,): log-sum-exp merge of one row's splits (layout: see the attention kernel).
+
+    One pass: each step loads CHUNK_S splits' lse and partial outputs together and folds them in
+    with a running max, so a row whose splits fit one chunk (the usual case) waits for memory once.
+    USE_PDL: launched as a programmatic dependent of the attention kernel, it waits for that
+    kernel's writes here, before its first load.
+    """
     row = tl.program_id(0).to(tl.int64)
-    lse_base = ws_ptr + tl.num_programs(0).to(tl.int64) * num_splits * HEAD_DIM + row * num_splits
-    offs_s = tl.arange(0, BLOCK_S)
-    lse_all = tl.load(lse_base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
-    m = tl.max(lse_all, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.sum(tl.exp(lse_all - m), axis=0)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    base = row * num_splits
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    den = tl.zeros([], dtype=tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for c in range(0, num_splits, CHUNK_S):
         offs_c = c + tl.arange(0, CHUNK_S)
         c_ok = offs_c < num_splits
-        w = tl.exp(tl.load(lse_base + offs_c, mask=c_ok, other=float("-inf")) - m)
-        o = tl.load(ws_ptr + (row * num_splits + offs_c)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.sum(w[:, None] * o, axis=0)
+        lse_c = tl.load(part_lse_ptr + base + offs_c, mask=c_ok, other=float("-inf"))
+        o = tl.load(part_ptr + (base + offs_c)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=c_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(lse_c, axis=0))
+        # All splits so far empty: shift by 0, so exp(-inf - 0) = 0 instead of exp(nan).
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - shift)
+        w = tl.exp(lse_c - shift)
+        den = den * alpha + tl.sum(w, axis=0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
+        m = m_new
     empty = den == 0.0
     den_safe = tl.where(empty, 1.0, den)
     tl.store(out_ptr + row * HEAD_DIM + offs_d, (acc / den_safe).to(out_ptr.dtype.element_ty), mask=d_ok)
@@ -461,6 +485,8 @@ def paged_attention(
     num_stages: int | None = None,
     k_block: torch.Tensor | None = None,
     v_block: torch.Tensor | None = None,
+    partial_dtype: torch.dtype | None = None,
+    pdl: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Attention of a block of queries over a paged context (no causal mask inside the context),
     and optionally over the block's own keys too.
@@ -470,10 +496,11 @@ def paged_attention(
       [num_slots, page_size, D]; GPU tensors, or pinned host tensors (bare or in `HostPointer`),
       read zero-copy over PCIe. Same dtype as q, same strides as each other, last dim contiguous.
     page_table int32: [N, max_pages] (store, shared by heads) or [N, Hkv, max_pages] (per head;
-      required for the pool). Entries at and beyond cdiv(kv_len, page_size) are never read.
+      required for the pool). Entries at and beyond cdiv(kv_len, page_size) may be loaded, but no
+      K/V is read through them.
     kv_len int32 [N, Hkv] (or [N]): valid tokens per list; clamped to [0, max_pages * page_size]
       inside the kernel (not checked on the host, which would need a device sync).
-    scale: softmax scale (usually D ** -0.5).
+    scale: softmax scale, > 0 (usually D ** -0.5).
     return_page_scores / return_token_scores (or passing the buffers): also compute, per KV head,
       the block-mean query's scores: token_scores [N, Hkv, max_pages * page_size] fp32 =
       scale * q_mean . k, page_scores [N, Hkv, max_pages] fp32 = max over each page's valid
@@ -486,12 +513,19 @@ def paged_attention(
     k_block, v_block: [N, Hkv, T, D] on q's device, q's dtype: the block's own K/V, T more keys
       every query sees (bidirectional), attended in the same launch; out and lse then cover
       [context, block]. The scores stay context-only.
+    partial_dtype: dtype of the split partial outputs in the workspace (default: q's dtype for
+      fp16, and for bf16 on the GPU, so the merge moves half the bytes; fp32 otherwise). Their lse
+      stays fp32, so the merge's weights are exact; the partials round like the output does.
+    pdl: launch the merge as a programmatic dependent of the attention kernel (default: where
+      supported, `pdl_supported`), so its launch overlaps the attention's last programs.
 
     Host work per call: shape checks, one (or, with splits, two) kernel launches; no device sync.
     Returns (out [N, Hq, T, D] in q's dtype, lse [N, Hq, T] fp32 natural log (-inf for an empty
     context, where out is 0), page_scores or None, token_scores or None).
     """
     hkv, page_size, per_head, pool, kv_len = _describe_layout(q, k_pages, v_pages, page_table, kv_len)
+    if not scale > 0:
+        raise ValueError(f"scale must be positive (usually head_dim ** -0.5), got {scale}")
     n, hq, t, d = q.shape
     dev = q.device
     max_pages = page_table.shape[-1]
@@ -543,6 +577,7 @@ def paged_attention(
     cfg = launch_config(n, hq, t, d, hkv, page_size, max_pages, dev, num_splits=num_splits,
                         block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     splits = cfg["num_splits"]
+    upcast = dev.type != "cuda"
     if splits > 1:
         need = cfg["workspace_numel"]
         if workspace is None:
@@ -551,9 +586,14 @@ def paged_attention(
               or workspace.numel() < need):
             raise ValueError(f"workspace must be a contiguous fp32 tensor on {dev} with >= {need} elements "
                              f"({splits} splits); got {workspace.numel()} {workspace.dtype} on {workspace.device}")
+        partials, partial_lse = _split_workspace(workspace, n * hq * t, splits, d,
+                                                 _partial_dtype(partial_dtype, q.dtype, upcast))
     else:
-        workspace = lse  # never dereferenced: the kernel writes the final output itself
-    upcast = dev.type != "cuda"
+        partials = partial_lse = lse  # never dereferenced: the kernel writes the final output itself
+    use_pdl = splits > 1 and (pdl_supported(dev) if pdl is None else pdl)
+    if use_pdl and not pdl_supported(dev):
+        raise ValueError(f"pdl=True needs a CUDA device of compute capability 9.0+ and a Triton with "
+                         f"launch_pdl; {dev} does not have both (pass pdl=None or False)")
     block_d = max(16, triton.next_power_of_2(d))
     if pool:
         k_strides = (k_strides[0], 0, k_strides[1])
@@ -567,7 +607,7 @@ def paged_attention(
     _paged_attention_kernel[(n * hkv * cfg["row_blocks"], splits)](
         q, k, v, page_table, kv_len,
         k_block if has_block else q, v_block if has_block else q,  # unread without a block
-        out, lse, workspace,
+        out, lse, partials, partial_lse,
         lse if pscores is None else pscores, lse if tscores is None else tscores,  # unread if off
         float(scale),
         q_strides[0], q_strides[1], q_strides[2], *k_strides, *pt_strides,
@@ -577,16 +617,43 @@ def paged_attention(
         BLOCK_M=cfg["block_m"], ROW_BLOCKS=cfg["row_blocks"], BLOCK_N=cfg["block_n"], PAGE=page_size,
         WRITE_FINAL=splits == 1, HAS_BLOCK=has_block, PAGE_SCORES=want_pages, TOKEN_SCORES=want_tokens,
         UPCAST=upcast, DOT_PRECISION="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        USE_PDL=use_pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
-        block_s = max(2, triton.next_power_of_2(splits))
+        pdl_kwargs = dict(launch_pdl=True) if use_pdl else {}
         _merge_splits_kernel[(n * hq * t,)](
-            workspace, out, lse, splits,
-            BLOCK_S=block_s, CHUNK_S=min(block_s, 32), HEAD_DIM=d, BLOCK_D=block_d,
-            num_warps=4 if block_d >= 128 else 2,
+            partials, partial_lse, out, lse, splits,
+            CHUNK_S=min(max(2, triton.next_power_of_2(splits)), 32), HEAD_DIM=d, BLOCK_D=block_d,
+            USE_PDL=use_pdl, num_warps=4 if block_d >= 128 else 2, **pdl_kwargs,
         )
     return out, lse, pscores, tscores
+
+
+def _partial_dtype(requested: torch.dtype | None, q_dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    """The split partials' dtype: `requested`, else q's where it is 16-bit (bf16 only on the GPU:
+    the CPU interpreter's bf16 is wrong), else fp32."""
+    if requested is not None:
+        if requested not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"partial_dtype must be float32, float16 or bfloat16, got {requested}")
+        if upcast and requested == torch.bfloat16:
+            raise ValueError("partial_dtype=bfloat16 needs CUDA (the CPU interpreter's bf16 is wrong); "
+                             "use float16 or float32")
+        return requested
+    if q_dtype == torch.float16 or (q_dtype == torch.bfloat16 and not upcast):
+        return q_dtype
+    return torch.float32
+
+
+def _split_workspace(workspace: torch.Tensor, rows: int, splits: int, head_dim: int,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partials [rows * splits * head_dim] in dtype, lse [rows * splits] fp32) inside the fp32
+    workspace: the partials at its start (16-bit ones fill half their fp32 region), the lse after
+    that region, so one workspace size (`workspace_numel`) serves every partial dtype."""
+    region = rows * splits * head_dim
+    partials = workspace[:region]
+    if dtype != torch.float32:
+        partials = partials.view(dtype)[:region]
+    return partials, workspace[region:region + rows * splits]
 
 
 def _check_block(k_block: torch.Tensor | None, v_block: torch.Tensor | None, q: torch.Tensor, hkv: int) -> bool:
@@ -745,5 +812,6 @@ def block_attention_reference(
 __all__ = [
     "HostPointer", "paged_attention", "paged_attention_reference", "block_attention",
     "block_attention_reference",
-    "default_config", "default_num_splits", "launch_config", "programs_per_sm", "workspace_numel",
+    "default_config", "default_num_splits", "launch_config", "pdl_supported", "programs_per_sm",
+    "workspace_numel",
 ]

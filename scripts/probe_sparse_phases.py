@@ -3,9 +3,12 @@
 benchmarks.kernels times a sparse call as one graph replay (attention + merge). This probe runs the
 same pool-layout shapes eagerly under torch.profiler, L2 flushed (written) before each call, and
 prints each kernel's mean device time, so that the merge's share (what fusing it into the attention
-kernel could save) is measured rather than guessed. Prints JSON.
+kernel could save) is measured rather than guessed, for each dtype of the split partials. The merge
+is launched plainly here (pdl=False): launched as a programmatic dependent it would be resident
+while the attention runs, and its duration would include that wait. Prints JSON.
 
     python scripts/probe_sparse_phases.py [--contexts 32768 131072] [--T 16 32] [--fractions 0.05 0.1]
+        [--partial-dtypes bfloat16 float32]
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.10])
     ap.add_argument("--splits", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--partial-dtypes", nargs="+", default=["bfloat16", "float32"],
+                    choices=["bfloat16", "float32"])
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("probe_sparse_phases.py needs a CUDA GPU")
@@ -70,15 +75,18 @@ def main() -> None:
                     cfg = dict(num_splits=splits, block_n=64, num_warps=4 if t <= 16 else 8, num_stages=3)
                     plan = launch_config(1, HQ, t, D, HKV, PAGE, n_sel, dev, **cfg)
                     bufs = preallocated(q, n_sel, PAGE, cfg)
-                    times = kernel_times(lambda: paged_attention(q, k_pool, v_pool, table, kv_len, scale=D ** -0.5,
-                                                                 **cfg, **bufs), flush, args.reps)
-                    attn = sum(us for name, us in times.items() if "paged_attention" in name)
-                    merge = sum(us for name, us in times.items() if "merge_splits" in name)
-                    row = dict(context=ctx, fraction=frac, T=t, num_splits=plan["num_splits"], MB=nbytes / 1e6,
-                               attention_us=attn, merge_us=merge,
-                               attention_TBps=nbytes / (attn * 1e-6) / 1e12 if attn else None)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    for partials in args.partial_dtypes:
+                        kw = dict(cfg, partial_dtype=getattr(torch, partials), pdl=False)
+                        times = kernel_times(lambda: paged_attention(q, k_pool, v_pool, table, kv_len,
+                                                                     scale=D ** -0.5, **kw, **bufs),
+                                             flush, args.reps)
+                        attn = sum(us for name, us in times.items() if "paged_attention" in name)
+                        merge = sum(us for name, us in times.items() if "merge_splits" in name)
+                        row = dict(context=ctx, fraction=frac, T=t, num_splits=plan["num_splits"],
+                                   partial_dtype=partials, MB=nbytes / 1e6, attention_us=attn, merge_us=merge,
+                                   attention_TBps=nbytes / (attn * 1e-6) / 1e12 if attn else None)
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
     print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), indent=1))
 
 

@@ -33,3 +33,15 @@ def test_sparse_and_overlap_plots_from_recorded_runs(tmp_path):
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
     with pytest.raises(ValueError, match="--overlap"):
         main(["--transfer", overlap, "--out", str(tmp_path)])
+
+
+def test_split_path_plot_from_recorded_runs(tmp_path):
+    """The tenth session's kernels runs plot their split-path variants; a run without them is
+    refused with a message naming what is missing."""
+    kernels = [str(DATA / f) for f in ("kernels_sparse_n1_h200_split_path.json",
+                                        "kernels_sparse_batch6_h200_split_path.json")]
+    assert main(["--split-path", *kernels, "--out", str(tmp_path)]) == 0
+    png = (tmp_path / "sparse_split_path.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    with pytest.raises(ValueError, match="split_path"):
+        main(["--split-path", str(DATA / "kernels_sparse_n1_h200_floor.json"), "--out", str(tmp_path)])

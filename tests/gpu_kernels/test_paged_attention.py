@@ -211,6 +211,8 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="workspace"):
         paged_attention(q, k, v, table, kv_len, scale=1.0, num_splits=2, block_n=16,
                         workspace=torch.empty(3))
+    with pytest.raises(ValueError, match="scale must be positive"):
+        paged_attention(q, k, v, table, kv_len, scale=0.0)
 
 
 def test_preallocated_workspace_and_buffers_are_used():
@@ -337,6 +339,26 @@ def test_paged_attention_checks_the_block_part():
 
 # ---------------------------------------------------------------------------------------- GPU
 
+def test_split_partials_in_16_bit_and_many_chunks():
+    """fp16 partials (the default for fp16 q) and fp32 ones both match the reference, over more
+    splits than one merge chunk holds (40 > 32, some of them empty for the shorter lists)."""
+    q, k, v, table, kv_len = make_case("pool", 2, 2, 4, 3, 16, 16, [[700, 33], [0, 650]],
+                                       torch.float16, seed=8)
+    outs = {}
+    for dtype in (None, torch.float16, torch.float32):
+        outs[dtype], _ = check_against_reference(q, k, v, table, kv_len, TOL[torch.float16],
+                                                 num_splits=40, block_n=16, partial_dtype=dtype)
+    assert torch.equal(outs[None], outs[torch.float16])
+    # fp32 partials round once (at the output), fp16 ones once more: close, not identical
+    assert rel_err(outs[torch.float16].float(), outs[torch.float32].float()) < 1e-3
+    with pytest.raises(ValueError, match="partial_dtype"):
+        paged_attention(q, k, v, table, kv_len, scale=1.0, num_splits=2, partial_dtype=torch.int32)
+    with pytest.raises(ValueError, match="bfloat16 needs CUDA"):
+        paged_attention(q, k, v, table, kv_len, scale=1.0, num_splits=2, partial_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="pdl=True"):
+        paged_attention(q, k, v, table, kv_len, scale=1.0, num_splits=2, pdl=True)
+
+
 GPU_CASES = [  # (layout, page, T, G, kv_len per head, extra kwargs)
     ("store", 16, 16, 4, [32768, 32768 - 5, 20000, 0, 1, 32768, 777, 4096], {}),
     ("store", 64, 32, 4, [32768, 32000, 31999, 64, 0, 12345, 32768, 100], {}),
@@ -396,6 +418,46 @@ def test_gpu_cuda_graph_replay_matches_eager(splits):
         assert torch.equal(torch.isfinite(got), torch.isfinite(want)), name
         fin = torch.isfinite(want)
         assert rel_err(got[fin].float(), want[fin].float()) < 1e-6, name
+
+
+@pytest.mark.gpu
+def test_gpu_pdl_and_partial_dtypes():
+    """The merge launched as a programmatic dependent (PDL) gives bit for bit what a plain launch
+    gives, eagerly and replayed from a CUDA graph; bf16 and fp32 partials both meet the bf16
+    tolerance."""
+    from gpu_kernels.paged_attention import pdl_supported
+
+    dev = torch.device("cuda")
+    q, k, v, table, kv_len = make_case("pool", 1, 8, 4, 16, 128, 16, [[6554, 6000, 64, 0, 6553, 5000, 1, 6554]],
+                                       torch.bfloat16, device=dev)
+    for partial_dtype in (torch.bfloat16, torch.float32):
+        plain, _ = check_against_reference(q, k, v, table, kv_len, TOL[torch.bfloat16], num_splits=15,
+                                           partial_dtype=partial_dtype, pdl=False)
+        if not pdl_supported(dev):
+            continue
+        chained, _ = check_against_reference(q, k, v, table, kv_len, TOL[torch.bfloat16], num_splits=15,
+                                             partial_dtype=partial_dtype, pdl=True)
+        assert torch.equal(plain, chained)
+    if not pdl_supported(dev):
+        pytest.skip(f"{torch.cuda.get_device_name(dev)}: no programmatic dependent launch (sm < 90)")
+    n, hq, t, d = q.shape
+    plan = launch_config(n, hq, t, d, 8, 16, table.shape[-1], dev, num_splits=15)
+    bufs = dict(out=torch.empty_like(q), lse=torch.empty(n, hq, t, device=dev),
+                workspace=torch.empty(plan["workspace_numel"], device=dev))
+    eager = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=15, pdl=False)[0].clone()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile outside the capture
+        paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=15, pdl=True, **bufs)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=15, pdl=True, **bufs)
+    bufs["out"].fill_(float("nan"))
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(bufs["out"], eager)
 
 
 @pytest.mark.gpu
