@@ -139,18 +139,24 @@ def plot_split_path(runs: list[dict], out: Path) -> Path:
 
 def plot_overlap(data: dict, out: Path) -> Path:
     """Prefetcher overlap (benchmarks.transfer): share of the transfer hidden, by the prefetcher's own
-    events and end to end, against the gather's program cap, with the SM-tax model."""
+    events and end to end (one line per compute stand-in), against the gather's program cap, with the
+    SM-tax model."""
     cases = [c for c in data["overlap"]["cases"] if c["case"] == "compute>transfer"
              and c["compute_priority"] == "high" and c["units_per_program"] is None and c["max_programs"]]
     if not cases:
         raise ValueError("no capped compute>transfer overlap rows in this transfer JSON")
     cases.sort(key=lambda c: c["max_programs"])
-    caps = [c["max_programs"] for c in cases]
+    kinds = list(dict.fromkeys(c.get("compute_kind", "matmul") for c in cases))
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(caps, [100 * c["hidden_fraction"] for c in cases], "o-", label="hidden (prefetcher events)")
-    ax.plot(caps, [100 * c["hidden_fraction_e2e"] for c in cases], "s-", label="hidden end to end")
+    for kind in kinds:
+        rows = [c for c in cases if c.get("compute_kind", "matmul") == kind]
+        caps = [c["max_programs"] for c in rows]
+        ax.plot(caps, [100 * c["hidden_fraction"] for c in rows], "o-", label=f"hidden (prefetcher events), {kind}")
+        ax.plot(caps, [100 * c["hidden_fraction_e2e"] for c in rows], "s-", label=f"hidden end to end, {kind}")
+    caps = sorted({c["max_programs"] for c in cases})
     if all("sm_tax_model_e2e" in c for c in cases):
-        ax.plot(caps, [100 * c["sm_tax_model_e2e"] for c in cases], "k--", lw=1, label="SM-tax model 1 - cap / SMs")
+        tax = {c["max_programs"]: c["sm_tax_model_e2e"] for c in cases}
+        ax.plot(caps, [100 * tax[c] for c in caps], "k--", lw=1, label="SM-tax model 1 - cap / SMs")
     ax.axhline(90, color="grey", ls=":", lw=1, label="90% target")
     ax.set_xlabel("gather programs (max_programs)")
     ax.set_ylabel("% of transfer time hidden")
@@ -158,7 +164,8 @@ def plot_overlap(data: dict, out: Path) -> Path:
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     o = data["overlap"]
-    ax.set_title(f"prefetcher beside a matmul, {o['MB_per_layer']:.0f} MB/layer, {data['device']}", fontsize=9)
+    ax.set_title(f"prefetcher beside compute ({', '.join(kinds)}), {o['MB_per_layer']:.0f} MB/layer, "
+                 f"{data['device']}", fontsize=9)
     return _save(fig, out / "overlap.png")
 
 

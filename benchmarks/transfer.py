@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--overlap-reps", type=int, default=3,
                     help="(compute-only, compute + fetch) pass pairs per overlap row, run back to back; the "
                          "row reports their medians")
+    ap.add_argument("--overlap-compute", nargs="+", default=["matmul"], choices=["matmul", "weight-read"],
+                    help="per-layer compute of the overlap passes: a tensor-core-bound matmul (default) and/or "
+                         "a weight-read matmul of 64 rows (HBM-bound, as small-batch decoder layers are)")
     ap.add_argument("--overlap-only", action="store_true", help="skip the gather and commit sweeps")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="32K context, 5 iterations, small sweeps: a smoke test")
@@ -370,7 +373,8 @@ class ComputeStandIn:
     """Per-layer compute for the overlap passes: ONE bf16 matmul ``[rows, n] @ [n, n]`` per layer whose
     ``rows`` are chosen so it takes the target time, so the host enqueues ~3 launches per layer (fetch,
     wait, matmul) and runs far ahead of the GPU. (A loop of ~45 small matmuls per layer made the host,
-    not the GPU, pace the pass: host ms equalled GPU ms in every row.)
+    not the GPU, pace the pass: host ms equalled GPU ms in every row.) That matmul is bound by the
+    tensor cores, so every SM a gather holds slows it; `WeightReadStandIn` is the other regime.
 
     Calibrated once: a square ``n x n`` matmul is timed and ``rows`` scaled from it (a GEMM this large
     takes time linear in its M dimension), then the sized matmul is timed and rescaled once if it
@@ -413,6 +417,40 @@ class ComputeStandIn:
         return compute, {"rows": rows, "n": self.n, "launches": launches, "ms": ms, "target_ms": target_ms}
 
 
+class WeightReadStandIn:
+    """Per-layer compute bound by HBM instead of the tensor cores: ``x [ROWS, n] @ W [n, cols]`` with
+    ROWS = 64 (two 32-token blocks: 64 FLOP per weight byte, a third of the H200's ridge) and
+    ``cols`` sized so the weight read takes the target time, as a decoder layer's projections read
+    their weights at small batch. (Herald's batch-6 passes, 192 rows, sit near the ridge, between
+    this and `ComputeStandIn`.) A bandwidth-bound kernel needs fewer SMs than the GPU has to
+    saturate HBM, so the SMs a gather holds should cost it less than they cost the matmul."""
+
+    ROWS = 64
+
+    def __init__(self, clock: Clock, dev: torch.device) -> None:
+        self.clock, self.dev = clock, dev
+        self.n = 4096 if clock.cuda else 64
+        self.granule = 256 if clock.cuda else 16
+        self.x = torch.randn(self.ROWS, self.n, device=dev, dtype=BF16)
+        probe_cols = 65536 if clock.cuda else 64
+        w = torch.randn(self.n, probe_cols, device=dev, dtype=BF16)
+        self.probe_ms = clock.median_ms(lambda: torch.matmul(self.x, w), 10, warmup=3)
+        self.probe_cols = probe_cols
+
+    def build(self, target_ms: float):
+        """``(compute, info)`` as `ComputeStandIn.build`, for one weight-read matmul per layer."""
+        cols = max(self.granule, round(self.probe_cols * target_ms / self.probe_ms / self.granule) * self.granule)
+        w = torch.randn(self.n, cols, device=self.dev, dtype=BF16)
+        out = torch.empty(self.ROWS, cols, device=self.dev, dtype=BF16)
+
+        def compute() -> None:
+            torch.matmul(self.x, w, out=out)
+
+        ms = self.clock.median_ms(compute, 10, warmup=3)
+        return compute, {"rows": self.ROWS, "n": self.n, "cols": cols, "launches": 1, "ms": ms,
+                         "target_ms": target_ms, "weight_GB": w.numel() * w.element_size() / 1e9}
+
+
 def overlap_caps(args, sms: int) -> list:
     """Program caps for the prefetcher's gather: None = gather_pages' standalone default (2 per SM)."""
     if args.overlap_caps is not None:
@@ -453,7 +491,10 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
         pf.synchronize()
         return [cache.plan(layer, [seq], selection()) for layer in range(L)]
 
-    stand_in = ComputeStandIn(clock, dev)
+    stand_ins = {"matmul": ComputeStandIn(clock, dev)}
+    if "weight-read" in args.overlap_compute:
+        stand_ins["weight-read"] = WeightReadStandIn(clock, dev)
+    stand_in = stand_ins["matmul"]
 
     def transfer_alone(max_programs, units=None) -> float:
         """Per-layer fetch time with nothing else running."""
@@ -526,8 +567,10 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
     per_layer_transfer = alone[(None, None)]  # the standalone launch: compute is sized against the fastest fetch
     layer_bytes = pf.stats()["bytes_fetched"] / L
     cases = []
-    for label, ratio in (("compute>transfer", 1.5), ("compute<transfer", 0.5)):
-        compute, mm = stand_in.build(ratio * per_layer_transfer)
+    ratios = (("compute>transfer", 1.5), ("compute<transfer", 0.5))
+    kinds = [k for k in ("matmul", "weight-read") if k in args.overlap_compute]
+    for kind, (label, ratio) in ((k, r) for k in kinds for r in ratios):
+        compute, mm = stand_ins[kind].build(ratio * per_layer_transfer)
         run_pass(compute, None, with_fetch=False)  # warm-up
         for max_programs, units, prio in variants:
             stream = compute_stream if prio == "high" else None
@@ -547,7 +590,7 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
             host_ms = statistics.median(x["host_enqueue_ms"] for x in res)
             case = {
                 "case": label, "max_programs": max_programs, "units_per_program": units,
-                "compute_priority": prio, "matmul": mm,
+                "compute_priority": prio, "compute_kind": kind, "matmul": mm,
                 "compute_per_layer_ms": mm["ms"], "transfer_per_layer_ms": per_layer_transfer,
                 "transfer_alone_per_layer_ms": alone[(max_programs, units)],
                 "hidden_fraction": hidden, "hidden_fraction_runs": [x["hidden_fraction"] for x in res],
@@ -564,7 +607,7 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
                 "compute_only_host_bound": base["host_bound"], "ok": all(x["ok"] for x in res),
             }
             cases.append(case)
-            print(f"overlap {label} max_programs={max_programs} units={units} compute priority {prio}: "
+            print(f"overlap {label} ({kind}) max_programs={max_programs} units={units} compute priority {prio}: "
                   f"hidden {100 * hidden:.1f}% "
                   f"gpu {gpu_ms:.2f} ms vs compute-only {base['gpu_ms']:.2f} ms "
                   f"(x{case['slowdown_vs_compute_only']:.2f}), fetch {r['fetch_GBps']:.1f} GB/s, host enqueue "
@@ -576,7 +619,7 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
     # then the smallest slowdown (ties within 2%: the fewer programs)
     # (host-bound rows only when every row is: their slowdown measures Python)
     cand = [c for c in cases if c["case"] == "compute>transfer" and c["compute_priority"] == "high"
-            and c["units_per_program"] is None]
+            and c["units_per_program"] is None and c["compute_kind"] == kinds[0]]
     cand = [c for c in cand if not c["host_bound"]] or cand
     good = [c for c in cand if c["hidden_fraction_e2e"] >= 0.9] or cand
     best_slow = min(c["slowdown_vs_compute_only"] for c in good)
@@ -636,13 +679,14 @@ def print_tables(res: dict) -> None:
     o = res["overlap"]
     print(f"\n== prefetcher overlap: {o['layers']} layers, {o['page_size']}-token pages, {o['fraction']:.0%} of "
           f"{o['context']} tokens = {o['MB_per_layer']:.1f} MB/layer (target hidden >= 90% when compute > transfer)")
-    print(f"{'case':>17} {'max_prog':>8} {'units':>5} {'prio':>7} {'xfer alone ms':>13} {'compute/layer ms':>16} "
+    print(f"{'case':>17} {'compute':>11} {'max_prog':>8} {'units':>5} {'prio':>7} {'xfer alone ms':>13} {'compute/layer ms':>16} "
           f"{'hidden':>7} {'e2e hid':>7} {'SM tax':>6} "
           f"{'fetch GB/s':>10} {'gpu ms':>8} {'compute-only ms':>15} {'slowdown':>8} {'host ms':>8} {'bound':>5} "
           f"{'ok':>5}")
     for r in o["cases"]:
         xa = r["transfer_alone_per_layer_ms"]
-        print(f"{r['case']:>17} {str(r['max_programs']):>8} {str(r['units_per_program'] or 'dflt'):>5} "
+        print(f"{r['case']:>17} {r.get('compute_kind', 'matmul'):>11} {str(r['max_programs']):>8} "
+              f"{str(r['units_per_program'] or 'dflt'):>5} "
               f"{r['compute_priority']:>7} "
               f"{(f'{xa:.3f}' if xa is not None else '-'):>13} {r['compute_per_layer_ms']:>16.3f} "
               f"{100 * r['hidden_fraction']:>6.1f}% {100 * r['hidden_fraction_e2e']:>6.1f}% "
@@ -660,8 +704,9 @@ def print_tables(res: dict) -> None:
           "smallest slowdown, then the fewest programs, among rows that are not host-bound)")
     sq = o["square_matmul"]
     print(f"  bound: host when host ms > {o['host_bound_ratio']} x gpu ms (the GPU waited for Python: slowdown "
-          f"and hidden are not GPU numbers); compute/layer = one bf16 matmul per layer, rows sized from a "
-          f"{sq['n']}^2 matmul of {sq['ms']:.3f} ms"
+          f"and hidden are not GPU numbers); compute/layer = one bf16 matmul per layer: matmul = rows sized from a "
+          f"{sq['n']}^2 matmul of {sq['ms']:.3f} ms (tensor-core bound); weight-read = 64 rows times a weight "
+          "sized to the target time (HBM bound)"
           + ("; THE RECOMMENDATION COMES FROM A HOST-BOUND ROW" if o["recommendation_host_bound"] else ""))
 
 

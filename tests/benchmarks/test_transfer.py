@@ -32,3 +32,14 @@ def test_sm_tax_model():
     assert sm_tax_hidden(8, 132) == pytest.approx(1 - 8 / 132)
     assert sm_tax_hidden(None, 132) == 0.0  # two programs per SM: every SM is the gather's
     assert sm_tax_hidden(200, 132) == 0.0
+
+
+def test_overlap_weight_read_compute_dry_run(tmp_path):
+    """--overlap-compute matmul weight-read: every cap runs beside both stand-ins, each row says which."""
+    assert main(["--device", "cpu", "--quick", "--overlap-only", "--overlap-caps", "4", "--layers", "2",
+                 "--overlap-compute", "matmul", "weight-read", "--out", str(tmp_path)]) == 0
+    cases = json.loads((tmp_path / "transfer.json").read_text())["overlap"]["cases"]
+    assert sorted((c["compute_kind"], c["case"]) for c in cases) == sorted(
+        (kind, case) for kind in ("matmul", "weight-read") for case in ("compute>transfer", "compute<transfer"))
+    weight = [c for c in cases if c["compute_kind"] == "weight-read"]
+    assert all(c["ok"] and c["matmul"]["rows"] == 64 and c["matmul"]["cols"] > 0 for c in weight)
