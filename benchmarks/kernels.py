@@ -273,7 +273,7 @@ def graph_fields(sw: dict, nbytes: int) -> dict:
     return dict(graph_best=best_cfg(g), graph_ms=g["graph_ms"], graph_TBps=nbytes / g["graph_ms"] / 1e9)
 
 
-# The split path's two savings, each switched off alone and both together (the eighth session's
+# The split path's two savings, each switched off alone and both together (the ninth session's
 # path): 16-bit partials halve what the merge moves; PDL launches the merge during the attention.
 SPLIT_PATH_VARIANTS = {
     "shipped": {},
@@ -442,6 +442,10 @@ def _cfg_str(b: dict) -> str:
     return f"({b.get('block_m', '-')},{b['block_n']},{b['num_warps']},{b['num_stages']},{b['num_splits']})"
 
 
+def _row_label(r: dict) -> str:
+    return r["mode"] + (f" N={r['N']}" if r.get("N", 1) > 1 else "")
+
+
 def print_table(limits: dict, rows: list[dict]) -> None:
     fl = limits["launch_floor"]
     print(f"\npinned H2D {limits['pinned_h2d_GBps']:.1f} GB/s   HBM copy (r+w) "
@@ -457,7 +461,7 @@ def print_table(limits: dict, rows: list[dict]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        label = r["mode"] + (f" N={r['N']}" if r.get("N", 1) > 1 else "")
+        label = _row_label(r)
         if "ms" not in r:
             print(f"{label:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4}  all variants failed")
             continue
@@ -485,7 +489,7 @@ def print_table(limits: dict, rows: list[dict]) -> None:
               f"{'attainable':>11} {'of attainable':>13} {'clean-L2 ms':>11} {'clean-L2 rate':>13} "
               f"{'sorted ms':>9} {'sorted rate':>11}")
         for r in bounded:
-            label = r["mode"] + (f" N={r['N']}" if r.get("N", 1) > 1 else "")
+            label = _row_label(r)
             print(f"{label:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4}{r['kv_bytes'] / 1e6:>7.1f} "
                   f"{r['graph_ms']:>9.4f} {r['floor_ms']:>9.4f} {r['attainable_ms']:>8.4f} "
                   f"{r['attainable_TBps']:>6.2f} TB/s {100 * r['frac_of_attainable']:>12.0f}% "
@@ -502,7 +506,7 @@ def print_table(limits: dict, rows: list[dict]) -> None:
               "shipped path's speedup over each):")
         print(f"{'mode':<12}{'T':>4}{'ctx':>8}{'S':>4} " + " ".join(f"{n:>22}" for n in names))
         for r in ab:
-            label = r["mode"] + (f" N={r['N']}" if r.get("N", 1) > 1 else "")
+            label = _row_label(r)
             sp = r["split_path"]
             base = sp["shipped"]["graph_ms"]
             cells = [f"{sp[n]['graph_ms']:.4f} ({sp[n]['graph_ms'] / base:.2f}x)" for n in names]

@@ -88,6 +88,11 @@ def plot_transfer(data: dict, out: Path) -> Path:
     return _save(fig, out / "transfer.png")
 
 
+def _sparse_label(r: dict) -> str:
+    """Tick label of a benchmarks.kernels sparse row: batch, block size, context and selection."""
+    return f"N={r.get('N', 1)} T={r['T']}\n{r['context'] // 1024}K {r['mode'].split('_')[1]}"
+
+
 def plot_sparse_attainable(runs: list[dict], out: Path) -> Path:
     """Sparse rows of benchmarks.kernels runs: graph-replay TB/s (dirty and clean cold L2) against what
     a replay can reach (launch floor + bytes at the HBM copy rate) and the 1.5 TB/s target."""
@@ -103,8 +108,7 @@ def plot_sparse_attainable(runs: list[dict], out: Path) -> Path:
     ax.bar([x + width for x in xs], [r["attainable_TBps"] for _, r in rows], width, color="lightgrey",
            label="attainable: floor + bytes at HBM rate")
     ax.axhline(rows[0][0]["targets"]["sparse_TBps"], color="k", ls=":", lw=1, label="target")
-    ax.set_xticks(list(xs), [f"N={r.get('N', 1)} T={r['T']}\n{r['context'] // 1024}K {r['mode'].split('_')[1]}"
-                             for _, r in rows], fontsize=7)
+    ax.set_xticks(list(xs), [_sparse_label(r) for _, r in rows], fontsize=7)
     ax.set_ylabel("K+V read (TB/s)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
@@ -127,9 +131,8 @@ def plot_split_path(runs: list[dict], out: Path) -> Path:
         ax.bar([x + (i - (len(names) - 1) / 2) * width for x in range(len(rows))],
                [r["split_path"][name]["graph_TBps"] for _, r in rows], width, label=name.replace("_", " "))
     ax.axhline(rows[0][0]["targets"]["sparse_TBps"], color="k", ls=":", lw=1, label="target")
-    ax.set_xticks(range(len(rows)), [f"N={r.get('N', 1)} T={r['T']}\n{r['context'] // 1024}K "
-                                     f"{r['mode'].split('_')[1]} S={r['graph_best']['num_splits']}"
-                                     for _, r in rows], fontsize=7)
+    ax.set_xticks(range(len(rows)), [f"{_sparse_label(r)} S={r['graph_best']['num_splits']}" for _, r in rows],
+                  fontsize=7)
     ax.set_ylabel("K+V read (TB/s), graph replay")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")

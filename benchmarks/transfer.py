@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--overlap-reps", type=int, default=3,
                     help="(compute-only, compute + fetch) pass pairs per overlap row, run back to back; the "
                          "row reports their medians")
-    ap.add_argument("--overlap-compute", nargs="+", default=["matmul"], choices=["matmul", "weight-read"],
+    ap.add_argument("--overlap-compute", nargs="+", default=["matmul"], choices=list(STAND_INS),
                     help="per-layer compute of the overlap passes: a tensor-core-bound matmul (default) and/or "
                          "a weight-read matmul of 64 rows (HBM-bound, as small-batch decoder layers are)")
     ap.add_argument("--overlap-only", action="store_true", help="skip the gather and commit sweeps")
@@ -451,6 +451,10 @@ class WeightReadStandIn:
                          "target_ms": target_ms, "weight_GB": w.numel() * w.element_size() / 1e9}
 
 
+# the overlap passes' per-layer compute, by --overlap-compute name
+STAND_INS = {"matmul": ComputeStandIn, "weight-read": WeightReadStandIn}
+
+
 def overlap_caps(args, sms: int) -> list:
     """Program caps for the prefetcher's gather: None = gather_pages' standalone default (2 per SM)."""
     if args.overlap_caps is not None:
@@ -491,10 +495,8 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
         pf.synchronize()
         return [cache.plan(layer, [seq], selection()) for layer in range(L)]
 
-    stand_ins = {"matmul": ComputeStandIn(clock, dev)}
-    if "weight-read" in args.overlap_compute:
-        stand_ins["weight-read"] = WeightReadStandIn(clock, dev)
-    stand_in = stand_ins["matmul"]
+    kinds = [k for k in STAND_INS if k in args.overlap_compute]
+    stand_ins = {k: STAND_INS[k](clock, dev) for k in kinds}
 
     def transfer_alone(max_programs, units=None) -> float:
         """Per-layer fetch time with nothing else running."""
@@ -568,7 +570,6 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
     layer_bytes = pf.stats()["bytes_fetched"] / L
     cases = []
     ratios = (("compute>transfer", 1.5), ("compute<transfer", 0.5))
-    kinds = [k for k in ("matmul", "weight-read") if k in args.overlap_compute]
     for kind, (label, ratio) in ((k, r) for k in kinds for r in ratios):
         compute, mm = stand_ins[kind].build(ratio * per_layer_transfer)
         run_pass(compute, None, with_fetch=False)  # warm-up
@@ -628,7 +629,8 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
     return {
         "layers": L, "page_size": p, "fraction": args.overlap_fraction, "context": args.overlap_context,
         "units_per_layer": units, "MB_per_layer": layer_bytes / 1e6,
-        "square_matmul": {"n": stand_in.n, "ms": stand_in.square_ms},
+        "square_matmul": ({"n": stand_ins["matmul"].n, "ms": stand_ins["matmul"].square_ms}
+                          if "matmul" in stand_ins else None),
         "transfer_per_layer_ms": per_layer_transfer,
         "transfer_alone_per_layer_ms": {f"{c}/{u}": ms for (c, u), ms in alone.items()},
         "store_setup_s": setup_s, "cases": cases, "prefetcher_default": DEFAULT_FETCH_PROGRAMS,
@@ -703,9 +705,10 @@ def print_tables(res: dict) -> None:
           f"this run recommends {o['recommended_max_programs']} (e2e hidden >= 90% when compute > transfer, then the "
           "smallest slowdown, then the fewest programs, among rows that are not host-bound)")
     sq = o["square_matmul"]
+    sizing = f"a {sq['n']}^2 matmul of {sq['ms']:.3f} ms" if sq else "a square matmul"
     print(f"  bound: host when host ms > {o['host_bound_ratio']} x gpu ms (the GPU waited for Python: slowdown "
-          f"and hidden are not GPU numbers); compute/layer = one bf16 matmul per layer: matmul = rows sized from a "
-          f"{sq['n']}^2 matmul of {sq['ms']:.3f} ms (tensor-core bound); weight-read = 64 rows times a weight "
+          f"and hidden are not GPU numbers); compute/layer = one bf16 matmul per layer: matmul = rows sized from "
+          f"{sizing} (tensor-core bound); weight-read = {WeightReadStandIn.ROWS} rows times a weight "
           "sized to the target time (HBM bound)"
           + ("; THE RECOMMENDATION COMES FROM A HOST-BOUND ROW" if o["recommendation_host_bound"] else ""))
 

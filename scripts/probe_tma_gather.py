@@ -26,8 +26,10 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_kernels.page_copy import gather_pages  # noqa: E402
+from probe_hugepage_gather import timed_ms  # noqa: E402  (a sibling script)
 
 P, D, HKV = 16, 128, 8
 
@@ -46,21 +48,6 @@ def _tma_gather_kernel(src_k, src_v, dst_k, dst_v, unit_ids, slot_ids, num_tasks
             v = src_v.load([unit * P, 0])
             tl.store(dst_k + slot * (P * D) + rows, k)
             tl.store(dst_v + slot * (P * D) + rows, v)
-
-
-def time_ms(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -102,7 +89,7 @@ def main() -> int:
 
     contiguous = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
     gpu_buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    copy_ms = time_ms(lambda: gpu_buf.copy_(contiguous, non_blocking=True))
+    copy_ms = timed_ms(lambda: gpu_buf.copy_(contiguous, non_blocking=True), 10)
     copy_gbps = nbytes / copy_ms / 1e6
     out = dict(device=torch.cuda.get_device_name(), triton=triton.__version__, MB=nbytes / 1e6,
                units=n_units, same_bytes_copy_GBps=copy_gbps, rows=[])
@@ -115,8 +102,8 @@ def main() -> int:
     for programs in args.programs:
         pool_k.zero_()
         pool_v.zero_()
-        ms = time_ms(lambda: gather_pages(store_k, store_v, unit_ids, zeros, pool_k, pool_v, slot_ids,
-                                          validate=False, max_programs=programs))
+        ms = timed_ms(lambda: gather_pages(store_k, store_v, unit_ids, zeros, pool_k, pool_v, slot_ids,
+                                           validate=False, max_programs=programs), 10)
         row = dict(kind="shipped", programs=programs, ms=ms, GBps=nbytes / ms / 1e6,
                    of_same_bytes_copy=nbytes / ms / 1e6 / copy_gbps,
                    exact=same_bits(pool_k, want_k) and same_bits(pool_v, want_v))
@@ -134,9 +121,9 @@ def main() -> int:
                 pool_v.zero_()
                 grid = (min(programs, tasks),)
                 try:
-                    ms = time_ms(lambda: _tma_gather_kernel[grid](
+                    ms = timed_ms(lambda: _tma_gather_kernel[grid](
                         desc_k, desc_v, pool_k, pool_v, unit_ids, slot_ids, tasks,
-                        P=P, D=D, UNITS=units, STAGES=stages, num_warps=4))
+                        P=P, D=D, UNITS=units, STAGES=stages, num_warps=4), 10)
                 except Exception as ex:  # noqa: BLE001 (a probe reports what failed and goes on)
                     row = dict(kind="tma", units=units, stages=stages, programs=programs, error=repr(ex)[:400])
                     out["rows"].append(row)
