@@ -12,9 +12,10 @@ from the store).
 Token t of table entry i is context position i * page_size + t; ``kv_len [N, Hkv]`` (int32) says how
 many positions of each list are valid. One program handles the G*T queries of one KV head (G query
 heads per KV head, T block positions), so each K/V tile is read once per KV head; the token range
-is cut into splits (flash-decoding) whose partial (out, lse) a second kernel merges, one row per
-program with all splits loaded at once. With one split the attention kernel writes the final
-output itself and there is no second launch (`default_num_splits` sizes the grid in whole waves).
+is cut into splits (flash-decoding) that start at page boundaries, and whose partial (out, lse) a
+second kernel merges: one or four rows per program, a chunk of up to 32 splits loaded at once and
+folded in elementwise by each thread. With one split the attention kernel writes the final output
+itself and there is no second launch (`default_num_splits` sizes the grid in whole waves).
 Given the block's own K/V as well (`block_attention`), split 0 attends to them after its context
 tiles, so attention over [context, block] is this one kernel (and the merge).
 
@@ -147,9 +148,10 @@ def _paged_attention_kernel(
     k_base = k_ptr + kvh.to(tl.int64) * stride_kh
     v_base = v_ptr + kvh.to(tl.int64) * stride_kh
     score_base = (n * HKV + kvh).to(tl.int64)
-    # Every row block sees the same tokens; only the first writes the scores.
-    tok_lim = tl.where(rb == 0, max_tokens, 0)
-    page_lim = tl.where(rb == 0, max_pages, 0)
+    # Every row block sees the same tokens; only the first writes the scores. A split starts at a
+    # page, not at a tile, so its last tile may reach into the next split: it writes no score there.
+    tok_lim = tl.where(rb == 0, split_end, 0)
+    page_lim = tok_lim // PAGE
 
     if SCORES and not MEAN_FROM_S:
         # Several row blocks: this program sees only some of the queries, so it scores with the
@@ -234,8 +236,9 @@ def _paged_attention_kernel(
             m_i, l_i, acc = _softmax_update(s, vb, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     if SCORES:
-        # Entries of this split beyond kv_len: -inf, so selection never picks them.
-        tail_lo = tl.maximum(lo, tl.cdiv(kvl, BLOCK_N) * BLOCK_N)
+        # Entries of this split beyond kv_len and past its last tile: -inf, so selection never
+        # picks them (the last tile already wrote -inf for its tokens beyond kv_len).
+        tail_lo = lo + tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N) * BLOCK_N
         for start in range(tail_lo, split_end, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             if TOKEN_SCORES:
@@ -269,45 +272,52 @@ def _paged_attention_kernel(
         tl.store(part_lse_ptr + wrow, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["rows", "num_splits"])
 def _merge_splits_kernel(
-    part_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits,
-    CHUNK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
+    part_ptr, part_lse_ptr, out_ptr, lse_ptr, rows, num_splits,
+    BLOCK_R: tl.constexpr, CHUNK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
-    """Grid (rows,): log-sum-exp merge of one row's splits (layout: see the attention kernel).
+    """Grid (cdiv(rows, BLOCK_R),): log-sum-exp merge of BLOCK_R rows' splits (layout: see the
+    attention kernel).
 
-    One pass: each step loads CHUNK_S splits' lse and partial outputs together and folds them in
-    with a running max, so a row whose splits fit one chunk (the usual case) waits for memory once.
-    USE_PDL: launched as a programmatic dependent of the attention kernel, it waits for that
-    kernel's writes here, before its first load.
+    The splits of a chunk are unrolled (CHUNK_S of them), so their loads are all in flight at once,
+    and each is folded in elementwise with a running max: every thread merges its own elements, with
+    no reduction across threads. (Reducing a [splits, D] tile over its split axis, one row per
+    program, went through shared memory with 8-10-way bank conflicts: 37 us for 12 MB of partials
+    on the H200.) USE_PDL: launched as a programmatic dependent of the attention kernel, it waits
+    for that kernel's writes here, before its first load.
     """
-    row = tl.program_id(0).to(tl.int64)
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < rows
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    base = row * num_splits
+    base = offs_r * num_splits
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    m = tl.full([], float("-inf"), dtype=tl.float32)
-    den = tl.zeros([], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    den = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     for c in range(0, num_splits, CHUNK_S):
-        offs_c = c + tl.arange(0, CHUNK_S)
-        c_ok = offs_c < num_splits
-        lse_c = tl.load(part_lse_ptr + base + offs_c, mask=c_ok, other=float("-inf"))
-        o = tl.load(part_ptr + (base + offs_c)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=c_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(lse_c, axis=0))
-        # All splits so far empty: shift by 0, so exp(-inf - 0) = 0 instead of exp(nan).
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - shift)
-        w = tl.exp(lse_c - shift)
-        den = den * alpha + tl.sum(w, axis=0)
-        acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
-        m = m_new
+        for j in tl.static_range(CHUNK_S):
+            split = c + j
+            ok = r_ok & (tl.zeros_like(offs_r) + split < num_splits)
+            lse_s = tl.load(part_lse_ptr + base + split, mask=ok, other=float("-inf"))
+            o = tl.load(part_ptr + (base + split)[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            m_new = tl.maximum(m, lse_s)
+            # All splits so far empty: shift by 0, so exp(-inf - 0) = 0 instead of exp(nan).
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - shift)
+            w = tl.exp(lse_s - shift)
+            den = den * alpha + w
+            acc = acc * alpha[:, None] + w[:, None] * o
+            m = m_new
     empty = den == 0.0
     den_safe = tl.where(empty, 1.0, den)
-    tl.store(out_ptr + row * HEAD_DIM + offs_d, (acc / den_safe).to(out_ptr.dtype.element_ty), mask=d_ok)
-    tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m + tl.log(den_safe)))
+    tl.store(out_ptr + offs_r[:, None] * HEAD_DIM + offs_d[None, :],
+             (acc / den_safe[:, None]).to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + offs_r, tl.where(empty, float("-inf"), m + tl.log(den_safe)), mask=r_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,39 +396,42 @@ def default_config(rows: int, head_dim: int, page_size: int, device: torch.devic
                 num_stages=stages)
 
 
-def programs_per_sm(block_m: int) -> int:
-    """How many attention programs one SM holds at once: a 128-row tile (8 warps, a 64 KB fp32
-    accumulator in registers, a 32 KB q tile and 3 K/V stages in shared memory) fills an SM; a
-    64-row one leaves room for a second. Measured on H100/H200: grids of more programs than this
-    times the SM count run in extra waves (see `default_num_splits`)."""
-    return 1 if block_m >= 128 else 2
+def merge_rows_per_program(rows: int) -> int:
+    """Rows per merge program. Many rows (batch 6: 6-12K): 4 rows of 128 dims over 2 warps, one
+    16-byte load per thread per split. Few rows (N=1: 512-1024): one row per 1-warp program, so
+    the grid still puts several warps on every SM to wait on the partials' loads (4 rows per
+    program left one warp per scheduler: 12.6 us against 6 us for N=1's 26 splits, under ncu)."""
+    return 4 if rows >= 4096 else 1
 
 
 # A program's fixed cost (q load, pipeline fill, partial-output store), in K/V tiles: fitted to
-# the H200 split sweep of `benchmarks.kernels --batch 6` (5% of 128K: one wave of 96 programs beat
-# two or three waves of smaller ones by 14-25%).
-_PROGRAM_OVERHEAD_TILES = 16
+# the H200 split sweeps of `benchmarks.kernels` (N=1 exact and sparse, and --batch 6 sparse, over
+# 32K-128K, with the row-blocked merge): 4 picks the fastest measured count in 12 of 16 rows and
+# one within 7% of it in the others.
+_PROGRAM_OVERHEAD_TILES = 4
 
 
 def default_num_splits(programs: int, max_tokens: int, block_n: int, rows: int,
-                       num_sms: int | None, per_sm: int = 1) -> int:
+                       num_sms: int | None) -> int:
     """Splits per (row, KV head, row block), chosen by a wave model of the grid.
 
     programs = N * Hkv * row_blocks; num_sms None means the CPU interpreter (a small number).
-    The grid of programs * s programs runs in ceil(programs * s / (num_sms * per_sm)) waves, each as
-    long as one program: its tiles / s plus a fixed cost. The count with the shortest estimate
-    wins (ties: fewer splits): one full wave for short lists (5% selections), several full waves
-    for long ones (exact attention over 128K). A split keeps at least max(2, 2 * rows / block_n)
-    tiles: it writes rows * D fp32 partials that the merge reads back, which should not outweigh
-    the (2-byte) K/V tiles it reads. When that leaves a single split, the kernel writes the final
-    output itself (no merge launch).
+    The grid of programs * s programs runs in ceil(programs * s / num_sms) waves, each as long as
+    one program: its tiles / s plus a fixed cost. The count with the shortest estimate wins (ties:
+    fewer splits): one full wave for short lists (5% selections), several full waves for long ones
+    (exact attention over 128K). A wave is one program per SM even where two fit (64-row tiles):
+    co-resident programs share its issue slots and load pipes, and at N=1 over 5-10% of 128K the H200
+    ran 16 splits (one wave) 18-39% faster than 32 (two programs on each SM). A split keeps at
+    least max(2, 2 * rows / block_n) tiles: it writes rows * D partials that the merge reads back,
+    which should not outweigh the (2-byte) K/V tiles it reads. When that leaves a single split,
+    the kernel writes the final output itself (no merge launch).
     """
     tiles = max(1, triton.cdiv(max_tokens, block_n))
     if num_sms is None:
         return min(2, tiles)
     min_tiles = max(2, triton.cdiv(2 * rows, block_n))
     most = max(1, tiles // min_tiles)
-    slots = max(1, num_sms * per_sm)
+    slots = max(1, num_sms)
     programs = max(1, programs)
 
     def estimate(s: int) -> float:
@@ -434,7 +447,7 @@ def launch_config(n: int, hq: int, t: int, head_dim: int, hkv: int, page_size: i
     """Everything `paged_attention` decides before launching, for callers that preallocate
     (CUDA graphs) or tune. Returns dict(block_m, block_n, num_warps, num_stages, row_blocks,
     num_splits (the effective count: splits that would start past the end are dropped),
-    split_tokens, workspace_numel (fp32 elements of the split workspace; 0 for one split))."""
+    split_tokens (a multiple of page_size), workspace_numel (fp32 elements of the split workspace; 0 for one split))."""
     rows = hq // hkv * t
     cfg = default_config(rows, head_dim, page_size, device)
     bm = block_m or cfg["block_m"]
@@ -447,10 +460,13 @@ def launch_config(n: int, hq: int, t: int, head_dim: int, hkv: int, page_size: i
     if num_splits is None:
         sms = (torch.cuda.get_device_properties(device).multi_processor_count
                if device.type == "cuda" else None)
-        num_splits = default_num_splits(n * hkv * row_blocks, max_tokens, bn, rows, sms, programs_per_sm(bm))
+        num_splits = default_num_splits(n * hkv * row_blocks, max_tokens, bn, rows, sms)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), bn) * bn
+    # Splits start at pages, not tiles: a split then has as many tiles as with tile-aligned
+    # bounds but no more tokens than it needs, and a requested count is kept (33 splits of 2048
+    # pages stay 33; bounds at 64-token tiles would make them 32).
+    split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), page_size) * page_size
     num_splits = triton.cdiv(max_tokens, split_tokens)
     return dict(block_m=bm, block_n=bn, num_warps=num_warps or cfg["num_warps"],
                 num_stages=num_stages or cfg["num_stages"], row_blocks=row_blocks,
@@ -621,10 +637,16 @@ def paged_attention(
     )
     if splits > 1:
         pdl_kwargs = dict(launch_pdl=True) if use_pdl else {}
-        _merge_splits_kernel[(n * hq * t,)](
-            partials, partial_lse, out, lse, splits,
-            CHUNK_S=min(max(2, triton.next_power_of_2(splits)), 32), HEAD_DIM=d, BLOCK_D=block_d,
-            USE_PDL=use_pdl, num_warps=4 if block_d >= 128 else 2, **pdl_kwargs,
+        rows = n * hq * t
+        block_r = merge_rows_per_program(rows)
+        # A chunk's loads wait on memory together: up to 32 splits of one row (N=1's 16-32 splits
+        # in one round trip), or 16 splits of 4 rows (for registers).
+        chunk = min(triton.next_power_of_2(splits), 32 if block_r == 1 else 16)
+        _merge_splits_kernel[(triton.cdiv(rows, block_r),)](
+            partials, partial_lse, out, lse, rows, splits,
+            BLOCK_R=block_r, CHUNK_S=chunk,
+            HEAD_DIM=d, BLOCK_D=block_d, USE_PDL=use_pdl, num_warps=max(1, block_r * block_d // 256),
+            **pdl_kwargs,
         )
     return out, lse, pscores, tscores
 
@@ -812,6 +834,6 @@ def block_attention_reference(
 __all__ = [
     "HostPointer", "paged_attention", "paged_attention_reference", "block_attention",
     "block_attention_reference",
-    "default_config", "default_num_splits", "launch_config", "pdl_supported", "programs_per_sm",
+    "default_config", "default_num_splits", "launch_config", "merge_rows_per_program", "pdl_supported",
     "workspace_numel",
 ]

@@ -7,8 +7,13 @@ kernel could save) is measured rather than guessed, for each dtype of the split 
 is launched plainly here (pdl=False): launched as a programmatic dependent it would be resident
 while the attention runs, and its duration would include that wait. Prints JSON.
 
+--ncu runs each case once inside a CUDA profiler range instead (compiled and warmed up outside it),
+for Nsight Compute's hardware counters; the cases print in launch order, the report's order:
+
     python scripts/probe_sparse_phases.py [--contexts 32768 131072] [--T 16 32] [--fractions 0.05 0.1]
-        [--partial-dtypes bfloat16 float32]
+        [--batch 1] [--splits 8 16 (0: paged_attention's default)] [--partial-dtypes bfloat16 float32]
+    ncu --clock-control none --profile-from-start off --set full -o $OUT/sparse \
+        python scripts/probe_sparse_phases.py --ncu --splits 0
 """
 from __future__ import annotations
 
@@ -45,12 +50,24 @@ def kernel_times(fn, flush: torch.Tensor, reps: int) -> dict:
     return times
 
 
+def profiled_once(fn) -> None:
+    """One call of fn inside a CUDA profiler range (after a warm-up outside it), for ncu."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--T", type=int, nargs="+", default=[16, 32], dest="ts")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.10])
     ap.add_argument("--splits", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--batch", type=int, default=1, help="sequences per call (each its own lists)")
+    ap.add_argument("--ncu", action="store_true", help="one call per case in a profiler range (for ncu)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--partial-dtypes", nargs="+", default=["bfloat16", "float32"],
                     choices=["bfloat16", "float32"])
@@ -64,27 +81,37 @@ def main() -> None:
     for ctx in args.contexts:
         for frac in args.fractions:
             n_sel = max(1, round(frac * ctx / PAGE))
-            k_pool = torch.randn(HKV * n_sel, PAGE, D, device=dev, dtype=torch.bfloat16, generator=gen)
+            n = args.batch
+            k_pool = torch.randn(n * HKV * n_sel, PAGE, D, device=dev, dtype=torch.bfloat16, generator=gen)
             v_pool = torch.randn_like(k_pool)
-            table = torch.randperm(HKV * n_sel, device=dev, generator=gen).reshape(1, HKV, n_sel).int()
-            kv_len = torch.full((1, HKV), n_sel * PAGE, dtype=torch.int32, device=dev)
+            table = torch.randperm(n * HKV * n_sel, device=dev, generator=gen).reshape(n, HKV, n_sel).int()
+            kv_len = torch.full((n, HKV), n_sel * PAGE, dtype=torch.int32, device=dev)
             nbytes = 2 * k_pool.numel() * k_pool.element_size()
             for t in args.ts:
-                q = torch.randn(1, HQ, t, D, device=dev, dtype=torch.bfloat16, generator=gen)
+                q = torch.randn(n, HQ, t, D, device=dev, dtype=torch.bfloat16, generator=gen)
                 for splits in args.splits:
-                    cfg = dict(num_splits=splits, block_n=64, num_warps=4 if t <= 16 else 8, num_stages=3)
-                    plan = launch_config(1, HQ, t, D, HKV, PAGE, n_sel, dev, **cfg)
+                    cfg = dict(num_splits=splits or None, block_n=64)
+                    if not args.ncu:  # the sweep's fixed configs; under ncu, what paged_attention picks
+                        cfg.update(num_warps=4 if t <= 16 else 8, num_stages=3)
+                    plan = launch_config(n, HQ, t, D, HKV, PAGE, n_sel, dev, **cfg)
                     bufs = preallocated(q, n_sel, PAGE, cfg)
                     for partials in args.partial_dtypes:
                         kw = dict(cfg, partial_dtype=getattr(torch, partials), pdl=False)
-                        times = kernel_times(lambda: paged_attention(q, k_pool, v_pool, table, kv_len,
-                                                                     scale=D ** -0.5, **kw, **bufs),
-                                             flush, args.reps)
-                        attn = sum(us for name, us in times.items() if "paged_attention" in name)
-                        merge = sum(us for name, us in times.items() if "merge_splits" in name)
-                        row = dict(context=ctx, fraction=frac, T=t, num_splits=plan["num_splits"],
-                                   partial_dtype=partials, MB=nbytes / 1e6, attention_us=attn, merge_us=merge,
-                                   attention_TBps=nbytes / (attn * 1e-6) / 1e12 if attn else None)
+
+                        def call():
+                            return paged_attention(q, k_pool, v_pool, table, kv_len, scale=D ** -0.5, **kw, **bufs)
+
+                        row = dict(batch=n, context=ctx, fraction=frac, T=t, num_splits=plan["num_splits"],
+                                   block_m=plan["block_m"], num_warps=plan["num_warps"],
+                                   partial_dtype=partials, MB=nbytes / 1e6)
+                        if args.ncu:  # the times are in ncu's report; this row says which case it is
+                            profiled_once(call)
+                        else:
+                            times = kernel_times(call, flush, args.reps)
+                            attn = sum(us for name, us in times.items() if "paged_attention" in name)
+                            merge = sum(us for name, us in times.items() if "merge_splits" in name)
+                            row.update(attention_us=attn, merge_us=merge,
+                                       attention_TBps=nbytes / (attn * 1e-6) / 1e12 if attn else None)
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), indent=1))

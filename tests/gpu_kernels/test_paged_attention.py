@@ -22,7 +22,7 @@ from gpu_kernels.merge import (  # noqa: E402
     block_self_attention, merge_attention_states)
 from gpu_kernels.paged_attention import (  # noqa: E402
     block_attention, block_attention_reference, default_num_splits, launch_config, paged_attention,
-    paged_attention_reference, programs_per_sm)
+    merge_rows_per_program, paged_attention_reference)
 
 CPU = torch.device("cpu")
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -173,11 +173,13 @@ def test_splits_agree_and_scores_optional():
     assert rel_err(out_s, results[0][0]) < 1e-5
 
 
-def test_merge_of_more_splits_than_one_chunk():
-    """41 splits of one 16-token tile each (41 table entries): the merge takes two 32-split chunks."""
-    q, k, v, table, kv_len = make_case("store", 1, 1, 2, 2, 16, 16, [[630]], torch.float32, seed=7)
+@pytest.mark.parametrize("g,t", [(2, 2), (1, 3), (3, 3)])
+def test_merge_of_more_splits_than_one_chunk(g, t):
+    """41 splits of one 16-token tile each (41 table entries): the merge takes three 16-split
+    chunks, the last one ragged; 3 and 9 rows are not a multiple of the merge's rows per program."""
+    q, k, v, table, kv_len = make_case("store", 1, 1, g, t, 16, 16, [[630]], torch.float32, seed=7)
     check_against_reference(q, k, v, table, kv_len, TOL[torch.float32], num_splits=41, block_n=16)
-    assert launch_config(1, 2, 2, 16, 1, 16, table.shape[-1], q.device, num_splits=41,
+    assert launch_config(1, g, t, 16, 1, 16, table.shape[-1], q.device, num_splits=41,
                          block_n=16)["num_splits"] == 41
 
 
@@ -231,28 +233,35 @@ def test_preallocated_workspace_and_buffers_are_used():
 
 
 def test_default_num_splits_fills_the_gpu_with_a_few_tiles_per_split():
-    # exact 32K context, 8 KV heads, 64-row tiles (two programs per SM): one full wave
-    assert default_num_splits(8, 32768, 64, 64, 132, per_sm=2) == 33
+    # exact 32K context, 8 KV heads: one wave of one program per SM (not two per SM, which 64-row
+    # tiles would fit)
+    assert default_num_splits(8, 32768, 64, 64, 132) == 16
     # 16 tiles per head: splits keep >= 2 tiles (64 rows) or >= 4 tiles (128 rows)
-    assert default_num_splits(8, 1024, 64, 64, 132, per_sm=2) == 8
+    assert default_num_splits(8, 1024, 64, 64, 132) == 8
     assert default_num_splits(8, 1024, 64, 128, 132) == 4
     # a head of at most 3 tiles is not split: the kernel writes the final output, no merge launch
-    assert default_num_splits(8, 192, 64, 64, 132, per_sm=2) == 1
+    assert default_num_splits(8, 192, 64, 64, 132) == 1
     assert default_num_splits(8, 192, 64, 64, None) == 2  # interpreter: exercise the merge anyway
-    # the effective count drops splits that would start past the end
+    # splits start at pages (not 64-token tiles), so a requested count is kept ...
     plan = launch_config(1, 32, 16, 128, 8, 16, 2048, torch.device("cpu"), num_splits=33)
-    assert plan["num_splits"] == 32 and plan["split_tokens"] == 1024
+    assert plan["num_splits"] == 33 and plan["split_tokens"] == 63 * 16
+    # ... except for splits that would start past the end: dropped
+    plan = launch_config(1, 32, 16, 128, 8, 16, 10, torch.device("cpu"), num_splits=64)
+    assert plan["num_splits"] == 10 and plan["split_tokens"] == 16
 
 
-def test_default_num_splits_avoids_a_partial_extra_wave():
-    # herald at batch 6 (48 lists of a 5% selection of 128K, 128-row tiles, one program per SM):
-    # one wave of 96 programs, not 288 programs in three waves (the H200 sweep: 87 vs 104 us)
-    assert default_num_splits(48, 417 * 16, 64, 128, 132) == 2
+def test_default_num_splits_weighs_waves_against_the_fixed_cost():
+    # herald at batch 6 (48 lists of a 5% selection of 128K, 128-row tiles): two waves of 240
+    # programs, not one of 96 (the H200 sweep with the row-blocked merge: 5 and 8 splits within 1%
+    # of each other, 2 splits 4% slower)
+    assert default_num_splits(48, 417 * 16, 64, 128, 132) == 5
     # exact attention over 128K at batch 6: whole waves (4 x 132 programs), not 2 x 48 on 96 SMs
     assert default_num_splits(48, 131072, 64, 128, 132) == 11
-    # the lookahead pass (64 queries: two row blocks): 96 programs already fill one wave
-    assert default_num_splits(96, 417 * 16, 64, 256, 132) == 1
-    assert programs_per_sm(128) == 1 and programs_per_sm(64) == 2
+    # the lookahead pass (64 queries: two row blocks): 3 waves of 4 splits, not 96 programs on
+    # 96 of the 132 SMs (0.134 against 0.146 ms)
+    assert default_num_splits(96, 417 * 16, 64, 256, 132) == 4
+    # merge programs: one row each for N=1's few hundred rows, 4 rows each at batch 6
+    assert merge_rows_per_program(512) == 1 and merge_rows_per_program(6 * 32 * 64) == 4
 
 
 # ---------------------------------------------------------------- merging and the block part
@@ -341,7 +350,7 @@ def test_paged_attention_checks_the_block_part():
 
 def test_split_partials_in_16_bit_and_many_chunks():
     """fp16 partials (the default for fp16 q) and fp32 ones both match the reference, over more
-    splits than one merge chunk holds (40 > 32, some of them empty for the shorter lists)."""
+    splits than one merge chunk holds (40 > 16, some of them empty for the shorter lists)."""
     q, k, v, table, kv_len = make_case("pool", 2, 2, 4, 3, 16, 16, [[700, 33], [0, 650]],
                                        torch.float16, seed=8)
     outs = {}
