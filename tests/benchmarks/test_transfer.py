@@ -1,7 +1,8 @@
 """The transfer benchmark's overlap part as a CPU dry run (the Triton interpreter; its numbers mean
-nothing): every pair of passes runs, the pages land bit for bit, and the JSON carries the per-pair
+nothing): every triplet of passes runs, the pages land bit for bit, and the JSON carries the per-triplet
 end-to-end shares and the SM-tax model."""
 import json
+import statistics
 
 import pytest
 import torch
@@ -23,7 +24,11 @@ def test_overlap_only_dry_run(tmp_path, capsys):
         (case, cap) for case in ("compute>transfer", "compute<transfer") for cap in (4, 0))
     for c in cases:
         assert c["ok"], "a fetched page differs from the host store"
-        assert len(c["hidden_fraction_e2e_runs"]) == 2  # --quick runs two pairs per row
+        # --quick runs two (compute-only, compute + fetch, fetch-only) triplets per row, and each
+        # end-to-end share is against its own triplet's fetch-only time
+        assert len(c["hidden_fraction_e2e_runs"]) == len(c["transfer_alone_runs"]) == 2
+        assert all(a > 0 for a in c["transfer_alone_runs"])
+        assert c["transfer_alone_per_layer_ms"] == pytest.approx(statistics.median(c["transfer_alone_runs"]))
         assert c["sm_tax_model_e2e"] == sm_tax_hidden(c["max_programs"], 2)
     assert "e2e hid" in capsys.readouterr().out
 
