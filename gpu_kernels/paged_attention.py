@@ -88,7 +88,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     WRITE_FINAL: tl.constexpr, HAS_BLOCK: tl.constexpr,
     PAGE_SCORES: tl.constexpr, TOKEN_SCORES: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, OFFSETS_64: tl.constexpr,
 ):
     """Grid (N * HKV * ROW_BLOCKS, num_splits). q, K and V are contiguous in the head dim; K and V
     share their strides (one store).
@@ -107,6 +107,11 @@ def _paged_attention_kernel(
     USE_PDL (Hopper+, with the merge launched as a programmatic dependent): each program lets the
     merge launch once its own tiles are done, so the merge's programs are launched while the
     grid's last programs write their partials rather than after the grid has ended.
+
+    OFFSETS_64: K/V element offsets need 64 bits (a store of 2^31 elements or more); otherwise they
+    are 32-bit. With the loop-invariant offsets below, that takes the loop from 640 to 458 sm_90
+    instructions per tile at 64-row tiles (513 to 417 at 128 rows; `scripts/sass_attention_loop.py`),
+    in a loop that is bound by instruction issue at N=1 (Nsight Compute).
     """
     SCORES: tl.constexpr = PAGE_SCORES or TOKEN_SCORES
     # One row block holds every query of its KV head: the block-mean query's scores are the
@@ -185,16 +190,24 @@ def _paged_attention_kernel(
     # The lookup is bounded by the table, not by kv_len, so the first one goes out together with
     # the kv_len load instead of after it (one memory latency less before the first K/V tile);
     # entries past kv_len are loaded but only address masked-off tokens.
-    offs_next = lo + tl.arange(0, BLOCK_N)
-    page_next = tl.load(pt_base + (offs_next // PAGE) * stride_pte, mask=offs_next < split_end, other=0)
+    # Splits and tiles start at pages, so a token's table entry and its row inside the page depend on
+    # its place in the tile alone: those offsets are loop-invariant (hoisted), and the bounds are
+    # compared as tile positions against one scalar each (no per-token add before the compares).
+    tile_tok = tl.arange(0, BLOCK_N)
+    tile_entry = tile_tok // PAGE
+    row_off = (tile_tok % PAGE)[:, None] * stride_kt + offs_d[None, :]
+    page_next = tl.load(pt_base + (lo // PAGE + tile_entry) * stride_pte, mask=tile_tok < split_end - lo,
+                        other=0)
     for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        tok_ok = offs_n < hi
-        page = page_next.to(tl.int64)
-        offs_next = offs_n + BLOCK_N
-        page_next = tl.load(pt_base + (offs_next // PAGE) * stride_pte, mask=offs_next < split_end,
-                            other=0)
-        kv_off = page[:, None] * stride_kp + (offs_n % PAGE)[:, None] * stride_kt + offs_d[None, :]
+        offs_n = start + tile_tok
+        tok_ok = tile_tok < hi - start
+        if OFFSETS_64:
+            page = page_next.to(tl.int64)
+        else:
+            page = page_next
+        page_next = tl.load(pt_base + ((start + BLOCK_N) // PAGE + tile_entry) * stride_pte,
+                            mask=tile_tok < split_end - start - BLOCK_N, other=0)
+        kv_off = page[:, None] * stride_kp + row_off
         if EVEN_D:
             kv_mask = tok_ok[:, None]
         else:
@@ -394,6 +407,10 @@ def default_config(rows: int, head_dim: int, page_size: int, device: torch.devic
     stages = 3 if kv_tile_bytes <= 32768 else 2 if kv_tile_bytes <= 65536 else 1
     return dict(block_m=block_m, block_n=block_n, num_warps=8 if block_m >= 128 else 4,
                 num_stages=stages)
+
+
+# K/V offsets below this many elements are computed in 32 bits inside the attention kernel.
+INT32_OFFSETS_BELOW = 2 ** 31
 
 
 def merge_rows_per_program(rows: int) -> int:
@@ -633,7 +650,8 @@ def paged_attention(
         BLOCK_M=cfg["block_m"], ROW_BLOCKS=cfg["row_blocks"], BLOCK_N=cfg["block_n"], PAGE=page_size,
         WRITE_FINAL=splits == 1, HAS_BLOCK=has_block, PAGE_SCORES=want_pages, TOKEN_SCORES=want_tokens,
         UPCAST=upcast, DOT_PRECISION="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
-        USE_PDL=use_pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        USE_PDL=use_pdl, OFFSETS_64=_max_offset(_unwrap(k_pages)) >= INT32_OFFSETS_BELOW,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
         pdl_kwargs = dict(launch_pdl=True) if use_pdl else {}
@@ -649,6 +667,11 @@ def paged_attention(
             **pdl_kwargs,
         )
     return out, lse, pscores, tscores
+
+
+def _max_offset(x: torch.Tensor) -> int:
+    """The largest element offset from x's first element (any strides)."""
+    return sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()) if size > 0)
 
 
 def _partial_dtype(requested: torch.dtype | None, q_dtype: torch.dtype, upcast: bool) -> torch.dtype:

@@ -183,6 +183,22 @@ def test_merge_of_more_splits_than_one_chunk(g, t):
                          block_n=16)["num_splits"] == 41
 
 
+def test_64_bit_offsets_match_32_bit(monkeypatch):
+    """The kernel computes K/V offsets in 32 bits below 2^31 elements and in 64 bits above; with the
+    limit at 0 the 64-bit path runs on a small store and must give the same result (scores too)."""
+    import gpu_kernels.paged_attention as pa
+
+    q, k, v, table, kv_len = make_case("store", 2, 2, 2, 3, 16, 16, [[150, 40], [64, 0]],
+                                       torch.float32, seed=3)
+    kw = dict(scale=0.3, num_splits=3, block_n=32, return_page_scores=True)
+    out32, lse32, ps32, _ = paged_attention(q, k, v, table, kv_len, **kw)
+    monkeypatch.setattr(pa, "INT32_OFFSETS_BELOW", 0)
+    out64, lse64, ps64, _ = paged_attention(q, k, v, table, kv_len, **kw)
+    assert torch.equal(out32, out64) and torch.equal(lse32, lse64) and torch.equal(ps32, ps64)
+    assert pa._max_offset(k) == k.numel() - 1
+    assert pa._max_offset(k[:, :1]) == (k.shape[0] - 1) * k.stride(0) + (k.shape[2] - 1) * k.stride(2) + k.shape[3] - 1
+
+
 def test_kv_len_1d_and_all_empty():
     q, k, v, table, kv_len = make_case("store", 2, 2, 1, 2, 16, 16, [[20, 20], [33, 33]],
                                        torch.float32, seed=2)
