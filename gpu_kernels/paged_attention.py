@@ -448,13 +448,12 @@ def default_num_splits(programs: int, max_tokens: int, block_n: int, rows: int,
         return min(2, tiles)
     min_tiles = max(2, triton.cdiv(2 * rows, block_n))
     most = max(1, tiles // min_tiles)
-    slots = max(1, num_sms)
-    programs = max(1, programs)
+    num_sms, programs = max(1, num_sms), max(1, programs)
 
     def estimate(s: int) -> float:
-        return triton.cdiv(programs * s, slots) * (tiles / s + _PROGRAM_OVERHEAD_TILES)
+        return triton.cdiv(programs * s, num_sms) * (tiles / s + _PROGRAM_OVERHEAD_TILES)
 
-    return min(range(1, min(most, 4 * slots) + 1), key=lambda s: (estimate(s), s))
+    return min(range(1, min(most, 4 * num_sms) + 1), key=lambda s: (estimate(s), s))
 
 
 def launch_config(n: int, hq: int, t: int, head_dim: int, hkv: int, page_size: int, max_pages: int,

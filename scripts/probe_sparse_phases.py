@@ -8,12 +8,11 @@ is launched plainly here (pdl=False): launched as a programmatic dependent it wo
 while the attention runs, and its duration would include that wait. Prints JSON.
 
 --ncu runs each case once inside a CUDA profiler range instead (compiled and warmed up outside it),
-for Nsight Compute's hardware counters; the cases print in launch order, the report's order:
+for Nsight Compute's hardware counters (`bash scripts/ncu_sparse.sh NAME [these args]` runs it so);
+the cases print in launch order, the report's order:
 
     python scripts/probe_sparse_phases.py [--contexts 32768 131072] [--T 16 32] [--fractions 0.05 0.1]
         [--batch 1] [--splits 8 16 (0: paged_attention's default)] [--partial-dtypes bfloat16 float32]
-    ncu --clock-control none --profile-from-start off --set full -o $OUT/sparse \
-        python scripts/probe_sparse_phases.py --ncu --splits 0
 """
 from __future__ import annotations
 

@@ -175,8 +175,8 @@ def test_splits_agree_and_scores_optional():
 
 @pytest.mark.parametrize("g,t", [(2, 2), (1, 3), (3, 3)])
 def test_merge_of_more_splits_than_one_chunk(g, t):
-    """41 splits of one 16-token tile each (41 table entries): the merge takes three 16-split
-    chunks, the last one ragged; 3 and 9 rows are not a multiple of the merge's rows per program."""
+    """41 splits of one 16-token tile each (41 table entries): the merge takes a 32-split chunk
+    and a ragged one; 3 and 9 rows are not a multiple of the rows a merge program can hold."""
     q, k, v, table, kv_len = make_case("store", 1, 1, g, t, 16, 16, [[630]], torch.float32, seed=7)
     check_against_reference(q, k, v, table, kv_len, TOL[torch.float32], num_splits=41, block_n=16)
     assert launch_config(1, g, t, 16, 1, 16, table.shape[-1], q.device, num_splits=41,
@@ -366,7 +366,7 @@ def test_paged_attention_checks_the_block_part():
 
 def test_split_partials_in_16_bit_and_many_chunks():
     """fp16 partials (the default for fp16 q) and fp32 ones both match the reference, over more
-    splits than one merge chunk holds (40 > 16, some of them empty for the shorter lists)."""
+    splits than one merge chunk holds (40 > 32, some of them empty for the shorter lists)."""
     q, k, v, table, kv_len = make_case("pool", 2, 2, 4, 3, 16, 16, [[700, 33], [0, 650]],
                                        torch.float16, seed=8)
     outs = {}
