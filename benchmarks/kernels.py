@@ -157,6 +157,9 @@ def sweep_configs(quick: bool) -> list[dict]:
         return [dict(block_n=64, num_warps=4, num_stages=3), dict(block_n=64, num_warps=8, num_stages=3),
                 dict(block_n=128, num_warps=8, num_stages=2)]
     return [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=64, num_warps=4, num_stages=3),
+            # a fourth stage keeps three 32 KB K+V tiles in flight per program: the N=1 sparse rows
+            # are bound by memory latency per program, not by instructions (RESULTS, 2026-12-06)
+            dict(block_n=64, num_warps=4, num_stages=4),
             dict(block_n=64, num_warps=8, num_stages=3), dict(block_n=64, num_warps=8, num_stages=4),
             dict(block_n=128, num_warps=4, num_stages=2), dict(block_n=128, num_warps=8, num_stages=2),
             # 128-token tiles with 3 stages (208 KB of shared memory at 64 rows): a fifth fewer sm_90

@@ -4,10 +4,11 @@ Compiles `_paged_attention_kernel` for Hopper with Triton's bundled ptxas, speci
 launcher specialises the pool-layout call of `benchmarks.kernels` (16-byte aligned pointers and
 strides, a stride of 1 made a constant), disassembles it with the bundled cuobjdump, and prints, per
 launch config, the kernel's shared memory and the static instruction count of its main loop (the
-body between the loop's backward branch and its target) by opcode. At N=1 the kernel is bound by
-instruction issue (Nsight Compute: IPC 1.48, under one eligible warp per scheduler), so this count
-is what a change to the loop's arithmetic moves. Use the Triton the GPU runs (the lent H200 has
-3.6; other versions pipeline differently): the shared-memory figure then matches ncu's.
+body between the loop's backward branch and its target) by opcode: what a change to the loop's
+arithmetic moves. Time the change too: at N=1, cutting this count from 640 to 458 and then to 375
+left the sparse kernel's time unchanged on an H100 (`benchmarks/RESULTS.md`, 2026-12-06), as
+that case is bound by memory latency per program. Use the Triton the GPU runs (3.6 on the lent
+machines; other versions pipeline differently): the shared-memory figure then matches ncu's.
 
     python scripts/sass_attention_loop.py [--configs '[{"block_m": 64, "num_warps": 4, "T": 16},
         {"block_m": 128, "num_warps": 8, "T": 32, "OFFSETS_64": true}]']

@@ -139,6 +139,8 @@ CASES = [
     # per-head table over the store layout; several row blocks (G*T = 20 rows, 16 per program)
     ("store_per_head", 16, 5, 4, 16, torch.float32, 2, dict(block_m=16, block_n=16),
      [[50, 0], [16, 81]]),
+    # splits of several tiles and a partial last tile; a list shorter than one split
+    ("pool", 16, 3, 2, 16, torch.float32, 2, dict(block_n=16), [[75, 130], [16, 33]]),
     # head_dim not a power of two (masked D); default num_splits
     ("pool", 16, 5, 4, 24, torch.float32, None, {}, [[40, 75], [9, 0]]),
 ]
