@@ -1,7 +1,8 @@
 """Paged attention kernel throughput on the GPU, against the limits measured in the same run.
 
 One run measures:
-  1. pinned host->GPU copy bandwidth (1 GiB) and HBM device copy bandwidth (read + write);
+  1. pinned host->GPU copy bandwidth (1 GiB), HBM device copy bandwidth (read + write) and HBM read
+     bandwidth (a reduction);
   2. for N=1 (`--batch`: N sequences, sparse rows only), Hq=32, Hkv=8, D=128, bf16, T in {16, 32},
      context in {32K, 64K, 128K},
      page_size in {16, 64}:
@@ -13,16 +14,17 @@ One run measures:
      (c) sparse: a random 5% and 10% of the pages per KV head in the pool layout: the bytes
          read (K+V of the selected pages, plus q and the page table) and TB/s over the K+V bytes,
          against what a graph replay could reach: the replay floor of a graph of one (or two, with
-         the split merge) trivial kernels, measured in the same run, plus the bytes at HBM speed;
-         the graph-best variant is replayed again after a read-only L2 flush (clean cold lines) and
-         with each list's page table in ascending slot order.
+         the split merge) trivial kernels, measured in the same run, plus the bytes at the HBM read
+         rate; the graph-best variant is replayed again after the other L2 flush (--l2) and with each
+         list's page table in ascending slot order, and its split path with each saving off.
   Each mode sweeps a few tile/warp/stage configs and split counts; every variant is checked
   against the plain-torch reference (rel error printed) and timed two ways:
     "launch ms": triton.testing.do_bench median of the Python call (allocations, checks and
                  kernel launches included; when the host is slower than the GPU this is host time);
     "graph ms":  one replay of a CUDA graph of the call with preallocated outputs and workspace
                  (what the runtime sees when it replays graphs), L2 flushed before each replay
-                 and the host's replay submission hidden behind a GPU sleep.
+                 (--l2: by writes, leaving dirty lines, or by reads) and the host's replay
+                 submission hidden behind a GPU sleep.
   The table shows the variant with the best launch ms and, separately, the best graph ms.
 Prints a table and writes $OUT/kernels.json (OUT defaults to ./out).
 
@@ -62,13 +64,17 @@ class Timer:
 
     triton.testing.do_bench flushes L2 (a 256 MB memset, not timed) before each repetition; the
     busy-wait variant also sleeps the GPU before the start event so that host-side launch work of
-    the call is off the clock. A large gap between the two means the call is launch-bound.
+    the call is off the clock. A large gap between the two means the call is launch-bound. The
+    busy-wait and graph timings flush L2 by reading (clean lines) unless dirty_l2: a memset leaves up
+    to an L2 of dirty lines, and a call reading 27 MB then also writes back as much of someone else's
+    data (on an H100 that made the N=1 sparse calls 15-27% slower than after a clean flush).
     """
 
-    def __init__(self, warmup_ms: float, rep_ms: float):
+    def __init__(self, warmup_ms: float, rep_ms: float, dirty_l2: bool = False):
         import triton.testing
         self.do_bench = triton.testing.do_bench
         self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+        self.dirty_l2 = dirty_l2  # how graph_ms / hidden_launch_ms flush L2 unless told
         self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
 
     def median_ms(self, fn) -> float:
@@ -82,7 +88,8 @@ class Timer:
         else:
             self.flush.view(torch.int32).amax()
 
-    def hidden_launch_ms(self, fn, reps: int = 20, dirty_l2: bool = True) -> float:
+    def hidden_launch_ms(self, fn, reps: int = 20, dirty_l2: bool | None = None) -> float:
+        dirty_l2 = self.dirty_l2 if dirty_l2 is None else dirty_l2
         fn()
         torch.cuda.synchronize()
         times = []
@@ -98,7 +105,7 @@ class Timer:
         times.sort()
         return times[len(times) // 2]
 
-    def graph_ms(self, fn, reps: int = 20, dirty_l2: bool = True) -> float:
+    def graph_ms(self, fn, reps: int = 20, dirty_l2: bool | None = None) -> float:
         """GPU time of one replay of a CUDA graph of fn (fn must allocate nothing: preallocated
         outputs), measured like hidden_launch_ms."""
         side = torch.cuda.Stream()
@@ -116,15 +123,19 @@ class Timer:
 
 
 def copy_bandwidths(timer: Timer, nbytes: int) -> dict:
+    """Pinned host->GPU copy, HBM device copy (read + write bytes) and HBM read (a reduction that
+    writes one number: the best of an fp32 sum and an int32 max over nbytes)."""
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     host.fill_(1)
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     h2d_ms = timer.median_ms(lambda: dev.copy_(host, non_blocking=True))
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    src = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
     d2d_ms = timer.median_ms(lambda: dev.copy_(src))
+    read_ms = min(timer.median_ms(lambda: src.view(torch.float32).sum()),
+                  timer.median_ms(lambda: src.view(torch.int32).amax()))
     del host, dev, src
     return dict(bytes=nbytes, pinned_h2d_GBps=nbytes / h2d_ms / 1e6,
-                hbm_copy_rw_GBps=2 * nbytes / d2d_ms / 1e6)
+                hbm_copy_rw_GBps=2 * nbytes / d2d_ms / 1e6, hbm_read_GBps=nbytes / read_ms / 1e6)
 
 
 def launch_floor(timer: Timer) -> dict:
@@ -139,12 +150,14 @@ def launch_floor(timer: Timer) -> dict:
 
 def attainable_fields(rec: dict, limits: dict) -> dict:
     """The best a graph replay of this call could do: the launch floor for its kernel count (the
-    split merge is a second kernel) plus its bytes at the measured HBM copy rate."""
+    split merge is a second kernel) plus its bytes at the measured HBM read rate (the copy rate for
+    runs that did not measure reads)."""
     if "graph_ms" not in rec:
         return {}
     merged = rec["graph_best"]["num_splits"] > 1
     floor = limits["launch_floor"]["graph_2_kernels_ms" if merged else "graph_1_kernel_ms"]
-    stream_ms = rec.get("read_bytes", rec["kv_bytes"]) / (limits["hbm_copy_rw_GBps"] * 1e6)
+    rate = limits.get("hbm_read_GBps", limits["hbm_copy_rw_GBps"])
+    stream_ms = rec.get("read_bytes", rec["kv_bytes"]) / (rate * 1e6)
     best_ms = floor + stream_ms
     return dict(floor_ms=floor, attainable_ms=best_ms, attainable_TBps=rec["kv_bytes"] / best_ms / 1e9,
                 frac_of_attainable=best_ms / rec["graph_ms"])
@@ -157,9 +170,6 @@ def sweep_configs(quick: bool) -> list[dict]:
         return [dict(block_n=64, num_warps=4, num_stages=3), dict(block_n=64, num_warps=8, num_stages=3),
                 dict(block_n=128, num_warps=8, num_stages=2)]
     return [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=64, num_warps=4, num_stages=3),
-            # a fourth stage keeps three 32 KB K+V tiles in flight per program: the N=1 sparse rows
-            # are bound by memory latency per program, not by instructions (RESULTS, 2026-12-06)
-            dict(block_n=64, num_warps=4, num_stages=4),
             dict(block_n=64, num_warps=8, num_stages=3), dict(block_n=64, num_warps=8, num_stages=4),
             dict(block_n=128, num_warps=4, num_stages=2), dict(block_n=128, num_warps=8, num_stages=2),
             # 128-token tiles with 3 stages (208 KB of shared memory at 64 rows): a fifth fewer sm_90
@@ -353,6 +363,10 @@ def bench_resident(timer, limits, sh: Shape, configs) -> dict:
     return rec
 
 
+def l2_state(dirty: bool) -> str:
+    return "dirty" if dirty else "clean"
+
+
 def bench_sparse(timer, limits, sh: Shape, configs, frac: float) -> dict:
     """(c) a random `frac` of the pages per KV head, gathered into the pool layout."""
     from gpu_kernels.paged_attention import paged_attention_reference
@@ -381,7 +395,8 @@ def bench_sparse(timer, limits, sh: Shape, configs, frac: float) -> dict:
                    "sparse", n_sel, sh.page)
     nbytes = 2 * k_pool.numel() * k_pool.element_size()
     read_bytes = nbytes + sh.q.numel() * sh.q.element_size() + table.numel() * 4
-    rec = dict(sh.base, mode=f"sparse_{round(frac * 100)}pct", kv_bytes=nbytes, read_bytes=read_bytes,
+    rec = dict(sh.base, mode=f"sparse_{round(frac * 100)}pct", l2=l2_state(timer.dirty_l2), kv_bytes=nbytes,
+               read_bytes=read_bytes,
                tokens_per_head=n_sel * sh.page, default_splits=sh.default_splits({}, n_sel),
                max_rel_err=sw["max_rel_err"], variants=sw["variants"])
     if sw["best"] is not None:
@@ -390,11 +405,13 @@ def bench_sparse(timer, limits, sh: Shape, configs, frac: float) -> dict:
                    hidden_launch_ms=timer.hidden_launch_ms(lambda: call(**cfg)))
         rec.update(graph_fields(sw, nbytes))
         rec.update(attainable_fields(rec, limits))
-        if "graph_best" in rec:  # the same replay after a read-only flush: a cold L2 of clean lines
+        if "graph_best" in rec:  # the same replay after the other L2 flush (clean lines / dirty lines)
             gcfg = rec["graph_best"]
             bufs = preallocated(call.q, n_sel, sh.page, gcfg)
-            clean_ms = timer.graph_ms(lambda: call(**gcfg, **bufs), dirty_l2=False)
-            rec.update(graph_ms_clean_l2=clean_ms, graph_TBps_clean_l2=nbytes / clean_ms / 1e9)
+            other_ms = timer.graph_ms(lambda: call(**gcfg, **bufs), dirty_l2=not timer.dirty_l2)
+            for state, ms_l2 in ((l2_state(timer.dirty_l2), rec["graph_ms"]), (l2_state(not timer.dirty_l2), other_ms)):
+                rec[f"graph_ms_{state}_l2"] = ms_l2
+                rec[f"graph_TBps_{state}_l2"] = nbytes / ms_l2 / 1e9
             # the same pages, each list's table in ascending slot order (attention over a context is
             # order-free): a split then reads one narrow address range instead of pages all over the pool
             sorted_call = Call(sh, k_pool, v_pool, table.sort(dim=-1).values, kv_len)
@@ -455,7 +472,8 @@ def _row_label(r: dict) -> str:
 def print_table(limits: dict, rows: list[dict]) -> None:
     fl = limits["launch_floor"]
     print(f"\npinned H2D {limits['pinned_h2d_GBps']:.1f} GB/s   HBM copy (r+w) "
-          f"{limits['hbm_copy_rw_GBps'] / 1e3:.2f} TB/s   graph replay floor {1e3 * fl['graph_1_kernel_ms']:.1f} us "
+          f"{limits['hbm_copy_rw_GBps'] / 1e3:.2f} TB/s   HBM read {limits.get('hbm_read_GBps', float('nan')) / 1e3:.2f} TB/s"
+          f"   graph replay floor {1e3 * fl['graph_1_kernel_ms']:.1f} us "
           f"(1 kernel) / {1e3 * fl['graph_2_kernels_ms']:.1f} us (2 kernels)")
     print("launch ms: do_bench of the Python call (host work included); no-launch ms: the same "
           "call with the host's launch work hidden; graph ms: CUDA-graph replay with preallocated "
@@ -490,20 +508,23 @@ def print_table(limits: dict, rows: list[dict]) -> None:
     bounded = [r for r in rows if "attainable_TBps" in r]
     if bounded:
         print("\nsparse rows against what a graph replay can reach: floor (the replay floor for the call's "
-              "kernel count) + read bytes at the HBM copy rate")
+              "kernel count) + read bytes at the HBM read rate")
         print(f"{'mode':<12}{'T':>4}{'ctx':>8}{'P':>4}{'MB':>7} {'graph ms':>9} {'floor ms':>9} {'best ms':>8} "
-              f"{'attainable':>11} {'of attainable':>13} {'clean-L2 ms':>11} {'clean-L2 rate':>13} "
+              f"{'attainable':>11} {'of attainable':>13} {'dirty-L2 ms':>11} {'dirty-L2 rate':>13} "
+              f"{'clean-L2 ms':>11} {'clean-L2 rate':>13} "
               f"{'sorted ms':>9} {'sorted rate':>11}")
         for r in bounded:
             label = _row_label(r)
             print(f"{label:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4}{r['kv_bytes'] / 1e6:>7.1f} "
                   f"{r['graph_ms']:>9.4f} {r['floor_ms']:>9.4f} {r['attainable_ms']:>8.4f} "
                   f"{r['attainable_TBps']:>6.2f} TB/s {100 * r['frac_of_attainable']:>12.0f}% "
+                  f"{r.get('graph_ms_dirty_l2', r['graph_ms']):>11.4f} {r.get('graph_TBps_dirty_l2', r['graph_TBps']):>8.2f} TB/s "
                   f"{r.get('graph_ms_clean_l2', float('nan')):>11.4f} {r.get('graph_TBps_clean_l2', float('nan')):>8.2f} TB/s "
                   f"{r.get('graph_ms_sorted_slots', float('nan')):>9.4f} "
                   f"{r.get('graph_TBps_sorted_slots', float('nan')):>6.2f} TB/s")
-        print("  clean-L2: the graph-best variant replayed after a flush that reads 256 MB instead of writing it "
-              "(graph ms flushes as do_bench does, leaving dirty lines whose write-back the call's reads also pay); "
+        print("  dirty-L2: replayed after a flush that writes 256 MB, as do_bench does (the call's reads also pay the "
+              "write-back of those lines); clean-L2: after a flush that reads them (a cold L2 of clean lines, as after "
+              "the GEMMs and small activation writes before attention in a decoding step); graph ms is under --l2; "
               "sorted: the graph-best variant with each list's page table in ascending slot order")
     ab = [r for r in rows if "split_path" in r]
     if ab:
@@ -532,6 +553,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--extra-configs", type=json.loads, default=[],
                     help='JSON list of launch configs added to the sweep, e.g. \'[{"block_m": 128, "block_n": 128, '
                          '"num_warps": 8, "num_stages": 3}]\'')
+    ap.add_argument("--l2", choices=["clean", "dirty"], default="clean",
+                    help="how graph replays flush L2 before each call: 'clean' reads 256 MB (a cold L2 of clean "
+                         "lines: what a decoding step leaves before attention, whose GEMMs read weights and write "
+                         "small activations), 'dirty' writes it (as do_bench does: the call's reads then also pay "
+                         "the write-back of up to an L2 of someone else's data); sparse rows replay their best "
+                         "variant under the other flush too (default clean)")
     ap.add_argument("--batch", type=int, default=1,
                     help="sequences per call (sparse rows only: each selects its own pages; >1 implies "
                          "--sparse-only)")
@@ -542,13 +569,13 @@ def main(argv: list[str] | None = None) -> None:
 
     contexts = args.contexts or ([32768] if args.quick else [32768, 65536, 131072])
     configs = sweep_configs(args.quick) + args.extra_configs
-    timer = Timer(warmup_ms=10, rep_ms=30 if args.quick else 40)
+    timer = Timer(warmup_ms=10, rep_ms=30 if args.quick else 40, dirty_l2=args.l2 == "dirty")
     limits = copy_bandwidths(timer, (256 if args.quick else 1024) * 2**20)
     limits["launch_floor"] = launch_floor(timer)
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}",
           flush=True)
-    print(f"pinned H2D {limits['pinned_h2d_GBps']:.1f} GB/s, HBM copy {limits['hbm_copy_rw_GBps']:.0f} GB/s",
-          flush=True)
+    print(f"pinned H2D {limits['pinned_h2d_GBps']:.1f} GB/s, HBM copy {limits['hbm_copy_rw_GBps']:.0f} GB/s, "
+          f"HBM read {limits['hbm_read_GBps']:.0f} GB/s, graph replays flush L2 {args.l2}", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "kernels.json")

@@ -1,10 +1,10 @@
 """Where a small sparse call's time goes: the attention kernel vs the split merge (CUPTI durations).
 
 benchmarks.kernels times a sparse call as one graph replay (attention + merge). This probe runs the
-same pool-layout shapes eagerly under torch.profiler, L2 flushed (written) before each call, and
-prints each kernel's mean device time, so that the merge's share (what fusing it into the attention
-kernel could save) is measured rather than guessed, for each dtype of the split partials. The merge
-is launched plainly here (pdl=False): launched as a programmatic dependent it would be resident
+same pool-layout shapes eagerly under torch.profiler, L2 flushed before each call (--l2: by
+writing 256 MB, leaving dirty lines, or by reading it), and prints each kernel's mean device time,
+so that the merge's share is measured rather than guessed, for each dtype of the split partials. The
+merge is launched plainly here (pdl=False): launched as a programmatic dependent it would be resident
 while the attention runs, and its duration would include that wait. Prints JSON.
 
 --ncu runs each case once inside a CUDA profiler range instead (compiled and warmed up outside it),
@@ -13,6 +13,7 @@ the cases print in launch order, the report's order:
 
     python scripts/probe_sparse_phases.py [--contexts 32768 131072] [--T 16 32] [--fractions 0.05 0.1]
         [--batch 1] [--splits 8 16 (0: paged_attention's default)] [--partial-dtypes bfloat16 float32]
+        [--l2 clean|dirty]
 """
 from __future__ import annotations
 
@@ -31,15 +32,19 @@ from gpu_kernels.paged_attention import launch_config, paged_attention  # noqa: 
 PAGE = 16
 
 
-def kernel_times(fn, flush: torch.Tensor, reps: int) -> dict:
-    """Mean CUDA time (us) per call of each kernel fn launches, by kernel name."""
+def kernel_times(fn, flush: torch.Tensor, reps: int, dirty_l2: bool) -> dict:
+    """Mean CUDA time (us) per call of each kernel fn launches, by kernel name; L2 flushed before
+    each call by writing `flush` (dirty lines) or by reading it (clean lines)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            flush.zero_()
+            if dirty_l2:
+                flush.zero_()
+            else:
+                flush.view(torch.int32).amax()
             fn()
         torch.cuda.synchronize()
     times = {}
@@ -70,6 +75,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--partial-dtypes", nargs="+", default=["bfloat16", "float32"],
                     choices=["bfloat16", "float32"])
+    ap.add_argument("--l2", choices=["clean", "dirty"], default="clean",
+                    help="flush L2 before each call by reading (clean lines, default) or writing (dirty lines, "
+                         "whose write-back the call's reads then pay too)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("probe_sparse_phases.py needs a CUDA GPU")
@@ -102,11 +110,11 @@ def main() -> None:
 
                         row = dict(batch=n, context=ctx, fraction=frac, T=t, num_splits=plan["num_splits"],
                                    block_m=plan["block_m"], num_warps=plan["num_warps"],
-                                   partial_dtype=partials, MB=nbytes / 1e6)
+                                   partial_dtype=partials, l2=args.l2, MB=nbytes / 1e6)
                         if args.ncu:  # the times are in ncu's report; this row says which case it is
                             profiled_once(call)
                         else:
-                            times = kernel_times(call, flush, args.reps)
+                            times = kernel_times(call, flush, args.reps, args.l2 == "dirty")
                             attn = sum(us for name, us in times.items() if "paged_attention" in name)
                             merge = sum(us for name, us in times.items() if "merge_splits" in name)
                             row.update(attention_us=attn, merge_us=merge,

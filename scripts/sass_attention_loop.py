@@ -6,8 +6,8 @@ strides, a stride of 1 made a constant), disassembles it with the bundled cuobjd
 launch config, the kernel's shared memory and the static instruction count of its main loop (the
 body between the loop's backward branch and its target) by opcode: what a change to the loop's
 arithmetic moves. Time the change too: at N=1, cutting this count from 640 to 458 and then to 375
-left the sparse kernel's time unchanged on an H100 (`benchmarks/RESULTS.md`, 2026-12-06), as
-that case is bound by memory latency per program. Use the Triton the GPU runs (3.6 on the lent
+left the sparse kernel's time unchanged on an H100 (`benchmarks/RESULTS.md`, 2026-12-06): on a
+clean L2 that case streams its tiles at about 90% of HBM's read rate. Use the Triton the GPU runs (3.6 on the lent
 machines; other versions pipeline differently): the shared-memory figure then matches ncu's.
 
     python scripts/sass_attention_loop.py [--configs '[{"block_m": 64, "num_warps": 4, "T": 16},

@@ -1,5 +1,6 @@
 """The kernel benchmark's bound for a sparse call: the replay floor of as many kernels as the call
-launches (the split merge is a second one) plus its bytes at the measured HBM rate."""
+launches (the split merge is a second one) plus its bytes at the measured HBM read rate (the copy
+rate for runs that did not measure reads)."""
 import pytest
 
 from benchmarks.kernels import attainable_fields
@@ -16,6 +17,13 @@ def test_attainable_counts_the_merge_kernel(splits, floor):
     assert got["attainable_ms"] == pytest.approx(best_ms)
     assert got["attainable_TBps"] == pytest.approx(40e6 / best_ms / 1e9)
     assert got["frac_of_attainable"] == pytest.approx(best_ms / 0.03)
+
+
+def test_attainable_streams_at_the_read_rate_when_measured():
+    rec = dict(kv_bytes=40_000_000, read_bytes=50_000_000, graph_ms=0.03, graph_best=dict(num_splits=16))
+    got = attainable_fields(rec, dict(LIMITS, hbm_read_GBps=5000.0))
+    assert got["attainable_ms"] == pytest.approx(0.005 + 50_000_000 / 5e9)  # read bytes at 5 TB/s
+    assert got["attainable_TBps"] == pytest.approx(40e6 / got["attainable_ms"] / 1e9)  # over K+V bytes
 
 
 def test_no_graph_no_bound():
