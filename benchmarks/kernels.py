@@ -80,7 +80,7 @@ class Timer:
     def median_ms(self, fn) -> float:
         return float(self.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
 
-    def flush_l2(self, dirty: bool = True) -> None:
+    def flush_l2(self, dirty: bool) -> None:
         """Evict the L2 by writing 256 MB (as do_bench does: the lines left are dirty, so the timed
         call's first reads also pay their write-back) or, dirty=False, by reading them (clean lines)."""
         if dirty:
