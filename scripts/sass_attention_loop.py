@@ -7,8 +7,9 @@ launch config, the kernel's shared memory and the static instruction count of it
 body between the loop's backward branch and its target) by opcode: what a change to the loop's
 arithmetic moves. Time the change too: at N=1, cutting this count from 640 to 458 and then to 375
 left the sparse kernel's time unchanged on an H100 (`benchmarks/RESULTS.md`, 2026-12-06): on a
-clean L2 that case streams its tiles at about 90% of HBM's read rate. Use the Triton the GPU runs (3.6 on the lent
-machines; other versions pipeline differently): the shared-memory figure then matches ncu's.
+clean L2 that case streams its tiles at about 90% of HBM's read rate. Use the Triton the GPU runs
+(3.6 on the lent machines; other versions pipeline differently): the shared-memory figure then
+matches ncu's.
 
     python scripts/sass_attention_loop.py [--configs '[{"block_m": 64, "num_warps": 4, "T": 16},
         {"block_m": 128, "num_warps": 8, "T": 32, "OFFSETS_64": true}]']
