@@ -15,8 +15,10 @@ One run measures:
          read (K+V of the selected pages, plus q and the page table) and TB/s over the K+V bytes,
          against what a graph replay could reach: the replay floor of a graph of one (or two, with
          the split merge) trivial kernels, measured in the same run, plus the bytes at the HBM read
-         rate; the graph-best variant is replayed again after the other L2 flush (--l2) and with each
-         list's page table in ascending slot order, and its split path with each saving off.
+         rate; the graph-best variant is replayed again after the other L2 flush (--l2), with each
+         list's page table in ascending slot order, with its split path with each saving off, and
+         as one of --layers calls back to back in one graph (each over its own copy of the pool, as
+         a decoding step runs one attention per layer: the graph's launch is paid once for all).
   Each mode sweeps a few tile/warp/stage configs and split counts; every variant is checked
   against the plain-torch reference (rel error printed) and timed two ways:
     "launch ms": triton.testing.do_bench median of the Python call (allocations, checks and
@@ -367,8 +369,34 @@ def l2_state(dirty: bool) -> str:
     return "dirty" if dirty else "clean"
 
 
-def bench_sparse(timer, limits, sh: Shape, configs, frac: float) -> dict:
-    """(c) a random `frac` of the pages per KV head, gathered into the pool layout."""
+def layer_run_fields(timer, sh: Shape, inputs: tuple, cfg: dict, max_pages: int, nbytes: int,
+                     ref: torch.Tensor, layers: int) -> dict:
+    """One call's share of a CUDA graph that runs `layers` calls back to back, each over its own copy
+    of the K/V pool (inputs = (k_pool, v_pool, table, kv_len)) and with its own outputs.
+
+    A decoding step runs one attention per layer inside one replayed graph: the graph's launch is
+    paid once for all of them, and what each call costs is its kernels and the gaps between them.
+    The L2 is flushed once before the replay; every layer's pool is read from HBM all the same,
+    since no call reads another's bytes. Returns layers, layers_ms (per call), layers_TBps (over the
+    call's K+V bytes) and layers_rel_err (the worst of the calls' outputs)."""
+    k_pool, v_pool, table, kv_len = inputs
+    pools = [(k_pool, v_pool)] + [(k_pool.clone(), v_pool.clone()) for _ in range(layers - 1)]
+    calls = [Call(sh, k, v, table, kv_len) for k, v in pools]
+    bufs = [preallocated(sh.q, max_pages, sh.page, cfg) for _ in calls]
+
+    def run_layers():
+        for call, b in zip(calls, bufs):
+            call(**cfg, **b)
+
+    ms = timer.graph_ms(run_layers) / layers
+    err = max(rel_err(b["out"].float(), ref) for b in bufs)
+    del pools, calls, bufs
+    return dict(layers=layers, layers_ms=ms, layers_TBps=nbytes / ms / 1e9, layers_rel_err=err)
+
+
+def bench_sparse(timer, limits, sh: Shape, configs, frac: float, layers: int = 0) -> dict:
+    """(c) a random `frac` of the pages per KV head, gathered into the pool layout; layers > 1 also
+    times the graph-best variant as one of `layers` calls in one graph (`layer_run_fields`)."""
     from gpu_kernels.paged_attention import paged_attention_reference
 
     dev, gen = sh.dev, sh.gen
@@ -420,6 +448,9 @@ def bench_sparse(timer, limits, sh: Shape, configs, frac: float) -> dict:
                        sorted_slots_rel_err=rel_err(bufs["out"].float(), ref))
             if gcfg["num_splits"] > 1:
                 rec["split_path"] = split_path_ab(timer, call, gcfg, bufs, nbytes, ref)
+            if layers > 1:
+                rec.update(layer_run_fields(timer, sh, (k_pool, v_pool, table, kv_len), gcfg, n_sel, nbytes, ref,
+                                            layers))
         rec["target_ok"] = max(rec["TBps"], rec.get("graph_TBps", 0.0)) >= TARGETS["sparse_TBps"]
     return rec
 
@@ -444,14 +475,14 @@ def bench_uva(timer, limits, sh: Shape, configs) -> dict:
 
 
 def bench_shape(timer, limits, t, ctx, page, configs, quick, gen, dev: torch.device,
-                modes=("resident", "sparse"), batch: int = 1) -> list[dict]:
+                modes=("resident", "sparse"), batch: int = 1, layers: int = 0) -> list[dict]:
     """Every requested mode at one (T, context, page size); returns one record per mode."""
     sh = Shape(t, ctx, page, gen, dev, batch)
     rows = []
     if "resident" in modes:
         rows.append(bench_resident(timer, limits, sh, configs))
     if "sparse" in modes:
-        rows.extend(bench_sparse(timer, limits, sh, configs, frac) for frac in (0.05, 0.10))
+        rows.extend(bench_sparse(timer, limits, sh, configs, frac, layers) for frac in (0.05, 0.10))
     if "uva" in modes:
         uva_cfgs = configs[:1] if quick else [configs[1], configs[2]]
         rows.append(bench_uva(timer, limits, sh, uva_cfgs))
@@ -512,7 +543,7 @@ def print_table(limits: dict, rows: list[dict]) -> None:
         print(f"{'mode':<12}{'T':>4}{'ctx':>8}{'P':>4}{'MB':>7} {'graph ms':>9} {'floor ms':>9} {'best ms':>8} "
               f"{'attainable':>11} {'of attainable':>13} {'dirty-L2 ms':>11} {'dirty-L2 rate':>13} "
               f"{'clean-L2 ms':>11} {'clean-L2 rate':>13} "
-              f"{'sorted ms':>9} {'sorted rate':>11}")
+              f"{'sorted ms':>9} {'sorted rate':>11} {'layer-run ms':>12} {'layer-run rate':>14}")
         for r in bounded:
             label = _row_label(r)
             print(f"{label:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4}{r['kv_bytes'] / 1e6:>7.1f} "
@@ -521,11 +552,14 @@ def print_table(limits: dict, rows: list[dict]) -> None:
                   f"{r.get('graph_ms_dirty_l2', r['graph_ms']):>11.4f} {r.get('graph_TBps_dirty_l2', r['graph_TBps']):>8.2f} TB/s "
                   f"{r.get('graph_ms_clean_l2', float('nan')):>11.4f} {r.get('graph_TBps_clean_l2', float('nan')):>8.2f} TB/s "
                   f"{r.get('graph_ms_sorted_slots', float('nan')):>9.4f} "
-                  f"{r.get('graph_TBps_sorted_slots', float('nan')):>6.2f} TB/s")
+                  f"{r.get('graph_TBps_sorted_slots', float('nan')):>6.2f} TB/s "
+                  f"{r.get('layers_ms', float('nan')):>12.4f} {r.get('layers_TBps', float('nan')):>9.2f} TB/s")
         print("  dirty-L2: replayed after a flush that writes 256 MB, as do_bench does (the call's reads also pay the "
               "write-back of those lines); clean-L2: after a flush that reads them (a cold L2 of clean lines, as after "
               "the GEMMs and small activation writes before attention in a decoding step); graph ms is under --l2; "
-              "sorted: the graph-best variant with each list's page table in ascending slot order")
+              "sorted: the graph-best variant with each list's page table in ascending slot order; layer-run: the "
+              "graph-best variant's share of one graph of --layers calls, each over its own copy of the pool (a "
+              "decoding step's layers: one graph launch for all, every call reading its K/V from HBM)")
     ab = [r for r in rows if "split_path" in r]
     if ab:
         names = list(SPLIT_PATH_VARIANTS)
@@ -559,6 +593,10 @@ def main(argv: list[str] | None = None) -> None:
                          "small activations), 'dirty' writes it (as do_bench does: the call's reads then also pay "
                          "the write-back of up to an L2 of someone else's data); sparse rows replay their best "
                          "variant under the other flush too (default clean)")
+    ap.add_argument("--layers", type=int, default=8,
+                    help="sparse rows: also time the graph-best variant as one of this many calls back to back "
+                         "in one CUDA graph, each over its own copy of the pool (a decoding step's layers); "
+                         "0 or 1: skip (default 8)")
     ap.add_argument("--batch", type=int, default=1,
                     help="sequences per call (sparse rows only: each selects its own pages; >1 implies "
                          "--sparse-only)")
@@ -598,7 +636,7 @@ def main(argv: list[str] | None = None) -> None:
             for ctx in contexts:
                 for page in args.pages:
                     new = bench_shape(timer, limits, t, ctx, page, configs, args.quick, gen,
-                                      torch.device("cuda"), modes, args.batch)
+                                      torch.device("cuda"), modes, args.batch, args.layers)
                     for r in new:
                         print(f"  T={t} ctx={ctx} P={page} {r['mode']}: ms={r.get('ms', float('nan')):.4f} "
                               f"max_err={r['max_rel_err']:.2e}", flush=True)

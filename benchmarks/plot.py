@@ -94,21 +94,27 @@ def _sparse_label(r: dict) -> str:
 
 
 def plot_sparse_attainable(runs: list[dict], out: Path) -> Path:
-    """Sparse rows of benchmarks.kernels runs: graph-replay TB/s (dirty and clean cold L2) against what
-    a replay can reach (launch floor + bytes at the HBM read rate; the copy rate in runs before
-    2026-12-06's thirteenth session) and the 1.5 TB/s target."""
+    """Sparse rows of benchmarks.kernels runs: graph-replay TB/s (dirty and clean cold L2; and per call
+    in a graph of several layers' calls, where runs measured it) against what a replay can reach
+    (launch floor + bytes at the HBM read rate; the copy rate in runs before 2026-12-06's thirteenth
+    session) and the 1.5 TB/s target."""
     rows = [(run, r) for run in runs for r in run["rows"] if "attainable_TBps" in r]
     if not rows:
         raise ValueError("no sparse rows with attainable_TBps: give benchmarks.kernels JSON from a run that "
                          "measured the launch floor")
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
     xs = range(len(rows))
-    width = 0.27
-    ax.bar([x - width for x in xs], [r.get("graph_TBps_dirty_l2", r["graph_TBps"]) for _, r in rows], width,
-           label="graph replay (L2 flushed by writes)")
-    ax.bar(list(xs), [r.get("graph_TBps_clean_l2", 0.0) for _, r in rows], width, label="graph replay (clean cold L2)")
-    ax.bar([x + width for x in xs], [r["attainable_TBps"] for _, r in rows], width, color="lightgrey",
-           label="attainable: floor + bytes at HBM read rate")
+    bars = [([r.get("graph_TBps_dirty_l2", r["graph_TBps"]) for _, r in rows],
+             "graph replay (L2 flushed by writes)", None),
+            ([r.get("graph_TBps_clean_l2", 0.0) for _, r in rows], "graph replay (clean cold L2)", None)]
+    if any("layers_TBps" in r for _, r in rows):
+        layers = max(r.get("layers", 0) for _, r in rows)
+        bars.append(([r.get("layers_TBps", 0.0) for _, r in rows], f"per call, {layers} layers in one graph", None))
+    bars.append(([r["attainable_TBps"] for _, r in rows], "attainable: floor + bytes at HBM read rate", "lightgrey"))
+    width = 0.8 / len(bars)
+    for i, (values, label, color) in enumerate(bars):
+        offset = (i - (len(bars) - 1) / 2) * width
+        ax.bar([x + offset for x in xs], values, width, label=label, color=color)
     ax.axhline(rows[0][0]["targets"]["sparse_TBps"], color="k", ls=":", lw=1, label="target")
     ax.set_xticks(list(xs), [_sparse_label(r) for _, r in rows], fontsize=7)
     ax.set_ylabel("K+V read (TB/s)")

@@ -28,3 +28,29 @@ def test_attainable_streams_at_the_read_rate_when_measured():
 
 def test_no_graph_no_bound():
     assert attainable_fields(dict(kv_bytes=1, ms=0.1), LIMITS) == {}
+
+
+@pytest.mark.gpu
+def test_layer_run_times_every_layer_and_checks_each_output():
+    """The layer run replays one graph of calls, each over its own copy of the pool; every copy
+    must produce the reference output (bf16 partials and output: 1e-2 relative)."""
+    import torch
+
+    from benchmarks.kernels import Shape, Timer, layer_run_fields
+    from gpu_kernels.paged_attention import paged_attention_reference
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sh = Shape(16, 4096, 16, gen, dev)
+    n_sel = 13  # ragged: not a whole 64-token tile
+    table = torch.randperm(sh.num_pages, device=dev, generator=gen)[:n_sel * 8].int().reshape(1, 8, n_sel)
+    k_pool, v_pool = sh.k[:, 0].contiguous(), sh.v[:, 0].contiguous()
+    kv_len = torch.full((1, 8), n_sel * 16 - 5, dtype=torch.int32, device=dev)
+    ref = paged_attention_reference(sh.q, k_pool, v_pool, table, kv_len, scale=sh.scale)[0].float()
+    cfg = dict(block_n=64, num_warps=4, num_stages=3, num_splits=2)
+    got = layer_run_fields(Timer(warmup_ms=1, rep_ms=1), sh, (k_pool, v_pool, table, kv_len), cfg, n_sel,
+                           nbytes=1_000_000, ref=ref, layers=3)
+    assert got["layers"] == 3
+    assert got["layers_ms"] > 0
+    assert got["layers_TBps"] == pytest.approx(1e6 / got["layers_ms"] / 1e9)
+    assert got["layers_rel_err"] < 1e-2
