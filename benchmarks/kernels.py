@@ -390,7 +390,6 @@ def layer_run_fields(timer, sh: Shape, inputs: tuple, cfg: dict, max_pages: int,
 
     ms = timer.graph_ms(run_layers) / layers
     err = max(rel_err(b["out"].float(), ref) for b in bufs)
-    del pools, calls, bufs
     return dict(layers=layers, layers_ms=ms, layers_TBps=nbytes / ms / 1e9, layers_rel_err=err)
 
 

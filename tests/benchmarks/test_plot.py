@@ -45,3 +45,14 @@ def test_split_path_plot_from_recorded_runs(tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     with pytest.raises(ValueError, match="split_path"):
         main(["--split-path", str(DATA / "kernels_sparse_n1_h200_floor.json"), "--out", str(tmp_path)])
+
+
+def test_sparse_plot_with_a_layer_run_beside_a_run_without(tmp_path):
+    """A run with the layer run (fourteenth session) plots its per-call bar; rows of an older run
+    without it, in the same plot, get a zero bar rather than an error."""
+    kernels = [str(DATA / f) for f in ("kernels_sparse_batch6_h200_layer_run_qreg_reverted.json",
+                                        "kernels_sparse_n1_h200_floor.json")]
+    assert "layers_TBps" in json.loads(Path(kernels[0]).read_text())["rows"][0]
+    assert main(["--sparse", *kernels, "--out", str(tmp_path)]) == 0
+    png = (tmp_path / "sparse_attainable.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
