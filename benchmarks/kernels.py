@@ -61,6 +61,16 @@ def scores_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return rel_err(got[fin], ref[fin]) if fin.any() else 0.0
 
 
+def flush_l2(buffer: torch.Tensor, dirty: bool) -> None:
+    """Evict the L2 by writing `buffer` (uint8, larger than the L2; as do_bench does: the lines left
+    are dirty, so the timed call's first reads also pay their write-back) or, dirty=False, by reading
+    it (clean lines)."""
+    if dirty:
+        buffer.zero_()
+    else:
+        buffer.view(torch.int32).amax()
+
+
 class Timer:
     """do_bench median, plus a variant whose launch overhead is hidden behind a GPU busy-wait.
 
@@ -82,21 +92,13 @@ class Timer:
     def median_ms(self, fn) -> float:
         return float(self.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
 
-    def flush_l2(self, dirty: bool) -> None:
-        """Evict the L2 by writing 256 MB (as do_bench does: the lines left are dirty, so the timed
-        call's first reads also pay their write-back) or, dirty=False, by reading them (clean lines)."""
-        if dirty:
-            self.flush.zero_()
-        else:
-            self.flush.view(torch.int32).amax()
-
     def hidden_launch_ms(self, fn, reps: int = 20, dirty_l2: bool | None = None) -> float:
         dirty_l2 = self.dirty_l2 if dirty_l2 is None else dirty_l2
         fn()
         torch.cuda.synchronize()
         times = []
         for _ in range(reps):
-            self.flush_l2(dirty_l2)
+            flush_l2(self.flush, dirty_l2)
             torch.cuda._sleep(1_000_000)  # about 0.5 ms of GPU time to cover the host's launch work
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

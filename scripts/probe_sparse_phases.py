@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.kernels import HKV, HQ, D, preallocated  # noqa: E402  (benchmarks.kernels' shape)
+from benchmarks.kernels import HKV, HQ, D, flush_l2, preallocated  # noqa: E402  (benchmarks.kernels' shape)
 from gpu_kernels.paged_attention import launch_config, paged_attention  # noqa: E402
 
 PAGE = 16
@@ -41,10 +41,7 @@ def kernel_times(fn, flush: torch.Tensor, reps: int, dirty_l2: bool) -> dict:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            if dirty_l2:
-                flush.zero_()
-            else:
-                flush.view(torch.int32).amax()
+            flush_l2(flush, dirty_l2)
             fn()
         torch.cuda.synchronize()
     times = {}
