@@ -269,7 +269,8 @@ class Shape:
         from gpu_kernels.paged_attention import launch_config
 
         return launch_config(self.batch, HQ, self.t, D, HKV, self.page, max_pages, self.dev,
-                             block_m=cfg.get("block_m"), block_n=cfg.get("block_n"))["num_splits"]
+                             block_m=cfg.get("block_m"), block_n=cfg.get("block_n"),
+                             warp_specialized=bool(cfg.get("warp_specialized")))["num_splits"]
 
 
 class Call:
@@ -395,6 +396,30 @@ def layer_run_fields(timer, sh: Shape, inputs: tuple, cfg: dict, max_pages: int,
     return dict(layers=layers, layers_ms=ms, layers_TBps=nbytes / ms / 1e9, layers_rel_err=err)
 
 
+def ws_configs(dev: torch.device, configs: list[dict]) -> list[dict]:
+    """The warp-specialised kernel's sweep entry for the sparse rows (which ask for no scores), on
+    devices that run it and unless the sweep already has one."""
+    from gpu_kernels.features import warp_specialized_supported
+
+    if not warp_specialized_supported(dev) or any(c.get("warp_specialized") for c in configs):
+        return []
+    return [dict(warp_specialized=True)]
+
+
+def default_fields(timer, sh: Shape, call, max_pages: int, nbytes: int, ref: torch.Tensor) -> dict:
+    """Graph replay of the call with no launch options: default_kernel ("warp_specialized" or
+    "triton"), default_graph_splits, default_graph_ms, default_graph_TBps, default_rel_err."""
+    from gpu_kernels.paged_attention import launch_config, uses_warp_specialized
+
+    ws = uses_warp_specialized(sh.batch, HQ, sh.t, D, HKV, sh.page, max_pages, sh.dev, sh.dtype)
+    plan = launch_config(sh.batch, HQ, sh.t, D, HKV, sh.page, max_pages, sh.dev, warp_specialized=ws)
+    bufs = preallocated(call.q, max_pages, sh.page, dict(warp_specialized=ws))
+    ms = timer.graph_ms(lambda: call(**bufs))
+    return dict(default_kernel="warp_specialized" if ws else "triton", default_graph_splits=plan["num_splits"],
+                default_graph_ms=ms, default_graph_TBps=nbytes / ms / 1e9,
+                default_rel_err=rel_err(bufs["out"].float(), ref))
+
+
 def bench_sparse(timer, limits, sh: Shape, configs, frac: float, layers: int = 0) -> dict:
     """(c) a random `frac` of the pages per KV head, gathered into the pool layout; layers > 1 also
     times the graph-best variant as one of `layers` calls in one graph (`layer_run_fields`)."""
@@ -419,7 +444,7 @@ def bench_sparse(timer, limits, sh: Shape, configs, frac: float, layers: int = 0
     # lists * splits programs runs in ceil(programs / resident slots) waves).
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
     waves = {s for s in range(1, 25) if sms and (lists * s) % sms == 0}
-    sw = run_sweep(timer, call, ref, configs,
+    sw = run_sweep(timer, call, ref, configs + ws_configs(dev, configs),
                    lambda cfg: sorted(set(split_candidates(sh.default_splits(cfg, n_sel))) | {1, 2, 4, 8, 16} | waves),
                    "sparse", n_sel, sh.page)
     nbytes = 2 * k_pool.numel() * k_pool.element_size()
@@ -428,6 +453,8 @@ def bench_sparse(timer, limits, sh: Shape, configs, frac: float, layers: int = 0
                read_bytes=read_bytes,
                tokens_per_head=n_sel * sh.page, default_splits=sh.default_splits({}, n_sel),
                max_rel_err=sw["max_rel_err"], variants=sw["variants"])
+    # What a caller that passes no launch options gets (the kernel and split count paged_attention picks).
+    rec.update(default_fields(timer, sh, call, n_sel, nbytes, ref))
     if sw["best"] is not None:
         cfg, ms = best_cfg(sw["best"]), sw["best"]["ms"]
         rec.update(best=cfg, ms=ms, TBps=nbytes / ms / 1e9,
@@ -494,7 +521,10 @@ def bench_shape(timer, limits, t, ctx, page, configs, quick, gen, dev: torch.dev
 
 
 def _cfg_str(b: dict) -> str:
-    return f"({b.get('block_m', '-')},{b['block_n']},{b['num_warps']},{b['num_stages']},{b['num_splits']})"
+    """(block_m, block_n, warps, stages, splits), "ws" first for the warp-specialised kernel; "-": its default."""
+    ws = "ws," if b.get("warp_specialized") else ""
+    return (f"({ws}{b.get('block_m', '-')},{b.get('block_n', '-')},{b.get('num_warps', '-')},"
+            f"{b.get('num_stages', '-')},{b['num_splits']})")
 
 
 def _row_label(r: dict) -> str:
@@ -561,6 +591,21 @@ def print_table(limits: dict, rows: list[dict]) -> None:
               "sorted: the graph-best variant with each list's page table in ascending slot order; layer-run: the "
               "graph-best variant's share of one graph of --layers calls, each over its own copy of the pool (a "
               "decoding step's layers: one graph launch for all, every call reading its K/V from HBM)")
+    defaults = [r for r in rows if "default_graph_ms" in r]
+    if defaults:
+        print("\nsparse rows with no launch options (the kernel and split count paged_attention picks) against "
+              "the Triton kernel's graph-best variant and the warp-specialised kernel's:")
+        print(f"{'mode':<12}{'T':>4}{'ctx':>8}{'P':>4} {'default':>17} {'S':>3} {'graph ms':>9} {'rate':>10} "
+              f"{'best triton ms':>14} {'best ws ms':>10}")
+        for r in defaults:
+            best = {}
+            for v in r["variants"]:
+                if "graph_ms" in v:
+                    kind = "ws" if v.get("warp_specialized") else "triton"
+                    best[kind] = min(best.get(kind, float("inf")), v["graph_ms"])
+            print(f"{_row_label(r):<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4} {r['default_kernel']:>17} "
+                  f"{r['default_graph_splits']:>3} {r['default_graph_ms']:>9.4f} {r['default_graph_TBps']:>5.2f} TB/s "
+                  f"{best.get('triton', float('nan')):>14.4f} {best.get('ws', float('nan')):>10.4f}")
     ab = [r for r in rows if "split_path" in r]
     if ab:
         names = list(SPLIT_PATH_VARIANTS)
@@ -588,6 +633,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--extra-configs", type=json.loads, default=[],
                     help='JSON list of launch configs added to the sweep, e.g. \'[{"block_m": 128, "block_n": 128, '
                          '"num_warps": 8, "num_stages": 3}]\'')
+    ap.add_argument("--configs", type=json.loads, default=None,
+                    help="JSON list of launch configs to sweep instead of the built-in list (--extra-configs "
+                         'are added to it), e.g. \'[{"warp_specialized": true, "num_stages": 4}]\'')
     ap.add_argument("--l2", choices=["clean", "dirty"], default="clean",
                     help="how graph replays flush L2 before each call: 'clean' reads 256 MB (a cold L2 of clean "
                          "lines: what a decoding step leaves before attention, whose GEMMs read weights and write "
@@ -607,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
     import triton
 
     contexts = args.contexts or ([32768] if args.quick else [32768, 65536, 131072])
-    configs = sweep_configs(args.quick) + args.extra_configs
+    configs = (sweep_configs(args.quick) if args.configs is None else args.configs) + args.extra_configs
     timer = Timer(warmup_ms=10, rep_ms=30 if args.quick else 40, dirty_l2=args.l2 == "dirty")
     limits = copy_bandwidths(timer, (256 if args.quick else 1024) * 2**20)
     limits["launch_floor"] = launch_floor(timer)

@@ -124,6 +124,39 @@ def plot_sparse_attainable(runs: list[dict], out: Path) -> Path:
     return _save(fig, out / "sparse_attainable.png")
 
 
+def plot_sparse_kernels(runs: list[dict], out: Path) -> Path:
+    """Sparse rows of benchmarks.kernels runs that timed both attention kernels: the graph-replay TB/s
+    of the Triton kernel's best variant, the warp-specialised kernel's best, and what a call with no
+    launch options got, against the 1.5 TB/s target."""
+    rows = []
+    for run in runs:
+        for r in run["rows"]:
+            best = {}
+            for v in r.get("variants", []):
+                if "graph_ms" in v:
+                    kind = "ws" if v.get("warp_specialized") else "triton"
+                    best[kind] = min(best.get(kind, float("inf")), v["graph_ms"])
+            if len(best) == 2:
+                rows.append((run, r, best))
+    if not rows:
+        raise ValueError("no sparse rows that timed both kernels: give benchmarks.kernels JSON from an sm_90 run "
+                         "whose sweep had a warp_specialized variant")
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
+    bars = [("Triton kernel, best variant", [r["kv_bytes"] / b["triton"] / 1e9 for _, r, b in rows]),
+            ("warp-specialised kernel, best variant", [r["kv_bytes"] / b["ws"] / 1e9 for _, r, b in rows]),
+            ("no launch options (paged_attention's pick)", [r.get("default_graph_TBps", 0.0) for _, r, _ in rows])]
+    width = 0.8 / len(bars)
+    for i, (label, values) in enumerate(bars):
+        ax.bar([x + (i - (len(bars) - 1) / 2) * width for x in range(len(rows))], values, width, label=label)
+    ax.axhline(rows[0][0]["targets"]["sparse_TBps"], color="k", ls=":", lw=1, label="target")
+    ax.set_xticks(range(len(rows)), [_sparse_label(r) for _, r, _ in rows], fontsize=7)
+    ax.set_ylabel("K+V read (TB/s), graph replay")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(f"sparse paged attention by kernel, {rows[0][0]['device']}", fontsize=9)
+    return _save(fig, out / "sparse_kernels.png")
+
+
 def plot_split_path(runs: list[dict], out: Path) -> Path:
     """Sparse rows of benchmarks.kernels runs whose graph-best variant has splits: its replay with the
     split path as shipped (16-bit partials, merge launched as a programmatic dependent) and with each
@@ -246,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput", type=Path, nargs="+", help="benchmarks.throughput JSON files (contexts merged)")
     parser.add_argument("--sparse", type=Path, nargs="+",
                         help="benchmarks.kernels JSON files: sparse rows against their attainable rate")
+    parser.add_argument("--sparse-kernels", type=Path, nargs="+",
+                        help="benchmarks.kernels JSON files: each sparse row's best Triton and warp-specialised "
+                             "variant and its default")
     parser.add_argument("--split-path", type=Path, nargs="+",
                         help="benchmarks.kernels JSON files: each sparse row's split path with its savings off")
     parser.add_argument("--overlap", type=Path, help="benchmarks.transfer JSON: the prefetcher overlap by program cap")
@@ -258,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             print("wrote", plot(json.loads(path.read_text()), args.out))
     if args.sparse:
         print("wrote", plot_sparse_attainable([json.loads(p.read_text()) for p in args.sparse], args.out))
+    if args.sparse_kernels:
+        print("wrote", plot_sparse_kernels([json.loads(p.read_text()) for p in args.sparse_kernels], args.out))
     if args.split_path:
         print("wrote", plot_split_path([json.loads(p.read_text()) for p in args.split_path], args.out))
     if args.throughput:

@@ -25,3 +25,20 @@ def pdl_supported(device: torch.device) -> bool:
     except ImportError:
         return False
     return "launch_pdl" in {f.name for f in dataclasses.fields(CUDAOptions)}
+
+
+@functools.lru_cache(maxsize=None)
+def warp_specialized_supported(device: torch.device) -> bool:
+    """Whether `device` runs `paged_attention_ws`'s Gluon kernel: an sm_90 GPU (its MMAs are wgmma,
+    which Blackwell does not have) and a Triton whose Gluon takes the partition list that kernel is
+    written against (3.6+)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    try:
+        import inspect
+
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma  # noqa: F401
+    except ImportError:
+        return False
+    return "functions_and_args" in inspect.signature(gl.warp_specialize).parameters

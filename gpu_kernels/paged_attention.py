@@ -25,19 +25,25 @@ tokens. Selection (top-k pages or tokens per KV head) reads these. They come fro
 attention already holds: the column means of the q . k tile when one program holds all G*T
 queries, else one small extra MMA of q_mean against the tile; K is never read twice.
 
+On sm_90 GPUs, `paged_attention_ws` holds a second kernel for the same call: warp-specialised
+(Gluon; a cp.async producer warpgroup, wgmma consumer warpgroups), for blocks with >= 128 query
+rows per KV head whose splits are long; `paged_attention` picks it there unless told
+(`warp_specialized`), and otherwise runs the Triton kernel below.
+
 Per call the host validates shapes and launches; nothing syncs with the device. With `out`, `lse`,
 score buffers and `workspace` passed in, a call allocates nothing and can be captured in a CUDA
 graph (`launch_config` says how large the workspace must be).
 """
 from __future__ import annotations
 
+import functools
 from typing import Union
 
 import torch
 import triton
 import triton.language as tl
 
-from .features import pdl_supported
+from .features import pdl_supported, warp_specialized_supported
 from ._uva import HostPointer, kernel_arg
 
 _LOG2E = 1.4426950408889634
@@ -68,6 +74,27 @@ def _softmax_update(s, v, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _program_split(kvlen_ptr, stride_ln, stride_lh, max_pages, split_tokens,
+                   HKV: tl.constexpr, ROW_BLOCKS: tl.constexpr, PAGE: tl.constexpr):
+    """This program's place in the grid (N * HKV * ROW_BLOCKS, num_splits): (row block, KV head,
+    sequence n as int64, split, lo, split_end, hi). [lo, split_end) is the split's share of the
+    table's max_pages * PAGE tokens; hi = min(split_end, kv_len) ends its valid ones. Scalar code,
+    so `paged_attention_ws`'s Gluon kernel calls it too."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rb = pid % ROW_BLOCKS
+    nh = pid // ROW_BLOCKS
+    kvh = nh % HKV
+    n = (nh // HKV).to(tl.int64)
+    max_tokens = max_pages * PAGE
+    kvl = tl.load(kvlen_ptr + n * stride_ln + kvh * stride_lh)
+    kvl = tl.minimum(tl.maximum(kvl, 0), max_tokens)
+    lo = split * split_tokens
+    split_end = tl.minimum(lo + split_tokens, max_tokens)
+    return rb, kvh, n, split, lo, split_end, tl.minimum(split_end, kvl)
 
 
 # Lengths and the page table's row strides change with every context and selection: specialising
@@ -123,20 +150,10 @@ def _paged_attention_kernel(
     GT: tl.constexpr = G * T
     HQ: tl.constexpr = HKV * G
 
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    rb = pid % ROW_BLOCKS
-    nh = pid // ROW_BLOCKS
-    kvh = nh % HKV
-    n = (nh // HKV).to(tl.int64)
+    rb, kvh, n, split, lo, split_end, hi = _program_split(kvlen_ptr, stride_ln, stride_lh, max_pages, split_tokens,
+                                                         HKV, ROW_BLOCKS, PAGE)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
-
     max_tokens = max_pages * PAGE
-    kvl = tl.load(kvlen_ptr + n * stride_ln + kvh * stride_lh)
-    kvl = tl.minimum(tl.maximum(kvl, 0), max_tokens)
-    lo = split * split_tokens
-    split_end = tl.minimum(lo + split_tokens, max_tokens)
-    hi = tl.minimum(split_end, kvl)
 
     # Rows of this program: query (g, t) of KV head kvh, i.e. query head kvh * G + g.
     offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -428,10 +445,20 @@ def merge_rows_per_program(rows: int) -> int:
 # 32K-128K, with the row-blocked merge): 4 picks the fastest measured count in 12 of 16 rows and
 # one within 7% of it in the others.
 _PROGRAM_OVERHEAD_TILES = 4
+# The warp-specialised kernel's (three partitions to start, four stages to fill), fitted to its
+# H100 split sweeps at batch 6 (T=32 and 64, 5% and 10% of 128K): 12 picks the fastest measured
+# count at T=32 5% (2 splits) and at T=64 (4 splits), and at T=32 10% 5 splits, 4% slower than 2
+# (no one constant picks all four: a one-wave grid that leaves SMs idle costs the memory-bound
+# T=32 rows less than the wave model says).
+_WS_PROGRAM_OVERHEAD_TILES = 12
+# Tiles per split from which `paged_attention` runs the warp-specialised kernel by default: below
+# it, its fixed cost per program outweighs the overlap (H100, N=1 T=32 over 5-10% of 128K, 16
+# splits of 6-13 tiles: 7-14% slower than the Triton kernel; batch 6, 26-103 tiles: 5-14% faster).
+WS_MIN_TILES_PER_SPLIT = 16
 
 
 def default_num_splits(programs: int, max_tokens: int, block_n: int, rows: int,
-                       num_sms: int | None) -> int:
+                       num_sms: int | None, overhead_tiles: int = _PROGRAM_OVERHEAD_TILES) -> int:
     """Splits per (row, KV head, row block), chosen by a wave model of the grid.
 
     programs = N * Hkv * row_blocks; num_sms None means the CPU interpreter (a small number).
@@ -443,7 +470,8 @@ def default_num_splits(programs: int, max_tokens: int, block_n: int, rows: int,
     ran 16 splits (one wave) 18-39% faster than 32 (two programs on each SM). A split keeps at
     least max(2, 2 * rows / block_n) tiles: it writes rows * D partials that the merge reads back,
     which should not outweigh the (2-byte) K/V tiles it reads. When that leaves a single split,
-    the kernel writes the final output itself (no merge launch).
+    the kernel writes the final output itself (no merge launch). overhead_tiles: a program's fixed
+    cost in tiles (the warp-specialised kernel's is larger: `_WS_PROGRAM_OVERHEAD_TILES`).
     """
     tiles = max(1, triton.cdiv(max_tokens, block_n))
     if num_sms is None:
@@ -453,7 +481,7 @@ def default_num_splits(programs: int, max_tokens: int, block_n: int, rows: int,
     num_sms, programs = max(1, num_sms), max(1, programs)
 
     def estimate(s: int) -> float:
-        return triton.cdiv(programs * s, num_sms) * (tiles / s + _PROGRAM_OVERHEAD_TILES)
+        return triton.cdiv(programs * s, num_sms) * (tiles / s + overhead_tiles)
 
     return min(range(1, min(most, 4 * num_sms) + 1), key=lambda s: (estimate(s), s))
 
@@ -461,13 +489,33 @@ def default_num_splits(programs: int, max_tokens: int, block_n: int, rows: int,
 def launch_config(n: int, hq: int, t: int, head_dim: int, hkv: int, page_size: int, max_pages: int,
                   device: torch.device, *, num_splits: int | None = None, block_m: int | None = None,
                   block_n: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None) -> dict:
+                  num_stages: int | None = None, warp_specialized: bool = False) -> dict:
     """Everything `paged_attention` decides before launching, for callers that preallocate
     (CUDA graphs) or tune. Returns dict(block_m, block_n, num_warps, num_stages, row_blocks,
     num_splits (the effective count: splits that would start past the end are dropped),
-    split_tokens (a multiple of page_size), workspace_numel (fp32 elements of the split workspace; 0 for one split))."""
+    split_tokens (a multiple of page_size), workspace_numel (fp32 elements of the split workspace; 0 for one split)).
+    warp_specialized: the Gluon kernel's plan (`paged_attention_ws`): 64 rows per consumer
+    warpgroup, one or two per program (block_m 64 or 128), num_warps 4 (its producer), 4 stages,
+    and its own split model. Pass what `paged_attention` runs: `uses_warp_specialized` says what
+    its default (None) picks."""
+    # Cached: eager callers (a herald block's step 0) pay this on every layer's call.
+    return dict(_plan(n, hq, t, head_dim, hkv, page_size, max_pages, device, num_splits, block_m, block_n,
+                      num_warps, num_stages, warp_specialized))
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(n: int, hq: int, t: int, head_dim: int, hkv: int, page_size: int, max_pages: int, device: torch.device,
+          num_splits: int | None, block_m: int | None, block_n: int | None, num_warps: int | None,
+          num_stages: int | None, warp_specialized: bool) -> dict:
     rows = hq // hkv * t
     cfg = default_config(rows, head_dim, page_size, device)
+    if warp_specialized:
+        cfg = dict(block_m=64 if rows <= 64 else 128, block_n=max(64, page_size), num_warps=4, num_stages=4)
+        if block_m not in (None, cfg["block_m"]):
+            raise ValueError(f"warp_specialized takes block_m {cfg['block_m']} for {rows} rows per KV head "
+                             f"(64 per consumer warpgroup); got {block_m}")
+        if num_warps not in (None, 4):
+            raise ValueError(f"warp_specialized runs num_warps=4 (its producer); got {num_warps}")
     bm = block_m or cfg["block_m"]
     bn = max(block_n or cfg["block_n"], page_size)
     for name, val in (("block_m", bm), ("block_n", bn)):
@@ -478,7 +526,8 @@ def launch_config(n: int, hq: int, t: int, head_dim: int, hkv: int, page_size: i
     if num_splits is None:
         sms = (torch.cuda.get_device_properties(device).multi_processor_count
                if device.type == "cuda" else None)
-        num_splits = default_num_splits(n * hkv * row_blocks, max_tokens, bn, rows, sms)
+        num_splits = default_num_splits(n * hkv * row_blocks, max_tokens, bn, rows, sms,
+                                        _WS_PROGRAM_OVERHEAD_TILES if warp_specialized else _PROGRAM_OVERHEAD_TILES)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     # Splits start at pages, not tiles: a split then has as many tiles as with tile-aligned
@@ -490,6 +539,22 @@ def launch_config(n: int, hq: int, t: int, head_dim: int, hkv: int, page_size: i
                 num_stages=num_stages or cfg["num_stages"], row_blocks=row_blocks,
                 num_splits=num_splits, split_tokens=split_tokens,
                 workspace_numel=workspace_numel(n, hq, t, head_dim, num_splits))
+
+
+@functools.lru_cache(maxsize=4096)
+def uses_warp_specialized(n: int, hq: int, t: int, head_dim: int, hkv: int, page_size: int, max_pages: int,
+                          device: torch.device, dtype: torch.dtype, num_splits: int | None = None) -> bool:
+    """Whether `paged_attention` runs the warp-specialised kernel when not told (warp_specialized
+    None), given no scores, K/V in GPU memory and no tile overrides: on sm_90, for 16-bit inputs
+    of head_dim 64 or 128 with >= 128 query rows per KV head (two consumer warpgroups), when its
+    plan leaves each split at least `WS_MIN_TILES_PER_SPLIT` K/V tiles."""
+    rows = hq // hkv * t
+    if (rows < 128 or head_dim not in (64, 128) or dtype not in (torch.float16, torch.bfloat16)
+            or not warp_specialized_supported(device)):
+        return False
+    plan = launch_config(n, hq, t, head_dim, hkv, page_size, max_pages, device, num_splits=num_splits,
+                         warp_specialized=True)
+    return plan["split_tokens"] >= WS_MIN_TILES_PER_SPLIT * plan["block_n"]
 
 
 def workspace_numel(n: int, hq: int, t: int, head_dim: int, num_splits: int) -> int:
@@ -521,6 +586,7 @@ def paged_attention(
     v_block: torch.Tensor | None = None,
     partial_dtype: torch.dtype | None = None,
     pdl: bool | None = None,
+    warp_specialized: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Attention of a block of queries over a paged context (no causal mask inside the context),
     and optionally over the block's own keys too.
@@ -552,6 +618,10 @@ def paged_attention(
       stays fp32, so the merge's weights are exact; the partials round like the output does.
     pdl: launch the merge as a programmatic dependent of the attention kernel (default: where
       supported, `pdl_supported`), so its launch overlaps the attention's last programs.
+    warp_specialized: run the attention as `paged_attention_ws`'s Gluon kernel (a cp.async producer
+      warpgroup and one or two wgmma consumer warpgroups; sm_90 GPUs only, 16-bit q, head_dim 64
+      or 128, K/V in GPU memory, no scores), True or False; None (default): where
+      `uses_warp_specialized` says so (long splits of >= 128 rows per KV head, no tuning overrides).
 
     Host work per call: shape checks, one (or, with splits, two) kernel launches; no device sync.
     Returns (out [N, Hq, T, D] in q's dtype, lse [N, Hq, T] fp32 natural log (-inf for an empty
@@ -608,8 +678,14 @@ def paged_attention(
         lse.fill_(float("-inf"))
         return out, lse, pscores, tscores
 
+    if warp_specialized is None:
+        warp_specialized = (block_m is None and block_n is None and num_warps is None and num_stages is None
+                            and not (want_pages or want_tokens) and not isinstance(k, HostPointer)
+                            and uses_warp_specialized(n, hq, t, d, hkv, page_size, max_pages, dev, q.dtype,
+                                                      num_splits))
     cfg = launch_config(n, hq, t, d, hkv, page_size, max_pages, dev, num_splits=num_splits,
-                        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+                        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+                        warp_specialized=warp_specialized)
     splits = cfg["num_splits"]
     upcast = dev.type != "cuda"
     if splits > 1:
@@ -638,22 +714,41 @@ def paged_attention(
         pt_strides = (pt_strides[0], 0, pt_strides[1])
     q_strides = q.stride()
     b_strides = k_block.stride()[:3] if has_block else (0, 0, 0)
-    _paged_attention_kernel[(n * hkv * cfg["row_blocks"], splits)](
-        q, k, v, page_table, kv_len,
-        k_block if has_block else q, v_block if has_block else q,  # unread without a block
-        out, lse, partials, partial_lse,
-        lse if pscores is None else pscores, lse if tscores is None else tscores,  # unread if off
-        float(scale),
-        q_strides[0], q_strides[1], q_strides[2], *k_strides, *pt_strides,
-        kv_len.stride(0), kv_len.stride(1), *b_strides,
-        max_pages, cfg["split_tokens"], splits,
-        HKV=hkv, G=hq // hkv, T=t, HEAD_DIM=d, BLOCK_D=block_d,
-        BLOCK_M=cfg["block_m"], ROW_BLOCKS=cfg["row_blocks"], BLOCK_N=cfg["block_n"], PAGE=page_size,
-        WRITE_FINAL=splits == 1, HAS_BLOCK=has_block, PAGE_SCORES=want_pages, TOKEN_SCORES=want_tokens,
-        UPCAST=upcast, DOT_PRECISION="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
-        USE_PDL=use_pdl, OFFSETS_64=_max_offset(_unwrap(k_pages)) >= INT32_OFFSETS_BELOW,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    offsets_64 = _max_offset(_unwrap(k_pages)) >= INT32_OFFSETS_BELOW
+    if warp_specialized:
+        _check_warp_specialized(q, k, want_pages or want_tokens, page_size, cfg)
+        from .paged_attention_ws import CONSUMER_REGS, ROWS_PER_CONSUMER, ws_paged_attention_kernel
+
+        ws_paged_attention_kernel[(n * hkv * cfg["row_blocks"], splits)](
+            q, k, v, page_table, kv_len,
+            k_block if has_block else q, v_block if has_block else q,
+            out, lse, partials, partial_lse, float(scale),
+            q_strides[0], q_strides[1], q_strides[2], *k_strides, *pt_strides,
+            kv_len.stride(0), kv_len.stride(1), *b_strides,
+            max_pages, cfg["split_tokens"], splits,
+            HKV=hkv, G=hq // hkv, T=t, HEAD_DIM=d, ROW_BLOCKS=cfg["row_blocks"], BLOCK_N=cfg["block_n"],
+            PAGE=page_size, STAGES=cfg["num_stages"], CONSUMERS=cfg["block_m"] // ROWS_PER_CONSUMER,
+            CONSUMER_REGS=CONSUMER_REGS, WRITE_FINAL=splits == 1, HAS_BLOCK=has_block, OFFSETS_64=offsets_64,
+            num_warps=4,
+        )
+        use_pdl = False  # the Gluon kernel does not signal early; the merge waits for its end
+    else:
+        _paged_attention_kernel[(n * hkv * cfg["row_blocks"], splits)](
+            q, k, v, page_table, kv_len,
+            k_block if has_block else q, v_block if has_block else q,  # unread without a block
+            out, lse, partials, partial_lse,
+            lse if pscores is None else pscores, lse if tscores is None else tscores,  # unread if off
+            float(scale),
+            q_strides[0], q_strides[1], q_strides[2], *k_strides, *pt_strides,
+            kv_len.stride(0), kv_len.stride(1), *b_strides,
+            max_pages, cfg["split_tokens"], splits,
+            HKV=hkv, G=hq // hkv, T=t, HEAD_DIM=d, BLOCK_D=block_d,
+            BLOCK_M=cfg["block_m"], ROW_BLOCKS=cfg["row_blocks"], BLOCK_N=cfg["block_n"], PAGE=page_size,
+            WRITE_FINAL=splits == 1, HAS_BLOCK=has_block, PAGE_SCORES=want_pages, TOKEN_SCORES=want_tokens,
+            UPCAST=upcast, DOT_PRECISION="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
+            USE_PDL=use_pdl, OFFSETS_64=offsets_64,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     if splits > 1:
         pdl_kwargs = dict(launch_pdl=True) if use_pdl else {}
         rows = n * hq * t
@@ -668,6 +763,32 @@ def paged_attention(
             **pdl_kwargs,
         )
     return out, lse, pscores, tscores
+
+
+def _check_warp_specialized(q: torch.Tensor, k: KVTensor, scores: bool, page_size: int, cfg: dict) -> None:
+    """Refuse, saying what to change, what `paged_attention_ws`'s kernel cannot run."""
+    from .paged_attention_ws import ws_shared_bytes
+
+    if not warp_specialized_supported(q.device):
+        raise ValueError(f"warp_specialized=True needs an sm_90 (Hopper) GPU for wgmma and Triton 3.6+'s Gluon; "
+                         f"{q.device} with triton {triton.__version__} is not that (pass warp_specialized=False)")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"warp_specialized=True takes bf16 or fp16 q/K/V, got {q.dtype}")
+    if q.shape[-1] not in (64, 128):
+        raise ValueError(f"warp_specialized=True takes head_dim 64 or 128, got {q.shape[-1]}")
+    if isinstance(k, HostPointer):
+        raise ValueError("warp_specialized=True reads K/V from GPU memory; pass warp_specialized=False "
+                         "to read the pinned host store over PCIe")
+    if scores:
+        raise ValueError("warp_specialized=True computes no page or token scores; pass warp_specialized=False "
+                         "for the scoring pass")
+    if cfg["block_n"] % page_size or cfg["block_n"] not in (64, 128):
+        raise ValueError(f"warp_specialized=True takes block_n 64 or 128, a multiple of the page size "
+                         f"{page_size}; got {cfg['block_n']}")
+    smem = ws_shared_bytes(cfg["block_m"] // 64, cfg["block_n"], q.shape[-1], cfg["num_stages"])
+    if smem > 227 * 1024:
+        raise ValueError(f"warp_specialized=True with block_n={cfg['block_n']} and num_stages={cfg['num_stages']} "
+                         f"needs {smem} bytes of shared memory (227 KB per program); use fewer stages")
 
 
 def _max_offset(x: torch.Tensor) -> int:

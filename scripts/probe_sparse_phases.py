@@ -13,7 +13,7 @@ the cases print in launch order, the report's order:
 
     python scripts/probe_sparse_phases.py [--contexts 32768 131072] [--T 16 32] [--fractions 0.05 0.1]
         [--batch 1] [--splits 8 16 (0: paged_attention's default)] [--partial-dtypes bfloat16 float32]
-        [--l2 clean|dirty]
+        [--l2 clean|dirty] [--warp-specialized STAGES (the Gluon kernel instead of the Triton one)]
 """
 from __future__ import annotations
 
@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--splits", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--batch", type=int, default=1, help="sequences per call (each its own lists)")
     ap.add_argument("--ncu", action="store_true", help="one call per case in a profiler range (for ncu)")
+    ap.add_argument("--warp-specialized", type=int, default=0, metavar="STAGES",
+                    help="run the warp-specialised Gluon kernel with this many stages instead (0: the Triton kernel)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--partial-dtypes", nargs="+", default=["bfloat16", "float32"],
                     choices=["bfloat16", "float32"])
@@ -95,7 +97,9 @@ def main() -> None:
                 q = torch.randn(n, HQ, t, D, device=dev, dtype=torch.bfloat16, generator=gen)
                 for splits in args.splits:
                     cfg = dict(num_splits=splits or None, block_n=64)
-                    if not args.ncu:  # the sweep's fixed configs; under ncu, what paged_attention picks
+                    if args.warp_specialized:
+                        cfg.update(warp_specialized=True, num_stages=args.warp_specialized)
+                    elif not args.ncu:  # the sweep's fixed configs; under ncu, what paged_attention picks
                         cfg.update(num_warps=4 if t <= 16 else 8, num_stages=3)
                     plan = launch_config(n, HQ, t, D, HKV, PAGE, n_sel, dev, **cfg)
                     bufs = preallocated(q, n_sel, PAGE, cfg)

@@ -56,3 +56,14 @@ def test_sparse_plot_with_a_layer_run_beside_a_run_without(tmp_path):
     assert main(["--sparse", *kernels, "--out", str(tmp_path)]) == 0
     png = (tmp_path / "sparse_attainable.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_sparse_kernels_plot_from_recorded_runs(tmp_path):
+    """The fifteenth session's H100 runs (batch 6 and N=1, both kernels in each sweep) plot each row's best
+    Triton and warp-specialised variant; a run without the second kernel is refused naming it."""
+    kernels = [str(DATA / f) for f in ("kernels_sparse_batch6_h100_ws.json", "kernels_sparse_n1_h100_ws.json")]
+    assert main(["--sparse-kernels", *kernels, "--out", str(tmp_path)]) == 0
+    png = (tmp_path / "sparse_kernels.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    with pytest.raises(ValueError, match="warp_specialized"):
+        main(["--sparse-kernels", str(DATA / "kernels_sparse_n1_h200_floor.json"), "--out", str(tmp_path)])

@@ -92,6 +92,19 @@ def nan_buffers(q, hkv, max_pages, page):
     )
 
 
+def captured(call) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of call(), run once first on a side stream (compiling outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph
+
+
 def check_scores(got, ref):
     """-inf exactly where the reference has -inf; rel error 1e-4 on the finite entries."""
     assert not torch.isnan(got).any()
@@ -425,14 +438,7 @@ def test_gpu_cuda_graph_replay_matches_eager(splits):
     def call():
         paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=splits, **bufs)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+    graph = captured(call)
     q.copy_(torch.randn_like(q))  # new queries, same addresses
     for buf in bufs.values():
         buf.fill_(float("nan"))
@@ -472,14 +478,8 @@ def test_gpu_pdl_and_partial_dtypes():
     bufs = dict(out=torch.empty_like(q), lse=torch.empty(n, hq, t, device=dev),
                 workspace=torch.empty(plan["workspace_numel"], device=dev))
     eager = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=15, pdl=False)[0].clone()
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile outside the capture
-        paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=15, pdl=True, **bufs)
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=15, pdl=True, **bufs)
+    graph = captured(lambda: paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=15, pdl=True,
+                                             **bufs))
     bufs["out"].fill_(float("nan"))
     for _ in range(3):
         graph.replay()

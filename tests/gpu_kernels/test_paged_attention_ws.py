@@ -1,0 +1,230 @@
+"""The warp-specialised Gluon kernel (`paged_attention(..., warp_specialized=True)`) vs the
+plain-torch reference.
+
+GPU (@pytest.mark.gpu, sm_90 only: the kernel is wgmma): bf16 (rel tol 1e-2) and fp16 (2e-3) over
+the store, pool and per-head-table layouts, one and two consumer warpgroups, several row blocks,
+ragged lists (0, 1 and partial pages), pages of 16 to 64 tokens, 1 to 97 splits, the block's own
+K/V, and a CUDA graph replay. The inputs are `test_paged_attention.make_case`'s: every slot the
+kernel must not read is NaN, and the outputs start as NaN. The interpreter cannot run Gluon; on the
+CPU, the kernel is compiled for sm_90 (no GPU needed) and the launcher's refusals are checked.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from gpu_kernels.paged_attention import (  # noqa: E402
+    WS_MIN_TILES_PER_SPLIT, block_attention_reference, launch_config, paged_attention, paged_attention_reference,
+    uses_warp_specialized)
+from tests.gpu_kernels.test_paged_attention import TOL, captured, make_case, nan_buffers, rel_err  # noqa: E402
+
+
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+needs_sm90 = pytest.mark.skipif(not _sm90(), reason="the warp-specialised kernel is wgmma: sm_90 only")
+
+
+def check_ws(q, k, v, table, kv_len, tol, **kw):
+    """The warp-specialised call's out and lse against the fp32 reference, written into NaN buffers."""
+    hkv = table.shape[1] if table.dim() == 3 else k.shape[1]
+    bufs = nan_buffers(q, hkv, table.shape[-1], k.shape[-2])
+    bufs = dict(out=bufs["out"], lse=bufs["lse"])
+    scale = q.shape[-1] ** -0.5
+    out, lse, _, _ = paged_attention(q, k, v, table, kv_len, scale=scale, warp_specialized=True, **bufs, **kw)
+    r_out, r_lse, _, _ = paged_attention_reference(q.float(), k.float(), v.float(), table, kv_len, scale=scale)
+    assert out.data_ptr() == bufs["out"].data_ptr()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    err = rel_err(out.float(), r_out)
+    assert err < tol, err
+    assert torch.equal(torch.isinf(lse), torch.isinf(r_lse))
+    fin = torch.isfinite(r_lse)
+    if fin.any():
+        assert rel_err(lse[fin], r_lse[fin]) < tol
+    empty = kv_len.repeat_interleave(q.shape[1] // hkv, dim=1) == 0
+    assert torch.all(out[empty] == 0)
+    return out
+
+
+# (layout, N, page, T, G, D, dtype, kv_len [N, Hkv] rows, kwargs)
+GPU_CASES = [
+    # 64 rows per KV head: one consumer warpgroup
+    ("pool", 1, 16, 16, 4, 128, torch.bfloat16, [[3277, 3000, 1, 0, 3277, 2048, 100, 3276]], {}),
+    # 128 rows: two consumers sharing each stage
+    ("pool", 2, 16, 32, 4, 128, torch.bfloat16, [[6554, 6000, 64, 0, 6553, 5000, 1, 6554]] * 2, {}),
+    # 256 rows: two row blocks per KV head
+    ("pool", 2, 16, 64, 4, 128, torch.bfloat16, [[4096, 17, 0, 4095, 1000, 2048, 63, 4000]] * 2, {}),
+    # ragged rows (G*T = 20 of 64) and a store layout shared by the heads
+    ("store", 1, 32, 5, 4, 128, torch.float16, [[2000, 1999, 33, 0, 1, 2048, 700, 64]], {}),
+    ("store_per_head", 2, 64, 32, 4, 64, torch.bfloat16, [[5000, 0, 4097, 1, 64, 65, 3000, 4999]] * 2,
+     dict(block_n=128, num_stages=2)),
+    ("pool", 1, 16, 32, 4, 128, torch.float16, [[8192, 8000, 2, 0, 4096, 8191, 77, 5000]], dict(num_stages=4)),
+]
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-N{c[1]}-P{c[2]}-T{c[3]}-D{c[5]}-{str(c[6])[6:]}")
+@pytest.mark.parametrize("splits", [1, None, 97])
+def test_gpu_ws_matches_reference(case, splits):
+    layout, n, page, t, g, d, dtype, lens, extra = case
+    dev = torch.device("cuda")
+    q, k, v, table, kv_len = make_case(layout if layout != "store_per_head" else "store", n, 8, g, t, d, page,
+                                       lens, dtype, per_head_table=layout == "store_per_head", device=dev)
+    check_ws(q, k, v, table, kv_len, TOL[dtype], num_splits=splits, **extra)
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("t", [16, 32, 64])
+def test_gpu_ws_block_attention(t):
+    """With the block's own K/V: split 0 takes them after its context tiles (and a split of only
+    the block where the list is empty)."""
+    dev = torch.device("cuda")
+    n, hkv, g, d = 2, 8, 4, 128
+    q, k, v, table, kv_len = make_case("store", n, hkv, g, t, d, 64, [[4096, 4000, 0, 64, 1, 4096, 300, 2000]] * 2,
+                                       torch.bfloat16, device=dev)
+    k_blk = torch.randn(n, hkv, t, d, device=dev, dtype=torch.bfloat16)
+    v_blk = torch.randn(n, hkv, t, d, device=dev, dtype=torch.bfloat16)
+    ref, _, _ = block_attention_reference(q.float(), k_blk.float(), v_blk.float(), k.float(), v.float(), table,
+                                          kv_len, scale=d ** -0.5)
+    for splits in (1, None):
+        out, _, _, _ = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, k_block=k_blk, v_block=v_blk,
+                                       warp_specialized=True, num_splits=splits)
+        assert rel_err(out.float(), ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_gpu_ws_graph_replay_matches_eager():
+    """Captured with preallocated buffers, a replay over new queries equals an eager call."""
+    dev = torch.device("cuda")
+    q, k, v, table, kv_len = make_case("pool", 2, 8, 4, 64, 128, 16, [[3277, 3000, 1, 0, 3277, 2048, 100, 3276]] * 2,
+                                       torch.bfloat16, device=dev)
+    n, hq, t, d = q.shape
+    plan = launch_config(n, hq, t, d, 8, 16, table.shape[-1], dev, warp_specialized=True)
+    assert plan["num_splits"] > 1 and plan["block_m"] == 128 and plan["row_blocks"] == 2
+    bufs = dict(out=torch.empty_like(q), lse=torch.empty(n, hq, t, device=dev),
+                workspace=torch.empty(plan["workspace_numel"], device=dev))
+
+    def call():
+        paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, warp_specialized=True, **bufs)
+
+    graph = captured(call)
+    q.copy_(torch.randn_like(q))
+    bufs["out"].fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, warp_specialized=True)[0]
+    assert torch.equal(bufs["out"], eager)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_gpu_ws_refuses_what_it_cannot_run():
+    from gpu_kernels._uva import HostPointer
+
+    dev = torch.device("cuda")
+    q, k, v, table, kv_len = make_case("pool", 1, 8, 4, 16, 128, 16, [[300, 0, 1, 2, 3, 4, 5, 6]], torch.bfloat16,
+                                       device=dev)
+    kw = dict(scale=128 ** -0.5, warp_specialized=True)
+    with pytest.raises(ValueError, match="no page or token scores"):
+        paged_attention(q, k, v, table, kv_len, return_page_scores=True, **kw)
+    with pytest.raises(ValueError, match="GPU memory"):
+        paged_attention(q, HostPointer(k.cpu().pin_memory()), HostPointer(v.cpu().pin_memory()), table, kv_len, **kw)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        paged_attention(q.float(), k.float(), v.float(), table, kv_len, **kw)
+    with pytest.raises(ValueError, match="shared memory"):
+        paged_attention(q, k, v, table, kv_len, block_n=128, num_stages=4, **kw)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_gpu_default_picks_the_ws_kernel_for_long_splits_only():
+    """With no launch options: the warp-specialised kernel for batch-6 T=32 blocks over 5% of 128K (long
+    splits), the Triton kernel at N=1 (short splits), with scores, for fp32 and below 128 rows; the
+    default's output equals the explicit choice's bit for bit."""
+    dev = torch.device("cuda")
+    bf16 = torch.bfloat16
+    assert uses_warp_specialized(6, 32, 32, 128, 8, 16, 410, dev, bf16)
+    assert uses_warp_specialized(6, 32, 64, 128, 8, 16, 410, dev, bf16)
+    assert not uses_warp_specialized(1, 32, 32, 128, 8, 16, 410, dev, bf16)  # 16 splits of 6-7 tiles
+    assert not uses_warp_specialized(6, 32, 16, 128, 8, 16, 410, dev, bf16)  # 64 rows: one consumer
+    assert not uses_warp_specialized(6, 32, 32, 128, 8, 16, 410, dev, torch.float32)
+    plan = launch_config(6, 32, 32, 128, 8, 16, 410, dev, warp_specialized=True)
+    assert plan["split_tokens"] >= WS_MIN_TILES_PER_SPLIT * plan["block_n"]
+    q, k, v, table, kv_len = make_case("pool", 6, 8, 4, 32, 128, 16, [[6554, 6000, 64, 0, 6553, 5000, 1, 6554]] * 6,
+                                       torch.bfloat16, device=dev)
+    scale = 128 ** -0.5
+    auto = paged_attention(q, k, v, table, kv_len, scale=scale)[0]
+    assert torch.equal(auto, paged_attention(q, k, v, table, kv_len, scale=scale, warp_specialized=True)[0])
+    triton_out = paged_attention(q, k, v, table, kv_len, scale=scale, warp_specialized=False)[0]
+    assert not torch.equal(auto, triton_out)  # a different kernel (its rounding differs)
+    with_scores = paged_attention(q, k, v, table, kv_len, scale=scale, return_page_scores=True)  # falls back
+    assert with_scores[2] is not None and rel_err(with_scores[0].float(), triton_out.float()) < 1e-2
+
+
+def test_ws_refused_without_sm90():
+    """On the CPU (and on GPUs other than sm_90) the keyword is refused with what to pass instead."""
+    if _sm90():
+        pytest.skip("this device runs the kernel")
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    q, k, v, table, kv_len = make_case("pool", 1, 2, 4, 16, 64, 16, [[40, 0]], torch.float16, device=dev)
+    with pytest.raises(ValueError, match="sm_90"):
+        paged_attention(q, k, v, table, kv_len, scale=0.125, warp_specialized=True)
+
+
+def test_ws_launch_config():
+    cpu = torch.device("cpu")
+    if not _sm90():
+        assert not uses_warp_specialized(6, 32, 32, 128, 8, 16, 410, cpu, torch.bfloat16)
+    for t, bm, rb in ((16, 64, 1), (5, 64, 1), (32, 128, 1), (64, 128, 2)):
+        plan = launch_config(2, 32, t, 128, 8, 16, 400, cpu, warp_specialized=True)
+        assert (plan["block_m"], plan["row_blocks"], plan["num_warps"], plan["block_n"], plan["num_stages"]) == \
+            (bm, rb, 4, 64, 4)
+    with pytest.raises(ValueError, match="block_m"):
+        launch_config(2, 32, 32, 128, 8, 16, 400, cpu, warp_specialized=True, block_m=64)
+    with pytest.raises(ValueError, match="num_warps"):
+        launch_config(2, 32, 32, 128, 8, 16, 400, cpu, warp_specialized=True, num_warps=8)
+
+
+COMPILE_CHECK = """
+import json, sys
+from gpu_kernels.paged_attention_ws import compile_for_sm90
+out = []
+for consumers, block_n, stages, head_dim, offsets_64 in json.loads(sys.argv[1]):
+    c = compile_for_sm90(consumers, block_n, stages, head_dim, offsets_64=offsets_64)
+    out.append(dict(shared=c.metadata.shared, wgmma=c.asm["ptx"].count("wgmma.mma_async"),
+                    cp16=c.asm["ptx"].count("cp.async.cg.shared.global"), setmaxnreg="setmaxnreg" in c.asm["ptx"]))
+print(json.dumps(out))
+"""
+
+
+def test_ws_kernel_compiles_for_sm90():
+    """No GPU needed: the kernel compiles for sm_90 (in a subprocess: the interpreter, on in this
+    one, cannot compile) with 16-byte cp.async copies, asynchronous wgmma (per consumer: tile 0's
+    q . k, the loop's q . k and p . v, the last p . v; q . k in head_dim / 16 steps, p . v in
+    block_n / 16), register reallocation, and the shared memory `ws_shared_bytes` plans; also with
+    64-bit K/V offsets (a store of 2^31 elements or more)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gpu_kernels.paged_attention_ws import ws_shared_bytes
+
+    configs = [(1, 64, 4, 128, False), (2, 64, 4, 128, False), (2, 64, 4, 128, True), (2, 128, 2, 64, False)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE_CHECK, json.dumps(configs)], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (consumers, block_n, stages, head_dim, _), got in zip(configs, results):
+        assert got["shared"] <= 227 * 1024
+        assert abs(got["shared"] - ws_shared_bytes(consumers, block_n, head_dim, stages)) < 1024
+        assert got["cp16"] > 0 and got["setmaxnreg"]
+        assert got["wgmma"] == consumers * (2 * (head_dim // 16) + 2 * (block_n // 16))
