@@ -406,6 +406,17 @@ def ws_configs(dev: torch.device, configs: list[dict]) -> list[dict]:
     return [dict(warp_specialized=True)]
 
 
+def best_graph_ms_by_kernel(row: dict) -> dict:
+    """{"triton": ms, "ws": ms}: the fastest graph replay of a sweep row's variants per kernel (a
+    kernel with no timed variant is absent)."""
+    best = {}
+    for v in row.get("variants", []):
+        if "graph_ms" in v:
+            kind = "ws" if v.get("warp_specialized") else "triton"
+            best[kind] = min(best.get(kind, float("inf")), v["graph_ms"])
+    return best
+
+
 def default_fields(timer, sh: Shape, call, max_pages: int, nbytes: int, ref: torch.Tensor) -> dict:
     """Graph replay of the call with no launch options: default_kernel ("warp_specialized" or
     "triton"), default_graph_splits, default_graph_ms, default_graph_TBps, default_rel_err."""
@@ -598,11 +609,7 @@ def print_table(limits: dict, rows: list[dict]) -> None:
         print(f"{'mode':<12}{'T':>4}{'ctx':>8}{'P':>4} {'default':>17} {'S':>3} {'graph ms':>9} {'rate':>10} "
               f"{'best triton ms':>14} {'best ws ms':>10}")
         for r in defaults:
-            best = {}
-            for v in r["variants"]:
-                if "graph_ms" in v:
-                    kind = "ws" if v.get("warp_specialized") else "triton"
-                    best[kind] = min(best.get(kind, float("inf")), v["graph_ms"])
+            best = best_graph_ms_by_kernel(r)
             print(f"{_row_label(r):<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4} {r['default_kernel']:>17} "
                   f"{r['default_graph_splits']:>3} {r['default_graph_ms']:>9.4f} {r['default_graph_TBps']:>5.2f} TB/s "
                   f"{best.get('triton', float('nan')):>14.4f} {best.get('ws', float('nan')):>10.4f}")

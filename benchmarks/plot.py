@@ -128,16 +128,10 @@ def plot_sparse_kernels(runs: list[dict], out: Path) -> Path:
     """Sparse rows of benchmarks.kernels runs that timed both attention kernels: the graph-replay TB/s
     of the Triton kernel's best variant, the warp-specialised kernel's best, and what a call with no
     launch options got, against the 1.5 TB/s target."""
-    rows = []
-    for run in runs:
-        for r in run["rows"]:
-            best = {}
-            for v in r.get("variants", []):
-                if "graph_ms" in v:
-                    kind = "ws" if v.get("warp_specialized") else "triton"
-                    best[kind] = min(best.get(kind, float("inf")), v["graph_ms"])
-            if len(best) == 2:
-                rows.append((run, r, best))
+    from benchmarks.kernels import best_graph_ms_by_kernel
+
+    rows = [(run, r, best) for run in runs for r in run["rows"]
+            if len(best := best_graph_ms_by_kernel(r)) == 2]
     if not rows:
         raise ValueError("no sparse rows that timed both kernels: give benchmarks.kernels JSON from an sm_90 run "
                          "whose sweep had a warp_specialized variant")
