@@ -767,11 +767,11 @@ def paged_attention(
 
 def _check_warp_specialized(q: torch.Tensor, k: KVTensor, scores: bool, page_size: int, cfg: dict) -> None:
     """Refuse, saying what to change, what `paged_attention_ws`'s kernel cannot run."""
-    from .paged_attention_ws import ws_shared_bytes
-
-    if not warp_specialized_supported(q.device):
+    if not warp_specialized_supported(q.device):  # first: an older Triton cannot import that module
         raise ValueError(f"warp_specialized=True needs an sm_90 (Hopper) GPU for wgmma and Triton 3.6+'s Gluon; "
                          f"{q.device} with triton {triton.__version__} is not that (pass warp_specialized=False)")
+    from .paged_attention_ws import ws_shared_bytes
+
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"warp_specialized=True takes bf16 or fp16 q/K/V, got {q.dtype}")
     if q.shape[-1] not in (64, 128):
