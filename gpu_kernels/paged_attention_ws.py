@@ -203,10 +203,10 @@ def _consumer(q_smem, k_smem, v_smem, ready, empty, lo, hi, split, qk_scale, row
         acc = warpgroup_mma_wait(0, deps=[o_tok])
 
     empty_row = l_i == 0.0  # no valid token in this split: out 0, lse -inf
-    l_safe = gl.convert_layout(gl.where(empty_row, 1.0, l_i), gl.SliceLayout(1, o_layout))
-    lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(gl.where(empty_row, 1.0, l_i))) * 0.6931471805599453)
+    l_safe = gl.where(empty_row, 1.0, l_i)
+    lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
     lse = gl.convert_layout(lse, gl.SliceLayout(1, o_layout))
-    o = acc / l_safe[:, None]
+    o = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
     rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     row_ok = rows < G * T
