@@ -381,19 +381,28 @@ def layer_run_fields(timer, sh: Shape, inputs: tuple, cfg: dict, max_pages: int,
     paid once for all of them, and what each call costs is its kernels and the gaps between them.
     The L2 is flushed once before the replay; every layer's pool is read from HBM all the same,
     since no call reads another's bytes. Returns layers, layers_ms (per call), layers_TBps (over the
-    call's K+V bytes) and layers_rel_err (the worst of the calls' outputs)."""
+    call's K+V bytes) and layers_rel_err (the worst of the calls' outputs); where the split merge
+    is launched as a programmatic dependent of the attention (`paged_attention`'s pdl), also the
+    same graph with plain launches: layers_ms_no_pdl and layers_TBps_no_pdl."""
+    from gpu_kernels.features import pdl_supported
+
     k_pool, v_pool, table, kv_len = inputs
     pools = [(k_pool, v_pool)] + [(k_pool.clone(), v_pool.clone()) for _ in range(layers - 1)]
     calls = [Call(sh, k, v, table, kv_len) for k, v in pools]
     bufs = [preallocated(sh.q, max_pages, sh.page, cfg) for _ in calls]
 
-    def run_layers():
+    def run_layers(**kw):
         for call, b in zip(calls, bufs):
-            call(**cfg, **b)
+            call(**cfg, **kw, **b)
 
     ms = timer.graph_ms(run_layers) / layers
     err = max(rel_err(b["out"].float(), ref) for b in bufs)
-    return dict(layers=layers, layers_ms=ms, layers_TBps=nbytes / ms / 1e9, layers_rel_err=err)
+    rec = dict(layers=layers, layers_ms=ms, layers_TBps=nbytes / ms / 1e9, layers_rel_err=err)
+    if pdl_supported(sh.dev):
+        plain = timer.graph_ms(lambda: run_layers(pdl=False)) / layers
+        err = max(err, max(rel_err(b["out"].float(), ref) for b in bufs))
+        rec.update(layers_ms_no_pdl=plain, layers_TBps_no_pdl=nbytes / plain / 1e9, layers_rel_err=err)
+    return rec
 
 
 def ws_configs(dev: torch.device, configs: list[dict]) -> list[dict]:
@@ -585,7 +594,8 @@ def print_table(limits: dict, rows: list[dict]) -> None:
         print(f"{'mode':<12}{'T':>4}{'ctx':>8}{'P':>4}{'MB':>7} {'graph ms':>9} {'floor ms':>9} {'best ms':>8} "
               f"{'attainable':>11} {'of attainable':>13} {'dirty-L2 ms':>11} {'dirty-L2 rate':>13} "
               f"{'clean-L2 ms':>11} {'clean-L2 rate':>13} "
-              f"{'sorted ms':>9} {'sorted rate':>11} {'layer-run ms':>12} {'layer-run rate':>14}")
+              f"{'sorted ms':>9} {'sorted rate':>11} {'layer-run ms':>12} {'layer-run rate':>14} "
+              f"{'no-PDL layer-run ms':>19}")
         for r in bounded:
             label = _row_label(r)
             print(f"{label:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4}{r['kv_bytes'] / 1e6:>7.1f} "
@@ -595,13 +605,15 @@ def print_table(limits: dict, rows: list[dict]) -> None:
                   f"{r.get('graph_ms_clean_l2', float('nan')):>11.4f} {r.get('graph_TBps_clean_l2', float('nan')):>8.2f} TB/s "
                   f"{r.get('graph_ms_sorted_slots', float('nan')):>9.4f} "
                   f"{r.get('graph_TBps_sorted_slots', float('nan')):>6.2f} TB/s "
-                  f"{r.get('layers_ms', float('nan')):>12.4f} {r.get('layers_TBps', float('nan')):>9.2f} TB/s")
+                  f"{r.get('layers_ms', float('nan')):>12.4f} {r.get('layers_TBps', float('nan')):>9.2f} TB/s "
+                  f"{r.get('layers_ms_no_pdl', float('nan')):>19.4f}")
         print("  dirty-L2: replayed after a flush that writes 256 MB, as do_bench does (the call's reads also pay the "
               "write-back of those lines); clean-L2: after a flush that reads them (a cold L2 of clean lines, as after "
               "the GEMMs and small activation writes before attention in a decoding step); graph ms is under --l2; "
               "sorted: the graph-best variant with each list's page table in ascending slot order; layer-run: the "
               "graph-best variant's share of one graph of --layers calls, each over its own copy of the pool (a "
-              "decoding step's layers: one graph launch for all, every call reading its K/V from HBM)")
+              "decoding step's layers: one graph launch for all, every call reading its K/V from HBM); no-PDL: the "
+              "same graph with the split merges launched plainly (each only after its attention kernel has ended)")
     defaults = [r for r in rows if "default_graph_ms" in r]
     if defaults:
         print("\nsparse rows with no launch options (the kernel and split count paged_attention picks) against "

@@ -77,6 +77,14 @@ def _softmax_update(s, v, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _launch_dependents():
+    """Let the kernel launched after this one as a programmatic dependent (the split merge) launch,
+    once every program has called this or exited; a no-op outside such a launch. A scalar helper,
+    so `paged_attention_ws`'s Gluon kernel calls it too."""
+    tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _program_split(kvlen_ptr, stride_ln, stride_lh, max_pages, split_tokens,
                    HKV: tl.constexpr, ROW_BLOCKS: tl.constexpr, PAGE: tl.constexpr):
     """This program's place in the grid (N * HKV * ROW_BLOCKS, num_splits): (row block, KV head,
@@ -286,7 +294,7 @@ def _paged_attention_kernel(
     if USE_PDL:
         # Only now: merge programs launched earlier sit on the SMs for the whole split, which made
         # N=1 calls 2-16% slower on the H200 than no PDL at all.
-        tl.extra.cuda.gdc_launch_dependents()
+        _launch_dependents()
     empty = l_i == 0.0  # no valid token in this split (or kv_len 0): out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
@@ -616,8 +624,9 @@ def paged_attention(
     partial_dtype: dtype of the split partial outputs in the workspace (default: q's dtype for
       fp16, and for bf16 on the GPU, so the merge moves half the bytes; fp32 otherwise). Their lse
       stays fp32, so the merge's weights are exact; the partials round like the output does.
-    pdl: launch the merge as a programmatic dependent of the attention kernel (default: where
-      supported, `pdl_supported`), so its launch overlaps the attention's last programs.
+    pdl: launch the merge as a programmatic dependent of the attention kernel (either one: the
+      Triton kernel or `paged_attention_ws`'s; default: where supported, `pdl_supported`), so its
+      launch overlaps the attention's last programs.
     warp_specialized: run the attention as `paged_attention_ws`'s Gluon kernel (a cp.async producer
       warpgroup and one or two wgmma consumer warpgroups; sm_90 GPUs only, 16-bit q, head_dim 64
       or 128, K/V in GPU memory, no scores), True or False; None (default): where
@@ -729,9 +738,8 @@ def paged_attention(
             HKV=hkv, G=hq // hkv, T=t, HEAD_DIM=d, ROW_BLOCKS=cfg["row_blocks"], BLOCK_N=cfg["block_n"],
             PAGE=page_size, STAGES=cfg["num_stages"], CONSUMERS=cfg["block_m"] // ROWS_PER_CONSUMER,
             CONSUMER_REGS=CONSUMER_REGS, WRITE_FINAL=splits == 1, HAS_BLOCK=has_block, OFFSETS_64=offsets_64,
-            num_warps=4,
+            USE_PDL=use_pdl, num_warps=4,
         )
-        use_pdl = False  # the Gluon kernel does not signal early; the merge waits for its end
     else:
         _paged_attention_kernel[(n * hkv * cfg["row_blocks"], splits)](
             q, k, v, page_table, kv_len,

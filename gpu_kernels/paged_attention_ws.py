@@ -13,7 +13,7 @@ third of the time. Here a program is three warpgroups with one job each, as in F
   tensor cores work, and free the stage on an `empty` mbarrier once tile j-1's p . v is done.
   The two consumers share only the stages, so one's softmax can overlap the other's MMAs.
 Each consumer writes its rows' output (or split partial) and lse in `paged_attention`'s layout,
-so the same split merge follows. Same semantics as the Triton kernel for what it takes (store or
+so the same split merge follows (launched as a programmatic dependent, as after the Triton kernel). Same semantics as the Triton kernel for what it takes (store or
 pool layout, per-head or shared table, the block's own K/V); no page or token scores.
 
 Measured on an H100 (benchmarks/RESULTS.md, 2026-12-06, fifteenth session): 5-14% faster than the
@@ -32,7 +32,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     async_copy, fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait)
 
-from .paged_attention import _program_split
+from .paged_attention import _launch_dependents, _program_split
 
 # Triton 3.6 (the lent GPUs) names the pointer cp.async `async_copy_global_to_shared`; 3.7+ renamed
 # it `async_load` and made the old name raise.
@@ -52,10 +52,12 @@ def ws_shared_bytes(consumers: int, block_n: int, head_dim: int, stages: int, el
 
 
 def compile_for_sm90(consumers: int = 2, block_n: int = 64, stages: int = 4, head_dim: int = 128,
-                     has_block: bool = True, offsets_64: bool = False, consumer_regs: int = CONSUMER_REGS):
+                     has_block: bool = True, offsets_64: bool = False, consumer_regs: int = CONSUMER_REGS,
+                     pdl: bool = True):
     """The kernel compiled for sm_90 as `paged_attention` launches it over bf16 K/V with 16-byte
     aligned strides, without a GPU (Triton's bundled ptxas); not under TRITON_INTERPRET, which
-    cannot compile. Returns Triton's CompiledKernel (asm["ptx"], asm["cubin"], metadata.shared)."""
+    cannot compile. pdl: as launched with the merge as a programmatic dependent (USE_PDL). Returns
+    Triton's CompiledKernel (asm["ptx"], asm["cubin"], metadata.shared)."""
     import inspect
 
     import triton
@@ -64,7 +66,7 @@ def compile_for_sm90(consumers: int = 2, block_n: int = 64, stages: int = 4, hea
 
     const = dict(HKV=8, G=4, T=16 * consumers, HEAD_DIM=head_dim, ROW_BLOCKS=1, BLOCK_N=block_n, PAGE=16,
                  STAGES=stages, CONSUMERS=consumers, CONSUMER_REGS=consumer_regs, WRITE_FINAL=False,
-                 HAS_BLOCK=has_block, OFFSETS_64=offsets_64)
+                 HAS_BLOCK=has_block, OFFSETS_64=offsets_64, USE_PDL=pdl)
     aligned = {"stride_qn", "stride_qh", "stride_qt", "stride_kp", "stride_kh", "stride_kt", "stride_bn",
                "stride_bh", "stride_bt"}
     pointer_types = {"pt_ptr": "*i32", "kvlen_ptr": "*i32", "lse_ptr": "*fp32", "part_lse_ptr": "*fp32"}
@@ -153,12 +155,16 @@ def _softmax_tile(s_acc, m_i, valid, qk_scale, BLOCK_N: gl.constexpr):
 def _consumer(q_smem, k_smem, v_smem, ready, empty, lo, hi, split, qk_scale, row0, row_base,
               out_ptr, lse_ptr, part_ptr, part_lse_ptr, num_splits,
               G: gl.constexpr, T: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, HAS_BLOCK: gl.constexpr, WRITE_FINAL: gl.constexpr):
+              STAGES: gl.constexpr, HAS_BLOCK: gl.constexpr, WRITE_FINAL: gl.constexpr,
+              USE_PDL: gl.constexpr):
     """One warpgroup's 64 query rows (q_smem), rows row0.. of its KV head's G * T. Per tile j:
     q . k(j) and p(j-1) . v(j-1) go to the tensor cores together; the softmax of tile j runs while
-    the second is in flight; then the accumulator takes tile j's rescale. (Making the two
-    consumers take turns to issue their MMAs, FlashAttention-3's ping-pong, measured no faster on
-    an H100: benchmarks/RESULTS.md, 2026-12-06, fifteenth session.)"""
+    the second is in flight as written; then the accumulator takes tile j's rescale. (ptxas
+    schedules the wait for p . v(j-1) ahead of the softmax, so in the SASS the softmax overlaps
+    only the other consumer's MMAs. Forcing the written order, and making the two consumers take
+    turns to issue their MMAs, FlashAttention-3's ping-pong, both measured no faster on an H100:
+    each consumer's per-tile instruction chain bounds the loop; benchmarks/RESULTS.md, 2026-12-06,
+    fifteenth and sixteenth sessions.)"""
     NW: gl.constexpr = gl.num_warps()
     BLOCK_M: gl.constexpr = 16 * NW
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
@@ -201,6 +207,8 @@ def _consumer(q_smem, k_smem, v_smem, ready, empty, lo, hi, split, qk_scale, row
     if n_all > 0:
         o_tok = warpgroup_mma(p_prev, v_smem.index((n_all - 1) % STAGES), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[o_tok])
+    if USE_PDL:
+        _launch_dependents()  # the merge (PDL) may launch: once this program's tiles are done
 
     empty_row = l_i == 0.0  # no valid token in this split: out 0, lse -inf
     l_safe = gl.where(empty_row, 1.0, l_i)
@@ -236,7 +244,7 @@ def ws_paged_attention_kernel(
     HKV: gl.constexpr, G: gl.constexpr, T: gl.constexpr, HEAD_DIM: gl.constexpr,
     ROW_BLOCKS: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
     CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    WRITE_FINAL: gl.constexpr, HAS_BLOCK: gl.constexpr, OFFSETS_64: gl.constexpr,
+    WRITE_FINAL: gl.constexpr, HAS_BLOCK: gl.constexpr, OFFSETS_64: gl.constexpr, USE_PDL: gl.constexpr,
 ):
     """Grid (N * HKV * ROW_BLOCKS, num_splits), num_warps=4 (the producer; the CONSUMERS
     warpgroups come on top). Arguments as `_paged_attention_kernel`'s (no score outputs)."""
@@ -283,7 +291,7 @@ def ws_paged_attention_kernel(
                          T, HEAD_DIM, BLOCK_N, PAGE, STAGES, HAS_BLOCK, OFFSETS_64)),
             (_consumer, (q_smem, k_smem, v_smem, ready, empty, lo, hi, split, qk_scale,
                          rb * BLOCK_M, row_base, out_ptr, lse_ptr, part_ptr, part_lse_ptr, num_splits,
-                         G, T, HEAD_DIM, BLOCK_N, STAGES, HAS_BLOCK, WRITE_FINAL)),
+                         G, T, HEAD_DIM, BLOCK_N, STAGES, HAS_BLOCK, WRITE_FINAL, USE_PDL)),
         ], [4], [CONSUMER_REGS])
     else:
         gl.warp_specialize([
@@ -292,8 +300,8 @@ def ws_paged_attention_kernel(
                          T, HEAD_DIM, BLOCK_N, PAGE, STAGES, HAS_BLOCK, OFFSETS_64)),
             (_consumer, (q_smem.slice(0, _ROWS), k_smem, v_smem, ready, empty,
                          lo, hi, split, qk_scale, rb * BLOCK_M, row_base, out_ptr, lse_ptr, part_ptr, part_lse_ptr,
-                         num_splits, G, T, HEAD_DIM, BLOCK_N, STAGES, HAS_BLOCK, WRITE_FINAL)),
+                         num_splits, G, T, HEAD_DIM, BLOCK_N, STAGES, HAS_BLOCK, WRITE_FINAL, USE_PDL)),
             (_consumer, (q_smem.slice(_ROWS, _ROWS), k_smem, v_smem, ready, empty,
                          lo, hi, split, qk_scale, rb * BLOCK_M + _ROWS, row_base, out_ptr, lse_ptr, part_ptr,
-                         part_lse_ptr, num_splits, G, T, HEAD_DIM, BLOCK_N, STAGES, HAS_BLOCK, WRITE_FINAL)),
+                         part_lse_ptr, num_splits, G, T, HEAD_DIM, BLOCK_N, STAGES, HAS_BLOCK, WRITE_FINAL, USE_PDL)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])

@@ -54,3 +54,8 @@ def test_layer_run_times_every_layer_and_checks_each_output():
     assert got["layers_ms"] > 0
     assert got["layers_TBps"] == pytest.approx(1e6 / got["layers_ms"] / 1e9)
     assert got["layers_rel_err"] < 1e-2
+    from gpu_kernels.features import pdl_supported
+
+    if pdl_supported(dev):  # the same graph with plain launches, timed in the same run
+        assert got["layers_ms_no_pdl"] > 0
+        assert got["layers_TBps_no_pdl"] == pytest.approx(1e6 / got["layers_ms_no_pdl"] / 1e9)

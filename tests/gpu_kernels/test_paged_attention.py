@@ -399,6 +399,65 @@ def test_split_partials_in_16_bit_and_many_chunks():
         paged_attention(q, k, v, table, kv_len, scale=1.0, num_splits=2, pdl=True)
 
 
+PDL_ORDER_CHECK = """
+import inspect, json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gpu_kernels.paged_attention import _merge_splits_kernel, _paged_attention_kernel
+
+def ptx(kernel, const, num_warps):
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in const:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ("*i32" if name in ("pt_ptr", "kvlen_ptr") else
+                         "*fp32" if name in ("lse_ptr", "part_lse_ptr", "pscore_ptr", "tscore_ptr") else "*bf16")
+        else:
+            sig[name] = "fp32" if name == "sm_scale" else "i32"
+    src = ASTSource(kernel, sig, constexprs=const)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, launch_pdl=True)).asm["ptx"]
+
+attention = dict(HKV=8, G=4, T=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64, ROW_BLOCKS=1, BLOCK_N=64, PAGE=16,
+                 WRITE_FINAL=False, HAS_BLOCK=True, PAGE_SCORES=True, TOKEN_SCORES=False, UPCAST=False,
+                 DOT_PRECISION="tf32", USE_PDL=True, OFFSETS_64=False)
+merge = dict(BLOCK_R=1, CHUNK_S=16, HEAD_DIM=128, BLOCK_D=128, USE_PDL=True)
+print(json.dumps(dict(attention=ptx(_paged_attention_kernel, attention, 4), merge=ptx(_merge_splits_kernel, merge, 1))))
+"""
+
+
+def pdl_order(ptx: str) -> dict:
+    """Line numbers in a kernel's PTX: its griddepcontrol instructions (waits, launches), and its
+    first global read (a load or a cp.async) and last global store."""
+    lines = ptx.splitlines()
+    at = lambda *pats: [i for i, line in enumerate(lines) if any(p in line for p in pats)]  # noqa: E731
+    return dict(waits=at("griddepcontrol.wait"), launches=at("griddepcontrol.launch_dependents"),
+                first_read=min(at("ld.global", "cp.async.cg", "cp.async.ca")), last_store=max(at("st.global")))
+
+
+def test_pdl_merge_waits_before_its_first_read():
+    """No GPU needed: compiled for sm_90 with PDL (in a subprocess: the interpreter, on in this
+    one, cannot compile), the attention kernel lets the merge launch once (griddepcontrol.
+    launch_dependents), after its loop and before its stores, and waits for nothing; the merge
+    waits for it (griddepcontrol.wait, once) before its first global read."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", PDL_ORDER_CHECK], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ptx = json.loads(proc.stdout.strip().splitlines()[-1])
+    attention, merge = pdl_order(ptx["attention"]), pdl_order(ptx["merge"])
+    assert not attention["waits"] and len(attention["launches"]) == 1
+    assert attention["first_read"] < attention["launches"][0] < attention["last_store"]
+    assert not merge["launches"] and len(merge["waits"]) == 1 and merge["waits"][0] < merge["first_read"]
+
+
 GPU_CASES = [  # (layout, page, T, G, kv_len per head, extra kwargs)
     ("store", 16, 16, 4, [32768, 32768 - 5, 20000, 0, 1, 32768, 777, 4096], {}),
     ("store", 64, 32, 4, [32768, 32000, 31999, 64, 0, 12345, 32768, 100], {}),
@@ -485,6 +544,64 @@ def test_gpu_pdl_and_partial_dtypes():
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(bufs["out"], eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warp_specialized", [False, True], ids=["triton", "ws"])
+@pytest.mark.parametrize("splits", [1, 6])
+def test_gpu_pdl_chain_of_calls(warp_specialized, splits):
+    """A chain of calls, as a decoding step's layers run them, in which each call's q is the
+    previous call's output (written by its PDL-launched merge, or with one split by its attention
+    kernel) or a torch kernel's: with the merges launched as programmatic dependents (after either
+    attention kernel) the outputs are bit for bit those of plain launches, eagerly and replayed
+    from a CUDA graph, with every output NaN-filled before the chain runs (a q read before it is
+    written would be NaN)."""
+    from gpu_kernels.features import pdl_supported, warp_specialized_supported
+
+    dev = torch.device("cuda")
+    if not pdl_supported(dev):
+        pytest.skip(f"{torch.cuda.get_device_name(dev)}: no programmatic dependent launch (sm < 90)")
+    if warp_specialized and not warp_specialized_supported(dev):
+        pytest.skip(f"{torch.cuda.get_device_name(dev)} does not run the warp-specialised kernel")
+    t = 32 if warp_specialized else 16  # the warp-specialised kernel: 4 * 32 = 128 rows per KV head
+    q, k, v, table, kv_len = make_case("pool", 1, 8, 4, t, 128, 16, [[6554, 6000, 64, 0, 6553, 5000, 1, 6554]],
+                                       torch.bfloat16, device=dev)
+    n, hq, t, d = q.shape
+    plan = launch_config(n, hq, t, d, 8, 16, table.shape[-1], dev, num_splits=splits,
+                         warp_specialized=warp_specialized)
+    bufs = [dict(out=torch.empty_like(q), lse=torch.empty(n, hq, t, device=dev),
+                 workspace=torch.empty(max(1, plan["workspace_numel"]), device=dev)) for _ in range(4)]
+    scaled = [torch.empty_like(q) for _ in bufs]
+
+    def chain(pdl: bool) -> None:
+        x = q
+        for i, b in enumerate(bufs):
+            if i % 2:  # this call's q comes from a torch kernel
+                x = torch.mul(x, 8.0, out=scaled[i])
+            paged_attention(x, k, v, table, kv_len, scale=d ** -0.5, num_splits=splits,
+                            warp_specialized=warp_specialized, pdl=pdl, **b)
+            x = b["out"]
+
+    def nan_outputs() -> None:
+        for b, s in zip(bufs, scaled):
+            b["out"].fill_(float("nan"))
+            s.fill_(float("nan"))
+
+    chain(pdl=False)
+    want = [b["out"].clone() for b in bufs]
+    first = paged_attention_reference(q, k, v, table, kv_len, scale=d ** -0.5)[0]
+    assert rel_err(want[0].float(), first.float()) < TOL[torch.bfloat16]
+    assert all(torch.isfinite(w).all() for w in want)
+    nan_outputs()
+    chain(pdl=True)
+    torch.cuda.synchronize()
+    assert all(torch.equal(b["out"], w) for b, w in zip(bufs, want))
+    graph = captured(lambda: chain(pdl=True))
+    for _ in range(3):
+        nan_outputs()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(b["out"], w) for b, w in zip(bufs, want))
 
 
 @pytest.mark.gpu
