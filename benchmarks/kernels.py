@@ -440,11 +440,10 @@ def default_fields(timer, sh: Shape, call, max_pages: int, nbytes: int, ref: tor
                 default_rel_err=rel_err(bufs["out"].float(), ref))
 
 
-def bench_sparse(timer, limits, sh: Shape, configs, frac: float, layers: int = 0) -> dict:
-    """(c) a random `frac` of the pages per KV head, gathered into the pool layout; layers > 1 also
-    times the graph-best variant as one of `layers` calls in one graph (`layer_run_fields`)."""
-    from gpu_kernels.paged_attention import paged_attention_reference
-
+def sparse_pool(sh: Shape, frac: float) -> tuple:
+    """A random `frac` of each (sequence, KV head) list's pages of sh's store, gathered into a pool
+    in shuffled slots: (k_pool, v_pool [slots, page, D], table int32 [N, Hkv, pages per list],
+    kv_len int32 [N, Hkv])."""
     dev, gen = sh.dev, sh.gen
     n, lists = sh.batch, sh.batch * HKV
     n_sel = max(1, round(frac * sh.num_pages))
@@ -458,6 +457,18 @@ def bench_sparse(timer, limits, sh: Shape, configs, frac: float, layers: int = 0
     v_pool[perm] = sh.v[sel.reshape(-1), heads.reshape(-1)]
     table = perm.reshape(n, HKV, n_sel).int()
     kv_len = torch.full((n, HKV), n_sel * sh.page, dtype=torch.int32, device=dev)
+    return k_pool, v_pool, table, kv_len
+
+
+def bench_sparse(timer, limits, sh: Shape, configs, frac: float, layers: int = 0) -> dict:
+    """(c) a random `frac` of the pages per KV head, gathered into the pool layout; layers > 1 also
+    times the graph-best variant as one of `layers` calls in one graph (`layer_run_fields`)."""
+    from gpu_kernels.paged_attention import paged_attention_reference
+
+    dev = sh.dev
+    lists = sh.batch * HKV
+    k_pool, v_pool, table, kv_len = sparse_pool(sh, frac)
+    n_sel = table.shape[-1]
     ref = paged_attention_reference(sh.q, k_pool, v_pool, table, kv_len, scale=sh.scale)[0].float()
     call = Call(sh, k_pool, v_pool, table, kv_len)
     # Splits: the default's neighbours plus counts that fill whole waves of programs (a grid of

@@ -22,26 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.kernels import HKV, D, Call, Shape, Timer, layer_run_fields, preallocated, rel_err  # noqa: E402
+from benchmarks.kernels import Call, Shape, Timer, layer_run_fields, preallocated, rel_err, sparse_pool  # noqa: E402
 
 PAGE = 16
-
-
-def sparse_pool(sh: Shape, fraction: float, gen: torch.Generator):
-    """A random `fraction` of each list's pages gathered into a shuffled pool, as
-    `benchmarks.kernels.bench_sparse` builds it: (k_pool, v_pool, table, kv_len, pages per list)."""
-    dev, lists = sh.dev, sh.batch * HKV
-    n_sel = max(1, round(fraction * sh.num_pages))
-    sel = torch.stack([torch.randperm(sh.num_pages, device=dev, generator=gen)[:n_sel] for _ in range(lists)])
-    heads = (torch.arange(lists, device=dev) % HKV)[:, None].expand(lists, n_sel)
-    perm = torch.randperm(lists * n_sel, device=dev, generator=gen)
-    k_pool = torch.empty((lists * n_sel, sh.page, D), device=dev, dtype=sh.dtype)
-    v_pool = torch.empty_like(k_pool)
-    k_pool[perm] = sh.k[sel.reshape(-1), heads.reshape(-1)]
-    v_pool[perm] = sh.v[sel.reshape(-1), heads.reshape(-1)]
-    table = perm.reshape(sh.batch, HKV, n_sel).int()
-    kv_len = torch.full((sh.batch, HKV), n_sel * sh.page, dtype=torch.int32, device=dev)
-    return k_pool, v_pool, table, kv_len, n_sel
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.device("cuda")
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     sh = Shape(args.t, args.context, PAGE, gen, dev, args.batch)
-    k_pool, v_pool, table, kv_len, n_sel = sparse_pool(sh, args.fraction, gen)
+    k_pool, v_pool, table, kv_len = sparse_pool(sh, args.fraction)
+    n_sel = table.shape[-1]
     ref = paged_attention_reference(sh.q, k_pool, v_pool, table, kv_len, scale=sh.scale)[0].float()
     nbytes = 2 * k_pool.numel() * k_pool.element_size()
     timer = Timer(warmup_ms=10, rep_ms=40)
