@@ -18,7 +18,9 @@ One run measures:
          rate; the graph-best variant is replayed again after the other L2 flush (--l2), with each
          list's page table in ascending slot order, with its split path with each saving off, and
          as one of --layers calls back to back in one graph (each over its own copy of the pool, as
-         a decoding step runs one attention per layer: the graph's launch is paid once for all).
+         a decoding step runs one attention per layer: the graph's launch is paid once for all),
+         against the same graph of empty kernels on the call's grids (its floor per call) plus
+         the bytes at the HBM read rate.
   Each mode sweeps a few tile/warp/stage configs and split counts; every variant is checked
   against the plain-torch reference (rel error printed) and timed two ways:
     "launch ms": triton.testing.do_bench median of the Python call (allocations, checks and
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import time
@@ -150,6 +153,43 @@ def launch_floor(timer: Timer) -> dict:
     one = timer.graph_ms(lambda: tiny.add_(1))
     two = timer.graph_ms(lambda: (tiny.add_(1), tiny.add_(1)))
     return dict(graph_1_kernel_ms=one, graph_2_kernels_ms=two)
+
+
+@functools.cache
+def _empty_kernel():
+    """A Triton kernel that does nothing but PDL's signals (WAIT: griddepcontrol.wait first;
+    SIGNAL: let a programmatic dependent launch): what launching a grid costs, with no bytes to
+    move. Built on first use, so importing this module needs no Triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def empty(unused_ptr, WAIT: tl.constexpr, SIGNAL: tl.constexpr):
+        if WAIT:
+            tl.extra.cuda.gdc_wait()
+        if SIGNAL:
+            tl.extra.cuda.gdc_launch_dependents()
+
+    return empty
+
+
+def layer_floor_ms(timer, layers: int, attention_grid: int, attention_warps: int, merge_grid: int,
+                   pdl: bool) -> float:
+    """Per call: GPU time of one replay of a graph of `layers` empty calls, each an empty kernel on
+    the attention's grid and, if merge_grid, one on the split merge's (launched as its programmatic
+    dependent when pdl, as `paged_attention` launches it), divided by `layers`: the layer run's
+    fixed cost per call, whatever the call reads."""
+    empty = _empty_kernel()
+    unused = torch.zeros(1, device="cuda")
+    pdl_kwargs = dict(launch_pdl=True) if pdl else {}
+
+    def run():
+        for _ in range(layers):
+            empty[(attention_grid,)](unused, WAIT=False, SIGNAL=pdl and merge_grid > 0, num_warps=attention_warps)
+            if merge_grid:
+                empty[(merge_grid,)](unused, WAIT=pdl, SIGNAL=False, num_warps=1, **pdl_kwargs)
+
+    return timer.graph_ms(run) / layers
 
 
 def attainable_fields(rec: dict, limits: dict) -> dict:
@@ -381,9 +421,10 @@ def layer_run_fields(timer, sh: Shape, inputs: tuple, cfg: dict, max_pages: int,
     paid once for all of them, and what each call costs is its kernels and the gaps between them.
     The L2 is flushed once before the replay; every layer's pool is read from HBM all the same,
     since no call reads another's bytes. Returns layers, layers_ms (per call), layers_TBps (over the
-    call's K+V bytes) and layers_rel_err (the worst of the calls' outputs); where the split merge
-    is launched as a programmatic dependent of the attention (`paged_attention`'s pdl), also the
-    same graph with plain launches: layers_ms_no_pdl and layers_TBps_no_pdl."""
+    call's K+V bytes), layers_rel_err (the worst of the calls' outputs) and layers_floor_ms (per
+    call, the same graph of empty kernels on the call's grids: `layer_floor_ms`); where the split
+    merge is launched as a programmatic dependent of the attention (`paged_attention`'s pdl), also
+    the same graph with plain launches: layers_ms_no_pdl and layers_TBps_no_pdl."""
     from gpu_kernels.features import pdl_supported
 
     k_pool, v_pool, table, kv_len = inputs
@@ -398,11 +439,41 @@ def layer_run_fields(timer, sh: Shape, inputs: tuple, cfg: dict, max_pages: int,
     ms = timer.graph_ms(run_layers) / layers
     err = max(rel_err(b["out"].float(), ref) for b in bufs)
     rec = dict(layers=layers, layers_ms=ms, layers_TBps=nbytes / ms / 1e9, layers_rel_err=err)
-    if pdl_supported(sh.dev):
+    pdl = pdl_supported(sh.dev)
+    if pdl:
         plain = timer.graph_ms(lambda: run_layers(pdl=False)) / layers
         err = max(err, max(rel_err(b["out"].float(), ref) for b in bufs))
         rec.update(layers_ms_no_pdl=plain, layers_TBps_no_pdl=nbytes / plain / 1e9, layers_rel_err=err)
+    rec["layers_floor_ms"] = layer_floor_ms(timer, layers, *call_grids(sh, cfg, max_pages), pdl)
     return rec
+
+
+def call_grids(sh: Shape, cfg: dict, max_pages: int) -> tuple[int, int, int]:
+    """(attention programs, their warps, split-merge programs or 0) of a sparse call with launch
+    options cfg, as `paged_attention` launches them."""
+    from gpu_kernels.paged_attention import launch_config, merge_rows_per_program
+
+    opts = {k: cfg.get(k) for k in ("num_splits", "block_m", "block_n", "num_warps", "num_stages")}
+    ws = bool(cfg.get("warp_specialized"))
+    plan = launch_config(sh.batch, HQ, sh.t, D, HKV, sh.page, max_pages, sh.dev, warp_specialized=ws, **opts)
+    programs = sh.batch * HKV * plan["row_blocks"] * plan["num_splits"]
+    # The warp-specialised kernel's producer and consumers (12 warps with two consumers) are
+    # rounded down to a power of two, the only counts a Triton launch takes: a floor stays a floor.
+    warps = 4 + 4 * (plan["block_m"] // 64) if ws else plan["num_warps"]
+    warps = 1 << (warps.bit_length() - 1)
+    rows = sh.batch * HQ * sh.t
+    merge = -(-rows // merge_rows_per_program(rows)) if plan["num_splits"] > 1 else 0
+    return programs, warps, merge
+
+
+def layer_attainable_fields(rec: dict, limits: dict) -> dict:
+    """The best one call of the layer run could do: the layer run's floor per call plus the call's
+    read bytes at the measured HBM read rate."""
+    if "layers_floor_ms" not in rec:
+        return {}
+    best_ms = rec["layers_floor_ms"] + rec.get("read_bytes", rec["kv_bytes"]) / (limits["hbm_read_GBps"] * 1e6)
+    return dict(layers_attainable_ms=best_ms, layers_attainable_TBps=rec["kv_bytes"] / best_ms / 1e9,
+                layers_frac_of_attainable=best_ms / rec["layers_ms"])
 
 
 def ws_configs(dev: torch.device, configs: list[dict]) -> list[dict]:
@@ -510,6 +581,7 @@ def bench_sparse(timer, limits, sh: Shape, configs, frac: float, layers: int = 0
             if layers > 1:
                 rec.update(layer_run_fields(timer, sh, (k_pool, v_pool, table, kv_len), gcfg, n_sel, nbytes, ref,
                                             layers))
+                rec.update(layer_attainable_fields(rec, limits))
         rec["target_ok"] = max(rec["TBps"], rec.get("graph_TBps", 0.0)) >= TARGETS["sparse_TBps"]
     return rec
 
@@ -606,7 +678,7 @@ def print_table(limits: dict, rows: list[dict]) -> None:
               f"{'attainable':>11} {'of attainable':>13} {'dirty-L2 ms':>11} {'dirty-L2 rate':>13} "
               f"{'clean-L2 ms':>11} {'clean-L2 rate':>13} "
               f"{'sorted ms':>9} {'sorted rate':>11} {'layer-run ms':>12} {'layer-run rate':>14} "
-              f"{'no-PDL layer-run ms':>19}")
+              f"{'no-PDL layer-run ms':>19} {'layer floor ms':>14} {'layer attainable':>16} {'of it':>6}")
         for r in bounded:
             label = _row_label(r)
             print(f"{label:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4}{r['kv_bytes'] / 1e6:>7.1f} "
@@ -617,14 +689,19 @@ def print_table(limits: dict, rows: list[dict]) -> None:
                   f"{r.get('graph_ms_sorted_slots', float('nan')):>9.4f} "
                   f"{r.get('graph_TBps_sorted_slots', float('nan')):>6.2f} TB/s "
                   f"{r.get('layers_ms', float('nan')):>12.4f} {r.get('layers_TBps', float('nan')):>9.2f} TB/s "
-                  f"{r.get('layers_ms_no_pdl', float('nan')):>19.4f}")
+                  f"{r.get('layers_ms_no_pdl', float('nan')):>19.4f} {r.get('layers_floor_ms', float('nan')):>14.4f} "
+                  f"{r.get('layers_attainable_TBps', float('nan')):>11.2f} TB/s "
+                  f"{100 * r.get('layers_frac_of_attainable', float('nan')):>5.0f}%")
         print("  dirty-L2: replayed after a flush that writes 256 MB, as do_bench does (the call's reads also pay the "
               "write-back of those lines); clean-L2: after a flush that reads them (a cold L2 of clean lines, as after "
               "the GEMMs and small activation writes before attention in a decoding step); graph ms is under --l2; "
               "sorted: the graph-best variant with each list's page table in ascending slot order; layer-run: the "
               "graph-best variant's share of one graph of --layers calls, each over its own copy of the pool (a "
               "decoding step's layers: one graph launch for all, every call reading its K/V from HBM); no-PDL: the "
-              "same graph with the split merges launched plainly (each only after its attention kernel has ended)")
+              "same graph with the split merges launched plainly (each only after its attention kernel has ended); "
+              "layer floor: per call, a graph of --layers empty calls (an empty kernel on the attention's grid, one "
+              "on the merge's, launched the same way); layer attainable: that floor plus the read bytes at the HBM "
+              "read rate")
     defaults = [r for r in rows if "default_graph_ms" in r]
     if defaults:
         print("\nsparse rows with no launch options (the kernel and split count paged_attention picks) against "

@@ -19,8 +19,9 @@ pool layout, per-head or shared table, the block's own K/V); no page or token sc
 Measured on an H100 (benchmarks/RESULTS.md, 2026-12-06, fifteenth session): 5-14% faster than the
 Triton kernel at batch 6 over 5-10% of 128K (T=32 and 64), 7-14% slower at N=1, where a split
 has too few tiles to pay for its start; `paged_attention` picks it by that
-(`uses_warp_specialized`). Ping-pong turns between the consumers, 5-6 stages and 128-token tiles
-measured no faster.
+(`uses_warp_specialized`). Ping-pong turns between the consumers, 5-6 stages, 128-token tiles and a
+persistent grid (one program per SM taking several items, the next item's q and tiles loading while
+the last one ends) measured no faster.
 
 The interpreter cannot run Gluon: tests/gpu_kernels/test_paged_attention_ws.py checks the kernel
 against `paged_attention_reference` on an sm_90 GPU, and `compile_for_sm90` compiles it without one.

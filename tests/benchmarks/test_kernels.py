@@ -33,7 +33,8 @@ def test_no_graph_no_bound():
 @pytest.mark.gpu
 def test_layer_run_times_every_layer_and_checks_each_output():
     """The layer run replays one graph of calls, each over its own copy of the pool; every copy
-    must produce the reference output (bf16 partials and output: 1e-2 relative)."""
+    must produce the reference output (bf16 partials and output: 1e-2 relative); the same graph of
+    empty kernels, its floor, is faster."""
     import torch
 
     from benchmarks.kernels import Shape, Timer, layer_run_fields
@@ -54,8 +55,35 @@ def test_layer_run_times_every_layer_and_checks_each_output():
     assert got["layers_ms"] > 0
     assert got["layers_TBps"] == pytest.approx(1e6 / got["layers_ms"] / 1e9)
     assert got["layers_rel_err"] < 1e-2
+    assert 0 < got["layers_floor_ms"] < got["layers_ms"]  # empty calls on the same grids cost less
     from gpu_kernels.features import pdl_supported
 
     if pdl_supported(dev):  # the same graph with plain launches, timed in the same run
         assert got["layers_ms_no_pdl"] > 0
         assert got["layers_TBps_no_pdl"] == pytest.approx(1e6 / got["layers_ms_no_pdl"] / 1e9)
+
+
+def test_layer_attainable_is_the_layer_floor_plus_the_bytes():
+    from benchmarks.kernels import layer_attainable_fields
+
+    rec = dict(kv_bytes=40_000_000, read_bytes=50_000_000, layers_ms=0.02, layers_floor_ms=0.003)
+    got = layer_attainable_fields(rec, dict(LIMITS, hbm_read_GBps=5000.0))
+    assert got["layers_attainable_ms"] == pytest.approx(0.003 + 0.01)
+    assert got["layers_attainable_TBps"] == pytest.approx(40e6 / 0.013 / 1e9)
+    assert got["layers_frac_of_attainable"] == pytest.approx(0.013 / 0.02)
+    assert layer_attainable_fields(dict(kv_bytes=1, layers_ms=0.1), LIMITS) == {}  # no layer run, no bound
+
+
+def test_call_grids_follow_the_launch_plan():
+    """The floor's empty kernels take the grids the call launches: programs per split times the
+    splits, the warps of the config (the warp-specialised kernel's producer and consumers rounded down
+    to a power of two), and one merge program per row at N=1 (none for one split)."""
+    import torch
+
+    from benchmarks.kernels import Shape, call_grids
+
+    cpu = torch.device("cpu")
+    sh = Shape(32, 2048, 16, torch.Generator().manual_seed(0), cpu)
+    assert call_grids(sh, dict(block_m=64, block_n=64, num_warps=4, num_splits=16), 128) == (8 * 2 * 16, 4, 32 * 32)
+    assert call_grids(sh, dict(block_m=128, num_warps=8, num_splits=1), 128) == (8, 8, 0)
+    assert call_grids(sh, dict(warp_specialized=True, num_splits=2), 128) == (8 * 2, 8, 32 * 32)

@@ -67,3 +67,13 @@ def test_sparse_kernels_plot_from_recorded_runs(tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     with pytest.raises(ValueError, match="warp_specialized"):
         main(["--sparse-kernels", str(DATA / "kernels_sparse_n1_h200_floor.json"), "--out", str(tmp_path)])
+
+
+def test_sparse_plot_with_the_layer_floor(tmp_path):
+    """A run that measured the layer run's floor (seventeenth session) plots that attainable bar too."""
+    kernels = str(DATA / "kernels_n1_h100_s17_layer_floor.json")
+    assert "layers_attainable_TBps" in [r for r in json.loads(Path(kernels).read_text())["rows"]
+                                        if r["mode"].startswith("sparse")][0]
+    assert main(["--sparse", kernels, "--out", str(tmp_path)]) == 0
+    png = (tmp_path / "sparse_attainable.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
