@@ -192,6 +192,13 @@ def layer_floor_ms(timer, layers: int, attention_grid: int, attention_warps: int
     return timer.graph_ms(run) / layers
 
 
+def _stream_ms(rec: dict, limits: dict) -> float:
+    """A row's read bytes at the measured HBM read rate (the copy rate for runs that did not
+    measure reads)."""
+    rate = limits.get("hbm_read_GBps", limits["hbm_copy_rw_GBps"])
+    return rec.get("read_bytes", rec["kv_bytes"]) / (rate * 1e6)
+
+
 def attainable_fields(rec: dict, limits: dict) -> dict:
     """The best a graph replay of this call could do: the launch floor for its kernel count (the
     split merge is a second kernel) plus its bytes at the measured HBM read rate (the copy rate for
@@ -200,9 +207,7 @@ def attainable_fields(rec: dict, limits: dict) -> dict:
         return {}
     merged = rec["graph_best"]["num_splits"] > 1
     floor = limits["launch_floor"]["graph_2_kernels_ms" if merged else "graph_1_kernel_ms"]
-    rate = limits.get("hbm_read_GBps", limits["hbm_copy_rw_GBps"])
-    stream_ms = rec.get("read_bytes", rec["kv_bytes"]) / (rate * 1e6)
-    best_ms = floor + stream_ms
+    best_ms = floor + _stream_ms(rec, limits)
     return dict(floor_ms=floor, attainable_ms=best_ms, attainable_TBps=rec["kv_bytes"] / best_ms / 1e9,
                 frac_of_attainable=best_ms / rec["graph_ms"])
 
@@ -471,7 +476,7 @@ def layer_attainable_fields(rec: dict, limits: dict) -> dict:
     read bytes at the measured HBM read rate."""
     if "layers_floor_ms" not in rec:
         return {}
-    best_ms = rec["layers_floor_ms"] + rec.get("read_bytes", rec["kv_bytes"]) / (limits["hbm_read_GBps"] * 1e6)
+    best_ms = rec["layers_floor_ms"] + _stream_ms(rec, limits)
     return dict(layers_attainable_ms=best_ms, layers_attainable_TBps=rec["kv_bytes"] / best_ms / 1e9,
                 layers_frac_of_attainable=best_ms / rec["layers_ms"])
 

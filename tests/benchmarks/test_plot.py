@@ -9,6 +9,11 @@ from benchmarks.plot import main  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 
 
+def assert_png(path: Path) -> None:
+    png = path.read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
 def test_plots_from_recorded_runs(tmp_path):
     """The committed JSON of real runs still plots: throughput by context (several files merged)
     and the gather with its zero-copy ceiling."""
@@ -16,8 +21,7 @@ def test_plots_from_recorded_runs(tmp_path):
     assert main(["--throughput", *[str(DATA / r) for r in runs], "--transfer",
                  str(DATA / "transfer_h200_contiguous_2.json"), "--out", str(tmp_path)]) == 0
     for name in ("throughput_by_context.png", "transfer.png"):
-        png = (tmp_path / name).read_bytes()
-        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+        assert_png(tmp_path / name)
     assert {r["context"] for run in runs for r in json.loads((DATA / run).read_text())["rows"]} == {32768, 65536, 131072}
 
 
@@ -29,8 +33,7 @@ def test_sparse_and_overlap_plots_from_recorded_runs(tmp_path):
     overlap = str(DATA / "transfer_h200_overlap_pairs.json")
     assert main(["--sparse", *kernels, "--overlap", overlap, "--out", str(tmp_path)]) == 0
     for name in ("sparse_attainable.png", "overlap.png"):
-        png = (tmp_path / name).read_bytes()
-        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+        assert_png(tmp_path / name)
     with pytest.raises(ValueError, match="--overlap"):
         main(["--transfer", overlap, "--out", str(tmp_path)])
 
@@ -41,21 +44,23 @@ def test_split_path_plot_from_recorded_runs(tmp_path):
     kernels = [str(DATA / f) for f in ("kernels_sparse_n1_h200_split_path.json",
                                         "kernels_sparse_batch6_h200_split_path.json")]
     assert main(["--split-path", *kernels, "--out", str(tmp_path)]) == 0
-    png = (tmp_path / "sparse_split_path.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert_png(tmp_path / "sparse_split_path.png")
     with pytest.raises(ValueError, match="split_path"):
         main(["--split-path", str(DATA / "kernels_sparse_n1_h200_floor.json"), "--out", str(tmp_path)])
 
 
-def test_sparse_plot_with_a_layer_run_beside_a_run_without(tmp_path):
-    """A run with the layer run (fourteenth session) plots its per-call bar; rows of an older run
-    without it, in the same plot, get a zero bar rather than an error."""
-    kernels = [str(DATA / f) for f in ("kernels_sparse_batch6_h200_layer_run_qreg_reverted.json",
+def test_sparse_plot_with_a_layer_run_beside_runs_without(tmp_path):
+    """A run with the layer run and its floor (seventeenth session) plots both bars; a run with the
+    layer run only (fourteenth) and rows of an older run without it, in the same plot, get zero bars
+    rather than an error."""
+    kernels = [str(DATA / f) for f in ("kernels_n1_h100_s17_layer_floor.json",
+                                        "kernels_sparse_batch6_h200_layer_run_qreg_reverted.json",
                                         "kernels_sparse_n1_h200_floor.json")]
-    assert "layers_TBps" in json.loads(Path(kernels[0]).read_text())["rows"][0]
+    sparse_rows = [r for r in json.loads(Path(kernels[0]).read_text())["rows"] if r["mode"].startswith("sparse")]
+    assert "layers_attainable_TBps" in sparse_rows[0]
+    assert "layers_TBps" in json.loads(Path(kernels[1]).read_text())["rows"][0]
     assert main(["--sparse", *kernels, "--out", str(tmp_path)]) == 0
-    png = (tmp_path / "sparse_attainable.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert_png(tmp_path / "sparse_attainable.png")
 
 
 def test_sparse_kernels_plot_from_recorded_runs(tmp_path):
@@ -63,17 +68,7 @@ def test_sparse_kernels_plot_from_recorded_runs(tmp_path):
     Triton and warp-specialised variant; a run without the second kernel is refused naming it."""
     kernels = [str(DATA / f) for f in ("kernels_sparse_batch6_h100_ws.json", "kernels_sparse_n1_h100_ws.json")]
     assert main(["--sparse-kernels", *kernels, "--out", str(tmp_path)]) == 0
-    png = (tmp_path / "sparse_kernels.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert_png(tmp_path / "sparse_kernels.png")
     with pytest.raises(ValueError, match="warp_specialized"):
         main(["--sparse-kernels", str(DATA / "kernels_sparse_n1_h200_floor.json"), "--out", str(tmp_path)])
 
-
-def test_sparse_plot_with_the_layer_floor(tmp_path):
-    """A run that measured the layer run's floor (seventeenth session) plots that attainable bar too."""
-    kernels = str(DATA / "kernels_n1_h100_s17_layer_floor.json")
-    assert "layers_attainable_TBps" in [r for r in json.loads(Path(kernels).read_text())["rows"]
-                                        if r["mode"].startswith("sparse")][0]
-    assert main(["--sparse", kernels, "--out", str(tmp_path)]) == 0
-    png = (tmp_path / "sparse_attainable.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
