@@ -48,6 +48,9 @@ import time
 
 import torch
 
+from benchmarks import kernels_source
+from benchmarks.timing import BusyWaitTimer
+
 HQ, HKV, D = 32, 8, 128
 TARGETS = dict(resident_TBps=2.0, uva_frac_of_pinned=0.9, sparse_TBps=1.5)
 
@@ -78,8 +81,8 @@ class Timer:
     """do_bench median, plus a variant whose launch overhead is hidden behind a GPU busy-wait.
 
     triton.testing.do_bench flushes L2 (a 256 MB memset, not timed) before each repetition; the
-    busy-wait variant also sleeps the GPU before the start event so that host-side launch work of
-    the call is off the clock. A large gap between the two means the call is launch-bound. The
+    busy-wait variant also keeps the GPU busy before the start event, for as long as the host takes
+    to launch the call (`benchmarks.timing.BusyWaitTimer`), so that work is off the clock. A large gap between the two means the call is launch-bound. The
     busy-wait and graph timings flush L2 by reading (clean lines) unless dirty_l2: a memset leaves up
     to an L2 of dirty lines, and a call reading 27 MB then also writes back as much of someone else's
     data (on an H100 that made the N=1 sparse calls 15-27% slower than after a clean flush).
@@ -91,6 +94,7 @@ class Timer:
         self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
         self.dirty_l2 = dirty_l2  # how graph_ms / hidden_launch_ms flush L2 unless told
         self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+        self.busy_wait = BusyWaitTimer()
 
     def median_ms(self, fn) -> float:
         return float(self.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
@@ -99,17 +103,7 @@ class Timer:
         dirty_l2 = self.dirty_l2 if dirty_l2 is None else dirty_l2
         fn()
         torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            flush_l2(self.flush, dirty_l2)
-            torch.cuda._sleep(1_000_000)  # about 0.5 ms of GPU time to cover the host's launch work
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        times.sort()
+        times = sorted(self.busy_wait(fn, before=lambda: flush_l2(self.flush, dirty_l2)) for _ in range(reps))
         return times[len(times) // 2]
 
     def graph_ms(self, fn, reps: int = 20, dirty_l2: bool | None = None) -> float:
@@ -174,20 +168,23 @@ def _empty_kernel():
 
 
 def layer_floor_ms(timer, layers: int, attention_grid: int, attention_warps: int, merge_grid: int,
-                   pdl: bool) -> float:
+                   attention_chained: bool, pdl: bool) -> float:
     """Per call: GPU time of one replay of a graph of `layers` empty calls, each an empty kernel on
-    the attention's grid and, if merge_grid, one on the split merge's (launched as its programmatic
-    dependent when pdl, as `paged_attention` launches it), divided by `layers`: the layer run's
-    fixed cost per call, whatever the call reads."""
+    the attention's grid and, if merge_grid, one on the split merge's, divided by `layers`: the layer
+    run's fixed cost per call, whatever the call reads. Launched as `paged_attention` launches them:
+    with pdl, the merge as the attention's programmatic dependent (it waits, then lets the next
+    kernel launch), and if attention_chained, the attention as the previous kernel's (it waits)."""
     empty = _empty_kernel()
     unused = torch.zeros(1, device="cuda")
-    pdl_kwargs = dict(launch_pdl=True) if pdl else {}
+    chained = pdl and attention_chained
+    attention_pdl = dict(launch_pdl=True) if chained else {}
+    merge_pdl = dict(launch_pdl=True) if pdl else {}
 
     def run():
         for _ in range(layers):
-            empty[(attention_grid,)](unused, WAIT=False, SIGNAL=pdl and merge_grid > 0, num_warps=attention_warps)
+            empty[(attention_grid,)](unused, WAIT=chained, SIGNAL=pdl, num_warps=attention_warps, **attention_pdl)
             if merge_grid:
-                empty[(merge_grid,)](unused, WAIT=pdl, SIGNAL=False, num_warps=1, **pdl_kwargs)
+                empty[(merge_grid,)](unused, WAIT=pdl, SIGNAL=pdl, num_warps=1, **merge_pdl)
 
     return timer.graph_ms(run) / layers
 
@@ -453,10 +450,11 @@ def layer_run_fields(timer, sh: Shape, inputs: tuple, cfg: dict, max_pages: int,
     return rec
 
 
-def call_grids(sh: Shape, cfg: dict, max_pages: int) -> tuple[int, int, int]:
-    """(attention programs, their warps, split-merge programs or 0) of a sparse call with launch
+def call_grids(sh: Shape, cfg: dict, max_pages: int) -> tuple[int, int, int, bool]:
+    """(attention programs, their warps, split-merge programs or 0, whether the attention kernel is
+    launched as a programmatic dependent of the kernel before it) of a sparse call with launch
     options cfg, as `paged_attention` launches them."""
-    from gpu_kernels.paged_attention import launch_config, merge_rows_per_program
+    from gpu_kernels.paged_attention import chains_attention, launch_config, merge_rows_per_program
 
     opts = {k: cfg.get(k) for k in ("num_splits", "block_m", "block_n", "num_warps", "num_stages")}
     ws = bool(cfg.get("warp_specialized"))
@@ -468,7 +466,7 @@ def call_grids(sh: Shape, cfg: dict, max_pages: int) -> tuple[int, int, int]:
     warps = 1 << (warps.bit_length() - 1)
     rows = sh.batch * HQ * sh.t
     merge = -(-rows // merge_rows_per_program(rows)) if plan["num_splits"] > 1 else 0
-    return programs, warps, merge
+    return programs, warps, merge, chains_attention(sh.dev, ws, plan["row_blocks"])
 
 
 def layer_attainable_fields(rec: dict, limits: dict) -> dict:
@@ -771,8 +769,8 @@ def main(argv: list[str] | None = None) -> None:
     timer = Timer(warmup_ms=10, rep_ms=30 if args.quick else 40, dirty_l2=args.l2 == "dirty")
     limits = copy_bandwidths(timer, (256 if args.quick else 1024) * 2**20)
     limits["launch_floor"] = launch_floor(timer)
-    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}",
-          flush=True)
+    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"gpu_kernels from {kernels_source()}", flush=True)
     print(f"pinned H2D {limits['pinned_h2d_GBps']:.1f} GB/s, HBM copy {limits['hbm_copy_rw_GBps']:.0f} GB/s, "
           f"HBM read {limits['hbm_read_GBps']:.0f} GB/s, graph replays flush L2 {args.l2}", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
@@ -785,7 +783,8 @@ def main(argv: list[str] | None = None) -> None:
         with open(path, "w") as f:
             json.dump(dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                            device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           triton=triton.__version__, shape=dict(N=args.batch, Hq=HQ, Hkv=HKV, D=D, dtype="bf16"),
+                           triton=triton.__version__, gpu_kernels=kernels_source(),
+                           shape=dict(N=args.batch, Hq=HQ, Hkv=HKV, D=D, dtype="bf16"),
                            targets=TARGETS, limits=limits, seconds=time.time() - t_start, rows=rows),
                       f, indent=1)
 

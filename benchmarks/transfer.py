@@ -5,7 +5,9 @@ One run measures, on one GPU:
   1. pinned host <-> GPU copy bandwidth (1 GiB, tensor.copy_ = cudaMemcpyAsync): the reference;
   2. gather_pages reading pinned host memory through UVA, 5% / 10% of a 128K-token context at page
      sizes 16..128 (Hkv=8, D=128, bf16, K+V) from a store of --gather-layers layers (each timed
-     gather reads the next layer), checked bit for bit; a sweep of the persistent launch
+     gather reads the next layer), checked bit for bit, each timing the gather's device time with its
+     host launch work off the clock (`benchmarks.timing`; the prefetcher enqueues gathers ahead), and
+     the best launch also from an idle GPU, launch included; a sweep of the persistent launch
      (programs per SM {1, 2, 4, 8} x block {default, half} x units per program {1, 2, 4, 8} x warps
      {4, 8}) against the defaults and the old one-program-per-unit shape, the best per grid size, and
      the best launch reading the same store on 4 KiB pages instead of huge pages, and reading as many
@@ -43,6 +45,8 @@ import triton
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import kernels_source  # noqa: E402
+from benchmarks.timing import BusyWaitTimer  # noqa: E402
 from gpu_kernels.page_copy import gather_launch_config, gather_pages, write_tokens  # noqa: E402
 from offload import GpuPageCache, HostKVStore, Prefetcher  # noqa: E402
 from offload.prefetcher import DEFAULT_FETCH_PROGRAMS  # noqa: E402
@@ -96,6 +100,7 @@ class Clock:
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.busy_wait = BusyWaitTimer() if self.cuda else None
 
     def mark(self):
         if not self.cuda:
@@ -114,10 +119,15 @@ class Clock:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def median_ms(self, fn, iters: int, warmup: int = 2) -> float:
+    def median_ms(self, fn, iters: int, warmup: int = 2, launch_hidden: bool = False) -> float:
+        """Median over iters calls of fn, after warmup calls. launch_hidden (GPU): each call's device
+        time alone, its host launch work off the clock (`benchmarks.timing`), as for a transfer that a
+        pipeline enqueues ahead of need; otherwise from an idle GPU, launch included."""
         for _ in range(warmup):
             fn()
         self.sync()
+        if launch_hidden and self.cuda:
+            return statistics.median(self.busy_wait(fn) for _ in range(iters))
         times = []
         for _ in range(iters):
             a = self.mark()
@@ -148,8 +158,8 @@ def copy_bandwidth(clock: Clock, dev: torch.device, n: int) -> dict:
     h = torch.empty(n, dtype=torch.uint8, pin_memory=clock.cuda)
     h.fill_(1)
     d = torch.empty(n, dtype=torch.uint8, device=dev)
-    h2d = clock.median_ms(lambda: d.copy_(h, non_blocking=True), iters=10)
-    d2h = clock.median_ms(lambda: h.copy_(d, non_blocking=True), iters=10)
+    h2d = clock.median_ms(lambda: d.copy_(h, non_blocking=True), iters=10, launch_hidden=True)
+    d2h = clock.median_ms(lambda: h.copy_(d, non_blocking=True), iters=10, launch_hidden=True)
     del h, d
     return {"bytes": n, "h2d_GBps": n / h2d / 1e6, "d2h_GBps": n / d2h / 1e6}
 
@@ -232,7 +242,7 @@ def bench_gather(args, clock: Clock, dev: torch.device, copy_gbps: float, sms: i
             # host-cache-hot lines nor stay inside one layer's slice of the store
             sels = [(i % layers, *random_units(num_pages, hkv, k, dev)) for i in range(max(6, layers))]
 
-            def timed(cfg, store):
+            def gather_call(cfg, store):
                 it = iter(range(10**9))
 
                 def run():
@@ -240,7 +250,10 @@ def bench_gather(args, clock: Clock, dev: torch.device, copy_gbps: float, sms: i
                     gather_pages(store.kernel_k(layer), store.kernel_v(layer), pg, hd, pool_k, pool_v, sl,
                                  validate=False, **cfg)
 
-                return clock.median_ms(run, args.iters)
+                return run
+
+            def timed(cfg, store, launch_hidden=True):
+                return clock.median_ms(gather_call(cfg, store), args.iters, launch_hidden=launch_hidden)
 
             results = []
             for cfg in configs:
@@ -248,6 +261,16 @@ def bench_gather(args, clock: Clock, dev: torch.device, copy_gbps: float, sms: i
                 results.append({**cfg, "ms": ms, "GBps": nbytes / ms / 1e6})
             best = max(results, key=lambda r: r["GBps"])
             cfg = {k_: best[k_] for k_ in ("block", "num_warps", "max_programs", "units_per_program")}
+            # the same gather from an idle GPU: its host launch work (Python checks, the launch) on the
+            # clock as well, as the rows before 2026-12-06 (eighteenth session) were timed
+            launch_ms = timed(cfg, stores[True], launch_hidden=False)
+            run = gather_call(cfg, stores[True])
+            clock.sync()
+            t0 = time.perf_counter()
+            for _ in range(5):  # enqueue only: the GPU runs them after the host has moved on
+                run()
+            host_launch_us = (time.perf_counter() - t0) / 5 * 1e6
+            clock.sync()
             base_ms = timed(cfg, stores[False])
             # the zero-copy ceiling: the same launch and bytes over contiguous spans instead of scattered
             # units. What SMs reading host memory reach without a gather (the copy engines reach more)
@@ -276,6 +299,7 @@ def bench_gather(args, clock: Clock, dev: torch.device, copy_gbps: float, sms: i
                 "store_GiB": store.nbytes / 2**30, "huge_page_share": huge_share,
                 "GBps": best["GBps"], "ratio_to_copy": best["GBps"] / copy_gbps, "ok": ok,
                 "best_config": cfg, "best_label": _cfg_label(cfg, sms),
+                "launch_included_GBps": nbytes / launch_ms / 1e6, "host_launch_us": host_launch_us,
                 "default_GBps": results[0]["GBps"], "legacy_GBps": results[1]["GBps"],
                 "base_pages_GBps": nbytes / base_ms / 1e6,
                 "contiguous_GBps": nbytes / contiguous_ms / 1e6,
@@ -285,7 +309,9 @@ def bench_gather(args, clock: Clock, dev: torch.device, copy_gbps: float, sms: i
             }
             rows.append(row)
             print(f"gather P={p} frac={frac}: best {best['GBps']:.1f} GB/s ({100 * row['ratio_to_copy']:.0f}% of copy) "
-                  f"[{row['best_label']}], default {row['default_GBps']:.1f}, old 1-program-per-unit "
+                  f"[{row['best_label']}], {row['launch_included_GBps']:.1f} with its launch on the clock "
+                  f"({row['host_launch_us']:.0f} us of host work per call), "
+                  f"default {row['default_GBps']:.1f}, old 1-program-per-unit "
                   f"{row['legacy_GBps']:.1f}, same launch from 4 KiB pages {row['base_pages_GBps']:.1f}, "
                   f"same launch over contiguous spans {row['contiguous_GBps']:.1f} "
                   f"(store {row['store_GiB']:.1f} GiB, huge-page share {huge_share}), ok={ok}", flush=True)
@@ -653,15 +679,17 @@ def print_tables(res: dict) -> None:
         c["h2d_GBps"], c["d2h_GBps"]))
     if "gather" in res:  # absent with --overlap-only
         print("\n== gather_pages: pinned host -> GPU pool through UVA (target >= 90% of copy at 16-token pages)")
-        print(f"{'page':>5} {'frac':>5} {'units':>7} {'MB':>7} {'best GB/s':>9} {'%copy':>6} {'default':>8} "
-              f"{'old':>6} {'4KiB pgs':>9} {'contig':>8} {'%contig':>8} {'ok':>5}  best launch")
+        print(f"{'page':>5} {'frac':>5} {'units':>7} {'MB':>7} {'best GB/s':>9} {'%copy':>6} {'+launch':>8} "
+              f"{'default':>8} {'old':>6} {'4KiB pgs':>9} {'contig':>8} {'%contig':>8} {'ok':>5}  best launch")
         for r in res["gather"]:
             print(f"{r['page_size']:>5} {r['fraction']:>5.2f} {r['units']:>7} {r['MB']:>7.1f} {r['GBps']:>9.1f} "
-                  f"{100 * r['ratio_to_copy']:>5.0f}% {r['default_GBps']:>8.1f} {r['legacy_GBps']:>6.1f} "
+                  f"{100 * r['ratio_to_copy']:>5.0f}% {r['launch_included_GBps']:>8.1f} "
+                  f"{r['default_GBps']:>8.1f} {r['legacy_GBps']:>6.1f} "
                   f"{r['base_pages_GBps']:>9.1f} {r['contiguous_GBps']:>8.1f} {100 * r['ratio_to_contiguous']:>7.0f}% "
                   f"{str(r['ok']):>5}  "
                   f"{r['best_label']}")
-        print("  (default: gather_pages' defaults; old: one program per unit; 4KiB pgs: the best launch reading "
+        print("  (best: device time, launch hidden behind a busy-wait; +launch: the best launch timed from an idle "
+              "GPU, its host launch work on the clock; default: gather_pages' defaults; old: one program per unit; 4KiB pgs: the best launch reading "
               "the same store backed by 4 KiB pages instead of huge pages; contig: the best launch reading as many bytes "
               "from contiguous spans, the zero-copy ceiling without a gather)")
         grids = sorted({g for r in res["gather"] for g in r["best_by_grid"]})
@@ -730,10 +758,11 @@ def main(argv=None) -> int:
     else:
         name, sms = "cpu dry run (numbers meaningless)", 2
     res = {
-        "device": name, "torch": torch.__version__, "triton": triton.__version__,
+        "device": name, "torch": torch.__version__, "triton": triton.__version__, "gpu_kernels": kernels_source(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args),
     }
     res["copy"] = copy_bandwidth(clock, dev, (1 << 30) if clock.cuda else (1 << 20))
+    print(f"gpu_kernels from {res['gpu_kernels']}", flush=True)
     print(f"copy: h2d {res['copy']['h2d_GBps']:.1f} GB/s, d2h {res['copy']['d2h_GBps']:.1f} GB/s", flush=True)
     if not args.overlap_only:
         res["gather"] = bench_gather(args, clock, dev, res["copy"]["h2d_GBps"], sms)

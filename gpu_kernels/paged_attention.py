@@ -85,6 +85,14 @@ def _launch_dependents():
 
 
 @triton.jit
+def _wait_for_prior():
+    """Wait until the kernel before this one in the stream has ended and its writes are visible; a
+    no-op unless this kernel was launched as its programmatic dependent. A scalar helper, so
+    `paged_attention_ws`'s Gluon kernel calls it too."""
+    tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
 def _program_split(kvlen_ptr, stride_ln, stride_lh, max_pages, split_tokens,
                    HKV: tl.constexpr, ROW_BLOCKS: tl.constexpr, PAGE: tl.constexpr):
     """This program's place in the grid (N * HKV * ROW_BLOCKS, num_splits): (row block, KV head,
@@ -123,7 +131,8 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     WRITE_FINAL: tl.constexpr, HAS_BLOCK: tl.constexpr,
     PAGE_SCORES: tl.constexpr, TOKEN_SCORES: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, OFFSETS_64: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, AFTER_PRIOR: tl.constexpr,
+    OFFSETS_64: tl.constexpr,
 ):
     """Grid (N * HKV * ROW_BLOCKS, num_splits). q, K and V are contiguous in the head dim; K and V
     share their strides (one store).
@@ -143,6 +152,10 @@ def _paged_attention_kernel(
     merge launch once its own tiles are done, so the merge's programs are launched while the
     grid's last programs write their partials rather than after the grid has ended.
 
+    AFTER_PRIOR (launched as a programmatic dependent of the stream's previous kernel): every
+    program first waits for that kernel (its q, K/V and tables may come from it), so only the
+    launch and the programs' start overlap its end.
+
     OFFSETS_64: K/V element offsets need 64 bits (a store of 2^31 elements or more); otherwise they
     are 32-bit. With the loop-invariant offsets below, that takes the loop from 640 to 458 sm_90
     instructions per tile at 64-row tiles (513 to 417 at 128 rows; `scripts/sass_attention_loop.py`).
@@ -150,6 +163,8 @@ def _paged_attention_kernel(
     loop): on a clean L2 that case streams its tiles at about 90% of HBM's read rate, and the rest
     is a fixed cost per program and the split merge.
     """
+    if AFTER_PRIOR:
+        _wait_for_prior()
     SCORES: tl.constexpr = PAGE_SCORES or TOKEN_SCORES
     # One row block holds every query of its KV head: the block-mean query's scores are the
     # column means of the score tile the softmax computes anyway (no extra pass, no extra MMA).
@@ -326,7 +341,7 @@ def _merge_splits_kernel(
     no reduction across threads. (Reducing a [splits, D] tile over its split axis, one row per
     program, went through shared memory with 8-10-way bank conflicts: 37 us for 12 MB of partials
     on the H200.) USE_PDL: launched as a programmatic dependent of the attention kernel, it waits
-    for that kernel's writes here, before its first load.
+    for that kernel's writes here, before its first load, and then lets the kernel after it launch.
     """
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = offs_r < rows
@@ -334,7 +349,10 @@ def _merge_splits_kernel(
     d_ok = offs_d < HEAD_DIM
     base = offs_r * num_splits
     if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+        _wait_for_prior()
+        # The next call's attention, launched as this kernel's programmatic dependent, may launch now
+        # and start its programs while the merge runs (it waits for the merge before its first read).
+        _launch_dependents()
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     den = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
@@ -418,17 +436,31 @@ def _describe_layout(q, k_pages, v_pages, page_table, kv_len):
     return hkv, page_size, per_head, pool, kv_len
 
 
-def default_config(rows: int, head_dim: int, page_size: int, device: torch.device) -> dict:
+# Below this many K/V tiles per SM (a KV head's tiles x N x Hkv / SMs: what one wave of 128-row
+# programs would give each SM), blocks of 65-128 rows per KV head run as two 64-row, 4-warp row
+# blocks instead of `default_config`'s 128 rows and 8 warps. H100, N=1 T=32, graph replays
+# (benchmarks/RESULTS.md, 2026-12-06, eighteenth session): 64-row blocks were 13% / 12% / 4% / 1%
+# faster over 5% and 10% of 32K and 128K (1.6-12.8 tiles per SM), and 2-3.5% slower over all of
+# 32K and 128K (32-128 tiles per SM).
+SHORT_WORK_TILES_PER_SM = 16
+
+
+def default_config(rows: int, head_dim: int, page_size: int, device: torch.device,
+                   tiles_per_sm: float | None = None) -> dict:
     """Tile sizes and launch options for `paged_attention` (each can be overridden by keyword).
 
     rows = G * T queries per KV head. On the GPU: BLOCK_M covers the rows (at most 128 per
     program), BLOCK_N = 64 tokens (at least one page), 8 warps for 128-row tiles, 3 stages
     (fewer when a K+V tile is large: the stages share about 228 KB of shared memory on Hopper).
+    tiles_per_sm (K/V tiles per KV head x N x Hkv / SMs): below `SHORT_WORK_TILES_PER_SM`, 65-128
+    rows take two 64-row blocks of 4 warps, which fill the GPU with half the splits.
     """
     block_m = max(16, min(128, triton.next_power_of_2(rows)))
     block_n = max(64, page_size)
     if device.type != "cuda":
         return dict(block_m=block_m, block_n=block_n, num_warps=4, num_stages=1)
+    if tiles_per_sm is not None and tiles_per_sm < SHORT_WORK_TILES_PER_SM and 64 < rows <= 128:
+        block_m = 64
     block_d = max(16, triton.next_power_of_2(head_dim))
     kv_tile_bytes = 2 * block_n * block_d * 2
     stages = 3 if kv_tile_bytes <= 32768 else 2 if kv_tile_bytes <= 65536 else 1
@@ -469,7 +501,8 @@ def default_num_splits(programs: int, max_tokens: int, block_n: int, rows: int,
                        num_sms: int | None, overhead_tiles: int = _PROGRAM_OVERHEAD_TILES) -> int:
     """Splits per (row, KV head, row block), chosen by a wave model of the grid.
 
-    programs = N * Hkv * row_blocks; num_sms None means the CPU interpreter (a small number).
+    programs = N * Hkv * row_blocks (`launch_config` counts a pair of 64-row, 4-warp row blocks as
+    one: they share an SM and read the same tiles); num_sms None means the CPU interpreter.
     The grid of programs * s programs runs in ceil(programs * s / num_sms) waves, each as long as
     one program: its tiles / s plus a fixed cost. The count with the shortest estimate wins (ties:
     fewer splits): one full wave for short lists (5% selections), several full waves for long ones
@@ -516,6 +549,8 @@ def _plan(n: int, hq: int, t: int, head_dim: int, hkv: int, page_size: int, max_
           num_splits: int | None, block_m: int | None, block_n: int | None, num_warps: int | None,
           num_stages: int | None, warp_specialized: bool) -> dict:
     rows = hq // hkv * t
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    max_tokens = max(1, max_pages * page_size)
     cfg = default_config(rows, head_dim, page_size, device)
     if warp_specialized:
         cfg = dict(block_m=64 if rows <= 64 else 128, block_n=max(64, page_size), num_warps=4, num_stages=4)
@@ -524,17 +559,24 @@ def _plan(n: int, hq: int, t: int, head_dim: int, hkv: int, page_size: int, max_
                              f"(64 per consumer warpgroup); got {block_m}")
         if num_warps not in (None, 4):
             raise ValueError(f"warp_specialized runs num_warps=4 (its producer); got {num_warps}")
-    bm = block_m or cfg["block_m"]
     bn = max(block_n or cfg["block_n"], page_size)
+    if not warp_specialized and block_m is None and num_warps is None and sms is not None:
+        tiles_per_sm = triton.cdiv(max_tokens, bn) * n * hkv / sms
+        cfg = default_config(rows, head_dim, page_size, device, tiles_per_sm=tiles_per_sm)
+    bm = block_m or cfg["block_m"]
+    warps = num_warps or cfg["num_warps"]
     for name, val in (("block_m", bm), ("block_n", bn)):
         if val < 16 or val & (val - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot needs 16), got {val}")
     row_blocks = triton.cdiv(rows, bm)
-    max_tokens = max(1, max_pages * page_size)
     if num_splits is None:
-        sms = (torch.cuda.get_device_properties(device).multi_processor_count
-               if device.type == "cuda" else None)
-        num_splits = default_num_splits(n * hkv * row_blocks, max_tokens, bn, rows, sms,
+        # A 64-row, 4-warp Triton program leaves room on its SM for a second, and the row blocks of
+        # one split read the same K/V tiles (the second from L2), so the wave model counts each pair
+        # of row blocks as one program (H100, N=1 T=32 over 5-10% of 128K: 16 splits of two 64-row
+        # blocks beat 8 splits by 6-16%).
+        paired = not warp_specialized and bm == 64 and warps == 4 and row_blocks > 1
+        wave_programs = n * hkv * (triton.cdiv(row_blocks, 2) if paired else row_blocks)
+        num_splits = default_num_splits(wave_programs, max_tokens, bn, rows, sms,
                                         _WS_PROGRAM_OVERHEAD_TILES if warp_specialized else _PROGRAM_OVERHEAD_TILES)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
@@ -543,7 +585,7 @@ def _plan(n: int, hq: int, t: int, head_dim: int, hkv: int, page_size: int, max_
     # pages stay 33; bounds at 64-token tiles would make them 32).
     split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), page_size) * page_size
     num_splits = triton.cdiv(max_tokens, split_tokens)
-    return dict(block_m=bm, block_n=bn, num_warps=num_warps or cfg["num_warps"],
+    return dict(block_m=bm, block_n=bn, num_warps=warps,
                 num_stages=num_stages or cfg["num_stages"], row_blocks=row_blocks,
                 num_splits=num_splits, split_tokens=split_tokens,
                 workspace_numel=workspace_numel(n, hq, t, head_dim, num_splits))
@@ -563,6 +605,15 @@ def uses_warp_specialized(n: int, hq: int, t: int, head_dim: int, hkv: int, page
     plan = launch_config(n, hq, t, head_dim, hkv, page_size, max_pages, device, num_splits=num_splits,
                          warp_specialized=True)
     return plan["split_tokens"] >= WS_MIN_TILES_PER_SPLIT * plan["block_n"]
+
+
+def chains_attention(device: torch.device, warp_specialized: bool, row_blocks: int) -> bool:
+    """Whether `paged_attention` (pdl None) launches its attention kernel as a programmatic
+    dependent of the kernel before it: where PDL is supported, for the warp-specialised kernel or
+    several row blocks. Per call in a graph of 8 (H100, benchmarks/RESULTS.md, 2026-12-06,
+    eighteenth session) that was 2-7% faster with two row blocks (N=1 T=32) and 0.4-1% with the
+    warp-specialised kernel (batch 6), and 2-3% slower with one row block (N=1 T=16)."""
+    return pdl_supported(device) and (warp_specialized or row_blocks > 1)
 
 
 def workspace_numel(n: int, hq: int, t: int, head_dim: int, num_splits: int) -> int:
@@ -624,9 +675,13 @@ def paged_attention(
     partial_dtype: dtype of the split partial outputs in the workspace (default: q's dtype for
       fp16, and for bf16 on the GPU, so the merge moves half the bytes; fp32 otherwise). Their lse
       stays fp32, so the merge's weights are exact; the partials round like the output does.
-    pdl: launch the merge as a programmatic dependent of the attention kernel (either one: the
-      Triton kernel or `paged_attention_ws`'s; default: where supported, `pdl_supported`), so its
-      launch overlaps the attention's last programs.
+    pdl: launch the attention kernel (either one: the Triton kernel or `paged_attention_ws`'s) as a
+      programmatic dependent of the stream's previous kernel, and the merge as one of the attention
+      kernel. Each waits for its predecessor before its first read, so only launches overlap: the
+      merge's with the attention's last programs, and a layer's attention with the previous layer's
+      merge, which lets it launch once it has waited. Default (None), where supported
+      (`pdl_supported`): the merge always; the attention kernel when it is the warp-specialised one
+      or has several row blocks (where that measured faster).
     warp_specialized: run the attention as `paged_attention_ws`'s Gluon kernel (a cp.async producer
       warpgroup and one or two wgmma consumer warpgroups; sm_90 GPUs only, 16-bit q, head_dim 64
       or 128, K/V in GPU memory, no scores), True or False; None (default): where
@@ -709,8 +764,12 @@ def paged_attention(
                                                  _partial_dtype(partial_dtype, q.dtype, upcast))
     else:
         partials = partial_lse = lse  # never dereferenced: the kernel writes the final output itself
-    use_pdl = splits > 1 and (pdl_supported(dev) if pdl is None else pdl)
-    if use_pdl and not pdl_supported(dev):
+    if pdl is None:
+        use_pdl = splits > 1 and pdl_supported(dev)
+        chain = chains_attention(dev, warp_specialized, cfg["row_blocks"])
+    else:
+        use_pdl, chain = splits > 1 and pdl, pdl
+    if pdl and not pdl_supported(dev):
         raise ValueError(f"pdl=True needs a CUDA device of compute capability 9.0+ and a Triton with "
                          f"launch_pdl; {dev} does not have both (pass pdl=None or False)")
     block_d = max(16, triton.next_power_of_2(d))
@@ -724,6 +783,7 @@ def paged_attention(
     q_strides = q.stride()
     b_strides = k_block.stride()[:3] if has_block else (0, 0, 0)
     offsets_64 = _max_offset(_unwrap(k_pages)) >= INT32_OFFSETS_BELOW
+    attention_pdl = dict(launch_pdl=True) if chain else {}
     if warp_specialized:
         _check_warp_specialized(q, k, want_pages or want_tokens, page_size, cfg)
         from .paged_attention_ws import CONSUMER_REGS, ROWS_PER_CONSUMER, ws_paged_attention_kernel
@@ -738,7 +798,7 @@ def paged_attention(
             HKV=hkv, G=hq // hkv, T=t, HEAD_DIM=d, ROW_BLOCKS=cfg["row_blocks"], BLOCK_N=cfg["block_n"],
             PAGE=page_size, STAGES=cfg["num_stages"], CONSUMERS=cfg["block_m"] // ROWS_PER_CONSUMER,
             CONSUMER_REGS=CONSUMER_REGS, WRITE_FINAL=splits == 1, HAS_BLOCK=has_block, OFFSETS_64=offsets_64,
-            USE_PDL=use_pdl, num_warps=4,
+            USE_PDL=use_pdl, AFTER_PRIOR=chain, num_warps=4, **attention_pdl,
         )
     else:
         _paged_attention_kernel[(n * hkv * cfg["row_blocks"], splits)](
@@ -754,8 +814,8 @@ def paged_attention(
             BLOCK_M=cfg["block_m"], ROW_BLOCKS=cfg["row_blocks"], BLOCK_N=cfg["block_n"], PAGE=page_size,
             WRITE_FINAL=splits == 1, HAS_BLOCK=has_block, PAGE_SCORES=want_pages, TOKEN_SCORES=want_tokens,
             UPCAST=upcast, DOT_PRECISION="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
-            USE_PDL=use_pdl, OFFSETS_64=offsets_64,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            USE_PDL=use_pdl, AFTER_PRIOR=chain, OFFSETS_64=offsets_64,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **attention_pdl,
         )
     if splits > 1:
         pdl_kwargs = dict(launch_pdl=True) if use_pdl else {}
@@ -987,6 +1047,6 @@ def block_attention_reference(
 __all__ = [
     "HostPointer", "paged_attention", "paged_attention_reference", "block_attention",
     "block_attention_reference",
-    "default_config", "default_num_splits", "launch_config", "merge_rows_per_program", "pdl_supported",
-    "workspace_numel",
+    "chains_attention", "default_config", "default_num_splits", "launch_config", "merge_rows_per_program",
+    "pdl_supported", "workspace_numel",
 ]

@@ -19,9 +19,14 @@ pool layout, per-head or shared table, the block's own K/V); no page or token sc
 Measured on an H100 (benchmarks/RESULTS.md, 2026-12-06, fifteenth session): 5-14% faster than the
 Triton kernel at batch 6 over 5-10% of 128K (T=32 and 64), 7-14% slower at N=1, where a split
 has too few tiles to pay for its start; `paged_attention` picks it by that
-(`uses_warp_specialized`). Ping-pong turns between the consumers, 5-6 stages, 128-token tiles and a
-persistent grid (one program per SM taking several items, the next item's q and tiles loading while
-the last one ends) measured no faster.
+(`uses_warp_specialized`). 5-6 stages and 128-token tiles (launch options, timed in one run)
+measured slower. Ping-pong turns between the consumers and a persistent grid (one program per SM
+taking several items, the next item's q and tiles loading while the last one ends) were each timed
+against a "HEAD" run that, through a PYTHONPATH mistake, ran the candidate again, so neither
+comparison holds (benchmarks/RESULTS.md, 2026-12-06, eighteenth session). Against this kernel timed
+in another call of the same session, the persistent grid was within 1% at T=32 and 1-2% faster at
+T=64 at the split counts the default picks, and 3-13% faster at 8-16 splits: worth rebuilding and
+timing properly.
 
 The interpreter cannot run Gluon: tests/gpu_kernels/test_paged_attention_ws.py checks the kernel
 against `paged_attention_reference` on an sm_90 GPU, and `compile_for_sm90` compiles it without one.
@@ -33,7 +38,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     async_copy, fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait)
 
-from .paged_attention import _launch_dependents, _program_split
+from .paged_attention import _launch_dependents, _program_split, _wait_for_prior
 
 # Triton 3.6 (the lent GPUs) names the pointer cp.async `async_copy_global_to_shared`; 3.7+ renamed
 # it `async_load` and made the old name raise.
@@ -57,7 +62,8 @@ def compile_for_sm90(consumers: int = 2, block_n: int = 64, stages: int = 4, hea
                      pdl: bool = True):
     """The kernel compiled for sm_90 as `paged_attention` launches it over bf16 K/V with 16-byte
     aligned strides, without a GPU (Triton's bundled ptxas); not under TRITON_INTERPRET, which
-    cannot compile. pdl: as launched with the merge as a programmatic dependent (USE_PDL). Returns
+    cannot compile. pdl: as launched with PDL (AFTER_PRIOR: it waits for the kernel before it; USE_PDL:
+    the merge after it is its programmatic dependent). Returns
     Triton's CompiledKernel (asm["ptx"], asm["cubin"], metadata.shared)."""
     import inspect
 
@@ -67,7 +73,7 @@ def compile_for_sm90(consumers: int = 2, block_n: int = 64, stages: int = 4, hea
 
     const = dict(HKV=8, G=4, T=16 * consumers, HEAD_DIM=head_dim, ROW_BLOCKS=1, BLOCK_N=block_n, PAGE=16,
                  STAGES=stages, CONSUMERS=consumers, CONSUMER_REGS=consumer_regs, WRITE_FINAL=False,
-                 HAS_BLOCK=has_block, OFFSETS_64=offsets_64, USE_PDL=pdl)
+                 HAS_BLOCK=has_block, OFFSETS_64=offsets_64, USE_PDL=pdl, AFTER_PRIOR=pdl)
     aligned = {"stride_qn", "stride_qh", "stride_qt", "stride_kp", "stride_kh", "stride_kt", "stride_bn",
                "stride_bh", "stride_bt"}
     pointer_types = {"pt_ptr": "*i32", "kvlen_ptr": "*i32", "lse_ptr": "*fp32", "part_lse_ptr": "*fp32"}
@@ -163,9 +169,9 @@ def _consumer(q_smem, k_smem, v_smem, ready, empty, lo, hi, split, qk_scale, row
     the second is in flight as written; then the accumulator takes tile j's rescale. (ptxas
     schedules the wait for p . v(j-1) ahead of the softmax, so in the SASS the softmax overlaps
     only the other consumer's MMAs. Forcing the written order, and making the two consumers take
-    turns to issue their MMAs, FlashAttention-3's ping-pong, both measured no faster on an H100:
-    each consumer's per-tile instruction chain bounds the loop; benchmarks/RESULTS.md, 2026-12-06,
-    fifteenth and sixteenth sessions.)"""
+    turns to issue their MMAs, FlashAttention-3's ping-pong, were both built, but their A/B runs
+    timed the candidate on both sides, so whether they help is not known; benchmarks/RESULTS.md,
+    2026-12-06, fifteenth, sixteenth and eighteenth sessions.)"""
     NW: gl.constexpr = gl.num_warps()
     BLOCK_M: gl.constexpr = 16 * NW
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
@@ -246,12 +252,15 @@ def ws_paged_attention_kernel(
     ROW_BLOCKS: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
     CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     WRITE_FINAL: gl.constexpr, HAS_BLOCK: gl.constexpr, OFFSETS_64: gl.constexpr, USE_PDL: gl.constexpr,
+    AFTER_PRIOR: gl.constexpr,
 ):
     """Grid (N * HKV * ROW_BLOCKS, num_splits), num_warps=4 (the producer; the CONSUMERS
     warpgroups come on top). Arguments as `_paged_attention_kernel`'s (no score outputs)."""
     NW: gl.constexpr = gl.num_warps()
     BLOCK_M: gl.constexpr = _ROWS * CONSUMERS
     GT: gl.constexpr = G * T
+    if AFTER_PRIOR:
+        _wait_for_prior()
     rb, kvh, n, split, lo, _, hi = _program_split(kvlen_ptr, stride_ln, stride_lh, max_pages, split_tokens,
                                                   HKV, ROW_BLOCKS, PAGE)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 domain

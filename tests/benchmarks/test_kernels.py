@@ -84,6 +84,8 @@ def test_call_grids_follow_the_launch_plan():
 
     cpu = torch.device("cpu")
     sh = Shape(32, 2048, 16, torch.Generator().manual_seed(0), cpu)
-    assert call_grids(sh, dict(block_m=64, block_n=64, num_warps=4, num_splits=16), 128) == (8 * 2 * 16, 4, 32 * 32)
-    assert call_grids(sh, dict(block_m=128, num_warps=8, num_splits=1), 128) == (8, 8, 0)
-    assert call_grids(sh, dict(warp_specialized=True, num_splits=2), 128) == (8 * 2, 8, 32 * 32)
+    # last: whether the attention is a programmatic dependent of the kernel before it (never without PDL)
+    assert call_grids(sh, dict(block_m=64, block_n=64, num_warps=4, num_splits=16), 128) == (
+        8 * 2 * 16, 4, 32 * 32, False)
+    assert call_grids(sh, dict(block_m=128, num_warps=8, num_splits=1), 128) == (8, 8, 0, False)
+    assert call_grids(sh, dict(warp_specialized=True, num_splits=2), 128) == (8 * 2, 8, 32 * 32, False)

@@ -2,6 +2,7 @@
 nothing): every triplet of passes runs, the pages land bit for bit, and the JSON carries the per-triplet
 end-to-end shares and the SM-tax model."""
 import json
+import os
 import statistics
 
 import pytest
@@ -17,6 +18,8 @@ def test_overlap_only_dry_run(tmp_path, capsys):
                  "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "transfer.json").read_text())
     assert "gather" not in data and "write" not in data
+    import gpu_kernels  # the run says which copy of the kernels it ran
+    assert data["gpu_kernels"] == os.path.dirname(os.path.abspath(gpu_kernels.__file__))
     cases = data["overlap"]["cases"]
     # caps 4 and 0 (the standalone default), for both compute/transfer ratios (the CPU has no stream
     # priorities, so no default-priority row)

@@ -21,8 +21,8 @@ from gpu_kernels._uva import HostPointer  # noqa: E402
 from gpu_kernels.merge import (  # noqa: E402
     block_self_attention, merge_attention_states)
 from gpu_kernels.paged_attention import (  # noqa: E402
-    block_attention, block_attention_reference, default_num_splits, launch_config, paged_attention,
-    merge_rows_per_program, paged_attention_reference)
+    SHORT_WORK_TILES_PER_SM, block_attention, block_attention_reference, chains_attention, default_config,
+    default_num_splits, launch_config, paged_attention, merge_rows_per_program, paged_attention_reference)
 
 CPU = torch.device("cpu")
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -295,6 +295,33 @@ def test_default_num_splits_weighs_waves_against_the_fixed_cost():
     assert merge_rows_per_program(512) == 1 and merge_rows_per_program(6 * 32 * 64) == 4
 
 
+def test_the_attention_is_chained_with_several_row_blocks_or_the_ws_kernel_where_pdl_is(monkeypatch):
+    import gpu_kernels.paged_attention as pa
+
+    assert not chains_attention(CPU, True, 2)  # no PDL without CUDA
+    monkeypatch.setattr(pa, "pdl_supported", lambda device: True)  # as on a Hopper GPU
+    cuda = torch.device("cuda")
+    assert chains_attention(cuda, False, 2) and chains_attention(cuda, True, 1)
+    assert not chains_attention(cuda, False, 1)
+
+
+def test_short_lists_of_128_rows_take_two_64_row_blocks():
+    cuda = torch.device("cuda")  # a device object only: default_config reads no GPU
+    # N=1 T=32 (128 rows per KV head) over 5% of 128K on 132 SMs: 103 tiles x 8 heads / 132 = 6.2
+    # tiles per SM, short of SHORT_WORK_TILES_PER_SM: two 64-row blocks of 4 warps
+    assert SHORT_WORK_TILES_PER_SM == 16
+    short = default_config(128, 128, 16, cuda, tiles_per_sm=103 * 8 / 132)
+    assert (short["block_m"], short["num_warps"]) == (64, 4)
+    # exact attention over 32K (512 tiles x 8 / 132 = 31): 128 rows and 8 warps, as without the count
+    assert default_config(128, 128, 16, cuda, tiles_per_sm=512 * 8 / 132) == default_config(128, 128, 16, cuda)
+    assert default_config(128, 128, 16, cuda)["block_m"] == 128
+    # 64 rows are one block already; 256 rows keep 128-row blocks
+    assert default_config(64, 128, 16, cuda, tiles_per_sm=1.0)["block_m"] == 64
+    assert default_config(256, 128, 16, cuda, tiles_per_sm=1.0)["block_m"] == 128
+    # the interpreter's config ignores it
+    assert default_config(128, 128, 16, torch.device("cpu"), tiles_per_sm=1.0)["block_m"] == 128
+
+
 # ---------------------------------------------------------------- merging and the block part
 
 
@@ -422,7 +449,7 @@ def ptx(kernel, const, num_warps):
 
 attention = dict(HKV=8, G=4, T=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64, ROW_BLOCKS=1, BLOCK_N=64, PAGE=16,
                  WRITE_FINAL=False, HAS_BLOCK=True, PAGE_SCORES=True, TOKEN_SCORES=False, UPCAST=False,
-                 DOT_PRECISION="tf32", USE_PDL=True, OFFSETS_64=False)
+                 DOT_PRECISION="tf32", USE_PDL=True, AFTER_PRIOR=True, OFFSETS_64=False)
 merge = dict(BLOCK_R=1, CHUNK_S=16, HEAD_DIM=128, BLOCK_D=128, USE_PDL=True)
 print(json.dumps(dict(attention=ptx(_paged_attention_kernel, attention, 4), merge=ptx(_merge_splits_kernel, merge, 1))))
 """
@@ -437,11 +464,12 @@ def pdl_order(ptx: str) -> dict:
                 first_read=min(at("ld.global", "cp.async.cg", "cp.async.ca")), last_store=max(at("st.global")))
 
 
-def test_pdl_merge_waits_before_its_first_read():
+def test_pdl_kernels_wait_before_their_first_read():
     """No GPU needed: compiled for sm_90 with PDL (in a subprocess: the interpreter, on in this
-    one, cannot compile), the attention kernel lets the merge launch once (griddepcontrol.
-    launch_dependents), after its loop and before its stores, and waits for nothing; the merge
-    waits for it (griddepcontrol.wait, once) before its first global read."""
+    one, cannot compile), the attention kernel waits for the kernel before it (griddepcontrol.wait,
+    once) before its first global read and lets the merge launch once (griddepcontrol.
+    launch_dependents), after its loop and before its stores; the merge waits for it once before its
+    first global read, having let the kernel after it launch only after that wait."""
     import json
     import subprocess
     import sys
@@ -453,9 +481,10 @@ def test_pdl_merge_waits_before_its_first_read():
     assert proc.returncode == 0, proc.stderr[-3000:]
     ptx = json.loads(proc.stdout.strip().splitlines()[-1])
     attention, merge = pdl_order(ptx["attention"]), pdl_order(ptx["merge"])
-    assert not attention["waits"] and len(attention["launches"]) == 1
-    assert attention["first_read"] < attention["launches"][0] < attention["last_store"]
-    assert not merge["launches"] and len(merge["waits"]) == 1 and merge["waits"][0] < merge["first_read"]
+    assert len(attention["waits"]) == 1 and len(attention["launches"]) == 1
+    assert attention["waits"][0] < attention["first_read"] < attention["launches"][0] < attention["last_store"]
+    assert len(merge["waits"]) == 1 and len(merge["launches"]) == 1
+    assert merge["waits"][0] < merge["launches"][0] < merge["first_read"]
 
 
 GPU_CASES = [  # (layout, page, T, G, kv_len per head, extra kwargs)
@@ -480,6 +509,23 @@ def test_gpu_bf16_long_context(case):
     check_against_reference(q, k, v, table, kv_len, TOL[torch.bfloat16], **extra)
     check_against_reference(q, k, v, table, kv_len, TOL[torch.bfloat16], num_splits=1, **extra)
     check_against_reference(q, k, v, table, kv_len, TOL[torch.bfloat16], num_splits=97, **extra)
+
+
+@pytest.mark.gpu
+def test_gpu_short_lists_of_128_rows_default_to_two_64_row_blocks():
+    """N=1 T=32 over ragged 5%-of-128K lists: the default plan is two 64-row blocks of 4 warps with
+    splits counted per pair, and a call with no options (page and token scores too) matches the
+    reference."""
+    dev = torch.device("cuda")
+    q, k, v, table, kv_len = make_case("pool", 1, 8, 4, 32, 128, 16, [[6554, 6000, 64, 0, 6553, 5000, 1, 6554]],
+                                       torch.bfloat16, device=dev)
+    max_pages = table.shape[-1]
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    assert -(-max_pages * 16 // 64) * 8 < SHORT_WORK_TILES_PER_SM * sms
+    plan = launch_config(1, 32, 32, 128, 8, 16, max_pages, dev)
+    assert (plan["block_m"], plan["num_warps"], plan["row_blocks"]) == (64, 4, 2)
+    assert plan["num_splits"] == default_num_splits(8, max_pages * 16, 64, 128, sms) > 1
+    check_against_reference(q, k, v, table, kv_len, TOL[torch.bfloat16])
 
 
 @pytest.mark.gpu

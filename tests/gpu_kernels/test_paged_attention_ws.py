@@ -210,8 +210,8 @@ def test_ws_kernel_compiles_for_sm90():
     """No GPU needed: the kernel compiles for sm_90 (in a subprocess: the interpreter, on in this
     one, cannot compile) with 16-byte cp.async copies, asynchronous wgmma (per consumer: tile 0's
     q . k, the loop's q . k and p . v, the last p . v; q . k in head_dim / 16 steps, p . v in
-    block_n / 16), register reallocation, the shared memory `ws_shared_bytes` plans, and one PDL
-    signal for the merge per consumer; also with 64-bit K/V offsets (a store of 2^31 elements or
+    block_n / 16), register reallocation, the shared memory `ws_shared_bytes` plans, one PDL wait
+    for the kernel before it and one PDL signal for the merge per consumer; also with 64-bit K/V offsets (a store of 2^31 elements or
     more)."""
     import json
     import subprocess
@@ -231,5 +231,6 @@ def test_ws_kernel_compiles_for_sm90():
         assert abs(got["shared"] - ws_shared_bytes(consumers, block_n, head_dim, stages)) < 1024
         assert got["cp16"] > 0 and got["setmaxnreg"]
         assert got["wgmma"] == consumers * (2 * (head_dim // 16) + 2 * (block_n // 16))
-        # PDL: each consumer lets the merge launch (after its loop); the kernel waits for nothing
-        assert got["pdl_launches"] == consumers and got["pdl_waits"] == 0
+        # PDL: the kernel waits once for the kernel before it (before any partition starts); each
+        # consumer lets the merge launch (after its loop)
+        assert got["pdl_launches"] == consumers and got["pdl_waits"] == 1
