@@ -454,7 +454,12 @@ def call_grids(sh: Shape, cfg: dict, max_pages: int) -> tuple[int, int, int, boo
     """(attention programs, their warps, split-merge programs or 0, whether the attention kernel is
     launched as a programmatic dependent of the kernel before it) of a sparse call with launch
     options cfg, as `paged_attention` launches them."""
-    from gpu_kernels.paged_attention import chains_attention, launch_config, merge_rows_per_program
+    from gpu_kernels.paged_attention import launch_config, merge_rows_per_program
+    try:
+        from gpu_kernels.paged_attention import chains_attention
+    except ImportError:  # an older copy of the kernels, in an A/B (scripts/ab_kernels.sh): it chained nothing
+        def chains_attention(*_) -> bool:
+            return False
 
     opts = {k: cfg.get(k) for k in ("num_splits", "block_m", "block_n", "num_warps", "num_stages")}
     ws = bool(cfg.get("warp_specialized"))
