@@ -82,10 +82,11 @@ class Timer:
 
     triton.testing.do_bench flushes L2 (a 256 MB memset, not timed) before each repetition; the
     busy-wait variant also keeps the GPU busy before the start event, for as long as the host takes
-    to launch the call (`benchmarks.timing.BusyWaitTimer`), so that work is off the clock. A large gap between the two means the call is launch-bound. The
-    busy-wait and graph timings flush L2 by reading (clean lines) unless dirty_l2: a memset leaves up
-    to an L2 of dirty lines, and a call reading 27 MB then also writes back as much of someone else's
-    data (on an H100 that made the N=1 sparse calls 15-27% slower than after a clean flush).
+    to launch the call (`benchmarks.timing.BusyWaitTimer`), so that work is off the clock. A large
+    gap between the two means the call is launch-bound. The busy-wait and graph timings flush L2 by
+    reading (clean lines) unless dirty_l2: a memset leaves up to an L2 of dirty lines, and a call
+    reading 27 MB then also writes back as much of someone else's data (on an H100 that made the N=1
+    sparse calls 15-27% slower than after a clean flush).
     """
 
     def __init__(self, warmup_ms: float, rep_ms: float, dirty_l2: bool = False):

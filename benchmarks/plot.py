@@ -75,7 +75,8 @@ def plot_transfer(data: dict, out: Path) -> Path:
                     alpha=0.6, label=f"same bytes, contiguous ({frac:.0%})")
         if all("launch_included_GBps" in g for g in sel):  # files before the launch was taken off the clock
             ax.plot([g["page_size"] for g in sel], [g["launch_included_GBps"] for g in sel], "x:",
-                    color=line.get_color(), alpha=0.6, label=f"gather from an idle GPU, launch on the clock ({frac:.0%})")
+                    color=line.get_color(), alpha=0.6,
+                    label=f"gather from an idle GPU, launch on the clock ({frac:.0%})")
     ax.axhline(copy, color="grey", lw=1, label=f"pinned copy {copy:.1f} GB/s")
     ax.axhline(0.9 * copy, color="grey", lw=1, ls=":", label="90% target")
     pages = sorted({g["page_size"] for g in data["gather"]})
