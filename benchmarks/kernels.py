@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import inspect
 import json
 import os
 import time
@@ -416,7 +417,7 @@ def l2_state(dirty: bool) -> str:
 
 
 def layer_run_fields(timer, sh: Shape, inputs: tuple, cfg: dict, max_pages: int, nbytes: int,
-                     ref: torch.Tensor, layers: int) -> dict:
+                     ref: torch.Tensor, layers: int, prefetch_pages: tuple[int, ...] = ()) -> dict:
     """One call's share of a CUDA graph that runs `layers` calls back to back, each over its own copy
     of the K/V pool (inputs = (k_pool, v_pool, table, kv_len)) and with its own outputs.
 
@@ -427,7 +428,10 @@ def layer_run_fields(timer, sh: Shape, inputs: tuple, cfg: dict, max_pages: int,
     call's K+V bytes), layers_rel_err (the worst of the calls' outputs) and layers_floor_ms (per
     call, the same graph of empty kernels on the call's grids: `layer_floor_ms`); where the split
     merge is launched as a programmatic dependent of the attention (`paged_attention`'s pdl), also
-    the same graph with plain launches: layers_ms_no_pdl and layers_TBps_no_pdl."""
+    the same graph with plain launches: layers_ms_no_pdl and layers_TBps_no_pdl; where the
+    attention is chained too (so it prefetches its first tiles before its wait), the same graph
+    without that prefetch: layers_ms_no_prefetch and layers_TBps_no_prefetch, and with each count
+    of prefetch_pages asked for: layers_ms_by_prefetch_pages {count: ms per call}."""
     from gpu_kernels.features import pdl_supported
 
     k_pool, v_pool, table, kv_len = inputs
@@ -443,12 +447,29 @@ def layer_run_fields(timer, sh: Shape, inputs: tuple, cfg: dict, max_pages: int,
     err = max(rel_err(b["out"].float(), ref) for b in bufs)
     rec = dict(layers=layers, layers_ms=ms, layers_TBps=nbytes / ms / 1e9, layers_rel_err=err)
     pdl = pdl_supported(sh.dev)
+    grids = call_grids(sh, cfg, max_pages)
     if pdl:
         plain = timer.graph_ms(lambda: run_layers(pdl=False)) / layers
         err = max(err, max(rel_err(b["out"].float(), ref) for b in bufs))
         rec.update(layers_ms_no_pdl=plain, layers_TBps_no_pdl=nbytes / plain / 1e9, layers_rel_err=err)
-    rec["layers_floor_ms"] = layer_floor_ms(timer, layers, *call_grids(sh, cfg, max_pages), pdl)
+    if pdl and grids[3] and not cfg.get("warp_specialized") and _takes_prefetch(calls[0].fn):
+        # chained Triton calls prefetch their first tiles by default: the same graph without
+        bare = timer.graph_ms(lambda: run_layers(prefetch_pages=0)) / layers
+        err = max(err, max(rel_err(b["out"].float(), ref) for b in bufs))
+        rec.update(layers_ms_no_prefetch=bare, layers_TBps_no_prefetch=nbytes / bare / 1e9, layers_rel_err=err)
+        by_count = {}
+        for pages in prefetch_pages:
+            by_count[str(pages)] = timer.graph_ms(lambda: run_layers(prefetch_pages=pages)) / layers
+            err = max(err, max(rel_err(b["out"].float(), ref) for b in bufs))
+        if by_count:
+            rec.update(layers_ms_by_prefetch_pages=by_count, layers_rel_err=err)
+    rec["layers_floor_ms"] = layer_floor_ms(timer, layers, *grids, pdl)
     return rec
+
+
+def _takes_prefetch(fn) -> bool:
+    """Whether this copy of `paged_attention` has prefetch_pages (an older one, in an A/B, has not)."""
+    return "prefetch_pages" in inspect.signature(fn).parameters
 
 
 def call_grids(sh: Shape, cfg: dict, max_pages: int) -> tuple[int, int, int, bool]:
@@ -472,7 +493,9 @@ def call_grids(sh: Shape, cfg: dict, max_pages: int) -> tuple[int, int, int, boo
     warps = 1 << (warps.bit_length() - 1)
     rows = sh.batch * HQ * sh.t
     merge = -(-rows // merge_rows_per_program(rows)) if plan["num_splits"] > 1 else 0
-    return programs, warps, merge, chains_attention(sh.dev, ws, plan["row_blocks"])
+    # the benchmark's K/V are GPU tensors of contiguous pages: the Triton kernel can prefetch them
+    prefetches = dict(prefetches=not ws) if "prefetches" in inspect.signature(chains_attention).parameters else {}
+    return programs, warps, merge, chains_attention(sh.dev, ws, plan["row_blocks"], **prefetches)
 
 
 def layer_attainable_fields(rec: dict, limits: dict) -> dict:
@@ -540,9 +563,11 @@ def sparse_pool(sh: Shape, frac: float) -> tuple:
     return k_pool, v_pool, table, kv_len
 
 
-def bench_sparse(timer, limits, sh: Shape, configs, frac: float, layers: int = 0) -> dict:
+def bench_sparse(timer, limits, sh: Shape, configs, frac: float, layers: int = 0,
+                 prefetch_pages: tuple[int, ...] = ()) -> dict:
     """(c) a random `frac` of the pages per KV head, gathered into the pool layout; layers > 1 also
-    times the graph-best variant as one of `layers` calls in one graph (`layer_run_fields`)."""
+    times the graph-best variant as one of `layers` calls in one graph (`layer_run_fields`, with
+    these prefetch_pages counts)."""
     from gpu_kernels.paged_attention import paged_attention_reference
 
     dev = sh.dev
@@ -589,7 +614,7 @@ def bench_sparse(timer, limits, sh: Shape, configs, frac: float, layers: int = 0
                 rec["split_path"] = split_path_ab(timer, call, gcfg, bufs, nbytes, ref)
             if layers > 1:
                 rec.update(layer_run_fields(timer, sh, (k_pool, v_pool, table, kv_len), gcfg, n_sel, nbytes, ref,
-                                            layers))
+                                            layers, prefetch_pages))
                 rec.update(layer_attainable_fields(rec, limits))
         rec["target_ok"] = max(rec["TBps"], rec.get("graph_TBps", 0.0)) >= TARGETS["sparse_TBps"]
     return rec
@@ -615,16 +640,17 @@ def bench_uva(timer, limits, sh: Shape, configs) -> dict:
 
 
 def bench_shape(timer, limits, t, ctx, page, configs, quick, gen, dev: torch.device,
-                modes=("resident", "sparse"), batch: int = 1, layers: int = 0) -> list[dict]:
+                modes=("resident", "sparse"), batch: int = 1, layers: int = 0,
+                prefetch_pages: tuple[int, ...] = ()) -> list[dict]:
     """Every requested mode at one (T, context, page size); returns one record per mode."""
     sh = Shape(t, ctx, page, gen, dev, batch)
     rows = []
     if "resident" in modes:
         rows.append(bench_resident(timer, limits, sh, configs))
     if "sparse" in modes:
-        rows.extend(bench_sparse(timer, limits, sh, configs, frac, layers) for frac in (0.05, 0.10))
+        rows.extend(bench_sparse(timer, limits, sh, configs, frac, layers, prefetch_pages) for frac in (0.05, 0.10))
     if "uva" in modes:
-        uva_cfgs = configs[:1] if quick else [configs[1], configs[2]]
+        uva_cfgs = configs[:1] if quick or len(configs) < 2 else configs[1:3]
         rows.append(bench_uva(timer, limits, sh, uva_cfgs))
     del sh
     if dev.type == "cuda":
@@ -687,7 +713,8 @@ def print_table(limits: dict, rows: list[dict]) -> None:
               f"{'attainable':>11} {'of attainable':>13} {'dirty-L2 ms':>11} {'dirty-L2 rate':>13} "
               f"{'clean-L2 ms':>11} {'clean-L2 rate':>13} "
               f"{'sorted ms':>9} {'sorted rate':>11} {'layer-run ms':>12} {'layer-run rate':>14} "
-              f"{'no-PDL layer-run ms':>19} {'layer floor ms':>14} {'layer attainable':>16} {'of it':>6}")
+              f"{'no-PDL layer-run ms':>19} {'no-prefetch layer-run ms':>24} {'layer floor ms':>14} "
+              f"{'layer attainable':>16} {'of it':>6}")
         for r in bounded:
             label = _row_label(r)
             print(f"{label:<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4}{r['kv_bytes'] / 1e6:>7.1f} "
@@ -698,7 +725,9 @@ def print_table(limits: dict, rows: list[dict]) -> None:
                   f"{r.get('graph_ms_sorted_slots', float('nan')):>9.4f} "
                   f"{r.get('graph_TBps_sorted_slots', float('nan')):>6.2f} TB/s "
                   f"{r.get('layers_ms', float('nan')):>12.4f} {r.get('layers_TBps', float('nan')):>9.2f} TB/s "
-                  f"{r.get('layers_ms_no_pdl', float('nan')):>19.4f} {r.get('layers_floor_ms', float('nan')):>14.4f} "
+                  f"{r.get('layers_ms_no_pdl', float('nan')):>19.4f} "
+                  f"{r.get('layers_ms_no_prefetch', float('nan')):>24.4f} "
+                  f"{r.get('layers_floor_ms', float('nan')):>14.4f} "
                   f"{r.get('layers_attainable_TBps', float('nan')):>11.2f} TB/s "
                   f"{100 * r.get('layers_frac_of_attainable', float('nan')):>5.0f}%")
         print("  dirty-L2: replayed after a flush that writes 256 MB, as do_bench does (the call's reads also pay the "
@@ -708,9 +737,20 @@ def print_table(limits: dict, rows: list[dict]) -> None:
               "graph-best variant's share of one graph of --layers calls, each over its own copy of the pool (a "
               "decoding step's layers: one graph launch for all, every call reading its K/V from HBM); no-PDL: the "
               "same graph with the split merges launched plainly (each only after its attention kernel has ended); "
+              "no-prefetch: the same graph without the chained attention's L2 prefetch of its first tiles; "
               "layer floor: per call, a graph of --layers empty calls (an empty kernel on the attention's grid, one "
               "on the merge's, launched the same way); layer attainable: that floor plus the read bytes at the HBM "
               "read rate")
+    swept = [r for r in rows if "layers_ms_by_prefetch_pages" in r]
+    if swept:
+        counts = list(swept[0]["layers_ms_by_prefetch_pages"])
+        print("\nlayer run per call (us) by prefetch_pages (pages per split prefetched into L2 before the chained "
+              "wait; default: the shipped choice)")
+        print(f"{'mode':<12}{'T':>4}{'ctx':>8}{'P':>4} {'default':>8} " + " ".join(f"{c:>7}" for c in counts))
+        for r in swept:
+            by = r["layers_ms_by_prefetch_pages"]
+            print(f"{_row_label(r):<12}{r['T']:>4}{r['context']:>8}{r['page_size']:>4} {1e3 * r['layers_ms']:>8.2f} "
+                  + " ".join(f"{1e3 * by[c]:>7.2f}" for c in counts))
     defaults = [r for r in rows if "default_graph_ms" in r]
     if defaults:
         print("\nsparse rows with no launch options (the kernel and split count paged_attention picks) against "
@@ -762,6 +802,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="sparse rows: also time the graph-best variant as one of this many calls back to back "
                          "in one CUDA graph, each over its own copy of the pool (a decoding step's layers); "
                          "0 or 1: skip (default 8)")
+    ap.add_argument("--prefetch-pages", type=int, nargs="+", default=[],
+                    help="sparse rows whose attention is chained: also time the layer run with each of these "
+                         "prefetch_pages counts (pages per split prefetched into L2 before the wait; 0: none)")
     ap.add_argument("--batch", type=int, default=1,
                     help="sequences per call (sparse rows only: each selects its own pages; >1 implies "
                          "--sparse-only)")
@@ -802,7 +845,8 @@ def main(argv: list[str] | None = None) -> None:
             for ctx in contexts:
                 for page in args.pages:
                     new = bench_shape(timer, limits, t, ctx, page, configs, args.quick, gen,
-                                      torch.device("cuda"), modes, args.batch, args.layers)
+                                      torch.device("cuda"), modes, args.batch, args.layers,
+                                      tuple(args.prefetch_pages))
                     for r in new:
                         print(f"  T={t} ctx={ctx} P={page} {r['mode']}: ms={r.get('ms', float('nan')):.4f} "
                               f"max_err={r['max_rel_err']:.2e}", flush=True)

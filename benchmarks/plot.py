@@ -101,8 +101,9 @@ def plot_sparse_attainable(runs: list[dict], out: Path) -> Path:
     """Sparse rows of benchmarks.kernels runs: graph-replay TB/s (dirty and clean cold L2; and per call
     in a graph of several layers' calls, where runs measured it) against what a replay can reach
     (launch floor + bytes at the HBM read rate; the copy rate in runs before 2026-12-06's thirteenth
-    session), what a call of the layer graph can reach (that graph's floor per call + bytes, from the
-    seventeenth session on) and the 1.5 TB/s target."""
+    session), the layer run without the chained attention's L2 prefetch where runs measured it
+    (from the nineteenth session on), what a call of the layer graph can reach (that graph's floor
+    per call + bytes, from the seventeenth session on) and the 1.5 TB/s target."""
     rows = [(run, r) for run in runs for r in run["rows"] if "attainable_TBps" in r]
     if not rows:
         raise ValueError("no sparse rows with attainable_TBps: give benchmarks.kernels JSON from a run that "
@@ -115,6 +116,9 @@ def plot_sparse_attainable(runs: list[dict], out: Path) -> Path:
     if any("layers_TBps" in r for _, r in rows):
         layers = max(r.get("layers", 0) for _, r in rows)
         bars.append(([r.get("layers_TBps", 0.0) for _, r in rows], f"per call, {layers} layers in one graph", None))
+    if any("layers_TBps_no_prefetch" in r for _, r in rows):
+        bars.append(([r.get("layers_TBps_no_prefetch", 0.0) for _, r in rows],
+                     "the same, no L2 prefetch before the chained wait", None))
     bars.append(([r["attainable_TBps"] for _, r in rows], "attainable: floor + bytes at HBM read rate", "lightgrey"))
     if any("layers_attainable_TBps" in r for _, r in rows):
         bars.append(([r.get("layers_attainable_TBps", 0.0) for _, r in rows],
@@ -182,6 +186,27 @@ def plot_split_path(runs: list[dict], out: Path) -> Path:
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(f"sparse paged attention: the split path's savings, {rows[0][0]['device']}", fontsize=9)
     return _save(fig, out / "sparse_split_path.png")
+
+
+def plot_prefetch_pages(runs: list[dict], out: Path) -> Path:
+    """Sparse rows of benchmarks.kernels runs made with --prefetch-pages: the layer run's time per
+    call against the pages per split that the chained attention prefetches into L2 before its wait,
+    one line per row (0: no prefetch)."""
+    rows = [(run, r) for run in runs for r in run["rows"] if "layers_ms_by_prefetch_pages" in r]
+    if not rows:
+        raise ValueError("no sparse rows with layers_ms_by_prefetch_pages: give benchmarks.kernels JSON from a "
+                         "run made with --prefetch-pages")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for _, r in rows:
+        by = sorted((int(c), ms) for c, ms in r["layers_ms_by_prefetch_pages"].items())
+        ax.plot([c for c, _ in by], [1e3 * ms for _, ms in by], marker="o", label=_sparse_label(r))
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("prefetch_pages (pages per split, before the wait)")
+    ax.set_ylabel("us per call, 8-layer graph")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"sparse paged attention: L2 prefetch before the PDL wait, {rows[0][0]['device']}", fontsize=9)
+    return _save(fig, out / "sparse_prefetch_pages.png")
 
 
 def plot_overlap(data: dict, out: Path) -> Path:
@@ -286,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                              "variant and its default")
     parser.add_argument("--split-path", type=Path, nargs="+",
                         help="benchmarks.kernels JSON files: each sparse row's split path with its savings off")
+    parser.add_argument("--prefetch-pages", type=Path, nargs="+",
+                        help="benchmarks.kernels JSON files from runs made with --prefetch-pages: the layer run by "
+                             "the count of pages prefetched before the chained wait")
     parser.add_argument("--overlap", type=Path, help="benchmarks.transfer JSON: the prefetcher overlap by program cap")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/plots"))
     args = parser.parse_args(argv)
@@ -300,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         print("wrote", plot_sparse_kernels([json.loads(p.read_text()) for p in args.sparse_kernels], args.out))
     if args.split_path:
         print("wrote", plot_split_path([json.loads(p.read_text()) for p in args.split_path], args.out))
+    if args.prefetch_pages:
+        print("wrote", plot_prefetch_pages([json.loads(p.read_text()) for p in args.prefetch_pages], args.out))
     if args.throughput:
         print("wrote", plot_throughput_by_context([json.loads(p.read_text()) for p in args.throughput], args.out))
     return 0

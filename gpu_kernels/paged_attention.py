@@ -30,6 +30,12 @@ On sm_90 GPUs, `paged_attention_ws` holds a second kernel for the same call: war
 rows per KV head whose splits are long; `paged_attention` picks it there unless told
 (`warp_specialized`), and otherwise runs the Triton kernel below.
 
+Launched as a programmatic dependent of the kernel before it (PDL; `chains_attention`), each program
+first asks L2 for a page or two of its split (bulk prefetches, `_prefetch_pages_l2`) and only then
+waits for that kernel, so its first tiles are on their way while that kernel ends: 0.85-0.95 us of
+an 18.5 us call at N=1 T=32 over 5% of 128K on an H100, in a graph of 8 calls. A prefetch changes
+no value, so this holds whatever the kernel before writes.
+
 Per call the host validates shapes and launches; nothing syncs with the device. With `out`, `lse`,
 score buffers and `workspace` passed in, a call allocates nothing and can be captured in a CUDA
 graph (`launch_config` says how large the workspace must be).
@@ -93,29 +99,68 @@ def _wait_for_prior():
 
 
 @triton.jit
-def _program_split(kvlen_ptr, stride_ln, stride_lh, max_pages, split_tokens,
-                   HKV: tl.constexpr, ROW_BLOCKS: tl.constexpr, PAGE: tl.constexpr):
-    """This program's place in the grid (N * HKV * ROW_BLOCKS, num_splits): (row block, KV head,
-    sequence n as int64, split, lo, split_end, hi). [lo, split_end) is the split's share of the
-    table's max_pages * PAGE tokens; hi = min(split_end, kv_len) ends its valid ones. Scalar code,
-    so `paged_attention_ws`'s Gluon kernel calls it too."""
+def _program_place(max_pages, split_tokens, HKV: tl.constexpr, ROW_BLOCKS: tl.constexpr, PAGE: tl.constexpr):
+    """This program's place in the grid (N * HKV * ROW_BLOCKS, num_splits), from its ids alone (no
+    memory read, so it may run before the wait for the kernel before): (row block, KV head,
+    sequence n as int64, split, lo, split_end), [lo, split_end) the split's share of the table's
+    max_pages * PAGE tokens."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     rb = pid % ROW_BLOCKS
     nh = pid // ROW_BLOCKS
     kvh = nh % HKV
     n = (nh // HKV).to(tl.int64)
-    max_tokens = max_pages * PAGE
-    kvl = tl.load(kvlen_ptr + n * stride_ln + kvh * stride_lh)
-    kvl = tl.minimum(tl.maximum(kvl, 0), max_tokens)
     lo = split * split_tokens
-    split_end = tl.minimum(lo + split_tokens, max_tokens)
-    return rb, kvh, n, split, lo, split_end, tl.minimum(split_end, kvl)
+    split_end = tl.minimum(lo + split_tokens, max_pages * PAGE)
+    return rb, kvh, n, split, lo, split_end
+
+
+@triton.jit
+def _valid_end(kvlen_ptr, stride_ln, stride_lh, n, kvh, max_pages, split_end, PAGE: tl.constexpr):
+    """hi = min(split_end, kv_len of list (n, kvh)): where the split's valid tokens end."""
+    kvl = tl.load(kvlen_ptr + n * stride_ln + kvh * stride_lh)
+    kvl = tl.minimum(tl.maximum(kvl, 0), max_pages * PAGE)
+    return tl.minimum(split_end, kvl)
+
+
+@triton.jit
+def _program_split(kvlen_ptr, stride_ln, stride_lh, max_pages, split_tokens,
+                   HKV: tl.constexpr, ROW_BLOCKS: tl.constexpr, PAGE: tl.constexpr):
+    """`_program_place` plus hi (`_valid_end`): (row block, KV head, n, split, lo, split_end, hi).
+    Scalar code, so `paged_attention_ws`'s Gluon kernel calls it too."""
+    rb, kvh, n, split, lo, split_end = _program_place(max_pages, split_tokens, HKV, ROW_BLOCKS, PAGE)
+    return rb, kvh, n, split, lo, split_end, _valid_end(kvlen_ptr, stride_ln, stride_lh, n, kvh, max_pages,
+                                                        split_end, PAGE)
+
+
+@triton.jit
+def _prefetch_pages_l2(pt_base, stride_pte, k_base, v_base, stride_kp, num_kv_pages, lo, split_end, prefetch_pages,
+                       rb, ROW_BLOCKS: tl.constexpr, PAGE: tl.constexpr, PREFETCH_WIDTH: tl.constexpr,
+                       PAGE_BYTES: tl.constexpr):
+    """Ask L2 for the K and V of the split's first prefetch_pages pages (row block rb takes every
+    ROW_BLOCKS-th, PREFETCH_WIDTH of them at most): one bulk prefetch per page, which holds no
+    registers and is not waited for. Meant to run before the wait for the kernel before, so these
+    reads overlap its end. That is safe whatever that kernel writes: a prefetch changes no value
+    (L2 is where every SM's writes meet), and the page table is read here only to aim it (volatile,
+    so the loop's reads of the table after the wait are never merged with these; stale entries are
+    clamped into the store, so no address is outside it)."""
+    entries = lo // PAGE + rb + ROW_BLOCKS * tl.arange(0, PREFETCH_WIDTH)
+    ok = entries < tl.minimum(split_end, lo + prefetch_pages * PAGE) // PAGE
+    page = tl.load(pt_base + entries * stride_pte, mask=ok, other=0, volatile=True)
+    page = tl.minimum(tl.maximum(page, 0), num_kv_pages - 1).to(tl.int64)
+    nbytes = tl.full([PREFETCH_WIDTH], PAGE_BYTES, tl.int32)
+    flag = ok.to(tl.int32)
+    for base in tl.static_range(2):
+        addr = ((k_base if base == 0 else v_base) + page * stride_kp).to(tl.int64)
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.b32 $0, 0; }",
+            "=r,l,r,r", [addr, flag, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 # Lengths and the page table's row strides change with every context and selection: specialising
 # on them (== 1, divisible by 16) would compile, and load, new variants in the middle of decoding.
-@triton.jit(do_not_specialize=["stride_ptn", "stride_pth", "max_pages", "split_tokens", "num_splits"])
+@triton.jit(do_not_specialize=["stride_ptn", "stride_pth", "max_pages", "split_tokens", "num_splits",
+                               "num_kv_pages", "prefetch_pages"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, pt_ptr, kvlen_ptr, kb_ptr, vb_ptr,
     out_ptr, lse_ptr, part_ptr, part_lse_ptr, pscore_ptr, tscore_ptr,
@@ -125,14 +170,14 @@ def _paged_attention_kernel(
     stride_ptn, stride_pth, stride_pte,
     stride_ln, stride_lh,
     stride_bn, stride_bh, stride_bt,
-    max_pages, split_tokens, num_splits,
+    max_pages, split_tokens, num_splits, num_kv_pages, prefetch_pages,
     HKV: tl.constexpr, G: tl.constexpr, T: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     WRITE_FINAL: tl.constexpr, HAS_BLOCK: tl.constexpr,
     PAGE_SCORES: tl.constexpr, TOKEN_SCORES: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, AFTER_PRIOR: tl.constexpr,
-    OFFSETS_64: tl.constexpr,
+    OFFSETS_64: tl.constexpr, PREFETCH_WIDTH: tl.constexpr, PAGE_BYTES: tl.constexpr,
 ):
     """Grid (N * HKV * ROW_BLOCKS, num_splits). q, K and V are contiguous in the head dim; K and V
     share their strides (one store).
@@ -156,6 +201,10 @@ def _paged_attention_kernel(
     program first waits for that kernel (its q, K/V and tables may come from it), so only the
     launch and the programs' start overlap its end.
 
+    PREFETCH_WIDTH > 0 (with AFTER_PRIOR; K/V pages of PAGE_BYTES contiguous bytes in GPU memory, of
+    num_kv_pages pages or slots): before that wait, each program asks L2 for its split's first
+    prefetch_pages pages (`_prefetch_pages_l2`), so HBM streams them while the kernel before ends.
+
     OFFSETS_64: K/V element offsets need 64 bits (a store of 2^31 elements or more); otherwise they
     are 32-bit. With the loop-invariant offsets below, that takes the loop from 640 to 458 sm_90
     instructions per tile at 64-row tiles (513 to 417 at 128 rows; `scripts/sass_attention_loop.py`).
@@ -163,8 +212,6 @@ def _paged_attention_kernel(
     loop): on a clean L2 that case streams its tiles at about 90% of HBM's read rate, and the rest
     is a fixed cost per program and the split merge.
     """
-    if AFTER_PRIOR:
-        _wait_for_prior()
     SCORES: tl.constexpr = PAGE_SCORES or TOKEN_SCORES
     # One row block holds every query of its KV head: the block-mean query's scores are the
     # column means of the score tile the softmax computes anyway (no extra pass, no extra MMA).
@@ -173,8 +220,16 @@ def _paged_attention_kernel(
     GT: tl.constexpr = G * T
     HQ: tl.constexpr = HKV * G
 
-    rb, kvh, n, split, lo, split_end, hi = _program_split(kvlen_ptr, stride_ln, stride_lh, max_pages, split_tokens,
-                                                         HKV, ROW_BLOCKS, PAGE)
+    rb, kvh, n, split, lo, split_end = _program_place(max_pages, split_tokens, HKV, ROW_BLOCKS, PAGE)
+    pt_base = pt_ptr + n * stride_ptn + kvh.to(tl.int64) * stride_pth
+    k_base = k_ptr + kvh.to(tl.int64) * stride_kh
+    v_base = v_ptr + kvh.to(tl.int64) * stride_kh
+    if PREFETCH_WIDTH > 0:
+        _prefetch_pages_l2(pt_base, stride_pte, k_base, v_base, stride_kp, num_kv_pages, lo, split_end,
+                           prefetch_pages, rb, ROW_BLOCKS, PAGE, PREFETCH_WIDTH, PAGE_BYTES)
+    if AFTER_PRIOR:
+        _wait_for_prior()
+    hi = _valid_end(kvlen_ptr, stride_ln, stride_lh, n, kvh, max_pages, split_end, PAGE)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
     max_tokens = max_pages * PAGE
 
@@ -191,9 +246,6 @@ def _paged_attention_kernel(
     if UPCAST:
         q = q.to(tl.float32)
 
-    pt_base = pt_ptr + n * stride_ptn + kvh.to(tl.int64) * stride_pth
-    k_base = k_ptr + kvh.to(tl.int64) * stride_kh
-    v_base = v_ptr + kvh.to(tl.int64) * stride_kh
     score_base = (n * HKV + kvh).to(tl.int64)
     # Every row block sees the same tokens; only the first writes the scores. A split starts at a
     # page, not at a tile, so its last tile may reach into the next split: it writes no score there.
@@ -468,6 +520,14 @@ def default_config(rows: int, head_dim: int, page_size: int, device: torch.devic
                 num_stages=stages)
 
 
+# Pages that each chained attention program prefetches into L2 before it waits (`_prefetch_pages_l2`),
+# when not told (prefetch_pages None). H100, N=1 over 5-10% of 32K and 128K, 16-token pages, per
+# call in a graph of 8 (benchmarks/RESULTS.md, 2026-12-06, nineteenth session; `benchmarks.kernels
+# --prefetch-pages`): 2 per program was the best count or within 0.2 us of it in every row (T=32
+# 128K 5%: 17.7 us against 18.6 without a prefetch); whole splits (64 pages) were 5-23% slower
+# than 2 per program.
+DEFAULT_PREFETCH_PAGES_PER_PROGRAM = 2
+
 # K/V offsets below this many elements are computed in 32 bits inside the attention kernel.
 INT32_OFFSETS_BELOW = 2 ** 31
 
@@ -607,13 +667,16 @@ def uses_warp_specialized(n: int, hq: int, t: int, head_dim: int, hkv: int, page
     return plan["split_tokens"] >= WS_MIN_TILES_PER_SPLIT * plan["block_n"]
 
 
-def chains_attention(device: torch.device, warp_specialized: bool, row_blocks: int) -> bool:
+def chains_attention(device: torch.device, warp_specialized: bool, row_blocks: int, prefetches: bool = False) -> bool:
     """Whether `paged_attention` (pdl None) launches its attention kernel as a programmatic
-    dependent of the kernel before it: where PDL is supported, for the warp-specialised kernel or
-    several row blocks. Per call in a graph of 8 (H100, benchmarks/RESULTS.md, 2026-12-06,
-    eighteenth session) that was 2-7% faster with two row blocks (N=1 T=32) and 0.4-1% with the
-    warp-specialised kernel (batch 6), and 2-3% slower with one row block (N=1 T=16)."""
-    return pdl_supported(device) and (warp_specialized or row_blocks > 1)
+    dependent of the kernel before it: where PDL is supported, for the warp-specialised kernel,
+    several row blocks, or a Triton kernel that can prefetch its first pages into L2 before its
+    wait (prefetches: K/V in GPU memory, `_prefetch_blocker`). Per call in a graph of 8 (H100,
+    benchmarks/RESULTS.md, 2026-12-06): chained, 2-7% faster with two row blocks (N=1 T=32) and
+    0.4-1% with the warp-specialised kernel (batch 6), but 2-3% slower with one row block (N=1
+    T=16; eighteenth session). With the prefetch, one row block is 1-3% faster than unchained at
+    32K and level at 128K (nineteenth session; as a graph's only call, 0.2-0.35 us slower)."""
+    return pdl_supported(device) and (warp_specialized or row_blocks > 1 or prefetches)
 
 
 def workspace_numel(n: int, hq: int, t: int, head_dim: int, num_splits: int) -> int:
@@ -646,6 +709,7 @@ def paged_attention(
     partial_dtype: torch.dtype | None = None,
     pdl: bool | None = None,
     warp_specialized: bool | None = None,
+    prefetch_pages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Attention of a block of queries over a paged context (no causal mask inside the context),
     and optionally over the block's own keys too.
@@ -680,12 +744,20 @@ def paged_attention(
       kernel. Each waits for its predecessor before its first read, so only launches overlap: the
       merge's with the attention's last programs, and a layer's attention with the previous layer's
       merge, which lets it launch once it has waited. Default (None), where supported
-      (`pdl_supported`): the merge always; the attention kernel when it is the warp-specialised one
-      or has several row blocks (where that measured faster).
+      (`pdl_supported`): the merge always; the attention kernel when it is the warp-specialised one,
+      has several row blocks, or prefetches (below; `chains_attention`: where that measured faster).
     warp_specialized: run the attention as `paged_attention_ws`'s Gluon kernel (a cp.async producer
       warpgroup and one or two wgmma consumer warpgroups; sm_90 GPUs only, 16-bit q, head_dim 64
       or 128, K/V in GPU memory, no scores), True or False; None (default): where
       `uses_warp_specialized` says so (long splits of >= 128 rows per KV head, no tuning overrides).
+
+    prefetch_pages: with the Triton attention kernel chained (above) and K/V in GPU memory, each
+      program first asks L2 for its split's first this-many pages (K and V, one bulk prefetch
+      each; at most 128 per warp of a row block), then waits for the kernel before it: HBM
+      streams them while that kernel ends. A prefetch changes no value, so this is safe whatever
+      that kernel writes. 0: none; None
+      (default): `DEFAULT_PREFETCH_PAGES_PER_PROGRAM` per row block where chained and allowed, else
+      none. Passing it (> 0) also picks the Triton kernel when warp_specialized is None.
 
     Host work per call: shape checks, one (or, with splits, two) kernel launches; no device sync.
     Returns (out [N, Hq, T, D] in q's dtype, lse [N, Hq, T] fp32 natural log (-inf for an empty
@@ -744,7 +816,8 @@ def paged_attention(
 
     if warp_specialized is None:
         warp_specialized = (block_m is None and block_n is None and num_warps is None and num_stages is None
-                            and not (want_pages or want_tokens) and not isinstance(k, HostPointer)
+                            and not prefetch_pages and not (want_pages or want_tokens)
+                            and not isinstance(k, HostPointer)
                             and uses_warp_specialized(n, hq, t, d, hkv, page_size, max_pages, dev, q.dtype,
                                                       num_splits))
     cfg = launch_config(n, hq, t, d, hkv, page_size, max_pages, dev, num_splits=num_splits,
@@ -764,9 +837,10 @@ def paged_attention(
                                                  _partial_dtype(partial_dtype, q.dtype, upcast))
     else:
         partials = partial_lse = lse  # never dereferenced: the kernel writes the final output itself
+    prefetch_blocker = _prefetch_blocker(k, page_size, warp_specialized)
     if pdl is None:
         use_pdl = splits > 1 and pdl_supported(dev)
-        chain = chains_attention(dev, warp_specialized, cfg["row_blocks"])
+        chain = chains_attention(dev, warp_specialized, cfg["row_blocks"], prefetches=prefetch_blocker is None)
     else:
         use_pdl, chain = splits > 1 and pdl, pdl
     if pdl and not pdl_supported(dev):
@@ -784,6 +858,7 @@ def paged_attention(
     b_strides = k_block.stride()[:3] if has_block else (0, 0, 0)
     offsets_64 = _max_offset(_unwrap(k_pages)) >= INT32_OFFSETS_BELOW
     attention_pdl = dict(launch_pdl=True) if chain else {}
+    prefetch = _prefetch_plan(prefetch_pages, chain, prefetch_blocker, k, page_size, cfg)
     if warp_specialized:
         _check_warp_specialized(q, k, want_pages or want_tokens, page_size, cfg)
         from .paged_attention_ws import CONSUMER_REGS, ROWS_PER_CONSUMER, ws_paged_attention_kernel
@@ -809,13 +884,14 @@ def paged_attention(
             float(scale),
             q_strides[0], q_strides[1], q_strides[2], *k_strides, *pt_strides,
             kv_len.stride(0), kv_len.stride(1), *b_strides,
-            max_pages, cfg["split_tokens"], splits,
+            max_pages, cfg["split_tokens"], splits, _unwrap(k).shape[0], prefetch["pages"],
             HKV=hkv, G=hq // hkv, T=t, HEAD_DIM=d, BLOCK_D=block_d,
             BLOCK_M=cfg["block_m"], ROW_BLOCKS=cfg["row_blocks"], BLOCK_N=cfg["block_n"], PAGE=page_size,
             WRITE_FINAL=splits == 1, HAS_BLOCK=has_block, PAGE_SCORES=want_pages, TOKEN_SCORES=want_tokens,
             UPCAST=upcast, DOT_PRECISION="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
-            USE_PDL=use_pdl, AFTER_PRIOR=chain, OFFSETS_64=offsets_64,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **attention_pdl,
+            USE_PDL=use_pdl, AFTER_PRIOR=chain, OFFSETS_64=offsets_64, PREFETCH_WIDTH=prefetch["width"],
+            PAGE_BYTES=prefetch["page_bytes"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **attention_pdl,
         )
     if splits > 1:
         pdl_kwargs = dict(launch_pdl=True) if use_pdl else {}
@@ -857,6 +933,47 @@ def _check_warp_specialized(q: torch.Tensor, k: KVTensor, scores: bool, page_siz
     if smem > 227 * 1024:
         raise ValueError(f"warp_specialized=True with block_n={cfg['block_n']} and num_stages={cfg['num_stages']} "
                          f"needs {smem} bytes of shared memory (227 KB per program); use fewer stages")
+
+
+def _prefetch_blocker(k: KVTensor, page_size: int, warp_specialized: bool) -> str | None:
+    """Why the attention kernel could not prefetch K/V pages into L2 (`_prefetch_pages_l2`), or None."""
+    if warp_specialized:
+        return "the warp-specialised kernel does not prefetch (pass warp_specialized=False)"
+    if isinstance(k, HostPointer):
+        return "K/V are not in GPU memory"
+    if k.shape[0] == 0:
+        return "the store has no pages"  # no address to clamp stale table entries into
+    # One bulk prefetch per page: the page's tokens must be one contiguous run of 16-byte units.
+    size = k.element_size()
+    if (k.stride(-2) != k.shape[-1] or (page_size * k.shape[-1] * size) % 16 or k.data_ptr() % 16
+            or any((st * size) % 16 for st in k.stride()[:-2])):
+        return "a page's K (or V) is not one contiguous, 16-byte aligned run"
+    return None if k.is_cuda else "K/V are not in GPU memory"
+
+
+def _prefetch_plan(prefetch_pages: int | None, chain: bool, blocker: str | None, k: KVTensor, page_size: int,
+                   cfg: dict) -> dict:
+    """The Triton kernel's L2 prefetch before its wait (`_prefetch_pages_l2`): dict(pages (per
+    split), width (PREFETCH_WIDTH: entries per program; 0 = off), page_bytes). Asked for
+    (prefetch_pages > 0) where it cannot run, it refuses, saying what to change."""
+    off = dict(pages=0, width=0, page_bytes=0)
+    if prefetch_pages is not None and prefetch_pages < 0:
+        raise ValueError(f"prefetch_pages must be >= 0 (0: none), got {prefetch_pages}")
+    if prefetch_pages == 0:
+        return off
+    if not chain:
+        blocker = "the attention kernel is not chained after the kernel before it (pass pdl=True)"
+    if blocker is not None:
+        if prefetch_pages is None:
+            return off
+        raise ValueError(f"prefetch_pages={prefetch_pages} cannot run here: {blocker}; pass prefetch_pages=0 or None")
+    # Four entries per thread: a tensor that small would be replicated across the program's
+    # threads (a load may give each thread up to 4 adjacent int32), and every copy would prefetch.
+    width = 4 * 32 * cfg["num_warps"]
+    if prefetch_pages is None:
+        prefetch_pages = DEFAULT_PREFETCH_PAGES_PER_PROGRAM * cfg["row_blocks"]
+    pages = min(cfg["split_tokens"] // page_size, prefetch_pages, width * cfg["row_blocks"])
+    return dict(pages=pages, width=width if pages else 0, page_bytes=page_size * k.shape[-1] * k.element_size())
 
 
 def _max_offset(x: torch.Tensor) -> int:

@@ -31,10 +31,15 @@ def test_no_graph_no_bound():
 
 
 @pytest.mark.gpu
-def test_layer_run_times_every_layer_and_checks_each_output():
+@pytest.mark.parametrize("t, cfg", [(16, dict(block_n=64, num_warps=4, num_stages=3, num_splits=2)),
+                                    (32, dict(block_m=64, block_n=64, num_warps=4, num_stages=3, num_splits=3))],
+                         ids=["T16-one-row-block", "T32-two-row-blocks"])
+def test_layer_run_times_every_layer_and_checks_each_output(t, cfg):
     """The layer run replays one graph of calls, each over its own copy of the pool; every copy
     must produce the reference output (bf16 partials and output: 1e-2 relative); the same graph of
-    empty kernels, its floor, is faster."""
+    empty kernels, its floor, is faster. Where the attention is chained (with PDL: one or two row
+    blocks of GPU-resident pages), the same graph without its L2 prefetch is timed too, and checked
+    the same way, and so is each count of prefetch_pages asked for."""
     import torch
 
     from benchmarks.kernels import Shape, Timer, layer_run_fields
@@ -42,15 +47,14 @@ def test_layer_run_times_every_layer_and_checks_each_output():
 
     dev = torch.device("cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    sh = Shape(16, 4096, 16, gen, dev)
+    sh = Shape(t, 4096, 16, gen, dev)
     n_sel = 13  # ragged: not a whole 64-token tile
     table = torch.randperm(sh.num_pages, device=dev, generator=gen)[:n_sel * 8].int().reshape(1, 8, n_sel)
     k_pool, v_pool = sh.k[:, 0].contiguous(), sh.v[:, 0].contiguous()
     kv_len = torch.full((1, 8), n_sel * 16 - 5, dtype=torch.int32, device=dev)
     ref = paged_attention_reference(sh.q, k_pool, v_pool, table, kv_len, scale=sh.scale)[0].float()
-    cfg = dict(block_n=64, num_warps=4, num_stages=3, num_splits=2)
     got = layer_run_fields(Timer(warmup_ms=1, rep_ms=1), sh, (k_pool, v_pool, table, kv_len), cfg, n_sel,
-                           nbytes=1_000_000, ref=ref, layers=3)
+                           nbytes=1_000_000, ref=ref, layers=3, prefetch_pages=(0, 2, 1000))
     assert got["layers"] == 3
     assert got["layers_ms"] > 0
     assert got["layers_TBps"] == pytest.approx(1e6 / got["layers_ms"] / 1e9)
@@ -61,6 +65,12 @@ def test_layer_run_times_every_layer_and_checks_each_output():
     if pdl_supported(dev):  # the same graph with plain launches, timed in the same run
         assert got["layers_ms_no_pdl"] > 0
         assert got["layers_TBps_no_pdl"] == pytest.approx(1e6 / got["layers_ms_no_pdl"] / 1e9)
+    if pdl_supported(dev):  # and by each count of pages asked for, every output checked the same way
+        assert got["layers_TBps_no_prefetch"] == pytest.approx(1e6 / got["layers_ms_no_prefetch"] / 1e9)
+        assert sorted(got["layers_ms_by_prefetch_pages"]) == ["0", "1000", "2"]
+        assert all(ms > 0 for ms in got["layers_ms_by_prefetch_pages"].values())
+    else:
+        assert "layers_ms_no_prefetch" not in got and "layers_ms_by_prefetch_pages" not in got
 
 
 def test_layer_attainable_is_the_layer_floor_plus_the_bytes():

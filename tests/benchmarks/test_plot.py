@@ -63,6 +63,19 @@ def test_sparse_plot_with_a_layer_run_beside_runs_without(tmp_path):
     assert_png(tmp_path / "sparse_attainable.png")
 
 
+def test_prefetch_pages_plot_from_a_recorded_run(tmp_path):
+    """The nineteenth session's --prefetch-pages run plots one line per sparse row; a run made
+    without that option is refused, naming it."""
+    run = DATA / "kernels_n1_h100_s19_prefetch_pages.json"
+    rows = [r for r in json.loads(run.read_text())["rows"] if "layers_ms_by_prefetch_pages" in r]
+    assert len(rows) == 8 and sorted(rows[0]["layers_ms_by_prefetch_pages"], key=int) == ["0", "1", "2", "4", "8",
+                                                                                           "16", "64"]
+    assert main(["--prefetch-pages", str(run), "--out", str(tmp_path)]) == 0
+    assert_png(tmp_path / "sparse_prefetch_pages.png")
+    with pytest.raises(ValueError, match="--prefetch-pages"):
+        main(["--prefetch-pages", str(DATA / "kernels_n1_h100_s18_final.json"), "--out", str(tmp_path)])
+
+
 def test_sparse_kernels_plot_from_recorded_runs(tmp_path):
     """The fifteenth session's H100 runs (batch 6 and N=1, both kernels in each sweep) plot each row's best
     Triton and warp-specialised variant; a run without the second kernel is refused naming it."""

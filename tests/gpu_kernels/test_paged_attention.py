@@ -295,14 +295,29 @@ def test_default_num_splits_weighs_waves_against_the_fixed_cost():
     assert merge_rows_per_program(512) == 1 and merge_rows_per_program(6 * 32 * 64) == 4
 
 
-def test_the_attention_is_chained_with_several_row_blocks_or_the_ws_kernel_where_pdl_is(monkeypatch):
+def test_the_attention_is_chained_with_several_row_blocks_the_ws_kernel_or_a_prefetch_where_pdl_is(monkeypatch):
     import gpu_kernels.paged_attention as pa
 
-    assert not chains_attention(CPU, True, 2)  # no PDL without CUDA
+    assert not chains_attention(CPU, True, 2, prefetches=True)  # no PDL without CUDA
     monkeypatch.setattr(pa, "pdl_supported", lambda device: True)  # as on a Hopper GPU
     cuda = torch.device("cuda")
     assert chains_attention(cuda, False, 2) and chains_attention(cuda, True, 1)
-    assert not chains_attention(cuda, False, 1)
+    assert chains_attention(cuda, False, 1, prefetches=True)
+    assert not chains_attention(cuda, False, 1)  # one row block, K/V it cannot prefetch (host memory)
+
+
+def test_prefetch_blockers_name_what_stops_it():
+    """The L2 prefetch needs the Triton kernel and each page's K (and V) as one contiguous,
+    16-byte aligned run in GPU memory; each blocker is named. No GPU needed: a meta tensor stands
+    in for GPU memory."""
+    from gpu_kernels.paged_attention import _prefetch_blocker
+
+    pool = torch.empty(64, 16, 128, dtype=torch.bfloat16, device="meta")
+    assert "warp-specialised" in _prefetch_blocker(pool, 16, True)
+    assert "not in GPU memory" in _prefetch_blocker(torch.empty(4, 16, 128), 16, False)
+    padded = torch.empty(64, 16, 136, dtype=torch.bfloat16, device="meta")[..., :128]
+    assert "contiguous" in _prefetch_blocker(padded, 16, False)
+    assert "no pages" in _prefetch_blocker(pool[:0], 16, False)
 
 
 def test_short_lists_of_128_rows_take_two_64_row_blocks():
@@ -426,6 +441,18 @@ def test_split_partials_in_16_bit_and_many_chunks():
         paged_attention(q, k, v, table, kv_len, scale=1.0, num_splits=2, pdl=True)
 
 
+def test_prefetch_refused_where_it_cannot_run():
+    """An explicit prefetch_pages where no prefetch can run (an unchained kernel: here the CPU)
+    says what to change; a negative count too; 0 and None run without one."""
+    q, k, v, table, kv_len = make_case("pool", 1, 2, 2, 4, 16, 16, [[40, 17]], torch.float32)
+    with pytest.raises(ValueError, match="not chained.*pass prefetch_pages=0 or None"):
+        paged_attention(q, k, v, table, kv_len, scale=1.0, prefetch_pages=4)
+    with pytest.raises(ValueError, match="prefetch_pages must be >= 0"):
+        paged_attention(q, k, v, table, kv_len, scale=1.0, prefetch_pages=-1)
+    for pages in (0, None):
+        check_against_reference(q, k, v, table, kv_len, TOL[torch.float32], num_splits=2, prefetch_pages=pages)
+
+
 PDL_ORDER_CHECK = """
 import inspect, json
 import triton
@@ -449,9 +476,14 @@ def ptx(kernel, const, num_warps):
 
 attention = dict(HKV=8, G=4, T=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64, ROW_BLOCKS=1, BLOCK_N=64, PAGE=16,
                  WRITE_FINAL=False, HAS_BLOCK=True, PAGE_SCORES=True, TOKEN_SCORES=False, UPCAST=False,
-                 DOT_PRECISION="tf32", USE_PDL=True, AFTER_PRIOR=True, OFFSETS_64=False)
+                 DOT_PRECISION="tf32", USE_PDL=True, AFTER_PRIOR=True, OFFSETS_64=False, PREFETCH_WIDTH=0,
+                 PAGE_BYTES=0)
+prefetching = dict(attention, T=32, ROW_BLOCKS=2, HAS_BLOCK=False, PAGE_SCORES=False, PREFETCH_WIDTH=512,
+                   PAGE_BYTES=4096)
 merge = dict(BLOCK_R=1, CHUNK_S=16, HEAD_DIM=128, BLOCK_D=128, USE_PDL=True)
-print(json.dumps(dict(attention=ptx(_paged_attention_kernel, attention, 4), merge=ptx(_merge_splits_kernel, merge, 1))))
+print(json.dumps(dict(attention=ptx(_paged_attention_kernel, attention, 4),
+                      prefetching=ptx(_paged_attention_kernel, prefetching, 4),
+                      merge=ptx(_merge_splits_kernel, merge, 1))))
 """
 
 
@@ -461,7 +493,8 @@ def pdl_order(ptx: str) -> dict:
     lines = ptx.splitlines()
     at = lambda *pats: [i for i, line in enumerate(lines) if any(p in line for p in pats)]  # noqa: E731
     return dict(waits=at("griddepcontrol.wait"), launches=at("griddepcontrol.launch_dependents"),
-                first_read=min(at("ld.global", "cp.async.cg", "cp.async.ca")), last_store=max(at("st.global")))
+                first_read=min(at("ld.global", "cp.async.cg", "cp.async.ca")), last_store=max(at("st.global")),
+                prefetches=at("cp.async.bulk.prefetch.L2"), volatile_reads=at("ld.volatile.global"))
 
 
 def test_pdl_kernels_wait_before_their_first_read():
@@ -469,7 +502,9 @@ def test_pdl_kernels_wait_before_their_first_read():
     one, cannot compile), the attention kernel waits for the kernel before it (griddepcontrol.wait,
     once) before its first global read and lets the merge launch once (griddepcontrol.
     launch_dependents), after its loop and before its stores; the merge waits for it once before its
-    first global read, having let the kernel after it launch only after that wait."""
+    first global read, having let the kernel after it launch only after that wait. With the L2
+    prefetch, all that holds too, and the only things before the wait are the prefetches (K and V,
+    4 pages per thread) and the volatile page-table reads that aim them; without it there are none."""
     import json
     import subprocess
     import sys
@@ -481,8 +516,12 @@ def test_pdl_kernels_wait_before_their_first_read():
     assert proc.returncode == 0, proc.stderr[-3000:]
     ptx = json.loads(proc.stdout.strip().splitlines()[-1])
     attention, merge = pdl_order(ptx["attention"]), pdl_order(ptx["merge"])
-    assert len(attention["waits"]) == 1 and len(attention["launches"]) == 1
-    assert attention["waits"][0] < attention["first_read"] < attention["launches"][0] < attention["last_store"]
+    for kernel in (attention, pdl_order(ptx["prefetching"])):
+        assert len(kernel["waits"]) == 1 and len(kernel["launches"]) == 1
+        assert kernel["waits"][0] < kernel["first_read"] < kernel["launches"][0] < kernel["last_store"]
+    assert not attention["prefetches"] and not attention["volatile_reads"]
+    assert len(kernel["prefetches"]) == 8 and len(kernel["volatile_reads"]) == 4
+    assert kernel["volatile_reads"][-1] < kernel["prefetches"][0] and kernel["prefetches"][-1] < kernel["waits"][0]
     assert len(merge["waits"]) == 1 and len(merge["launches"]) == 1
     assert merge["waits"][0] < merge["launches"][0] < merge["first_read"]
 
@@ -648,6 +687,49 @@ def test_gpu_pdl_chain_of_calls(warp_specialized, splits):
         graph.replay()
         torch.cuda.synchronize()
         assert all(torch.equal(b["out"], w) for b, w in zip(bufs, want))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout,t", [("pool", 32), ("store", 16)])
+def test_gpu_prefetch_before_the_wait_changes_no_value(layout, t):
+    """Chained calls whose page table a torch kernel writes just before each call, over a table
+    first filled with out-of-range entries (what the prefetch reads if it runs ahead of that
+    write; it clamps them into the store): with prefetch_pages 1, 7 and more than a split holds,
+    the output is bit for bit that of a plain launch, eagerly and replayed from a CUDA graph."""
+    from gpu_kernels.features import pdl_supported
+
+    dev = torch.device("cuda")
+    if not pdl_supported(dev):
+        pytest.skip(f"{torch.cuda.get_device_name(dev)}: no programmatic dependent launch (sm < 90)")
+    q, k, v, table, kv_len = make_case(layout, 1, 8, 4, t, 128, 16, [[6554, 6000, 64, 0, 6553, 5000, 1, 6554]],
+                                       torch.bfloat16, device=dev)
+    n, hq, t, d = q.shape
+    plan = launch_config(n, hq, t, d, 8, 16, table.shape[-1], dev, num_splits=6)
+    bufs = dict(out=torch.empty_like(q), lse=torch.empty(n, hq, t, device=dev),
+                workspace=torch.empty(plan["workspace_numel"], device=dev))
+    staged = torch.empty_like(table)
+    want = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=6, pdl=False)[0]
+    ref = paged_attention_reference(q, k, v, table, kv_len, scale=d ** -0.5)[0]
+    assert rel_err(want.float(), ref.float()) < TOL[torch.bfloat16]
+
+    def call(pages: int) -> None:
+        staged.copy_(table)
+        paged_attention(q, k, v, staged, kv_len, scale=d ** -0.5, num_splits=6, pdl=True, prefetch_pages=pages,
+                        **bufs)
+
+    for pages in (1, 7, 10 ** 6):
+        staged.fill_(2 ** 30)
+        bufs["out"].fill_(float("nan"))
+        call(pages)
+        torch.cuda.synchronize()
+        assert torch.equal(bufs["out"], want), pages
+        graph = captured(lambda: call(pages))
+        for garbage in (2 ** 30, -5):
+            staged.fill_(garbage)
+            bufs["out"].fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(bufs["out"], want), (pages, garbage)
 
 
 @pytest.mark.gpu
