@@ -453,7 +453,7 @@ def layer_run_fields(timer, sh: Shape, inputs: tuple, cfg: dict, max_pages: int,
         err = max(err, max(rel_err(b["out"].float(), ref) for b in bufs))
         rec.update(layers_ms_no_pdl=plain, layers_TBps_no_pdl=nbytes / plain / 1e9, layers_rel_err=err)
     if pdl and grids[3] and not cfg.get("warp_specialized") and _takes_prefetch(calls[0].fn):
-        # chained Triton calls prefetch their first tiles by default: the same graph without
+        # a chained Triton call prefetches its first pages by default: time the same graph without it
         bare = timer.graph_ms(lambda: run_layers(prefetch_pages=0)) / layers
         err = max(err, max(rel_err(b["out"].float(), ref) for b in bufs))
         rec.update(layers_ms_no_prefetch=bare, layers_TBps_no_prefetch=nbytes / bare / 1e9, layers_rel_err=err)

@@ -755,9 +755,9 @@ def paged_attention(
       program first asks L2 for its split's first this-many pages (K and V, one bulk prefetch
       each; at most 128 per warp of a row block), then waits for the kernel before it: HBM
       streams them while that kernel ends. A prefetch changes no value, so this is safe whatever
-      that kernel writes. 0: none; None
-      (default): `DEFAULT_PREFETCH_PAGES_PER_PROGRAM` per row block where chained and allowed, else
-      none. Passing it (> 0) also picks the Triton kernel when warp_specialized is None.
+      that kernel writes. 0: none; None (default): `DEFAULT_PREFETCH_PAGES_PER_PROGRAM` per row
+      block where chained and allowed, else none. Passing it (> 0) also picks the Triton kernel
+      when warp_specialized is None.
 
     Host work per call: shape checks, one (or, with splits, two) kernel launches; no device sync.
     Returns (out [N, Hq, T, D] in q's dtype, lse [N, Hq, T] fp32 natural log (-inf for an empty
@@ -967,8 +967,9 @@ def _prefetch_plan(prefetch_pages: int | None, chain: bool, blocker: str | None,
         if prefetch_pages is None:
             return off
         raise ValueError(f"prefetch_pages={prefetch_pages} cannot run here: {blocker}; pass prefetch_pages=0 or None")
-    # Four entries per thread: a tensor that small would be replicated across the program's
-    # threads (a load may give each thread up to 4 adjacent int32), and every copy would prefetch.
+    # Four entries per thread, most of them masked off: a smaller tensor would be replicated across
+    # the program's threads (a load may give each thread up to 4 adjacent int32), and every copy
+    # would issue its own prefetch.
     width = 4 * 32 * cfg["num_warps"]
     if prefetch_pages is None:
         prefetch_pages = DEFAULT_PREFETCH_PAGES_PER_PROGRAM * cfg["row_blocks"]
