@@ -516,12 +516,14 @@ def test_pdl_kernels_wait_before_their_first_read():
     assert proc.returncode == 0, proc.stderr[-3000:]
     ptx = json.loads(proc.stdout.strip().splitlines()[-1])
     attention, merge = pdl_order(ptx["attention"]), pdl_order(ptx["merge"])
-    for kernel in (attention, pdl_order(ptx["prefetching"])):
+    prefetching = pdl_order(ptx["prefetching"])
+    for kernel in (attention, prefetching):
         assert len(kernel["waits"]) == 1 and len(kernel["launches"]) == 1
         assert kernel["waits"][0] < kernel["first_read"] < kernel["launches"][0] < kernel["last_store"]
     assert not attention["prefetches"] and not attention["volatile_reads"]
-    assert len(kernel["prefetches"]) == 8 and len(kernel["volatile_reads"]) == 4
-    assert kernel["volatile_reads"][-1] < kernel["prefetches"][0] and kernel["prefetches"][-1] < kernel["waits"][0]
+    assert len(prefetching["prefetches"]) == 8 and len(prefetching["volatile_reads"]) == 4
+    assert prefetching["volatile_reads"][-1] < prefetching["prefetches"][0]
+    assert prefetching["prefetches"][-1] < prefetching["waits"][0]
     assert len(merge["waits"]) == 1 and len(merge["launches"]) == 1
     assert merge["waits"][0] < merge["launches"][0] < merge["first_read"]
 
