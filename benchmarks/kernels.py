@@ -221,7 +221,7 @@ def sweep_configs(quick: bool) -> list[dict]:
             dict(block_n=64, num_warps=8, num_stages=3), dict(block_n=64, num_warps=8, num_stages=4),
             dict(block_n=128, num_warps=4, num_stages=2), dict(block_n=128, num_warps=8, num_stages=2),
             # 128-token tiles with 3 stages (208 KB of shared memory at 64 rows): a fifth fewer sm_90
-            # instructions per token than 64-token tiles (scripts/sass_attention_loop.py)
+            # instructions per token than 64-token tiles (scripts/dev/sass_attention_loop.py)
             dict(block_n=128, num_warps=4, num_stages=3),
             # 64 query rows per program: T=32 (128 rows) becomes two row blocks that share K/V via L2
             dict(block_m=64, block_n=64, num_warps=4, num_stages=3)]
@@ -481,7 +481,7 @@ def call_grids(sh: Shape, cfg: dict, max_pages: int) -> tuple[int, int, int, boo
     from gpu_kernels.paged_attention import launch_config, merge_rows_per_program
     try:
         from gpu_kernels.paged_attention import chains_attention
-    except ImportError:  # an older copy of the kernels, in an A/B (scripts/ab_kernels.sh): it chained nothing
+    except ImportError:  # an older copy of the kernels, in an A/B (scripts/dev/ab_kernels.sh): it chained nothing
         def chains_attention(*_) -> bool:
             return False
 

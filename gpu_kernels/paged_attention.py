@@ -207,7 +207,7 @@ def _paged_attention_kernel(
 
     OFFSETS_64: K/V element offsets need 64 bits (a store of 2^31 elements or more); otherwise they
     are 32-bit. With the loop-invariant offsets below, that takes the loop from 640 to 458 sm_90
-    instructions per tile at 64-row tiles (513 to 417 at 128 rows; `scripts/sass_attention_loop.py`).
+    instructions per tile at 64-row tiles (513 to 417 at 128 rows; `scripts/dev/sass_attention_loop.py`).
     The N=1 sparse time did not move with it (H100, 2026-12-06: within 1-2% of the 640-instruction
     loop): on a clean L2 that case streams its tiles at about 90% of HBM's read rate, and the rest
     is a fixed cost per program and the split merge.

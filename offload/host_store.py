@@ -16,7 +16,7 @@ Huge pages: by default the buffer is an anonymous mapping advised ``MADV_HUGEPAG
 first touched, so the kernel backs it with 2 MiB pages where transparent huge pages are enabled
 ("always" or "madvise"). The GPU's UVA gather reads 4 KiB units scattered over tens of GiB; with 4
 KiB pages each unit is its own page to translate, and on an H200 that cost ~10% of the gather rate
-(5% selection of a 8 GiB store: 39.0 -> 44.4 GB/s, `scripts/probe_hugepage_gather.py`).
+(5% selection of a 8 GiB store: 39.0 -> 44.4 GB/s, `scripts/dev/probe_hugepage_gather.py`).
 
 ``tensor.is_pinned()`` does not see registered memory on every torch version, so kernels take the
 buffers through ``kernel_k``/``kernel_v`` (``HostPointer(view, registered=True)`` for registered

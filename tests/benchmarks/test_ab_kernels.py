@@ -1,4 +1,4 @@
-"""scripts/ab_kernels.sh, on the CPU (the transfer benchmark's dry run in the Triton interpreter):
+"""scripts/dev/ab_kernels.sh, on the CPU (the transfer benchmark's dry run in the Triton interpreter):
 the B side really imports the other copy of gpu_kernels, which plain `python -m` would not."""
 import os
 import shutil
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "ab_kernels.sh"
+SCRIPT = ROOT / "scripts" / "dev" / "ab_kernels.sh"
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run; on a GPU, A/B for real")
 

@@ -6,7 +6,7 @@ end (wall), and the stream time between two events around 50 calls (device-side,
 included), for the Triton kernel, the warp-specialised kernel (sm_90 only) and the default's pick;
 then `launch_config` and `uses_warp_specialized` alone. Prints JSON lines.
 
-    python scripts/probe_host_overhead.py [--batch 6] [--T 32] [--tokens 6554]
+    python scripts/dev/probe_host_overhead.py [--batch 6] [--T 32] [--tokens 6554]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.kernels import HKV, HQ, D  # noqa: E402  (benchmarks.kernels' shape)
 from gpu_kernels.features import warp_specialized_supported  # noqa: E402

@@ -2,14 +2,14 @@
 # A/B of two copies of gpu_kernels in one call on one GPU: the working tree's (A) against another
 # copy's (B), each through the same benchmark, in the order A, B, A (so drift shows), with results in
 # $OUT/ab_a, $OUT/ab_b and $OUT/ab_a2.
-#   bash scripts/ab_kernels.sh OTHER_DIR kernels|transfer [benchmark args...]
+#   bash scripts/dev/ab_kernels.sh OTHER_DIR kernels|transfer [benchmark args...]
 #   e.g. git archive HEAD gpu_kernels | tar -x -C .ab/head   (here, before the device call; carry .ab)
-#        bash scripts/ab_kernels.sh .ab/head kernels --sparse-only --contexts 131072 --layers 8
+#        bash scripts/dev/ab_kernels.sh .ab/head kernels --sparse-only --contexts 131072 --layers 8
 # Every side runs under `python -P`: plain `python -m` puts the working directory ahead of PYTHONPATH,
 # so both sides would import the working tree (the fifteenth to seventeenth sessions' A/Bs did;
 # benchmarks/RESULTS.md, eighteenth session). The run fails unless A and B imported different copies.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 [ $# -ge 2 ] || { sed -n 2,6p "$0" >&2; exit 2; }
 [ -d "$1/gpu_kernels" ] || { echo "ab_kernels: $1 has no gpu_kernels folder to compare with" >&2; exit 2; }
 other=$(cd "$1" && pwd)

@@ -11,7 +11,7 @@ clean L2 that case streams its tiles at about 90% of HBM's read rate. Use the Tr
 (3.6 on the lent machines; other versions pipeline differently): the shared-memory figure then
 matches ncu's.
 
-    python scripts/sass_attention_loop.py [--configs '[{"block_m": 64, "num_warps": 4, "T": 16},
+    python scripts/dev/sass_attention_loop.py [--configs '[{"block_m": 64, "num_warps": 4, "T": 16},
         {"block_m": 128, "num_warps": 8, "T": 32, "OFFSETS_64": true}]']
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.kernels import HKV, HQ, D  # noqa: E402  (benchmarks.kernels' shape)
 from gpu_kernels.paged_attention import _paged_attention_kernel  # noqa: E402

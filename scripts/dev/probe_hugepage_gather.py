@@ -13,7 +13,7 @@ kernel backed with huge pages (AnonHugePages in /proc/self/smaps), and times the
 `gather_pages` over the same random selections from both, beside a contiguous copy from each.
 Prints JSON (and writes it to $OUT/hugepage_gather.json when OUT is set).
 
-Run on a GPU: python scripts/probe_hugepage_gather.py [--gib 16] [--iters 20]
+Run on a GPU: python scripts/dev/probe_hugepage_gather.py [--gib 16] [--iters 20]
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ one graph; layer_us_no_pdl: the same with the split merges launched plainly). Ti
 pool and clean-L2 flush as `benchmarks.kernels`'s sparse rows; every output is checked against the
 fp32 reference. Prints one JSON line per pair; --out also writes them all.
 
-    python scripts/probe_layer_run_configs.py --T 32 --context 131072 --fraction 0.05 \\
+    python scripts/dev/probe_layer_run_configs.py --T 32 --context 131072 --fraction 0.05 \\
         --configs '[{"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 4, "num_splits": 16},
                     {"warp_specialized": true, "num_splits": 12}]'
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.kernels import Call, Shape, Timer, layer_run_fields, preallocated, rel_err, sparse_pool  # noqa: E402
 

@@ -8,10 +8,10 @@ merge is launched plainly here (pdl=False): launched as a programmatic dependent
 while the attention runs, and its duration would include that wait. Prints JSON.
 
 --ncu runs each case once inside a CUDA profiler range instead (compiled and warmed up outside it),
-for Nsight Compute's hardware counters (`bash scripts/ncu_sparse.sh NAME [these args]` runs it so);
+for Nsight Compute's hardware counters (`bash scripts/dev/ncu_sparse.sh NAME [these args]` runs it so);
 the cases print in launch order, the report's order:
 
-    python scripts/probe_sparse_phases.py [--contexts 32768 131072] [--T 16 32] [--fractions 0.05 0.1]
+    python scripts/dev/probe_sparse_phases.py [--contexts 32768 131072] [--T 16 32] [--fractions 0.05 0.1]
         [--batch 1] [--splits 8 16 (0: paged_attention's default)] [--partial-dtypes bfloat16 float32]
         [--l2 clean|dirty] [--warp-specialized STAGES (the Gluon kernel instead of the Triton one)]
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.kernels import HKV, HQ, D, flush_l2, preallocated  # noqa: E402  (benchmarks.kernels' shape)
 from gpu_kernels.paged_attention import launch_config, paged_attention  # noqa: E402
