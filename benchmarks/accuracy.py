@@ -50,15 +50,13 @@ DEFAULT_OUT = Path("benchmarks/data/accuracy.json")
 DEFAULT_PLOT = Path("benchmarks/plots/accuracy.png")
 
 
-def mode_dense_layers(mode: str, dense_layers: int | None) -> int:
-    """The runtime's default: every sparse mode keeps its first two layers exact."""
-    if dense_layers is not None:
-        return dense_layers
-    return 0 if mode == "dense" else 2
+def mode_dense_layers(mode: str, dense_layers: int) -> int:
+    """The layers `mode` keeps exact: `dense_layers` for the sparse modes, none for dense."""
+    return 0 if mode == "dense" else dense_layers
 
 
 def sparse_config(spec: str, budget_percent: float | None, *, page_size: int, sink_tokens: int, local_window: int,
-                  dense_layers: int | None, compact_bits: int, compact_group: int) -> SparseConfig:
+                  dense_layers: int, compact_bits: int, compact_group: int) -> SparseConfig:
     """The SparseConfig one (mode spec, budget) row runs with."""
     _, source, lookahead, query = MODE_SPECS[spec]
     kwargs: dict[str, Any] = dict(page_size=page_size, sink_tokens=sink_tokens, local_window=local_window,
@@ -92,7 +90,7 @@ def recall_variant(spec: str, compact_bits: int, page_size: int) -> tuple[str, s
 
 
 def mode_mass(recall_result: dict[str, Any], spec: str, budget_percent: float, compact_bits: int, page_size: int,
-              num_layers: int, dense_layers: int | None) -> float | None:
+              num_layers: int, dense_layers: int) -> float | None:
     """Attention mass a mode keeps: the mean over its sparse layers (1.0 when every layer is dense)."""
     mode = MODE_SPECS[spec].mode
     if mode == "dense":
@@ -215,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=SparseConfig.page_size)
     p.add_argument("--sink-tokens", type=int, default=SparseConfig.sink_tokens)
     p.add_argument("--local-window", type=int, default=SparseConfig.local_window)
-    p.add_argument("--dense-layers", type=int, default=None, help="default: 2 (the runtime's)")
+    p.add_argument("--dense-layers", type=int, default=SparseConfig.dense_layers,
+                   help=f"first layers the sparse modes keep exact (default: the runtime's, {SparseConfig.dense_layers})")
     p.add_argument("--compact-bits", type=int, default=SparseConfig.compact_bits, choices=(4, 8))
     p.add_argument("--compact-group", type=int, default=SparseConfig.compact_group,
                    help="elements per scale of the compact keys (capped at the head dim)")

@@ -210,11 +210,11 @@ def plot_prefetch_pages(runs: list[dict], out: Path) -> Path:
 
 
 def plot_overlap(data: dict, out: Path) -> Path:
-    """Prefetcher overlap (benchmarks.transfer): share of the transfer hidden, by the prefetcher's own
-    events and end to end (one line per compute stand-in), against the gather's program cap, with the
-    SM-tax model."""
+    """The runtime's side fetch beside compute (benchmarks.transfer): share of the transfer hidden,
+    by the runtime's events and end to end (one line per compute stand-in), against the gather's
+    program cap, with the SM-tax model."""
     cases = [c for c in data["overlap"]["cases"] if c["case"] == "compute>transfer"
-             and c["compute_priority"] == "high" and c["units_per_program"] is None and c["max_programs"]]
+             and c["compute_priority"] == "high" and c.get("units_per_program") is None and c["max_programs"]]
     if not cases:
         raise ValueError("no capped compute>transfer overlap rows in this transfer JSON")
     cases.sort(key=lambda c: c["max_programs"])
@@ -223,7 +223,7 @@ def plot_overlap(data: dict, out: Path) -> Path:
     for kind in kinds:
         rows = [c for c in cases if c.get("compute_kind", "matmul") == kind]
         caps = [c["max_programs"] for c in rows]
-        ax.plot(caps, [100 * c["hidden_fraction"] for c in rows], "o-", label=f"hidden (prefetcher events), {kind}")
+        ax.plot(caps, [100 * c["hidden_fraction"] for c in rows], "o-", label=f"hidden (events), {kind}")
         ax.plot(caps, [100 * c["hidden_fraction_e2e"] for c in rows], "s-", label=f"hidden end to end, {kind}")
     caps = sorted({c["max_programs"] for c in cases})
     if all("sm_tax_model_e2e" in c for c in cases):
@@ -236,7 +236,7 @@ def plot_overlap(data: dict, out: Path) -> Path:
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     o = data["overlap"]
-    ax.set_title(f"prefetcher beside compute ({', '.join(kinds)}), {o['MB_per_layer']:.0f} MB/layer, "
+    ax.set_title(f"side fetch beside compute ({', '.join(kinds)}), {o['MB_per_layer']:.0f} MB/layer, "
                  f"{data['device']}", fontsize=9)
     return _save(fig, out / "overlap.png")
 
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefetch-pages", type=Path, nargs="+",
                         help="benchmarks.kernels JSON files from runs made with --prefetch-pages: the layer run by "
                              "the count of pages prefetched before the chained wait")
-    parser.add_argument("--overlap", type=Path, help="benchmarks.transfer JSON: the prefetcher overlap by program cap")
+    parser.add_argument("--overlap", type=Path, help="benchmarks.transfer JSON: the side fetch's overlap by program cap")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/plots"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -118,7 +118,7 @@ class RecallSettings:
     token_level: bool = True  # also select single tokens (MAGE's granularity)
     sink_tokens: int = 16
     local_window: int = 64
-    dense_layers: int = 2  # averages skip these layers (MAGE keeps two dense); per-layer data keeps all
+    dense_layers: int = SparseConfig.dense_layers  # averages skip these layers; per-layer data keeps all
     compact_group: int = 32
     compact_query: str = "positions"  # herald's default (SparseConfig.selection_query)
     split_bits: int = 4
@@ -844,7 +844,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-token-level", action="store_true", help="skip token-granularity selections")
     p.add_argument("--sink-tokens", type=int, default=SparseConfig.sink_tokens)
     p.add_argument("--local-window", type=int, default=SparseConfig.local_window)
-    p.add_argument("--dense-layers", type=int, default=2, help="first layers left out of the averages")
+    p.add_argument("--dense-layers", type=int, default=SparseConfig.dense_layers,
+                   help="first layers left out of the averages (default: those the runtime keeps exact)")
     p.add_argument("--compact-group", type=int, default=SparseConfig.compact_group)
     p.add_argument("--compact-query", default="positions", choices=("mean", "center", "positions"),
                    help="the queries of the herald-int* and herald-split variants (herald's default: positions)")

@@ -54,7 +54,7 @@ def variants(sources: list[str]) -> list[tuple[str, str, dict]]:
     # ... and with each layer's gather after its selection on the side stream (no gather stream)
     rows.append(("herald-lookahead-serial", "herald", {"source": "gpu-compact", "lookahead": True,
                                                        "lookahead_gather_stream": False}))
-    # ... and with its gathers capped at 8 programs instead of the prefetcher's default
+    # ... and with its gathers capped at 8 programs instead of the page fetcher's default
     rows.append(("herald-lookahead-fetch8", "herald", {"source": "gpu-compact", "lookahead": True,
                                                        "lookahead_fetch_programs": 8}))
     # ... and selecting with the block-mean query instead of one query per block position

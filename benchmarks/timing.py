@@ -2,7 +2,7 @@
 
 A call timed between two CUDA events on an idle GPU also counts the host's launch work: the start
 event completes at once and the GPU then waits for the call to be enqueued. A pipeline that enqueues
-its transfers and kernels ahead (the prefetcher's side stream, a replayed decoding step) never pays
+its transfers and kernels ahead (herald's side-stream gathers, a replayed decoding step) never pays
 that wait, and for a 0.5 ms page gather it was 5-25% of the time (67-137 us of Python and launch
 work per call on the lent H100 hosts). So the stream is first kept busy with a GPU busy-wait; the start event completes
 when it ends, by which time the call is already queued behind it.

@@ -1,27 +1,29 @@
 """Transfer benchmark: how close page recalls and commits get to PCIe, and how much transfer the
-prefetcher hides behind compute.
+runtime's own fetch path hides behind compute.
 
 One run measures, on one GPU:
   1. pinned host <-> GPU copy bandwidth (1 GiB, tensor.copy_ = cudaMemcpyAsync): the reference;
   2. gather_pages reading pinned host memory through UVA, 5% / 10% of a 128K-token context at page
      sizes 16..128 (Hkv=8, D=128, bf16, K+V) from a store of --gather-layers layers (each timed
      gather reads the next layer), checked bit for bit, each timing the gather's device time with its
-     host launch work off the clock (`benchmarks.timing`; the prefetcher enqueues gathers ahead), and
+     host launch work off the clock (`benchmarks.timing`; the runtime enqueues gathers ahead), and
      the best launch also from an idle GPU, launch included; a sweep of the persistent launch
      (programs per SM {1, 2, 4, 8} x block {default, half} x units per program {1, 2, 4, 8} x warps
      {4, 8}) against the defaults and the old one-program-per-unit shape, the best per grid size, and
      the best launch reading the same store on 4 KiB pages instead of huge pages, and reading as many
      bytes from contiguous spans (the zero-copy ceiling: what SMs reach from host memory without a gather);
   3. write_tokens GPU -> pinned host for a 32-token block across 36 layers (one launch, one per layer,
-     and HostKVStore.write of all layers = the prefetcher's commit_block path);
-  4. the prefetcher over 36 layers: layer l+1's pages fetched on the side stream while a bf16 matmul
-     stand-in computes layer l on Prefetcher.compute_stream (one matmul per layer, sized to the target
-     time, so the GPU and not the host paces the pass; rows where host ms > 0.8 x gpu ms are flagged
-     host-bound); for gather caps {8, 16, 32, 66, default} (--overlap-caps): hidden fraction and
-     slowdown vs compute alone, when compute > transfer and when compute < transfer, each row the
-     median of --overlap-reps back-to-back (compute-only, compute + fetch, fetch-only) triplets, beside the SM-tax
-     model (1 - programs / SMs), plus the recommended cap (the Prefetcher's default is
-     DEFAULT_FETCH_PROGRAMS). --overlap-only runs this part alone.
+     and HostKVStore.write of all layers, the runtime's commit);
+  4. the runtime's fetch path over 36 layers, as herald's lookahead runs it: every layer's misses
+     gathered by `offload.PageFetcher` on the gather stream (a side fetch, capped programs) while a
+     bf16 matmul stand-in for the block's remaining steps runs on the compute stream, which then
+     joins the side stream (one matmul per layer, sized to the target time, so the GPU and not the
+     host paces the pass; rows where host ms > 0.8 x gpu ms are flagged host-bound); for gather caps
+     {8, 16, 32, 66, 2 per SM} (--overlap-caps): the hidden share by the runtime's own events and end
+     to end, and the slowdown vs compute alone, when compute > transfer and when compute < transfer,
+     each row the median of --overlap-reps back-to-back (compute-only, compute + fetch, fetch-only)
+     triplets, beside the SM-tax model (1 - programs / SMs), plus the recommended cap (the runtime's
+     default is DEFAULT_FETCH_PROGRAMS). --overlap-only runs this part alone.
 Prints a table last and writes $OUT/transfer.json (OUT defaults to ./out).
 
     python benchmarks/transfer.py            # full run (GPU)
@@ -47,9 +49,8 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 from benchmarks import kernels_source  # noqa: E402
 from benchmarks.timing import BusyWaitTimer  # noqa: E402
-from gpu_kernels.page_copy import gather_launch_config, gather_pages, write_tokens  # noqa: E402
-from offload import GpuPageCache, HostKVStore, Prefetcher  # noqa: E402
-from offload.prefetcher import DEFAULT_FETCH_PROGRAMS  # noqa: E402
+from gpu_kernels.page_copy import gather_pages, write_tokens  # noqa: E402
+from offload import DEFAULT_FETCH_PROGRAMS, HostKVStore, PageFetcher, make_streams, upload  # noqa: E402
 
 GB = 1e9
 BF16 = torch.bfloat16
@@ -352,8 +353,8 @@ def bench_write(args, clock: Clock, dev: torch.device, d2h_gbps: float) -> list[
                 write_tokens(store.kernel_k(layer), store.kernel_v(layer), table, start, k_new[layer], v_new[layer],
                              validate=False)
 
-        def store_write():  # the prefetcher's commit_block path: page tables uploaded by the store
-            store.write(seqs, None, [263] * n, k_new, v_new)
+        def store_write():  # HostKVStore.write of every layer, device tables: the runtime's commit
+            store.write(None, table, start, k_new, v_new)
 
         host_k = torch.empty(k_new.shape, dtype=BF16, pin_memory=clock.cuda)
         host_v = torch.empty(k_new.shape, dtype=BF16, pin_memory=clock.cuda)
@@ -481,192 +482,168 @@ class WeightReadStandIn:
 STAND_INS = {"matmul": ComputeStandIn, "weight-read": WeightReadStandIn}
 
 
-def overlap_caps(args, sms: int) -> list:
-    """Program caps for the prefetcher's gather: None = gather_pages' standalone default (2 per SM)."""
-    if args.overlap_caps is not None:
-        return [c or None for c in args.overlap_caps]
-    return [DEFAULT_FETCH_PROGRAMS, None] if args.quick else [8, 16, 32, 66, None]
+def overlap_caps(args, sms: int) -> list[int]:
+    """Program caps of the side fetch's gather (SparseConfig.lookahead_fetch_programs); 0 on the
+    command line = gather_pages' standalone grid, 2 programs per SM."""
+    caps = args.overlap_caps if args.overlap_caps is not None else (
+        [DEFAULT_FETCH_PROGRAMS, 0] if args.quick else [8, 16, 32, 66, 0])
+    return [c or 2 * sms for c in caps]
 
 
-def sm_tax_hidden(max_programs: int | None, sms: int) -> float:
+def sm_tax_hidden(max_programs: int, sms: int) -> float:
     """End-to-end hidden share a gather of `max_programs` persistent programs can reach beside compute
     that wants every SM: its programs hold that many SMs for as long as the transfer runs, so the
-    compute loses programs / SMs of the transfer time (None: 2 per SM, everything)."""
-    programs = 2 * sms if max_programs is None else max_programs
-    return max(0.0, 1.0 - programs / sms)
+    compute loses programs / SMs of the transfer time."""
+    return max(0.0, 1.0 - max_programs / sms)
 
 
 def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
+    """The runtime's own fetch beside compute: herald's LOOKAHEAD gathers every layer's misses with
+    `PageFetcher.fetch(side=True)` (the gather stream, at most `side_programs` programs) while the
+    block's remaining steps run on the compute stream, and the main stream joins the side stream at
+    the commit. Here the side pass is those fetches alone (the lookahead's own forward left out) and
+    the steps are a stand-in, one sized matmul per layer; the streams come from `offload.streams`
+    with the engine's priorities (or, `prio default`, none)."""
     L, hkv, d, p = args.layers, args.kv_heads, args.head_dim, args.overlap_page_size
     num_pages = args.overlap_context // p
     k = max(1, round(args.overlap_fraction * num_pages))
-    units = hkv * k
     t_setup = time.perf_counter()
     store = HostKVStore(L, hkv, d, p, num_pages, dtype=BF16, pin_memory=clock.cuda)
     fill_random(store.k_all, clock, dev)
     fill_random(store.v_all, clock, dev)
     setup_s = time.perf_counter() - t_setup
-    cache = GpuPageCache(L, units, p, d, BF16, dev)
-    pf = Prefetcher(store, cache, dev)
-    seq = "ctx"
-    store.allocate(seq, args.overlap_context)
-    # compute runs on the prefetcher's high-priority compute stream (transfers are at the lowest)
-    compute_stream = pf.compute_stream if clock.cuda else None
+    store.allocate("ctx", args.overlap_context)
+    table = upload(store.page_tables(["ctx"]), dev)
+    rows = torch.zeros(1, dtype=torch.int64, device=dev)
+    gen = torch.Generator().manual_seed(0)
+    selections = [upload(torch.stack([torch.randperm(num_pages, generator=gen)[:k].sort().values
+                                      for _ in range(hkv)])[None].to(torch.int32), dev) for _ in range(L)]
+    streams = {prio: make_streams(dev, prioritize=prio == "high") for prio in ("high", "default")} if clock.cuda else {}
 
-    def selection():
-        return torch.stack([torch.randperm(num_pages)[:k].sort().values for _ in range(hkv)])[None]
+    def on(stream):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
-    def fresh_plans():
-        pf.drop_sequence(seq, free_host=False)  # forget resident pages: every selected page misses
-        pf.synchronize()
-        return [cache.plan(layer, [seq], selection()) for layer in range(L)]
-
-    kinds = [k for k in STAND_INS if k in args.overlap_compute]
-    stand_ins = {k: STAND_INS[k](clock, dev) for k in kinds}
-
-    def transfer_alone(max_programs, units=None) -> float:
-        """Per-layer fetch time with nothing else running."""
-        pf.max_programs, pf.units_per_program = max_programs, units
-        plans = fresh_plans()
+    def run_pass(fetcher: PageFetcher, compute, prio: str, with_fetch: bool = True, with_compute: bool = True) -> dict:
+        """One block's worth: the side fetches of every layer beside `compute` per layer on the main
+        stream, which then joins the side stream (ms from CUDA events on the GPU)."""
+        fetcher.directory.reset_rows(rows)  # every selected page misses, as for a block of new pages
         clock.sync()
-        pf.reset_stats()
-        for layer in range(L):
-            pf.fetch(layer, [seq], plans[layer])
-        for layer in range(L):
-            pf.wait(layer)
-            pf.release(plans[layer])
-        return pf.stats()["fetch_ms"] / L
-
-    def run_pass(compute, max_programs, with_fetch=True, stream=compute_stream, units=None) -> dict:
-        pf.max_programs, pf.units_per_program = max_programs, units
-        plans = fresh_plans()
-        clock.sync()
-        pf.reset_stats()
-        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with ctx:
-            fetch_host = 0.0
-
-            def fetch(layer):
-                nonlocal fetch_host
-                t = time.perf_counter()
-                pf.fetch(layer, [seq], plans[layer])
-                fetch_host += time.perf_counter() - t
-
-            t0 = time.perf_counter()
-            s = clock.mark()
-            if with_fetch:
-                fetch(0)
-            compute()  # the previous block's last layer: layer 0's fetch overlaps it as in a running decode
-            for layer in range(L):
-                if with_fetch and layer + 1 < L:
-                    fetch(layer + 1)
+        s = streams.get(prio)
+        main = (s.compute or torch.cuda.current_stream()) if s else None
+        side = s.lookahead if s else None
+        t0 = time.perf_counter()
+        with on(main):
+            start = clock.mark()
+            if side is not None:
+                side.wait_stream(main)
+            with on(side):
+                side_start = clock.mark()
                 if with_fetch:
-                    pf.wait(layer)
-                compute()
-                pf.release(plans[layer])
-            e = clock.mark()
-            host_ms = (time.perf_counter() - t0) * 1e3
-        out = pf.stats()
-        out.pop("cache")
-        gpu_ms = clock.ms(s, e)
-        # the host, not the GPU, paced the pass when enqueueing took most of its GPU time: then the GPU
-        # idled between layers, the slowdown measures Python and idle gaps flatter the hidden fraction
-        out.update(gpu_ms=gpu_ms, host_enqueue_ms=host_ms, fetch_host_ms=fetch_host * 1e3,
-                   host_bound=host_ms > HOST_BOUND_RATIO * gpu_ms)
-        if with_fetch:  # spot check: the last layer's pool holds its pages
-            plan = plans[L - 1]
-            phys = pf.physical_pages(plan)
-            got = cache.k_pool(L - 1).cpu()[plan.miss_slots]
-            out["ok"] = torch.equal(bits(got), bits(store.k(L - 1)[phys, plan.miss_heads]))
-        return out
+                    for layer in range(L):
+                        fetcher.fetch(layer, rows, table, selections[layer], side=True)
+                side_done = clock.mark()
+            if with_compute:
+                for _ in range(L):
+                    compute()
+            main_ready = clock.mark()
+            if side is not None:
+                main.wait_stream(side)
+            end = clock.mark()
+        host_ms = (time.perf_counter() - t0) * 1e3
+        gpu_ms = clock.ms(start, end)
+        fetch_ms = clock.ms(side_start, side_done)
+        stall_ms = max(0.0, clock.ms(main_ready, side_done)) if clock.cuda else fetch_ms
+        return dict(gpu_ms=gpu_ms, fetch_ms=fetch_ms, stall_ms=stall_ms, host_enqueue_ms=host_ms,
+                    host_bound=host_ms > HOST_BOUND_RATIO * gpu_ms)
+
+    def resident(fetcher: PageFetcher) -> bool:
+        """Spot check after a pass: the last layer's selection reads back bit for bit."""
+        slots, fetched = fetcher.fetch(L - 1, rows, table, selections[L - 1])
+        clock.sync()
+        sel, slot = selections[L - 1][0].cpu(), slots[0].cpu()
+        physical = table[0].cpu()[sel.long()]
+        heads = torch.arange(hkv)[:, None].expand_as(sel)
+        return int(fetched) == 0 and torch.equal(bits(fetcher.k_pool(L - 1).cpu()[slot.long()]),
+                                                 bits(store.k(L - 1)[physical.long(), heads]))
 
     caps = overlap_caps(args, sms)
-    # (max_programs, units_per_program, compute stream priority): the caps; 8 programs with twice the
-    # default tile (64 KiB in flight each: as many bytes on half the SMs); the default cap with compute
-    # on the default stream (what priorities buy)
-    units2 = 2 * gather_launch_config(p * d, 1, num_sms=sms)["units_per_program"]
-    variants = [(c, None, "high") for c in caps]
-    if not args.quick:
-        variants.append((8, units2, "high"))
-    if clock.cuda:
-        variants.append((DEFAULT_FETCH_PROGRAMS, None, "default"))
-    # compute is sized against the standalone launch's fetch; each row's end-to-end share is against
-    # the fetch-only pass of its own triplet (a standalone figure taken once drifted by up to 30%)
-    per_layer_transfer = statistics.median(transfer_alone(None, None) for _ in range(3))
-    layer_bytes = pf.stats()["bytes_fetched"] / L
+    variants = [(c, "high") for c in caps] + ([(DEFAULT_FETCH_PROGRAMS, "default")] if clock.cuda else [])
+    kinds = [kind for kind in STAND_INS if kind in args.overlap_compute]
+    stand_ins = {kind: STAND_INS[kind](clock, dev) for kind in kinds}
+    # compute is sized against the side fetch at the default cap; each row's end-to-end share is
+    # against the fetch-only pass of its own triplet (a figure taken once drifted by up to 30%)
+    sizing = PageFetcher(store, 1, k, dev, side_programs=DEFAULT_FETCH_PROGRAMS,
+                         gather_stream=streams["high"].gather if clock.cuda else None)
+    per_layer_transfer = statistics.median(
+        run_pass(sizing, None, "high", with_compute=False)["gpu_ms"] for _ in range(3)) / L
+    sizing.close()
+    layer_bytes = hkv * k * 2 * p * d * 2
     cases = []
     ratios = (("compute>transfer", 1.5), ("compute<transfer", 0.5))
-    for kind, (label, ratio) in ((k, r) for k in kinds for r in ratios):
+    for kind, (label, ratio) in ((kind, r) for kind in kinds for r in ratios):
         compute, mm = stand_ins[kind].build(ratio * per_layer_transfer)
-        run_pass(compute, None, with_fetch=False)  # warm-up
-        for max_programs, units, prio in variants:
-            stream = compute_stream if prio == "high" else None
+        for max_programs, prio in variants:
+            fetcher = PageFetcher(store, 1, k, dev, side_programs=max_programs,
+                                  gather_stream=streams[prio].gather if clock.cuda else None)
+            run_pass(fetcher, compute, prio)  # warm-up
             # triplets run back to back, so that clock and thermal drift between rows cancels in each
             bases, res, alones = [], [], []
             for _ in range(2 if args.quick else args.overlap_reps):
-                bases.append(run_pass(compute, None, with_fetch=False))
-                res.append(run_pass(compute, max_programs, stream=stream, units=units))
-                alones.append(transfer_alone(max_programs, units))
-            r = res[-1]
-            base = dict(gpu_ms=statistics.median(b["gpu_ms"] for b in bases),
-                        host_enqueue_ms=statistics.median(b["host_enqueue_ms"] for b in bases),
-                        host_bound=any(b["host_bound"] for b in bases))
-            triplet_e2e = [1 - max(0.0, x["gpu_ms"] - b["gpu_ms"]) / (L * a) for b, x, a in zip(bases, res, alones)]
-            hidden = statistics.median(x["hidden_fraction"] for x in res)
+                bases.append(run_pass(fetcher, compute, prio, with_fetch=False))
+                res.append(run_pass(fetcher, compute, prio))
+                alones.append(run_pass(fetcher, compute, prio, with_compute=False))
+            ok = resident(fetcher)
+            fetcher.close()
+            triplet_e2e = [1 - max(0.0, x["gpu_ms"] - b["gpu_ms"]) / a["gpu_ms"] for b, x, a in zip(bases, res, alones)]
+            events = [1 - x["stall_ms"] / x["fetch_ms"] for x in res]
             gpu_ms = statistics.median(x["gpu_ms"] for x in res)
+            base_ms = statistics.median(b["gpu_ms"] for b in bases)
+            alone_ms = statistics.median(a["gpu_ms"] for a in alones)
             host_ms = statistics.median(x["host_enqueue_ms"] for x in res)
             case = {
-                "case": label, "max_programs": max_programs, "units_per_program": units,
-                "compute_priority": prio, "compute_kind": kind, "matmul": mm,
-                "compute_per_layer_ms": mm["ms"], "transfer_per_layer_ms": per_layer_transfer,
-                "transfer_alone_per_layer_ms": statistics.median(alones), "transfer_alone_runs": alones,
-                "hidden_fraction": hidden, "hidden_fraction_runs": [x["hidden_fraction"] for x in res],
-                "stall_ms": r["stall_ms"], "fetch_ms": r["fetch_ms"], "fetch_GBps": r["fetch_GBps"],
-                "gpu_ms": gpu_ms, "compute_only_gpu_ms": base["gpu_ms"],
+                "case": label, "max_programs": max_programs, "compute_priority": prio, "compute_kind": kind,
+                "matmul": mm, "compute_per_layer_ms": mm["ms"], "transfer_per_layer_ms": per_layer_transfer,
+                "transfer_alone_per_layer_ms": alone_ms / L, "transfer_alone_runs": [a["gpu_ms"] / L for a in alones],
+                "fetch_GBps": L * layer_bytes / alone_ms / 1e6,
+                # the runtime's timeline measure: 1 - (main stream's stall at the join) / (side pass time)
+                "hidden_fraction": statistics.median(events), "hidden_fraction_runs": events,
+                "stall_ms": statistics.median(x["stall_ms"] for x in res),
+                "gpu_ms": gpu_ms, "compute_only_gpu_ms": base_ms,
                 # end to end: the share of the triplet's fetch-only time that did not lengthen the pass
-                # (median over the triplets)
                 "hidden_fraction_e2e": statistics.median(triplet_e2e), "hidden_fraction_e2e_runs": triplet_e2e,
                 "sm_tax_model_e2e": sm_tax_hidden(max_programs, sms),
-                "slowdown_vs_compute_only": gpu_ms / base["gpu_ms"],
-                "host_enqueue_ms": host_ms, "fetch_host_ms": r["fetch_host_ms"],
-                "host_bound": host_ms > HOST_BOUND_RATIO * gpu_ms,
-                "compute_only_host_enqueue_ms": base["host_enqueue_ms"],
-                "compute_only_host_bound": base["host_bound"], "ok": all(x["ok"] for x in res),
+                "slowdown_vs_compute_only": gpu_ms / base_ms,
+                "host_enqueue_ms": host_ms, "host_bound": any(x["host_bound"] for x in res + bases),
+                "ok": ok,
             }
             cases.append(case)
-            print(f"overlap {label} ({kind}) max_programs={max_programs} units={units} compute priority {prio}: "
-                  f"hidden {100 * hidden:.1f}% "
-                  f"gpu {gpu_ms:.2f} ms vs compute-only {base['gpu_ms']:.2f} ms "
-                  f"(x{case['slowdown_vs_compute_only']:.2f}), fetch {r['fetch_GBps']:.1f} GB/s, host enqueue "
-                  f"{host_ms:.1f} ms of which fetch() {r['fetch_host_ms']:.1f}"
-                  f"{' HOST-BOUND' if case['host_bound'] else ''}; compute-only host "
-                  f"{base['host_enqueue_ms']:.1f} ms{' HOST-BOUND' if base['host_bound'] else ''}", flush=True)
+            print(f"overlap {label} ({kind}) max_programs={max_programs} priority {prio}: hidden "
+                  f"{100 * case['hidden_fraction']:.1f}% by events, {100 * case['hidden_fraction_e2e']:.1f}% end to "
+                  f"end; gpu {gpu_ms:.2f} ms vs compute-only {base_ms:.2f} ms (x{case['slowdown_vs_compute_only']:.2f}), "
+                  f"fetch alone {case['fetch_GBps']:.1f} GB/s{' HOST-BOUND' if case['host_bound'] else ''}", flush=True)
     store.close()
-    # the pick: among caps with compute on the high-priority stream, hidden >= 90% when compute > transfer,
-    # then the smallest slowdown (ties within 2%: the fewer programs)
-    # (host-bound rows only when every row is: their slowdown measures Python)
+    # the pick: among the prioritised rows, e2e hidden >= 90% when compute > transfer, then the
+    # smallest slowdown (ties within 2%: the fewer programs); host-bound rows only when every row is
     cand = [c for c in cases if c["case"] == "compute>transfer" and c["compute_priority"] == "high"
-            and c["units_per_program"] is None and c["compute_kind"] == kinds[0]]
+            and c["compute_kind"] == kinds[0]]
     cand = [c for c in cand if not c["host_bound"]] or cand
     good = [c for c in cand if c["hidden_fraction_e2e"] >= 0.9] or cand
     best_slow = min(c["slowdown_vs_compute_only"] for c in good)
-    near = [c for c in good if c["slowdown_vs_compute_only"] <= best_slow * 1.02]
-    pick = min(near, key=lambda c: (c["max_programs"] is None, c["max_programs"] or 0))
+    pick = min((c for c in good if c["slowdown_vs_compute_only"] <= best_slow * 1.02), key=lambda c: c["max_programs"])
     return {
         "layers": L, "page_size": p, "fraction": args.overlap_fraction, "context": args.overlap_context,
-        "units_per_layer": units, "MB_per_layer": layer_bytes / 1e6,
+        "units_per_layer": hkv * k, "MB_per_layer": layer_bytes / 1e6,
         "square_matmul": ({"n": stand_ins["matmul"].n, "ms": stand_ins["matmul"].square_ms}
                           if "matmul" in stand_ins else None),
         "transfer_per_layer_ms": per_layer_transfer,
-        "store_setup_s": setup_s, "cases": cases, "prefetcher_default": DEFAULT_FETCH_PROGRAMS,
+        "store_setup_s": setup_s, "cases": cases, "runtime_default": DEFAULT_FETCH_PROGRAMS,
         "recommended_max_programs": pick["max_programs"], "recommendation_host_bound": pick["host_bound"],
         "host_bound_ratio": HOST_BOUND_RATIO,
-        "note": "hidden = (fetch time - compute-stream stall) / fetch time, from CUDA events; layer 0's fetch "
-                "overlaps a stand-in for the previous block's last layer; compute on Prefetcher.compute_stream "
-                "(high priority) unless compute_priority says default; compute per layer = one bf16 matmul "
-                "[rows, n] @ [n, n] sized from a timed square one (matmul.launches > 1 only past "
-                "ComputeStandIn.MAX_ROWS_PER_N); host_bound: host enqueue ms > "
-                f"{HOST_BOUND_RATIO} x gpu ms (the GPU idled, so slowdown and hidden describe Python)",
+        "note": "the runtime's fetch path (offload.PageFetcher, side fetches on the gather stream of "
+                "offload.streams) beside one sized matmul per layer on the compute stream; hidden = 1 - the main "
+                "stream's stall at the join / the side pass's time (herald's timeline measure); hidden_e2e = "
+                "1 - (pass - compute-only pass) / fetch-only pass, each triplet back to back; host_bound: host "
+                f"enqueue ms > {HOST_BOUND_RATIO} x gpu ms (the GPU idled, so slowdown and hidden describe Python)",
     }
 
 
@@ -706,31 +683,27 @@ def print_tables(res: dict) -> None:
                   f"{r['store_write_GBps']:>17.1f} {r['contiguous_d2h_GBps']:>16.1f} "
                   f"{100 * r['ratio_to_1GiB_d2h']:>9.0f}% {str(r['ok']):>5}")
     o = res["overlap"]
-    print(f"\n== prefetcher overlap: {o['layers']} layers, {o['page_size']}-token pages, {o['fraction']:.0%} of "
-          f"{o['context']} tokens = {o['MB_per_layer']:.1f} MB/layer (target hidden >= 90% when compute > transfer)")
-    print(f"{'case':>17} {'compute':>11} {'max_prog':>8} {'units':>5} {'prio':>7} {'xfer alone ms':>13} {'compute/layer ms':>16} "
-          f"{'hidden':>7} {'e2e hid':>7} {'SM tax':>6} "
-          f"{'fetch GB/s':>10} {'gpu ms':>8} {'compute-only ms':>15} {'slowdown':>8} {'host ms':>8} {'bound':>5} "
-          f"{'ok':>5}")
+    print(f"\n== the runtime's side fetch beside compute: {o['layers']} layers, {o['page_size']}-token pages, "
+          f"{o['fraction']:.0%} of {o['context']} tokens = {o['MB_per_layer']:.1f} MB/layer "
+          "(target hidden >= 90% when compute > transfer)")
+    print(f"{'case':>17} {'compute':>11} {'max_prog':>8} {'prio':>7} {'xfer alone ms':>13} {'compute/layer ms':>16} "
+          f"{'hidden':>7} {'e2e hid':>7} {'SM tax':>6} {'fetch GB/s':>10} {'gpu ms':>8} {'compute-only ms':>15} "
+          f"{'slowdown':>8} {'host ms':>8} {'bound':>5} {'ok':>5}")
     for r in o["cases"]:
-        xa = r["transfer_alone_per_layer_ms"]
-        print(f"{r['case']:>17} {r.get('compute_kind', 'matmul'):>11} {str(r['max_programs']):>8} "
-              f"{str(r['units_per_program'] or 'dflt'):>5} "
-              f"{r['compute_priority']:>7} "
-              f"{(f'{xa:.3f}' if xa is not None else '-'):>13} {r['compute_per_layer_ms']:>16.3f} "
+        print(f"{r['case']:>17} {r['compute_kind']:>11} {r['max_programs']:>8} {r['compute_priority']:>7} "
+              f"{r['transfer_alone_per_layer_ms']:>13.3f} {r['compute_per_layer_ms']:>16.3f} "
               f"{100 * r['hidden_fraction']:>6.1f}% {100 * r['hidden_fraction_e2e']:>6.1f}% "
-              f"{100 * r['sm_tax_model_e2e']:>5.0f}% "
-              f"{r['fetch_GBps']:>10.1f} {r['gpu_ms']:>8.2f} "
+              f"{100 * r['sm_tax_model_e2e']:>5.0f}% {r['fetch_GBps']:>10.1f} {r['gpu_ms']:>8.2f} "
               f"{r['compute_only_gpu_ms']:>15.2f} {r['slowdown_vs_compute_only']:>8.2f} "
               f"{r['host_enqueue_ms']:>8.1f} {('host' if r['host_bound'] else 'gpu'):>5} {str(r['ok']):>5}")
-    print("  hidden: transfer minus the event-timed stalls of the compute stream; e2e hid: 1 - (gpu ms - compute-only ms) / "
-          "(layers x xfer alone ms), median over back-to-back (compute-only, compute + fetch, fetch-only) triplets; SM tax: 1 - "
-          "max_prog / SMs, the e2e share a gather that holds max_prog SMs for its whole transfer can hide beside "
-          "compute that wants every SM")
-    print(f"  max_prog None = gather_pages' standalone default (2 per SM); prio high = compute on "
-          f"Prefetcher.compute_stream. Prefetcher default max_programs = {o['prefetcher_default']}; "
-          f"this run recommends {o['recommended_max_programs']} (e2e hidden >= 90% when compute > transfer, then the "
-          "smallest slowdown, then the fewest programs, among rows that are not host-bound)")
+    print("  hidden: 1 - the compute stream's stall at the join / the side fetches' time (CUDA events, herald's "
+          "timeline measure); e2e hid: 1 - (gpu ms - compute-only ms) / fetch-only ms, median over back-to-back "
+          "(compute-only, compute + fetch, fetch-only) triplets; SM tax: 1 - max_prog / SMs, the e2e share a "
+          "gather that holds max_prog SMs for its whole transfer can hide beside compute that wants every SM")
+    print(f"  prio high: the engine's streams (offload.streams); default: no priorities. The runtime's default "
+          f"max_programs = {o['runtime_default']}; this run recommends {o['recommended_max_programs']} (e2e hidden "
+          ">= 90% when compute > transfer, then the smallest slowdown, then the fewest programs, among rows that "
+          "are not host-bound)")
     sq = o["square_matmul"]
     sizing = f"a {sq['n']}^2 matmul of {sq['ms']:.3f} ms" if sq else "a square matmul"
     print(f"  bound: host when host ms > {o['host_bound_ratio']} x gpu ms (the GPU waited for Python: slowdown "

@@ -38,6 +38,8 @@ from tqdm.auto import tqdm
 from gpu_kernels._uva import HostPointer
 from gpu_kernels.page_copy import write_tokens, write_tokens_reference
 
+from .uploads import upload
+
 _GIB = 2**30
 _HUGE_PAGE = 2 * 2**20
 _SMAPS_RANGE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
@@ -118,91 +120,6 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-class IndexUploader:
-    """Uploads small host index arrays (page tables, positions, unit ids) to one GPU through a reused
-    pinned ring buffer, so repeated uploads allocate no new pinned memory.
-
-    Why: a pageable tensor's ``.to(device, non_blocking=True)`` blocks the host until the stream
-    drains, and pinning each array (``tensor.pin_memory()``) takes a block from torch's pinned
-    cache per power-of-two size class and per copy still in flight, so the cache keeps growing with
-    new table sizes and with how far the host runs ahead. Here each upload packs its arrays into
-    the next free region of one int32 ring (``capacity`` elements, doubled when a single upload
-    needs more: bounded by the largest upload), issues one host-to-device copy on the current
-    stream and records an event; a region is rewritten only after the copy that read it finished
-    (the host waits on that event, which happens only when the ring wraps onto an unfinished copy).
-    The returned device tensors come from torch's caching allocator on the current stream.
-    """
-
-    def __init__(self, device: torch.device | str, capacity: int = 1 << 18) -> None:
-        if capacity <= 0:
-            raise ValueError(f"capacity must be positive, got {capacity}")
-        self.device = torch.device(device)
-        self.capacity = int(capacity)
-        self._buf: torch.Tensor | None = None  # pinned lazily: a store that never uploads pins nothing
-        self._head = 0
-        self._inflight: list[tuple[int, int, torch.cuda.Event]] = []  # (start, end, copy done)
-        self.num_grows = 0
-
-    def _reserve(self, n: int) -> int:
-        if n > self.capacity or self._buf is None:
-            if n > self.capacity:
-                self.capacity = _pow2_ceil(n)
-                self.num_grows += 1
-            for _, _, ev in self._inflight:  # copies from the old buffer must finish before it is freed
-                ev.synchronize()
-            self._inflight.clear()
-            self._buf = torch.empty(self.capacity, dtype=torch.int32, pin_memory=True)
-            self._head = 0
-        if self._head + n > self.capacity:
-            self._head = 0
-        a, b = self._head, self._head + n
-        keep = []
-        for s, e, ev in self._inflight:
-            if ev.query():
-                continue  # finished: the region is free
-            if s < b and a < e:
-                ev.synchronize()  # the ring wrapped onto a copy still in flight
-                continue
-            keep.append((s, e, ev))
-        self._inflight = keep
-        self._head = b
-        return a
-
-    def warm(self) -> None:
-        """Pin the ring now: pinned allocation can synchronise the device, so a hot path must not
-        be the first to upload."""
-        if self._buf is None:
-            self._reserve(0)
-
-    def upload(self, arrays: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Copy host integer tensors to the device as int32 (each keeps its shape); one copy on the
-        current stream. Values must fit in int32 (page ids, slots, positions do)."""
-        sizes = [int(t.numel()) for t in arrays]
-        # Each array starts on a 16-byte boundary: kernels see aligned index pointers whatever the
-        # sizes, so Triton never compiles (and loads, which synchronises the device) a variant for
-        # an unaligned one mid-run.
-        spans = [-(-sz // 4) * 4 for sz in sizes]
-        n = sum(spans)
-        if n == 0:
-            return [torch.empty(t.shape, dtype=torch.int32, device=self.device) for t in arrays]
-        a = self._reserve(n)
-        host = self._buf[a:a + n]
-        off = 0
-        for t, sz, span in zip(arrays, sizes, spans):
-            host[off:off + sz].copy_(t.reshape(-1))
-            off += span
-        dev = torch.empty(n, dtype=torch.int32, device=self.device)
-        dev.copy_(host, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.device))
-        self._inflight.append((a, a + n, ev))
-        out, off = [], 0
-        for t, sz, span in zip(arrays, sizes, spans):
-            out.append(dev[off:off + sz].view(t.shape))
-            off += span
-        return out
-
-
 class HostKVStore:
     """All layers' paged K/V in (pinned) host memory plus per-sequence page tables.
 
@@ -269,7 +186,6 @@ class HostKVStore:
         self._tables: dict[Hashable, list[int]] = {}
         self._ntok: dict[Hashable, int] = {}
         self._table_t: dict[Hashable, torch.Tensor] = {}  # cached int32 tables (hot path: every fetch)
-        self._uploaders: dict[torch.device, IndexUploader] = {}  # page tables for GPU writes, per device
         self._closed = False
 
     # ------------------------------------------------------------------------------------------
@@ -455,74 +371,57 @@ class HostKVStore:
         """``v_all`` as a kernel argument (see ``kernel_k``)."""
         return self._kernel_view(self.v_all)
 
-    def write(
-        self,
-        seq_id: Hashable | Sequence[Hashable],
-        layer: int | None,
-        start_pos: int | Sequence[int],
-        k_new: torch.Tensor,
-        v_new: torch.Tensor,
-    ) -> None:
-        """Write T new tokens at positions ``start_pos .. start_pos+T-1`` (allocate/extend first).
+    def write(self, layer: int | None, page_table: torch.Tensor, start: torch.Tensor, k_new: torch.Tensor,
+              v_new: torch.Tensor) -> None:
+        """Write T new tokens per row at positions ``start[n] .. start[n]+T-1`` of the rows whose
+        page tables are ``page_table`` (allocate or extend them first).
 
-        Shapes: one sequence (``seq_id`` a scalar id) ``[Hkv, T, D]``; a batch (``seq_id`` a list or
-        tuple of ids, ``start_pos`` an int or one per row) ``[N, Hkv, T, D]``; ``layer=None`` writes
-        every layer at once and adds a leading ``L`` dim. GPU inputs go to pinned memory through the
-        UVA kernel, asynchronously on the current stream (synchronize, or use the prefetcher's
-        commit, before reading them back); host inputs are written with torch indexing.
+        page_table: ``[N, pages]`` int32 (``page_tables(seq_ids)``, or a device copy of it);
+        start: ``[N]`` int; k_new, v_new: ``[N, Hkv, T, D]`` of one layer, or ``[L, N, Hkv, T, D]``
+        with ``layer=None`` (every layer at once), in the store's dtype. From the GPU into a pinned
+        store: the UVA write kernel, asynchronously on the current stream (a CUDA graph may capture
+        it; host tables are uploaded first); otherwise torch indexing. Positions are checked
+        against the tables where they are on the host; device tables are not read (a sync).
         """
         self._live()
-        batch = isinstance(seq_id, (list, tuple))
-        seq_ids = list(seq_id) if batch else [seq_id]
-        want = 3 + int(batch) + int(layer is None)
+        want = 4 + int(layer is None)
         if k_new.dim() != want or v_new.shape != k_new.shape:
-            raise ValueError(
-                f"write expects k_new/v_new with {want} dims ({'[L, ]' if layer is None else ''}"
-                f"{'[N, ]' if batch else ''}[Hkv, T, D]); got {tuple(k_new.shape)} and {tuple(v_new.shape)}"
-            )
-        if not batch:
-            k_new, v_new = k_new.unsqueeze(-4), v_new.unsqueeze(-4)
+            raise ValueError(f"write expects k_new/v_new of {want} dims ({'[L, ]' if layer is None else ''}"
+                             f"[N, Hkv, T, D]); got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
         n, hkv, t, d = k_new.shape[-4:]
-        if n != len(seq_ids):
-            raise ValueError(f"k_new has {n} rows but {len(seq_ids)} sequence ids were given")
         if (hkv, d) != (self.num_kv_heads, self.head_dim):
             raise ValueError(f"k_new has (Hkv, D) = {(hkv, d)}, store has {(self.num_kv_heads, self.head_dim)}")
+        if page_table.dim() != 2 or page_table.shape[0] != n or tuple(start.shape) != (n,):
+            raise ValueError(f"{n} rows of K/V need page_table [{n}, pages] and start [{n}]; got "
+                             f"{tuple(page_table.shape)} and {tuple(start.shape)}")
         if layer is not None and not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} out of range for {self.num_layers} layers")
         if layer is None and k_new.shape[0] != self.num_layers:
             raise ValueError(f"layer=None writes all {self.num_layers} layers; k_new has {k_new.shape[0]}")
-        starts = [int(start_pos)] * n if isinstance(start_pos, int) else [int(s) for s in start_pos]
-        if len(starts) != n:
-            raise ValueError(f"{len(starts)} start positions for {n} rows")
-        for s, st in zip(seq_ids, starts):
-            have = self.num_tokens(s)
-            if st < 0 or st + t > have:
-                raise ValueError(
-                    f"write to {s!r} covers positions [{st}, {st + t}) but it has {have} tokens allocated: extend first"
-                )
         if k_new.dtype != self.dtype:
             raise ValueError(f"k_new dtype {k_new.dtype} differs from the store's {self.dtype}")
-        table = self.page_tables(seq_ids)
-        start = torch.tensor(starts, dtype=torch.int32)
+        if not page_table.is_cuda and not start.is_cuda:
+            self._check_positions(page_table, start, t)
         dst_k, dst_v = (self._k, self._v) if layer is None else (self._k[layer], self._v[layer])
         if k_new.is_cuda and self.pinned:
-            # page table and starts go up in one copy through a reused pinned ring (no pinned allocation
-            # per write: host pinned memory stays flat across requests)
-            table, start = self.uploader(k_new.device).upload([table, start])
-            write_tokens(self._kernel_view(dst_k), self._kernel_view(dst_v), table, start, k_new, v_new,
+            page_table, start = (x if x.is_cuda else upload(x, k_new.device) for x in (page_table, start))
+            write_tokens(self._kernel_view(dst_k), self._kernel_view(dst_v), page_table, start, k_new, v_new,
                          validate=False)
         else:
-            write_tokens_reference(dst_k, dst_v, table, start, k_new.cpu(), v_new.cpu())
+            write_tokens_reference(dst_k, dst_v, page_table, start, k_new, v_new)
 
-    def uploader(self, device: torch.device | str) -> IndexUploader:
-        """The store's ``IndexUploader`` for ``device`` (made on first use)."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        up = self._uploaders.get(device)
-        if up is None:
-            up = self._uploaders[device] = IndexUploader(device)
-        return up
+    def _check_positions(self, page_table: torch.Tensor, start: torch.Tensor, num_new: int) -> None:
+        """Every written position lies on an allocated page of its row's (host) table."""
+        pages = (page_table >= 0).sum(dim=1)
+        start = start.long()
+        beyond = (start < 0) | (start + num_new > pages * self.page_size)
+        if bool(beyond.any()):
+            row = int(beyond.nonzero()[0])
+            first, held = int(start[row]), int(pages[row])
+            raise ValueError(f"write of row {row} covers positions [{first}, {first + num_new}) but its page table "
+                             f"holds {held} pages ({held * self.page_size} tokens): allocate or extend first")
+        if bool((page_table >= self.num_pages).any()):
+            raise ValueError(f"a page table names pages beyond the store's {self.num_pages}")
 
     def read(self, seq_id: Hashable, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of positions ``[start, end)``: two ``[Hkv, end-start, D]`` host tensors (copies).
@@ -556,7 +455,6 @@ class HostKVStore:
         self._tables.clear()
         self._ntok.clear()
         self._table_t.clear()
-        self._uploaders.clear()
         self._free = []
 
     def __enter__(self) -> HostKVStore:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from gpu_kernels.paged_attention import block_attention
 from runtime.config import ATTENTION_BACKENDS, ModelConfig
 from runtime.memory import gpu_free_bytes
-from runtime.uploads import upload, upload_into
+from offload.uploads import upload, upload_into
 
 
 class Phase(enum.Enum):
@@ -77,7 +77,7 @@ class PlannedBuffers:
 
     The denoising passes after step 0 of a block usually plan the very rows, contexts and T the
     buffers already hold, so their plan may skip the host work that builds what it would upload,
-    and the uploads (`runtime.uploads`) themselves. Whatever a buffer's content depends on besides
+    and the uploads (`offload.uploads`) themselves. Whatever a buffer's content depends on besides
     (seq_ids, context_lens, num_new), such as which KV slot or row a sequence holds, changes only
     when sequences come and go: call `forget` then.
     """
@@ -115,6 +115,8 @@ class AttentionMode(ABC):
     """KV storage plus the attention a layer runs over it."""
 
     name: str
+    # whether the loop runs a LOOKAHEAD pass after each block's step 0 (see Phase.LOOKAHEAD)
+    wants_lookahead: bool = False
 
     @abstractmethod
     def add_sequence(self, seq_id: int, max_tokens: int) -> None:

@@ -38,7 +38,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     sparse.add_argument("--page-size", type=int, default=16)
     sparse.add_argument("--source", default="gpu-compact", choices=[s for s in SELECTION_SOURCES if s != "gpu-exact"],
                         help="herald's selection source")
-    sparse.add_argument("--dense-layers", type=int, default=None, help="first layers kept exact (default: per mode)")
+    sparse.add_argument("--dense-layers", type=int, default=SparseConfig.dense_layers,
+                        help="first layers the sparse modes keep exact")
     sparse.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
                         help="herald: select and fetch each next block's pages during this block, from its draft "
                              "(HERALD's overlap; default: on with CUDA, off on the CPU, where it runs in line)")

@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 ATTENTION_MODES = ("dense", "mage", "quest", "herald")
 SELECTION_SOURCES = ("gpu-exact", "cpu", "gpu-compact", "split")
@@ -181,20 +184,21 @@ class SparseConfig:
     source: str = "gpu-compact"  # herald's selection source: cpu | gpu-compact | split (mage: gpu-exact)
     sink_tokens: int = 16
     local_window: int = 64
-    dense_layers: int | None = None  # None: 2 (MAGE and Quest keep two; herald holds theirs on the GPU)
+    dense_layers: int = 2  # the first layers stay exact (MAGE and Quest keep two; herald holds theirs on the GPU)
     compact_bits: int = 4  # gpu-compact key copy: 4 or 8 bits, per-group scales
     compact_group: int = 32  # elements per scale (capped at head_dim)
     split_cpu_fraction: float = 0.5  # split source: the oldest share of pages the CPU scans
     check_residency: bool = False  # assert before every sparse attention that its pages are resident
     # herald: select and fetch the next block's pages from this block's draft, beside the block's steps.
     # None: on with CUDA, where a side stream hides it; off on the CPU, where it would run in line
+    # (`for_device` resolves it; the engine does so once, and the modes and the planner need it resolved)
     lookahead: bool | None = None
     measure_draft_recall: bool = False  # herald + lookahead: also select at step 0 and report the overlap
     # herald + lookahead on CUDA: each layer's gather on a stream of its own, so that it overlaps the
     # next layers' selection instead of following it (the side pass takes ~max, not the sum)
     lookahead_gather_stream: bool = True
     # herald + lookahead: the most programs (SMs) its gathers hold beside the block's steps; each one
-    # is an SM the passes lose while the transfer runs. None: offload.prefetcher.DEFAULT_FETCH_PROGRAMS
+    # is an SM the passes lose while the transfer runs. None: offload.page_fetcher.DEFAULT_FETCH_PROGRAMS
     lookahead_fetch_programs: int | None = None
     # herald's host KV store on 2 MiB transparent huge pages where the OS grants them (offload/host_store.py)
     host_huge_pages: bool = True
@@ -205,9 +209,23 @@ class SparseConfig:
             return self.query
         return "positions" if mode == "herald" else "mean"
 
-    def lookahead_on(self, cuda: bool) -> bool:
-        """Whether herald runs the lookahead on a CUDA (`cuda`) or CPU device."""
-        return cuda if self.lookahead is None else self.lookahead
+    def for_device(self, device: torch.device) -> "SparseConfig":
+        """This configuration with the device-dependent defaults decided (the lookahead)."""
+        if self.lookahead is not None:
+            return self
+        return replace(self, lookahead=device.type == "cuda")
+
+    def lookahead_resolved(self) -> bool:
+        """The lookahead setting of a configuration `for_device` resolved."""
+        if self.lookahead is None:
+            raise ValueError("SparseConfig.lookahead=None means 'by device': resolve it with for_device(device) "
+                             "first (the Engine does)")
+        return self.lookahead
+
+    def check_dense_layers(self, num_layers: int) -> None:
+        """Refuse more exact layers than the model has."""
+        if self.dense_layers > num_layers:
+            raise ValueError(f"dense_layers={self.dense_layers} exceeds the model's {num_layers} layers")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget_fraction <= 1.0:
@@ -223,13 +241,13 @@ class SparseConfig:
                 raise ValueError(f"{name}={value!r}; choose one of {allowed}")
         if self.sink_tokens < 0 or self.local_window < 0:
             raise ValueError(f"sink_tokens={self.sink_tokens} and local_window={self.local_window} must be >= 0")
-        if self.dense_layers is not None and self.dense_layers < 0:
+        if self.dense_layers < 0:
             raise ValueError(f"dense_layers={self.dense_layers} must be >= 0")
         if self.compact_bits not in (4, 8):
             raise ValueError(f"compact_bits={self.compact_bits}; choose 4 or 8")
         if self.lookahead_fetch_programs is not None and self.lookahead_fetch_programs < 1:
             raise ValueError(f"lookahead_fetch_programs={self.lookahead_fetch_programs} must be >= 1 "
-                             "(None: the prefetcher's default)")
+                             "(None: the page fetcher's default)")
         if not 0.0 <= self.split_cpu_fraction <= 1.0:
             raise ValueError(f"split_cpu_fraction={self.split_cpu_fraction} must be in [0, 1]")
 
@@ -290,6 +308,10 @@ class EngineConfig:
             raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1")
         if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
             raise ValueError(f"gpu_memory_gib={self.gpu_memory_gib} must be > 0 (None: no cap)")
+
+    def for_device(self, device: torch.device) -> "EngineConfig":
+        """This configuration with its device-dependent defaults decided (`SparseConfig.for_device`)."""
+        return replace(self, sparse=self.sparse.for_device(device))
 
     def with_(self, **changes: Any) -> "EngineConfig":
         return replace(self, **changes)

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from offload.streams import Streams, make_streams
 from runtime.attention import AttentionMode, DenseAttention
 from runtime.checkpoint import load_model
 from runtime.config import EngineConfig, ModelConfig
@@ -91,8 +92,8 @@ class Engine:
 
     def __init__(self, config: EngineConfig, model: Transformer | None = None, tokenizer: Tokenizer | None = None):
         """Load `config.model_path`, or take an already built `model` (random weights for speed runs)."""
-        self.config = config
         self.device = resolve_device(config.device)
+        self.config = config = config.for_device(self.device)  # device-dependent defaults decided once
         self.dtype = resolve_dtype(config.dtype, self.device)
         path = Path(config.model_path)
         if model is None:
@@ -110,11 +111,10 @@ class Engine:
         self.last_timeline: list[dict] = []  # herald: per-block selection / transfer / stall
         self.last_occupancy: dict[str, int] = {}  # what the mode still held when the run ended: all 0
         self._ids = itertools.count()
-        # Streams are the engine's, one each for every mode and loop it makes: cuBLAS keeps a
-        # workspace per stream it has run on for the life of the process.
-        self._side_stream: torch.cuda.Stream | None = None  # herald's lookahead stream (lowest priority)
-        self._gather_stream: torch.cuda.Stream | None = None  # its gathers (between the other two)
-        self._compute_stream: torch.cuda.Stream | None = None  # the passes (high priority)
+        # one set for every mode and loop the engine makes (offload/streams.py says why)
+        self.streams: Streams | None = None
+        if self.device.type == "cuda":
+            self.streams = make_streams(self.device, prioritize=config.stream_priority)
 
     def make_mode(self, num_sequences: int, max_tokens: int) -> AttentionMode:
         backend = self.backend
@@ -129,23 +129,14 @@ class Engine:
         if mode == "quest":
             return QuestAttention(*args, self.dtype, self.device, backend, sparse)
         if mode == "herald":
-            if self._side_stream is None and self.device.type == "cuda":
-                lowest, highest = torch.cuda.Stream.priority_range()
-                self._side_stream = torch.cuda.Stream(self.device)
-                # above the side pass's compute, which it would otherwise queue behind; below the passes
-                middle = (lowest + highest) // 2 if self.config.stream_priority else lowest
-                self._gather_stream = torch.cuda.Stream(self.device, priority=middle)
-            return HeraldAttention(*args, self.dtype, self.device, backend, sparse, side_stream=self._side_stream,
-                                   gather_stream=self._gather_stream, progress=self.config.progress)
+            return HeraldAttention(*args, self.dtype, self.device, backend, sparse, streams=self.streams,
+                                   progress=self.config.progress)
         raise ValueError(f"mode {mode!r} is not available")
 
     def make_loop(self, mode: AttentionMode, max_batch_size: int) -> BlockDiffusionLoop:
         graphs = self.config.cuda_graphs and self.device.type == "cuda" and self.backend == "triton"
-        if self._compute_stream is None and self.device.type == "cuda" and self.config.stream_priority:
-            _, highest = torch.cuda.Stream.priority_range()
-            self._compute_stream = torch.cuda.Stream(self.device, priority=highest)
         return BlockDiffusionLoop(self.model, mode, self.settings, max_batch_size, self.config.prefill_chunk_size,
-                                  self.device, cuda_graphs=graphs, compute_stream=self._compute_stream)
+                                  self.device, cuda_graphs=graphs, compute_stream=self.streams.compute if self.streams else None)
 
     @property
     def backend(self) -> str:

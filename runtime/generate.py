@@ -26,7 +26,7 @@ from runtime.cuda_graphs import PassGraphs
 from runtime.decoding import (DecodeSettings, SequenceState, finish_block, propose, propose_greedy, start_block,
                               unmask_rows)
 from runtime.model import Transformer
-from runtime.uploads import upload
+from offload.uploads import upload
 
 
 @dataclass
@@ -195,7 +195,7 @@ class BlockDiffusionLoop:
             state.count_remaining(active, left, step)
             for seq in active:
                 seq.passes += 1
-            if step == 0 and getattr(self.mode, "wants_lookahead", False):
+            if step == 0 and self.mode.wants_lookahead:
                 self._lookahead(active, state, block, masked, tokens)
             if step == 0:
                 clock.mark("step0_ms")

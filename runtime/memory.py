@@ -97,13 +97,12 @@ def plan_memory(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int,
         if mode == "quest":
             gpu_kv += batch * (tokens // p) * 2 * model.num_layers * model.num_kv_heads * model.head_dim * 4
     elif mode == "herald":
-        dense_layers = 2 if sparse.dense_layers is None else sparse.dense_layers
         host = batch * tokens * per_token
         # the lookahead fills a second set of page slots while the first is read
-        sets = 2 if sparse.lookahead_on(device.type == "cuda") else 1
+        sets = 2 if sparse.lookahead_resolved() else 1
         slots = batch * model.num_kv_heads * selected_pages_bound(sparse, max_tokens) * sets
         gpu_kv = slots * p * per_token // model.num_kv_heads
-        gpu_kv += batch * tokens * per_token * dense_layers // model.num_layers  # exact layers stay on the GPU
+        gpu_kv += batch * tokens * per_token * sparse.dense_layers // model.num_layers  # exact layers stay on the GPU
         if sparse.source in ("gpu-compact", "split"):
             per_key = model.head_dim * sparse.compact_bits // 8 + 2 * model.head_dim // min(sparse.compact_group, model.head_dim)
             gpu_kv += batch * tokens * model.num_layers * model.num_kv_heads * per_key

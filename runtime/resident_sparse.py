@@ -20,7 +20,7 @@ from runtime.memory import selected_pages_bound
 from runtime.selection import (Selection, SelectionPlan, gather_token_scores, page_scores_from_tokens,
                                plan_selection, select_pages, select_tokens, selection_queries,
                                table_attention_torch)
-from runtime.uploads import upload, upload_into
+from offload.uploads import upload, upload_into
 
 
 class ResidentSparseAttention(DenseAttention):
@@ -32,10 +32,9 @@ class ResidentSparseAttention(DenseAttention):
         self.sparse = sparse
         self.num_kv_heads = model.num_kv_heads
         self.num_layers = model.num_layers
-        self.dense_layers = 2 if sparse.dense_layers is None else sparse.dense_layers
+        sparse.check_dense_layers(model.num_layers)
+        self.dense_layers = sparse.dense_layers
         self._slot_bases: dict[int, torch.Tensor] = {}  # rows -> [N, 1, 1] first store page of each row
-        if self.dense_layers > model.num_layers:
-            raise ValueError(f"dense_layers={self.dense_layers} exceeds the model's {model.num_layers} layers")
 
     def plan(self, batch: ForwardBatch) -> None:
         super().plan(batch)

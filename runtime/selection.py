@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.config import SparseConfig
-from runtime.uploads import upload
+from offload.uploads import upload
 
 
 def selection_queries(q: torch.Tensor, num_kv_heads: int, how: str) -> torch.Tensor:

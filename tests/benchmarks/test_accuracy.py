@@ -20,7 +20,7 @@ def one_thread():
 
 
 def test_sparse_config_per_spec():
-    kw = dict(page_size=8, sink_tokens=4, local_window=16, dense_layers=None, compact_bits=8, compact_group=16)
+    kw = dict(page_size=8, sink_tokens=4, local_window=16, dense_layers=2, compact_bits=8, compact_group=16)
     cfg = sparse_config("herald-split", 5.0, **kw)
     assert (cfg.source, cfg.budget_fraction, cfg.page_size, cfg.compact_bits) == ("split", 0.05, 8, 8)
     assert sparse_config("herald-cpu", 1.0, **kw).source == "cpu"
@@ -42,12 +42,12 @@ def test_mode_mass_averages_the_modes_sparse_layers():
     rec = {"rows": [{"variant": v, "granularity": "page16", "aggregate": "max", "budget": "5%",
                      "mass_by_layer": [0.2, 0.4, 0.6, 0.8]} for v in ("mage", "herald-positions")]}
     # the sparse modes keep layers 0-1 dense by default: mean of layers 2-3; with none dense, all 4
-    assert mode_mass(rec, "mage", 5.0, 4, 16, 4, None) == pytest.approx(0.7)
-    assert mode_mass(rec, "herald-cpu", 5.0, 4, 16, 4, None) == pytest.approx(0.7)
+    assert mode_mass(rec, "mage", 5.0, 4, 16, 4, 2) == pytest.approx(0.7)
+    assert mode_mass(rec, "herald-cpu", 5.0, 4, 16, 4, 2) == pytest.approx(0.7)
     assert mode_mass(rec, "herald-cpu", 5.0, 4, 16, 4, 0) == pytest.approx(0.5)
-    assert mode_mass(rec, "mage", 5.0, 4, 16, 2, None) == 1.0  # every layer dense
-    assert mode_mass(rec, "dense", 5.0, 4, 16, 4, None) == 1.0
-    assert mode_mass(rec, "quest", 5.0, 4, 16, 4, None) is None  # no quest row recorded
+    assert mode_mass(rec, "mage", 5.0, 4, 16, 2, 2) == 1.0  # every layer dense
+    assert mode_mass(rec, "dense", 5.0, 4, 16, 4, 2) == 1.0
+    assert mode_mass(rec, "quest", 5.0, 4, 16, 4, 2) is None  # no quest row recorded
 
 
 def test_main_smoke_writes_json(tmp_path, capsys):

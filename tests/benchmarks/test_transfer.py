@@ -14,17 +14,17 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry r
 
 
 def test_overlap_only_dry_run(tmp_path, capsys):
-    assert main(["--device", "cpu", "--quick", "--overlap-only", "--overlap-caps", "4", "0", "--layers", "2",
+    assert main(["--device", "cpu", "--quick", "--overlap-only", "--overlap-caps", "1", "0", "--layers", "2",
                  "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "transfer.json").read_text())
     assert "gather" not in data and "write" not in data
     import gpu_kernels  # the run says which copy of the kernels it ran
     assert data["gpu_kernels"] == os.path.dirname(os.path.abspath(gpu_kernels.__file__))
     cases = data["overlap"]["cases"]
-    # caps 4 and 0 (the standalone default), for both compute/transfer ratios (the CPU has no stream
-    # priorities, so no default-priority row)
-    assert sorted((c["case"], c["max_programs"] or 0) for c in cases) == sorted(
-        (case, cap) for case in ("compute>transfer", "compute<transfer") for cap in (4, 0))
+    # caps 1 and 0 (the standalone grid: 2 programs per SM of the dry run's 2), for both
+    # compute/transfer ratios (the CPU has no stream priorities, so no default-priority row)
+    assert sorted((c["case"], c["max_programs"]) for c in cases) == sorted(
+        (case, cap) for case in ("compute>transfer", "compute<transfer") for cap in (1, 4))
     for c in cases:
         assert c["ok"], "a fetched page differs from the host store"
         # --quick runs two (compute-only, compute + fetch, fetch-only) triplets per row, and each
@@ -38,7 +38,7 @@ def test_overlap_only_dry_run(tmp_path, capsys):
 
 def test_sm_tax_model():
     assert sm_tax_hidden(8, 132) == pytest.approx(1 - 8 / 132)
-    assert sm_tax_hidden(None, 132) == 0.0  # two programs per SM: every SM is the gather's
+    assert sm_tax_hidden(264, 132) == 0.0  # two programs per SM: every SM is the gather's
     assert sm_tax_hidden(200, 132) == 0.0
 
 

@@ -49,7 +49,7 @@ def fill(store, index, gen, seq_lens, device):
         table = store.page_tables(ids)
         st = torch.tensor(starts, dtype=torch.int32)
         for layer in range(L):
-            store.write(ids, layer, starts, kv[0, layer], kv[1, layer])
+            store.write(layer, table, st, kv[0, layer], kv[1, layer])
             index.write(layer, table.to(device), st.to(device), kv[0, layer].to(device))
 
     seq_ids = list(seq_lens)

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 from gpu_kernels._uva import HostPointer  # noqa: E402
 from gpu_kernels.page_copy import gather_pages, write_tokens  # noqa: E402
-from offload.host_store import HostKVStore, IndexUploader  # noqa: E402
+from offload.host_store import HostKVStore  # noqa: E402
 
 
 def _store(num_pages=16, page_size=4, layers=2, hkv=2, d=8, dtype=torch.float32, pin=False):
@@ -109,20 +109,22 @@ def test_write_read_roundtrip_cpu(dtype):
     store.extend("y", 17)
     kz = torch.randn(2, 9, 8, generator=gen).to(dtype)
     vz = torch.randn(2, 9, 8, generator=gen).to(dtype)
-    store.write("z", 1, 0, kz, vz)
+    store.write(1, store.page_tables(["z"]), torch.tensor([0]), kz[None], vz[None])
     # a block starting mid-page, spanning pages, for a batch of two rows
     kb = torch.randn(2, 2, 2, 5, 8, generator=gen).to(dtype)  # [L, N, Hkv, T, D]
     vb = torch.randn(2, 2, 2, 5, 8, generator=gen).to(dtype)
-    store.write(["y", "z"], None, [11, 3], kb, vb)
+    store.write(None, store.page_tables(["y", "z"]), torch.tensor([11, 3]), kb, vb)
     k, v = store.read("y", 0, 11, 16)
     assert torch.equal(k, kb[0, 0]) and torch.equal(v, vb[0, 0])
     k, v = store.read("z", 1, 0, 9)
     assert torch.equal(k[:, :3], kz[:, :3]) and torch.equal(k[:, 3:8], kb[1, 1]) and torch.equal(k[:, 8:], kz[:, 8:])
     assert torch.equal(v[:, 3:8], vb[1, 1])
-    with pytest.raises(ValueError, match="extend first"):
-        store.write("y", 0, 15, kz[:, :3], vz[:, :3])
+    with pytest.raises(ValueError, match=r"row 0 covers positions \[18, 21\) but its page table holds 5 pages"):
+        store.write(0, store.page_tables(["y"]), torch.tensor([18]), kz[None, :, :3], vz[None, :, :3])
     with pytest.raises(ValueError, match="dims"):
-        store.write("y", 0, 0, kb, vb)
+        store.write(0, store.page_tables(["y"]), torch.tensor([0]), kb, vb)
+    with pytest.raises(ValueError, match=r"need page_table \[1, pages\] and start \[1\]"):
+        store.write(0, store.page_tables(["y", "z"]), torch.tensor([0]), kz[None], vz[None])
 
 
 def test_unpinned_store_kernel_views_are_plain_tensors():
@@ -165,7 +167,8 @@ def test_store_backing_pages_and_release(huge):
     if not huge and _thp_mode() == "madvise":
         assert share == 0.0, share
     store.allocate("s", 20)
-    store.write("s", 0, 0, torch.full((2, 20, 64), 3.0), torch.full((2, 20, 64), 4.0))
+    store.write(0, store.page_tables(["s"]), torch.tensor([0]), torch.full((1, 2, 20, 64), 3.0),
+                torch.full((1, 2, 20, 64), 4.0))
     k, v = store.read("s", 0, 0, 20)
     assert torch.equal(k, torch.full((2, 20, 64), 3.0)) and torch.equal(v, torch.full((2, 20, 64), 4.0))
     assert proc.memory_info().rss - rss0 >= 30 * 2**20  # touched: resident
@@ -219,8 +222,9 @@ def test_pinned_store_gpu_write_bf16():
     store.allocate(2, 70)
     k = torch.randn(3, 2, 8, 32, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    store.write([1, 2], None, [40, 9], k, v)  # all layers, GPU -> pinned host through UVA
-    store.write(2, 1, 60, k[1, 1, :, :10], v[1, 1, :, :10])
+    store.write(None, store.page_tables([1, 2]), torch.tensor([40, 9]), k, v)  # all layers, GPU -> pinned host (UVA)
+    store.write(1, store.page_tables([2]).cuda(), torch.tensor([60], device="cuda"), k[1, 1:, :, :10],
+                v[1, 1:, :, :10])
     for layer in range(3):
         rk, rv = store.read(1, layer, 40, 72)
         assert torch.equal(rk, k[layer, 0].cpu()) and torch.equal(rv, v[layer, 0].cpu())
@@ -285,21 +289,18 @@ def test_memory_returns_to_baseline_across_requests():
 
     def request(i):
         store.allocate(i, sizes[i % len(sizes)])
-        store.write(i, None, 500, k[:, 0], k[:, 0])
+        store.write(None, store.page_tables([i]), torch.tensor([500]), k, k)
         store.extend(i, 2000)
         store.free(i)
 
     def host_pinned():
         return torch.cuda.host_memory_stats().get("allocated_bytes.current")
 
-    # Warm-up round over every request size: the uploader's pinned ring and the device allocator's
-    # blocks exist afterwards. Before the fix a 63-page table (252 B, 256-B size class) pinned a new
-    # block after a warm-up that had only used the 512-B class: 256 bytes of growth.
+    # Warm-up round over every request size: the pinned staging blocks of the table uploads
+    # (offload.uploads) and the device allocator's blocks exist afterwards.
     for i in range(len(sizes)):
         request(i)
     torch.cuda.synchronize()
-    up = store.uploader("cuda")
-    grows0 = up.num_grows
     gpu0, host0 = torch.cuda.memory_allocated(), host_pinned()
     for rnd in range(2):  # equality after one round and again after a second: no per-request growth
         for i in range(200):
@@ -307,33 +308,7 @@ def test_memory_returns_to_baseline_across_requests():
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated() == gpu0, f"round {rnd}"
         assert host_pinned() == host0, f"round {rnd}"
-        assert up.num_grows == grows0, f"round {rnd}"
     assert (store.k_all.data_ptr(), store.v_all.data_ptr()) == ptrs and store.free_pages == 512
     store.close()
     del store
     assert psutil.Process().memory_info().rss - rss0 < 32 * 2**20  # the 64 MiB of pinned buffers went back
-
-
-@pytest.mark.gpu
-def test_index_uploader_ring_reuses_regions_and_stays_exact():
-    up = IndexUploader("cuda", capacity=64)
-    gen = torch.Generator().manual_seed(0)
-    host0 = torch.cuda.host_memory_stats().get("allocated_bytes.current")
-    with torch.cuda.stream(torch.cuda.Stream()):  # uploads on a side stream, as the prefetcher does
-        torch.cuda._sleep(50_000_000)  # keep early copies in flight so wrapping must wait for them
-        outs = []
-        for i in range(40):  # 40 uploads of 3..40 elements wrap the 64-element ring many times
-            a = torch.randint(-1, 10**6, (int(torch.randint(1, 20, (1,), generator=gen)),), generator=gen)
-            b = torch.randint(0, 10**6, (2, int(torch.randint(1, 11, (1,), generator=gen))), generator=gen)
-            outs.append(((a, b), up.upload([a, b])))
-        torch.cuda.current_stream().synchronize()
-    for (a, b), (da, db) in outs:
-        assert da.dtype == torch.int32 and db.shape == b.shape
-        assert torch.equal(da.cpu(), a.int()) and torch.equal(db.cpu(), b.int())
-    assert up.capacity == 64 and up.num_grows == 0
-    big = torch.arange(100)
-    (d,) = up.upload([big])  # larger than the ring: it grows once, to 128
-    assert torch.equal(d.cpu(), big.int()) and up.capacity == 128 and up.num_grows == 1
-    del outs, d
-    torch.cuda.synchronize()
-    assert torch.cuda.host_memory_stats().get("allocated_bytes.current") - host0 <= (64 + 128) * 4 * 2

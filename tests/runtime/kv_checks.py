@@ -22,7 +22,7 @@ def still_held(attention: AttentionMode, slots: int) -> list[str]:
                             f"{attention.store.sequences}")
         if attention.row_of or sorted(attention._free_rows) != list(range(slots)):
             problems.append(f"herald: rows {attention.row_of} taken, free rows {sorted(attention._free_rows)}")
-        held = int((attention.cache.held != -1).sum())
+        held = int((attention.fetcher.directory.held != -1).sum())
         if held:
             problems.append(f"herald: {held} cache partition slots still hold pages")
         if attention.dense is not None:

@@ -102,12 +102,12 @@ def test_cancel_while_lookahead_transfers_are_in_flight():
         seqs = [engine.make_sequence(r) for r in reqs]
         attention = engine.make_mode(3, max(s.max_tokens for s in seqs))
         loop = engine.make_loop(attention, 3)
-        side = attention.fetch_stream
+        side = attention.lookahead_stream
         releases: list[bool] = []  # at each partition reset of a removal: were the side streams done?
         rows: dict[str, int] = {}
         removing = []
         plan, remove, add = attention.plan, attention.remove_sequence, attention.add_sequence
-        reset = attention.cache.reset_rows
+        reset = attention.fetcher.directory.reset_rows
 
         def plan_(batch):
             plan(batch)
@@ -124,7 +124,7 @@ def test_cancel_while_lookahead_transfers_are_in_flight():
 
         def reset_(partitions):
             if removing:
-                releases.append(side.query() and attention.gather_stream.query())
+                releases.append(side.query() and attention.fetcher.gather_stream.query())
             reset(partitions)
 
         def add_(seq_id, max_tokens):
@@ -132,7 +132,7 @@ def test_cancel_while_lookahead_transfers_are_in_flight():
             rows[next(s.request.request_id for s in seqs if s.seq_id == seq_id)] = attention.row_of[seq_id]
 
         attention.plan, attention.remove_sequence, attention.add_sequence = plan_, remove_, add_
-        attention.cache.reset_rows = reset_
+        attention.fetcher.directory.reset_rows = reset_
         in_flight_at_cancel = []  # the victim's block at the cancel
 
         def should_cancel(seq) -> bool:

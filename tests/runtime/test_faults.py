@@ -115,7 +115,7 @@ class Fault:
 
         mode.plan, mode.run = plan_, run_
         if self.kind == "transfer":
-            assign = mode.cache.assign
+            assign = mode.fetcher.directory.assign
 
             def assign_(*args, **kwargs):
                 out = assign(*args, **kwargs)  # the misses now own slots ...
@@ -123,7 +123,7 @@ class Fault:
                     fire()  # ... that their gather never fills
                 return out
 
-            mode.cache.assign = assign_
+            mode.fetcher.directory.assign = assign_
 
 
 class Run:
@@ -252,15 +252,17 @@ def test_herald_rerun_after_a_fault_takes_the_lookaheads_selection_again(model):
 
         def plan_(batch):
             plan(batch)
-            if batch.phase is Phase.DENOISE and batch.step == 0 and mode._consumed is not None:
-                looked, width, n = mode._consumed
-                taken["selection"] = (looked, width, mode._next_store[n].clone())
+            nexts = mode.next_selections
+            if batch.phase is Phase.DENOISE and batch.step == 0 and nexts._consumed is not None:
+                looked, width, n = nexts._consumed
+                taken["selection"] = (looked, width, nexts._store[n].clone())
 
         def restart_block_(seq_ids):
             restart_block(seq_ids)
             looked, width, store = taken["selection"]
-            assert mode._next_rows == looked and mode._next_width == width
-            assert torch.equal(mode._next_store[len(looked)], store)
+            nexts = mode.next_selections
+            assert nexts._rows == looked and nexts._width == width
+            assert torch.equal(nexts._store[len(looked)], store)
             restored.append(seq_ids)
 
         mode.plan, mode.restart_block = plan_, restart_block_

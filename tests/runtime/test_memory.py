@@ -20,8 +20,8 @@ CONTEXT = 131072
 def plan(mode, batch, sparse=None, **free):
     free.setdefault("gpu_free", 200 * GiB)
     free.setdefault("host_free", 200 * GiB)
-    return plan_memory(QWEN3_8B, mode, sparse or SparseConfig(), batch, CONTEXT, torch.bfloat16, CUDA, 32, 2048,
-                       **free)
+    sparse = (sparse or SparseConfig()).for_device(CUDA)
+    return plan_memory(QWEN3_8B, mode, sparse, batch, CONTEXT, torch.bfloat16, CUDA, 32, 2048, **free)
 
 
 def test_footprints_follow_the_geometry():
@@ -45,15 +45,20 @@ def test_footprints_follow_the_geometry():
     assert ahead.gpu_kv_bytes == herald.gpu_kv_bytes + cache
     # by default the lookahead is on where a side stream can hide it: with CUDA, not on the CPU
     assert plan("herald", 3).gpu_kv_bytes == ahead.gpu_kv_bytes
-    cpu = plan_memory(QWEN3_8B, "herald", SparseConfig(), 3, CONTEXT, torch.bfloat16, torch.device("cpu"), 32, 2048,
-                      gpu_free=200 * GiB, host_free=200 * GiB)
-    assert cpu.gpu_kv_bytes == herald.gpu_kv_bytes
+    cpu = torch.device("cpu")
+    on_cpu = plan_memory(QWEN3_8B, "herald", SparseConfig().for_device(cpu), 3, CONTEXT, torch.bfloat16, cpu, 32,
+                         2048, gpu_free=200 * GiB, host_free=200 * GiB)
+    assert on_cpu.gpu_kv_bytes == herald.gpu_kv_bytes
+    with pytest.raises(ValueError, match=r"lookahead=None means 'by device': resolve it with for_device"):
+        plan_memory(QWEN3_8B, "herald", SparseConfig(), 3, CONTEXT, torch.bfloat16, CUDA, 32, 2048,
+                    gpu_free=200 * GiB, host_free=200 * GiB)
 
 
 @pytest.mark.parametrize("mode", ["dense", "mage", "quest", "herald"])
 def test_largest_batch_is_the_fit_boundary(mode):
     free = dict(gpu_free=63 * GiB, host_free=100 * GiB)  # an 80 GB card after the weights; 100 GiB of host RAM
-    n = largest_batch(QWEN3_8B, mode, SparseConfig(), CONTEXT, torch.bfloat16, CUDA, 32, 2048, **free)
+    n = largest_batch(QWEN3_8B, mode, SparseConfig().for_device(CUDA), CONTEXT, torch.bfloat16, CUDA, 32, 2048,
+                      **free)
     assert n >= 1
     assert plan(mode, n, **free).fits and not plan(mode, n + 1, **free).fits
     if mode == "herald":

@@ -89,7 +89,7 @@ def test_herald_cpu_source_selects_what_mage_selects(model, monkeypatch, query):
     """Budget 20% with 4-token pages (a strict subset). Layer 0 is dense in both modes, so layer 1's
     step-0 queries agree and the CPU scan of host keys must pick the pages mage's exact pass picks,
     with either selection query."""
-    import runtime.herald
+    import runtime.herald.mode
     import runtime.resident_sparse
 
     def recording(module, log):
@@ -103,7 +103,7 @@ def test_herald_cpu_source_selects_what_mage_selects(model, monkeypatch, query):
 
     mage_log, herald_log = [], []
     recording(runtime.resident_sparse, mage_log)
-    recording(runtime.herald, herald_log)
+    recording(runtime.herald.mode, herald_log)
     generate(model, "mage", budget_fraction=0.2, dense_layers=1, max_new=4, query=query)
     _, engine = generate(model, "herald", budget_fraction=0.2, dense_layers=1, source="cpu", max_new=4, query=query)
     # the first block: layers 1 and 2 select once each; layer 1 sees the same inputs in both modes
@@ -138,7 +138,7 @@ def test_mode_specific_refusals(model):
 
 
 # ------------------------------------------------------------------------------------------------
-# on a GPU: the Triton kernels, CUDA-graph replay and the real prefetcher
+# on a GPU: the Triton kernels, CUDA-graph replay and the real side-stream fetches
 
 
 def generate_cuda(model, mode, graphs=True, max_batch=2, prompts=None, stream_priority=True, **sparse):
@@ -185,8 +185,8 @@ def test_cuda_passes_on_a_high_priority_stream_give_the_same_tokens(cuda_model):
         flat, _ = generate_cuda(cuda_model, mode, stream_priority=False, **sparse)
         high, engine = generate_cuda(cuda_model, mode, **sparse)
         assert high == flat, mode
-        assert engine._compute_stream is not None and engine._compute_stream.priority < 0
-        assert engine._side_stream is None or engine._side_stream.priority > engine._compute_stream.priority
+        assert engine.streams.compute is not None and engine.streams.compute.priority < 0
+        assert engine.streams.lookahead.priority > engine.streams.compute.priority
 
 
 @pytest.mark.gpu
@@ -201,8 +201,8 @@ def test_cuda_lookahead_gathers_land_before_the_next_block_reads_them(cuda_model
 
     def late_gathers(self, batch):
         plan(self, batch)
-        if batch.phase is Phase.LOOKAHEAD and self.gather_stream is not None:
-            with torch.cuda.stream(self.gather_stream):
+        if batch.phase is Phase.LOOKAHEAD and self.fetcher.gather_stream is not None:
+            with torch.cuda.stream(self.fetcher.gather_stream):
                 torch.cuda._sleep(50_000_000)
             delayed.append(batch.seq_ids)
 
@@ -215,7 +215,7 @@ def test_cuda_lookahead_gathers_land_before_the_next_block_reads_them(cuda_model
         overlapped, engine = generate_cuda(cuda_model, "herald", **extra)
         assert len(delayed) > count, "no lookahead ran on the gather stream: nothing was tested"
         assert overlapped == serial, graphs
-        assert engine._gather_stream.priority < engine._side_stream.priority
+        assert engine.streams.gather.priority < engine.streams.lookahead.priority
 
 
 @pytest.mark.gpu
@@ -291,16 +291,16 @@ def test_cuda_herald_residency_and_memory_return_to_baseline(cuda_model):
 def test_residency_assertion_catches_a_wrong_slot(model, monkeypatch):
     """Corrupt the cache's answer (two selected pages swap slots): the assertion mode must stop the
     attention from reading them."""
-    from offload.partitioned_cache import PartitionedPageCache
+    from offload.page_directory import PageDirectory
 
-    original = PartitionedPageCache.assign
+    original = PageDirectory.assign
 
-    def swapped(self, layer, rows, entries):
-        result = original(self, layer, rows, entries)
+    def swapped(self, layer, rows, entries, protect=None):
+        result = original(self, layer, rows, entries, protect)
         table = result.slot_table
         table[..., [0, 1]] = table[..., [1, 0]]
         return result
-    monkeypatch.setattr(PartitionedPageCache, "assign", swapped)
+    monkeypatch.setattr(PageDirectory, "assign", swapped)
     with pytest.raises(AssertionError, match="would read slot"):
         generate(model, "herald", budget_fraction=0.3, source="gpu-compact")
 

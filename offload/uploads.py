@@ -5,8 +5,7 @@ uploads that way drains the GPU's queue before every pass, and the GPU idles whi
 the next one. Staged in pinned memory, the copy is queued like a kernel. The caching host
 allocator keeps a staging buffer until its copy has run, then reuses it; the cache stays bounded
 by the uploads in flight, at most one block's, since the loop waits for each block's tokens.
-Index arrays a mode uploads every pass go through `offload.host_store.IndexUploader` (one pinned
-ring, int32) instead.
+Every host-to-device index upload of the runtime goes through these two functions.
 """
 
 from __future__ import annotations

@@ -1,17 +1,16 @@
-"""A GPU page cache whose bookkeeping lives on the GPU: one fixed partition of slots per (row, layer,
-KV head), and the diff of a new selection against it computed with device ops only.
+"""Which host page each GPU page slot holds: ids only, on the GPU, diffed against a new selection
+with device ops alone.
 
-Why not `GpuPageCache`: its directory is host-side numpy, so every selection must come back to the
-host (a device sync per layer) before the fetch can start, and the host plans while the GPU idles.
-Here a selection made on the GPU is diffed, its misses given slots and gathered without the host
-seeing a single index, so the whole step (scan, top-k, diff, fetch, attention) can be captured in
-a CUDA graph.
+The pages themselves live in `PageFetcher`'s pools; this directory is its block manager (as in
+nano-vllm, the manager holds ids and the runner owns the tensors). Slots are partitioned: row r's
+KV head h owns slots ``[(r * Hkv + h) * capacity, ... + capacity)`` of every layer's pool, and
+``held[layer, r, h, c]`` is the logical page in its slot c (-1: empty). A selection made on the GPU
+is diffed and its misses given slots without the host seeing an index, so a whole step (scan,
+top-k, diff, fetch, attention) can be captured in a CUDA graph.
 
-Layout: per layer a pool ``[max_rows * Hkv * capacity, P, D]`` for K and one for V; row r's head h
-owns slots ``[(r * Hkv + h) * capacity, ... + capacity)``; ``held[layer, r, h, c]`` is the logical
-page in its slot c (-1: empty). Replacement within a partition: pages the new selection keeps stay
-where they are, misses take the slots of pages it dropped (lowest slot first). `capacity` must be
-at least the longest selection.
+Replacement within a partition: pages the new selection keeps stay where they are, misses take the
+slots of pages it dropped (lowest slot first). `capacity` must be at least the longest selection
+(plus the slots a caller protects, see `assign`).
 """
 from __future__ import annotations
 
@@ -39,39 +38,19 @@ class Assignment:
     miss_rows: torch.Tensor
 
 
-class PartitionedPageCache:
+class PageDirectory:
     """Fixed per-(row, layer, KV head) slot partitions with device-side diffs (module docstring)."""
 
-    def __init__(self, num_layers: int, max_rows: int, num_kv_heads: int, capacity: int, page_size: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str):
-        if min(num_layers, max_rows, num_kv_heads, capacity, page_size, head_dim) <= 0:
-            raise ValueError("num_layers, max_rows, num_kv_heads, capacity, page_size and head_dim must be positive")
-        self.num_layers, self.max_rows, self.num_kv_heads = num_layers, max_rows, num_kv_heads
-        self.capacity, self.page_size, self.head_dim = capacity, page_size, head_dim
-        self.dtype, self.device = dtype, torch.device(device)
-        slots = max_rows * num_kv_heads * capacity
-        self.nbytes = 2 * num_layers * slots * page_size * head_dim * torch.empty((), dtype=dtype).element_size()
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if self.nbytes > free:
-                per_row = self.nbytes // max_rows
-                raise MemoryError(
-                    f"the GPU page cache for {max_rows} rows x {num_kv_heads} heads x {capacity} pages needs "
-                    f"{self.nbytes / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free: {free // per_row} rows would "
-                    "fit; lower the batch or the budget")
-        self.k = torch.empty(num_layers, slots, page_size, head_dim, dtype=dtype, device=self.device)
-        self.v = torch.empty_like(self.k)
+    def __init__(self, num_layers: int, max_rows: int, num_kv_heads: int, capacity: int,
+                 device: torch.device | str):
+        if min(num_layers, max_rows, num_kv_heads, capacity) <= 0:
+            raise ValueError("num_layers, max_rows, num_kv_heads and capacity must be positive")
+        self.num_layers, self.max_rows, self.num_kv_heads, self.capacity = num_layers, max_rows, num_kv_heads, capacity
+        self.device = torch.device(device)
+        self.num_slots = max_rows * num_kv_heads * capacity  # per layer
         self.held = torch.full((num_layers, max_rows, num_kv_heads, capacity), -1, dtype=torch.int32,
                                device=self.device)
-        heads = torch.arange(num_kv_heads, device=self.device)
-        self._head_base = heads[None, :, None] * capacity  # [1, Hkv, 1]
-
-    def k_pool(self, layer: int) -> torch.Tensor:
-        """[max_rows * Hkv * capacity, P, D] keys of one layer."""
-        return self.k[layer]
-
-    def v_pool(self, layer: int) -> torch.Tensor:
-        return self.v[layer]
+        self._head_base = torch.arange(num_kv_heads, device=self.device)[None, :, None] * capacity  # [1, Hkv, 1]
 
     def assign(self, layer: int, rows: torch.Tensor, entries: torch.Tensor,
                protect: torch.Tensor | None = None) -> Assignment:
@@ -102,8 +81,8 @@ class PartitionedPageCache:
         # misses take free slots (not kept) in slot order; there are enough since K <= C
         miss = (entries >= 0) & ~hit
         taken = kept
+        base = rows[:, None, None] * (h * c) + self._head_base
         if protect is not None:  # slots in use elsewhere count as taken
-            base = rows[:, None, None] * (h * c) + self._head_base
             local_protected = torch.where(protect >= 0, protect.long() - base, c)
             in_use = torch.zeros(n, h, c + 1, dtype=torch.bool, device=held.device)
             in_use.scatter_(-1, local_protected, True)
@@ -117,7 +96,6 @@ class PartitionedPageCache:
         updated = torch.cat([held, held.new_full((n, h, 1), -1)], dim=-1)
         updated.scatter_(-1, target, entries.to(torch.int32))
         self.held[layer, rows] = updated[..., :c]
-        base = rows[:, None, None] * (h * c) + self._head_base
         slot_table = torch.where(local >= 0, base + local, -1).to(torch.int32)
         miss_slots = torch.where(miss, base + miss_slot, -1)
         heads = torch.arange(h, device=entries.device)[None, :, None].expand(n, h, k)
@@ -136,5 +114,6 @@ class PartitionedPageCache:
         stale = (held >= first_page[None, :, None, None]) & (held <= last_page[None, :, None, None])
         self.held[:, rows] = torch.where(stale, -1, held)
 
-    def close(self) -> None:
-        self.k = self.v = self.held = None
+    def pages_held(self) -> int:
+        """Slots holding a page, over every layer and partition (a device sync: for reports)."""
+        return int((self.held >= 0).sum())

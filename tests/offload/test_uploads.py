@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from runtime.uploads import upload, upload_into
+from offload.uploads import upload, upload_into
 
 
 def test_upload_into_converts_to_the_buffers_dtype_and_refuses_other_shapes():
