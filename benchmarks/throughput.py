@@ -12,6 +12,15 @@ mode pinned, herald's fetches (GPU time when step 0 runs eagerly, bytes, share o
 missed), and herald's ratio over dense (each at its best batch;
 dense is the faster of its Triton-kernel and torch-SDPA backends) and over mage at equal batch.
 
+The share of herald's transfer time that stays hidden, two ways (`transfer_ms_est`: the bytes
+fetched per block at the pinned copy rate measured in the run, a lower bound of the transfer time):
+- by events (`transfer_hidden_events`): exposed = the step-0 fetches on the compute stream (at the
+  copy rate) + the main stream's event-timed wait for the lookahead's side pass;
+- end to end (`transfer_hidden_e2e`): right after each herald row the same configuration runs with
+  `SparseConfig.move_pages=False` (every gather launched as before, its units holes: no byte
+  crosses PCIe); exposed = its mean block time subtracted from the row's. This is what a user
+  feels, the gathers' SM time and their slowdown of the steps beside them included.
+
     python -m benchmarks.throughput --geometry qwen3-8b --contexts 32768 65536 131072
 """
 from __future__ import annotations
@@ -92,10 +101,11 @@ def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, pr
             copy_GBps: float | None = None, warmup: int = WARMUP_BLOCKS) -> dict:
     """Time `blocks` blocks (after `warmup` untimed ones) of `batch` sequences at `context` tokens.
 
-    Transfer hidden (herald): the transfer time is estimated as bytes moved / the measured pinned
-    copy bandwidth `copy_GBps` (a lower bound: the gather is no faster than the copy); exposed are
-    the fetches on the compute stream at step 0 (estimated alike) and the main stream's stalls for
-    the lookahead's side pass; hidden = 1 - exposed / transfer."""
+    Transfer hidden by events (herald): the transfer time is estimated as bytes moved / the measured
+    pinned copy bandwidth `copy_GBps` (a lower bound: the gather is no faster than the copy); exposed
+    are the fetches on the compute stream at step 0 (estimated alike) and the main stream's stalls
+    for the lookahead's side pass; hidden = 1 - exposed / transfer. The end-to-end share needs a
+    second run (`with_reference`)."""
     b = engine.settings.block_size
     vocab = engine.model_config.vocab_size - 2
     gen = torch.Generator().manual_seed(seed)
@@ -139,6 +149,7 @@ def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, pr
     p50 = statistics.median(steady)
     steady_parts = parts[warmup:]
     row = dict(context=context, batch=batch, tokens_per_s=batch * b / statistics.mean(steady),
+               block_mean_s=statistics.mean(steady),
                step0_ms=statistics.mean(p["step0_ms"] for p in steady_parts),
                later_steps_ms=statistics.mean(p["steps_ms"] for p in steady_parts),
                commit_ms=statistics.mean(p["commit_ms"] for p in steady_parts),
@@ -163,7 +174,21 @@ def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, pr
             transfer_ms = (sync_bytes + side_bytes) / (copy_GBps * 1e6)
             exposed_ms = sync_bytes / (copy_GBps * 1e6) + (row["stall_ms_per_block"] or 0.0)
             row.update(transfer_ms_est=transfer_ms,
-                       transfer_hidden=max(0.0, 1.0 - exposed_ms / transfer_ms) if transfer_ms > 0 else None)
+                       transfer_hidden_events=max(0.0, 1.0 - exposed_ms / transfer_ms) if transfer_ms > 0 else None)
+    return row
+
+
+def with_reference(row: dict, engine: Engine, context: int, batch: int, blocks: int, seed: int) -> dict:
+    """A herald row's end-to-end hidden share: the same configuration once more with no byte moved
+    (`move_pages=False`), block time against block time."""
+    config = engine.config
+    reference = Engine(replace(config, sparse=replace(config.sparse, move_pages=False)), model=engine.model)
+    ref = measure(reference, context, batch, blocks, seed)
+    exposed_ms = max(0.0, row["block_mean_s"] - ref["block_mean_s"]) * 1e3
+    transfer_ms = row.get("transfer_ms_est")
+    row.update(reference_block_mean_s=ref["block_mean_s"], reference_tokens_per_s=ref["tokens_per_s"],
+               exposed_transfer_ms_e2e=exposed_ms,
+               transfer_hidden_e2e=max(0.0, 1.0 - exposed_ms / transfer_ms) if transfer_ms else None)
     return row
 
 
@@ -211,7 +236,7 @@ def print_table(rows: list[dict], summary: dict, meta: dict) -> None:
     head = (f"{'mode':>17} {'context':>7} {'batch':>5} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
             f"{'step0':>6} {'steps':>6} {'commit':>6} "
             f"{'GPU GiB':>7} {'host GiB':>8} {'fetch ms':>8} {'GB/s':>6} {'fetched':>7} {'select ms':>9} "
-            f"{'ahead':>6} {'stall':>6} {'hidden':>6}")
+            f"{'ahead':>6} {'stall':>6} {'hidden':>6} {'e2e':>6}")
     print(head)
     for r in rows:
         if "error" in r:
@@ -224,9 +249,10 @@ def print_table(rows: list[dict], summary: dict, meta: dict) -> None:
             gbps = "-" if r["fetch_GBps"] is None else f"{r['fetch_GBps']:.1f}"
             ahead = "-" if r.get("lookahead_ms_per_block") is None else f"{r['lookahead_ms_per_block']:.0f}"
             stall = "-" if r.get("stall_ms_per_block") is None else f"{r['stall_ms_per_block']:.1f}"
-            hidden = "-" if r.get("transfer_hidden") is None else f"{100 * r['transfer_hidden']:.0f}%"
+            hidden = "-" if r.get("transfer_hidden_events") is None else f"{100 * r['transfer_hidden_events']:.0f}%"
+            e2e = "-" if r.get("transfer_hidden_e2e") is None else f"{100 * r['transfer_hidden_e2e']:.0f}%"
             extra = (f" {fetch_ms:>8} {gbps:>6} {100 * share:>6.0f}% "
-                     f"{r['select_host_ms_per_block']:>9.1f} {ahead:>6} {stall:>6} {hidden:>6}")
+                     f"{r['select_host_ms_per_block']:>9.1f} {ahead:>6} {stall:>6} {hidden:>6} {e2e:>6}")
         print(f"{r['label']:>17} {r['context']:>7} {r['batch']:>5} {r['tokens_per_s']:>8.1f} "
               f"{r['block_p50_s'] * 1e3:>8.1f} {r['block_p99_s'] * 1e3:>8.1f} {r['step0_ms']:>6.0f} "
               f"{r['later_steps_ms']:>6.0f} {r['commit_ms']:>6.0f} {r['gpu_peak_gib']:>7.1f} "
@@ -237,7 +263,9 @@ def print_table(rows: list[dict], summary: dict, meta: dict) -> None:
     print("fetched: share of selected pages fetched at step 0 on the compute stream (the synchronous path: "
           "not hidden); ahead: GPU ms per block of the lookahead's side pass (its compute, scan and gather, "
           "beside the block's steps); stall: ms the main stream waited for it; hidden: share of the "
-          f"transfer time hidden (bytes at the measured {meta.get('pinned_copy_GBps') or 0:.1f} GB/s pinned copy).")
+          f"transfer time (bytes at the measured {meta.get('pinned_copy_GBps') or 0:.1f} GB/s pinned copy) hidden "
+          "by events (step-0 fetches and stalls exposed); e2e: hidden end to end (1 - (block time - block time of "
+          "the same run moving no byte) / transfer time).")
     print("\nherald at its best batch:")
     for e in summary["ratios"]:
         dense = (f"{e['over_dense_best']:.2f}x {e['dense_label']} (batch {e['dense_batch']})"
@@ -297,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                              "timeline under --out")
     parser.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="plan every mode as if the GPU had this much memory (e.g. 80 on a 141 GB H200)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the no-transfer run after each herald row (no end-to-end hidden share)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = parser.parse_args(argv)
@@ -342,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                 profile = Path(args.out) / f"trace_{label}_{context}_{batch}.json.gz"
             row = measure(engine, context, batch, args.blocks, seed=context + batch, profile=profile,
                           copy_GBps=copy_GBps)
+            if config.mode == "herald" and not args.no_reference:
+                row = with_reference(row, engine, context, batch, args.blocks, seed=context + batch)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
             row = dict(context=context, batch=batch, error=f"{type(err).__name__}: {err}"[:300])
         if "error" in row:

@@ -43,11 +43,14 @@ class PageFetcher:
     slots per (row, layer, KV head), at least the longest selection (twice that where a side pass
     fetches the next selection while the current one is read). gather_stream (CUDA): where side
     fetches run; None runs them on the caller's stream. side_programs: the most programs a side
-    fetch's gather holds (None: `DEFAULT_FETCH_PROGRAMS`).
+    fetch's gather holds (None: `DEFAULT_FETCH_PROGRAMS`). move_pages=False: every gather launches
+    as it would, with its units as holes, so no byte moves (a timing reference: the directory then
+    names pages its slots do not hold).
     """
 
     def __init__(self, store: HostKVStore, max_rows: int, capacity: int, device: torch.device | str,
-                 gather_stream: torch.cuda.Stream | None = None, side_programs: int | None = None):
+                 gather_stream: torch.cuda.Stream | None = None, side_programs: int | None = None,
+                 move_pages: bool = True):
         device = torch.device(device)
         self.store, self.device = store, device
         self.cuda = device.type == "cuda"
@@ -56,7 +59,7 @@ class PageFetcher:
         self.side_programs = DEFAULT_FETCH_PROGRAMS if side_programs is None else side_programs
         if self.side_programs < 1:
             raise ValueError(f"side_programs={self.side_programs} must be >= 1")
-        self.gather_stream = gather_stream
+        self.gather_stream, self.move_pages = gather_stream, move_pages
         self.directory = PageDirectory(store.num_layers, max_rows, store.num_kv_heads, capacity, device)
         self.capacity = capacity
         shape = (store.num_layers, self.directory.num_slots, store.page_size, store.head_dim)
@@ -96,11 +99,14 @@ class PageFetcher:
         found = self.directory.assign(layer, rows, entries, protect)
         physical = store_table[found.miss_rows, found.miss_pages]
         heads, slots = found.miss_heads, found.miss_slots
+        fetched = (slots >= 0).sum()
+        if not self.move_pages:
+            slots = slots.fill_(-1)
         store = self.store
         if not self.cuda:
             gather_pages_reference(store.k(layer), store.v(layer), physical, heads, self._k[layer], self._v[layer],
                                    slots)
-            return found.slot_table, (slots >= 0).sum()
+            return found.slot_table, fetched
         with self._gathering(layer, side, physical, heads, slots):
             events = None
             if timed is not None and not torch.cuda.is_current_stream_capturing():
@@ -111,7 +117,7 @@ class PageFetcher:
             if events is not None:
                 events[1].record()
                 timed.append(events)
-        return found.slot_table, (slots >= 0).sum()
+        return found.slot_table, fetched
 
     @contextlib.contextmanager
     def _gathering(self, layer: int, side: bool, *inputs: torch.Tensor):

@@ -202,6 +202,10 @@ class SparseConfig:
     lookahead_fetch_programs: int | None = None
     # herald's host KV store on 2 MiB transparent huge pages where the OS grants them (offload/host_store.py)
     host_huge_pages: bool = True
+    # herald: False launches every gather with its units as holes, so no byte crosses PCIe while
+    # every selection, diff and launch stays the same. A timing reference only (tokens are wrong):
+    # block time with and without it is the transfer time a user feels (benchmarks.throughput)
+    move_pages: bool = True
 
     def selection_query(self, mode: str) -> str:
         """The selection query `mode` ("herald" or "mage") uses: `query`, or the mode's default."""

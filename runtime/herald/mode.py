@@ -114,7 +114,7 @@ class HeraldAttention(AttentionMode):
             gather_stream = streams.gather if self.lookahead_stream is not None and sparse.lookahead_gather_stream \
                 else None
             self.fetcher = PageFetcher(self.store, max_sequences, capacity, device, gather_stream=gather_stream,
-                                       side_programs=sparse.lookahead_fetch_programs)
+                                       side_programs=sparse.lookahead_fetch_programs, move_pages=sparse.move_pages)
             self.scorer = PageScorer(self.store, sparse, self.scale, device)
         except BaseException:
             self.close()

@@ -32,7 +32,11 @@ def test_main_smoke(tmp_path, capsys):
     assert set(rows) == {"dense", "mage", "herald-gpu-compact"}
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["batch"] == 1 and len(r["block_latencies_s"]) == 1 + WARMUP_BLOCKS
-    assert rows["herald-gpu-compact"]["host_gib"] >= 0 and "timeline" in rows["herald-gpu-compact"]
+    herald = rows["herald-gpu-compact"]
+    assert herald["host_gib"] >= 0 and len(herald["timeline"]) == 1  # one timed block
+    # the no-transfer reference ran right after it: the exposed time is block time against block time
+    assert herald["exposed_transfer_ms_e2e"] == max(0.0, herald["block_mean_s"] - herald["reference_block_mean_s"]) * 1e3
+    assert "reference_block_mean_s" not in rows["dense"]
     assert data["summary"]["ratios"][0]["label"] == "herald-gpu-compact"
     assert "herald at its best batch" in capsys.readouterr().out
 

@@ -105,3 +105,27 @@ def test_a_pool_larger_than_the_gpu_is_refused_with_what_fits():
     store = HostKVStore(1, 1, 8, 4, 4, dtype=torch.float32, pin_memory=False)
     with pytest.raises(ValueError, match="side_programs=0 must be >= 1"):
         PageFetcher(store, max_rows=1, capacity=2, device="cpu", side_programs=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_without_moving_pages_every_count_is_the_same_and_no_byte_lands(device):
+    """move_pages=False (the timing reference): the same slots and counts as a real fetch, the pools
+    untouched."""
+    if device == "cuda" and not CUDA:
+        pytest.skip("needs CUDA")
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(2)
+    store = filled_store(gen, 1, 2, 4, 8, 2, 40, dtype, device)
+    real = PageFetcher(store, max_rows=2, capacity=6, device=device)
+    reference = PageFetcher(store, max_rows=2, capacity=6, device=device, move_pages=False)
+    reference.k_pool(0).fill_(float("nan"))
+    rows, tables = torch.tensor([0, 1], device=device), store.page_tables([0, 1]).to(device)
+    moved = 0
+    for _ in range(3):
+        entries = random_selection(gen, 2, 2, 6, 10).to(device)
+        slots, fetched = real.fetch(0, rows, tables, entries)
+        same_slots, same_count = reference.fetch(0, rows, tables, entries)
+        assert torch.equal(slots, same_slots) and int(fetched) == int(same_count)
+        moved += int(fetched)
+    assert moved > 0 and bool(reference.k_pool(0).isnan().all())
