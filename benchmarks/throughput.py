@@ -137,7 +137,7 @@ def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, pr
         if profile:
             print(f"\n=== profile of one more block: {engine.config.mode} context {context} batch {batch}")
             print(profile_block(loop, seqs, device, trace=profile), flush=True)
-        timeline = list(getattr(mode, "timeline", []))[warmup:]
+        timeline = list(mode.timeline)[warmup:]
         gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     finally:
         mode.close()

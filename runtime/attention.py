@@ -133,6 +133,12 @@ class AttentionMode(ABC):
         Nothing to do for a mode whose passes leave only K/V beyond the committed context (a
         commit that failed halfway), which the rerun's commit overwrites before anything reads it."""
 
+    @property
+    def timeline(self) -> list[dict]:
+        """Per-block statistics of what the mode selected and moved (herald's; empty for the modes
+        that move nothing)."""
+        return []
+
     def occupancy(self) -> dict[str, int]:
         """What the mode holds for sequences now, as counts that are all 0 once every sequence has
         been removed (the leak checks of the soak benchmark and of the tests read it)."""

@@ -273,7 +273,7 @@ class Engine:
     def _close_mode(self, mode: AttentionMode) -> None:
         """Keep what the run left behind for inspection (timeline, occupancy), then free the mode."""
         try:
-            self.last_timeline = list(getattr(mode, "timeline", []))
+            self.last_timeline = list(mode.timeline)
             self.last_occupancy = mode.occupancy()
         finally:
             mode.close()
