@@ -47,7 +47,8 @@ def integer_args(t: int) -> dict:
     """The pool-layout call's integer arguments (None: not specialised, `do_not_specialize`)."""
     return dict(stride_qn=HQ * t * D, stride_qh=t * D, stride_qt=D, stride_kp=PAGE * D, stride_kh=0, stride_kt=D,
                 stride_ptn=None, stride_pth=None, stride_pte=1, stride_ln=HKV, stride_lh=1,
-                stride_bn=0, stride_bh=0, stride_bt=0, max_pages=None, split_tokens=None, num_splits=None)
+                stride_bn=0, stride_bh=0, stride_bt=0, max_pages=None, split_tokens=None, num_splits=None,
+                num_kv_pages=None, prefetch_pages=None)
 
 
 def compile_kernel(block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 3, T: int = 16,
@@ -57,7 +58,7 @@ def compile_kernel(block_m: int = 64, block_n: int = 64, num_warps: int = 4, num
     const = dict(HKV=HKV, G=g, T=T, HEAD_DIM=D, BLOCK_D=D, BLOCK_M=block_m,
                  ROW_BLOCKS=triton.cdiv(g * T, block_m), BLOCK_N=block_n, PAGE=PAGE, WRITE_FINAL=False,
                  HAS_BLOCK=False, PAGE_SCORES=False, TOKEN_SCORES=False, UPCAST=False, DOT_PRECISION="tf32",
-                 USE_PDL=True, OFFSETS_64=False)
+                 USE_PDL=True, AFTER_PRIOR=False, OFFSETS_64=False, PREFETCH_WIDTH=0, PAGE_BYTES=0)
     const.update(constexprs)
     ints = integer_args(T)
     signature, attrs = {}, {}
