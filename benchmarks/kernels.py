@@ -42,15 +42,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import inspect
 import json
 import os
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from benchmarks import kernels_source
 from benchmarks.timing import BusyWaitTimer
+
+if TYPE_CHECKING:
+    from gpu_kernels.attention_plan import AttentionOptions, AttentionPlan
 
 HQ, HKV, D = 32, 8, 128
 TARGETS = dict(resident_TBps=2.0, uva_frac_of_pinned=0.9, sparse_TBps=1.5)
@@ -236,23 +239,30 @@ def best_cfg(record: dict) -> dict:
     return {key: val for key, val in record.items() if key not in ("ms", "graph_ms", "rel_err", "graph_rel_err", "error")}
 
 
-def preallocated(q: torch.Tensor, max_pages: int, page: int, cfg: dict, scores: bool = False) -> dict:
-    """Output buffers and split workspace for one call, so that it allocates nothing (graphs)."""
-    from gpu_kernels.paged_attention import launch_config
+def options_of(cfg: dict) -> AttentionOptions:
+    """A launch config of the sweep (a dict of `AttentionOptions` fields, as the JSON records hold
+    them) as the options a call takes."""
+    from gpu_kernels.attention_plan import AttentionOptions
 
-    n, hq, t, d = q.shape
-    plan = launch_config(n, hq, t, d, HKV, page, max_pages, q.device, **cfg)
-    bufs = dict(out=torch.empty_like(q), lse=torch.empty(n, hq, t, device=q.device),
-                workspace=torch.empty(max(1, plan["workspace_numel"]), device=q.device))
-    if scores:
-        bufs["page_scores"] = torch.empty(n, HKV, max_pages, device=q.device)
+    return AttentionOptions(**cfg)
+
+
+def preallocated(plan: AttentionPlan) -> dict:
+    """Output buffers (page scores too where the plan computes them) and split workspace for a call
+    of `plan`, so that it allocates nothing (graphs)."""
+    inp = plan.inputs
+    dev = inp.device
+    bufs = dict(out=torch.empty(inp.n, inp.hq, inp.t, inp.head_dim, dtype=inp.dtype, device=dev),
+                lse=torch.empty(inp.n, inp.hq, inp.t, device=dev),
+                workspace=torch.empty(max(1, plan.config.workspace_numel), device=dev))
+    if inp.page_scores:
+        bufs["page_scores"] = torch.empty(inp.n, inp.hkv, inp.max_pages, device=dev)
     return bufs
 
 
-def run_sweep(timer, call, ref_out, configs, splits_for, label, max_pages=None, page=None,
-              graphs=True) -> dict:
-    """Time call(**cfg, num_splits=s) for every config and split count, with launches (do_bench)
-    and, when graphs, as a CUDA graph replay with preallocated buffers.
+def run_sweep(timer, call, ref_out, configs, splits_for, label, graphs=True) -> dict:
+    """Time the call under every config with each split count, with launches (do_bench) and, when
+    graphs, as a CUDA graph replay with preallocated buffers.
 
     splits_for(cfg) -> candidate split counts. Returns the best variant by launch ms ("best")
     and by graph ms ("graph_best"), the max rel error over all variants and every record.
@@ -261,13 +271,15 @@ def run_sweep(timer, call, ref_out, configs, splits_for, label, max_pages=None, 
     for cfg in configs:
         for s in splits_for(cfg):
             try:
-                out = call(num_splits=s, **cfg)[0]
+                options = options_of(dict(cfg, num_splits=s))
+                out = call(options)[0]
                 err = rel_err(out.float(), ref_out)
-                ms = timer.median_ms(lambda: call(num_splits=s, **cfg))
+                ms = timer.median_ms(lambda: call(options))
                 rec = dict(cfg, num_splits=s, ms=ms, rel_err=err)
                 if graphs:
-                    bufs = preallocated(call.q, max_pages, page, dict(cfg, num_splits=s))
-                    rec["graph_ms"] = timer.graph_ms(lambda: call(num_splits=s, **cfg, **bufs))
+                    plan = call.plan(options)
+                    bufs = preallocated(plan)
+                    rec["graph_ms"] = timer.graph_ms(lambda: call.run(plan, **bufs))
                     rec["graph_rel_err"] = rel_err(bufs["out"].float(), ref_out)
                     err = max(err, rec["graph_rel_err"])
                 records.append(rec)
@@ -309,25 +321,37 @@ class Shape:
         self.base = dict(T=t, context=ctx, page_size=page, N=batch)
 
     def default_splits(self, cfg: dict, max_pages: int) -> int:
-        """The split count paged_attention picks for this config over max_pages table entries."""
-        from gpu_kernels.paged_attention import launch_config
+        """The split count the plan picks for this config's tiles over max_pages table entries."""
+        from gpu_kernels.attention_plan import AttentionOptions, launch_config
 
-        return launch_config(self.batch, HQ, self.t, D, HKV, self.page, max_pages, self.dev,
-                             block_m=cfg.get("block_m"), block_n=cfg.get("block_n"),
-                             warp_specialized=bool(cfg.get("warp_specialized")))["num_splits"]
+        options = AttentionOptions(block_m=cfg.get("block_m"), block_n=cfg.get("block_n"),
+                                   warp_specialized=cfg.get("warp_specialized"))
+        return launch_config(self.batch, HQ, self.t, D, HKV, self.page, max_pages, self.dev, options).num_splits
 
 
 class Call:
-    """paged_attention over fixed inputs; keywords are launch options and buffers."""
+    """The attention over fixed inputs: call(options, return_page_scores=...) is `paged_attention`
+    (planned, cached, and run into new outputs); call.plan(options) its plan, and call.run(plan,
+    **buffers) `run_attention` into given buffers, as a CUDA graph captures it. A timed call gets
+    options (and plans) built before it."""
 
     def __init__(self, sh: Shape, k, v, table, kv_len):
-        from gpu_kernels.paged_attention import paged_attention
+        from gpu_kernels.paged_attention import paged_attention, plan_attention, run_attention
 
-        self.fn = paged_attention
+        self.paged_attention, self.plan_attention, self.run_attention = paged_attention, plan_attention, run_attention
         self.q, self.k, self.v, self.table, self.kv_len, self.scale = sh.q, k, v, table, kv_len, sh.scale
 
-    def __call__(self, **kw):
-        return self.fn(self.q, self.k, self.v, self.table, self.kv_len, scale=self.scale, **kw)
+    def __call__(self, options: AttentionOptions | None = None, **flags):
+        if options is not None:
+            flags["options"] = options
+        return self.paged_attention(self.q, self.k, self.v, self.table, self.kv_len, scale=self.scale, **flags)
+
+    def plan(self, options: AttentionOptions | None = None, page_scores: bool = False) -> AttentionPlan:
+        return self.plan_attention(self.q, self.k, self.v, self.table, self.kv_len, page_scores=page_scores,
+                                   options=options or options_of({}))
+
+    def run(self, plan: AttentionPlan, **buffers):
+        return self.run_attention(plan, self.q, self.k, self.v, self.table, self.kv_len, scale=self.scale, **buffers)
 
 
 def graph_fields(sw: dict, nbytes: int) -> dict:
@@ -353,7 +377,8 @@ def split_path_ab(timer, call, cfg: dict, bufs: dict, nbytes: int, ref: torch.Te
     this run: {variant: dict(graph_ms, graph_TBps, rel_err)}."""
     results = {}
     for name, kw in SPLIT_PATH_VARIANTS.items():
-        ms = timer.graph_ms(lambda: call(**cfg, **kw, **bufs))
+        plan = call.plan(options_of(dict(cfg, **kw)))
+        ms = timer.graph_ms(lambda: call.run(plan, **bufs))
         results[name] = dict(graph_ms=ms, graph_TBps=nbytes / ms / 1e9, rel_err=rel_err(bufs["out"].float(), ref))
     return results
 
@@ -363,8 +388,7 @@ def bench_resident(timer, limits, sh: Shape, configs) -> dict:
     call = Call(sh, sh.k, sh.v, sh.table, sh.kv_len)
     max_pages = sh.num_pages
     sw = run_sweep(timer, call, sh.ref_out, configs,
-                   lambda cfg: split_candidates(sh.default_splits(cfg, max_pages)), "resident",
-                   max_pages, sh.page)
+                   lambda cfg: split_candidates(sh.default_splits(cfg, max_pages)), "resident")
     order = sh.table[0].long()
     k_c = sh.k[order].permute(1, 0, 2, 3).reshape(1, HKV, sh.ctx, D).contiguous()
     v_c = sh.v[order].permute(1, 0, 2, 3).reshape(1, HKV, sh.ctx, D).contiguous()
@@ -380,28 +404,30 @@ def bench_resident(timer, limits, sh: Shape, configs) -> dict:
     if sw["best"] is None:
         return rec
     cfg, ms = best_cfg(sw["best"]), sw["best"]["ms"]
-    out_s, _, ps, _ = call(return_page_scores=True, **cfg)
-    ms_scores = timer.median_ms(lambda: call(return_page_scores=True, **cfg))
+    options = options_of(cfg)
+    out_s, _, ps, _ = call(options, return_page_scores=True)
+    ms_scores = timer.median_ms(lambda: call(options, return_page_scores=True))
     rec.update(graph_fields(sw, sh.kv_bytes))
     # page-score overhead without host noise: graphs of the graph-best config with and without
-    gcfg = rec["graph_best"]
-    bufs = preallocated(sh.q, max_pages, sh.page, gcfg)
-    bufs_s = preallocated(sh.q, max_pages, sh.page, gcfg, scores=True)
-    g_plain = timer.graph_ms(lambda: call(**gcfg, **bufs))
-    g_scores = timer.graph_ms(lambda: call(**gcfg, **bufs_s))
+    graph_options = options_of(rec["graph_best"])
+    plan, plan_s = call.plan(graph_options), call.plan(graph_options, page_scores=True)
+    bufs, bufs_s = preallocated(plan), preallocated(plan_s)
+    g_plain = timer.graph_ms(lambda: call.run(plan, **bufs))
+    g_scores = timer.graph_ms(lambda: call.run(plan_s, **bufs_s))
     t0 = time.perf_counter()
     for _ in range(50):
-        call(**cfg)
+        call(options)
     host_us = (time.perf_counter() - t0) / 50 * 1e6
     torch.cuda.synchronize()
-    bufs_launch = preallocated(sh.q, max_pages, sh.page, cfg)  # sized for cfg's split count
+    plan_launch = call.plan(options)
+    bufs_launch = preallocated(plan_launch)  # sized for cfg's split count
     t0 = time.perf_counter()
     for _ in range(50):
-        call(**cfg, **bufs_launch)
+        call.run(plan_launch, **bufs_launch)
     host_us_prealloc = (time.perf_counter() - t0) / 50 * 1e6
     torch.cuda.synchronize()
     tbps = sh.kv_bytes / ms / 1e9
-    rec.update(best=cfg, ms=ms, hidden_launch_ms=timer.hidden_launch_ms(lambda: call(**cfg)),
+    rec.update(best=cfg, ms=ms, hidden_launch_ms=timer.hidden_launch_ms(lambda: call(options)),
                TBps=tbps, vs_sdpa=sdpa_ms / ms, frac_hbm=tbps * 1e3 / limits["hbm_copy_rw_GBps"],
                scores_ms=ms_scores, scores_overhead=ms_scores / ms - 1,
                graph_plain_ms=g_plain, graph_scores_ms=g_scores, graph_scores_overhead=g_scores / g_plain - 1,
@@ -427,7 +453,7 @@ def layer_run_fields(timer, sh: Shape, inputs: tuple, cfg: dict, max_pages: int,
     since no call reads another's bytes. Returns layers, layers_ms (per call), layers_TBps (over the
     call's K+V bytes), layers_rel_err (the worst of the calls' outputs) and layers_floor_ms (per
     call, the same graph of empty kernels on the call's grids: `layer_floor_ms`); where the split
-    merge is launched as a programmatic dependent of the attention (`paged_attention`'s pdl), also
+    merge is launched as a programmatic dependent of the attention (`AttentionOptions.pdl`), also
     the same graph with plain launches: layers_ms_no_pdl and layers_TBps_no_pdl; where the
     attention is chained too (so it prefetches its first tiles before its wait), the same graph
     without that prefetch: layers_ms_no_prefetch and layers_TBps_no_prefetch, and with each count
@@ -437,17 +463,19 @@ def layer_run_fields(timer, sh: Shape, inputs: tuple, cfg: dict, max_pages: int,
     k_pool, v_pool, table, kv_len = inputs
     pools = [(k_pool, v_pool)] + [(k_pool.clone(), v_pool.clone()) for _ in range(layers - 1)]
     calls = [Call(sh, k, v, table, kv_len) for k, v in pools]
-    bufs = [preallocated(sh.q, max_pages, sh.page, cfg) for _ in calls]
+    bufs = [preallocated(call.plan(options_of(cfg))) for call in calls]
 
-    def run_layers(**kw):
-        for call, b in zip(calls, bufs):
-            call(**cfg, **kw, **b)
+    def run_layers(plans: list[AttentionPlan]):
+        for call, plan, b in zip(calls, plans, bufs):
+            call.run(plan, **b)
 
     rec = dict(layers=layers, layers_rel_err=0.0)
 
     def per_call_ms(**kw) -> float:
-        """One replay of the graph with launch options kw, per call; its worst output joins layers_rel_err."""
-        ms = timer.graph_ms(lambda: run_layers(**kw)) / layers
+        """One replay of the graph with cfg's launch options and kw's, per call; its worst output
+        joins layers_rel_err."""
+        plans = [call.plan(options_of(dict(cfg, **kw))) for call in calls]
+        ms = timer.graph_ms(lambda: run_layers(plans)) / layers
         rec["layers_rel_err"] = max(rec["layers_rel_err"], max(rel_err(b["out"].float(), ref) for b in bufs))
         return ms
 
@@ -458,7 +486,7 @@ def layer_run_fields(timer, sh: Shape, inputs: tuple, cfg: dict, max_pages: int,
     if pdl:
         plain = per_call_ms(pdl=False)
         rec.update(layers_ms_no_pdl=plain, layers_TBps_no_pdl=nbytes / plain / 1e9)
-    if pdl and grids[3] and not cfg.get("warp_specialized") and _takes_prefetch(calls[0].fn):
+    if pdl and grids[3] and not cfg.get("warp_specialized"):
         # a chained Triton call prefetches its first pages by default: time the same graph without it
         bare = per_call_ms(prefetch_pages=0)
         rec.update(layers_ms_no_prefetch=bare, layers_TBps_no_prefetch=nbytes / bare / 1e9)
@@ -469,35 +497,23 @@ def layer_run_fields(timer, sh: Shape, inputs: tuple, cfg: dict, max_pages: int,
     return rec
 
 
-def _takes_prefetch(fn) -> bool:
-    """Whether this copy of `paged_attention` has prefetch_pages (an older one, in an A/B, has not)."""
-    return "prefetch_pages" in inspect.signature(fn).parameters
-
-
 def call_grids(sh: Shape, cfg: dict, max_pages: int) -> tuple[int, int, int, bool]:
     """(attention programs, their warps, split-merge programs or 0, whether the attention kernel is
     launched as a programmatic dependent of the kernel before it) of a sparse call with launch
-    options cfg, as `paged_attention` launches them."""
-    from gpu_kernels.paged_attention import launch_config, merge_rows_per_program
-    try:
-        from gpu_kernels.paged_attention import chains_attention
-    except ImportError:  # an older copy of the kernels, in an A/B (scripts/dev/ab_kernels.sh): it chained nothing
-        def chains_attention(*_) -> bool:
-            return False
+    options cfg, as the plan launches them."""
+    from gpu_kernels.attention_plan import chains_attention, launch_config, merge_rows_per_program
 
-    opts = {k: cfg.get(k) for k in ("num_splits", "block_m", "block_n", "num_warps", "num_stages")}
     ws = bool(cfg.get("warp_specialized"))
-    plan = launch_config(sh.batch, HQ, sh.t, D, HKV, sh.page, max_pages, sh.dev, warp_specialized=ws, **opts)
-    programs = sh.batch * HKV * plan["row_blocks"] * plan["num_splits"]
+    config = launch_config(sh.batch, HQ, sh.t, D, HKV, sh.page, max_pages, sh.dev, options_of(cfg))
+    programs = sh.batch * HKV * config.row_blocks * config.num_splits
     # The warp-specialised kernel's producer and consumers (12 warps with two consumers) are
     # rounded down to a power of two, the only counts a Triton launch takes: a floor stays a floor.
-    warps = 4 + 4 * (plan["block_m"] // 64) if ws else plan["num_warps"]
+    warps = 4 + 4 * (config.block_m // 64) if ws else config.num_warps
     warps = 1 << (warps.bit_length() - 1)
     rows = sh.batch * HQ * sh.t
-    merge = -(-rows // merge_rows_per_program(rows)) if plan["num_splits"] > 1 else 0
+    merge = -(-rows // merge_rows_per_program(rows)) if config.num_splits > 1 else 0
     # the benchmark's K/V are GPU tensors of contiguous pages: the Triton kernel can prefetch them
-    prefetches = dict(prefetches=not ws) if "prefetches" in inspect.signature(chains_attention).parameters else {}
-    return programs, warps, merge, chains_attention(sh.dev, ws, plan["row_blocks"], **prefetches)
+    return programs, warps, merge, chains_attention(sh.dev, ws, config.row_blocks, prefetches=not ws)
 
 
 def layer_attainable_fields(rec: dict, limits: dict) -> dict:
@@ -531,16 +547,14 @@ def best_graph_ms_by_kernel(row: dict) -> dict:
     return best
 
 
-def default_fields(timer, sh: Shape, call, max_pages: int, nbytes: int, ref: torch.Tensor) -> dict:
+def default_fields(timer, call, nbytes: int, ref: torch.Tensor) -> dict:
     """Graph replay of the call with no launch options: default_kernel ("warp_specialized" or
     "triton"), default_graph_splits, default_graph_ms, default_graph_TBps, default_rel_err."""
-    from gpu_kernels.paged_attention import launch_config, uses_warp_specialized
-
-    ws = uses_warp_specialized(sh.batch, HQ, sh.t, D, HKV, sh.page, max_pages, sh.dev, sh.dtype)
-    plan = launch_config(sh.batch, HQ, sh.t, D, HKV, sh.page, max_pages, sh.dev, warp_specialized=ws)
-    bufs = preallocated(call.q, max_pages, sh.page, dict(warp_specialized=ws))
-    ms = timer.graph_ms(lambda: call(**bufs))
-    return dict(default_kernel="warp_specialized" if ws else "triton", default_graph_splits=plan["num_splits"],
+    plan = call.plan()
+    bufs = preallocated(plan)
+    ms = timer.graph_ms(lambda: call.run(plan, **bufs))
+    return dict(default_kernel="warp_specialized" if plan.warp_specialized else "triton",
+                default_graph_splits=plan.config.num_splits,
                 default_graph_ms=ms, default_graph_TBps=nbytes / ms / 1e9,
                 default_rel_err=rel_err(bufs["out"].float(), ref))
 
@@ -584,32 +598,34 @@ def bench_sparse(timer, limits, sh: Shape, configs, frac: float, layers: int = 0
     waves = {s for s in range(1, 25) if sms and (lists * s) % sms == 0}
     sw = run_sweep(timer, call, ref, configs + ws_configs(dev, configs),
                    lambda cfg: sorted(set(split_candidates(sh.default_splits(cfg, n_sel))) | {1, 2, 4, 8, 16} | waves),
-                   "sparse", n_sel, sh.page)
+                   "sparse")
     nbytes = 2 * k_pool.numel() * k_pool.element_size()
     read_bytes = nbytes + sh.q.numel() * sh.q.element_size() + table.numel() * 4
     rec = dict(sh.base, mode=f"sparse_{round(frac * 100)}pct", l2=l2_state(timer.dirty_l2), kv_bytes=nbytes,
                read_bytes=read_bytes,
                tokens_per_head=n_sel * sh.page, default_splits=sh.default_splits({}, n_sel),
                max_rel_err=sw["max_rel_err"], variants=sw["variants"])
-    # What a caller that passes no launch options gets (the kernel and split count paged_attention picks).
-    rec.update(default_fields(timer, sh, call, n_sel, nbytes, ref))
+    # What a caller that passes no launch options gets (the kernel and split count the plan picks).
+    rec.update(default_fields(timer, call, nbytes, ref))
     if sw["best"] is not None:
         cfg, ms = best_cfg(sw["best"]), sw["best"]["ms"]
+        options = options_of(cfg)
         rec.update(best=cfg, ms=ms, TBps=nbytes / ms / 1e9,
-                   hidden_launch_ms=timer.hidden_launch_ms(lambda: call(**cfg)))
+                   hidden_launch_ms=timer.hidden_launch_ms(lambda: call(options)))
         rec.update(graph_fields(sw, nbytes))
         rec.update(attainable_fields(rec, limits))
         if "graph_best" in rec:  # the same replay after the other L2 flush (clean lines / dirty lines)
             gcfg = rec["graph_best"]
-            bufs = preallocated(call.q, n_sel, sh.page, gcfg)
-            other_ms = timer.graph_ms(lambda: call(**gcfg, **bufs), dirty_l2=not timer.dirty_l2)
+            graph_plan = call.plan(options_of(gcfg))
+            bufs = preallocated(graph_plan)
+            other_ms = timer.graph_ms(lambda: call.run(graph_plan, **bufs), dirty_l2=not timer.dirty_l2)
             for state, ms_l2 in ((l2_state(timer.dirty_l2), rec["graph_ms"]), (l2_state(not timer.dirty_l2), other_ms)):
                 rec[f"graph_ms_{state}_l2"] = ms_l2
                 rec[f"graph_TBps_{state}_l2"] = nbytes / ms_l2 / 1e9
             # the same pages, each list's table in ascending slot order (attention over a context is
             # order-free): a split then reads one narrow address range instead of pages all over the pool
             sorted_call = Call(sh, k_pool, v_pool, table.sort(dim=-1).values, kv_len)
-            sorted_ms = timer.graph_ms(lambda: sorted_call(**gcfg, **bufs))
+            sorted_ms = timer.graph_ms(lambda: sorted_call.run(graph_plan, **bufs))
             rec.update(graph_ms_sorted_slots=sorted_ms, graph_TBps_sorted_slots=nbytes / sorted_ms / 1e9,
                        sorted_slots_rel_err=rel_err(bufs["out"].float(), ref))
             if gcfg["num_splits"] > 1:
@@ -629,8 +645,7 @@ def bench_uva(timer, limits, sh: Shape, configs) -> dict:
     hk, hv = HostPointer(sh.k.cpu().pin_memory()), HostPointer(sh.v.cpu().pin_memory())
     call = Call(sh, hk, hv, sh.table, sh.kv_len)
     sw = run_sweep(timer, call, sh.ref_out, configs,
-                   lambda cfg: split_candidates(sh.default_splits(cfg, sh.num_pages), (1, 2, 4)), "uva",
-                   graphs=False)
+                   lambda cfg: split_candidates(sh.default_splits(cfg, sh.num_pages), (1, 2, 4)), "uva", graphs=False)
     rec = dict(sh.base, mode="uva_host", kv_bytes=sh.kv_bytes, max_rel_err=sw["max_rel_err"],
                variants=sw["variants"])
     if sw["best"] is not None:

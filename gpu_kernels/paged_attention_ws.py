@@ -1,5 +1,5 @@
 """Warp-specialised split-KV paged attention for Hopper (Gluon, sm_90 only): the counterpart of
-`paged_attention._paged_attention_kernel` for blocks with many query rows per KV head.
+`attention_kernels.paged_attention_kernel` for blocks with many query rows per KV head.
 
 With G * T >= 128 rows per KV head (T=32 or 64 blocks, 4 query heads per KV head), every K/V byte
 carries 4 * rows flops, and the Triton kernel's loop (q . k, softmax, p . v in lockstep across the
@@ -18,8 +18,8 @@ pool layout, per-head or shared table, the block's own K/V); no page or token sc
 
 Measured on an H100 (benchmarks/RESULTS.md, 2026-12-06, fifteenth session): 5-14% faster than the
 Triton kernel at batch 6 over 5-10% of 128K (T=32 and 64), 7-14% slower at N=1, where a split
-has too few tiles to pay for its start; `paged_attention` picks it by that
-(`uses_warp_specialized`). 5-6 stages and 128-token tiles (launch options, timed in one run)
+has too few tiles to pay for its start; the plan picks it by that
+(`attention_plan.uses_warp_specialized`). 5-6 stages and 128-token tiles (launch options, timed in one run)
 measured slower. Ping-pong turns between the consumers and a persistent grid (one program per SM
 taking several items, the next item's q and tiles loading while the last one ends) were each timed
 against a "HEAD" run that, through a PYTHONPATH mistake, ran the candidate again, so neither
@@ -38,7 +38,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     async_copy, fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait)
 
-from .paged_attention import _launch_dependents, _program_split, _wait_for_prior
+from .attention_common import launch_dependents, program_split, wait_for_prior
 
 # Triton 3.6 (the lent GPUs) names the pointer cp.async `async_copy_global_to_shared`; 3.7+ renamed
 # it `async_load` and made the old name raise.
@@ -215,7 +215,7 @@ def _consumer(q_smem, k_smem, v_smem, ready, empty, lo, hi, split, qk_scale, row
         o_tok = warpgroup_mma(p_prev, v_smem.index((n_all - 1) % STAGES), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[o_tok])
     if USE_PDL:
-        _launch_dependents()  # the merge (PDL) may launch: once this program's tiles are done
+        launch_dependents()  # the merge (PDL) may launch: once this program's tiles are done
 
     empty_row = l_i == 0.0  # no valid token in this split: out 0, lse -inf
     l_safe = gl.where(empty_row, 1.0, l_i)
@@ -255,14 +255,15 @@ def ws_paged_attention_kernel(
     AFTER_PRIOR: gl.constexpr,
 ):
     """Grid (N * HKV * ROW_BLOCKS, num_splits), num_warps=4 (the producer; the CONSUMERS
-    warpgroups come on top). Arguments as `_paged_attention_kernel`'s (no score outputs)."""
+    warpgroups come on top). Arguments as `attention_kernels.paged_attention_kernel`'s (no score
+    outputs)."""
     NW: gl.constexpr = gl.num_warps()
     BLOCK_M: gl.constexpr = _ROWS * CONSUMERS
     GT: gl.constexpr = G * T
     if AFTER_PRIOR:
-        _wait_for_prior()
-    rb, kvh, n, split, lo, _, hi = _program_split(kvlen_ptr, stride_ln, stride_lh, max_pages, split_tokens,
-                                                  HKV, ROW_BLOCKS, PAGE)
+        wait_for_prior()
+    rb, kvh, n, split, lo, _, hi = program_split(kvlen_ptr, stride_ln, stride_lh, max_pages, split_tokens,
+                                                 HKV, ROW_BLOCKS, PAGE)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
 
     # This row block's queries (g, t) -> query head kvh * G + g, into shared memory once.

@@ -4,7 +4,8 @@ replay a CUDA graph (a herald block's step 0) pays on the CPU for each layer's a
 Times 200 back-to-back calls without syncing (host us per call), then the same with a sync at the
 end (wall), and the stream time between two events around 50 calls (device-side, host gaps
 included), for the Triton kernel, the warp-specialised kernel (sm_90 only) and the default's pick;
-then `launch_config` and `uses_warp_specialized` alone. Prints JSON lines.
+then the planning alone: `plan_attention` (the checks and the cache lookup every call pays) and the
+plan made afresh (what the first call of a shape pays). Prints JSON lines.
 
     python scripts/dev/probe_host_overhead.py [--batch 6] [--T 32] [--tokens 6554]
 """
@@ -22,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.kernels import HKV, HQ, D  # noqa: E402  (benchmarks.kernels' shape)
 from gpu_kernels.features import warp_specialized_supported  # noqa: E402
-from gpu_kernels.paged_attention import launch_config, paged_attention, uses_warp_specialized  # noqa: E402
+from gpu_kernels.attention_inputs import describe_inputs  # noqa: E402
+from gpu_kernels.attention_plan import AttentionOptions, plan_attention, plan_for  # noqa: E402
+from gpu_kernels.paged_attention import paged_attention  # noqa: E402
 
 PAGE = 16
 
@@ -46,12 +49,12 @@ def main() -> None:
     q = torch.randn(n, HQ, t, D, device=dev, dtype=torch.bfloat16, generator=gen)
     kb = torch.randn(n, HKV, t, D, device=dev, dtype=torch.bfloat16, generator=gen)
     vb = torch.randn_like(kb)
-    kinds = [("triton", dict(warp_specialized=False)), ("default", {})]
+    kinds = [("triton", AttentionOptions(warp_specialized=False)), ("default", AttentionOptions())]
     if warp_specialized_supported(dev):
-        kinds.insert(1, ("warp_specialized", dict(warp_specialized=True)))
-    for name, kw in kinds:
+        kinds.insert(1, ("warp_specialized", AttentionOptions(warp_specialized=True)))
+    for name, options in kinds:
         def call():
-            paged_attention(q, k, v, table, kv_len, scale=D ** -0.5, k_block=kb, v_block=vb, **kw)
+            paged_attention(q, k, v, table, kv_len, scale=D ** -0.5, k_block=kb, v_block=vb, options=options)
 
         for _ in range(5):
             call()
@@ -69,9 +72,9 @@ def main() -> None:
         end.record()
         torch.cuda.synchronize()
         print(json.dumps(dict(kernel=name, host_us=host, wall_us=wall, stream_us=start.elapsed_time(end) * 1e3 / 50)))
-    for name, fn in (("launch_config", lambda: launch_config(n, HQ, t, D, HKV, PAGE, pages, dev)),
-                     ("uses_warp_specialized", lambda: uses_warp_specialized(n, HQ, t, D, HKV, PAGE, pages, dev,
-                                                                             torch.bfloat16))):
+    inputs, _ = describe_inputs(q, k, v, table, kv_len, kb, vb, False, False)
+    for name, fn in (("plan_attention", lambda: plan_attention(q, k, v, table, kv_len, k_block=kb, v_block=vb)),
+                     ("uncached_plan", lambda: plan_for.__wrapped__(inputs, AttentionOptions()))):
         t0 = time.perf_counter()
         for _ in range(200):
             fn()

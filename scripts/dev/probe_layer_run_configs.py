@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.kernels import Call, Shape, Timer, layer_run_fields, preallocated, rel_err, sparse_pool  # noqa: E402
+from benchmarks.kernels import (  # noqa: E402
+    Call, Shape, Timer, layer_run_fields, options_of, preallocated, rel_err, sparse_pool)
 
 PAGE = 16
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--configs", type=json.loads, required=True,
-                    help="JSON list of paged_attention launch keywords, each with num_splits")
+                    help="JSON list of AttentionOptions fields, each with num_splits")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write every result to this JSON file")
     args = ap.parse_args(argv)
@@ -56,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     call = Call(sh, k_pool, v_pool, table, kv_len)
     rows = []
     for cfg in args.configs:
-        bufs = preallocated(call.q, n_sel, sh.page, cfg)
-        graph_ms = timer.graph_ms(lambda: call(**cfg, **bufs))
+        plan = call.plan(options_of(cfg))
+        bufs = preallocated(plan)
+        graph_ms = timer.graph_ms(lambda: call.run(plan, **bufs))
         row = dict(cfg=cfg, graph_us=1e3 * graph_ms, err=rel_err(bufs["out"].float(), ref))
         run = layer_run_fields(timer, sh, (k_pool, v_pool, table, kv_len), cfg, n_sel, nbytes, ref, args.layers)
         row.update(layer_us=1e3 * run["layers_ms"], layer_TBps=run["layers_TBps"], layer_err=run["layers_rel_err"])

@@ -12,7 +12,7 @@ for Nsight Compute's hardware counters (`bash scripts/dev/ncu_sparse.sh NAME [th
 the cases print in launch order, the report's order:
 
     python scripts/dev/probe_sparse_phases.py [--contexts 32768 131072] [--T 16 32] [--fractions 0.05 0.1]
-        [--batch 1] [--splits 8 16 (0: paged_attention's default)] [--partial-dtypes bfloat16 float32]
+        [--batch 1] [--splits 8 16 (0: the plan's default)] [--partial-dtypes bfloat16 float32]
         [--l2 clean|dirty] [--warp-specialized STAGES (the Gluon kernel instead of the Triton one)]
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.kernels import HKV, HQ, D, flush_l2, preallocated  # noqa: E402  (benchmarks.kernels' shape)
-from gpu_kernels.paged_attention import launch_config, paged_attention  # noqa: E402
+from gpu_kernels.attention_plan import AttentionOptions, plan_attention  # noqa: E402
+from gpu_kernels.paged_attention import run_attention  # noqa: E402
 
 PAGE = 16
 
@@ -99,18 +100,18 @@ def main() -> None:
                     cfg = dict(num_splits=splits or None, block_n=64)
                     if args.warp_specialized:
                         cfg.update(warp_specialized=True, num_stages=args.warp_specialized)
-                    elif not args.ncu:  # the sweep's fixed configs; under ncu, what paged_attention picks
+                    elif not args.ncu:  # the sweep's fixed configs; under ncu, what the plan picks
                         cfg.update(num_warps=4 if t <= 16 else 8, num_stages=3)
-                    plan = launch_config(n, HQ, t, D, HKV, PAGE, n_sel, dev, **cfg)
-                    bufs = preallocated(q, n_sel, PAGE, cfg)
                     for partials in args.partial_dtypes:
-                        kw = dict(cfg, partial_dtype=getattr(torch, partials), pdl=False)
+                        options = AttentionOptions(**cfg, partial_dtype=getattr(torch, partials), pdl=False)
+                        plan = plan_attention(q, k_pool, v_pool, table, kv_len, options=options)
+                        bufs = preallocated(plan)
 
                         def call():
-                            return paged_attention(q, k_pool, v_pool, table, kv_len, scale=D ** -0.5, **kw, **bufs)
+                            return run_attention(plan, q, k_pool, v_pool, table, kv_len, scale=D ** -0.5, **bufs)
 
-                        row = dict(batch=n, context=ctx, fraction=frac, T=t, num_splits=plan["num_splits"],
-                                   block_m=plan["block_m"], num_warps=plan["num_warps"],
+                        row = dict(batch=n, context=ctx, fraction=frac, T=t, num_splits=plan.config.num_splits,
+                                   block_m=plan.config.block_m, num_warps=plan.config.num_warps,
                                    partial_dtype=partials, l2=args.l2, MB=nbytes / 1e6)
                         if args.ncu:  # the times are in ncu's report; this row says which case it is
                             profiled_once(call)

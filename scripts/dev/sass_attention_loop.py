@@ -1,6 +1,6 @@
 """How many instructions one K/V tile costs the sparse attention kernel on sm_90, without a GPU.
 
-Compiles `_paged_attention_kernel` for Hopper with Triton's bundled ptxas, specialised the way the
+Compiles `attention_kernels.paged_attention_kernel` for Hopper with Triton's bundled ptxas, specialised the way the
 launcher specialises the pool-layout call of `benchmarks.kernels` (16-byte aligned pointers and
 strides, a stride of 1 made a constant), disassembles it with the bundled cuobjdump, and prints, per
 launch config, the kernel's shared memory and the static instruction count of its main loop (the
@@ -34,7 +34,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.kernels import HKV, HQ, D  # noqa: E402  (benchmarks.kernels' shape)
-from gpu_kernels.paged_attention import _paged_attention_kernel  # noqa: E402
+from gpu_kernels.attention_kernels import paged_attention_kernel  # noqa: E402
 
 PAGE = 16
 POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pt_ptr": "*i32", "kvlen_ptr": "*i32",
@@ -47,7 +47,8 @@ def integer_args(t: int) -> dict:
     """The pool-layout call's integer arguments (None: not specialised, `do_not_specialize`)."""
     return dict(stride_qn=HQ * t * D, stride_qh=t * D, stride_qt=D, stride_kp=PAGE * D, stride_kh=0, stride_kt=D,
                 stride_ptn=None, stride_pth=None, stride_pte=1, stride_ln=HKV, stride_lh=1,
-                stride_bn=0, stride_bh=0, stride_bt=0, max_pages=None, split_tokens=None, num_splits=None)
+                stride_bn=0, stride_bh=0, stride_bt=0, max_pages=None, split_tokens=None, num_splits=None,
+                num_kv_pages=None, prefetch_pages=None)
 
 
 def compile_kernel(block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 3, T: int = 16,
@@ -57,11 +58,11 @@ def compile_kernel(block_m: int = 64, block_n: int = 64, num_warps: int = 4, num
     const = dict(HKV=HKV, G=g, T=T, HEAD_DIM=D, BLOCK_D=D, BLOCK_M=block_m,
                  ROW_BLOCKS=triton.cdiv(g * T, block_m), BLOCK_N=block_n, PAGE=PAGE, WRITE_FINAL=False,
                  HAS_BLOCK=False, PAGE_SCORES=False, TOKEN_SCORES=False, UPCAST=False, DOT_PRECISION="tf32",
-                 USE_PDL=True, OFFSETS_64=False)
+                 USE_PDL=True, AFTER_PRIOR=False, OFFSETS_64=False, PREFETCH_WIDTH=0, PAGE_BYTES=0)
     const.update(constexprs)
     ints = integer_args(T)
     signature, attrs = {}, {}
-    for i, name in enumerate(inspect.signature(_paged_attention_kernel.fn).parameters):
+    for i, name in enumerate(inspect.signature(paged_attention_kernel.fn).parameters):
         if name in POINTERS:
             signature[name] = POINTERS[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -76,7 +77,7 @@ def compile_kernel(block_m: int = 64, block_n: int = 64, num_warps: int = 4, num
             signature[name] = "i32"
             if ints[name] is not None and ints[name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(_paged_attention_kernel, signature, constexprs=const, attrs=attrs)
+    src = ASTSource(paged_attention_kernel, signature, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 128),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 

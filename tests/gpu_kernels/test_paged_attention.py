@@ -20,9 +20,11 @@ if not torch.cuda.is_available():
 from gpu_kernels._uva import HostPointer  # noqa: E402
 from gpu_kernels.merge import (  # noqa: E402
     block_self_attention, merge_attention_states)
+from gpu_kernels.attention_plan import (  # noqa: E402
+    SHORT_WORK_TILES_PER_SM, AttentionOptions, chains_attention, default_config, default_num_splits, launch_config,
+    merge_rows_per_program, plan_attention)
 from gpu_kernels.paged_attention import (  # noqa: E402
-    SHORT_WORK_TILES_PER_SM, block_attention, block_attention_reference, chains_attention, default_config,
-    default_num_splits, launch_config, paged_attention, merge_rows_per_program, paged_attention_reference)
+    block_attention, block_attention_reference, paged_attention, paged_attention_reference, run_attention)
 
 CPU = torch.device("cpu")
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -115,13 +117,17 @@ def check_scores(got, ref):
         assert rel_err(got[fin], ref[fin]) < 1e-4
 
 
-def check_against_reference(q, k, v, table, kv_len, tol, **kw):
+def check_against_reference(q, k, v, table, kv_len, tol, workspace=None, **options):
+    """The kernels, planned under AttentionOptions(**options) and run into NaN-filled buffers, against
+    the fp32 reference (scores too); returns (out, lse)."""
     hkv = table.shape[1] if table.dim() == 3 else k.shape[1]
     page = k.shape[-2]
     max_pages = table.shape[-1]
     scale = q.shape[-1] ** -0.5
     bufs = nan_buffers(q, hkv, max_pages, page)
-    out, lse, ps, ts = paged_attention(q, k, v, table, kv_len, scale=scale, **bufs, **kw)
+    plan = plan_attention(q, k, v, table, kv_len, page_scores=True, token_scores=True,
+                          options=AttentionOptions(**options))
+    out, lse, ps, ts = run_attention(plan, q, k, v, table, kv_len, scale=scale, workspace=workspace, **bufs)
     r_out, r_lse, r_ps, r_ts = paged_attention_reference(
         q.float(), k.float(), v.float(), table, kv_len, scale=scale,
         return_page_scores=True, return_token_scores=True)
@@ -174,7 +180,7 @@ def test_splits_agree_and_scores_optional():
     q, k, v, table, kv_len = make_case("store", 2, 2, 2, 3, 16, 16, [[150, 40], [64, 0]],
                                        torch.float32, seed=1)
     scale = 0.25
-    results = [paged_attention(q, k, v, table, kv_len, scale=scale, num_splits=s, block_n=16)
+    results = [paged_attention(q, k, v, table, kv_len, scale=scale, options=AttentionOptions(num_splits=s, block_n=16))
                for s in (1, 2, 5, 64)]  # 64 > number of tiles: extra splits are dropped
     for out, lse, ps, ts in results:
         assert ps is None and ts is None
@@ -182,8 +188,8 @@ def test_splits_agree_and_scores_optional():
         fin = torch.isfinite(results[0][1])
         assert torch.equal(torch.isfinite(lse), fin)
         assert rel_err(lse[fin], results[0][1][fin]) < 1e-5
-    out_s, _, ps, ts = paged_attention(q, k, v, table, kv_len, scale=scale, num_splits=2, block_n=16,
-                                       return_page_scores=True)
+    out_s, _, ps, ts = paged_attention(q, k, v, table, kv_len, scale=scale, return_page_scores=True,
+                                       options=AttentionOptions(num_splits=2, block_n=16))
     assert ts is None and ps.shape == (2, 2, table.shape[-1])
     assert rel_err(out_s, results[0][0]) < 1e-5
 
@@ -194,24 +200,27 @@ def test_merge_of_more_splits_than_one_chunk(g, t):
     and a ragged one; 3 and 9 rows are not a multiple of the rows a merge program can hold."""
     q, k, v, table, kv_len = make_case("store", 1, 1, g, t, 16, 16, [[630]], torch.float32, seed=7)
     check_against_reference(q, k, v, table, kv_len, TOL[torch.float32], num_splits=41, block_n=16)
-    assert launch_config(1, g, t, 16, 1, 16, table.shape[-1], q.device, num_splits=41,
-                         block_n=16)["num_splits"] == 41
+    assert launch_config(1, g, t, 16, 1, 16, table.shape[-1], q.device,
+                         AttentionOptions(num_splits=41, block_n=16)).num_splits == 41
 
 
 def test_64_bit_offsets_match_32_bit(monkeypatch):
     """The kernel computes K/V offsets in 32 bits below 2^31 elements and in 64 bits above; with the
     limit at 0 the 64-bit path runs on a small store and must give the same result (scores too)."""
-    import gpu_kernels.paged_attention as pa
+    import gpu_kernels.attention_inputs as inputs
 
     q, k, v, table, kv_len = make_case("store", 2, 2, 2, 3, 16, 16, [[150, 40], [64, 0]],
                                        torch.float32, seed=3)
-    kw = dict(scale=0.3, num_splits=3, block_n=32, return_page_scores=True)
+    kw = dict(scale=0.3, return_page_scores=True, options=AttentionOptions(num_splits=3, block_n=32))
     out32, lse32, ps32, _ = paged_attention(q, k, v, table, kv_len, **kw)
-    monkeypatch.setattr(pa, "INT32_OFFSETS_BELOW", 0)
+    assert not plan_attention(q, k, v, table, kv_len, page_scores=True, options=kw["options"]).inputs.offsets_64
+    monkeypatch.setattr(inputs, "INT32_OFFSETS_BELOW", 0)
+    assert plan_attention(q, k, v, table, kv_len, page_scores=True, options=kw["options"]).inputs.offsets_64
     out64, lse64, ps64, _ = paged_attention(q, k, v, table, kv_len, **kw)
     assert torch.equal(out32, out64) and torch.equal(lse32, lse64) and torch.equal(ps32, ps64)
-    assert pa._max_offset(k) == k.numel() - 1
-    assert pa._max_offset(k[:, :1]) == (k.shape[0] - 1) * k.stride(0) + (k.shape[2] - 1) * k.stride(2) + k.shape[3] - 1
+    assert inputs._max_offset(k) == k.numel() - 1
+    assert inputs._max_offset(k[:, :1]) == ((k.shape[0] - 1) * k.stride(0) + (k.shape[2] - 1) * k.stride(2)
+                                            + k.shape[3] - 1)
 
 
 def test_kv_len_1d_and_all_empty():
@@ -221,8 +230,8 @@ def test_kv_len_1d_and_all_empty():
     out2, lse2, _, _ = paged_attention(q, k, v, table, kv_len, scale=0.3)
     assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
     zero = torch.zeros_like(kv_len)
-    out, lse, ps, _ = paged_attention(q, k, v, table, zero, scale=0.3, num_splits=2,
-                                      return_page_scores=True)
+    out, lse, ps, _ = paged_attention(q, k, v, table, zero, scale=0.3, return_page_scores=True,
+                                      options=AttentionOptions(num_splits=2))
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
     assert torch.all(ps == float("-inf"))
 
@@ -238,12 +247,12 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="multiple of Hkv"):
         paged_attention(q[:, :1], k, v, table, kv_len, scale=1.0)
     with pytest.raises(ValueError, match="power of two"):
-        paged_attention(q, k, v, table, kv_len, scale=1.0, block_n=24)
+        paged_attention(q, k, v, table, kv_len, scale=1.0, options=AttentionOptions(block_n=24))
     with pytest.raises(ValueError, match="same strides"):
         paged_attention(q, k, v.transpose(0, 1).contiguous().transpose(0, 1), table, kv_len, scale=1.0)
     with pytest.raises(ValueError, match="workspace"):
-        paged_attention(q, k, v, table, kv_len, scale=1.0, num_splits=2, block_n=16,
-                        workspace=torch.empty(3))
+        run_attention(plan_attention(q, k, v, table, kv_len, options=AttentionOptions(num_splits=2, block_n=16)),
+                      q, k, v, table, kv_len, scale=1.0, workspace=torch.empty(3))
     with pytest.raises(ValueError, match="scale must be positive"):
         paged_attention(q, k, v, table, kv_len, scale=0.0)
 
@@ -253,15 +262,35 @@ def test_preallocated_workspace_and_buffers_are_used():
     q, k, v, table, kv_len = make_case("pool", 2, 2, 4, 3, 16, 16, [[70, 33], [0, 100]],
                                        torch.float32, seed=6)
     n, hq, t, d = q.shape
-    plan = launch_config(n, hq, t, d, 2, 16, table.shape[-1], q.device, num_splits=3, block_n=16)
-    assert plan["num_splits"] == 3 and plan["workspace_numel"] == n * hq * t * 3 * (d + 1)
-    ws = torch.full((plan["workspace_numel"] + 5,), float("nan"))  # larger than needed is fine
+    cfg = plan_attention(q, k, v, table, kv_len, page_scores=True, token_scores=True,
+                         options=AttentionOptions(num_splits=3, block_n=16)).config
+    assert cfg.num_splits == 3 and cfg.workspace_numel == n * hq * t * 3 * (d + 1)
+    ws = torch.full((cfg.workspace_numel + 5,), float("nan"))  # larger than needed is fine
     out, lse = check_against_reference(q, k, v, table, kv_len, TOL[torch.float32], num_splits=3,
                                        block_n=16, workspace=ws)
-    assert not torch.isnan(ws[:plan["workspace_numel"]]).any()  # partials went to the workspace
-    ref_out, ref_lse, _, _ = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=1)
+    assert not torch.isnan(ws[:cfg.workspace_numel]).any()  # partials went to the workspace
+    ref_out, ref_lse, _, _ = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5,
+                                             options=AttentionOptions(num_splits=1))
     assert rel_err(out, ref_out) < 1e-5
 
+
+def test_a_plan_is_made_once_per_shape_and_runs_over_new_tensors():
+    """plan_attention returns the cached plan for tensors of the same shapes and options; running it
+    equals the one-call form; tensors or buffers it was not made for are refused, naming what differs."""
+    q, k, v, table, kv_len = make_case("pool", 2, 2, 4, 3, 16, 16, [[70, 33], [0, 100]], torch.float32, seed=9)
+    options = AttentionOptions(num_splits=3, block_n=16)
+    plan = plan_attention(q, k, v, table, kv_len, page_scores=True, options=options)
+    assert plan_attention(q.clone(), k, v, table.clone(), kv_len, page_scores=True,
+                          options=AttentionOptions(num_splits=3, block_n=16)) is plan
+    assert plan_attention(q, k, v, table, kv_len, options=options) is not plan  # no scores: another plan
+    assert (plan.config.num_splits, plan.config.block_n, plan.warp_specialized, plan.chained) == (3, 16, False, False)
+    got = run_attention(plan, q, k, v, table, kv_len, scale=0.25)
+    want = paged_attention(q, k, v, table, kv_len, scale=0.25, return_page_scores=True, options=options)
+    assert got[3] is None and all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))
+    with pytest.raises(ValueError, match=r"do not match the plan: max_pages 7 \(planned: 8\)"):
+        run_attention(plan, q, k, v, table[..., :-1], kv_len, scale=0.25)
+    with pytest.raises(ValueError, match="token_scores buffer was given to a plan without them"):
+        run_attention(plan, q, k, v, table, kv_len, scale=0.25, token_scores=torch.empty(2, 2, 8 * 16))
 
 def test_default_num_splits_fills_the_gpu_with_a_few_tiles_per_split():
     # exact 32K context, 8 KV heads: one wave of one program per SM (not two per SM, which 64-row
@@ -274,11 +303,11 @@ def test_default_num_splits_fills_the_gpu_with_a_few_tiles_per_split():
     assert default_num_splits(8, 192, 64, 64, 132) == 1
     assert default_num_splits(8, 192, 64, 64, None) == 2  # interpreter: exercise the merge anyway
     # splits start at pages (not 64-token tiles), so a requested count is kept ...
-    plan = launch_config(1, 32, 16, 128, 8, 16, 2048, torch.device("cpu"), num_splits=33)
-    assert plan["num_splits"] == 33 and plan["split_tokens"] == 63 * 16
+    cfg = launch_config(1, 32, 16, 128, 8, 16, 2048, torch.device("cpu"), AttentionOptions(num_splits=33))
+    assert cfg.num_splits == 33 and cfg.split_tokens == 63 * 16
     # ... except for splits that would start past the end: dropped
-    plan = launch_config(1, 32, 16, 128, 8, 16, 10, torch.device("cpu"), num_splits=64)
-    assert plan["num_splits"] == 10 and plan["split_tokens"] == 16
+    cfg = launch_config(1, 32, 16, 128, 8, 16, 10, torch.device("cpu"), AttentionOptions(num_splits=64))
+    assert cfg.num_splits == 10 and cfg.split_tokens == 16
 
 
 def test_default_num_splits_weighs_waves_against_the_fixed_cost():
@@ -296,10 +325,10 @@ def test_default_num_splits_weighs_waves_against_the_fixed_cost():
 
 
 def test_the_attention_is_chained_with_several_row_blocks_the_ws_kernel_or_a_prefetch_where_pdl_is(monkeypatch):
-    import gpu_kernels.paged_attention as pa
+    import gpu_kernels.attention_plan as plan
 
     assert not chains_attention(CPU, True, 2, prefetches=True)  # no PDL without CUDA
-    monkeypatch.setattr(pa, "pdl_supported", lambda device: True)  # as on a Hopper GPU
+    monkeypatch.setattr(plan, "pdl_supported", lambda device: True)  # as on a Hopper GPU
     cuda = torch.device("cuda")
     assert chains_attention(cuda, False, 2) and chains_attention(cuda, True, 1)
     assert chains_attention(cuda, False, 1, prefetches=True)
@@ -307,17 +336,17 @@ def test_the_attention_is_chained_with_several_row_blocks_the_ws_kernel_or_a_pre
 
 
 def test_prefetch_blockers_name_what_stops_it():
-    """The L2 prefetch needs the Triton kernel and each page's K (and V) as one contiguous,
-    16-byte aligned run in GPU memory; each blocker is named. No GPU needed: a meta tensor stands
-    in for GPU memory."""
-    from gpu_kernels.paged_attention import _prefetch_blocker
+    """The L2 prefetch needs each page's K (and V) as one contiguous, 16-byte aligned run in GPU
+    memory (and the Triton kernel: the plan's check); each blocker is named. No GPU needed: meta
+    tensors stand in for GPU memory, whose device is the only blocker a well-laid pool meets."""
+    from gpu_kernels.attention_inputs import _kv_prefetch_blocker
 
     pool = torch.empty(64, 16, 128, dtype=torch.bfloat16, device="meta")
-    assert "warp-specialised" in _prefetch_blocker(pool, 16, True)
-    assert "not in GPU memory" in _prefetch_blocker(torch.empty(4, 16, 128), 16, False)
+    assert _kv_prefetch_blocker(pool, 16) == "K/V are not in GPU memory"
+    assert "not in GPU memory" in _kv_prefetch_blocker(torch.empty(4, 16, 128), 16)
     padded = torch.empty(64, 16, 136, dtype=torch.bfloat16, device="meta")[..., :128]
-    assert "contiguous" in _prefetch_blocker(padded, 16, False)
-    assert "no pages" in _prefetch_blocker(pool[:0], 16, False)
+    assert "contiguous" in _kv_prefetch_blocker(padded, 16)
+    assert "no pages" in _kv_prefetch_blocker(pool[:0], 16)
 
 
 def test_short_lists_of_128_rows_take_two_64_row_blocks():
@@ -401,7 +430,7 @@ def test_block_attention_matches_reference(layout, dtype, t, splits, kv_lens):
     k_blk = torch.randn(n, hkv, t, d, generator=gen).to(dtype)
     v_blk = torch.randn(n, hkv, t, d, generator=gen).to(dtype)
     out, ps, ts = block_attention(q, k_blk, v_blk, k, v, table, kv_len, scale=0.25,
-                                  return_page_scores=True, num_splits=splits)
+                                  return_page_scores=True, options=AttentionOptions(num_splits=splits))
     ref, r_ps, _ = block_attention_reference(q.float(), k_blk.float(), v_blk.float(), k.float(),
                                              v.float(), table, kv_len, scale=0.25,
                                              return_page_scores=True)
@@ -434,11 +463,13 @@ def test_split_partials_in_16_bit_and_many_chunks():
     # fp32 partials round once (at the output), fp16 ones once more: close, not identical
     assert rel_err(outs[torch.float16].float(), outs[torch.float32].float()) < 1e-3
     with pytest.raises(ValueError, match="partial_dtype"):
-        paged_attention(q, k, v, table, kv_len, scale=1.0, num_splits=2, partial_dtype=torch.int32)
+        paged_attention(q, k, v, table, kv_len, scale=1.0,
+                        options=AttentionOptions(num_splits=2, partial_dtype=torch.int32))
     with pytest.raises(ValueError, match="bfloat16 needs CUDA"):
-        paged_attention(q, k, v, table, kv_len, scale=1.0, num_splits=2, partial_dtype=torch.bfloat16)
+        paged_attention(q, k, v, table, kv_len, scale=1.0,
+                        options=AttentionOptions(num_splits=2, partial_dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="pdl=True"):
-        paged_attention(q, k, v, table, kv_len, scale=1.0, num_splits=2, pdl=True)
+        paged_attention(q, k, v, table, kv_len, scale=1.0, options=AttentionOptions(num_splits=2, pdl=True))
 
 
 def test_prefetch_refused_where_it_cannot_run():
@@ -446,9 +477,9 @@ def test_prefetch_refused_where_it_cannot_run():
     says what to change; a negative count too; 0 and None run without one."""
     q, k, v, table, kv_len = make_case("pool", 1, 2, 2, 4, 16, 16, [[40, 17]], torch.float32)
     with pytest.raises(ValueError, match="not chained.*pass prefetch_pages=0 or None"):
-        paged_attention(q, k, v, table, kv_len, scale=1.0, prefetch_pages=4)
+        paged_attention(q, k, v, table, kv_len, scale=1.0, options=AttentionOptions(prefetch_pages=4))
     with pytest.raises(ValueError, match="prefetch_pages must be >= 0"):
-        paged_attention(q, k, v, table, kv_len, scale=1.0, prefetch_pages=-1)
+        paged_attention(q, k, v, table, kv_len, scale=1.0, options=AttentionOptions(prefetch_pages=-1))
     for pages in (0, None):
         check_against_reference(q, k, v, table, kv_len, TOL[torch.float32], num_splits=2, prefetch_pages=pages)
 
@@ -458,7 +489,7 @@ import inspect, json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from gpu_kernels.paged_attention import _merge_splits_kernel, _paged_attention_kernel
+from gpu_kernels.attention_kernels import merge_splits_kernel, paged_attention_kernel
 
 def ptx(kernel, const, num_warps):
     sig = {}
@@ -481,9 +512,9 @@ attention = dict(HKV=8, G=4, T=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64, ROW_BL
 prefetching = dict(attention, T=32, ROW_BLOCKS=2, HAS_BLOCK=False, PAGE_SCORES=False, PREFETCH_WIDTH=512,
                    PAGE_BYTES=4096)
 merge = dict(BLOCK_R=1, CHUNK_S=16, HEAD_DIM=128, BLOCK_D=128, USE_PDL=True)
-print(json.dumps(dict(attention=ptx(_paged_attention_kernel, attention, 4),
-                      prefetching=ptx(_paged_attention_kernel, prefetching, 4),
-                      merge=ptx(_merge_splits_kernel, merge, 1))))
+print(json.dumps(dict(attention=ptx(paged_attention_kernel, attention, 4),
+                      prefetching=ptx(paged_attention_kernel, prefetching, 4),
+                      merge=ptx(merge_splits_kernel, merge, 1))))
 """
 
 
@@ -563,9 +594,10 @@ def test_gpu_short_lists_of_128_rows_default_to_two_64_row_blocks():
     max_pages = table.shape[-1]
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     assert -(-max_pages * 16 // 64) * 8 < SHORT_WORK_TILES_PER_SM * sms
-    plan = launch_config(1, 32, 32, 128, 8, 16, max_pages, dev)
-    assert (plan["block_m"], plan["num_warps"], plan["row_blocks"]) == (64, 4, 2)
-    assert plan["num_splits"] == default_num_splits(8, max_pages * 16, 64, 128, sms) > 1
+    plan = plan_attention(q, k, v, table, kv_len)
+    cfg = plan.config
+    assert not plan.warp_specialized and (cfg.block_m, cfg.num_warps, cfg.row_blocks) == (64, 4, 2)
+    assert cfg.num_splits == default_num_splits(8, max_pages * 16, 64, 128, sms) > 1
     check_against_reference(q, k, v, table, kv_len, TOL[torch.bfloat16])
 
 
@@ -577,12 +609,13 @@ def test_gpu_cuda_graph_replay_matches_eager(splits):
     q, k, v, table, kv_len = make_case("pool", 1, 8, 4, 16, 128, 16, [[3277, 3000, 1, 0, 3277, 2048, 100, 3276]],
                                        torch.bfloat16, device=dev)
     n, hq, t, d = q.shape
-    plan = launch_config(n, hq, t, d, 8, 16, table.shape[-1], dev, num_splits=splits)
+    options = AttentionOptions(num_splits=splits)
+    plan = plan_attention(q, k, v, table, kv_len, page_scores=True, token_scores=True, options=options)
     bufs = nan_buffers(q, 8, table.shape[-1], 16)
-    bufs["workspace"] = torch.empty(max(1, plan["workspace_numel"]), device=dev)
+    bufs["workspace"] = torch.empty(max(1, plan.config.workspace_numel), device=dev)
 
     def call():
-        paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=splits, **bufs)
+        run_attention(plan, q, k, v, table, kv_len, scale=d ** -0.5, **bufs)
 
     graph = captured(call)
     q.copy_(torch.randn_like(q))  # new queries, same addresses
@@ -590,8 +623,8 @@ def test_gpu_cuda_graph_replay_matches_eager(splits):
         buf.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    eager = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=splits,
-                            return_page_scores=True, return_token_scores=True)
+    eager = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, return_page_scores=True,
+                            return_token_scores=True, options=options)
     for name, want in zip(("out", "lse", "page_scores", "token_scores"), eager):
         got = bufs[name]
         assert torch.equal(torch.isfinite(got), torch.isfinite(want)), name
@@ -604,7 +637,7 @@ def test_gpu_pdl_and_partial_dtypes():
     """The merge launched as a programmatic dependent (PDL) gives bit for bit what a plain launch
     gives, eagerly and replayed from a CUDA graph; bf16 and fp32 partials both meet the bf16
     tolerance."""
-    from gpu_kernels.paged_attention import pdl_supported
+    from gpu_kernels.features import pdl_supported
 
     dev = torch.device("cuda")
     q, k, v, table, kv_len = make_case("pool", 1, 8, 4, 16, 128, 16, [[6554, 6000, 64, 0, 6553, 5000, 1, 6554]],
@@ -620,12 +653,13 @@ def test_gpu_pdl_and_partial_dtypes():
     if not pdl_supported(dev):
         pytest.skip(f"{torch.cuda.get_device_name(dev)}: no programmatic dependent launch (sm < 90)")
     n, hq, t, d = q.shape
-    plan = launch_config(n, hq, t, d, 8, 16, table.shape[-1], dev, num_splits=15)
+    plan = plan_attention(q, k, v, table, kv_len, options=AttentionOptions(num_splits=15, pdl=True))
+    assert plan.merge_pdl and plan.chained
     bufs = dict(out=torch.empty_like(q), lse=torch.empty(n, hq, t, device=dev),
-                workspace=torch.empty(plan["workspace_numel"], device=dev))
-    eager = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=15, pdl=False)[0].clone()
-    graph = captured(lambda: paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=15, pdl=True,
-                                             **bufs))
+                workspace=torch.empty(plan.config.workspace_numel, device=dev))
+    eager = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5,
+                            options=AttentionOptions(num_splits=15, pdl=False))[0].clone()
+    graph = captured(lambda: run_attention(plan, q, k, v, table, kv_len, scale=d ** -0.5, **bufs))
     bufs["out"].fill_(float("nan"))
     for _ in range(3):
         graph.replay()
@@ -654,10 +688,11 @@ def test_gpu_pdl_chain_of_calls(warp_specialized, splits):
     q, k, v, table, kv_len = make_case("pool", 1, 8, 4, t, 128, 16, [[6554, 6000, 64, 0, 6553, 5000, 1, 6554]],
                                        torch.bfloat16, device=dev)
     n, hq, t, d = q.shape
-    plan = launch_config(n, hq, t, d, 8, 16, table.shape[-1], dev, num_splits=splits,
-                         warp_specialized=warp_specialized)
+    plans = {pdl: plan_attention(q, k, v, table, kv_len, options=AttentionOptions(
+        num_splits=splits, warp_specialized=warp_specialized, pdl=pdl)) for pdl in (False, True)}
+    assert plans[True].config == plans[False].config and plans[True].warp_specialized == warp_specialized
     bufs = [dict(out=torch.empty_like(q), lse=torch.empty(n, hq, t, device=dev),
-                 workspace=torch.empty(max(1, plan["workspace_numel"]), device=dev)) for _ in range(4)]
+                 workspace=torch.empty(max(1, plans[True].config.workspace_numel), device=dev)) for _ in range(4)]
     scaled = [torch.empty_like(q) for _ in bufs]
 
     def chain(pdl: bool) -> None:
@@ -665,8 +700,7 @@ def test_gpu_pdl_chain_of_calls(warp_specialized, splits):
         for i, b in enumerate(bufs):
             if i % 2:  # this call's q comes from a torch kernel
                 x = torch.mul(x, 8.0, out=scaled[i])
-            paged_attention(x, k, v, table, kv_len, scale=d ** -0.5, num_splits=splits,
-                            warp_specialized=warp_specialized, pdl=pdl, **b)
+            run_attention(plans[pdl], x, k, v, table, kv_len, scale=d ** -0.5, **b)
             x = b["out"]
 
     def nan_outputs() -> None:
@@ -706,18 +740,21 @@ def test_gpu_prefetch_before_the_wait_changes_no_value(layout, t):
     q, k, v, table, kv_len = make_case(layout, 1, 8, 4, t, 128, 16, [[6554, 6000, 64, 0, 6553, 5000, 1, 6554]],
                                        torch.bfloat16, device=dev)
     n, hq, t, d = q.shape
-    plan = launch_config(n, hq, t, d, 8, 16, table.shape[-1], dev, num_splits=6)
+    plans = {pages: plan_attention(q, k, v, table, kv_len,
+                                   options=AttentionOptions(num_splits=6, pdl=True, prefetch_pages=pages))
+             for pages in (1, 7, 10 ** 6)}
+    assert all(plan.chained and plan.prefetch_pages > 0 for plan in plans.values())
     bufs = dict(out=torch.empty_like(q), lse=torch.empty(n, hq, t, device=dev),
-                workspace=torch.empty(plan["workspace_numel"], device=dev))
+                workspace=torch.empty(plans[1].config.workspace_numel, device=dev))
     staged = torch.empty_like(table)
-    want = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, num_splits=6, pdl=False)[0]
+    want = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5,
+                           options=AttentionOptions(num_splits=6, pdl=False))[0]
     ref = paged_attention_reference(q, k, v, table, kv_len, scale=d ** -0.5)[0]
     assert rel_err(want.float(), ref.float()) < TOL[torch.bfloat16]
 
     def call(pages: int) -> None:
         staged.copy_(table)
-        paged_attention(q, k, v, staged, kv_len, scale=d ** -0.5, num_splits=6, pdl=True, prefetch_pages=pages,
-                        **bufs)
+        run_attention(plans[pages], q, k, v, staged, kv_len, scale=d ** -0.5, **bufs)
 
     for pages in (1, 7, 10 ** 6):
         staged.fill_(2 ** 30)

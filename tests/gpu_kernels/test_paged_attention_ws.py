@@ -1,4 +1,4 @@
-"""The warp-specialised Gluon kernel (`paged_attention(..., warp_specialized=True)`) vs the
+"""The warp-specialised Gluon kernel (`AttentionOptions(warp_specialized=True)`) vs the
 plain-torch reference.
 
 GPU (@pytest.mark.gpu, sm_90 only: the kernel is wgmma): bf16 (rel tol 1e-2) and fp16 (2e-3) over
@@ -16,9 +16,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from gpu_kernels.attention_plan import (  # noqa: E402
+    WS_MIN_TILES_PER_SPLIT, AttentionOptions, launch_config, plan_attention, uses_warp_specialized)
 from gpu_kernels.paged_attention import (  # noqa: E402
-    WS_MIN_TILES_PER_SPLIT, block_attention_reference, launch_config, paged_attention, paged_attention_reference,
-    uses_warp_specialized)
+    block_attention_reference, paged_attention, paged_attention_reference, run_attention)
 from tests.gpu_kernels.test_paged_attention import TOL, captured, make_case, nan_buffers, rel_err  # noqa: E402
 
 
@@ -29,13 +30,15 @@ def _sm90() -> bool:
 needs_sm90 = pytest.mark.skipif(not _sm90(), reason="the warp-specialised kernel is wgmma: sm_90 only")
 
 
-def check_ws(q, k, v, table, kv_len, tol, **kw):
-    """The warp-specialised call's out and lse against the fp32 reference, written into NaN buffers."""
+def check_ws(q, k, v, table, kv_len, tol, **options):
+    """The warp-specialised call's out and lse (under AttentionOptions(**options)) against the fp32
+    reference, written into NaN buffers."""
     hkv = table.shape[1] if table.dim() == 3 else k.shape[1]
     bufs = nan_buffers(q, hkv, table.shape[-1], k.shape[-2])
     bufs = dict(out=bufs["out"], lse=bufs["lse"])
     scale = q.shape[-1] ** -0.5
-    out, lse, _, _ = paged_attention(q, k, v, table, kv_len, scale=scale, warp_specialized=True, **bufs, **kw)
+    plan = plan_attention(q, k, v, table, kv_len, options=AttentionOptions(warp_specialized=True, **options))
+    out, lse, _, _ = run_attention(plan, q, k, v, table, kv_len, scale=scale, **bufs)
     r_out, r_lse, _, _ = paged_attention_reference(q.float(), k.float(), v.float(), table, kv_len, scale=scale)
     assert out.data_ptr() == bufs["out"].data_ptr()
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
@@ -94,7 +97,7 @@ def test_gpu_ws_block_attention(t):
                                           kv_len, scale=d ** -0.5)
     for splits in (1, None):
         out, _, _, _ = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, k_block=k_blk, v_block=v_blk,
-                                       warp_specialized=True, num_splits=splits)
+                                       options=AttentionOptions(warp_specialized=True, num_splits=splits))
         assert rel_err(out.float(), ref) < TOL[torch.bfloat16]
 
 
@@ -106,20 +109,22 @@ def test_gpu_ws_graph_replay_matches_eager():
     q, k, v, table, kv_len = make_case("pool", 2, 8, 4, 64, 128, 16, [[3277, 3000, 1, 0, 3277, 2048, 100, 3276]] * 2,
                                        torch.bfloat16, device=dev)
     n, hq, t, d = q.shape
-    plan = launch_config(n, hq, t, d, 8, 16, table.shape[-1], dev, warp_specialized=True)
-    assert plan["num_splits"] > 1 and plan["block_m"] == 128 and plan["row_blocks"] == 2
+    options = AttentionOptions(warp_specialized=True)
+    plan = plan_attention(q, k, v, table, kv_len, options=options)
+    cfg = plan.config
+    assert plan.warp_specialized and cfg.num_splits > 1 and cfg.block_m == 128 and cfg.row_blocks == 2
     bufs = dict(out=torch.empty_like(q), lse=torch.empty(n, hq, t, device=dev),
-                workspace=torch.empty(plan["workspace_numel"], device=dev))
+                workspace=torch.empty(cfg.workspace_numel, device=dev))
 
     def call():
-        paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, warp_specialized=True, **bufs)
+        run_attention(plan, q, k, v, table, kv_len, scale=d ** -0.5, **bufs)
 
     graph = captured(call)
     q.copy_(torch.randn_like(q))
     bufs["out"].fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    eager = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, warp_specialized=True)[0]
+    eager = paged_attention(q, k, v, table, kv_len, scale=d ** -0.5, options=options)[0]
     assert torch.equal(bufs["out"], eager)
 
 
@@ -131,7 +136,7 @@ def test_gpu_ws_refuses_what_it_cannot_run():
     dev = torch.device("cuda")
     q, k, v, table, kv_len = make_case("pool", 1, 8, 4, 16, 128, 16, [[300, 0, 1, 2, 3, 4, 5, 6]], torch.bfloat16,
                                        device=dev)
-    kw = dict(scale=128 ** -0.5, warp_specialized=True)
+    kw = dict(scale=128 ** -0.5, options=AttentionOptions(warp_specialized=True))
     with pytest.raises(ValueError, match="no page or token scores"):
         paged_attention(q, k, v, table, kv_len, return_page_scores=True, **kw)
     with pytest.raises(ValueError, match="GPU memory"):
@@ -139,7 +144,8 @@ def test_gpu_ws_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="bf16 or fp16"):
         paged_attention(q.float(), k.float(), v.float(), table, kv_len, **kw)
     with pytest.raises(ValueError, match="shared memory"):
-        paged_attention(q, k, v, table, kv_len, block_n=128, num_stages=4, **kw)
+        paged_attention(q, k, v, table, kv_len, scale=128 ** -0.5,
+                        options=AttentionOptions(warp_specialized=True, block_n=128, num_stages=4))
 
 
 @pytest.mark.gpu
@@ -155,27 +161,31 @@ def test_gpu_default_picks_the_ws_kernel_for_long_splits_only():
     assert not uses_warp_specialized(1, 32, 32, 128, 8, 16, 410, dev, bf16)  # 16 splits of 6-7 tiles
     assert not uses_warp_specialized(6, 32, 16, 128, 8, 16, 410, dev, bf16)  # 64 rows: one consumer
     assert not uses_warp_specialized(6, 32, 32, 128, 8, 16, 410, dev, torch.float32)
-    plan = launch_config(6, 32, 32, 128, 8, 16, 410, dev, warp_specialized=True)
-    assert plan["split_tokens"] >= WS_MIN_TILES_PER_SPLIT * plan["block_n"]
+    cfg = launch_config(6, 32, 32, 128, 8, 16, 410, dev, AttentionOptions(warp_specialized=True))
+    assert cfg.split_tokens >= WS_MIN_TILES_PER_SPLIT * cfg.block_n
     q, k, v, table, kv_len = make_case("pool", 6, 8, 4, 32, 128, 16, [[6554, 6000, 64, 0, 6553, 5000, 1, 6554]] * 6,
                                        torch.bfloat16, device=dev)
     scale = 128 ** -0.5
+    assert plan_attention(q, k, v, table, kv_len).warp_specialized
+    assert not plan_attention(q, k, v, table, kv_len, page_scores=True).warp_specialized
     auto = paged_attention(q, k, v, table, kv_len, scale=scale)[0]
-    assert torch.equal(auto, paged_attention(q, k, v, table, kv_len, scale=scale, warp_specialized=True)[0])
-    triton_out = paged_attention(q, k, v, table, kv_len, scale=scale, warp_specialized=False)[0]
+    assert torch.equal(auto, paged_attention(q, k, v, table, kv_len, scale=scale,
+                                             options=AttentionOptions(warp_specialized=True))[0])
+    triton_out = paged_attention(q, k, v, table, kv_len, scale=scale,
+                                 options=AttentionOptions(warp_specialized=False))[0]
     assert not torch.equal(auto, triton_out)  # a different kernel (its rounding differs)
     with_scores = paged_attention(q, k, v, table, kv_len, scale=scale, return_page_scores=True)  # falls back
     assert with_scores[2] is not None and rel_err(with_scores[0].float(), triton_out.float()) < 1e-2
 
 
 def test_ws_refused_without_sm90():
-    """On the CPU (and on GPUs other than sm_90) the keyword is refused with what to pass instead."""
+    """On the CPU (and on GPUs other than sm_90) the option is refused with what to pass instead."""
     if _sm90():
         pytest.skip("this device runs the kernel")
     dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     q, k, v, table, kv_len = make_case("pool", 1, 2, 4, 16, 64, 16, [[40, 0]], torch.float16, device=dev)
     with pytest.raises(ValueError, match="sm_90"):
-        paged_attention(q, k, v, table, kv_len, scale=0.125, warp_specialized=True)
+        paged_attention(q, k, v, table, kv_len, scale=0.125, options=AttentionOptions(warp_specialized=True))
 
 
 def test_ws_launch_config():
@@ -183,13 +193,12 @@ def test_ws_launch_config():
     if not _sm90():
         assert not uses_warp_specialized(6, 32, 32, 128, 8, 16, 410, cpu, torch.bfloat16)
     for t, bm, rb in ((16, 64, 1), (5, 64, 1), (32, 128, 1), (64, 128, 2)):
-        plan = launch_config(2, 32, t, 128, 8, 16, 400, cpu, warp_specialized=True)
-        assert (plan["block_m"], plan["row_blocks"], plan["num_warps"], plan["block_n"], plan["num_stages"]) == \
-            (bm, rb, 4, 64, 4)
+        cfg = launch_config(2, 32, t, 128, 8, 16, 400, cpu, AttentionOptions(warp_specialized=True))
+        assert (cfg.block_m, cfg.row_blocks, cfg.num_warps, cfg.block_n, cfg.num_stages) == (bm, rb, 4, 64, 4)
     with pytest.raises(ValueError, match="block_m"):
-        launch_config(2, 32, 32, 128, 8, 16, 400, cpu, warp_specialized=True, block_m=64)
+        launch_config(2, 32, 32, 128, 8, 16, 400, cpu, AttentionOptions(warp_specialized=True, block_m=64))
     with pytest.raises(ValueError, match="num_warps"):
-        launch_config(2, 32, 32, 128, 8, 16, 400, cpu, warp_specialized=True, num_warps=8)
+        launch_config(2, 32, 32, 128, 8, 16, 400, cpu, AttentionOptions(warp_specialized=True, num_warps=8))
 
 
 COMPILE_CHECK = """

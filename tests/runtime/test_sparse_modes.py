@@ -223,10 +223,10 @@ def test_cuda_herald_compiles_no_kernel_per_prompt_length(cuda_model):
     """Prompts whose last prefill chunks (64 tokens here) differ in length, and whose contexts and
     selections differ in size, reuse the compiled attention kernels: a long-running server must not
     compile (and keep) a variant per request. The GPU soak found herald adding ~4 per request batch."""
-    from gpu_kernels.paged_attention import _merge_splits_kernel, _paged_attention_kernel
+    from gpu_kernels.attention_kernels import merge_splits_kernel, paged_attention_kernel
 
     def compiled():
-        return sum(len(cache[0]) for kernel in (_paged_attention_kernel, _merge_splits_kernel)
+        return sum(len(cache[0]) for kernel in (paged_attention_kernel, merge_splits_kernel)
                    for cache in kernel.device_caches.values())
 
     # the same batches, chunk counts and longest prompt (so the same split counts), other lengths:
