@@ -12,6 +12,7 @@ from benchmarks.recall import (BlockRecord, RecallSettings, analyze, entries_to_
 from runtime import Engine, EngineConfig
 from runtime.config import ModelConfig, RopeConfig
 from runtime.model import Transformer
+from training.tasks import generate_examples
 
 TINY = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-random"
 VOCAB, MASK, EOS = 48, 47, 46
@@ -166,6 +167,11 @@ def test_main_smoke_writes_json(tmp_path, capsys):
                  "--no-progress", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert {"rows", "query_cosine", "records", "settings", "model", "contexts", "notes"} <= set(data)
+    # No --split given: the prompt is the test split's first passkey instance (its whole blocks are the
+    # first record's context), and the JSON and header say so.
+    assert (data["split"], data["prompt_source"]) == ("test", "passkey (test split, seed 1234)")
+    prompt = generate_examples("passkey", 256, 1, 1234, split="test")[0].prompt
+    assert data["records"][0]["context"] == len(prompt) // data["block_size"] * data["block_size"]
     assert data["notes"] == [] or all("dense_layers" in n for n in data["notes"])
     variants = {r["variant"] for r in data["rows"]}
     assert {"mage", "herald-center", "mage-softmax", "herald-int4", "herald-int8", "quest", "oracle"} <= variants
@@ -176,6 +182,7 @@ def test_main_smoke_writes_json(tmp_path, capsys):
     assert len(data["query_cosine"]["by_layer_step"]) == 2
     printed = capsys.readouterr().out
     assert "attention mass captured" in printed and "MAGE property" in printed
+    assert "from passkey (test split, seed 1234)" in printed.splitlines()[0]
 
 
 def test_dumps_round_trips_and_keeps_series_on_one_line():
