@@ -78,8 +78,10 @@ def memory_state(device: torch.device) -> dict[str, int]:
     # type(), not isinstance: isinstance would touch lazily imported modules' deprecated attributes
     stores = [o for o in objects if issubclass(type(o), HostKVStore) and not o._closed]
     # which live tensors hold pinned memory, if any does: what to look for when the check fails
-    pinned = Counter(f"{tuple(o.shape)} {o.dtype}" for o in objects
-                     if type(o) is torch.Tensor and o.device.type == "cpu" and o.is_pinned()) if device.type == "cuda" else None
+    pinned = None
+    if device.type == "cuda":
+        pinned = Counter(f"{tuple(o.shape)} {o.dtype}" for o in objects
+                         if type(o) is torch.Tensor and o.device.type == "cpu" and o.is_pinned())
     live_tensor_bytes = tensor_bytes(objects)
     del objects  # RSS is read with the list of every object freed, as at every reading
     state = dict(rss_bytes=psutil.Process().memory_info().rss, tensor_bytes=live_tensor_bytes,
@@ -364,9 +366,10 @@ def print_table(rows: list[dict], meta: dict) -> None:
               f"{r['tokens']:>7} {r['tokens_per_s']:>7.1f} {rss:>26} {pinned:>12} {gpu:>15} "
               f"{'yes' if r['restored'] else 'NO':>8}")
         allowed = {name: check["allowed_growth"] for name, check in r["checks"].items() if "allowed_growth" in check}
+        gpu = f", GPU {allowed['gpu_allocated_bytes'] / MiB:.2f} MiB" if "gpu_allocated_bytes" in allowed else ""
         print(f"{'':>18} allowed growth (a leak of {LEAK_SHARE_OF_PAGE:g} of a {r['kv_page_bytes'] / 1024:g} KiB KV "
-              f"page per request): RSS {allowed['rss_bytes'] / MiB:.2f} MiB, tensors {allowed['tensor_bytes'] / MiB:.2f} "
-              f"MiB" + (f", GPU {allowed['gpu_allocated_bytes'] / MiB:.2f} MiB" if "gpu_allocated_bytes" in allowed else ""))
+              f"page per request): RSS {allowed['rss_bytes'] / MiB:.2f} MiB, "
+              f"tensors {allowed['tensor_bytes'] / MiB:.2f} MiB{gpu}")
         if r.get("rss_growth_second_half_mib") is not None:
             print(f"{'':>18} RSS grew {r['rss_growth_second_half_mib']:+.0f} MiB over the second half of the calls")
         for name, check in r["checks"].items():

@@ -92,8 +92,8 @@ def evaluate(engine: Engine, tasks: Sequence[str], contexts: Sequence[int], per_
     correct = {t: {str(c): correct[t][str(c)] for c in done} for t in tasks}
     mean = {str(c): sum(accuracy[t][str(c)] for t in tasks) / len(tasks) for c in done}
     return {"accuracy": accuracy, "mean": mean, "correct": correct, "total": per_task, "tasks": list(tasks),
-            "contexts": done, "skipped_contexts": skipped, "split": split, "seed": seed, "mode": engine.config.mode, "samples": samples,
-            "wall_s": round(wall, 2), "tokens_per_s": round(generated / wall, 1) if wall > 0 else 0.0}
+            "contexts": done, "skipped_contexts": skipped, "split": split, "seed": seed, "mode": engine.config.mode,
+            "samples": samples, "wall_s": round(wall, 2), "tokens_per_s": round(generated / wall, 1) if wall > 0 else 0.0}
 
 
 def accuracy_table(result: dict[str, Any], markdown: bool = False) -> str:

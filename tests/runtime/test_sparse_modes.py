@@ -208,7 +208,8 @@ class SelectionMass:
         forced_mass = (page_mass * forced).sum(-1)
         extra = (table >= 0).sum(-1) - forced.sum(-1)  # pages chosen beyond the forced ones
         heaviest = page_mass.masked_fill(~others, 0.0).sort(-1, descending=True).values.cumsum(-1)
-        best = forced_mass + torch.where(extra > 0, heaviest.gather(-1, (extra - 1).clamp(min=0)[..., None])[..., 0], 0.0)
+        chosen_mass = heaviest.gather(-1, (extra - 1).clamp(min=0)[..., None])[..., 0]  # the `extra` heaviest
+        best = forced_mass + torch.where(extra > 0, chosen_mass, 0.0)
         random = forced_mass + extra / others.sum(-1) * (page_mass * others).sum(-1)
         # exact for every call: the forced pages are read, and no choice of as many pages keeps more than the best
         assert bool((kept >= forced_mass - 1e-9).all() and (kept <= best + 1e-9).all()), (mode.name, layer)

@@ -112,7 +112,8 @@ def test_answer_is_where_the_question_points(length):
 
 
 def test_facts_sit_at_varied_depths():
-    depths = [ex.prompt.index("The pass key is") / len(ex.prompt) for ex in generate_examples("passkey", 2048, 40, 2, split="test")]
+    examples = generate_examples("passkey", 2048, 40, 2, split="test")
+    depths = [ex.prompt.index("The pass key is") / len(ex.prompt) for ex in examples]
     assert min(depths) < 0.2 and max(depths) > 0.8
 
 
