@@ -2,9 +2,11 @@
 
 Exact-match accuracy (training/tasks' checker) of `dense`, `mage`, `herald` (selection source
 `cpu`, `gpu-compact` and `split`) and `quest` at budgets of 1, 2, 5 and 10% of the context, at
-several context lengths, on held-out task instances (split "eval", fixed seed), every request
-batched through the Engine. With --recall, the attention mass each mode's selection captures
-(benchmarks/recall.py, on the first held-out instances of each task) sits beside the accuracy.
+several context lengths, on held-out task instances (the test split of training/tasks.py, which
+no training-time decision saw; fixed seed), every request batched through the Engine. With
+--recall, the attention mass each mode's selection captures (benchmarks/recall.py, on the first
+instances of each task, same split) sits beside the accuracy. The JSON and the printed header
+name the split.
 
     python -m benchmarks.accuracy --model checkpoints/<name> --contexts 1024 2048 4096 --per-task 20 --recall
 """
@@ -21,7 +23,7 @@ from tqdm.auto import tqdm
 from benchmarks.recall import RecallSettings, dumps, run_recall, task_prompts
 from runtime.config import EngineConfig, SparseConfig
 from runtime.engine import Engine
-from training.evaluate import evaluate
+from training.evaluate import add_split_argument, evaluate
 from training.tasks import TASKS
 
 # name -> (engine mode, selection source or None)
@@ -109,8 +111,9 @@ def mode_mass(recall_result: dict[str, Any], spec: str, budget_percent: float, c
 
 def run_configs(base: Engine, specs: Sequence[str], budgets: Sequence[float], contexts: Sequence[int],
                 tasks: Sequence[str], per_task: int, seed: int, sparse_kwargs: dict[str, Any],
-                engine_kwargs: dict[str, Any], progress: bool = True) -> list[dict[str, Any]]:
-    """Accuracy of every (mode spec, budget); dense once. One Engine per row, sharing the weights."""
+                engine_kwargs: dict[str, Any], progress: bool = True, *, split: str) -> list[dict[str, Any]]:
+    """Accuracy of every (mode spec, budget) on the (split, seed) instances; dense once. One Engine
+    per row, sharing the weights."""
     plan = [(s, None) if MODE_SPECS[s].mode == "dense" else (s, b) for s in specs
             for b in ([None] if MODE_SPECS[s].mode == "dense" else budgets)]
     rows = []
@@ -119,7 +122,7 @@ def run_configs(base: Engine, specs: Sequence[str], budgets: Sequence[float], co
         config = EngineConfig(model_path=base.config.model_path, mode=mode, progress=False,
                               sparse=sparse_config(spec, budget, **sparse_kwargs), **engine_kwargs)
         engine = Engine(config, model=base.model, tokenizer=base.tokenizer)
-        res = evaluate(engine, tasks, contexts, per_task, seed)
+        res = evaluate(engine, tasks, contexts, per_task, seed, split=split)
         means = list(res["mean"].values())
         rows.append({
             "spec": spec, "mode": mode, "source": source, "budget_percent": budget,
@@ -209,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS), help="percent of the context")
     p.add_argument("--modes", nargs="+", default=list(MODE_SPECS), choices=list(MODE_SPECS))
+    add_split_argument(p)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--page-size", type=int, default=SparseConfig.page_size)
     p.add_argument("--sink-tokens", type=int, default=SparseConfig.sink_tokens)
@@ -256,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     sparse_kwargs = dict(page_size=args.page_size, sink_tokens=args.sink_tokens, local_window=args.local_window,
                          dense_layers=args.dense_layers, compact_bits=args.compact_bits, compact_group=group)
     rows = run_configs(base, args.modes, args.budgets, args.contexts, args.tasks, args.per_task, args.seed,
-                       sparse_kwargs, engine_kwargs, progress)
+                       sparse_kwargs, engine_kwargs, progress, split=args.split)
     result: dict[str, Any] = {
         "model": str(args.model), "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
         "contexts": args.contexts, "tasks": args.tasks, "per_task": args.per_task, "seed": args.seed,
-        "split": "eval", "budgets_percent": args.budgets, "sparse": sparse_kwargs, "unmasking": args.unmasking,
+        "split": args.split, "budgets_percent": args.budgets, "sparse": sparse_kwargs, "unmasking": args.unmasking,
         "block_size": base.settings.block_size, "steps": base.settings.steps, "rows": rows, "notes": notes,
     }
     if args.recall:
@@ -275,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         result["recall"] = {}
         for c in args.contexts:
             prompts = [ids for task in args.tasks
-                       for ids in task_prompts(recall_engine, task, [c], args.recall_examples, args.seed)]
+                       for ids in task_prompts(recall_engine, task, [c], args.recall_examples, args.seed,
+                                                   split=args.split)]
             rec = run_recall(recall_engine, prompts, args.recall_blocks, settings, progress=progress)
             result["recall"][str(c)] = {k: rec[k] for k in ("rows", "query_cosine", "records", "notes")}
             for row in rows:
@@ -284,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                                      args.page_size, model.num_layers, args.dense_layers)
                     row.setdefault("mass", {})[str(c)] = mass
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    print(f"{args.model}: {len(args.tasks)} task(s) x {args.per_task} held-out instance(s) (seed {args.seed}) per "
+    print(f"{args.model}: {len(args.tasks)} task(s) x {args.per_task} instance(s) of the {args.split} split "
+          f"(seed {args.seed}) per "
           f"context, {base.device} {result['dtype']}, block {result['block_size']}, {args.unmasking} unmasking, "
           f"pages of {args.page_size}, sinks {args.sink_tokens}, window {args.local_window}; {result['wall_s']} s")
     mass_note = "; mass = attention mass the mode's selection captures, mean over its sparse layers"

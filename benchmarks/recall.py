@@ -49,6 +49,7 @@ from runtime.decoding import GenerationRequest
 from runtime.engine import Engine
 from runtime.generate import BlockDiffusionLoop
 from runtime.selection import page_scores_from_tokens, select_pages, select_tokens, selection_queries
+from training.evaluate import add_split_argument
 from training.tasks import TASKS, generate_examples
 
 STEP0_VARIANTS = ("mage", "herald-center", "herald-positions", "mage-softmax", "herald-int4", "herald-int8",
@@ -684,12 +685,14 @@ def dumps(result: dict[str, Any]) -> str:
     return _NUMBER_LIST.sub(lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text) + "\n"
 
 
-def task_prompts(engine: Engine, task: str, contexts: Sequence[int], examples: int, seed: int) -> list[list[int]]:
-    """Token ids of held-out task instances (training/tasks, split "eval") at each context."""
+def task_prompts(engine: Engine, task: str, contexts: Sequence[int], examples: int, seed: int, *,
+                 split: str) -> list[list[int]]:
+    """Token ids of the first `examples` task instances of the (split, seed) stream (training/tasks) at
+    each context."""
     if engine.tokenizer is None:
         raise ValueError(f"{engine.config.model_path} has no tokenizer: pass --prompt-ids instead of tasks")
     return [engine.tokenizer.encode(ex.prompt) for c in contexts
-            for ex in generate_examples(task, c, examples, seed, split="eval")]
+            for ex in generate_examples(task, c, examples, seed, split=split)]
 
 
 def _cell(row: dict | None) -> str:
@@ -832,7 +835,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, nargs="+", default=[2048],
                    help="context lengths of the task instances (tokens)")
     p.add_argument("--task", default="passkey", choices=TASKS)
-    p.add_argument("--examples", type=int, default=1, help="held-out instances per context")
+    p.add_argument("--examples", type=int, default=1, help="task instances per context")
+    add_split_argument(p)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--prompt-ids", type=Path, default=None,
                    help="JSON file with a list of token ids (or a list of such lists) instead of task instances")
@@ -877,11 +881,12 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [data] if data and isinstance(data[0], int) else data
         source = str(args.prompt_ids)
     else:
-        prompts = task_prompts(engine, args.task, args.context, args.examples, args.seed)
-        source = f"{args.task} (held-out, seed {args.seed})"
+        prompts = task_prompts(engine, args.task, args.context, args.examples, args.seed, split=args.split)
+        source = f"{args.task} ({args.split} split, seed {args.seed})"
     result = run_recall(engine, prompts, args.blocks, settings, store_device=args.store_device,
                         progress=not args.no_progress)
     result["prompt_source"] = source
+    result["split"] = None if args.prompt_ids is not None else args.split  # None: the prompts are the file's
     print(f"{args.model}: {len(prompts)} prompt(s) from {source}, {args.blocks} block(s) each, contexts "
           f"{sorted(set(result['contexts']))}, B={result['block_size']}, {result['steps']} steps "
           f"({result['unmasking']}), {result['device']} {result['dtype']}; record {result['record_s']} s, "

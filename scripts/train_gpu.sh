@@ -26,7 +26,7 @@ export PYTHONUNBUFFERED=1
 
 # Recipe (why: training/train.py docstring): 4.75M-param Qwen3 (6 layers, hidden 256, 8/4 heads of 32),
 # block 4; curriculum pass key alone at 128 tokens -> all four tasks at 128 -> 256 -> ... -> MAX_CONTEXT,
-# each level left when every task reaches 0.9 held-out accuracy (evaluated every 15 s) or by a time
+# each level left when every task reaches 0.9 validation accuracy (evaluated every 15 s) or by a time
 # floor reaching MAX_CONTEXT at 80% of training (one level per 16%); 16K tokens per step (128 examples at 128 tokens,
 # 8 at 2048), batches made ahead by 4 worker processes.
 "${PYTHON:-python3}" -m training.train \

@@ -14,12 +14,13 @@ aligns them):
 The curriculum is a list of levels (context length, tasks). Retrieval is learnt fastest where it
 is easiest, so it starts at the shortest context with the pass-key task alone (one number to copy:
 the model learns to find and copy digits), then all tasks at that context, then doubles the
-context. A level is left when the periodic held-out evaluation reaches `advance_at` on every one
+context. A level is left when the periodic validation evaluation reaches `advance_at` on every one
 of its tasks (or, with advance_on="mean", on their mean), or when a time floor says so (so the
 run always ends at the longest context). Within a level, tasks are drawn with weight
 `1 - accuracy` (at least `min_task_weight`): the steps go to what is not learnt yet. A level may
 also vary its tasks for training (training.tasks.TaskOptions, e.g. shorter vartrack chains in a
-warm-up level); held-out evaluations always measure the unvaried tasks.
+warm-up level); evaluations always measure the unvaried tasks. The evaluations draw the validation
+split (training/tasks.py), never the test split that reported numbers come from.
 """
 from __future__ import annotations
 
@@ -357,7 +358,7 @@ ADVANCE_RULES = ("all", "mean")
 class Curriculum:
     """The level each step trains at: max(the level evaluations earned, the time floor).
 
-    advance_at: leave a level when every one of its tasks scores at least this in a held-out
+    advance_at: leave a level when every one of its tasks scores at least this in a validation
     evaluation at its context (advance_on="all"), or their mean does (advance_on="mean": one slow
     task does not hold every other back at a short context); None: never, the time floor alone
     moves. ramp_end: the fraction of training by which the time floor reaches the last level.
@@ -401,7 +402,7 @@ class Curriculum:
         return max(self.earned, self.floor_at(progress))
 
     def record(self, level: int, accuracy: dict[str, float], step: int, elapsed: float) -> bool:
-        """Take a held-out evaluation of `level` (task -> accuracy at its context); True if it earned
+        """Take a validation evaluation of `level` (task -> accuracy at its context); True if it earned
         the next level."""
         self.accuracy.update(accuracy)
         lv = self.levels[level]

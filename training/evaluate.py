@@ -3,8 +3,10 @@
     python -m training.evaluate --model DIR --contexts 512 1024 2048 4096 --per-task 50 --seed 1234
 
 Runs the real inference path (runtime.engine.Engine, greedy, the chosen attention mode) on
-held-out examples (training/tasks.py, split "eval"), prints a task x context table and writes
-JSON. `evaluate(engine, ...)` is the reusable part (the accuracy benchmark calls it with any mode).
+held-out examples of the test split (training/tasks.py: a stream no training-time decision saw;
+`--split validation` measures the stream training selected on instead), prints a task x context
+table and writes JSON, both naming the split. `evaluate(engine, ...)` is the reusable part (the
+accuracy benchmark calls it with any mode, training's periodic evaluations on the validation split).
 """
 from __future__ import annotations
 
@@ -20,11 +22,24 @@ from runtime.decoding import GenerationRequest
 from runtime.engine import Engine
 from training.tasks import ANSWER_ROOM, TASKS, generate_examples
 
+# The splits a command that reports numbers may draw; test unless validation is asked for by name.
+REPORTED_SPLITS = ("test", "validation")
+
+
+def add_split_argument(parser: argparse.ArgumentParser) -> None:
+    """--split of a command that reports numbers: test by default, so no reported figure comes from
+    the instances training selected on unless the command line says so (and the output names it)."""
+    parser.add_argument("--split", default="test", choices=REPORTED_SPLITS,
+                        help="task stream of the instances: test (no training-time decision saw it) or validation "
+                             "(the one training's curriculum and model choice used; to compare with a train_summary)")
+
 
 def evaluate(engine: Engine, tasks: Sequence[str], contexts: Sequence[int], per_task: int, seed: int,
-             *, max_new_tokens: int = ANSWER_ROOM, samples_per_cell: int = 1,
+             *, split: str, max_new_tokens: int = ANSWER_ROOM, samples_per_cell: int = 1,
              deadline: float | None = None) -> dict[str, Any]:
-    """Greedy exact-match accuracy per task and context on `per_task` held-out examples each.
+    """Greedy exact-match accuracy per task and context on `per_task` examples each of the (split,
+    seed) stream (training/tasks.py SPLITS: "validation" for training's decisions, "test" for
+    reported numbers; no default, so every caller names it).
 
     Contexts run in the order given. deadline (a time.perf_counter() value): a context after the
     first is skipped when its estimated time (the previous context's, scaled by length) would end
@@ -32,7 +47,8 @@ def evaluate(engine: Engine, tasks: Sequence[str], contexts: Sequence[int], per_
 
     Returns {"accuracy": {task: {str(context): fraction}}, "mean": {str(context): fraction},
     "correct"/"total" in the same layout, "samples": a few (prompt tail, answer, prediction),
-    "contexts" (evaluated, ascending), "skipped_contexts", "tokens_per_s", "wall_s", and the arguments}.
+    "contexts" (evaluated, ascending), "skipped_contexts", "tokens_per_s", "wall_s", and the arguments
+    (split and seed included)}.
     """
     if per_task < 1:
         raise ValueError(f"per_task={per_task} must be >= 1")
@@ -55,7 +71,7 @@ def evaluate(engine: Engine, tasks: Sequence[str], contexts: Sequence[int], per_
                 skipped.append(ctx)
                 continue
         t_ctx = time.perf_counter()
-        examples = [ex for task in tasks for ex in generate_examples(task, ctx, per_task, seed, split="eval")]
+        examples = [ex for task in tasks for ex in generate_examples(task, ctx, per_task, seed, split=split)]
         requests = [GenerationRequest(prompt=ex.prompt, max_new_tokens=max_new_tokens, request_id=str(i))
                     for i, ex in enumerate(examples)]
         results = engine.generate(requests)
@@ -76,8 +92,8 @@ def evaluate(engine: Engine, tasks: Sequence[str], contexts: Sequence[int], per_
     correct = {t: {str(c): correct[t][str(c)] for c in done} for t in tasks}
     mean = {str(c): sum(accuracy[t][str(c)] for t in tasks) / len(tasks) for c in done}
     return {"accuracy": accuracy, "mean": mean, "correct": correct, "total": per_task, "tasks": list(tasks),
-            "contexts": done, "skipped_contexts": skipped, "seed": seed, "mode": engine.config.mode, "samples": samples,
-            "wall_s": round(wall, 2), "tokens_per_s": round(generated / wall, 1) if wall > 0 else 0.0}
+            "contexts": done, "skipped_contexts": skipped, "split": split, "seed": seed, "mode": engine.config.mode,
+            "samples": samples, "wall_s": round(wall, 2), "tokens_per_s": round(generated / wall, 1) if wall > 0 else 0.0}
 
 
 def accuracy_table(result: dict[str, Any], markdown: bool = False) -> str:
@@ -102,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint folder")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     p.add_argument("--per-task", type=int, default=50)
+    add_split_argument(p)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--mode", default="dense", choices=ATTENTION_MODES)
@@ -118,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(EngineConfig(model_path=args.model, mode=args.mode, device=args.device, dtype=args.dtype,
                                  attention_backend=args.attention_backend, max_batch_size=args.max_batch_size,
                                  progress=False))
-    result = evaluate(engine, args.tasks, args.contexts, args.per_task, args.seed)
+    result = evaluate(engine, args.tasks, args.contexts, args.per_task, args.seed, split=args.split)
     result.update(model=str(args.model), device=str(engine.device), dtype=str(engine.dtype))
     print(f"{args.model}: mode {args.mode}, {engine.device}, {engine.dtype}, {args.per_task} per task, "
-          f"seed {args.seed}, {result['wall_s']} s")
+          f"{args.split} split, seed {args.seed}, {result['wall_s']} s")
     print(accuracy_table(result))
     out = args.json_out or Path(args.model) / f"eval_{args.mode}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")

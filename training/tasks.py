@@ -22,11 +22,19 @@ the answer and its end-of-sequence token: prompt + answer + EOS always fits in `
 
 Determinism: example i of (split, seed, task, length) comes from its own `random.Random` seeded
 with that tuple as a string (hashed with SHA-512 by the standard library, so stable across runs
-and machines), so held-out examples (split "eval") never share a stream with training ones.
+and machines). The split is the key's first field and one of `SPLITS` (any other name is
+refused), so two splits never share a stream, whatever the seeds:
+- `train`: training batches (training/data.py);
+- `validation`: every decision taken while training: the periodic evaluations that move the
+  curriculum and weight the tasks, the final evaluation in a checkpoint's train_summary /
+  README, and training/variants.py's choice of the best recipe;
+- `test`: reported numbers (training.evaluate, benchmarks.accuracy, benchmarks.recall's task
+  prompts), never seen by a training-time decision;
+- `demo`: the display prompts shipped with a checkpoint (demo_prompts.json), never scored.
 
 `TaskOptions` varies the tasks for training only (shorter or longer vartrack chains, questions
 about any variable, kv keys that differ from the asked one in a single character); its defaults
-build exactly the held-out tasks, drawing the same random numbers as before it existed.
+build exactly the evaluated tasks, drawing the same random numbers as before it existed.
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 TASKS = ("passkey", "multikey", "kv", "vartrack")
+SPLITS = ("train", "validation", "test", "demo")  # the example streams (module docstring: who draws which)
 MAX_VARTRACK_CHAIN = 3  # names in an asked chain: its worked answer (2 names + 6 digits = 18) must fit its room
 # Characters kept free after each task's prompt: its longest answer + EOS, rounded up to blocks (a number: 6 + 1;
 # vartrack's worked answer: 18 + 1). ANSWER_ROOM, the largest, is the generation limit an evaluation needs.
@@ -305,16 +314,23 @@ def make_example(task: str, length: int, rng: random.Random, options: TaskOption
 
 
 def example_rng(split: str, seed: int, task: str, length: int, index: int) -> random.Random:
-    """The random stream of one example; `split` ("train" / "eval") keeps held-out data apart."""
+    """The random stream of one example. The key starts with `split`, one of SPLITS, none of which
+    holds a "/": the key's text before its first "/" is the split, so keys (and streams) of
+    different splits differ whatever the other fields. The train key is the one training has
+    always used: its examples are unchanged."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is unknown; choose from {SPLITS}")
     return random.Random(f"{split}/{seed}/{task}/{length}/{index}")
 
 
-def generate_examples(task: str, length: int, count: int, seed: int, split: str = "eval",
+def generate_examples(task: str, length: int, count: int, seed: int, *, split: str,
                       start: int = 0, options: TaskOptions | None = None) -> list[Example]:
-    """Examples start .. start+count-1 of the (split, seed, task, length) stream."""
+    """Examples start .. start+count-1 of the (split, seed, task, length) stream.
+
+    split has no default: every caller names the stream it draws (SPLITS)."""
     return [make_example(task, length, example_rng(split, seed, task, length, i), options)
             for i in range(start, start + count)]
 
 
-__all__ = ["TASKS", "ANSWER_ROOM", "ANSWER_ROOMS", "MAX_VARTRACK_CHAIN", "MIN_LENGTH", "TaskOptions", "DEFAULT_OPTIONS", "Example", "exact_match", "filler",
+__all__ = ["TASKS", "SPLITS", "ANSWER_ROOM", "ANSWER_ROOMS", "MAX_VARTRACK_CHAIN", "MIN_LENGTH", "TaskOptions", "DEFAULT_OPTIONS", "Example", "exact_match", "filler",
            "longest_vartrack_chain", "make_example", "example_rng", "generate_examples"]

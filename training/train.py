@@ -25,7 +25,7 @@ pass-key warm-up (4 layers: 0.97 at step 279) the others rise: at 128 tokens, 16
 multikey 0.94 / kv 0.66 / vartrack 0.25 after 5000 steps, 1.00 / 0.91 / 0.44 after 10000. Positions
 do not generalise (0% at 256 tokens for that model) but adapt fast once trained on (800 examples
 at 256: pass key 0.75, multikey 0.81, kv 0.56). So the run starts with the pass key at the
-shortest context, many examples per step, and doubles the context once the held-out accuracy says
+shortest context, many examples per step, and doubles the context once the validation accuracy says
 the tasks are learnt, or when the time floor says so: every length up to the longest is trained.
 
 Variable tracking needed more than that. Asked for a bare number, it was a composition of 1-2
@@ -36,6 +36,11 @@ first) did not teach it either (0.33-0.59). Its answer is now worked (training/t
 `RTE = MPL = QXJ = 48213`): each step is the cloze lookup the other tasks ask, and the 6.3M
 default model answers it 0.98 at 2048 tokens. `--level-shares` shapes the time floor (more time
 where skills are learnt and at the trained length); training/variants.py names the recipes compared.
+
+Evaluations: every evaluation this module runs (the periodic ones that move the curriculum and
+weight the tasks, and the final one written to the summary and README) draws the validation split
+of training/tasks.py, the instances training's decisions are taken on; reported numbers come from
+`training.evaluate` and the benchmarks, on the test split no decision here saw.
 
 Time: `--minutes` bounds the whole run. Training stops `--final-eval-seconds` before the end; the
 checkpoint is saved, then the final evaluation runs contexts (the trained length first) while they
@@ -202,11 +207,13 @@ def inference_engine(model: Transformer, tokenizer: Tokenizer, device: torch.dev
 def quick_eval(model: Transformer, tokenizer: Tokenizer, device: torch.device, args: argparse.Namespace,
                contexts: list[int], per_task: int, tasks: list[str] | None = None,
                deadline: float | None = None) -> dict[str, Any]:
-    """Held-out exact-match accuracy of the model as it is now (training/evaluate.py on the dense engine)."""
+    """Exact-match accuracy of the model as it is now on the validation split (training/evaluate.py on the
+    dense engine): what training's decisions are taken on, never a reported number."""
     was_training = model.training
     engine = inference_engine(model, tokenizer, device, max_batch_size=args.eval_batch,
                               attention_backend=args.eval_backend)
-    result = evaluate(engine, tasks or args.tasks, contexts, per_task, args.eval_seed, deadline=deadline)
+    result = evaluate(engine, tasks or args.tasks, contexts, per_task, args.validation_seed, split="validation",
+                      deadline=deadline)
     model.train(was_training)
     return result
 
@@ -243,7 +250,8 @@ def save_folder(model: Transformer, cfg: dict[str, Any], out: Path, tokenizer: T
 
 
 def demo_prompts(context: int, tasks: tuple[str, ...] = ("passkey", "kv", "vartrack")) -> list[dict[str, Any]]:
-    """Long-context demo prompts at the trained length, from a stream no training or eval uses."""
+    """Long-context demo prompts at the trained length, from the demo split (training/tasks.py), which
+    no training, evaluation or benchmark draws."""
     out = []
     for task in tasks:
         ex = generate_examples(task, context, 1, seed=0, split="demo")[0]
@@ -296,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-context", type=int, default=None, help=f"default: min({MIN_LENGTH}, --max-context)")
     g.add_argument("--max-context", type=int, default=2048)
     g.add_argument("--advance-at", type=float, default=0.9,
-                   help="held-out accuracy every task of a level must reach to move to the next (0: only the "
+                   help="validation accuracy every task of a level must reach to move to the next (0: only the "
                         "time floor moves)")
     g.add_argument("--ramp-end", type=float, default=0.8,
                    help="fraction of training by which the time floor reaches the last level")
@@ -343,9 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"eval's time (0: none, and then only the time floor moves the curriculum); default {GPU_DEFAULTS['eval_every']:g} on CUDA, "
                         f"{CPU_DEFAULTS['eval_every']:g} on CPU")
     g.add_argument("--eval-per-task", type=int, default=None,
-                   help="held-out examples per task in the quick evals; default "
+                   help="validation examples per task in the quick evals; default "
                         f"{GPU_DEFAULTS['eval_per_task']} on CUDA, {CPU_DEFAULTS['eval_per_task']} on CPU")
-    g.add_argument("--eval-seed", type=int, default=1234)
+    g.add_argument("--validation-seed", type=int, default=1234,
+                   help="seed of the validation split every evaluation here draws (training/tasks.py)")
     g.add_argument("--eval-batch", type=int, default=64, help="engine max_batch_size in evals")
     g.add_argument("--eval-backend", default="auto", choices=("auto", "torch", "triton"),
                    help="DenseAttention backend of the evals (auto: triton on CUDA)")
@@ -472,7 +481,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                        "device": str(device), "device_name": device_name, "torch": torch.__version__,
                        "command": getattr(args, "command", None), "last_quick_eval": log["evals"][-1] if log["evals"] else None}
         if final is not None:
-            out_summary.update(accuracy=final["accuracy"], mean=final["mean"], contexts=final["contexts"],
+            out_summary.update(split=final["split"], seed=final["seed"], accuracy=final["accuracy"],
+                               mean=final["mean"], contexts=final["contexts"],
                                skipped_contexts=final["skipped_contexts"], per_task=final["total"],
                                final_eval_s=final["wall_s"], table=accuracy_table(final))
         return out_summary
@@ -666,7 +676,7 @@ SDAR/BD3-LM style: [clean sequence ; {args.noisy_copies} noisy copies of the ans
 block-causal, each noisy block sees the clean positions before it and itself; answer positions
 masked with probability t ~ U({args.eps}, 1); cross-entropy on masked positions (weighting:
 {args.loss_weighting}). Curriculum levels (context:tasks) {levels}; a level is left when {rule}
-reaches {args.advance_at:g} held-out accuracy{" (on the unvaried tasks)" if options_text(cur.levels[-1].options) or args.vartrack_warmup_chain else ""}, or by a time floor {floor}; moves: {moves}. Tasks drawn with weight 1 - accuracy (at least
+reaches {args.advance_at:g} validation accuracy{" (on the unvaried tasks)" if options_text(cur.levels[-1].options) or args.vartrack_warmup_chain else ""}, or by a time floor {floor}; moves: {moves}. Tasks drawn with weight 1 - accuracy (at least
 {args.min_task_weight:g}); {args.replay:.0%} of steps replay a shorter context. {args.tokens_per_batch} tokens per
 batch, AdamW lr {args.lr:g} (warmup {args.warmup:.0%}, cosine to {args.min_lr_ratio:g}x), weight decay
 {args.weight_decay}, clip {args.clip}, {"bf16 autocast" if log["device"].startswith("cuda") else "fp32"}.
@@ -674,12 +684,14 @@ batch, AdamW lr {args.lr:g} (warmup {args.warmup:.0%}, cosine to {args.min_lr_ra
 
 Command: `{cmd}`
 
-## Measured accuracy (exact match, dense engine, greedy, held-out seed {args.eval_seed}, \
+## Measured accuracy (exact match, dense engine, greedy, validation split seed {args.validation_seed}, \
 {args.final_per_task} per task and context)
 {accuracy_table(final, markdown=True)}
 
+These instances come from the validation split, the stream the curriculum moved on. For a number to report, measure the
+test split, which no training-time decision saw:
+`python -m training.evaluate --model <this folder> --contexts 512 1024 2048 4096 --per-task 50`.
 `training_log.json` holds the loss curve, the periodic evaluations, the curriculum moves and the arguments.
-Re-measure: `python -m training.evaluate --model <this folder> --contexts 512 1024 2048 4096 --per-task 50`.
 """
 
 

@@ -9,7 +9,10 @@ flags win), so `baseline` (no arguments) is the shipped recipe. scripts/train_va
 several into WORK_DIR/<name>/ (ckpt/, train.log, train_summary.json) at the same time, then calls
 `summarize`: a table of each variant's accuracy at the trained length, every variant's full
 task x context table, and the best by mean accuracy at the trained length (ties: the higher
-worst task), in WORK_DIR/variants_summary.{json,md}. `--pack-to` also writes each variant's
+worst task), in WORK_DIR/variants_summary.{json,md}. The accuracies are each run's final
+evaluation, on the validation split (training/tasks.py): choosing a recipe is a training-time
+decision, so its numbers are not the ones to report; measure the chosen checkpoint on the test
+split with `python -m training.evaluate` for that. `--pack-to` also writes each variant's
 folder as one tar (<name>.tar) beside a copy of the summary, for transfers that take few files.
 """
 from __future__ import annotations
@@ -159,7 +162,8 @@ def report_markdown(comparison: dict[str, Any]) -> str:
     tasks = next((list(r["accuracy_at_length"]) for r in rows if "accuracy_at_length" in r), [])
     head = ["variant", *tasks, "mean", "min", "steps", "params", "train s", "status"]
     lines = ["# Training variants", "",
-             f"Exact match at the trained length (held-out); best by mean: **{comparison['best'] or 'none'}**; "
+             f"Exact match at the trained length (validation split: the stream this choice is made on; report "
+             f"test-split numbers from training.evaluate); best by mean: **{comparison['best'] or 'none'}**; "
              f"target {comparison['target']:g} on every task.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

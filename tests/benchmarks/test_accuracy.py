@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from benchmarks.accuracy import MODE_SPECS, main, mode_mass, recall_variant, sparse_config
+from training.tasks import generate_examples
 
 TINY = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-random"
 
@@ -52,20 +53,47 @@ def test_mode_mass_averages_the_modes_sparse_layers():
 
 def test_main_smoke_writes_json(tmp_path, capsys):
     out = tmp_path / "accuracy.json"
-    assert main(["--model", str(TINY), "--contexts", "256", "--per-task", "1", "--tasks", "passkey", "kv",
+    tasks = ("passkey", "kv")
+    assert main(["--model", str(TINY), "--contexts", "256", "--per-task", "1", "--tasks", *tasks,
                  "--budgets", "5", "10", "--recall", "--recall-blocks", "2", "--dense-layers", "1",
                  "--device", "cpu", "--no-plot", "--no-progress", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert {"model", "contexts", "tasks", "rows", "recall", "per_task", "seed", "split"} <= set(data)
+    # No --split given: the reported numbers come from the test split, which no training-time decision saw.
+    assert (data["split"], data["seed"]) == ("test", 1234)
+    first = {task: generate_examples(task, 256, 1, 1234, split="test")[0] for task in tasks}
+    validation = {task: generate_examples(task, 256, 1, 1234, split="validation")[0] for task in tasks}
     labels = [r["label"] for r in data["rows"]]
     assert labels[0] == "dense" and len(labels) == 1 + 2 * (len(MODE_SPECS) - 1)
     assert {(r["mode"], r["source"]) for r in data["rows"]} >= {("herald", "cpu"), ("herald", "gpu-compact"),
                                                                 ("herald", "split"), ("quest", None)}
+    recall_rows = data["recall"]["256"]["rows"]
     for r in data["rows"]:
-        assert set(r["accuracy"]) == {"passkey", "kv"}
-        assert 0.0 <= r["mean"]["256"] <= 1.0
-        assert r["mass"]["256"] is not None and 0.0 < r["mass"]["256"] <= 1.0 + 1e-6
-    assert data["rows"][0]["mass"]["256"] == 1.0
+        assert set(r["accuracy"]) == set(tasks)
+        # one instance per task: each cell is its verdict, the mean their average (over the one context too)
+        for task in tasks:
+            assert r["accuracy"][task]["256"] == r["correct"][task]["256"] / 1
+        assert r["mean"]["256"] == pytest.approx(sum(r["accuracy"][t]["256"] for t in tasks) / len(tasks))
+        assert r["mean_all"] == pytest.approx(r["mean"]["256"])
+        # every row ran the test split's first instance of each task, judged by the checker
+        assert [s["task"] for s in r["samples"]] == list(tasks)
+        for sample in r["samples"]:
+            ex = first[sample["task"]]
+            assert (sample["prompt_tail"], sample["answer"]) == (ex.prompt[-80:], ex.answer)
+            assert sample["prompt_tail"] != validation[sample["task"]].prompt[-80:]
+            assert sample["correct"] == ex.check(sample["prediction"])
+            assert r["correct"][sample["task"]]["256"] == int(sample["correct"])
+        # the mass column: dense keeps everything; a sparse row, the recall row of its selection at the
+        # one sparse layer of this 2-layer model (--dense-layers 1)
+        if r["mode"] == "dense":
+            assert r["mass"]["256"] == 1.0
+            continue
+        variant, granularity, aggregate = recall_variant(r["spec"], data["sparse"]["compact_bits"],
+                                                         data["sparse"]["page_size"])
+        [row] = [x for x in recall_rows if (x["variant"], x["granularity"], x["aggregate"], x["budget"])
+                 == (variant, granularity, aggregate, f"{r['budget_percent']:g}%")]
+        assert r["mass"]["256"] == row["mass_by_layer"][1]
     assert len(data["recall"]["256"]["query_cosine"]["by_layer"]) == 2
     printed = capsys.readouterr().out
     assert "herald-gpu-compact 5%" in printed and "256:mean" in printed
+    assert "1 instance(s) of the test split (seed 1234)" in printed.splitlines()[0]

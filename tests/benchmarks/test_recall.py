@@ -10,8 +10,9 @@ from benchmarks.recall import (BlockRecord, RecallSettings, analyze, entries_to_
                                mass_and_recall_per_step, mean_probs, pages_to_tokens, quest_bounds, ranks_of,
                                record)
 from runtime import Engine, EngineConfig
-from runtime.config import ModelConfig, RopeConfig
+from runtime.config import ModelConfig, RopeConfig, SparseConfig
 from runtime.model import Transformer
+from training.tasks import generate_examples
 
 TINY = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-random"
 VOCAB, MASK, EOS = 48, 47, 46
@@ -166,16 +167,40 @@ def test_main_smoke_writes_json(tmp_path, capsys):
                  "--no-progress", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert {"rows", "query_cosine", "records", "settings", "model", "contexts", "notes"} <= set(data)
-    assert data["notes"] == [] or all("dense_layers" in n for n in data["notes"])
+    # No --split given: the prompt is the test split's first passkey instance (its whole blocks are the
+    # first record's context), and the JSON and header say so.
+    assert (data["split"], data["prompt_source"]) == ("test", "passkey (test split, seed 1234)")
+    prompt = generate_examples("passkey", 256, 1, 1234, split="test")[0].prompt
+    assert data["records"][0]["context"] == len(prompt) // data["block_size"] * data["block_size"]
+    # tiny-random's 2 layers are both within the default dense_layers (2): the averages cover both, said so
+    assert data["averaged_layers"] == [0, 1]
+    assert data["notes"] == ["the model has 2 layers, all within dense_layers=2: averages cover every layer"]
     variants = {r["variant"] for r in data["rows"]}
     assert {"mage", "herald-center", "mage-softmax", "herald-int4", "herald-int8", "quest", "oracle"} <= variants
     assert {r["granularity"] for r in data["rows"]} == {"token", "page8", "page16"}
+    contexts = [rec["context"] for rec in data["records"]]
+    sinks, window = SparseConfig.sink_tokens, SparseConfig.local_window
     for r in data["rows"]:
-        assert 0.0 <= r["mass"] <= 1.0 + 1e-6 and 0.0 <= r["recall"] <= 1.0 + 1e-6
+        # every layer averages the same blocks and steps: the means are the per-layer means' mean
+        # (those are rounded to 5 decimals)
+        assert r["mass"] == pytest.approx(sum(r["mass_by_layer"]) / 2, abs=1e-5)
+        assert r["recall"] == pytest.approx(sum(r["recall_by_layer"]) / 2, abs=1e-5)
+        # selected tokens per block over the share of the context: the mean context of the blocks
+        assert r["selected_tokens"] / r["selected_share"] == pytest.approx(sum(contexts) / len(contexts))
+        if "refetch" in r:
+            moved, kept = r["refetch"]["pages_fetched"], r["refetch"]["pages_reused"]
+            assert r["refetch"]["fetched_share"] == moved / (moved + kept)
+        if r["granularity"] == "token" and r["budget"] == "64":  # the sinks, the window and 64 chosen tokens
+            assert r["selected_tokens"] == sinks + window + 64
+    # at token level the step oracle (the heaviest tokens of each step) keeps at least any selection of as many
+    token = {(r["variant"], r["budget"]): r for r in data["rows"] if r["granularity"] == "token"}
+    for (variant, budget), r in token.items():
+        assert token[("oracle", budget)]["mass"] >= r["mass"] - 1e-9, (variant, budget)
     assert any("refetch" in r for r in data["rows"])
     assert len(data["query_cosine"]["by_layer_step"]) == 2
     printed = capsys.readouterr().out
     assert "attention mass captured" in printed and "MAGE property" in printed
+    assert "from passkey (test split, seed 1234)" in printed.splitlines()[0]
 
 
 def test_dumps_round_trips_and_keeps_series_on_one_line():

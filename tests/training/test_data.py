@@ -144,7 +144,8 @@ def test_levels_carry_task_options_into_the_batches():
 
 
 def test_training_batches_never_hold_held_out_examples():
-    held_out = {ex.prompt for task in TASKS for ex in generate_examples(task, 128, 100, seed=0)}
+    held_out = {ex.prompt for task in TASKS for split in ("validation", "test")
+                for ex in generate_examples(task, 128, 100, seed=0, split=split)}
     encode = CharEncoder(TOKENIZER)
     s = settings(seed=0)  # the training seed equal to the evaluation seed: the split still separates them
     for index in range(4):

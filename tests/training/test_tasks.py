@@ -1,31 +1,69 @@
 """The synthetic retrieval tasks: deterministic, exact lengths, and the answer is where the question points."""
+import hashlib
+import itertools
 import re
 
 import pytest
 
 from runtime.tokenizer import DEFAULT_ALPHABET
-from training.tasks import (ANSWER_ROOMS, MAX_VARTRACK_CHAIN, MIN_LENGTH, TASKS, TaskOptions, exact_match, filler,
-                            generate_examples, longest_vartrack_chain, make_example)
+from training.tasks import (ANSWER_ROOMS, MAX_VARTRACK_CHAIN, MIN_LENGTH, SPLITS, TASKS, TaskOptions, example_rng,
+                            exact_match, filler, generate_examples, longest_vartrack_chain, make_example)
 
 LENGTHS = (MIN_LENGTH, 256, 1000, 4096)
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_same_seed_same_examples_and_splits_differ(task):
-    a = generate_examples(task, 512, 5, seed=3)
-    assert a == generate_examples(task, 512, 5, seed=3)
+def test_same_seed_same_examples_and_seeds_differ(task):
+    a = generate_examples(task, 512, 5, seed=3, split="test")
+    assert a == generate_examples(task, 512, 5, seed=3, split="test")
     # Example i does not depend on how many were asked for.
-    assert generate_examples(task, 512, 2, seed=3, start=3) == a[3:5]
-    other_seed = generate_examples(task, 512, 5, seed=4)
-    train = generate_examples(task, 512, 5, seed=3, split="train")
+    assert generate_examples(task, 512, 2, seed=3, split="test", start=3) == a[3:5]
+    other_seed = generate_examples(task, 512, 5, seed=4, split="test")
     assert all(x.prompt != y.prompt for x, y in zip(a, other_seed))
-    assert not {x.prompt for x in a} & {y.prompt for y in train}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_splits_give_disjoint_examples_for_the_same_seed_task_length_and_index(task):
+    """train, validation and test (and demo) draw different examples at every (seed, task, length,
+    index): the split leads the stream's key, so sharing every other field shares no stream."""
+    for seed, length in ((0, MIN_LENGTH), (1234, 512)):
+        by_split = {split: generate_examples(task, length, 100, seed, split=split) for split in SPLITS}
+        for index in range(100):
+            prompts = [by_split[split][index].prompt for split in SPLITS]
+            assert len(set(prompts)) == len(SPLITS), (seed, length, index)
+        sets = {split: {ex.prompt for ex in examples} for split, examples in by_split.items()}
+        for one, other in itertools.combinations(SPLITS, 2):
+            assert not sets[one] & sets[other], (seed, length, one, other)
+
+
+def test_an_unknown_split_is_refused_naming_the_allowed_ones():
+    assert SPLITS == ("train", "validation", "test", "demo")
+    for name in ("eval", "Test", "", "test/0"):  # "eval": the former name of validation and test in one
+        with pytest.raises(ValueError, match=re.escape(f"split {name!r} is unknown; choose from {SPLITS}")):
+            generate_examples("passkey", 256, 1, seed=0, split=name)
+        with pytest.raises(ValueError, match="unknown"):
+            example_rng(name, 0, "passkey", 256, 0)
+    with pytest.raises(TypeError, match="split"):  # no default stream: every caller names its own
+        generate_examples("passkey", 256, 1, seed=0)
+
+
+def test_the_train_stream_is_the_one_training_always_drew():
+    """Pinned digest of train examples made before the validation/test split existed (commit
+    f0c44fa): training batches, recipes and checkpoints do not move."""
+    digest = hashlib.sha256()
+    varied = TaskOptions(vartrack_chain=(1, 3), vartrack_any_query=0.5, kv_near_miss=0.5)
+    for task in TASKS:
+        for length in (128, 512):
+            for options in (None, varied):
+                for ex in generate_examples(task, length, 4, seed=0, split="train", options=options):
+                    digest.update(f"{ex.prompt}\x00{ex.answer}\x00".encode())
+    assert digest.hexdigest() == "7cfe41b2d11cffde0def7b39716cc7847c4f3fdbb1bd8b47994d8c6901e34fa7"
 
 
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("length", LENGTHS)
 def test_lengths_and_alphabet(task, length):
-    for ex in generate_examples(task, length, 8, seed=0):
+    for ex in generate_examples(task, length, 8, seed=0, split="test"):
         assert length - ANSWER_ROOMS[task] - 7 <= len(ex.prompt) <= length - ANSWER_ROOMS[task]
         assert len(ex.prompt) + len(ex.answer) + 1 <= length
         assert set(ex.prompt) <= set(DEFAULT_ALPHABET)
@@ -34,7 +72,7 @@ def test_lengths_and_alphabet(task, length):
         assert re.fullmatch(names + r"[1-9]\d{4,5}", ex.answer)
         assert ex.task == task and ex.length == length
     # the prompt length varies modulo every block size up to 8 (the answer starts anywhere in a block)
-    assert len({len(ex.prompt) % 8 for ex in generate_examples(task, length, 64, seed=0)}) >= 6
+    assert len({len(ex.prompt) % 8 for ex in generate_examples(task, length, 64, seed=0, split="test")}) >= 6
 
 
 _QUESTION = r"\nWhich number does ([A-Z]{3}) hold\? \1 = $"
@@ -51,20 +89,20 @@ def _worked_answer(prompt: str, name: str) -> str:
 
 @pytest.mark.parametrize("length", LENGTHS)
 def test_answer_is_where_the_question_points(length):
-    for ex in generate_examples("passkey", length, 10, seed=1):
+    for ex in generate_examples("passkey", length, 10, seed=1, split="test"):
         assert re.findall(r"The pass key is (\d+)\.", ex.prompt) == [ex.answer]
         assert ex.prompt.endswith("What is the pass key? The pass key is ")
-    for ex in generate_examples("multikey", length, 10, seed=1):
+    for ex in generate_examples("multikey", length, 10, seed=1, split="test"):
         label = re.search(r"\nThe pass key for (\w+) is $", ex.prompt).group(1)
         keys = dict(re.findall(r"The pass key for (\w+) is (\d+)\.", ex.prompt))
         assert len(keys) >= 2 and keys[label] == ex.answer
         assert len(re.findall(r"The pass key for (\w+) is \d+\.", ex.prompt)) == len(keys)  # labels unique
-    for ex in generate_examples("kv", length, 10, seed=1):
+    for ex in generate_examples("kv", length, 10, seed=1, split="test"):
         key = re.search(r"What is the value of (\w{4})\? \1: $", ex.prompt).group(1)
         pairs = re.findall(r"\n(\w{4}): (\d+)\n", ex.prompt)
         assert len(pairs) >= 3 and len(dict(pairs)) == len(pairs)
         assert dict(pairs)[key] == ex.answer
-    for ex in generate_examples("vartrack", length, 10, seed=1):
+    for ex in generate_examples("vartrack", length, 10, seed=1, split="test"):
         name = re.search(_QUESTION, ex.prompt).group(1)
         assert _worked_answer(ex.prompt, name) == ex.answer and " = " in ex.answer  # 1-2 indirections
         assert exact_match(f" {ex.answer}\n", ex.answer) and not exact_match(ex.answer.split(" = ")[-1], ex.answer)
@@ -74,12 +112,13 @@ def test_answer_is_where_the_question_points(length):
 
 
 def test_facts_sit_at_varied_depths():
-    depths = [ex.prompt.index("The pass key is") / len(ex.prompt) for ex in generate_examples("passkey", 2048, 40, 2)]
+    examples = generate_examples("passkey", 2048, 40, 2, split="test")
+    depths = [ex.prompt.index("The pass key is") / len(ex.prompt) for ex in examples]
     assert min(depths) < 0.2 and max(depths) > 0.8
 
 
 def test_checker():
-    ex = generate_examples("passkey", 256, 1, seed=0)[0]
+    ex = generate_examples("passkey", 256, 1, seed=0, split="test")[0]
     assert ex.check(ex.answer) and ex.check(f" {ex.answer}\n")
     assert not ex.check(ex.answer + "0") and not ex.check(ex.answer[:-1]) and not ex.check("")
     assert exact_match("123456", "123456") and not exact_match("123 456", "123456")
@@ -123,8 +162,8 @@ def _chain_of(prompt: str, name: str) -> list[str]:
 @pytest.mark.parametrize("task", TASKS)
 def test_default_options_build_the_evaluated_tasks_exactly(task):
     for length in (MIN_LENGTH, 512):
-        plain = generate_examples(task, length, 6, seed=2)
-        assert generate_examples(task, length, 6, seed=2, options=TaskOptions()) == plain
+        plain = generate_examples(task, length, 6, seed=2, split="test")
+        assert generate_examples(task, length, 6, seed=2, split="test", options=TaskOptions()) == plain
 
 
 @pytest.mark.parametrize("chain", [(1, 1), (1, 2), (2, 3), (3, 3), (1, MAX_VARTRACK_CHAIN)])
@@ -199,7 +238,8 @@ def test_task_options_are_checked():
 def test_held_out_examples_never_come_from_a_training_stream():
     options = TaskOptions(vartrack_chain=(1, 3), vartrack_any_query=0.5, kv_near_miss=0.5)
     for task in TASKS:
-        held_out = {ex.prompt for ex in generate_examples(task, 256, 200, seed=1234)}
+        held_out = {ex.prompt for split in ("validation", "test")
+                    for ex in generate_examples(task, 256, 200, seed=1234, split=split)}
         for seed in (0, 1234):  # a training seed equal to the evaluation seed still draws another stream
             for opts in (None, options):
                 train = generate_examples(task, 256, 200, seed=seed, split="train", options=opts)

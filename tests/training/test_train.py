@@ -141,7 +141,7 @@ def test_mask_rate_follows_t():
 
 def test_char_encoder_matches_tokenizer():
     enc = CharEncoder(TOKENIZER)
-    text = generate_examples("kv", 400, 1, seed=0)[0].prompt
+    text = generate_examples("kv", 400, 1, seed=0, split="test")[0].prompt
     assert enc(text) == TOKENIZER.encode(text)
     with pytest.raises(ValueError, match="alphabet"):
         enc("tab\there")
@@ -196,6 +196,14 @@ def test_train_saves_a_checkpoint_the_engine_runs(tmp_path, capsys):
     assert saved["steps"] == log["steps"] == 4 and len(saved["loss"]) == 2
     assert set(saved["final_eval"]["accuracy"]) == {"passkey", "multikey", "kv", "vartrack"}
     assert saved["final_eval"]["contexts"] == [128, 192, 384]  # the curriculum's contexts and 2x the max
+    # The final evaluation (and the README's table) is a training-time measure: the validation split,
+    # example by example, never the test split that reported numbers come from.
+    final = saved["final_eval"]
+    assert (final["split"], final["seed"]) == ("validation", 1234) and saved["summary"]["split"] == "validation"
+    for sample in final["samples"]:
+        first = generate_examples(sample["task"], sample["context"], 1, 1234, split="validation")[0]
+        assert (sample["prompt_tail"], sample["answer"]) == (first.prompt[-80:], first.answer)
+    assert "validation split seed 1234" in (out / "README.md").read_text()
     model, config = load_model(out)
     assert model.dtype == torch.bfloat16 and config.block_size == 4
     engine = Engine(EngineConfig(model_path=str(out), device="cpu", progress=False))
@@ -273,7 +281,8 @@ def test_minutes_bound_the_whole_run_and_the_summary_says_what_happened(tmp_path
     assert not (tmp_path / "ckpt.saving").exists() and not (tmp_path / "ckpt.old").exists()
     demos = json.loads((out / "demo_prompts.json").read_text())
     assert all(d["context"] == 192 and len(d["prompt"]) + len(d["answer"]) + 1 <= 192 for d in demos)
-    assert demos[0]["prompt"] not in {e.prompt for e in generate_examples(demos[0]["task"], 192, 64, seed=1234)}
+    assert demos[0]["prompt"] not in {e.prompt for split in ("validation", "test")
+                                      for e in generate_examples(demos[0]["task"], 192, 64, seed=1234, split=split)}
 
 
 def test_out_folder_with_foreign_files_is_refused(tmp_path):
