@@ -187,6 +187,7 @@ def with_reference(row: dict, engine: Engine, context: int, batch: int, blocks: 
     exposed_ms = max(0.0, row["block_mean_s"] - ref["block_mean_s"]) * 1e3
     transfer_ms = row.get("transfer_ms_est")
     row.update(reference_block_mean_s=ref["block_mean_s"], reference_tokens_per_s=ref["tokens_per_s"],
+               reference_block_latencies_s=ref["block_latencies_s"],
                exposed_transfer_ms_e2e=exposed_ms,
                transfer_hidden_e2e=max(0.0, 1.0 - exposed_ms / transfer_ms) if transfer_ms else None)
     return row

@@ -523,10 +523,31 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
     def on(stream):
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
-    def run_pass(fetcher: PageFetcher, compute, prio: str, with_fetch: bool = True, with_compute: bool = True) -> dict:
+    def side_pass(fetcher: PageFetcher, prio: str):
+        """Every layer's side fetch, each selected page a miss (as for a block of new pages); on the
+        GPU captured once in a CUDA graph on the lookahead stream and replayed, as the runtime replays
+        its LOOKAHEAD pass (launched eagerly, ~25 small ops per layer make the host, not the GPU,
+        pace it)."""
+        def fetch_all():
+            fetcher.directory.held.fill_(-1)  # the one row's partitions emptied (capturable, unlike reset_rows)
+            for layer in range(L):
+                fetcher.fetch(layer, rows, table, selections[layer], side=True)
+
+        if not clock.cuda:
+            return fetch_all
+        side = streams[prio].lookahead
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fetch_all()  # compiles and warms up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            fetch_all()
+        return graph.replay
+
+    def run_pass(fetch_all, compute, prio: str, with_fetch: bool = True, with_compute: bool = True) -> dict:
         """One block's worth: the side fetches of every layer beside `compute` per layer on the main
         stream, which then joins the side stream (ms from CUDA events on the GPU)."""
-        fetcher.directory.reset_rows(rows)  # every selected page misses, as for a block of new pages
         clock.sync()
         s = streams.get(prio)
         main = (s.compute or torch.cuda.current_stream()) if s else None
@@ -539,8 +560,7 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
             with on(side):
                 side_start = clock.mark()
                 if with_fetch:
-                    for layer in range(L):
-                        fetcher.fetch(layer, rows, table, selections[layer], side=True)
+                    fetch_all()
                 side_done = clock.mark()
             if with_compute:
                 for _ in range(L):
@@ -574,8 +594,10 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
     # against the fetch-only pass of its own triplet (a figure taken once drifted by up to 30%)
     sizing = PageFetcher(store, 1, k, dev, side_programs=DEFAULT_FETCH_PROGRAMS,
                          gather_stream=streams["high"].gather if clock.cuda else None)
+    sizing_pass = side_pass(sizing, "high")
     per_layer_transfer = statistics.median(
-        run_pass(sizing, None, "high", with_compute=False)["gpu_ms"] for _ in range(3)) / L
+        run_pass(sizing_pass, None, "high", with_compute=False)["gpu_ms"] for _ in range(3)) / L
+    del sizing_pass
     sizing.close()
     layer_bytes = hkv * k * 2 * p * d * 2
     cases = []
@@ -585,14 +607,16 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
         for max_programs, prio in variants:
             fetcher = PageFetcher(store, 1, k, dev, side_programs=max_programs,
                                   gather_stream=streams[prio].gather if clock.cuda else None)
-            run_pass(fetcher, compute, prio)  # warm-up
+            fetch_all = side_pass(fetcher, prio)
+            run_pass(fetch_all, compute, prio)  # warm-up
             # triplets run back to back, so that clock and thermal drift between rows cancels in each
             bases, res, alones = [], [], []
             for _ in range(2 if args.quick else args.overlap_reps):
-                bases.append(run_pass(fetcher, compute, prio, with_fetch=False))
-                res.append(run_pass(fetcher, compute, prio))
-                alones.append(run_pass(fetcher, compute, prio, with_compute=False))
+                bases.append(run_pass(fetch_all, compute, prio, with_fetch=False))
+                res.append(run_pass(fetch_all, compute, prio))
+                alones.append(run_pass(fetch_all, compute, prio, with_compute=False))
             ok = resident(fetcher)
+            del fetch_all  # the graph holds the fetcher's pools
             fetcher.close()
             triplet_e2e = [1 - max(0.0, x["gpu_ms"] - b["gpu_ms"]) / a["gpu_ms"] for b, x, a in zip(bases, res, alones)]
             events = [1 - x["stall_ms"] / x["fetch_ms"] for x in res]
@@ -613,7 +637,7 @@ def bench_overlap(args, clock: Clock, dev: torch.device, sms: int) -> dict:
                 "hidden_fraction_e2e": statistics.median(triplet_e2e), "hidden_fraction_e2e_runs": triplet_e2e,
                 "sm_tax_model_e2e": sm_tax_hidden(max_programs, sms),
                 "slowdown_vs_compute_only": gpu_ms / base_ms,
-                "host_enqueue_ms": host_ms, "host_bound": any(x["host_bound"] for x in res + bases),
+                "host_enqueue_ms": host_ms, "host_bound": any(x["host_bound"] for x in res + bases + alones),
                 "ok": ok,
             }
             cases.append(case)

@@ -27,10 +27,10 @@ def test_plots_from_recorded_runs(tmp_path):
 
 def test_sparse_and_overlap_plots_from_recorded_runs(tmp_path):
     """The ninth session's kernels runs (N=1 and batch 6, with the launch floor) plot against their
-    attainable rate, and its overlap-only transfer run by program cap; a transfer run without gather
-    rows is refused by the gather plot with a message naming --overlap."""
+    attainable rate, and the runtime's side fetch by program cap (an overlap-only transfer run); a
+    transfer run without gather rows is refused by the gather plot with a message naming --overlap."""
     kernels = [str(DATA / f) for f in ("kernels_sparse_n1_h200_floor.json", "kernels_sparse_batch6_h200_floor.json")]
-    overlap = str(DATA / "transfer_h200_overlap_pairs.json")
+    overlap = str(DATA / "transfer_overlap_h100_runtime_path.json")
     assert main(["--sparse", *kernels, "--overlap", overlap, "--out", str(tmp_path)]) == 0
     for name in ("sparse_attainable.png", "overlap.png"):
         assert_png(tmp_path / name)
