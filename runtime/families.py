@@ -98,7 +98,8 @@ def family_by_name(name: str) -> Family:
 
 def detect_family(cfg: dict[str, Any]) -> Family:
     """The family config.json describes (model_type first, then architectures), refusing an
-    unknown one, or one whose forward this build lacks, with every supported family named."""
+    unknown one, or one whose forward this build lacks, with every supported family named, and
+    settings no family here uses (partial rotary embeddings)."""
     model_type = str(cfg.get("model_type") or "").lower()
     archs = list(cfg.get("architectures") or [])
     family = next((f for f in FAMILIES if model_type in f.model_types), None)
@@ -106,6 +107,10 @@ def detect_family(cfg: dict[str, Any]) -> Family:
     if family is None:
         raise ValueError(f"config.json has model_type={cfg.get('model_type')!r}, architectures={archs!r}, "
                          f"which is none of the supported families: {supported_families()}")
+    partial = cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"config.json sets partial_rotary_factor={partial}, but the {family.name} family rotates "
+                         "the whole head dimension: remove the key (or set it to 1.0) if the model was trained so")
     if family.architecture not in IMPLEMENTED_ARCHITECTURES:
         raise ValueError(f"config.json describes the {family.name} family ({family.description}), whose "
                          f"{family.architecture} forward this build does not have; it runs: "

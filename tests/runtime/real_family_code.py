@@ -105,3 +105,38 @@ def run_real_code(task: dict, work: Path) -> dict:
                             text=True, timeout=900, env=env)
     assert result.returncode == 0, f"the real modeling code failed:\n{result.stderr[-4000:]}"
     return torch.load(out_file)
+
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja")
+
+
+def real_tokenizer(folder: str, path: Path):
+    """The family's real tokenizer files in `path`, plus the tokenizer.json the runtime reads
+    (transformers converts vocab.json and merges.txt); returns transformers' tokenizer of them."""
+    transformers = pytest.importorskip("transformers")
+    source = path / "hf-tokenizer"
+    source.mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        if (file := reference_file(folder) / name).is_file():
+            (source / name).write_bytes(file.read_bytes())
+            (path / name).write_bytes(file.read_bytes())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
+    tokenizer.backend_tokenizer.save(str(path / "tokenizer.json"))
+    return tokenizer
+
+
+def chat_checkpoint(folder: str, config_name: str, path: Path, generation_config: bool = True, seed: int = 0):
+    """A small random checkpoint with the family's real vocabulary, tokenizer files, chat template
+    and (optionally) generation_config.json; returns (path, transformers' tokenizer)."""
+    cfg = json.loads(reference_file(folder, config_name).read_text())
+    cfg.update({k: v for k, v in SMALL.items() if k not in ("vocab_size", "max_position_embeddings")},
+               hidden_size=32, intermediate_size=64, head_dim=8)
+    if "layer_types" in cfg:
+        cfg["layer_types"] = cfg["layer_types"][:SMALL["num_hidden_layers"]]
+    model = random_model(ModelConfig.from_hf(cfg), seed=seed)
+    perturb(model, seed=seed + 1)
+    save_checkpoint(model, cfg, path)
+    if generation_config:
+        (path / "generation_config.json").write_bytes(reference_file(folder, "generation_config.json").read_bytes())
+    return path, real_tokenizer(folder, path)
