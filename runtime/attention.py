@@ -56,6 +56,13 @@ class ForwardBatch:
     num_new: int
     visibility_block: int
     step: int = 0
+    # a PREFILL or COMMIT pass whose logits the loop reads too (Fast-dLLM v2's token shift decodes
+    # the next block's first token from the last logits before it)
+    wants_logits: bool = False
+
+    @property
+    def needs_logits(self) -> bool:
+        return self.phase is Phase.DENOISE or self.wants_logits
 
     @property
     def num_rows(self) -> int:

@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.config import ATTENTION_MODES, SELECTION_SOURCES, UNMASKING_SCHEDULES, EngineConfig, SparseConfig
+from runtime.config import (ATTENTION_MODES, DECODING_RULES, SELECTION_SOURCES, UNMASKING_SCHEDULES, EngineConfig,
+                            SparseConfig)
 from runtime.decoding import GenerationRequest
 from runtime.engine import DEFAULT_MODEL, Engine
 
@@ -23,10 +24,18 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="dense", choices=ATTENTION_MODES)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
-    parser.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps per block (default: block size)")
-    parser.add_argument("--unmasking", default="threshold", choices=UNMASKING_SCHEDULES)
-    parser.add_argument("--threshold", type=float, default=0.9, help="confidence threshold for --unmasking threshold")
+    decoding = parser.add_argument_group("decoding (default: the checkpoint's, else its family's)")
+    decoding.add_argument("--block-size", type=int, default=None)
+    decoding.add_argument("--steps", type=int, default=None, help="denoising steps per block (default: block size)")
+    decoding.add_argument("--unmasking", default=None, choices=UNMASKING_SCHEDULES)
+    decoding.add_argument("--threshold", type=float, default=None, help="confidence threshold for threshold unmasking")
+    decoding.add_argument("--decoding", default=None, choices=DECODING_RULES,
+                          help="decoding rule: sdar, or fast_dllm_v2 (token shift, sub-blocks left to right)")
+    decoding.add_argument("--sub-block-size", type=int, default=None, help="fast_dllm_v2: sub-block size")
+    decoding.add_argument("--mask-token-id", type=int, default=None)
+    decoding.add_argument("--stop-token-id", type=int, action="append", default=None,
+                          help="a token that ends generation (repeat; default: every eos the checkpoint names)")
+    decoding.add_argument("--chat-template", default=None, help="a .jinja chat template instead of the checkpoint's")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -51,7 +60,10 @@ def _config(args: argparse.Namespace, mode: str | None = None) -> EngineConfig:
     return EngineConfig(
         model_path=args.model, mode=mode or args.mode, device=args.device, dtype=args.dtype,
         block_size=args.block_size, denoising_steps=args.steps, unmasking=args.unmasking,
-        confidence_threshold=args.threshold, max_batch_size=args.max_batch_size,
+        confidence_threshold=args.threshold, decoding=args.decoding, sub_block_size=args.sub_block_size,
+        mask_token_id=args.mask_token_id,
+        stop_token_ids=tuple(args.stop_token_id) if args.stop_token_id is not None else None,
+        chat_template=args.chat_template, max_batch_size=args.max_batch_size,
         progress=not args.no_progress, sparse=sparse,
     )
 
@@ -68,7 +80,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("error: give --prompt TEXT (repeatable) or --prompts-file FILE", file=sys.stderr)
         return 2
     engine = _make_engine(args)
-    requests = [GenerationRequest(prompt=p, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    requests = [GenerationRequest(prompt=[*system, {"role": "user", "content": p}] if args.chat else p,
+                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   seed=args.seed + i, request_id=str(i)) for i, p in enumerate(prompts)]
     results = engine.generate(requests)
     for prompt, result in zip(prompts, results):
@@ -132,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     gen.add_argument("--prompts-file", help="one prompt per line")
     gen.add_argument("--json", action="store_true", help="one JSON object per result")
+    gen.add_argument("--chat", action="store_true",
+                     help="each prompt is a user message, rendered with the checkpoint's chat template")
+    gen.add_argument("--system", default=None, help="--chat: a system message before each prompt")
     gen.set_defaults(func=cmd_generate)
     demo = sub.add_parser("demo", help="a batch of prompts on the bundled default model")
     _engine_args(demo)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from runtime.families import DECODING_RULES, Family, detect_family, family_by_name
+
 if TYPE_CHECKING:
     import torch
 
@@ -19,6 +21,13 @@ GRANULARITIES = ("page", "token")
 ATTENTION_BACKENDS = ("torch", "triton")
 UNMASKING_SCHEDULES = ("threshold", "fixed")
 PROMPT_ATTENTION = ("causal", "block_causal")
+
+
+def _id_list(value: Any) -> list[int]:
+    """A token id field as config files write it: one id, a list of ids, or null."""
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
 
 
 @dataclass(frozen=True)
@@ -47,9 +56,11 @@ class RopeConfig:
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
         known = {"default", "linear", "yarn", "llama3"}
         if rope_type not in known:
+            key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
             raise ValueError(
-                f"rope type {rope_type!r} is not supported; supported: {sorted(known)}. "
-                "Edit rope_scaling in config.json or add the type to runtime/model.py."
+                f"rope type {rope_type!r} is not supported (config.json {key}); supported: {sorted(known)}. "
+                f"Set {key} to one of them (null for plain RoPE) if that is how the model was trained, "
+                "or add the type to runtime/model.py."
             )
         get = params.get
         factor = get("factor")
@@ -96,24 +107,21 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     block_size: int | None = None
     torch_dtype: str | None = None
+    family: str | None = None  # runtime/families.py; None: the plain family of `architecture`
 
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def family_defaults(self) -> Family:
+        """The family's published decoding defaults (for what the checkpoint leaves unsaid)."""
+        return family_by_name(self.family or self.architecture)
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        model_type = str(cfg.get("model_type", "")).lower()
-        archs = " ".join(cfg.get("architectures") or []).lower()
-        if "qwen3" in model_type or "sdar" in model_type or "qwen3" in archs or "sdar" in archs:
-            arch = "qwen3"
-        elif "qwen2" in model_type or "qwen2" in archs or "fast_dllm" in model_type:
-            arch = "qwen2"
-        else:
-            raise ValueError(
-                f"config.json has model_type={cfg.get('model_type')!r}, architectures="
-                f"{cfg.get('architectures')!r}; only Qwen2 and Qwen3 families are supported"
-            )
+        family = detect_family(cfg)  # refuses an unknown model_type naming every supported family
+        arch = family.architecture
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in cfg]
         if missing:
@@ -123,8 +131,7 @@ class ModelConfig:
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
         head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // num_heads)
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+        eos_ids = tuple(_id_list(cfg.get("eos_token_id")))
         block = cfg.get("block_size", cfg.get("block_length", cfg.get("bd_size")))
         return cls(
             architecture=arch,
@@ -145,6 +152,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             block_size=int(block) if block else None,
             torch_dtype=cfg.get("torch_dtype", cfg.get("dtype")),
+            family=family.name,
         )
 
     @classmethod
@@ -157,9 +165,13 @@ class ModelConfig:
         gen_file = path / "generation_config.json"
         if gen_file.is_file():
             gen = json.loads(gen_file.read_text())
-            for key in ("mask_token_id", "block_size", "block_length", "eos_token_id"):
+            for key in ("mask_token_id", "block_size", "block_length"):
                 if key in gen and key not in cfg:
                     cfg[key] = gen[key]
+            # chat checkpoints list their end-of-turn token (<|im_end|>) only here: stop at both files' eos
+            eos = [e for source in (cfg, gen) for e in _id_list(source.get("eos_token_id"))]
+            if eos:
+                cfg["eos_token_id"] = list(dict.fromkeys(eos))
         return cls.from_hf(cfg)
 
 
@@ -272,12 +284,17 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16 | float64
+    # Decoding. None: the checkpoint's setting, else its family's default (runtime/families.py)
     block_size: int | None = None
-    denoising_steps: int | None = None  # None: block_size steps (one token per step at worst)
-    unmasking: str = "threshold"  # threshold (Fast-dLLM v2 / SDAR dynamic) | fixed (SDAR static)
-    confidence_threshold: float = 0.9
-    prompt_attention: str | None = None  # None: block_causal for SDAR-style, causal for Qwen2-based
+    denoising_steps: int | None = None  # None: the family's, else block_size steps (one token per step at worst)
+    unmasking: str | None = None  # threshold (Fast-dLLM v2 / SDAR dynamic) | fixed (SDAR static)
+    confidence_threshold: float | None = None
+    decoding: str | None = None  # the decoding rule: sdar | fast_dllm_v2 (token shift, sub-blocks)
+    sub_block_size: int | None = None  # fast_dllm_v2: positions unmasked left to right at a time
+    prompt_attention: str | None = None  # causal | block_causal
     mask_token_id: int | None = None
+    stop_token_ids: tuple[int, ...] | None = None  # None: every eos of config, generation config and tokenizer
+    chat_template: str | None = None  # a .jinja file used instead of the checkpoint's chat template
     max_batch_size: int = 8
     prefill_chunk_size: int = 2048
     progress: bool = True
@@ -298,13 +315,14 @@ class EngineConfig:
             raise ValueError(f"mode={self.mode!r}; choose one of {ATTENTION_MODES}")
         if self.attention_backend not in ("auto", *ATTENTION_BACKENDS):
             raise ValueError(f"attention_backend={self.attention_backend!r}; choose auto or one of {ATTENTION_BACKENDS}")
-        if self.unmasking not in UNMASKING_SCHEDULES:
-            raise ValueError(f"unmasking={self.unmasking!r}; choose one of {UNMASKING_SCHEDULES}")
-        if self.prompt_attention is not None and self.prompt_attention not in PROMPT_ATTENTION:
-            raise ValueError(f"prompt_attention={self.prompt_attention!r}; choose one of {PROMPT_ATTENTION}")
-        if not 0.0 < self.confidence_threshold <= 1.0:
+        for name, value, allowed in (("unmasking", self.unmasking, UNMASKING_SCHEDULES),
+                                     ("decoding", self.decoding, DECODING_RULES),
+                                     ("prompt_attention", self.prompt_attention, PROMPT_ATTENTION)):
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name}={value!r}; choose one of {allowed}")
+        if self.confidence_threshold is not None and not 0.0 < self.confidence_threshold <= 1.0:
             raise ValueError(f"confidence_threshold={self.confidence_threshold} must be in (0, 1]")
-        for name in ("block_size", "denoising_steps"):
+        for name in ("block_size", "denoising_steps", "sub_block_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.attention import AttentionMode, ForwardBatch, Phase
+from runtime.attention import AttentionMode, ForwardBatch
 from runtime.model import Transformer
 
 
@@ -44,15 +44,15 @@ class PassGraphs:
 
     def forward(self, batch: ForwardBatch, tokens: torch.Tensor, positions: torch.Tensor,
                 side_pass: bool = False) -> torch.Tensor | None:
-        """A planned pass: logits [N, T, V] fp32 for denoising passes, None for the others. A
+        """A planned pass: logits [N, T, V] fp32 where it needs them (`ForwardBatch.needs_logits`), else None. A
         replayed pass returns the graph's output buffer: read it before the next pass. tokens,
         positions: [N, T] int64 on the device (a replay copies them into the graph's inputs, device
         to device, without a host wait). side_pass: the caller runs it on a side stream,
         concurrently with main-stream passes."""
-        need_logits = batch.phase is Phase.DENOISE
+        need_logits = batch.needs_logits
         if not self.mode.replayable(batch):
             return self.model(tokens, positions, self.mode, need_logits=need_logits)
-        key = (batch.phase, batch.num_rows, batch.num_new, side_pass, self.mode.graph_key(batch))
+        key = (batch.phase, need_logits, batch.num_rows, batch.num_new, side_pass, self.mode.graph_key(batch))
         captured = self._graphs.get(key)
         if captured is None:
             logits = self.model(tokens, positions, self.mode, need_logits=need_logits)

@@ -7,21 +7,28 @@ denoising step the model predicts every masked position; the most confident pred
 unmasked, either a fixed number per step (SDAR's static schedule) or all above a confidence
 threshold and at least one (Fast-dLLM v2 / SDAR's dynamic schedule).
 
+Fast-dLLM v2's rule (`DecodeSettings.token_shift`) reads the logits shifted by one: position i is
+predicted from the logits at i - 1, so a block's first position is decoded autoregressively from
+the last logits before it (the finished previous block's, or a whole-block prompt's), and it
+unmasks the block's sub-blocks left to right (`sub_block_size`). runtime/families.py says which
+family decodes how.
+
 Nothing here touches attention or the KV cache: `runtime/generate.py` drives the passes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt and how to continue it."""
+    """One prompt and how to continue it: text, token ids, or a conversation (a list of
+    {"role", "content"} messages, rendered with the checkpoint's chat template)."""
 
-    prompt: str | list[int]
+    prompt: str | list[int] | list[dict[str, Any]]
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0: greedy
     top_k: int | None = None
@@ -65,6 +72,22 @@ class DecodeSettings:
     mask_token_id: int
     eos_token_ids: tuple[int, ...]
     prompt_causal: bool
+    rule: str = "sdar"  # sdar | fast_dllm_v2 (runtime/families.py)
+    sub_block_size: int | None = None  # unmask the block's sub-blocks of this size left to right
+
+    def __post_init__(self) -> None:
+        sub = self.sub_block_size
+        if sub is not None and (sub < 1 or self.block_size % sub):
+            raise ValueError(f"sub_block_size={sub} must divide the block size {self.block_size}")
+        if sub is not None and self.unmasking == "fixed":
+            raise ValueError("sub-blocks (sub_block_size) unmask by threshold: use unmasking='threshold' "
+                             "or sub_block_size=None")
+
+    @property
+    def token_shift(self) -> bool:
+        """Fast-dLLM v2: block position i is predicted from the logits at i - 1, and a block's first
+        position from the last logits before the block."""
+        return self.rule == "fast_dllm_v2"
 
 
 @dataclass
@@ -132,10 +155,15 @@ def fixed_schedule(num_masked: int, steps: int) -> list[int]:
     return [base + (1 if s < extra else 0) for s in range(steps)]
 
 
-def finish_block(seq: SequenceState, settings: DecodeSettings) -> None:
-    """Commit the finished block's tokens and decide whether the sequence is done."""
+def finish_block(seq: SequenceState, settings: DecodeSettings, next_token: int | None = None) -> None:
+    """Commit the finished block's tokens and decide whether the sequence is done.
+
+    next_token (token shift): the next block's first token, decoded from this block's last
+    logits; it is committed with the block (and counts as generated)."""
     assert seq.block is not None and seq.masked is not None and not seq.masked.any()
     seq.tokens.extend(seq.block.tolist())
+    if next_token is not None:
+        seq.tokens.append(int(next_token))
     seq.block = seq.masked = None
     seq.blocks_done += 1
     generated = seq.generated
@@ -184,14 +212,44 @@ def propose(logits: torch.Tensor, request: GenerationRequest, generator: torch.G
     return tokens, conf
 
 
+def shift_logits(logits: torch.Tensor, settings: DecodeSettings) -> torch.Tensor:
+    """logits [..., B, V] of a block -> the logits each block position is predicted from.
+
+    Token shift (Fast-dLLM v2): position i reads the logits at i - 1. Position 0 keeps its own;
+    it is never masked (the prompt's, or decoded by `next_block_token` before the block opened).
+    Other rules: the logits as they are."""
+    if not settings.token_shift:
+        return logits
+    return torch.cat([logits[..., :1, :], logits[..., :-1, :]], dim=-2)
+
+
+def next_block_token(last_logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """Token shift: the next block's first token from the logits [N, V] of the position before it,
+    greedy as Fast-dLLM v2 decodes it whatever the temperature. Returns [N] int64 on their device."""
+    return propose_greedy(last_logits[:, None], mask_token_id)[0][:, 0]
+
+
+def open_positions(masked: torch.Tensor, settings: DecodeSettings) -> torch.Tensor:
+    """[..., B] bool: the masked positions a step may unmask. All of them; with sub-blocks only
+    those of the first sub-block that still has one (left to right, as Fast-dLLM v2 decodes)."""
+    sub = settings.sub_block_size
+    if sub is None:
+        return masked
+    b = masked.shape[-1]
+    pos = torch.arange(b, device=masked.device)
+    first = torch.where(masked, pos, b).amin(-1, keepdim=True)  # b where nothing is masked
+    start = first // sub * sub
+    return masked & (pos >= start) & (pos < start + sub)
+
+
 def unmask_step(seq: SequenceState, logits: torch.Tensor | None, step: int, settings: DecodeSettings,
                 proposal: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Apply one denoising step's prediction to the sequence's block.
 
-    logits: [B, V] for the block's positions (or `proposal`, what `propose` made of them).
-    Unmasks the most confident masked positions: the fixed schedule's quota for this step, or every
-    one above the threshold (at least one). The last allowed step unmasks whatever remains, so a
-    block never takes more than `steps` passes.
+    logits: [B, V] each block position is predicted from (`shift_logits`), or `proposal`, what
+    `propose` made of them. Unmasks the most confident open positions (`open_positions`): the fixed
+    schedule's quota for this step, or every one above the threshold (at least one). The last
+    allowed step unmasks whatever remains, so a block never takes more than `steps` passes.
     """
     assert seq.block is not None and seq.masked is not None
     if proposal is None:
@@ -201,8 +259,10 @@ def unmask_step(seq: SequenceState, logits: torch.Tensor | None, step: int, sett
     remaining = int(masked.sum())
     if remaining == 0:
         return
-    conf = torch.where(masked, conf, torch.full_like(conf, -1.0))
-    if step >= settings.steps - 1:
+    last = step >= settings.steps - 1
+    candidates = masked if last else open_positions(masked, settings)
+    conf = torch.where(candidates, conf, torch.full_like(conf, -1.0))
+    if last:
         count = remaining
     elif settings.unmasking == "fixed":
         count = min(seq.step_quota[step], remaining)
@@ -210,7 +270,7 @@ def unmask_step(seq: SequenceState, logits: torch.Tensor | None, step: int, sett
         count = max(1, int((conf >= settings.threshold).sum()))
     if count == 0:
         return
-    chosen = torch.topk(conf, count).indices
+    chosen = torch.topk(conf, count).indices  # open positions rank first: the others have conf -1
     seq.block[chosen] = tokens[chosen]
     masked[chosen] = False
 
@@ -235,14 +295,16 @@ def unmask_rows(block: torch.Tensor, masked: torch.Tensor, tokens: torch.Tensor,
 
     block: [N, B] int64 tokens ([MASK] where masked); masked: [N, B] bool; tokens, conf: [N, B]
     proposals (int64, fp32); quota: [N] int64, the fixed schedule's count for this step (None for
-    threshold unmasking). Per row, the `count` most confident masked positions are unmasked, count
-    being the quota (at most what remains), or every position at or above the threshold (at least
-    one), or all that remain at the last step. Ties rank in position order (a stable sort).
-    Returns [N] int64: the masked positions each row has left.
+    threshold unmasking). Per row, the `count` most confident open positions (`open_positions`)
+    are unmasked, count being the quota (at most what remains), or every position at or above the
+    threshold (at least one), or all that remain at the last step. Ties rank in position order (a
+    stable sort). Returns [N] int64: the masked positions each row has left.
     """
     remaining = masked.sum(-1)
-    conf = torch.where(masked, conf, torch.full_like(conf, -1.0))
-    if step >= settings.steps - 1:
+    last = step >= settings.steps - 1
+    candidates = masked if last else open_positions(masked, settings)
+    conf = torch.where(candidates, conf, torch.full_like(conf, -1.0))
+    if last:
         count = remaining
     elif settings.unmasking == "fixed":
         assert quota is not None, "the fixed schedule needs each row's quota"
@@ -254,7 +316,7 @@ def unmask_rows(block: torch.Tensor, masked: torch.Tensor, tokens: torch.Tensor,
     positions = torch.arange(conf.shape[-1], device=conf.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(-1, order, positions)
     # boolean indexing would sync (it counts the chosen positions on the host): select with where
-    chosen = (rank < count[:, None]) & masked
+    chosen = (rank < count[:, None]) & candidates
     block.copy_(torch.where(chosen, tokens, block))
     masked &= ~chosen
     return remaining - chosen.sum(-1)

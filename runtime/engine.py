@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from offload.streams import Streams, make_streams
 from runtime.attention import AttentionMode, DenseAttention
+from runtime.chat import ChatTemplate, Message, is_conversation
 from runtime.checkpoint import load_model
 from runtime.config import EngineConfig, ModelConfig
 from runtime.decoding import DecodeSettings, GenerationRequest, GenerationResult, SequenceState
@@ -46,30 +47,48 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_settings(config: EngineConfig, model: ModelConfig, tokenizer: Tokenizer | None) -> DecodeSettings:
-    """Decoding constants: the user's config first, then the checkpoint, then the tokenizer."""
-    block = config.block_size or model.block_size
+    """Decoding constants, each from the first place that states it: the user's EngineConfig, then
+    the checkpoint (config.json, generation_config.json, the tokenizer), then the published
+    defaults of the model's family (runtime/families.py)."""
+    family = model.family_defaults
+    block = config.block_size or model.block_size or family.block_size
     if block is None:
-        raise ValueError("the checkpoint states no block size (config.json block_size): set EngineConfig.block_size")
-    mask_id = config.mask_token_id
-    if mask_id is None:
-        mask_id = model.mask_token_id
-    if mask_id is None and tokenizer is not None:
-        mask_id = tokenizer.mask_token_id
+        raise ValueError(f"neither the checkpoint (config.json block_size or bd_size) nor the {family.name} family "
+                         "states a block size: set EngineConfig.block_size (--block-size)")
+    mask_id = next((m for m in (config.mask_token_id, model.mask_token_id,
+                                tokenizer.mask_token_id if tokenizer is not None else None,
+                                family.mask_token_id) if m is not None), None)
     if mask_id is None:
         raise ValueError("no mask token id in the config, the checkpoint or its tokenizer: set EngineConfig.mask_token_id")
     if not 0 <= mask_id < model.vocab_size:
         raise ValueError(f"mask_token_id={mask_id} is outside the vocabulary of {model.vocab_size}")
-    eos = model.eos_token_ids or (tokenizer.eos_token_ids if tokenizer is not None else ())
-    prompt_attention = config.prompt_attention or ("block_causal" if model.architecture == "qwen3" else "causal")
+    if config.stop_token_ids is not None:
+        stop = tuple(config.stop_token_ids)
+    else:  # a chat model ends its turn with a token only generation_config.json or the tokenizer may name
+        stop = tuple(dict.fromkeys([*model.eos_token_ids, *(tokenizer.eos_token_ids if tokenizer else ())]))
+        stop = stop or family.eos_token_ids
+    rule = config.decoding or family.decoding
+    sub_block = config.sub_block_size or (family.sub_block_size if rule == family.decoding else None)
+    # a family's step count is per block of its own size; more steps than positions would unmask nothing
+    steps = config.denoising_steps or min(family.denoising_steps or block, block)
     return DecodeSettings(
         block_size=block,
-        steps=config.denoising_steps or block,
-        unmasking=config.unmasking,  # type: ignore[arg-type]
-        threshold=config.confidence_threshold,
+        steps=steps,
+        unmasking=config.unmasking or family.unmasking,  # type: ignore[arg-type]
+        threshold=config.confidence_threshold if config.confidence_threshold is not None else family.threshold,
         mask_token_id=int(mask_id),
-        eos_token_ids=tuple(eos),
-        prompt_causal=prompt_attention == "causal",
+        eos_token_ids=stop,
+        prompt_causal=(config.prompt_attention or family.prompt_attention) == "causal",
+        rule=rule,
+        sub_block_size=sub_block,
     )
+
+
+def load_chat_template(config: EngineConfig, tokenizer: Tokenizer | None) -> ChatTemplate | None:
+    """The user's template file, else the checkpoint's own (None: it has none)."""
+    if config.chat_template is not None:
+        return ChatTemplate.from_file(config.chat_template, tokenizer.config if tokenizer is not None else None)
+    return ChatTemplate.from_dir(config.model_path)
 
 
 @dataclass
@@ -96,17 +115,20 @@ class Engine:
         self.config = config = config.for_device(self.device)  # device-dependent defaults decided once
         self.dtype = resolve_dtype(config.dtype, self.device)
         path = Path(config.model_path)
+        # everything that can refuse the checkpoint or the settings runs before a weight is read
+        model_config = ModelConfig.from_dir(path) if model is None else model.config
+        if tokenizer is None and (path / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.from_dir(path)
+        self.tokenizer = tokenizer
+        self.chat_template = load_chat_template(config, tokenizer)
+        self.settings = resolve_settings(config, model_config, tokenizer)
         if model is None:
             model, _ = load_model(path, dtype=self.dtype, device=self.device)
-            if tokenizer is None and (path / "tokenizer.json").is_file():
-                tokenizer = Tokenizer.from_dir(path)
         self.model, self.model_config = model.eval(), model.config
         # the fused kernels are Triton: CUDA only (the CPU runs the torch layer). Engines sharing a
         # model must not re-concatenate its weights each time: only a change of path does.
         if self.device.type == "cuda" and self.model.fused != config.fused_layers:
             self.model.set_fused(config.fused_layers)
-        self.tokenizer = tokenizer
-        self.settings = resolve_settings(config, self.model_config, self.tokenizer)
         self.last_stats = RunStats()
         self.last_timeline: list[dict] = []  # herald: per-block selection / transfer / stall
         self.last_occupancy: dict[str, int] = {}  # what the mode still held when the run ended: all 0
@@ -185,13 +207,25 @@ class Engine:
                 f"{s.request.request_id or s.seq_id}: lower the budget, give it as budget_fraction, or use "
                 "mode='dense'")
 
+    def apply_chat_template(self, messages: list[Message]) -> str:
+        """The prompt text of a conversation under the checkpoint's chat template, the assistant's
+        turn opened (what `generate` decodes for a conversation prompt)."""
+        if self.chat_template is None:
+            raise ValueError(f"{self.config.model_path} has no chat template (chat_template.jinja or "
+                             "tokenizer_config.json's chat_template): pass the prompt as text, or give a template "
+                             "with EngineConfig(chat_template=PATH) (--chat-template)")
+        return self.chat_template.render(messages, add_generation_prompt=True)
+
     def _encode(self, request: GenerationRequest) -> list[int]:
-        if isinstance(request.prompt, str):
+        prompt = request.prompt
+        if is_conversation(prompt):
+            prompt = self.apply_chat_template(prompt)  # type: ignore[arg-type]
+        if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"{self.config.model_path} has no tokenizer.json: pass prompts as token id lists")
-            ids = self.tokenizer.encode(request.prompt)
+            ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(t) for t in request.prompt]
+            ids = [int(t) for t in prompt]
         if not ids:
             raise ValueError(f"request {request.request_id!r} has an empty prompt: give at least one token")
         bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
@@ -216,12 +250,14 @@ class Engine:
         return seq
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str | list[int] | GenerationRequest],
+    def generate(self, prompts: Sequence[str | list[int] | list[Message] | GenerationRequest],
                  should_cancel: Callable[[str], bool] | None = None, **defaults) -> list[GenerationResult]:
         """Decode every prompt; results come back in the order of `prompts`.
 
-        A prompt is text, token ids, or a GenerationRequest; `defaults` (max_new_tokens,
-        temperature, top_k, top_p, seed, stop_at_eos) apply to those given as text or ids.
+        A prompt is text, token ids, a conversation (a list of {"role", "content"} messages, which
+        the checkpoint's chat template turns into text with the assistant's turn opened), or a
+        GenerationRequest holding one of these; `defaults` (max_new_tokens, temperature, top_k,
+        top_p, seed, stop_at_eos) apply to the prompts not given as requests.
         should_cancel(request_id) is asked before each pass of each request (ids are the requests'
         `request_id`, or their index as text); a cancelled request returns what it had committed,
         with finish_reason "cancelled", and frees its memory at once. A request a failed pass

@@ -23,8 +23,8 @@ import torch
 
 from runtime.attention import AttentionMode, ForwardBatch, Phase, RequestError
 from runtime.cuda_graphs import PassGraphs
-from runtime.decoding import (DecodeSettings, SequenceState, finish_block, propose, propose_greedy, start_block,
-                              unmask_rows)
+from runtime.decoding import (DecodeSettings, SequenceState, finish_block, next_block_token, propose, propose_greedy,
+                              shift_logits, start_block, unmask_rows)
 from runtime.model import Transformer
 from offload.uploads import upload
 
@@ -80,10 +80,11 @@ class BlockDiffusionLoop:
         self._callback_error: Exception | None = None  # should_cancel's own failure: propagates
 
     def _forward(self, phase: Phase, rows: list[SequenceState], tokens: torch.Tensor,
-                 visibility_block: int, step: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor | None:
+                 visibility_block: int, step: int = 0, positions: torch.Tensor | None = None,
+                 wants_logits: bool = False) -> torch.Tensor | None:
         """tokens: [N, T] int64 (host or device). positions: [N, T] int64 on the device (None: built
         from the rows' contexts, a host-to-device copy). Returns fp32 logits [N, T, V] for
-        denoising passes, else None."""
+        denoising passes and those that ask for them (`wants_logits`), else None."""
         batch = ForwardBatch(
             phase=phase,
             seq_ids=tuple(s.seq_id for s in rows),
@@ -91,6 +92,7 @@ class BlockDiffusionLoop:
             num_new=tokens.shape[1],
             visibility_block=visibility_block,
             step=step,
+            wants_logits=wants_logits,
         )
         self._last_pass = batch
         # inputs reach the device on the current stream, before the plan orders a side pass after it
@@ -108,7 +110,7 @@ class BlockDiffusionLoop:
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if phase is not Phase.PREFILL and self.graphs is not None:
                 return self.graphs.forward(batch, tokens, positions, side_pass=side is not None)
-            return self.model(tokens, positions, self.mode, need_logits=phase is Phase.DENOISE)
+            return self.model(tokens, positions, self.mode, need_logits=batch.needs_logits)
 
     @contextlib.contextmanager
     def _on_compute_stream(self):
@@ -132,15 +134,27 @@ class BlockDiffusionLoop:
             self._prefill(seq)
 
     def _prefill(self, seq: SequenceState) -> None:
-        b = self.settings.block_size
-        visibility = 1 if self.settings.prompt_causal else b
+        settings = self.settings
+        b = settings.block_size
+        visibility = 1 if settings.prompt_causal else b
         prefix = seq.prompt_ids[: seq.prefix_len]
+        # token shift: a prompt that ends on a block boundary decodes the first block's first token
+        # from its last logits. Its last block runs as a chunk of its own, so that the pass makes
+        # B positions of logits, not a whole chunk's (block-aligned chunks give the same K/V).
+        first_token = settings.token_shift and 0 < len(prefix) == seq.prompt_len
+        bounds = [*range(0, len(prefix), self.prefill_chunk), len(prefix)]
+        if first_token and len(prefix) - bounds[-2] > b:
+            bounds.insert(-1, len(prefix) - b)
         seq.tokens = []
-        for start in range(0, len(prefix), self.prefill_chunk):
-            chunk = prefix[start:start + self.prefill_chunk]
-            self._forward(Phase.PREFILL, [seq], torch.tensor([chunk], dtype=torch.int64), visibility)
+        logits = None
+        for start, end in zip(bounds, bounds[1:]):
+            chunk = prefix[start:end]
+            logits = self._forward(Phase.PREFILL, [seq], torch.tensor([chunk], dtype=torch.int64), visibility,
+                                   wants_logits=first_token and end == len(prefix))
             seq.tokens.extend(chunk)
         seq.tokens = list(seq.prompt_ids)
+        if first_token:
+            seq.tokens.append(int(next_block_token(logits[:, -1], settings.mask_token_id)[0]))
 
     def _drop_cancelled(self, rows: list[SequenceState]) -> None:
         """Take cancelled sequences out of `rows` (in place) and give their KV back now, mid-block
@@ -186,7 +200,7 @@ class BlockDiffusionLoop:
             at = state.index(active)
             block, masked = state.take(state.block, at), state.take(state.masked, at)
             logits = self._forward(Phase.DENOISE, active, block, b, step, state.positions(active, b))
-            tokens, conf = self._proposals(logits, active)
+            tokens, conf = self._proposals(shift_logits(logits, settings), active)
             quota = state.take(state.quota[:, step], at) if settings.unmasking == "fixed" else None
             left = unmask_rows(block, masked, tokens, conf, step, settings, quota)
             if at is not None:  # a subset ran: its rows' new state back into the block's
@@ -203,12 +217,14 @@ class BlockDiffusionLoop:
         self._drop_cancelled(rows)
         if not rows:
             return
-        self._forward(Phase.COMMIT, rows, state.take(state.block, state.index(rows)), b,
-                      positions=state.positions(rows, b))
+        logits = self._forward(Phase.COMMIT, rows, state.take(state.block, state.index(rows)), b,
+                               positions=state.positions(rows, b), wants_logits=settings.token_shift)
+        # token shift: the next block's first token comes from this block's last logits
+        next_tokens = None if logits is None else next_block_token(logits[:, -1], settings.mask_token_id)
         clock.mark("commit_ms")
-        state.to_host(rows)  # the block's one wait for the device, behind the queued commit
+        firsts = state.to_host(rows, next_tokens)  # the block's one wait for the device, behind the queued commit
         for seq in rows:
-            finish_block(seq, settings)
+            finish_block(seq, settings, None if firsts is None else firsts[seq.seq_id])
         self.last_block_ms = {"step0_ms": 0.0, "steps_ms": 0.0, **clock.parts()}
 
     def _proposals(self, logits: torch.Tensor, rows: list[SequenceState]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -468,10 +484,21 @@ class _DeviceBlock:
         for seq, count in zip(rows, counts):
             self.remaining[seq.seq_id] = int(count)
 
-    def to_host(self, rows: list[SequenceState]) -> None:
-        """The rows' block and mask into `seq.block` / `seq.masked`, in one device-to-host copy."""
+    def to_host(self, rows: list[SequenceState], next_tokens: torch.Tensor | None = None) -> dict[int, int] | None:
+        """The rows' block and mask into `seq.block` / `seq.masked`, in one device-to-host copy.
+        next_tokens: [len(rows)] int64 on the device, a token per row of `rows` that comes along
+        in the same copy; returned as {seq_id: token} (None without them)."""
         b = self.settings.block_size
-        host = torch.cat([self.block, self.masked.to(torch.int64)], dim=1).cpu()
+        parts = [self.block, self.masked.to(torch.int64)]
+        if next_tokens is not None:
+            at = self.index(rows)
+            if at is not None:  # some rows left mid-block: place each token on its row of the block
+                next_tokens = torch.zeros_like(self.block[:, 0]).index_copy_(0, at, next_tokens)
+            parts.append(next_tokens[:, None])
+        host = torch.cat(parts, dim=1).cpu()
         for seq in rows:
             i = self.row_of[seq.seq_id]
-            seq.block, seq.masked = host[i, :b].clone(), host[i, b:].bool()
+            seq.block, seq.masked = host[i, :b].clone(), host[i, b:2 * b].bool()
+        if next_tokens is None:
+            return None
+        return {seq.seq_id: int(host[self.row_of[seq.seq_id], 2 * b]) for seq in rows}

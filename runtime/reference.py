@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from runtime.attention import MaskedAttention, block_diffusion_mask
-from runtime.decoding import DecodeSettings, SequenceState, finish_block, start_block, unmask_step
+from runtime.decoding import (DecodeSettings, SequenceState, finish_block, next_block_token, shift_logits,
+                              start_block, unmask_step)
 from runtime.model import Transformer
 
 
@@ -17,18 +18,27 @@ from runtime.model import Transformer
 def reference_decode(model: Transformer, seq: SequenceState, settings: DecodeSettings,
                      device: torch.device | str = "cpu") -> SequenceState:
     """Decode `seq` to completion by recomputation; returns it with its tokens filled in."""
+
+    def logits_of(ids: list[int]) -> torch.Tensor:
+        """[len(ids), V]: the whole sequence under the block-diffusion mask."""
+        mask = block_diffusion_mask(len(ids), seq.prefix_len, settings.block_size, settings.prompt_causal)
+        positions = torch.arange(len(ids), device=device)[None]
+        return model(torch.tensor(ids, dtype=torch.int64, device=device)[None], positions, MaskedAttention(mask))[0]
+
+    def first_token_after(ids: list[int]) -> int:
+        return int(next_block_token(logits_of(ids)[-1:], settings.mask_token_id)[0])
+
     seq.tokens = list(seq.prompt_ids)
+    if settings.token_shift and 0 < seq.prefix_len == seq.prompt_len:
+        seq.tokens.append(first_token_after(seq.tokens))
     while seq.finish_reason is None:
         start_block(seq, settings)
         for step in range(settings.steps):
             if not seq.masked.any():
                 break
-            ids = torch.tensor(seq.tokens + seq.block.tolist(), dtype=torch.int64, device=device)[None]
-            length = ids.shape[1]
-            mask = block_diffusion_mask(length, seq.prefix_len, settings.block_size, settings.prompt_causal)
-            positions = torch.arange(length, device=device)[None]
-            logits = model(ids, positions, MaskedAttention(mask))
-            unmask_step(seq, logits[0, -settings.block_size:], step, settings)
+            logits = logits_of(seq.tokens + seq.block.tolist())
+            unmask_step(seq, shift_logits(logits[-settings.block_size:], settings), step, settings)
             seq.passes += 1
-        finish_block(seq, settings)
+        next_token = first_token_after(seq.tokens + seq.block.tolist()) if settings.token_shift else None
+        finish_block(seq, settings, next_token)
     return seq

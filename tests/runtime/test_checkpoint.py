@@ -150,7 +150,7 @@ def test_dtype_choice(saved):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "only Qwen2 and Qwen3 families"),
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "none of the supported families: sdar"),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
     ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope type 'longrope' is not supported"),
     ({"use_sliding_window": True, "sliding_window": 64}, "sliding-window attention"),

@@ -4,7 +4,7 @@ import torch
 
 from runtime.attention import DenseAttention
 from runtime.config import ModelConfig, RopeConfig
-from runtime.decoding import DecodeSettings, GenerationRequest, SequenceState
+from runtime.decoding import DecodeSettings, GenerationRequest, SequenceState, start_block, unmask_step
 from runtime.generate import BlockDiffusionLoop
 from runtime.model import Transformer
 from runtime.reference import reference_decode
@@ -25,9 +25,15 @@ def tiny_model(arch: str, seed: int = 0, head_dim: int = 8, dtype: torch.dtype =
     return model
 
 
-def settings(block=4, steps=4, unmasking="fixed", threshold=0.9, prompt_causal=False, eos=()):
+def settings(block=4, steps=4, unmasking="fixed", threshold=0.9, prompt_causal=False, eos=(), **rule):
     return DecodeSettings(block_size=block, steps=steps, unmasking=unmasking, threshold=threshold,
-                          mask_token_id=MASK, eos_token_ids=eos, prompt_causal=prompt_causal)
+                          mask_token_id=MASK, eos_token_ids=eos, prompt_causal=prompt_causal, **rule)
+
+
+def fast_dllm_settings(**changes):
+    """Fast-dLLM v2's rule at a small scale: blocks of 8 in sub-blocks of 4."""
+    return settings(**{"block": 8, "steps": 8, "unmasking": "threshold", "threshold": 0.3, "rule": "fast_dllm_v2",
+                       "sub_block_size": 4, **changes})
 
 
 def make_seq(seq_id, prompt, block, max_new=10, **request):
@@ -69,6 +75,53 @@ def test_cached_loop_matches_reference_decoder(arch, prompt_causal, unmasking, t
         got = run_loop(model, [prompt], s)[0]
         assert got.generated == expected.generated
         assert len(got.generated) == 10 and got.finish_reason == "length"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_fast_dllm_rule_cached_loop_matches_reference_decoder(arch):
+    """Token shift, each block's first token from the last logits before it (the prompt's too,
+    when it ends on a block boundary: 8 and 16, the latter over two prefill chunks), sub-blocks
+    left to right: the batched cached loop gives the recomputing reference decoder's tokens."""
+    model = tiny_model(arch)
+    s = fast_dllm_settings()
+    ps = prompts([3, 8, 16, 13])
+    batched = run_loop(model, ps, s, max_batch=3, max_new=13)
+    for prompt, got in zip(ps, batched):
+        expected = reference(model, prompt, s, max_new=13)
+        assert got.generated == expected.generated and len(got.generated) == 13
+        assert got.passes < got.blocks_done * 8, "some pass unmasked several tokens"
+
+
+def test_fast_dllm_rule_rows_leaving_mid_block_keep_the_others_exact():
+    """A row cancelled mid-block leaves its block; the next-block tokens of the rows that stay
+    still reach their own rows."""
+    model = tiny_model("qwen3")
+    s = fast_dllm_settings()
+    ps = prompts([8, 5, 11])
+    seqs = [make_seq(i, p, s.block_size, 14) for i, p in enumerate(ps)]
+    mode = DenseAttention(model.config, 3, max(q.max_tokens for q in seqs), page_size=4, dtype=model.dtype,
+                          device=torch.device("cpu"))
+    loop = BlockDiffusionLoop(model, mode, s, 3, 8, torch.device("cpu"))
+    with torch.no_grad():
+        loop.run(seqs, should_cancel=lambda seq: seq.seq_id == 0 and seq.passes >= 2)
+    assert seqs[0].finish_reason == "cancelled"
+    for prompt, seq in zip(ps[1:], seqs[1:]):
+        assert seq.generated == reference(model, prompt, s, max_new=14).generated
+
+
+def test_fast_dllm_rule_unmasks_sub_blocks_left_to_right():
+    model = tiny_model("qwen3")
+    s = fast_dllm_settings(threshold=1.0)  # one token per pass: the order is visible
+    seq = make_seq(0, prompts([8])[0], s.block_size, 8)
+    seq.tokens = list(seq.prompt_ids) + [5]  # the block's first token, decoded before it opened
+    start_block(seq, s)
+    order = []
+    for step in range(7):
+        before = seq.masked.clone()
+        logits = torch.randn(8, VOCAB, generator=torch.Generator().manual_seed(step))
+        unmask_step(seq, logits, step, s)
+        order.append(int((before & ~seq.masked).nonzero()))
+    assert sorted(order[:3]) == [1, 2, 3] and sorted(order[3:]) == [4, 5, 6, 7]
 
 
 def test_batch_equals_each_sequence_alone():
