@@ -59,7 +59,7 @@ class PassThroughAttention(AttentionMode):
 def build_layer(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int) -> DecoderLayer:
     """One decoder layer with Qwen's random init (N(0, 0.02) matrices, unit norms), fused weights built."""
     with torch.device(device):
-        layer = DecoderLayer(config).to(dtype)
+        layer = DecoderLayer(config, 0).to(dtype)
     init_qwen_weights(layer, 0.02, torch.Generator(device).manual_seed(seed))
     layer.set_fused(True)  # the plain forward reads the same (viewed) parameters
     return layer.requires_grad_(False).eval()

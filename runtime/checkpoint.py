@@ -1,12 +1,14 @@
-"""Load and save Hugging Face-format Qwen2/Qwen3 checkpoints from local directories.
+"""Load and save Hugging Face-format checkpoints of the supported families from local directories.
 
 Nothing here touches the network. Loading first reads only the safetensors headers, checks every
 tensor's name and shape against what the config implies, and only then materialises the model,
 tensor by tensor, straight into the target dtype and device (the model is built on the meta
-device, so no second copy of the weights ever exists).
+device, so no second copy of the weights ever exists). runtime/checkpoint_layout.py says which
+stored tensors make each of the forward's (LLaDA2.0's fused QKV, per-expert MoE weights).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from collections.abc import Mapping
@@ -18,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from runtime.checkpoint_layout import assemble, disassemble, stored_as, stored_shapes
 from runtime.config import ModelConfig
 from runtime.model import Transformer, expected_tensor_shapes
 from runtime.tokenizer import Tokenizer, hf_tokenizer_config
@@ -97,7 +100,7 @@ def check_tensors(found: Mapping[str, tuple[str, tuple[int, ...]]], config: Mode
     found: {name: (safetensors dtype, shape)}. A tied checkpoint may still store lm_head.weight
     (the embedding is used, as transformers does); any other extra tensor is an error.
     """
-    expected = expected_tensor_shapes(config)
+    expected = stored_shapes(config, expected_tensor_shapes(config))
     missing = [f"{name} (expected shape {shape})" for name, shape in expected.items() if name not in found]
     misshaped = [f"{name}: shape {found[name][1]}, expected {shape}" for name, shape in expected.items()
                  if name in found and found[name][1] != shape]
@@ -120,6 +123,12 @@ def check_tensors(found: Mapping[str, tuple[str, tuple[int, ...]]], config: Mode
                         f"{_listing(not_float)}")
     if extra:
         problems.append(f"unexpected tensors (does config.json describe this checkpoint?):{_listing(extra)}")
+    if config.moe is not None and any(".mlp." in line for line in missing + extra + misshaped):
+        moe = config.moe
+        problems.append(f"the MoE keys decide which expert tensors exist (num_experts={moe.num_experts}, "
+                        f"moe_intermediate_size={moe.expert_intermediate_size}, MoE layers {list(moe.moe_layers)} "
+                        "from decoder_sparse_step / mlp_only_layers or first_k_dense_replace, num_shared_experts="
+                        f"{moe.num_shared_experts}): correct them to match the tensors")
     if problems:
         raise ValueError(f"{where} does not match its config.json "
                          f"({config.architecture}, {config.num_layers} layers, hidden {config.hidden_size}, "
@@ -132,15 +141,11 @@ def _check_unsupported_features(raw: dict[str, Any], where: Path) -> None:
         raise ValueError(f"{where}/config.json enables sliding-window attention (sliding_window="
                          f"{raw['sliding_window']}), which this runtime does not implement; set "
                          "use_sliding_window to false if the model was trained without it")
-    partial = raw.get("partial_rotary_factor", (raw.get("rope_parameters") or {}).get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
-        raise ValueError(f"{where}/config.json sets partial_rotary_factor={partial}; only full rotary "
-                         "embeddings are supported")
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype | str | None = None,
                device: str | torch.device = "cpu") -> tuple[Transformer, ModelConfig]:
-    """Load a local Hugging Face Qwen2/Qwen3 directory into a `Transformer` in eval mode.
+    """Load a local Hugging Face directory of a supported family into a `Transformer` in eval mode.
 
     dtype None keeps the dtype the embedding is stored in. Parameters come back with
     requires_grad=False (an inference load); training calls `model.requires_grad_(True)`.
@@ -158,19 +163,23 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str | None = None,
             found[name], file_of[name] = info, file
     check_tensors(found, config, where=str(path))
 
-    target = resolve_dtype(dtype) if dtype is not None else FLOAT_DTYPES[found["model.embed_tokens.weight"][0]]
+    recipes = stored_as(config, expected_tensor_shapes(config))
+    embedding = recipes["model.embed_tokens.weight"].pieces()[0].name
+    target = resolve_dtype(dtype) if dtype is not None else FLOAT_DTYPES[found[embedding][0]]
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     with torch.device("meta"):
         model = Transformer(config)
-    wanted = set(expected_tensor_shapes(config))
     state: dict[str, torch.Tensor] = {}
-    for file in files:
-        names = [n for n in found if file_of[n] == file and n in wanted]
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for name in names:
-                state[name] = f.get_tensor(name).to(target)
+    with contextlib.ExitStack() as stack:
+        handles = {file: stack.enter_context(safe_open(file, framework="pt", device=str(device))) for file in files}
+
+        def read(name: str) -> torch.Tensor:
+            return handles[file_of[name]].get_tensor(name).to(target)
+
+        for name, recipe in recipes.items():
+            state[name] = assemble(recipe, read)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -216,7 +225,9 @@ def save_checkpoint(model: Transformer, model_config_dict: Mapping[str, Any], pa
         raise ValueError("model_config_dict does not describe the model: it implies "
                          f"{ModelConfig.from_hf(cfg)}, the model was built from {model.config}")
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items() if name in have}
+    state = {name: t.detach().to("cpu") for name, t in model.state_dict().items() if name in have}
+    stored = disassemble(stored_as(described, have), state)
+    tensors = {name: t.contiguous() for name, t in stored.items()}
     save_file(tensors, str(path / SINGLE_FILE), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if tokenizer is None:

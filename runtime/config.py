@@ -21,6 +21,10 @@ GRANULARITIES = ("page", "token")
 ATTENTION_BACKENDS = ("torch", "triton")
 UNMASKING_SCHEDULES = ("threshold", "fixed")
 PROMPT_ATTENTION = ("causal", "block_causal")
+ROUTER_SCORES = ("softmax", "sigmoid")
+MOE_ARCHITECTURES = ("qwen3_moe", "llada2_moe")
+# config.json keys that only a mixture-of-experts checkpoint states
+MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 
 def _id_list(value: Any) -> list[int]:
@@ -85,10 +89,88 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """The architecture of a Qwen2/Qwen3 checkpoint, parsed from its config.json."""
+class MoeConfig:
+    """A mixture-of-experts MLP as a checkpoint states it (Qwen3-MoE's and LLaDA2.0's keys).
 
-    architecture: Literal["qwen2", "qwen3"]
+    Each token's router scores every expert (softmax, Qwen3-MoE; sigmoid, LLaDA2.0), picks
+    `experts_per_token` of them (within the `groups_per_token` best of `num_groups` expert groups
+    when grouped, ranking by score + the expert bias), and sums their SwiGLU MLPs weighted by the
+    chosen scores (renormalised to sum 1 when `normalize_weights`, then times `routed_scaling`);
+    `num_shared_experts` always-on experts (one MLP of that many experts' width) are added.
+    """
+
+    num_experts: int
+    experts_per_token: int
+    expert_intermediate_size: int
+    moe_layers: tuple[int, ...]  # the layers whose MLP is the mixture; the others are dense
+    score: str = "softmax"  # softmax | sigmoid
+    normalize_weights: bool = False
+    num_groups: int = 1
+    groups_per_token: int = 1
+    routed_scaling: float = 1.0
+    num_shared_experts: int = 0
+    expert_bias: bool = False  # a per-expert bias added to the scores for the choice only (LLaDA2.0)
+
+    def __post_init__(self) -> None:
+        if self.score not in ROUTER_SCORES:
+            raise ValueError(f"config.json score_function={self.score!r}; supported: {ROUTER_SCORES}")
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(f"config.json num_experts_per_tok={self.experts_per_token} must be in "
+                             f"[1, num_experts={self.num_experts}]")
+        if self.expert_intermediate_size < 1:
+            raise ValueError(f"config.json moe_intermediate_size={self.expert_intermediate_size} must be >= 1")
+        if self.num_groups < 1 or self.num_experts % self.num_groups:
+            raise ValueError(f"config.json n_group={self.num_groups} must divide num_experts={self.num_experts}")
+        if not 1 <= self.groups_per_token <= self.num_groups:
+            raise ValueError(f"config.json topk_group={self.groups_per_token} must be in [1, n_group={self.num_groups}]")
+        reachable = self.groups_per_token * self.num_experts // self.num_groups
+        if self.experts_per_token > reachable:
+            raise ValueError(f"config.json num_experts_per_tok={self.experts_per_token} exceeds the "
+                             f"{reachable} experts of topk_group={self.groups_per_token} groups: raise topk_group")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"config.json num_shared_experts={self.num_shared_experts} must be >= 0")
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        return self.expert_intermediate_size * self.num_shared_experts
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], architecture: str, num_layers: int) -> "MoeConfig":
+        """The MoE settings of a qwen3_moe or llada2_moe config.json (keys as the hub files write them)."""
+        missing = [k for k in MOE_KEYS if cfg.get(k) is None]
+        if missing:
+            raise ValueError(f"config.json describes a {architecture} mixture-of-experts model but lacks {missing}")
+        experts = int(cfg["num_experts"])
+        if architecture == "llada2_moe":
+            # LLaDA2.0's layers from first_k_dense_replace on are MoE; its router is sigmoid, grouped,
+            # renormalised when it picks more than one expert, scaled, with an expert bias
+            first_dense = int(cfg.get("first_k_dense_replace", 0))
+            layers = tuple(range(first_dense, num_layers))
+            score = str(cfg.get("score_function", "sigmoid"))
+            top_k = int(cfg["num_experts_per_tok"])
+            return cls(experts, top_k, int(cfg["moe_intermediate_size"]), layers, score=score,
+                       normalize_weights=top_k > 1, num_groups=int(cfg.get("n_group") or 1),
+                       groups_per_token=int(cfg.get("topk_group") or 1),
+                       routed_scaling=float(cfg.get("routed_scaling_factor", 1.0)),
+                       num_shared_experts=int(cfg.get("num_shared_experts") or 0), expert_bias=True)
+        # Qwen3-MoE: layer i is sparse unless listed in mlp_only_layers, every decoder_sparse_step-th
+        step = int(cfg.get("decoder_sparse_step", 1))
+        if step < 1:
+            raise ValueError(f"config.json decoder_sparse_step={step} must be >= 1")
+        dense_only = {int(i) for i in cfg.get("mlp_only_layers") or []}
+        bad = sorted(i for i in dense_only if not 0 <= i < num_layers)
+        if bad:
+            raise ValueError(f"config.json mlp_only_layers names layers {bad} outside the model's {num_layers}")
+        layers = tuple(i for i in range(num_layers) if i not in dense_only and (i + 1) % step == 0)
+        return cls(experts, int(cfg["num_experts_per_tok"]), int(cfg["moe_intermediate_size"]), layers,
+                   normalize_weights=bool(cfg.get("norm_topk_prob", False)))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a checkpoint (Qwen2, Qwen3, Qwen3-MoE, LLaDA2.0), parsed from its config.json."""
+
+    architecture: Literal["qwen2", "qwen3", "qwen3_moe", "llada2_moe"]
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -108,10 +190,35 @@ class ModelConfig:
     block_size: int | None = None
     torch_dtype: str | None = None
     family: str | None = None  # runtime/families.py; None: the plain family of `architecture`
+    moe: MoeConfig | None = None  # None: every layer's MLP is dense
+    rotary_dim: int | None = None  # leading head dims RoPE rotates (LLaDA2.0: half); None: all
+    output_bias: bool | None = None  # o_proj's bias; None: the architecture's rule (`has_output_bias`)
+
+    def __post_init__(self) -> None:
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim={self.rotary_dim} must be even and in (0, head_dim={self.head_dim}]")
+        if (self.moe is not None) != (self.architecture in MOE_ARCHITECTURES):
+            raise ValueError(f"architecture {self.architecture!r} "
+                             + ("needs MoE settings" if self.moe is None else "has no mixture-of-experts MLP"))
 
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Head dims rotated by RoPE (the rest pass through)."""
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def has_output_bias(self) -> bool:
+        # Qwen2 never biases o_proj; Qwen3's attention_bias covers all four projections
+        if self.output_bias is not None:
+            return self.output_bias
+        return self.attention_bias and self.architecture in ("qwen3", "qwen3_moe")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer in self.moe.moe_layers
 
     @property
     def family_defaults(self) -> Family:
@@ -133,12 +240,23 @@ class ModelConfig:
         head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // num_heads)
         eos_ids = tuple(_id_list(cfg.get("eos_token_id")))
         block = cfg.get("block_size", cfg.get("block_length", cfg.get("bd_size")))
+        num_layers = int(cfg["num_hidden_layers"])
+        moe = None
+        if arch in MOE_ARCHITECTURES:
+            moe = MoeConfig.from_hf(cfg, arch, num_layers)
+        elif int(cfg.get("num_experts") or 0) > 0:
+            raise ValueError(f"config.json sets num_experts={cfg['num_experts']}, but model_type="
+                             f"{cfg.get('model_type')!r} ({family.name}) is a dense model: name the MoE family "
+                             "(model_type qwen3_moe, sdar_moe or llada2_moe) or remove the MoE keys")
+        partial = cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor"))
+        rotary_dim = int(head_dim * float(partial)) if partial not in (None, 1, 1.0) else None
+        llada2 = arch == "llada2_moe"
         return cls(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=int(cfg["hidden_size"]),
             intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
@@ -146,13 +264,16 @@ class ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope=RopeConfig.from_hf(cfg),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
-            qk_norm=arch == "qwen3",
+            attention_bias=bool(cfg.get("use_qkv_bias", False) if llada2 else cfg.get("attention_bias", arch == "qwen2")),
+            qk_norm=bool(cfg.get("use_qk_norm", True)) if llada2 else arch in ("qwen3", "qwen3_moe"),
             mask_token_id=cfg.get("mask_token_id"),
             eos_token_ids=eos_ids,
             block_size=int(block) if block else None,
             torch_dtype=cfg.get("torch_dtype", cfg.get("dtype")),
             family=family.name,
+            moe=moe,
+            rotary_dim=rotary_dim,
+            output_bias=bool(cfg.get("use_bias", True)) if llada2 else None,
         )
 
     @classmethod

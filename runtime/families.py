@@ -16,9 +16,9 @@ Decoding rules (`decoding`):
   of `sub_block_size`, each by threshold (at least one token a pass) before the next opens
   (Fast-dLLM v2's `generate()`).
 
-The MoE families (SDAR-30B-A3B, Qwen3-MoE, LLaDA2.0) are recognised here with their defaults;
-their forwards come with the MoE work: each names its architecture, and a family whose
-architecture is not in `IMPLEMENTED_ARCHITECTURES` is refused with that reason.
+The MoE families (SDAR-30B-A3B on Qwen3-MoE, LLaDA2.0) run on the same forward with a
+mixture-of-experts MLP (runtime/moe.py). LLaDA2.0's `generate()` is SDAR's rule at its own numbers
+(block 32, 32 steps, threshold 0.95: one token a step at least, every one above the threshold).
 """
 from __future__ import annotations
 
@@ -27,10 +27,6 @@ from typing import Any, Literal
 
 DecodingRule = Literal["sdar", "fast_dllm_v2"]
 DECODING_RULES: tuple[str, ...] = ("sdar", "fast_dllm_v2")
-
-# The forwards runtime/model.py runs. Hook for the MoE work: add "qwen3_moe" and "llada2_moe"
-# here with their forwards, and the families below that name them load.
-IMPLEMENTED_ARCHITECTURES: frozenset[str] = frozenset({"qwen2", "qwen3"})
 
 
 @dataclass(frozen=True)
@@ -54,6 +50,7 @@ class Family:
     mask_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()  # only where config.json, generation_config.json and the tokenizer name none
     prompt_attention: str = "block_causal"  # how the prompt's whole blocks see each other when prefilled
+    partial_rotary: bool = False  # RoPE on part of the head dims (config.json partial_rotary_factor)
 
     def describe(self) -> str:
         keys = ", ".join([*(f"model_type {t!r}" for t in self.model_types), *self.architectures])
@@ -74,14 +71,15 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3", "Qwen3 block-diffusion checkpoints", "qwen3", ("qwen3",), ("Qwen3ForCausalLM",)),
     Family("qwen2", "Qwen2 block-diffusion checkpoints", "qwen2", ("qwen2",), ("Qwen2ForCausalLM",),
            prompt_attention="causal"),
-    # MoE hook points (forwards added by the MoE work). SDAR-30B-A3B decodes as SDAR.
+    # SDAR-30B-A3B: Qwen3-MoE's keys and tensors, decoded as SDAR.
     Family("sdar_moe", "SDAR-30B-A3B, Qwen3-MoE-based", "qwen3_moe", ("sdar_moe",), ("SDARMoeForCausalLM",),
            block_size=4, denoising_steps=4, threshold=0.9, mask_token_id=151669),
     Family("qwen3_moe", "Qwen3-MoE block-diffusion checkpoints", "qwen3_moe", ("qwen3_moe",),
            ("Qwen3MoeForCausalLM",)),
     # LLaDA2.0's generate(): block 32, 32 steps, threshold 0.95, mask 156895, eos 156892.
     Family("llada2_moe", "LLaDA2.0", "llada2_moe", ("llada2_moe",), ("LLaDA2MoeModelLM",),
-           block_size=32, denoising_steps=32, threshold=0.95, mask_token_id=156895, eos_token_ids=(156892,)),
+           block_size=32, denoising_steps=32, threshold=0.95, mask_token_id=156895, eos_token_ids=(156892,),
+           partial_rotary=True),
 )
 
 
@@ -98,8 +96,8 @@ def family_by_name(name: str) -> Family:
 
 def detect_family(cfg: dict[str, Any]) -> Family:
     """The family config.json describes (model_type first, then architectures), refusing an
-    unknown one, or one whose forward this build lacks, with every supported family named, and
-    settings no family here uses (partial rotary embeddings)."""
+    unknown one with every supported family named, and partial rotary embeddings in a family that
+    rotates whole heads."""
     model_type = str(cfg.get("model_type") or "").lower()
     archs = list(cfg.get("architectures") or [])
     family = next((f for f in FAMILIES if model_type in f.model_types), None)
@@ -108,11 +106,7 @@ def detect_family(cfg: dict[str, Any]) -> Family:
         raise ValueError(f"config.json has model_type={cfg.get('model_type')!r}, architectures={archs!r}, "
                          f"which is none of the supported families: {supported_families()}")
     partial = cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
+    if partial not in (None, 1, 1.0) and not family.partial_rotary:
         raise ValueError(f"config.json sets partial_rotary_factor={partial}, but the {family.name} family rotates "
                          "the whole head dimension: remove the key (or set it to 1.0) if the model was trained so")
-    if family.architecture not in IMPLEMENTED_ARCHITECTURES:
-        raise ValueError(f"config.json describes the {family.name} family ({family.description}), whose "
-                         f"{family.architecture} forward this build does not have; it runs: "
-                         + "; ".join(f.describe() for f in FAMILIES if f.architecture in IMPLEMENTED_ARCHITECTURES))
     return family

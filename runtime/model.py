@@ -1,7 +1,8 @@
-"""The model forward: a Qwen2 / Qwen3 decoder in plain PyTorch.
+"""The model forward: a Qwen2 / Qwen3 / Qwen3-MoE / LLaDA2.0 decoder in plain PyTorch.
 
-Parameter names follow Hugging Face's (`model.layers.{i}.self_attn.q_proj.weight`, ...), so a
-checkpoint's state dict loads as it is. Attention itself is not here: every layer hands its
+Parameter names follow Hugging Face's Qwen names (`model.layers.{i}.self_attn.q_proj.weight`, ...);
+runtime/checkpoint_layout.py maps each family's stored names (LLaDA2.0's fused query_key_value,
+per-expert MoE tensors) onto them. A MoE layer's MLP is runtime/moe.py's. Attention itself is not here: every layer hands its
 RoPE'd q/k/v to an `AttentionMode` (runtime/attention.py), which owns the KV cache and decides
 what each query sees. The model therefore knows nothing of caches, masks or phases.
 
@@ -20,6 +21,7 @@ from torch import nn
 from gpu_kernels.fused_layer import qk_norm_rope, rms_norm, silu_mul
 from runtime.attention import AttentionMode
 from runtime.config import ModelConfig, RopeConfig
+from runtime.moe import MoeMLP
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
@@ -90,11 +92,11 @@ class Rotary:
 
     def __init__(self, config: ModelConfig):
         self.inv_freq, self.attention_factor = rope_frequencies(
-            config.head_dim, config.rope, config.max_position_embeddings)
+            config.rope_dim, config.rope, config.max_position_embeddings)
         self._inv_freq_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [N, T] -> cos, sin [N, 1, T, D] in fp32 (fp64 for fp64 models)."""
+        """positions [N, T] -> cos, sin [N, 1, T, R] in fp32 (fp64 for fp64 models); R the rotated dims."""
         rope_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         key = (positions.device, rope_dtype)
         inv_freq = self._inv_freq_on.get(key)
@@ -106,11 +108,14 @@ class Rotary:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [N, H, T, D] by cos/sin [N, 1, T, D] (half-split pairs, as Qwen does); math in cos.dtype."""
-    xf = x.to(cos.dtype)
+    """Rotate x [N, H, T, D] by cos/sin [N, 1, T, R] (half-split pairs, as Qwen does); math in cos.dtype.
+
+    R < D (partial rotary, LLaDA2.0): the first R dims rotate, the rest pass through unchanged."""
+    rot = cos.shape[-1]
+    xf = x[..., :rot].to(cos.dtype)
     x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    rotated = (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+    return rotated if rot == x.shape[-1] else torch.cat([rotated, x[..., rot:]], dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -207,9 +212,9 @@ class Attention(_FusedProjections):
         self.q_proj = nn.Linear(config.hidden_size, q_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
-        # Qwen2 never biases o_proj; Qwen3's attention_bias covers all four projections.
-        self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=bias and config.architecture == "qwen3")
+        self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=config.has_output_bias)
         self.qk_norm = config.qk_norm
+        self.partial_rotary = config.rope_dim < config.head_dim  # the fused kernel rotates whole heads
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -220,10 +225,15 @@ class Attention(_FusedProjections):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionMode,
                 layer: int) -> torch.Tensor:
-        n, t, _ = x.shape
-        q = self.q_proj(x).view(n, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, t, self.num_kv_heads, self.head_dim)
+        return self._attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, attention, layer)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention: AttentionMode, layer: int) -> torch.Tensor:
+        """q [N, T, Hq*D], k/v [N, T, Hkv*D] projections -> the attention's output projection [N, T, H]."""
+        n, t, _ = q.shape
+        q = q.view(n, t, self.num_heads, self.head_dim)
+        k = k.view(n, t, self.num_kv_heads, self.head_dim)
+        v = v.view(n, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin).contiguous()
@@ -237,6 +247,9 @@ class Attention(_FusedProjections):
         """`forward` with one QKV GEMM and one kernel for q/k norm, RoPE and the head layouts."""
         n, t, _ = x.shape
         qkv = F.linear(x, self.fused_weight, self.fused_bias)  # [N, T, (Hq + 2 Hkv) * D]
+        if self.partial_rotary:
+            q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            return self._attend(*qkv.split([q_dim, kv_dim, kv_dim], dim=-1), cos, sin, attention, layer)
         q, k, v = qk_norm_rope(qkv, self.q_norm.weight if self.qk_norm else None,
                                self.k_norm.weight if self.qk_norm else None, cos, sin,
                                num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -246,11 +259,11 @@ class Attention(_FusedProjections):
 
 
 class MLP(_FusedProjections):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
         self._init_fused()
 
     def _fused_linears(self) -> list[nn.Linear]:
@@ -264,11 +277,19 @@ class MLP(_FusedProjections):
         return self.down_proj(silu_mul(F.linear(x, self.fused_weight)))
 
 
+def layer_mlp(config: ModelConfig, layer: int) -> nn.Module:
+    """Layer `layer`'s MLP: dense, or the mixture of experts (with its shared experts, if any)."""
+    if not config.is_moe_layer(layer):
+        return MLP(config, config.intermediate_size)
+    shared = config.moe.shared_intermediate_size
+    return MoeMLP(config, MLP(config, shared) if shared else None)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.self_attn = Attention(config)
-        self.mlp = MLP(config)
+        self.mlp = layer_mlp(config, layer)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -301,12 +322,13 @@ class Backbone(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class Transformer(nn.Module):
-    """Qwen2/Qwen3 causal-LM weights; the attention pattern comes from the AttentionMode passed in."""
+    """The causal-LM weights of every supported family; the attention pattern comes from the
+    AttentionMode passed in."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -398,7 +420,11 @@ class Transformer(nn.Module):
 
 @torch.no_grad()
 def init_qwen_weights(module: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-    """Qwen's initialisation of any part of the model: N(0, std) matrices, zero biases, unit norms."""
+    """Qwen's initialisation of any part of the model: N(0, std) matrices, zero biases and expert
+    biases, unit norms."""
+    for name, b in module.named_buffers():
+        if name.endswith("expert_bias"):
+            b.zero_()
     for name, p in module.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)

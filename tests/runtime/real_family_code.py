@@ -37,6 +37,24 @@ PINNED = ("transformers==4.53.3", "huggingface-hub==0.36.2", "tokenizers==0.21.4
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=512)
 VOCAB = SMALL["vocab_size"]
+# the MoE families at the small geometry: 8 experts, 2 a token; the first layer dense
+SMALL_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+# SDAR-30B-A3B: SDAR's config.json with Qwen3-30B-A3B's MoE keys (its own hub file is not among the
+# reference files; transformers' Qwen3MoeForCausalLM is its reference code)
+SDAR_MOE_KEYS = dict(model_type="sdar_moe", architectures=["SDARMoeForCausalLM"], num_experts=128,
+                     num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1,
+                     mlp_only_layers=[])
+# LLaDA2.0-mini's config.json as published (inclusionAI/LLaDA2.0-mini; no copy among the reference files)
+LLADA2_MINI = {
+    "architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "vocab_size": 157184, "hidden_size": 2048,
+    "intermediate_size": 5120, "num_hidden_layers": 20, "num_attention_heads": 16, "num_key_value_heads": 4,
+    "head_dim": 128, "max_position_embeddings": 32768, "rope_theta": 600000, "partial_rotary_factor": 0.5,
+    "rms_norm_eps": 1e-6, "use_qk_norm": True, "use_qkv_bias": False, "use_bias": False, "norm_head": False,
+    "num_experts": 256, "num_experts_per_tok": 8, "num_shared_experts": 1, "n_group": 8, "topk_group": 4,
+    "moe_intermediate_size": 512, "first_k_dense_replace": 1, "routed_scaling_factor": 2.5,
+    "score_function": "sigmoid", "norm_topk_prob": True, "moe_router_enable_expert_bias": True,
+    "tie_word_embeddings": False, "pad_token_id": 156892, "eos_token_id": 156892, "hidden_act": "silu",
+}
 MASK = 250  # in the small vocabulary, where the real ids (151669, 151665) do not fit
 STOP = 251
 
@@ -51,7 +69,12 @@ def reference_file(*parts: str) -> Path:
 
 def real_config(*parts: str, **changes) -> dict:
     """A real config.json with the small geometry (and `changes`) in place of the real one."""
-    cfg = json.loads(reference_file(*parts).read_text())
+    return small_config(json.loads(reference_file(*parts).read_text()), **changes)
+
+
+def small_config(cfg: dict, **changes) -> dict:
+    """A family's config.json (dict) at the small geometry, its special tokens at STOP, with `changes`."""
+    cfg = dict(cfg)
     cfg.update(SMALL)
     if "layer_types" in cfg:
         cfg["layer_types"] = cfg["layer_types"][:SMALL["num_hidden_layers"]]

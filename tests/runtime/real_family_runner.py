@@ -1,4 +1,5 @@
-"""Runs the real modeling code of a model family (SDAR, TraDo, Fast-dLLM v2) on a small checkpoint.
+"""Runs the real modeling code of a model family (SDAR, TraDo, Fast-dLLM v2, SDAR-MoE, LLaDA2.0) on
+a small checkpoint.
 
 Run as a script, in a process of its own (`real_family_code.run_real_code` starts it): the real
 files were written for transformers 4.52-4.53, which cannot share a process with the project's
@@ -10,11 +11,16 @@ of its modeling files (shared/reference-models/...), the checkpoint folder and w
   `generate()` itself; for SDAR and TraDo, whose repositories keep `block_diffusion_generate`
   outside the modeling file (JetAstra/SDAR generate.py), `sdar_block_diffusion_generate` below,
   a restatement of it (low_confidence_dynamic remasking, argmax for greedy) that drives the real
-  model through its own KV cache (`store_kv`) exactly as that function does.
+  model through its own KV cache (`store_kv`) exactly as that function does; for SDAR-MoE, whose
+  reference is transformers' own `Qwen3MoeForCausalLM` (no `store_kv`), the same rule recomputing
+  the whole sequence under the block-causal mask at each step (what the cache saves); LLaDA2.0's
+  `generate()` itself.
 
 Test stand-ins, not the real packages: `flash_attn` (not installable without CUDA) routes
 `flash_attn_func` to torch's SDPA and `rms_norm_fn` to a plain fp32 RMSNorm, the computations they
-implement; the hub-kernels package of the project's environment is hidden from the old transformers.
+implement; the hub-kernels package of the project's environment is hidden from the old transformers;
+LLaDA2.0's file, written for a later transformers, gets the one name it imports that 4.53 lacks
+(`TransformersKwargs`, a TypedDict used only in annotations).
 """
 from __future__ import annotations
 
@@ -53,9 +59,13 @@ def install_flash_attn_stand_in() -> None:
     sys.modules["kernels"] = None  # the project's hub-kernels package needs a newer huggingface_hub
 
 
-def import_family(modeling_dir: Path, package: str, work: Path):
-    """The family's modeling and configuration modules, imported from a copy in a package of
-    their own (the files import each other relatively)."""
+def import_family(modeling_dir: Path | None, package: str, work: Path):
+    """The family's model and configuration classes: transformers' own for Qwen3-MoE, else
+    imported from a copy of its files in a package of their own (they import each other relatively)."""
+    if package == "qwen3_moe":
+        import transformers
+
+        return transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig
     target = work / package
     target.mkdir()
     for file in modeling_dir.glob("*.py"):
@@ -66,6 +76,18 @@ def import_family(modeling_dir: Path, package: str, work: Path):
     if package == "fast_dllm_v2":
         modeling = importlib.import_module(f"{package}.modeling")
         return modeling.Fast_dLLM_QwenForCausalLM, importlib.import_module(f"{package}.configuration").Fast_dLLM_QwenConfig
+    if package == "llada2":
+        # written for a later transformers, which adds TransformersKwargs, a TypedDict it only annotates with
+        import typing
+
+        import transformers.utils
+
+        if not hasattr(transformers.utils, "TransformersKwargs"):
+            transformers.utils.TransformersKwargs = typing.TypedDict("TransformersKwargs", {}, total=False)
+        # the modeling file imports its configuration as configuration_llada2_moe
+        shutil.copy(target / "configuration_llada2_moe_dllm.py", target / "configuration_llada2_moe.py")
+        modeling = importlib.import_module(f"{package}.modeling_llada2_moe_dllm")
+        return modeling.LLaDA2MoeModelLM, importlib.import_module(f"{package}.configuration_llada2_moe").LLaDA2MoeConfig
     modeling = importlib.import_module(f"{package}.modeling_sdar")
     return modeling.SDARForCausalLM, importlib.import_module(f"{package}.configuration_sdar").SDARConfig
 
@@ -74,8 +96,11 @@ def load(model_cls, config_cls, model_dir: Path):
     from safetensors.torch import load_file
 
     cfg = json.loads((model_dir / "config.json").read_text())
-    cfg.pop("auto_map", None)
+    for key in ("auto_map", "model_type"):
+        cfg.pop(key, None)
     config = config_cls(**cfg)
+    # as from_pretrained picks it: LLaDA2.0 takes its block-diffusion mask as given only under SDPA
+    config._attn_implementation = "sdpa"
     model = model_cls(config).float().eval()
     model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
     return model
@@ -88,11 +113,39 @@ def block_causal(length: int, block: int) -> torch.Tensor:
     return mask[:length, :length][None, None]
 
 
+def additive(mask: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask as the additive one (0 / -inf) transformers' own models take as given."""
+    return torch.zeros_like(mask).masked_fill(mask == 0, float("-inf"))
+
+
 @torch.no_grad()
 def sdar_logits(model, ids: list[int], block: int) -> torch.Tensor:
     x = torch.tensor([ids])
     return model(x, attention_mask=block_causal(len(ids), block), position_ids=torch.arange(len(ids))[None],
                  use_cache=False).logits[0].float()
+
+
+@torch.no_grad()
+def full_mask_logits(model, ids: list[int], block: int) -> torch.Tensor:
+    """Logits of the whole sequence under the block-causal mask, given additively (Qwen3-MoE, LLaDA2.0)."""
+    x = torch.tensor([ids])
+    return model(x, attention_mask=additive(block_causal(len(ids), block)),
+                 position_ids=torch.arange(len(ids))[None], use_cache=False).logits[0].float()
+
+
+def low_confidence_dynamic(cur_x: torch.Tensor, logits: torch.Tensor, mask_id: int, quota: int,
+                           threshold: float) -> None:
+    """One step of SDAR's low_confidence_dynamic remasking, greedy, on cur_x [1, B] in place."""
+    mask_index = cur_x == mask_id
+    x0_p, x0 = F.softmax(logits.float(), dim=-1).max(-1)
+    confidence = torch.where(mask_index, x0_p, -torch.inf)
+    transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+    high_conf_mask = confidence[0] > threshold
+    if high_conf_mask.sum() >= quota:
+        transfer_index[0] = high_conf_mask
+    else:
+        transfer_index[0, torch.topk(confidence[0], quota).indices] = True
+    cur_x[transfer_index] = x0[transfer_index]
 
 
 @torch.no_grad()
@@ -132,19 +185,58 @@ def sdar_block_diffusion_generate(model, prompt: list[int], mask_id: int, gen_le
                 break
             logits = model(cur_x, attention_mask=cur_mask, position_ids=cur_positions,
                            past_key_values=past_key_values, use_cache=True, store_kv=False).logits
-            x0_p, x0 = F.softmax(logits.float(), dim=-1).max(-1)
-            confidence = torch.where(mask_index, x0_p, -torch.inf)
-            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
-            high_conf_mask = confidence[0] > confidence_threshold
-            if high_conf_mask.sum() >= num_transfer_tokens[step]:
-                transfer_index[0] = high_conf_mask
-            else:
-                transfer_index[0, torch.topk(confidence[0], num_transfer_tokens[step]).indices] = True
-            cur_x[transfer_index] = x0[transfer_index]
+            low_confidence_dynamic(cur_x, logits, mask_id, num_transfer_tokens[step], confidence_threshold)
         x[:, rows] = cur_x
         if stopping_criteria_idx and any(stop in x[0, prompt_length:] for stop in stopping_criteria_idx):
             break
     return x[0, prompt_length:].tolist()
+
+
+@torch.no_grad()
+def uncached_block_diffusion_generate(model, prompt: list[int], mask_id: int, gen_length: int, block_length: int,
+                                      denoising_steps: int, confidence_threshold: float,
+                                      stopping_criteria_idx: list[int] | None) -> list[int]:
+    """`sdar_block_diffusion_generate` for a model without SDAR's `store_kv`: every step runs the
+    sequence up to the block's end under the block-causal mask, the prompt and finished blocks
+    included (the KV a cache would hold, recomputed)."""
+    prompt_length = len(prompt)
+    num_blocks = (prompt_length + gen_length + block_length - 1) // block_length
+    x = torch.full((1, num_blocks * block_length), mask_id, dtype=torch.long)
+    x[0, :prompt_length] = torch.tensor(prompt)
+    mask = additive(block_causal(num_blocks * block_length, block_length))
+    base, remainder = divmod(block_length, denoising_steps)
+    num_transfer_tokens = [base + (1 if s < remainder else 0) for s in range(denoising_steps)]
+    for num_block in range(prompt_length // block_length, num_blocks):
+        end = (num_block + 1) * block_length
+        for step in range(denoising_steps):
+            cur_x = x[:, end - block_length:end]
+            if (cur_x == mask_id).sum() == 0:
+                break
+            logits = model(x[:, :end], attention_mask=mask[..., :end, :end], position_ids=torch.arange(end)[None],
+                           use_cache=False).logits[:, -block_length:]
+            low_confidence_dynamic(cur_x, logits, mask_id, num_transfer_tokens[step], confidence_threshold)
+        if stopping_criteria_idx and any(stop in x[0, prompt_length:end] for stop in stopping_criteria_idx):
+            break
+    return x[0, prompt_length:].tolist()
+
+
+@torch.no_grad()
+def llada2_generate(model, prompt: list[int], mask_id: int, gen_length: int, block_length: int, steps: int,
+                    threshold: float, stop: int | None) -> list[int]:
+    # generate() builds its additive mask in bf16 (0 / -inf, exact in any float dtype); SDPA wants the
+    # fp32 model's dtype
+    forward = model.forward
+
+    def fp32_mask_forward(*args, attention_mask=None, **kwargs):
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.to(model.dtype)
+        return forward(*args, attention_mask=attention_mask, **kwargs)
+
+    model.forward = fp32_mask_forward
+    out = model.generate(torch.tensor([prompt]), temperature=0.0, block_length=block_length, steps=steps,
+                         gen_length=gen_length, threshold=threshold, eos_id=-1 if stop is None else stop,
+                         mask_id=mask_id)
+    return out[0].tolist()
 
 
 @torch.no_grad()
@@ -167,16 +259,27 @@ def main(task_file: str, out_file: str) -> None:
     install_flash_attn_stand_in()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as work:
-        model_cls, config_cls = import_family(Path(task["modeling_dir"]), task["package"], Path(work))
+        modeling_dir = Path(task["modeling_dir"]) if task.get("modeling_dir") else None
+        model_cls, config_cls = import_family(modeling_dir, task["package"], Path(work))
         model = load(model_cls, config_cls, Path(task["model_dir"]))
         block = task["block_size"]
-        fast = task["package"] == "fast_dllm_v2"
-        logits = [(fast_dllm_logits if fast else sdar_logits)(model, ids, block) for ids in task["logits"]]
+        package = task["package"]
+        logits_of = {"fast_dllm_v2": fast_dllm_logits, "qwen3_moe": full_mask_logits,
+                     "llada2": full_mask_logits}.get(package, sdar_logits)
+        logits = [logits_of(model, ids, block) for ids in task["logits"]]
         decoded = []
         for job in task["decode"]:
-            if fast:
+            if package == "fast_dllm_v2":
                 decoded.append(fast_dllm_generate(model, job["prompt"], task["mask_id"], job["gen_length"], block,
                                                   task["sub_block_size"], task["threshold"], job.get("stop")))
+            elif package == "llada2":
+                decoded.append(llada2_generate(model, job["prompt"], task["mask_id"], job["gen_length"], block,
+                                               task["steps"], task["threshold"], job.get("stop")))
+            elif package == "qwen3_moe":
+                stop = [job["stop"]] if job.get("stop") is not None else None
+                decoded.append(uncached_block_diffusion_generate(model, job["prompt"], task["mask_id"],
+                                                                 job["gen_length"], block, task["steps"],
+                                                                 task["threshold"], stop))
             else:
                 stop = [job["stop"]] if job.get("stop") is not None else None
                 decoded.append(sdar_block_diffusion_generate(model, job["prompt"], task["mask_id"], job["gen_length"],

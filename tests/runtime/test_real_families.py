@@ -1,4 +1,5 @@
-"""The project's forward and cached decoding against the real code of SDAR, TraDo and Fast-dLLM v2.
+"""The project's forward and cached decoding against the real code of SDAR, TraDo, Fast-dLLM v2,
+SDAR-MoE (transformers' Qwen3MoeForCausalLM) and LLaDA2.0.
 
 Each family gets a small random checkpoint written with its real config.json's keys (the hub's
 SDAR file states no block size and no mask: the family's defaults fill in) and the tensor names
@@ -15,6 +16,9 @@ block never reaches its cache (the runtime prefills it), so no prompt here has t
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -22,18 +26,35 @@ from runtime import Engine, EngineConfig
 from runtime.attention import MaskedAttention, block_diffusion_mask
 from runtime.checkpoint import load_model
 from runtime.config import SparseConfig
-from tests.runtime.real_family_code import MASK, VOCAB, make_checkpoint, real_config, reference_file, run_real_code
+from tests.runtime.real_family_code import (LLADA2_MINI, MASK, SDAR_MOE_KEYS, SMALL_MOE, VOCAB, make_checkpoint,
+                                            real_config, reference_file, run_real_code, small_config)
 
-# name: (config.json, modeling folder, package name in the runner, config changes, block, prompt lengths,
-#        tokens generated)
+
+class Case(NamedTuple):
+    config: Callable[[], dict]  # the family's config.json at the small geometry
+    modeling: tuple[str, ...] | None  # its modeling folder among the reference files (None: transformers')
+    package: str  # what the runner calls it
+    block: int
+    threshold: float
+    lengths: list[int]  # prompt lengths
+    new: int  # tokens generated
+
+
 FAMILIES = {
     # the hub's config.json: no block size, no mask id (the family's defaults: block 4, mask by EngineConfig)
-    "sdar": (("sdar", "config copy.json"), ("sdar",), "sdar", {}, 4, [3, 8, 13, 22], 24),
+    "sdar": Case(lambda: real_config("sdar", "config copy.json"), ("sdar",), "sdar", 4, 0.9, [3, 8, 13, 22], 24),
     # TraDo ships SDAR's code; SDAR-4B's geometry keys (head_dim independent of hidden / heads)
-    "trado": (("sdar", "sdar-4b-config.json"), ("trado-sdar-modeling",), "trado", {"mask_token_id": MASK}, 4,
-              [5, 12, 17], 20),
-    "fast_dllm_v2": (("fast-dllm-v2-7b", "config.json"), ("fast-dllm-v2-7b",), "fast_dllm_v2", {}, 32,
-                     [5, 40, 64, 71], 70),
+    "trado": Case(lambda: real_config("sdar", "sdar-4b-config.json", mask_token_id=MASK), ("trado-sdar-modeling",),
+                  "trado", 4, 0.9, [5, 12, 17], 20),
+    "fast_dllm_v2": Case(lambda: real_config("fast-dllm-v2-7b", "config.json"), ("fast-dllm-v2-7b",), "fast_dllm_v2",
+                         32, 0.9, [5, 40, 64, 71], 70),
+    # SDAR-30B-A3B: Qwen3-MoE keys and tensors, its first layer dense (mlp_only_layers)
+    "sdar_moe": Case(lambda: real_config("sdar", "config copy.json",
+                                                **{**SDAR_MOE_KEYS, **SMALL_MOE, "mlp_only_layers": [0]}),
+                     None, "qwen3_moe", 4, 0.9, [3, 8, 13, 22], 24),
+    # LLaDA2.0-mini's keys: 4 expert groups (2 a token), a shared expert, half the head dims rotated
+    "llada2": Case(lambda: small_config(LLADA2_MINI, **{**SMALL_MOE, "n_group": 4, "topk_group": 2}),
+                   ("llada2-moe",), "llada2", 32, 0.95, [5, 40, 64, 71], 70),
 }
 MODES = {
     "dense": {},
@@ -41,8 +62,6 @@ MODES = {
     "quest": {"budget_fraction": 1.0, "dense_layers": 0},
     "herald": {"budget_fraction": 1.0, "dense_layers": 0, "source": "gpu-compact"},
 }
-THRESHOLD = 0.9
-
 
 def prompts(lengths: list[int], seed: int = 3) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
@@ -69,10 +88,10 @@ def first_repeat_free_stop(tokens: list[int]) -> tuple[int, int]:
 def family(request, tmp_path_factory):
     """(name, checkpoint folder, prompts, tokens to generate, the stop job, the real code's results)."""
     name = request.param
-    config_file, modeling, package, changes, block, lengths, new = FAMILIES[name]
-    cfg = real_config(*config_file, **changes)
-    path = make_checkpoint(cfg, tmp_path_factory.mktemp(name))
-    batch = prompts(lengths)
+    case = FAMILIES[name]
+    block, new, package = case.block, case.new, case.package
+    path = make_checkpoint(case.config(), tmp_path_factory.mktemp(name))
+    batch = prompts(case.lengths)
     # a stop token picked from the engine's own free run: the real code must stop at it too
     free = engine(path).generate([batch[-1]], max_new_tokens=new, stop_at_eos=False)[0].tokens
     stop, _ = first_repeat_free_stop(free)
@@ -80,8 +99,9 @@ def family(request, tmp_path_factory):
     # generate() decodes whole blocks: ask for a block more than the engine generates
     gen_length = new + 2 * block if fast else new
     task = {
-        "package": package, "modeling_dir": str(reference_file(*modeling)), "model_dir": str(path),
-        "block_size": block, "mask_id": MASK, "threshold": THRESHOLD, "steps": block, "sub_block_size": 8,
+        "package": package, "modeling_dir": str(reference_file(*case.modeling)) if case.modeling else None,
+        "model_dir": str(path), "block_size": block, "mask_id": MASK, "threshold": case.threshold, "steps": block,
+        "sub_block_size": 8,
         "logits": [prompts([45 if fast else 18], seed=9)[0]],
         "decode": [{"prompt": p, "gen_length": gen_length} for p in batch]
                   + [{"prompt": batch[-1], "gen_length": gen_length, "stop": stop}],
@@ -93,7 +113,7 @@ def family(request, tmp_path_factory):
 def test_logits_match_the_real_modeling_code(family):
     name, path, _, _, _, real = family
     model, config = load_model(path, dtype=torch.float32)
-    block = FAMILIES[name][4]
+    block = FAMILIES[name].block
     for ids, expected in zip(prompts([45 if name == "fast_dllm_v2" else 18], seed=9), real["logits"]):
         mask = block_diffusion_mask(len(ids), 0, block, prompt_causal=False)
         with torch.no_grad():
@@ -107,7 +127,7 @@ def test_logits_match_the_real_modeling_code(family):
 def test_cached_greedy_tokens_match_the_real_decoding_rule(family, mode):
     name, path, batch, new, _, real = family
     eng = engine(path, mode)
-    assert eng.settings.block_size == FAMILIES[name][4]
+    assert (eng.settings.block_size, eng.settings.threshold) == (FAMILIES[name].block, FAMILIES[name].threshold)
     results = eng.generate(batch, max_new_tokens=new, stop_at_eos=False)
     for prompt, result, expected in zip(batch, results, real["decoded"]):
         assert len(result.tokens) == new
