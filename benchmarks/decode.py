@@ -14,30 +14,47 @@ import json
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from runtime.checkpoint import random_model
-from runtime.config import EngineConfig, ModelConfig, RopeConfig
+from runtime.config import EngineConfig, ModelConfig, MoeConfig, RopeConfig
 from runtime.decoding import GenerationRequest
 from runtime.engine import Engine
 from runtime.generate import BlockDiffusionLoop
 
+_QWEN3 = dict(architecture="qwen3", vocab_size=151936, head_dim=128, max_position_embeddings=32768,
+              rope=RopeConfig(theta=1e6), qk_norm=True, tie_word_embeddings=False)
 GEOMETRIES = {
     # Qwen3-8B as SDAR-8B uses it
-    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8),
+    "qwen3-8b": ModelConfig(**_QWEN3, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+                            num_kv_heads=8),
     # Qwen3-1.7B as SDAR-1.7B uses it
-    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16, num_kv_heads=8),
+    "qwen3-1.7b": ModelConfig(**_QWEN3, hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
+                              num_kv_heads=8),
+    # SDAR-30B-A3B: Qwen3-30B-A3B's geometry, 128 experts (8 a token) in every layer
+    "sdar-30b-a3b": ModelConfig(**{**_QWEN3, "architecture": "qwen3_moe"}, hidden_size=2048, intermediate_size=6144,
+                                num_layers=48, num_heads=32, num_kv_heads=4,
+                                moe=MoeConfig(128, 8, 768, tuple(range(48)), normalize_weights=True)),
+    # LLaDA2.0-mini's published config: 256 experts (8 a token in 4 of 8 groups) + 1 shared, first layer dense
+    "llada2-mini": ModelConfig(architecture="llada2_moe", vocab_size=157184, head_dim=128, hidden_size=2048,
+                               intermediate_size=5120, num_layers=20, num_heads=16, num_kv_heads=4,
+                               max_position_embeddings=32768, rope=RopeConfig(theta=600000.0), qk_norm=True,
+                               rotary_dim=64, output_bias=False, rms_norm_eps=1e-6,
+                               moe=MoeConfig(256, 8, 512, tuple(range(1, 20)), score="sigmoid", normalize_weights=True,
+                                             num_groups=8, groups_per_token=4, routed_scaling=2.5,
+                                             num_shared_experts=1, expert_bias=True)),
     # a smoke-test size for machines without a GPU
-    "tiny": dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2),
+    "tiny": ModelConfig(**_QWEN3, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2),
 }
 
 
 def geometry(name: str, max_positions: int) -> ModelConfig:
-    return ModelConfig(architecture="qwen3", vocab_size=151936, head_dim=128, max_position_embeddings=max_positions,
-                       rope=RopeConfig(theta=1e6), qk_norm=True, tie_word_embeddings=False, **GEOMETRIES[name])
+    """A real model's geometry (random weights), its positions extended to `max_positions`."""
+    return replace(GEOMETRIES[name], max_position_embeddings=max(max_positions, GEOMETRIES[name].max_position_embeddings))
 
 
 def sync(device: torch.device) -> None:

@@ -43,6 +43,7 @@ from runtime.checkpoint import random_model
 from runtime.config import EngineConfig, SparseConfig
 from runtime.decoding import GenerationRequest
 from runtime.engine import Engine
+from runtime.model import weight_bytes
 
 GiB = 2**30
 # untimed blocks first: the first captures every pass's graph, the second step 0's from a lookahead
@@ -335,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model_config = geometry(args.geometry, max(args.contexts) + (args.blocks + WARMUP_BLOCKS + 2) * args.block_size)
-    print(f"building {args.geometry} with random weights on {device} ({dtype})", flush=True)
+    weights, experts = weight_bytes(model_config, dtype)
+    print(f"building {args.geometry} with random weights on {device} ({dtype}): {weights / GiB:.1f} GiB of weights"
+          + (f", {experts / GiB:.1f} GiB of them routed experts" if experts else ""), flush=True)
     model = random_model(model_config, dtype=dtype, device=device)
     sparse = SparseConfig(budget_fraction=args.budget, page_size=args.page_size)
     base = EngineConfig(model_path=f"<random {args.geometry}>", device=args.device,
@@ -391,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch=torch.__version__, block_size=args.block_size, steps=args.steps, budget=args.budget,
                 page_size=args.page_size, cuda_graphs=not args.no_graphs,
                 host_ram_gib=psutil.virtual_memory().total / GiB, date=time.strftime("%Y-%m-%d"),
-                gpu_memory_gib=args.gpu_memory_gib, pinned_copy_GBps=copy_GBps)
+                gpu_memory_gib=args.gpu_memory_gib, pinned_copy_GBps=copy_GBps,
+                weights_gib=weights / GiB)
     summary = summarise(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,9 @@ from runtime.config import EngineConfig, ModelConfig
 from runtime.decoding import DecodeSettings, GenerationRequest, GenerationResult, SequenceState
 from runtime.generate import BlockDiffusionLoop
 from runtime.herald import HeraldAttention
-from runtime.memory import MemoryPlan, check_fits, gpu_free_bytes, largest_batch, plan_memory
+from runtime.memory import MemoryPlan, check_fits, check_weights_fit, gpu_free_bytes, largest_batch, plan_memory
 from runtime.resident_sparse import MageAttention, QuestAttention
-from runtime.model import Transformer
+from runtime.model import Transformer, weight_bytes
 from runtime.tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -123,6 +123,9 @@ class Engine:
         self.chat_template = load_chat_template(config, tokenizer)
         self.settings = resolve_settings(config, model_config, tokenizer)
         if model is None:
+            if self.device.type == "cuda":
+                free = self._free({}).get("gpu_free", gpu_free_bytes(self.device))
+                check_weights_fit(weight_bytes(model_config, self.dtype), self.dtype, free, str(path))
             model, _ = load_model(path, dtype=self.dtype, device=self.device)
         self.model, self.model_config = model.eval(), model.config
         # the fused kernels are Triton: CUDA only (the CPU runs the torch layer). Engines sharing a

@@ -6,8 +6,10 @@ Each mode's footprint, from the geometry alone:
   full KV of the dense (exact) first layers and, for the gpu-compact and split sources, the compact
   key copy (bits/8 of a key byte, plus scales).
 Every mode also needs working memory for the largest forward pass (a prefill chunk), estimated here
-from the activations it keeps alive, and the weights, which are already resident when the engine
-plans. Free memory is read at planning time (CUDA's mem_get_info, psutil for the host).
+from the activations it keeps alive, and the weights (every routed and shared
+expert of a MoE model too), which the engine checks against the GPU before loading them
+(`check_weights_fit`) and which are resident when it plans batches. Free memory is read at
+planning time (CUDA's mem_get_info, psutil for the host).
 """
 from __future__ import annotations
 
@@ -54,6 +56,19 @@ def kv_bytes_per_token(model: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * model.num_layers * model.num_kv_heads * model.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def check_weights_fit(weights: tuple[int, int], dtype: torch.dtype, gpu_free: int, where: str) -> None:
+    """Refuse, before a weight is read, a model whose weights alone exceed the GPU memory it may use.
+
+    weights: (all, routed experts) in bytes (runtime.model.weight_bytes)."""
+    total, experts = weights
+    if total <= gpu_free:
+        return
+    detail = f", {experts / GiB:.1f} GiB of them routed experts" if experts else ""
+    raise MemoryError(f"the weights of {where} take {total / GiB:.1f} GiB at {str(dtype).removeprefix('torch.')}"
+                      f"{detail}, more than the {gpu_free / GiB:.1f} GiB of GPU memory the engine may use: use a "
+                      "larger GPU (or raise gpu_memory_gib), or a smaller dtype")
+
+
 def selected_pages_bound(sparse: SparseConfig, max_tokens: int) -> int:
     """Most pages one (row, layer, KV head) can select: the budget plus the forced pages."""
     p = sparse.page_size
@@ -68,8 +83,13 @@ def work_bytes(model: ModelConfig, batch: int, block_size: int, prefill_chunk: i
     (herald's prefill computes them explicitly); the block pass's fp32 logits.
     """
     elem = torch.empty((), dtype=dtype).element_size()
+    mlp = model.intermediate_size
+    if model.moe is not None:  # each token's k expert rows (input copy, gate/up, product) and the shared MLP
+        moe = model.moe
+        mlp = max(mlp, moe.experts_per_token * (moe.expert_intermediate_size + model.hidden_size // 3 + 1)
+                  + moe.shared_intermediate_size)
     per_token = elem * (4 * model.hidden_size + (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
-                        + 3 * model.intermediate_size)
+                        + 3 * mlp)
     chunk = prefill_chunk * per_token + 4 * 2 * model.num_heads * prefill_chunk * prefill_chunk
     block = batch * block_size * (per_token + 4 * 2 * model.vocab_size)
     return max(chunk, block) + GiB // 2  # allocator slack, kernel workspaces, CUDA graphs' pools

@@ -442,3 +442,14 @@ def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight")
     return shapes
+
+
+def weight_bytes(config: ModelConfig, dtype: torch.dtype) -> tuple[int, int]:
+    """(all weights, the routed experts' share of them) in bytes at `dtype`: what loading puts on the GPU."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    total = experts = 0
+    for name, shape in expected_tensor_shapes(config).items():
+        size = elem * math.prod(shape)
+        total += size
+        experts += size if ".mlp.experts." in name else 0
+    return total, experts

@@ -18,6 +18,9 @@ from torch import nn
 
 from runtime.config import ModelConfig, MoeConfig
 
+# public as F.grouped_mm from torch 2.10; the same operator before that
+_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, moe: MoeConfig,
           expert_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,10 +74,10 @@ def grouped_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     offsets = counts.cumsum(0, dtype=torch.int32)  # end of each expert's rows
     rows = x[order // k]  # [T*k, H]
-    hidden = F.grouped_mm(rows, gate_up.transpose(1, 2), offs=offsets)  # [T*k, 2I]
+    hidden = _grouped_mm(rows, gate_up.transpose(1, 2), offs=offsets)  # [T*k, 2I]
     inter = hidden.shape[-1] // 2
     hidden = F.silu(hidden[:, :inter]) * hidden[:, inter:]
-    out_sorted = F.grouped_mm(hidden, down.transpose(1, 2), offs=offsets)  # [T*k, H]
+    out_sorted = _grouped_mm(hidden, down.transpose(1, 2), offs=offsets)  # [T*k, H]
     out = torch.empty_like(out_sorted)
     out[order] = out_sorted
     return (out.view(t, k, -1).float() * weights[..., None]).sum(1).to(x.dtype)

@@ -6,8 +6,10 @@ import torch
 from runtime import Engine, EngineConfig
 from runtime.config import ModelConfig, RopeConfig, SparseConfig
 from runtime.engine import CHECKPOINTS
-from runtime.memory import (GiB, check_fits, gpu_free_bytes, kv_bytes_per_token, largest_batch, plan_memory,
+from runtime.memory import (GiB, check_fits, check_weights_fit, gpu_free_bytes, kv_bytes_per_token, largest_batch, plan_memory,
                             selected_pages_bound)
+from runtime.model import weight_bytes
+from tests.runtime.real_family_code import LLADA2_MINI
 
 # Qwen3-8B as SDAR-8B uses it: 144 KiB of K and V per token in bf16
 QWEN3_8B = ModelConfig(architecture="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
@@ -101,3 +103,15 @@ def test_gpu_free_bytes_counts_the_allocators_cached_blocks():
     driver_free, _ = torch.cuda.mem_get_info()
     assert gpu_free_bytes(torch.device("cuda")) - driver_free >= 2**30
     torch.cuda.empty_cache()
+
+
+def test_weights_count_every_expert():
+    """LLaDA2.0-mini: 16.3B parameters, 256 routed experts in 19 of its 20 layers."""
+    config = ModelConfig.from_hf(LLADA2_MINI)
+    total, experts = weight_bytes(config, torch.bfloat16)
+    assert 16.0e9 < total / 2 < 16.6e9  # the published 16B
+    assert experts == 2 * 19 * 256 * 3 * 2048 * 512
+    with pytest.raises(MemoryError, match=r"take 30\.\d GiB at bfloat16, 28\.5 GiB of them routed experts, more than "
+                                          r"the 24\.0 GiB .* raise gpu_memory_gib"):
+        check_weights_fit((total, experts), torch.bfloat16, 24 * 2**30, "llada2-mini")
+    check_weights_fit((total, experts), torch.bfloat16, 40 * 2**30, "llada2-mini")
