@@ -37,6 +37,7 @@ import gc
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -96,6 +97,12 @@ def release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def say(line: str) -> None:
+    """A line above the progress bar, flushed (stdout is a file on the lent machines)."""
+    tqdm.write(line)
+    sys.stdout.flush()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -418,9 +425,13 @@ def main(argv: list[str] | None = None) -> int:
             profile = None
             if args.profile is not None and args.profile == [label, str(context), str(batch)]:
                 profile = Path(args.out) / f"trace_{label}_{context}_{batch}.json.gz"
+            # a row can take minutes (cold Triton caches, pinned host memory faulted in, graph captures,
+            # the reference run): say which part is running
+            say(f"{label} context {context} batch {batch}: measuring")
             row = measure(engine, context, batch, args.blocks, seed=context + batch, profile=profile,
                           copy_GBps=copy_GBps)
             if config.mode == "herald" and not args.no_reference:
+                say(f"{label} context {context} batch {batch}: the no-transfer reference")
                 row = with_reference(row, engine, context, batch, args.blocks, seed=context + batch)
             row = add_floor(row, engine, hbm_GBps, copy_GBps)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
