@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from benchmarks import kernels_source
+from benchmarks.roofline import reduction_read_ms
 from benchmarks.timing import BusyWaitTimer
 
 if TYPE_CHECKING:
@@ -137,8 +138,7 @@ def copy_bandwidths(timer: Timer, nbytes: int) -> dict:
     h2d_ms = timer.median_ms(lambda: dev.copy_(host, non_blocking=True))
     src = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
     d2d_ms = timer.median_ms(lambda: dev.copy_(src))
-    read_ms = min(timer.median_ms(lambda: src.view(torch.float32).sum()),
-                  timer.median_ms(lambda: src.view(torch.int32).amax()))
+    read_ms = reduction_read_ms(src, timer.median_ms)
     del host, dev, src
     return dict(bytes=nbytes, pinned_h2d_GBps=nbytes / h2d_ms / 1e6,
                 hbm_copy_rw_GBps=2 * nbytes / d2d_ms / 1e6, hbm_read_GBps=nbytes / read_ms / 1e6)

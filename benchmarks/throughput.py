@@ -21,6 +21,13 @@ fetched per block at the pinned copy rate measured in the run, a lower bound of 
   crosses PCIe); exposed = its mean block time subtracted from the row's. This is what a user
   feels, the gathers' SM time and their slowdown of the steps beside them included.
 
+The roofline (`benchmarks.roofline`): each row's floor, the bytes its block must read from HBM and
+move over PCIe (`block_bytes`: weights per pass, KV per pass, quest's summaries, herald's scan, its
+fetches at the share of the selection the run fetched, the lookahead's pass) at the HBM read and
+pinned copy rates measured at the start of the run (`floor_ms`: HBM + PCIe time, or the larger of
+the two where the lookahead overlaps the transfers), and the share of it the row reached (floor /
+mean block time). On the CPU there are no rates: the row keeps the bytes, not the floor.
+
     python -m benchmarks.throughput --geometry qwen3-8b --contexts 32768 65536 131072
 """
 from __future__ import annotations
@@ -30,6 +37,7 @@ import gc
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.decode import GEOMETRIES, geometry, profile_block, sync
+from benchmarks.roofline import block_bytes, floor_ms, hbm_read_GBps, pinned_copy_GBps
 from runtime.checkpoint import random_model
 from runtime.config import EngineConfig, SparseConfig
 from runtime.decoding import GenerationRequest
@@ -76,21 +85,25 @@ def variants(sources: list[str]) -> list[tuple[str, str, dict]]:
     return rows
 
 
-def pinned_copy_GBps(device: torch.device, nbytes: int = 256 * 2**20) -> float | None:
-    """Measured pinned host-to-GPU copy bandwidth (the PCIe limit transfers are compared with)."""
-    if device.type != "cuda":
-        return None
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    for _ in range(2):
-        dev.copy_(host, non_blocking=True)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        dev.copy_(host, non_blocking=True)
-    end.record()
-    end.synchronize()
-    return 5 * nbytes / (start.elapsed_time(end) * 1e6)
+def new_tokens(blocks: int, block_size: int, warmup: int = WARMUP_BLOCKS, profile: bool = False) -> int:
+    """Tokens `measure` generates per sequence: the warm-up and timed blocks, one more so that the
+    last timed block's lookahead has a next block, and the profiled block (with its next) if any.
+    The planner sizes batches for the same count."""
+    return (blocks + warmup + 1 + int(profile)) * block_size
+
+
+def release(device: torch.device) -> None:
+    """Hand back what the last configuration left: its garbage, and on CUDA the allocator's cached
+    blocks, so every configuration starts from the same allocator state."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def say(line: str) -> None:
+    """A line above the progress bar, flushed (stdout is a file on the lent machines)."""
+    tqdm.write(line)
+    sys.stdout.flush()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -111,8 +124,8 @@ def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, pr
     vocab = engine.model_config.vocab_size - 2
     gen = torch.Generator().manual_seed(seed)
     requests = [GenerationRequest(prompt=torch.randint(0, vocab, (context,), generator=gen).tolist(),
-                                  max_new_tokens=(blocks + warmup + 1 + (profile is not None)) * b, stop_at_eos=False)
-                for _ in range(batch)]  # one block more when profiling: the profiled block has a next one (lookahead)
+                                  max_new_tokens=new_tokens(blocks, b, warmup, profile is not None), stop_at_eos=False)
+                for _ in range(batch)]
     seqs = [engine.make_sequence(r) for r in requests]
     device = engine.device
     host_before = psutil.virtual_memory().used
@@ -143,9 +156,7 @@ def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, pr
     finally:
         mode.close()
         del mode, loop
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
     steady = latencies[warmup:]
     p50 = statistics.median(steady)
     steady_parts = parts[warmup:]
@@ -194,6 +205,32 @@ def with_reference(row: dict, engine: Engine, context: int, batch: int, blocks: 
     return row
 
 
+def add_floor(row: dict, engine: Engine, hbm_GBps: float | None, copy_GBps: float | None) -> dict:
+    """The row's roofline (`benchmarks.roofline`): its block's bytes, and where the run measured the
+    rates, the floor in ms and the share of it reached (floor / mean block time). A herald row's
+    fetches count at the share of its selection the run fetched (step 0's and the lookahead's pages
+    over the pages selected, per block)."""
+    config, settings = engine.config, engine.settings
+    fetch_fraction = 1.0
+    if row.get("pages_selected_per_block"):
+        fetched = row["pages_fetched_per_block"] + row.get("pages_prefetched_per_block", 0.0)
+        fetch_fraction = min(1.0, fetched / row["pages_selected_per_block"])
+    lookahead = config.mode == "herald" and bool(config.sparse.lookahead)
+    block = block_bytes(engine.model_config, config.mode, config.sparse, row["batch"], row["context"],
+                        settings.steps, settings.block_size, engine.dtype, lookahead=lookahead,
+                        fetch_fraction=fetch_fraction, commit_logits=settings.token_shift)
+    row.update(floor_hbm_bytes=block.hbm_bytes, floor_pcie_bytes=block.pcie_bytes, floor_terms=dict(
+        block.hbm, pcie_read=block.pcie_read, pcie_write=block.pcie_write), floor_overlapped=block.overlapped,
+        floor_fetch_fraction=fetch_fraction if config.mode == "herald" else None)
+    if hbm_GBps is None or copy_GBps is None:
+        row["floor_note"] = "no floor: the HBM and pinned copy rates are measured on CUDA only"
+        return row
+    times = floor_ms(block, hbm_GBps, copy_GBps)
+    row.update(floor_ms=times["floor_ms"], floor_hbm_ms=times["hbm_ms"], floor_pcie_ms=times["pcie_ms"],
+               floor_share=times["floor_ms"] / (row["block_mean_s"] * 1e3))
+    return row
+
+
 def batches_up_to(largest: int, cap: int) -> list[int]:
     out, n = [], 1
     while n < min(largest, cap):
@@ -236,6 +273,7 @@ def print_table(rows: list[dict], summary: dict, meta: dict) -> None:
     print(f"\n{meta['geometry']}, block {meta['block_size']}, {meta['steps']} steps + commit, budget "
           f"{meta['budget']}, {meta['device']}")
     head = (f"{'mode':>17} {'context':>7} {'batch':>5} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'mean ms':>8} {'floor ms':>8} {'of floor':>8} "
             f"{'step0':>6} {'steps':>6} {'commit':>6} "
             f"{'GPU GiB':>7} {'host GiB':>8} {'fetch ms':>8} {'GB/s':>6} {'fetched':>7} {'select ms':>9} "
             f"{'ahead':>6} {'stall':>6} {'hidden':>6} {'e2e':>6}")
@@ -255,11 +293,20 @@ def print_table(rows: list[dict], summary: dict, meta: dict) -> None:
             e2e = "-" if r.get("transfer_hidden_e2e") is None else f"{100 * r['transfer_hidden_e2e']:.0f}%"
             extra = (f" {fetch_ms:>8} {gbps:>6} {100 * share:>6.0f}% "
                      f"{r['select_host_ms_per_block']:>9.1f} {ahead:>6} {stall:>6} {hidden:>6} {e2e:>6}")
+        floor = "-" if r.get("floor_ms") is None else f"{r['floor_ms']:.1f}"
+        of_floor = "-" if r.get("floor_share") is None else f"{100 * r['floor_share']:.0f}%"
         print(f"{r['label']:>17} {r['context']:>7} {r['batch']:>5} {r['tokens_per_s']:>8.1f} "
-              f"{r['block_p50_s'] * 1e3:>8.1f} {r['block_p99_s'] * 1e3:>8.1f} {r['step0_ms']:>6.0f} "
+              f"{r['block_p50_s'] * 1e3:>8.1f} {r['block_p99_s'] * 1e3:>8.1f} {r['block_mean_s'] * 1e3:>8.1f} "
+              f"{floor:>8} {of_floor:>8} {r['step0_ms']:>6.0f} "
               f"{r['later_steps_ms']:>6.0f} {r['commit_ms']:>6.0f} {r['gpu_peak_gib']:>7.1f} "
               f"{r['host_gib']:>8.1f}{extra}")
-    print("\nstep0, steps: ms of the compute stream's timeline from the block's first pass to the end of step 0, "
+    rates = (f"{meta['hbm_read_GBps']:.0f} GB/s HBM read, {meta['pinned_copy_GBps']:.1f} GB/s pinned copy"
+             if meta.get("hbm_read_GBps") and meta.get("pinned_copy_GBps") else "no rates measured: no floor")
+    print(f"\nfloor ms: the block's bytes at the rates measured in this run ({rates}; benchmarks.roofline): HBM "
+          "reads (weights per pass, KV per pass, quest's summaries, herald's compact-key scan and the lookahead's "
+          "pass) plus PCIe (herald's fetches at the share fetched, its commit's write), or the larger of the two "
+          "with the lookahead; of floor: floor / mean block time.")
+    print("step0, steps: ms of the compute stream's timeline from the block's first pass to the end of step 0, "
           "then to the end of the last step (CUDA events); commit: the rest of the block's wall time (the "
           "commit pass, the block's tokens to the host, the host's work before the first pass).")
     print("fetched: share of selected pages fetched at step 0 on the compute stream (the synchronous path: "
@@ -335,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model_config = geometry(args.geometry, max(args.contexts) + (args.blocks + WARMUP_BLOCKS + 2) * args.block_size)
+    model_config = geometry(args.geometry, max(args.contexts) + new_tokens(args.blocks, args.block_size, profile=True))
     weights, experts = weight_bytes(model_config, dtype)
     print(f"building {args.geometry} with random weights on {device} ({dtype}): {weights / GiB:.1f} GiB of weights"
           + (f", {experts / GiB:.1f} GiB of them routed experts" if experts else ""), flush=True)
@@ -346,11 +393,17 @@ def main(argv: list[str] | None = None) -> int:
                         denoising_steps=args.steps, unmasking="fixed", mask_token_id=model_config.vocab_size - 1,
                         progress=False, cuda_graphs=not args.no_graphs, sparse=sparse,
                         gpu_memory_gib=args.gpu_memory_gib)
+    if device.type == "cuda":
+        # The engines' weight layout now, before the cap: fusing concatenates the q/k/v and gate/up
+        # weights (8.4 GiB more at the 8B geometry until the originals are freed), and the freed
+        # originals would stay cached, close to a 24 GiB cap, into the first configuration only
+        model.set_fused(base.fused_layers)
+    copy_GBps, hbm_GBps = pinned_copy_GBps(device), hbm_read_GBps(device)
+    release(device)
     if args.gpu_memory_gib is not None and device.type == "cuda":  # the allocator enforces the cap too
         total = torch.cuda.get_device_properties(device).total_memory
         index = device.index if device.index is not None else torch.cuda.current_device()
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gib * GiB / total), index)
-    copy_GBps = pinned_copy_GBps(device)
     chosen = [v for v in variants(args.sources) if args.labels is None or v[0] in args.labels]
     plans = []
     for context in args.contexts:
@@ -359,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             engine_over = {k: v for k, v in overrides.items() if k not in sparse_over}
             config = replace(base, mode=mode, sparse=replace(sparse, **sparse_over), **engine_over)
             engine = Engine(config, model=model)
-            max_tokens = context + (args.blocks + WARMUP_BLOCKS) * args.block_size
-            largest = engine.largest_batch(max_tokens)
+            profiled = args.profile is not None and args.profile[:2] == [label, str(context)]
+            largest = engine.largest_batch(context + new_tokens(args.blocks, args.block_size, profile=profiled))
             batches = args.batches or batches_up_to(largest, args.max_batch)
             if label == "dense-sdpa":  # the baseline as users run it (its gather needs room: small batches)
                 batches = batches[:2]
@@ -369,23 +422,27 @@ def main(argv: list[str] | None = None) -> int:
           f"GPU {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'none'}", flush=True)
     rows = []
     for label, context, batch, config, largest in tqdm(plans, desc="throughput", unit="config"):
+        release(device)  # the first configuration too: each starts from the same allocator state
         engine = Engine(config, model=model)
         try:
             profile = None
             if args.profile is not None and args.profile == [label, str(context), str(batch)]:
                 profile = Path(args.out) / f"trace_{label}_{context}_{batch}.json.gz"
+            # a row can take minutes (cold Triton caches, pinned host memory faulted in, graph captures,
+            # the reference run): say which part is running
+            say(f"{label} context {context} batch {batch}: measuring")
             row = measure(engine, context, batch, args.blocks, seed=context + batch, profile=profile,
                           copy_GBps=copy_GBps)
             if config.mode == "herald" and not args.no_reference:
+                say(f"{label} context {context} batch {batch}: the no-transfer reference")
                 row = with_reference(row, engine, context, batch, args.blocks, seed=context + batch)
+            row = add_floor(row, engine, hbm_GBps, copy_GBps)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
             row = dict(context=context, batch=batch, error=f"{type(err).__name__}: {err}"[:300])
         if "error" in row:
             # Outside the except block: until it ends, the traceback's frames keep the failed run's
             # tensors alive, and the next configuration would find their memory taken
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release(device)
         row.update(label=label, mode=config.mode, largest_batch=largest)
         rows.append(row)
         tqdm.write(json.dumps({k: v for k, v in row.items() if k not in ("block_latencies_s", "timeline")}))
@@ -394,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch=torch.__version__, block_size=args.block_size, steps=args.steps, budget=args.budget,
                 page_size=args.page_size, cuda_graphs=not args.no_graphs,
                 host_ram_gib=psutil.virtual_memory().total / GiB, date=time.strftime("%Y-%m-%d"),
-                gpu_memory_gib=args.gpu_memory_gib, pinned_copy_GBps=copy_GBps,
+                gpu_memory_gib=args.gpu_memory_gib, pinned_copy_GBps=copy_GBps, hbm_read_GBps=hbm_GBps,
                 weights_gib=weights / GiB)
     summary = summarise(rows)
     out = Path(args.out)
