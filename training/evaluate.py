@@ -1,4 +1,4 @@
-"""Exact-match accuracy of a block-diffusion checkpoint on the synthetic retrieval tasks.
+"""Accuracy of a block-diffusion checkpoint on the synthetic tasks (exact match; list answers by their items).
 
     python -m training.evaluate --model DIR --contexts 512 1024 2048 4096 --per-task 50 --seed 1234
     python -m training.evaluate --model DIR --tasks ruler --contexts 4096 8192 16384 32768

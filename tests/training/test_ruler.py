@@ -84,7 +84,7 @@ def check_vt(ex):
     value = re.search(r"\nWhich variables hold the value (\d{5})\? They are: $", ex.prompt).group(1)
     lines = ex.prompt.split("\n")
     statements = [line for line in lines if line.startswith("VAR ")]
-    assert len(statements) == 2 * (VT_HOPS + 1) == len(re.findall("VAR", ex.prompt))  # each on a line of its own
+    assert len(statements) == 2 * (VT_HOPS + 1) == len(re.findall("VAR [A-Z]{5} = ", ex.prompt))  # each a line
     assigned = dict(re.fullmatch(r"VAR ([A-Z]{5}) = ([A-Z]{5}|\d{5})", s).groups() for s in statements)
 
     def resolve(name):
