@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from training.tasks import DEFAULT_OPTIONS, MIN_LENGTH, TaskOptions, example_rng, make_example
+from training.tasks import DEFAULT_OPTIONS, MIN_LENGTH, MIN_LENGTHS, TaskOptions, example_rng, make_example
 
 CLEAN, NOISY, PAD = 0, 1, 2
 
@@ -333,22 +333,42 @@ class Level:
     options: TaskOptions = DEFAULT_OPTIONS  # how training examples of this level vary the tasks
 
 
+def fitting_tasks(context: int, tasks: Sequence[str]) -> tuple[str, ...]:
+    """The tasks (in order) whose examples fit `context` tokens (training.tasks.MIN_LENGTHS)."""
+    return tuple(t for t in tasks if MIN_LENGTHS[t] <= context)
+
+
 def make_levels(min_context: int, max_context: int, tasks: Sequence[str],
                 warmup_tasks: Sequence[str] = (), options: TaskOptions = DEFAULT_OPTIONS,
                 warmup_options: TaskOptions | None = None) -> list[Level]:
     """[warm-up tasks at the shortest context (if they are a strict subset)]
     + [all tasks at the shortest context built with `warmup_options` (if given)]
-    + all tasks at each context, built with `options`."""
+    + all tasks at each context, built with `options`.
+
+    A level holds the tasks that fit its context (a RULER-style task from its MIN_LENGTHS entry on),
+    so a run may start short with the tasks that fit there and take the others in as it grows."""
     contexts = doubling_contexts(min_context, max_context)
     unknown = set(warmup_tasks) - set(tasks)
     if unknown:
         raise ValueError(f"warm-up tasks {sorted(unknown)} are not among the trained tasks {list(tasks)}")
+    unknown = [t for t in tasks if t not in MIN_LENGTHS]
+    if unknown:
+        raise ValueError(f"tasks {unknown} are unknown; choose from {tuple(MIN_LENGTHS)}")
+    never = [t for t in tasks if MIN_LENGTHS[t] > max_context]
+    if never:
+        raise ValueError(f"tasks {never} need contexts of at least {[MIN_LENGTHS[t] for t in never]} tokens, "
+                         f"beyond max_context={max_context}")
+    first = fitting_tasks(contexts[0], tasks)
+    if not first or set(warmup_tasks) - set(first):
+        raise ValueError(f"the shortest context {contexts[0]} holds the tasks {list(first)} only (training.tasks."
+                         f"MIN_LENGTHS), not all of {list(warmup_tasks) or list(tasks)}: raise min_context or "
+                         "choose other warm-up tasks")
     levels = []
-    if warmup_tasks and set(warmup_tasks) != set(tasks):
-        levels.append(Level(contexts[0], tuple(t for t in tasks if t in warmup_tasks), options))
+    if warmup_tasks and set(warmup_tasks) != set(first):
+        levels.append(Level(contexts[0], tuple(t for t in first if t in warmup_tasks), options))
     if warmup_options is not None:
-        levels.append(Level(contexts[0], tuple(tasks), warmup_options))
-    return levels + [Level(c, tuple(tasks), options) for c in contexts]
+        levels.append(Level(contexts[0], first, warmup_options))
+    return levels + [Level(c, fitting_tasks(c, tasks), options) for c in contexts]
 
 
 ADVANCE_RULES = ("all", "mean")
@@ -363,7 +383,7 @@ class Curriculum:
     task does not hold every other back at a short context); None: never, the time floor alone
     moves. ramp_end: the fraction of training by which the time floor reaches the last level.
     replay: probability that a step trains on an earlier level's (shorter) context, with the
-    current tasks, against forgetting.
+    current tasks that fit it, against forgetting.
     shares: one weight per level; the time floor then gives level i shares[i] / sum(shares) of
     training instead of the even ramp (ramp_end is unused): e.g. more time where a skill is learnt
     (short contexts) and at the longest context, less in between.
@@ -429,11 +449,13 @@ class Curriculum:
         shorter = sorted({x.context for x in self.levels[:level] if x.context < lv.context})
         if shorter and self.rng.random() < self.replay:
             context = self.rng.choice(shorter)
+        tasks = fitting_tasks(context, lv.tasks)  # a replayed context holds the tasks that fit it
         rows = max(1, min(max_rows, tokens_per_batch // context))
-        return BatchRequest(index=index, context=context, rows=rows, tasks=lv.tasks, weights=self.weights(lv.tasks),
+        return BatchRequest(index=index, context=context, rows=rows, tasks=tasks, weights=self.weights(tasks),
                             options=lv.options)
 
 
 __all__ = ["CLEAN", "NOISY", "PAD", "ARRAY_NAMES", "CharEncoder", "TrainBatch", "training_mask", "layout_batch",
            "to_device", "build_batch", "BatchRequest", "LayoutSettings", "make_batch_arrays", "BatchSource",
-           "doubling_contexts", "stage_at", "stage_at_shares", "Level", "make_levels", "ADVANCE_RULES", "Curriculum"]
+           "doubling_contexts", "stage_at", "stage_at_shares", "Level", "fitting_tasks", "make_levels", "ADVANCE_RULES",
+           "Curriculum"]

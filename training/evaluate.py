@@ -1,6 +1,7 @@
-"""Exact-match accuracy of a block-diffusion checkpoint on the synthetic retrieval tasks.
+"""Accuracy of a block-diffusion checkpoint on the synthetic tasks (exact match; list answers by their items).
 
     python -m training.evaluate --model DIR --contexts 512 1024 2048 4096 --per-task 50 --seed 1234
+    python -m training.evaluate --model DIR --tasks ruler --contexts 4096 8192 16384 32768
 
 Runs the real inference path (runtime.engine.Engine, greedy, the chosen attention mode) on
 held-out examples of the test split (training/tasks.py: a stream no training-time decision saw;
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 from runtime.config import ATTENTION_MODES, EngineConfig
 from runtime.decoding import GenerationRequest
 from runtime.engine import Engine
-from training.tasks import ANSWER_ROOM, TASKS, generate_examples
+from training.tasks import ALL_TASKS, MIN_LENGTHS, TASK_GROUPS, TASKS, generate_examples, resolve_tasks
 
 # The splits a command that reports numbers may draw; test unless validation is asked for by name.
 REPORTED_SPLITS = ("test", "validation")
@@ -34,12 +35,35 @@ def add_split_argument(parser: argparse.ArgumentParser) -> None:
                              "(the one training's curriculum and model choice used; to compare with a train_summary)")
 
 
+class _TaskList(argparse.Action):
+    """Stores the task names given, with group names (training.tasks.TASK_GROUPS) expanded."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, list(resolve_tasks(values)))
+
+
+def add_tasks_argument(parser: Any, flag: str = "--tasks", default: Sequence[str] = TASKS, nargs: str = "+",
+                       help: str = "") -> None:
+    """A task-list option of `parser` (or an argument group): task names and group names, the groups
+    expanded when parsed (training.tasks.TASK_GROUPS)."""
+    parser.add_argument(flag, nargs=nargs, default=list(default), choices=ALL_TASKS + tuple(TASK_GROUPS),
+                        action=_TaskList, metavar="TASK",
+                        help=(help + "; " if help else "") + "names of training.tasks.ALL_TASKS, or groups: "
+                        f"default ({' '.join(TASKS)}), ruler (RULER's {len(TASK_GROUPS['ruler'])}: "
+                        f"{' '.join(TASK_GROUPS['ruler'])}), all")
+
+
 def evaluate(engine: Engine, tasks: Sequence[str], contexts: Sequence[int], per_task: int, seed: int,
-             *, split: str, max_new_tokens: int = ANSWER_ROOM, samples_per_cell: int = 1,
+             *, split: str, max_new_tokens: int | None = None, samples_per_cell: int = 1,
              deadline: float | None = None) -> dict[str, Any]:
-    """Greedy exact-match accuracy per task and context on `per_task` examples each of the (split,
-    seed) stream (training/tasks.py SPLITS: "validation" for training's decisions, "test" for
-    reported numbers; no default, so every caller names it).
+    """Greedy accuracy per task and context on `per_task` examples each of the (split, seed) stream
+    (training/tasks.py SPLITS: "validation" for training's decisions, "test" for reported numbers; no
+    default, so every caller names it). An example is right when its task's checker says so
+    (training.tasks.check_answer: exact match, or the items of a list answer).
+
+    max_new_tokens: the generation limit of every request; None: each example's own room (its length
+    minus its prompt: its task's ANSWER_ROOMS entry and the 0-7 offset), so prompt + generation never
+    passes the context.
 
     Contexts run in the order given. deadline (a time.perf_counter() value): a context after the
     first is skipped when its estimated time (the previous context's, scaled by length) would end
@@ -56,6 +80,10 @@ def evaluate(engine: Engine, tasks: Sequence[str], contexts: Sequence[int], per_
     too_long = [c for c in contexts if c > limit]
     if too_long:
         raise ValueError(f"contexts {too_long} exceed the model's max_position_embeddings={limit}")
+    too_short = sorted({(t, MIN_LENGTHS[t]) for t in tasks for c in contexts if c < MIN_LENGTHS[t]})
+    if too_short:
+        raise ValueError(f"contexts {sorted(contexts)} include some below what a task needs: "
+                         + ", ".join(f"{t} from {n}" for t, n in too_short))
     accuracy: dict[str, dict[str, float]] = {t: {} for t in tasks}
     correct: dict[str, dict[str, int]] = {t: {} for t in tasks}
     samples: list[dict[str, Any]] = []
@@ -72,7 +100,8 @@ def evaluate(engine: Engine, tasks: Sequence[str], contexts: Sequence[int], per_
                 continue
         t_ctx = time.perf_counter()
         examples = [ex for task in tasks for ex in generate_examples(task, ctx, per_task, seed, split=split)]
-        requests = [GenerationRequest(prompt=ex.prompt, max_new_tokens=max_new_tokens, request_id=str(i))
+        requests = [GenerationRequest(prompt=ex.prompt, request_id=str(i),
+                                      max_new_tokens=max_new_tokens or ex.length - len(ex.prompt))
                     for i, ex in enumerate(examples)]
         results = engine.generate(requests)
         generated += sum(len(r.tokens) for r in results)
@@ -120,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task", type=int, default=50)
     add_split_argument(p)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    add_tasks_argument(p)
     p.add_argument("--mode", default="dense", choices=ATTENTION_MODES)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")

@@ -73,8 +73,8 @@ from runtime.tokenizer import (EOS_TOKEN, MASK_TOKEN, UNK_TOKEN, Tokenizer, buil
 from training.data import (ADVANCE_RULES, CLEAN, NOISY, PAD, BatchRequest, BatchSource, CharEncoder, Curriculum,
                            LayoutSettings, Level, TrainBatch, build_batch, doubling_contexts, layout_batch,
                            make_levels, stage_at, to_device, training_mask)
-from training.evaluate import accuracy_table, evaluate
-from training.tasks import MIN_LENGTH, TASKS, TaskOptions, generate_examples
+from training.evaluate import accuracy_table, add_tasks_argument, evaluate
+from training.tasks import MIN_LENGTH, MIN_LENGTHS, RULER_TASKS, TASKS, TaskOptions, generate_examples
 
 # Defaults that depend on the device: a CPU smoke run must finish in well under a minute.
 GPU_DEFAULTS = {"tokens_per_batch": 16384, "eval_per_task": 32, "final_per_task": 64, "data_workers": 4,
@@ -249,7 +249,7 @@ def save_folder(model: Transformer, cfg: dict[str, Any], out: Path, tokenizer: T
         shutil.rmtree(old)
 
 
-def demo_prompts(context: int, tasks: tuple[str, ...] = ("passkey", "kv", "vartrack")) -> list[dict[str, Any]]:
+def demo_prompts(context: int, tasks: Sequence[str] = ("passkey", "kv", "vartrack")) -> list[dict[str, Any]]:
     """Long-context demo prompts at the trained length, from the demo split (training/tasks.py), which
     no training, evaluation or benchmark draws."""
     out = []
@@ -257,6 +257,13 @@ def demo_prompts(context: int, tasks: tuple[str, ...] = ("passkey", "kv", "vartr
         ex = generate_examples(task, context, 1, seed=0, split="demo")[0]
         out.append({"task": task, "context": context, "prompt": ex.prompt, "answer": ex.answer})
     return out
+
+
+def demo_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    """The tasks a checkpoint's demo prompts show: passkey, kv and vartrack where trained, else the first
+    three trained."""
+    shown = tuple(t for t in ("passkey", "kv", "vartrack") if t in tasks)
+    return shown or tuple(tasks[:3])
 
 
 # ----------------------------------------------------------------------------- command line
@@ -298,10 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--position-factor", type=int, default=4,
                    help="max_position_embeddings = this x --max-context")
     g = p.add_argument_group("data and curriculum (training/data.py)")
-    g.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    g.add_argument("--warmup-tasks", nargs="*", default=["passkey"], choices=TASKS,
-                   help="tasks of the first level, alone at the shortest context (none: no warm-up level)")
-    g.add_argument("--min-context", type=int, default=None, help=f"default: min({MIN_LENGTH}, --max-context)")
+    add_tasks_argument(g, help="tasks trained (mixed; a level holds those that fit its context)")
+    add_tasks_argument(g, "--warmup-tasks", default=["passkey"], nargs="*",
+                       help="tasks of the first level, alone at the shortest context (none: no warm-up level)")
+    g.add_argument("--min-context", type=int, default=None,
+                   help=f"default: the shortest context a trained task fits ({MIN_LENGTH} for the original tasks, "
+                        "training.tasks.MIN_LENGTHS), at most --max-context")
     g.add_argument("--max-context", type=int, default=2048)
     g.add_argument("--advance-at", type=float, default=0.9,
                    help="validation accuracy every task of a level must reach to move to the next (0: only the "
@@ -373,7 +382,7 @@ def _apply_device_defaults(args: argparse.Namespace, device: torch.device) -> No
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.min_context is None:
-        args.min_context = min(MIN_LENGTH, args.max_context)
+        args.min_context = min(max(MIN_LENGTH, min(MIN_LENGTHS[t] for t in args.tasks)), args.max_context)
 
 
 def task_options(args: argparse.Namespace) -> tuple[TaskOptions, TaskOptions | None]:
@@ -499,7 +508,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         data = summary(final, finished)
         files = {"training_log.json": json.dumps({**log, "summary": data}, indent=1) + "\n",
-                 "demo_prompts.json": json.dumps(demo_prompts(args.max_context), indent=1) + "\n"}
+                 "demo_prompts.json": json.dumps(demo_prompts(args.max_context, demo_tasks(args.tasks)), indent=1)
+                 + "\n"}
         if final is not None:
             files["README.md"] = readme(cfg, args, log, final, n_params, cur)
         save_folder(model, cfg, out, tokenizer, files)
@@ -616,6 +626,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     contexts = args.final_contexts if args.final_contexts else sorted({*(lv.context for lv in levels),
                                                                        2 * args.max_context})
     contexts = [c for c in contexts if c <= cfg["max_position_embeddings"]]
+    short = [c for c in contexts if any(c < MIN_LENGTHS[t] for t in args.tasks)]
+    if short:
+        print(f"[final eval] contexts {short} left out: some trained task needs a longer one", flush=True)
+        contexts = [c for c in contexts if c not in short]
     first = [args.max_context] if args.max_context in contexts else []
     ordered = first + [c for c in sorted(contexts) if c not in first]
     # The last save (with README) takes about what the one above took: keep twice that for it.
@@ -632,6 +646,24 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
           + (f"; summary {args.summary_json}" if args.summary_json else "")
           + f"; total {time.perf_counter() - start:.1f} s", flush=True)
     return log
+
+
+def tasks_text(tasks: Sequence[str]) -> str:
+    """The README's description of the trained tasks."""
+    parts = []
+    if any(t in TASKS for t in tasks):
+        parts.append("""Prompts of filler sentences with facts at random depths, ending in a question; the answer is a
+5-6 digit number followed by EOS. `passkey` (one pass key), `multikey` (labelled pass keys, ask for
+one), `kv` (`k3f9: 51207` lines among filler), `vartrack` (assignment chains `QXJ = 48213.`,
+`MPL = QXJ.`, `RTE = MPL.` plus a distractor chain; asked `Which number does RTE hold? RTE = `,
+the answer is worked: `MPL = QXJ = 48213`). Exact match after stripping whitespace.""")
+    ruler = [t for t in tasks if t in RULER_TASKS]
+    if ruler:
+        parts.append(f"""RULER's synthetic categories, by RULER's names: {", ".join(f"`{t}`" for t in ruler)}
+(needles in noise, essay-like text or among other needles; variable tracking; common and frequent
+word extraction). Single answers by exact match; list answers by their items: niah_multiquery's in
+the order asked, the others as sets (none missing, none extra).""")
+    return "\n\n".join([f"Trained on {', '.join(tasks)}."] + parts)
 
 
 def readme(cfg: dict[str, Any], args: argparse.Namespace, log: dict[str, Any], final: dict[str, Any],
@@ -664,11 +696,7 @@ tokenizer (printable ASCII + newline, {cfg['vocab_size']} ids).
 `eos_token_id` {cfg['eos_token_id']}; prompt attention block-causal (the runtime's Qwen3 default)
 
 ## Tasks (training/tasks.py)
-Prompts of filler sentences with facts at random depths, ending in a question; the answer is a
-5-6 digit number followed by EOS. `passkey` (one pass key), `multikey` (labelled pass keys, ask for
-one), `kv` (`k3f9: 51207` lines among filler), `vartrack` (assignment chains `QXJ = 48213.`,
-`MPL = QXJ.`, `RTE = MPL.` plus a distractor chain; asked `Which number does RTE hold? RTE = `,
-the answer is worked: `MPL = QXJ = 48213`). Exact match after stripping whitespace.
+{tasks_text(args.tasks)}
 `demo_prompts.json`: held-out prompts at {args.max_context} tokens with their answers.
 
 ## Training

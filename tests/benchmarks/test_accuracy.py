@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.accuracy import MODE_SPECS, main, mode_mass, recall_variant, sparse_config
-from training.tasks import generate_examples
+from benchmarks.accuracy import (MODE_SPECS, TASK_SHORT, accuracy_table, build_parser, main, mode_mass,
+                                 recall_variant, sparse_config)
+from training.tasks import ALL_TASKS, RULER_TASKS, TASKS, generate_examples
 
 TINY = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-random"
 
@@ -97,3 +98,15 @@ def test_main_smoke_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "herald-gpu-compact 5%" in printed and "256:mean" in printed
     assert "1 instance(s) of the test split (seed 1234)" in printed.splitlines()[0]
+
+
+def test_ruler_tasks_are_chosen_by_name_or_group_and_label_distinct_columns():
+    args = build_parser().parse_args(["--model", str(TINY), "--tasks", "ruler"])
+    assert args.tasks == list(RULER_TASKS)
+    assert build_parser().parse_args(["--model", str(TINY)]).tasks == list(TASKS)  # the default stays the four
+    labels = [TASK_SHORT.get(t, t) for t in ALL_TASKS]
+    assert len(set(labels)) == len(ALL_TASKS) and TASK_SHORT.get("vt", "vt") == "vt"  # RULER's vt keeps its name
+    rows = [{"label": "dense", "accuracy": {t: {"4096": 1.0} for t in ("vartrack", "vt")}, "mean": {"4096": 1.0},
+             "mean_all": 1.0}]
+    header = accuracy_table({"contexts": [4096], "tasks": ["vartrack", "vt"], "rows": rows}).splitlines()[0].split()
+    assert header[3:5] == ["4096:vtr", "4096:vt"]  # after "mode / budget"

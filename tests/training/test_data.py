@@ -8,7 +8,7 @@ import pytest
 
 from training.data import (NOISY, BatchRequest, BatchSource, CharEncoder, Curriculum, LayoutSettings, Level,
                            make_batch_arrays, make_levels, stage_at_shares)
-from training.tasks import DEFAULT_OPTIONS, TASKS, TaskOptions, generate_examples
+from training.tasks import DEFAULT_OPTIONS, MIN_LENGTHS, RULER_TASKS, TASKS, TaskOptions, generate_examples
 from training.train import make_tokenizer
 
 TOKENIZER = make_tokenizer()
@@ -192,3 +192,28 @@ def test_task_options_travel_to_worker_processes():
         assert pooled.pool is not None
     finally:
         pooled.close()
+
+
+def test_a_mixed_run_takes_each_task_from_the_context_it_fits():
+    """RULER-style tasks join the curriculum at their MIN_LENGTHS context; replayed shorter contexts keep
+    only the tasks that fit them."""
+    tasks = ("passkey", "niah_single_1", "cwe")
+    levels = make_levels(128, 1024, tasks, warmup_tasks=["passkey"])
+    assert [(lv.context, lv.tasks) for lv in levels] == [(128, ("passkey",)), (256, ("passkey", "niah_single_1")),
+                                                          (512, tasks), (1024, tasks)]
+    assert make_levels(512, 1024, RULER_TASKS)[0] == Level(512, RULER_TASKS)
+    with pytest.raises(ValueError, match=r"\['cwe'\] need contexts of at least \[512\]"):
+        make_levels(128, 256, ["passkey", "cwe"])
+    with pytest.raises(ValueError, match="shortest context 128 holds the tasks \\[\\] only"):
+        make_levels(128, 1024, ["cwe", "niah_single_1"])
+    with pytest.raises(ValueError, match="warm-up"):  # a warm-up task must fit the first level
+        make_levels(256, 1024, ["niah_single_1", "cwe"], warmup_tasks=["cwe"])
+    cur = Curriculum(levels, advance_at=None, ramp_end=0.5, replay=0.7, seed=1)
+    requests = [cur.request(i, 0.99, tokens_per_batch=2048, max_rows=8) for i in range(60)]
+    assert {r.context for r in requests} == {128, 256, 512, 1024}
+    for r in requests:
+        assert r.tasks == tuple(t for t in tasks if MIN_LENGTHS[t] <= r.context) and len(r.weights) == len(r.tasks)
+    # a batch of every RULER task encodes in the char alphabet and lays out
+    arrays = make_batch_arrays(settings(), BatchRequest(index=0, context=512, rows=len(RULER_TASKS),
+                                                        tasks=RULER_TASKS, weights=(1.0,) * len(RULER_TASKS)))
+    assert arrays["input_ids"].shape[0] == len(RULER_TASKS) and (arrays["targets"] != -100).any()

@@ -14,9 +14,10 @@ from runtime.config import ModelConfig
 from runtime.decoding import DecodeSettings, GenerationRequest, SequenceState, finish_block, start_block
 from runtime.generate import BlockDiffusionLoop
 from runtime.model import Transformer
-from training.tasks import TASKS, TaskOptions, generate_examples
-from training.train import (CLEAN, NOISY, PAD, CharEncoder, batch_loss, build_batch, build_parser, curriculum,
-                            lr_at, make_tokenizer, model_config_dict, stage_at, task_options, train)
+from training.tasks import RULER_TASKS, TASKS, TaskOptions, generate_examples
+from training.train import (CLEAN, NOISY, PAD, CharEncoder, _apply_device_defaults, batch_loss, build_batch,
+                            build_parser, curriculum, demo_tasks, lr_at, make_tokenizer, model_config_dict, stage_at,
+                            task_options, train)
 
 TOKENIZER = make_tokenizer()
 MASK = TOKENIZER.mask_token_id
@@ -338,3 +339,27 @@ def test_level_shares_must_name_every_level(tmp_path):
     with pytest.raises(ValueError, match="one per level"):
         train(args)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_run_mixes_ruler_tasks_from_the_context_they_fit(tmp_path):
+    """--tasks takes RULER's names and groups; the curriculum takes each task in where it fits, and the
+    checkpoint's README, demo prompts and final evaluation name what was trained."""
+    args = build_parser().parse_args(["--out", str(tmp_path / "x"), "--tasks", "ruler"])
+    _apply_device_defaults(args, torch.device("cpu"))
+    assert args.tasks == list(RULER_TASKS) and args.min_context == 256  # the shortest context a RULER task fits
+    args = build_parser().parse_args(["--out", str(tmp_path / "x"), "--tasks", "vt", "cwe", "--max-context", "384"])
+    _apply_device_defaults(args, torch.device("cpu"))
+    assert args.min_context == 384  # never past --max-context (the levels then refuse tasks that never fit)
+    assert demo_tasks(["cwe", "vt", "fwe", "niah_single_1"]) == ("cwe", "vt", "fwe") and demo_tasks(TASKS) == (
+        "passkey", "kv", "vartrack")
+    out = tmp_path / "ckpt"
+    tiny = [a if a != "192" else "512" for a in TINY_ARGS]  # --max-context 512
+    log = train(build_parser().parse_args([
+        "--out", str(out), "--steps", "3", "--eval-every", "0", "--final-per-task", "1", "--final-contexts", "128",
+        "512", "--tasks", "passkey", "niah_single_1", "vt", "--level-shares", "1", "1", "1", *tiny]))
+    assert [(lv["context"], lv["tasks"]) for lv in log["levels"]] == [
+        (128, ["passkey"]), (256, ["passkey", "niah_single_1"]), (512, ["passkey", "niah_single_1", "vt"])]
+    assert log["summary"]["contexts"] == [512] and set(log["summary"]["accuracy"]) == {"passkey", "niah_single_1", "vt"}
+    readme = (out / "README.md").read_text()
+    assert "Trained on passkey, niah_single_1, vt." in readme and "`niah_single_1`, `vt`" in readme
+    assert [d["task"] for d in json.loads((out / "demo_prompts.json").read_text())] == ["passkey"]
