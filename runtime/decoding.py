@@ -101,8 +101,8 @@ def _check_prompt(prompt: object) -> None:
         raise _refuse("prompt", prompt, f"must be a str, a list of int token ids or a list of chat messages{hint}")
     if not prompt:
         raise _refuse("prompt", prompt, "is empty; give at least one character or token id")
-    if all(isinstance(m, dict) for m in prompt):
-        return  # a conversation: the chat template checks its messages
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        return  # a conversation (runtime.chat.is_conversation): the chat template checks its messages
     # type(t) is int first: a 128K-token prompt pays ~10 ms, not the ABC check per token
     bad = [(i, t) for i, t in enumerate(prompt) if not (type(t) is int or _is_int(t)) or t < 0]
     if bad:

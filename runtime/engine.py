@@ -321,6 +321,7 @@ class Engine:
         `EngineConfig.parse_special_tokens`; result text leaves special tokens out unless
         `EngineConfig.skip_special_tokens` is False.
         """
+        prompts = list(prompts)  # walked twice below: an iterator would be empty the second time
         if defaults:  # a bad default is the call's mistake, not one prompt's: refused for the call
             GenerationRequest(prompt=[0], **defaults)
         ids: list[str] = []  # every prompt's request id (its index as text when it names none)

@@ -132,3 +132,8 @@ def test_default_model_answers_a_retrieval_prompt_with_herald_and_dense(capsys):
     engine = Engine(EngineConfig(model_path=str(DEFAULT_MODEL), device="cpu", progress=False))
     [result] = engine.generate([passkey["prompt"]], max_new_tokens=8)
     assert result.text.strip() == passkey["answer"]  # dense answers the held-out pass key
+
+
+def test_prompts_may_come_from_an_iterator(engine):
+    results = engine.generate((p for p in ["one", "two"]), max_new_tokens=4)
+    assert [r.request_id for r in results] == ["0", "1"] and all(r.error is None for r in results)
