@@ -3,11 +3,11 @@ cache and its fetch (a selection diffed against the cache, the misses gathered o
 the compact key copy selection scans, the streams and the index uploads."""
 
 from .compact_keys import CompactKeyIndex
-from .host_store import HostKVStore
+from .host_store import HostKVStore, TransferFault
 from .page_directory import Assignment, PageDirectory
 from .page_fetcher import DEFAULT_FETCH_PROGRAMS, PageFetcher
 from .streams import Streams, make_streams
 from .uploads import upload, upload_into
 
 __all__ = ["Assignment", "CompactKeyIndex", "DEFAULT_FETCH_PROGRAMS", "HostKVStore", "PageDirectory", "PageFetcher",
-           "Streams", "make_streams", "upload", "upload_into"]
+           "Streams", "TransferFault", "make_streams", "upload", "upload_into"]

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import mmap
 import re
+import resource
 import weakref
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 
 import psutil
@@ -83,11 +84,41 @@ def _fault_in(buf: torch.Tensor, progress: bool, chunk_bytes: int = _GIB) -> Non
 
 def register_host_memory(buf: torch.Tensor) -> bool:
     """Page-lock ``buf`` in place with cudaHostRegister (mapped into every device's address space);
-    False if this torch build or the driver cannot."""
+    False if this torch build or the driver cannot (`host_register_error` says why)."""
+    return host_register_error(buf) == 0
+
+
+def host_register_error(buf: torch.Tensor) -> int | None:
+    """cudaHostRegister of ``buf``: 0 on success, else CUDA's error code (2: out of memory, which is
+    what a low locked-memory limit gives), None where this torch build has no cudaHostRegister."""
     cudart = torch.cuda.cudart()
     if not hasattr(cudart, "cudaHostRegister"):
-        return False
-    return int(cudart.cudaHostRegister(buf.data_ptr(), buf.numel(), _CUDA_HOST_REGISTER_PORTABLE_MAPPED)) == 0
+        return None
+    return int(cudart.cudaHostRegister(buf.data_ptr(), buf.numel(), _CUDA_HOST_REGISTER_PORTABLE_MAPPED))
+
+
+def locked_memory_limit() -> int | None:
+    """The soft RLIMIT_MEMLOCK (`ulimit -l`) in bytes; None: unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+class TransferFault(RuntimeError):
+    """A transfer between the host store and the GPU failed for the host pages it names.
+
+    Raised by `HostKVStore.fault_hook` (a test hook: nothing in production sets it; a real CUDA
+    copy error is sticky and cannot be pinned on pages). The attention mode that owns the store
+    turns it into a `runtime.RequestError` for the sequences owning those pages (`owners`), so
+    that only their requests fail."""
+
+    def __init__(self, pages: Iterable[int], message: str):
+        super().__init__(message)
+        self.pages = frozenset(int(p) for p in pages)
+
+
+# fault_hook(op, layer, pages): op "write" (K/V into the store; layer None: every layer) or
+# "gather" (pages to the GPU page cache); pages: [n] int64 host-store pages the transfer carries.
+FaultHook = Callable[[str, "int | None", torch.Tensor], None]
 
 
 def huge_page_bytes(address: int, length: int) -> int | None:
@@ -170,7 +201,8 @@ class HostKVStore:
         buf = raw[: self.nbytes].view(dtype).view(shape)
         if pin_memory:
             _fault_in(raw, progress)
-            if register_host_memory(raw):
+            register_error = host_register_error(raw)
+            if register_error == 0:
                 self.pin_method = "cudaHostRegister"
                 self._finalizer = weakref.finalize(self, _unregister, raw)
             else:
@@ -179,8 +211,13 @@ class HostKVStore:
                 self.huge_pages = False
                 # torch's pinned allocator rounds the block up to a power of two: check that size too.
                 self._check_memory(reserve_bytes, _pow2_ceil(self.nbytes))
-                buf = torch.empty(shape, dtype=dtype, pin_memory=True)
+                try:
+                    buf = torch.empty(shape, dtype=dtype, pin_memory=True)
+                except RuntimeError as err:
+                    raise self._pinning_failed(register_error, err) from err
                 self.pin_method = "torch_pinned_allocator"
+        # a test hook (see FaultHook, TransferFault); None in production: the hot paths test only this
+        self.fault_hook: FaultHook | None = None
         self._k, self._v = buf[0], buf[1]
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # stack: pops 0, 1, 2, ...
         self._tables: dict[Hashable, list[int]] = {}
@@ -204,6 +241,39 @@ class HostKVStore:
                 f"{reserve / _GIB:.2f} GiB reserve). At most {fit_pages} pages ({fit_pages * self.page_size} tokens) "
                 "fit: lower num_pages or free host memory."
             )
+
+    def _pinning_failed(self, register_error: int | None, err: Exception) -> MemoryError:
+        """What a store that could not be page-locked tells its user: what ran out (locked memory,
+        under which limit) and what would fit."""
+        limit = locked_memory_limit()
+        how = ("this torch build has no cudaHostRegister" if register_error is None
+               else f"cudaHostRegister failed with CUDA error {register_error}")
+        if limit is None:
+            fits = "the locked-memory limit (ulimit -l) is unlimited, so the host is short of memory it can lock"
+        else:
+            pages = limit // self.page_bytes
+            fits = (f"the locked-memory limit (ulimit -l) is {limit / 2**20:.1f} MiB, under which at most {pages} "
+                    f"pages ({pages * self.page_size} tokens) fit: raise it (ulimit -l unlimited; in a container "
+                    "--ulimit memlock=-1)")
+        return MemoryError(
+            f"HostKVStore could not page-lock {self.nbytes / _GIB:.2f} GiB for {self.num_pages} pages x "
+            f"{self.page_size} tokens: {how}, and torch's pinned allocator failed too ({err}). {fits[0].upper()}"
+            f"{fits[1:]}, or lower the batch or the context (num_pages).")
+
+    def owners(self, pages: Iterable[int]) -> list[Hashable]:
+        """The sequences whose page tables hold any of ``pages`` (a fault's victims)."""
+        wanted = {int(p) for p in pages}
+        return [seq for seq, table in self._tables.items() if wanted.intersection(table)]
+
+    def _written_pages(self, page_table: torch.Tensor, start: torch.Tensor, num_new: int) -> torch.Tensor:
+        """[n] int64: the store pages a write of ``num_new`` tokens per row at ``start`` touches
+        (for the fault hook only: it reads device tables back to the host)."""
+        table, start = page_table.cpu().long(), start.cpu().long()
+        pages = []
+        for row in range(table.shape[0]):
+            first, last = int(start[row]) // self.page_size, (int(start[row]) + num_new - 1) // self.page_size
+            pages.append(table[row, first:last + 1])
+        return torch.cat(pages) if pages else torch.zeros(0, dtype=torch.int64)
 
     @property
     def pinned(self) -> bool:
@@ -402,6 +472,8 @@ class HostKVStore:
             raise ValueError(f"k_new dtype {k_new.dtype} differs from the store's {self.dtype}")
         if not page_table.is_cuda and not start.is_cuda:
             self._check_positions(page_table, start, t)
+        if self.fault_hook is not None:  # before any byte moves: a refused write leaves the store as it was
+            self.fault_hook("write", layer, self._written_pages(page_table, start, t))
         dst_k, dst_v = (self._k, self._v) if layer is None else (self._k[layer], self._v[layer])
         if k_new.is_cuda and self.pinned:
             page_table, start = (x if x.is_cuda else upload(x, k_new.device) for x in (page_table, start))

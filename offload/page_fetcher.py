@@ -103,6 +103,8 @@ class PageFetcher:
         if not self.move_pages:
             slots = slots.fill_(-1)
         store = self.store
+        if store.fault_hook is not None:  # a test hook (HostKVStore.fault_hook); reads the misses on the host
+            store.fault_hook("gather", layer, physical[slots >= 0].cpu())
         if not self.cuda:
             gather_pages_reference(store.k(layer), store.v(layer), physical, heads, self._k[layer], self._v[layer],
                                    slots)

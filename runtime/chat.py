@@ -10,6 +10,7 @@ and `strftime_now`, and the tokenizer's special tokens (`bos_token`, `eos_token`
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,41 @@ class ChatTemplate:
         except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError) as err:
             raise ValueError(f"the chat template in {self.source} failed to render this conversation: "
                              f"{type(err).__name__}: {err}") from err
+
+
+    def render_with_spans(self, messages: list[Message], add_generation_prompt: bool = True,
+                          ) -> tuple[str, list[tuple[int, int]] | None]:
+        """`render`, and the [start, end) character ranges of the rendered text that are the
+        messages' own (string) contents: what the tokenizer must read as plain text, so that a
+        message cannot smuggle in a turn marker or an end of text (runtime/tokenizer.py).
+
+        The ranges come from a second render with each content replaced by a placeholder; they are
+        returned only when putting the contents back in place of the placeholders gives exactly the
+        real render, i.e. when the template copies every content verbatim. None: it does not (it
+        trims, splits or inspects them), and no range can be trusted."""
+        text = self.render(messages, add_generation_prompt)
+        contents = [m.get("content") if isinstance(m, dict) else None for m in messages]
+        marked = [dict(m, content=_PLACEHOLDER.format(i)) if isinstance(c, str) else m
+                  for i, (m, c) in enumerate(zip(messages, contents))]
+        try:
+            skeleton = self.render(marked, add_generation_prompt)
+        except ValueError:  # the template looks into contents (a placeholder is not what it expects)
+            return text, None
+        rebuilt, spans, at = [], [], 0
+        for piece in _PLACEHOLDER_PATTERN.split(skeleton):
+            if piece.startswith(_PLACEHOLDER_START) and piece.endswith(_PLACEHOLDER_END):
+                piece = contents[int(piece[1:-1])]
+                spans.append((at, at + len(piece)))
+            rebuilt.append(piece)
+            at += len(piece)
+        return (text, spans) if "".join(rebuilt) == text else (text, None)
+
+
+# Stands in for message i's content in `render_with_spans` (private-use characters: no template
+# writes them, and the rebuilt text is compared with the real render anyway).
+_PLACEHOLDER_START, _PLACEHOLDER_END = "\ue000", "\ue001"
+_PLACEHOLDER = _PLACEHOLDER_START + "{}" + _PLACEHOLDER_END
+_PLACEHOLDER_PATTERN = re.compile(f"({_PLACEHOLDER_START}[0-9]+{_PLACEHOLDER_END})")
 
 
 def _special_tokens(tokenizer_config: dict[str, Any]) -> dict[str, Any]:

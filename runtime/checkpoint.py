@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from runtime.checkpoint_layout import assemble, disassemble, stored_as, stored_shapes
-from runtime.config import ModelConfig
+from runtime.config import ModelConfig, read_json_file
 from runtime.model import Transformer, expected_tensor_shapes
 from runtime.tokenizer import Tokenizer, hf_tokenizer_config
 
@@ -51,31 +51,105 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return DTYPE_NAMES[name]
 
 
+# Bytes per element of every dtype the safetensors format names (sub-byte formats are not loadable
+# here, and a header naming a dtype outside this table was written by something else).
+SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+_REWRITE = "download or save the checkpoint again"
+
+
+def _header_entry(file: Path, name: str, info: Any) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, each field checked (a corrupt header names it)."""
+    if not isinstance(info, dict):
+        raise ValueError(f"{file}: the header entry of tensor {name!r} is not an object: the header is corrupt; "
+                         f"{_REWRITE}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            and isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"{file}: tensor {name!r} has a corrupt header entry {info!r} (expected dtype, shape "
+                         f"[non-negative ints] and data_offsets [begin, end]); {_REWRITE}")
+    if dtype not in SAFETENSORS_DTYPE_BYTES:
+        raise ValueError(f"{file}: tensor {name!r} has dtype {dtype!r}, which is not a safetensors dtype this "
+                         f"runtime reads ({sorted(SAFETENSORS_DTYPE_BYTES)}); export the checkpoint in "
+                         f"{', '.join(sorted(FLOAT_DTYPES))}")
+    begin, end = offsets
+    want = SAFETENSORS_DTYPE_BYTES[dtype]
+    for d in shape:
+        want *= d
+    if end - begin != want:
+        raise ValueError(f"{file}: tensor {name!r} ({dtype}, shape {tuple(shape)}) needs {want} bytes but its "
+                         f"data_offsets span {end - begin}: the header is corrupt; {_REWRITE}")
+    return dtype, tuple(shape), begin, end
+
+
 def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{tensor name: (safetensors dtype string, shape)} from a file's header, without reading data."""
-    with open(file, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) != 8:
-            raise ValueError(f"{file} is not a safetensors file (shorter than 8 bytes)")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > file.stat().st_size:
-            raise ValueError(f"{file} is not a safetensors file (header length {header_len} exceeds the file)")
-        header = json.loads(f.read(header_len))
+    """{tensor name: (safetensors dtype string, shape)} from a file's header, without reading data.
+
+    Everything safetensors would refuse later, mid-load and naming no file (a truncated file, a
+    corrupt or non-JSON header, unknown dtypes, data offsets that leave gaps, overlap or run past the
+    end), is refused here with the file's path, before any memory is allocated for the weights.
+    """
+    file = Path(file)
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise ValueError(f"{file} is not a safetensors file ({size} bytes, shorter than its 8-byte header "
+                                 f"length): it is truncated or empty; {_REWRITE}")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > size - 8:
+                raise ValueError(f"{file} is truncated or not a safetensors file: its header claims {header_len} "
+                                 f"bytes, the file holds {size - 8} after the length; {_REWRITE}")
+            raw = f.read(header_len)
+    except OSError as err:  # missing, a directory, unreadable: the OS's reason, with the path
+        raise FileNotFoundError(f"cannot read {file}: {err.strerror or err}; check that the file exists and is "
+                                "readable") from err
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} has a corrupt header (not UTF-8 JSON: {err}); the file is damaged or not a "
+                         f"safetensors file; {_REWRITE}") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{file} has a corrupt header (a JSON {type(header).__name__}, not an object); {_REWRITE}")
     header.pop("__metadata__", None)
-    return {name: (info["dtype"], tuple(info["shape"])) for name, info in header.items()}
+    entries = {name: _header_entry(file, name, info) for name, info in header.items()}
+    # the tensors must tile the data section exactly, as safetensors checks when it opens the file
+    data_len, covered = size - 8 - header_len, 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin != covered:
+            raise ValueError(f"{file}: tensor {name!r} starts at byte {begin} of the data, expected {covered} "
+                             f"(a gap or an overlap): the header is corrupt; {_REWRITE}")
+        covered = end
+    if covered > data_len:
+        raise ValueError(f"{file} is truncated: its header describes {covered} bytes of tensor data, the file holds "
+                         f"{data_len} ({covered - data_len} missing); {_REWRITE}")
+    if covered < data_len:
+        raise ValueError(f"{file} has {data_len - covered} bytes after its last tensor (a damaged or "
+                         f"concatenated file); {_REWRITE}")
+    return {name: (dtype, shape) for name, (dtype, shape, _, _) in entries.items()}
 
 
 def checkpoint_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory: model.safetensors or the shards of its index."""
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json_file(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} has no weight_map")
+            raise ValueError(f"{index} has no weight_map (tensor name -> shard file): replace the index with the "
+                             "checkpoint's original")
+        bad = [name for name, shard in weight_map.items() if not isinstance(shard, str) or not shard]
+        if bad:
+            raise ValueError(f"{index}: the weight_map entry of {bad[0]!r} is {weight_map[bad[0]]!r}, not a shard "
+                             "file name; replace the index with the checkpoint's original")
         files = [path / name for name in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"{index} names shard files that are not in {path}: {missing}")
+            raise FileNotFoundError(f"{index} names shard files that are not in {path}: {missing}; download the "
+                                    "missing shards (or fix the index if they were renamed)")
         return files
     single = path / SINGLE_FILE
     if single.is_file():
@@ -152,7 +226,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str | None = None,
     """
     path = Path(path)
     config = ModelConfig.from_dir(path)
-    _check_unsupported_features(json.loads((path / "config.json").read_text()), path)
+    _check_unsupported_features(read_json_file(path / "config.json"), path)
     files = checkpoint_files(path)
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
     file_of: dict[str, Path] = {}

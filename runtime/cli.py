@@ -36,6 +36,11 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     decoding.add_argument("--stop-token-id", type=int, action="append", default=None,
                           help="a token that ends generation (repeat; default: every eos the checkpoint names)")
     decoding.add_argument("--chat-template", default=None, help="a .jinja chat template instead of the checkpoint's")
+    decoding.add_argument("--parse-special-tokens", action="store_true",
+                          help="read special tokens' text in prompts (e.g. <|im_end|>) as control tokens; by default "
+                               "it stays plain text (the mask token is refused either way)")
+    decoding.add_argument("--keep-special-tokens", action="store_true",
+                          help="keep special tokens in the generated text (default: left out)")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -63,7 +68,8 @@ def _config(args: argparse.Namespace, mode: str | None = None) -> EngineConfig:
         confidence_threshold=args.threshold, decoding=args.decoding, sub_block_size=args.sub_block_size,
         mask_token_id=args.mask_token_id,
         stop_token_ids=tuple(args.stop_token_id) if args.stop_token_id is not None else None,
-        chat_template=args.chat_template, max_batch_size=args.max_batch_size,
+        chat_template=args.chat_template, parse_special_tokens=args.parse_special_tokens,
+        skip_special_tokens=not args.keep_special_tokens, max_batch_size=args.max_batch_size,
         progress=not args.no_progress, sparse=sparse,
     )
 
@@ -91,10 +97,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             print(f"--- [{result.request_id}] {result.finish_reason}, {len(result.tokens)} tokens, "
                   f"{result.latency_s:.2f} s\n{prompt}\033[1m{result.text}\033[0m")
+        if result.error:
+            print(f"error: request {result.request_id}: {result.error}", file=sys.stderr)
     stats = engine.last_stats
     print(f"{stats.requests} requests, {stats.generated_tokens} tokens in {stats.wall_s:.2f} s "
           f"({stats.tokens_per_s:.1f} tokens/s, mode {args.mode}, device {engine.device})", file=sys.stderr)
-    return 0
+    return 1 if stats.errors else 0  # the others were served; the exit status still says not all were
 
 
 def _retrieval_demo(args: argparse.Namespace, examples: list[dict]) -> int:

@@ -27,6 +27,59 @@ MOE_ARCHITECTURES = ("qwen3_moe", "llada2_moe")
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 
+def read_json_file(file: Path, required: bool = True) -> dict[str, Any]:
+    """A checkpoint's JSON file as a dict, every problem named with the file's path and what to do.
+
+    required=False: a file that does not exist reads as {} (optional files such as
+    generation_config.json); one that exists but does not parse is refused all the same, since
+    skipping it would silently drop what it says (eos ids, the mask token)."""
+    file = Path(file)
+    if not file.is_file():
+        if not required:
+            return {}
+        raise FileNotFoundError(f"{file} does not exist: the checkpoint directory is incomplete; download or "
+                                "save the checkpoint again")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not UTF-8 text (byte {err.start}): it is damaged or not a JSON file; "
+                         "replace it with the checkpoint's original") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}; fix the "
+                         "file or replace it with the checkpoint's original") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} holds a JSON {type(data).__name__}, not an object ({{...}}); replace it with the "
+                         "checkpoint's original")
+    return data
+
+
+# config.json fields that must be whole numbers, and the least each may be (null: not stated).
+# int() would accept "256" or 256.7 and fail on null with a message naming no field: checked first.
+CONFIG_INTEGER_FIELDS = {
+    "vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
+    "num_key_value_heads": 1, "head_dim": 1, "max_position_embeddings": 1, "block_size": 1, "block_length": 1,
+    "bd_size": 1, "mask_token_id": 0,
+}
+
+
+def check_integer_fields(cfg: dict[str, Any], file: Path) -> None:
+    """Refuse a config field that is not a whole number in its range, naming the file and the field."""
+    for key, least in CONFIG_INTEGER_FIELDS.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{file}: {key}={value!r} must be an integer >= {least}; correct it to the value "
+                             "the model was trained with")
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        value = cfg.get(key)
+        ids = value if isinstance(value, list) else [value]
+        if any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0) for v in ids):
+            raise ValueError(f"{file}: {key}={value!r} must be a token id (an integer >= 0), a list of them, or null")
+
+
 def _id_list(value: Any) -> list[int]:
     """A token id field as config files write it: one id, a list of ids, or null."""
     if value is None:
@@ -282,18 +335,26 @@ class ModelConfig:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path} has no config.json: pass a local Hugging Face model directory")
-        cfg = json.loads(cfg_file.read_text())
+        cfg = read_json_file(cfg_file)
+        check_integer_fields(cfg, cfg_file)
         gen_file = path / "generation_config.json"
-        if gen_file.is_file():
-            gen = json.loads(gen_file.read_text())
-            for key in ("mask_token_id", "block_size", "block_length"):
-                if key in gen and key not in cfg:
-                    cfg[key] = gen[key]
-            # chat checkpoints list their end-of-turn token (<|im_end|>) only here: stop at both files' eos
-            eos = [e for source in (cfg, gen) for e in _id_list(source.get("eos_token_id"))]
-            if eos:
-                cfg["eos_token_id"] = list(dict.fromkeys(eos))
-        return cls.from_hf(cfg)
+        gen = read_json_file(gen_file, required=False)
+        check_integer_fields(gen, gen_file)
+        try:
+            if gen:
+                for key in ("mask_token_id", "block_size", "block_length"):
+                    if key in gen and key not in cfg:
+                        cfg[key] = gen[key]
+                # chat checkpoints list their end-of-turn token (<|im_end|>) only here: stop at both files' eos
+                eos = [e for source in (cfg, gen) for e in _id_list(source.get("eos_token_id"))]
+                if eos:
+                    cfg["eos_token_id"] = list(dict.fromkeys(eos))
+            return cls.from_hf(cfg)
+        except (ValueError, TypeError) as err:
+            # a field of the wrong type (a string or null where a number belongs) fails deep in the
+            # parse: name the files it came from, which the parse itself does not know
+            files = f"{cfg_file}" + (f" (with {gen_file})" if gen else "")
+            raise ValueError(f"{files}: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -416,6 +477,12 @@ class EngineConfig:
     mask_token_id: int | None = None
     stop_token_ids: tuple[int, ...] | None = None  # None: every eos of config, generation config and tokenizer
     chat_template: str | None = None  # a .jinja file used instead of the checkpoint's chat template
+    # Prompt text is plain text: "<|endoftext|>" or "<|MASK|>" written in it stays those characters,
+    # so a user's document cannot end the prompt or inject a mask. True reads such text as the
+    # control tokens (the mask token is refused either way). A chat template's own markers are
+    # always control tokens, its messages' contents plain text unless this is True.
+    parse_special_tokens: bool = False
+    skip_special_tokens: bool = True  # result text without special tokens (result.tokens keep them)
     max_batch_size: int = 8
     prefill_chunk_size: int = 2048
     progress: bool = True
@@ -447,6 +514,9 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
+        for name in ("parse_special_tokens", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1")
         if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:

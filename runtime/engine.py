@@ -91,6 +91,24 @@ def load_chat_template(config: EngineConfig, tokenizer: Tokenizer | None) -> Cha
     return ChatTemplate.from_dir(config.model_path)
 
 
+def refused_result(request_id: str, err: Exception) -> GenerationResult:
+    """The result of a request refused before it ran (its prompt or settings): finish_reason
+    "error", nothing generated, the reason in `error`."""
+    return GenerationResult(request_id=request_id, prompt_tokens=0, tokens=[], text="", finish_reason="error",
+                            blocks=0, denoising_passes=0, latency_s=0.0, error=f"refused: {err}")
+
+
+def check_unique_ids(ids: Sequence[str]) -> None:
+    """Refuse a call that names two requests alike: should_cancel and the results name requests by id."""
+    first: dict[str, int] = {}
+    for i, request_id in enumerate(ids):
+        if request_id in first:
+            raise ValueError(f"request_id {request_id!r} is given to prompts {first[request_id]} and {i} of this "
+                             "generate call: ids must be unique within a call (should_cancel and the results name "
+                             "requests by them; a prompt without an id takes its index as text)")
+        first[request_id] = i
+
+
 @dataclass
 class RunStats:
     """What the last `generate` call did."""
@@ -221,26 +239,58 @@ class Engine:
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         prompt = request.prompt
-        if is_conversation(prompt):
-            prompt = self.apply_chat_template(prompt)  # type: ignore[arg-type]
-        if isinstance(prompt, str):
+        if isinstance(prompt, str) or is_conversation(prompt):
             if self.tokenizer is None:
                 raise ValueError(f"{self.config.model_path} has no tokenizer.json: pass prompts as token id lists")
-            ids = self.tokenizer.encode(prompt)
-        else:
+            ids = self._encode_text(prompt)  # type: ignore[arg-type]
+        else:  # GenerationRequest let only integers >= 0 through
             ids = [int(t) for t in prompt]
         if not ids:
             raise ValueError(f"request {request.request_id!r} has an empty prompt: give at least one token")
-        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        bad = [(i, t) for i, t in enumerate(ids) if t >= self.model_config.vocab_size]
         if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary of {self.model_config.vocab_size}")
+            raise ValueError(f"prompt token ids {[t for _, t in bad[:5]]} (first at position {bad[0][0]}) are outside "
+                             f"the vocabulary of {self.model_config.vocab_size}")
+        return ids
+
+    def _encode_text(self, prompt: str | list[Message]) -> list[int]:
+        """Token ids of a text or conversation prompt. The text is plain text: special tokens' text
+        in it stays characters unless `EngineConfig.parse_special_tokens`; a conversation's template
+        markers are control tokens, its messages' contents plain text. The mask token never comes
+        out of text: [MASK] marks what is still to be generated, and a prompt is fixed context."""
+        tokenizer, parse = self.tokenizer, self.config.parse_special_tokens
+        assert tokenizer is not None
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt, parse_special_tokens=parse)
+        else:
+            if self.chat_template is None:
+                self.apply_chat_template(prompt)  # raises, saying how to give a template
+            text, spans = self.chat_template.render_with_spans(prompt, add_generation_prompt=True)
+            if spans is None and not parse:
+                smuggled = [(i, tokenizer.special_tokens_in(str(m.get("content", "")))) for i, m in enumerate(prompt)]
+                smuggled = [(i, found) for i, found in smuggled if found]
+                if smuggled:
+                    i, found = smuggled[0]
+                    raise ValueError(
+                        f"chat message {i} holds the text of control tokens {found}, and the chat template in "
+                        f"{self.chat_template.source} does not copy message contents verbatim, so they cannot be "
+                        "kept as plain text: remove them, or set EngineConfig(parse_special_tokens=True) "
+                        "(--parse-special-tokens) to read them as control tokens")
+            ids = tokenizer.encode(text, parse_special_tokens=True, literal_spans=() if parse else spans or ())
+        mask = self.settings.mask_token_id
+        if mask in ids:
+            how = ("parse_special_tokens=True read its text as the control token" if parse
+                   else "the chat template wrote it")
+            raise ValueError(f"the prompt holds the mask token {tokenizer.backend.id_to_token(mask)!r} (id {mask}) at "
+                             f"token {ids.index(mask)} ({how}): [MASK] marks the positions still to be generated and "
+                             "never belongs in a prompt; remove it from the text")
         return ids
 
     def make_sequence(self, request: GenerationRequest) -> SequenceState:
         seq_id = next(self._ids)
         ids = self._encode(request)
         generator = torch.Generator(device="cpu")
-        generator.manual_seed(request.seed)
+        generator.manual_seed(int(request.seed))  # a numpy integer seed as well
         seq = SequenceState(seq_id=seq_id, request=request, prompt_ids=ids,
                             block_size=self.settings.block_size, generator=generator)
         limit = self.model_config.max_position_embeddings
@@ -266,14 +316,39 @@ class Engine:
         with finish_reason "cancelled", and frees its memory at once. A request a failed pass
         touched returns what it had committed with finish_reason "error" and the failure in
         `error`, and the others are served as if nothing had happened (`BlockDiffusionLoop.run`
-        says what can and cannot be isolated); `last_stats` counts both.
+        says what can and cannot be isolated); `last_stats` counts both. A prompt refused before
+        it runs (not integer token ids, empty, characters the tokenizer cannot represent, beyond the
+        model's positions, no chat template) comes back the same way, alone, its reason in `error`;
+        bad `defaults` and request ids given twice refuse the whole call (ValueError).
+        Prompt text is plain text: special tokens written in it stay characters unless
+        `EngineConfig.parse_special_tokens`; result text leaves special tokens out unless
+        `EngineConfig.skip_special_tokens` is False.
         """
-        requests = [p if isinstance(p, GenerationRequest) else GenerationRequest(prompt=p, **defaults)
-                    for p in prompts]
-        requests = [r if r.request_id is not None else replace(r, request_id=str(i)) for i, r in enumerate(requests)]
-        if not requests:
+        prompts = list(prompts)  # walked twice below: an iterator would be empty the second time
+        if defaults:  # a bad default is the call's mistake, not one prompt's: refused for the call
+            GenerationRequest(prompt=[0], **defaults)
+        ids: list[str] = []  # every prompt's request id (its index as text when it names none)
+        refused: dict[int, GenerationResult] = {}  # prompt index -> its error result
+        sequences: list[SequenceState] = []
+        index_of: dict[int, int] = {}  # seq_id -> prompt index
+        for i, p in enumerate(prompts):
+            ids.append(p.request_id if isinstance(p, GenerationRequest) and p.request_id is not None else str(i))
+        if not ids:
             return []
-        sequences = [self.make_sequence(r) for r in requests]
+        check_unique_ids(ids)
+        for i, p in enumerate(prompts):
+            try:  # a bad prompt (floats, bytes, empty, characters the tokenizer lacks, too long) fails alone
+                r = p if isinstance(p, GenerationRequest) else GenerationRequest(prompt=p, **defaults)
+                seq = self.make_sequence(r if r.request_id == ids[i] else replace(r, request_id=ids[i]))
+            except ValueError as err:
+                refused[i] = refused_result(ids[i], err)
+                continue
+            sequences.append(seq)
+            index_of[seq.seq_id] = i
+        if not sequences:
+            results = [refused[i] for i in range(len(ids))]
+            self.last_stats = RunStats(len(results), 0, 0.0, errors=len(results))
+            return results
         self._check_budget(sequences)
         t0 = time.perf_counter()
         batch = min(self.config.max_batch_size, len(sequences))
@@ -303,7 +378,9 @@ class Engine:
         self._close_mode(mode)
         wall = time.perf_counter() - t0
         end = time.perf_counter()  # cancelled and failed requests end when dropped: here, at the latest
-        results = [self._result(s, finish_times.get(s.seq_id, end) - (s.started_at or end)) for s in sequences]
+        results = [refused.get(i) for i in range(len(ids))]
+        for s in sequences:
+            results[index_of[s.seq_id]] = self._result(s, finish_times.get(s.seq_id, end) - (s.started_at or end))
         reasons = [r.finish_reason for r in results]
         self.last_stats = RunStats(len(results), sum(len(r.tokens) for r in results), wall,
                                    cancelled=reasons.count("cancelled"), errors=reasons.count("error"))
@@ -319,7 +396,8 @@ class Engine:
 
     def _result(self, seq: SequenceState, latency: float) -> GenerationResult:
         tokens = seq.generated
-        text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
+        text = "" if self.tokenizer is None else self.tokenizer.decode(
+            tokens, skip_special_tokens=self.config.skip_special_tokens)
         return GenerationResult(
             request_id=seq.request.request_id or str(seq.seq_id),
             prompt_tokens=seq.prompt_len,

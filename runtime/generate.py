@@ -25,6 +25,7 @@ from runtime.attention import AttentionMode, ForwardBatch, Phase, RequestError
 from runtime.cuda_graphs import PassGraphs
 from runtime.decoding import (DecodeSettings, SequenceState, finish_block, next_block_token, propose, propose_greedy,
                               shift_logits, start_block, unmask_rows)
+from runtime.memory import out_of_memory
 from runtime.model import Transformer
 from offload.uploads import upload
 
@@ -282,6 +283,10 @@ class BlockDiffusionLoop:
         remaining requests one by one. An asynchronous kernel error surfaces at the next
         synchronisation, usually when the block's tokens reach the host after its commit was queued,
         and is charged to that pass (sampling rows and threshold unmasking meet it at a step).
+        An allocation failure (CUDA out of memory, host memory, a pinned allocation) is such an
+        exception; its rows' error then says what ran out and how much is free, and the rest of
+        the run admits one sequence fewer at once than the failed pass held, so that the waiting
+        requests are served rather than failing the same way.
         """
         with self._on_compute_stream():
             return self._run(sequences, on_block, should_cancel)
@@ -367,6 +372,9 @@ class BlockDiffusionLoop:
         if isinstance(err, RequestError):  # the mode says which rows; names outside the pass: all of it
             touched = [s for s in touched if s.seq_id in err.seq_ids] or touched
         message = f"{self._where(failed_pass)}: {type(err).__name__}: {err}"
+        ran_out = out_of_memory(err, self.device)
+        if ran_out is not None:
+            message = f"{message}. {self._fit_after_oom(ran_out, len(failed_pass.seq_ids) if failed_pass else 1)}"
         failed_ids = {s.seq_id for s in touched}
         for seq in touched:
             if seq.seq_id in starts:
@@ -382,6 +390,17 @@ class BlockDiffusionLoop:
             starts[seq.seq_id].restore(seq)
         if redo:
             self.mode.restart_block(tuple(s.seq_id for s in redo))
+
+    def _fit_after_oom(self, ran_out: str, rows: int) -> str:
+        """A pass of `rows` rows ran out of memory: the rest of the run admits fewer rows at once,
+        so that the waiting requests are served instead of failing pass after pass; the message
+        says so, and what to configure. A single row that does not fit cannot be helped here."""
+        if rows <= 1:
+            return (f"{ran_out}: even one sequence of this length did not fit the pass; shorten the prompt or "
+                    "max_new_tokens, or free memory")
+        self.max_batch_size = min(self.max_batch_size, rows - 1)
+        return (f"{ran_out}: this run goes on with at most {self.max_batch_size} sequences at once; set "
+                f"max_batch_size={self.max_batch_size} (or shorten the contexts) to stay within memory")
 
     @staticmethod
     def _where(batch: ForwardBatch | None) -> str:

@@ -161,3 +161,23 @@ def check_fits(plan: MemoryPlan, largest: int) -> None:
     hint = (f"at most {largest} such sequences fit" if largest else "not even one such sequence fits")
     raise MemoryError(f"{plan.describe()}: does not fit in {where} memory; {hint}. Lower max_batch_size or the "
                       "context, or use mode='herald' (KV in host memory) or a smaller budget")
+
+
+def out_of_memory(err: BaseException, device: torch.device) -> str | None:
+    """What ran out, if `err` is an allocation failure: a sentence with the memory free now, or None.
+
+    Covers CUDA's OutOfMemoryError, Python's MemoryError and the RuntimeErrors torch raises for a
+    failed host allocation (its CPU allocator) or a failed pinned one (a CUDA out-of-memory error)."""
+    text = str(err)
+    if isinstance(err, torch.OutOfMemoryError):
+        what = "GPU memory"
+    elif isinstance(err, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in text:
+        what = "host memory"
+    elif isinstance(err, RuntimeError) and "CUDA error: out of memory" in text:
+        what = "GPU or pinned host memory"
+    else:
+        return None
+    if device.type == "cuda" and what != "host memory":
+        free, total = torch.cuda.mem_get_info(device)
+        return f"{what} ran out ({free / GiB:.2f} of {total / GiB:.2f} GiB of the GPU free now)"
+    return f"{what} ran out ({psutil.virtual_memory().available / GiB:.2f} GiB of host memory available now)"

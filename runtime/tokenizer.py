@@ -14,6 +14,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, decoders, models
 
+from runtime.config import read_json_file
+
 # Mask tokens of the block-diffusion families (SDAR/TraDo, Fast-dLLM v2, LLaDA) and generic ones,
 # tried in this order when tokenizer_config.json and config.json name none.
 MASK_TOKEN_CANDIDATES = ("<|MASK|>", "<|mask|>", "|<MASK>|", "<|mdm_mask|>", "[MASK]", "<mask>")
@@ -33,10 +35,6 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def _as_id_list(value: Any) -> list[int]:
     if value is None:
         return []
@@ -53,6 +51,7 @@ class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer, config: dict[str, Any] | None = None,
                  model_config: dict[str, Any] | None = None):
         self.backend = backend
+        self._literal: tokenizers.Tokenizer | None = None  # see _literal_backend
         self.config = dict(config or {})
         model_config = model_config or {}
         self.mask_token_id = self._find_mask_id(model_config)
@@ -70,11 +69,16 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"{path} has no tokenizer.json (found: {present}); only fast (tokenizers-library) "
                 "tokenizers are supported: save one with transformers' tokenizer.save_pretrained(path)")
-        model_config = _read_json(path / "config.json")
-        for key, value in _read_json(path / "generation_config.json").items():
+        model_config = read_json_file(path / "config.json", required=False)
+        for key, value in read_json_file(path / "generation_config.json", required=False).items():
             model_config.setdefault(key, value)
-        return cls(tokenizers.Tokenizer.from_file(str(tok_file)), _read_json(path / "tokenizer_config.json"),
-                   model_config)
+        tokenizer_config = read_json_file(path / "tokenizer_config.json", required=False)
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tok_file))
+        except Exception as err:  # the library's message names no file (e.g. "expected value at line 1 column 1")
+            raise ValueError(f"{tok_file} cannot be read as a tokenizer ({err}); the file is damaged or not a "
+                             "tokenizers-library file: replace it with the checkpoint's original") from err
+        return cls(backend, tokenizer_config, model_config)
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
@@ -102,8 +106,87 @@ class Tokenizer:
         """Tokens the tokenizer can emit, added tokens included (the model's vocab may be padded larger)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+    @property
+    def special_tokens(self) -> dict[int, str]:
+        """{id: text} of the special (control) tokens: eos, mask, chat turn markers, ..."""
+        return {i: t.content for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    def special_tokens_in(self, text: str) -> list[str]:
+        """The special tokens whose text occurs in `text`, in vocabulary order."""
+        return [token for token in self.special_tokens.values() if token in text]
+
+    def _literal_backend(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that reads special tokens' text as plain text (`encode_special_tokens`,
+        transformers' split_special_tokens). A copy, not the flag set per call on the shared backend:
+        engines share tokenizers, and a flag left set would change every other caller's encoding."""
+        if self._literal is None:
+            self._literal = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            self._literal.encode_special_tokens = True
+        return self._literal
+
+    def encode(self, text: str, add_special_tokens: bool = False, *, parse_special_tokens: bool = False,
+               literal_spans: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """Token ids of `text`, without loss: text the tokenizer can only map to its unknown token
+        (a character-level vocabulary without byte fallback) is refused, naming the characters.
+
+        parse_special_tokens: False (the default) encodes special tokens' text (`<|endoftext|>`,
+        `<|MASK|>`, ...) as the characters it is made of, so text from a user or a document can
+        never inject a control token; True reads it as the tokens (a chat template's markers).
+        literal_spans: [start, end) character ranges of `text` that stay plain text even when
+        parsing, such as the messages inside a rendered chat template. Where no special token's text
+        occurs inside them, the text is encoded whole (the ids transformers gives); otherwise it is
+        encoded piece by piece, the spans holding special-token text as plain text.
+        """
+        if not text.isascii():
+            try:  # the tokenizers library takes UTF-8 only; its own message ("must be str") names nothing
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"the text holds {text[err.start]!r} (U+{ord(text[err.start]):04X}) at character "
+                                 f"{err.start}, a lone surrogate, which is not Unicode text: decode the source with "
+                                 "errors='replace', or fix it where it was produced") from err
+        if not parse_special_tokens:  # text without any special token's text reads the same either way
+            pieces = [(self._literal_backend() if self.special_tokens_in(text) else self.backend, 0, len(text))]
+        else:
+            risky = sorted((a, b) for a, b in literal_spans if self.special_tokens_in(text[a:b]))
+            pieces, at = [], 0
+            for a, b in risky:
+                if a < at:
+                    raise ValueError(f"literal_spans overlap at character {a}")
+                pieces += [(self.backend, at, a), (self._literal_backend(), a, b)]
+                at = b
+            pieces.append((self.backend, at, len(text)))
+        encodings = [self._encode_checked(backend, text, a, b) for backend, a, b in pieces if b > a]
+        if not encodings:
+            encodings = [self.backend.encode("", add_special_tokens=False)]
+        merged = encodings[0] if len(encodings) == 1 else tokenizers.Encoding.merge(encodings, growing_offsets=True)
+        if add_special_tokens:  # the post-processor's bos/eos go around the whole text, not each piece
+            merged = self.backend.post_process(merged, add_special_tokens=True)
+        return merged.ids
+
+    def _encode_checked(self, backend: tokenizers.Tokenizer, text: str, start: int, end: int) -> tokenizers.Encoding:
+        """backend's encoding of text[start:end], refusing characters that could only become the
+        unknown token (positions are characters of the whole `text`)."""
+        piece = text[start:end]
+        encoding = backend.encode(piece, add_special_tokens=False)
+        unk = self._unk_id()
+        if unk is not None and unk in encoding.ids:
+            unk_text = self.backend.id_to_token(unk)
+            lost = [(a, piece[a:b]) for tid, (a, b) in zip(encoding.ids, encoding.offsets)
+                    if tid == unk and piece[a:b] != unk_text]
+            if lost:
+                shown = ", ".join(f"{chars!r} ({' '.join(f'U+{ord(c):04X}' for c in chars)}) at character "
+                                  f"{start + a}" for a, chars in lost[:8])
+                more = f" and {len(lost) - 8} more" if len(lost) > 8 else ""
+                raise ValueError(
+                    f"the text holds {len(lost)} character(s) this tokenizer cannot represent (it has no byte "
+                    f"fallback: they would all become {unk_text}): {shown}{more}. Remove or replace them; a model "
+                    "trained on this vocabulary has never seen them")
+        return encoding
+
+    def _unk_id(self) -> int | None:
+        """The unknown token's id, where the vocabulary has one (byte-level BPE has none)."""
+        name = getattr(self.backend.model, "unk_token", None) or _token_text(self.config.get("unk_token"))
+        return None if name is None else self.backend.token_to_id(name)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -36,12 +36,12 @@ import torch
 
 from gpu_kernels.merge import block_self_attention, merge_attention_states
 from gpu_kernels.paged_attention import block_attention, paged_attention
-from offload.host_store import HostKVStore
+from offload.host_store import HostKVStore, TransferFault
 from offload.page_fetcher import PageFetcher
 from offload.streams import Streams, make_streams
 from offload.uploads import upload, upload_into
 from runtime.attention import (AttentionMode, DenseAttention, ForwardBatch, Phase, PlannedBuffers, ReplayTables,
-                               masked_attention)
+                               RequestError, masked_attention)
 from runtime.config import ModelConfig, SparseConfig
 from runtime.herald.lookahead import NextSelections
 from runtime.herald.sources import PageScorer
@@ -237,11 +237,12 @@ class HeraldAttention(AttentionMode):
     def replayable(self, batch: ForwardBatch) -> bool:
         """Every pass but prefill: the indices they read were loaded by plan (or by step 0) into
         fixed buffers. Step 0 and the LOOKAHEAD too when selection stays on the GPU (the
-        gpu-compact source)."""
+        gpu-compact source). None while a fault hook is set on the store (tests)."""
         selecting = (batch.phase is Phase.DENOISE and batch.step == 0) or batch.phase is Phase.LOOKAHEAD
         return (self.cuda and self.backend == "triton" and batch.phase is not Phase.PREFILL
                 and (not selecting or self.sparse.source == "gpu-compact")
-                and not self.sparse.check_residency)
+                and not self.sparse.check_residency
+                and self.store.fault_hook is None)  # the test hook runs on the host, every pass
 
     def graph_key(self, batch: ForwardBatch) -> object:
         """What a captured step 0 or LOOKAHEAD bakes in: top-k widths and where selections come from."""
@@ -348,6 +349,19 @@ class HeraldAttention(AttentionMode):
         assert batch is not None, "plan() must precede run()"
         if layer < self.dense_layers:  # resident on the GPU, exact (writes included)
             return self.dense.run(layer, q, k, v)
+        try:
+            return self._run_offloaded(layer, q, k, v)
+        except TransferFault as fault:
+            # only the sequences whose pages the transfer carried fail; the pass's other rows run
+            # their block again from empty partitions (restart_block), so no slot the failed gather
+            # was given is ever read as if it held its page
+            owners = [s for s in self.store.owners(fault.pages) if s in batch.seq_ids]
+            pages = sorted(fault.pages)
+            raise RequestError(owners or batch.seq_ids, f"a transfer failed at layer {layer} for host pages "
+                                                         f"{pages[:8]}{' ...' if len(pages) > 8 else ''}: {fault}") from fault
+
+    def _run_offloaded(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        batch = self.batch
         if batch.phase is Phase.PREFILL:
             out = self._prefill(layer, q, k, v)
         else:

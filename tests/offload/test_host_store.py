@@ -312,3 +312,88 @@ def test_memory_returns_to_baseline_across_requests():
     store.close()
     del store
     assert psutil.Process().memory_info().rss - rss0 < 32 * 2**20  # the 64 MiB of pinned buffers went back
+
+
+LOW_LOCKED_LIMIT = r"""
+import json, sys
+import psutil, torch
+import offload.host_store as hs
+from offload.host_store import HostKVStore
+from runtime import Engine, EngineConfig
+from runtime.config import SparseConfig
+
+out = {"limit": hs.locked_memory_limit()}
+# the CPU path locks no memory: a store and a herald engine run under any limit
+store = HostKVStore(2, 2, 8, 4, 16, dtype=torch.float32, pin_memory=None)
+out["cpu_store_pinned"] = store.pinned
+store.close()
+engine = Engine(EngineConfig(model_path=sys.argv[1], mode="herald", device="cpu", progress=False,
+                             sparse=SparseConfig(source="cpu", budget_fraction=0.5)))
+[result] = engine.generate(["under a low locked-memory limit"], max_new_tokens=4)
+out["served"] = result.finish_reason
+# the pinned path as a GPU machine takes it when the limit makes cudaHostRegister fail: the limit is
+# real, the CUDA answers are stand-ins (cudaErrorMemoryAllocation; this machine has no GPU to ask)
+torch.cuda.is_available = lambda: True
+hs.host_register_error = lambda buf: 2
+rss = psutil.Process().memory_info().rss
+try:
+    HostKVStore(4, 8, 128, 16, 256, dtype=torch.bfloat16, pin_memory=True, huge_pages=False)  # 64 MiB, faulted in
+except MemoryError as err:
+    out["error"] = str(err)
+out["rss_growth"] = psutil.Process().memory_info().rss - rss
+print(json.dumps(out))
+"""
+
+
+def test_a_low_locked_memory_limit_is_named_with_what_fits():
+    """`ulimit -l` lowered in a subprocess: the CPU path is unaffected; a store that cannot be
+    page-locked is refused saying what ran out, under which limit, and how many pages fit; the
+    memory it touched before the refusal goes back."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    command = f"ulimit -l 1024 && exec {sys.executable} -c '{LOW_LOCKED_LIMIT}' {repo / 'checkpoints' / 'tiny-random'}"
+    done = subprocess.run(["bash", "-c", command], cwd=repo, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["limit"] == 1024 * 1024 and not out["cpu_store_pinned"] and out["served"] == "length"
+    page_bytes = 2 * 4 * 8 * 16 * 128 * 2
+    assert (f"HostKVStore could not page-lock 0.06 GiB for 256 pages x 16 tokens: cudaHostRegister failed with CUDA "
+            f"error 2, and torch's pinned allocator failed too") in out["error"]
+    assert (f"The locked-memory limit (ulimit -l) is 1.0 MiB, under which at most {2**20 // page_bytes} pages "
+            f"({2**20 // page_bytes * 16} tokens) fit: raise it (ulimit -l unlimited") in out["error"]
+    assert out["rss_growth"] < 16 * 2**20  # the 64 MiB faulted in for registration went back
+
+
+def test_the_fault_hook_sees_every_transfer_and_a_refused_write_changes_nothing():
+    from offload.host_store import TransferFault
+    from offload.page_fetcher import PageFetcher
+
+    store = _store(num_pages=8, page_size=4)
+    assert store.fault_hook is None  # off unless a test sets it
+    store.allocate("a", 8)
+    store.allocate("b", 8)
+    k = torch.randn(1, 2, 6, 8)
+    seen = []
+
+    def hook(op, layer, pages):
+        seen.append((op, layer, sorted(pages.tolist())))
+        if op == "write" and set(pages.tolist()) & set(store._tables["b"]):
+            raise TransferFault(pages.tolist(), "injected")
+
+    store.fault_hook = hook
+    store.write(0, store.page_tables(["a"]), torch.tensor([1]), k, k)  # positions 1..6: pages 0 and 1 of "a"
+    before = store.k_all.clone()
+    with pytest.raises(TransferFault, match="injected") as err:
+        store.write(0, store.page_tables(["b"]), torch.tensor([2]), k, k)
+    assert torch.equal(store.k_all, before)  # refused before any byte moved
+    assert store.owners(err.value.pages) == ["b"] and store.owners([]) == []
+    fetcher = PageFetcher(store, max_rows=2, capacity=2, device="cpu")
+    entries = torch.tensor([[[0, 1], [1, -1]]], dtype=torch.int32)  # row of "a": head 0 pages 0, 1; head 1 page 1
+    fetcher.fetch(0, torch.tensor([0]), store.page_tables(["a"]), entries)
+    table = store._tables["a"]
+    assert seen == [("write", 0, table[:2]), ("write", 0, store._tables["b"]), ("gather", 0, sorted([*table[:2], table[1]]))]

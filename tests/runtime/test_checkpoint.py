@@ -180,17 +180,19 @@ def test_char_tokenizer_round_trip_and_hf_compatibility(tmp_path):
                                                  unk_token="<|unk|>"))
     assert (tok.vocab_size, tok.mask_token_id, tok.eos_token_ids, tok.pad_token_id) == (8, 1, (0,), 0)
     text = "ab c\ncab<|MASK|>a<|endoftext|>"
-    ids = tok.encode(text)
+    ids = tok.encode(text, parse_special_tokens=True)
     assert ids == [3, 4, 6, 5, 7, 5, 3, 4, 1, 3, 0]
     assert tok.decode(ids) == text
     assert tok.decode(ids, skip_special_tokens=True) == "ab c\ncaba"
-    assert tok.decode(tok.encode("abz")) == "ab<|unk|>"
+    with pytest.raises(ValueError, match=r"1 character\(s\) this tokenizer cannot represent .*'z' \(U\+007A\) at "
+                                         r"character 2"):
+        tok.encode("abz")  # would be "ab<|unk|>": refused, not lost
     with pytest.raises(ValueError, match="must be one of special_tokens"):
         build_char_tokenizer("ab", ["<|endoftext|>"])
 
     tok.save(tmp_path)
     again = Tokenizer.from_dir(tmp_path)
-    assert again.encode(text) == ids and again.mask_token_id == 1
+    assert again.encode(text, parse_special_tokens=True) == ids and again.mask_token_id == 1
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert hf(text, add_special_tokens=False).input_ids == ids

@@ -177,3 +177,65 @@ def test_propose_greedy_equals_propose_row_by_row():
         assert torch.equal(tokens[i], t) and torch.equal(conf[i], c)
     assert torch.equal(logits, before), "the caller's logits stay as they were"
 
+
+
+# Every field of a request is checked where it is written: (field, bad value, what the message says).
+BAD_REQUESTS = [
+    ("max_new_tokens", 1.5, "max_new_tokens=1.5: must be an integer >= 1"),
+    ("max_new_tokens", 0, "max_new_tokens=0: must be an integer >= 1"),
+    ("max_new_tokens", True, "max_new_tokens=True: must be an integer >= 1"),
+    ("max_new_tokens", "8", "max_new_tokens='8': must be an integer >= 1"),
+    ("temperature", float("nan"), "temperature=nan: must be a finite number >= 0"),
+    ("temperature", float("inf"), "temperature=inf: must be a finite number >= 0"),
+    ("temperature", -0.1, "temperature=-0.1: must be a finite number >= 0"),
+    ("temperature", True, "temperature=True: must be a finite number >= 0"),
+    ("top_k", 2.0, "top_k=2.0: must be an integer >= 1, or None"),
+    ("top_k", 0, "top_k=0: must be an integer >= 1, or None"),
+    ("top_p", float("nan"), r"top_p=nan: must be a number in \(0, 1\], or None"),
+    ("top_p", 0.0, r"top_p=0.0: must be a number in \(0, 1\]"),
+    ("top_p", 1.5, r"top_p=1.5: must be a number in \(0, 1\]"),
+    ("seed", 2**64, r"seed=18446744073709551616: must be an integer in \[0, 2\*\*64 - 1 = 18446744073709551615\]"),
+    ("seed", -1, r"seed=-1: must be an integer in \[0, 2\*\*64 - 1"),
+    ("seed", 1.0, r"seed=1.0: must be an integer in \[0, 2\*\*64 - 1"),
+    ("seed", False, r"seed=False: must be an integer"),
+    ("stop_at_eos", 1, "stop_at_eos=1: must be True or False"),
+    ("stop_at_eos", "no", "stop_at_eos='no': must be True or False"),
+    ("request_id", 3, r"request_id=3: must be a str or None \(e.g. str\(3\)\)"),
+    ("prompt", "", "prompt='': is empty"),
+    ("prompt", [], r"prompt=\[\] \(list\): is empty"),
+    ("prompt", b"text", r"prompt=b'text' \(bytes\): bytes are neither text nor token ids: decode them to str first"),
+    ("prompt", bytearray(b"\x01\x02"), r"prompt=bytearray\(b'\\x01\\x02'\) \(bytearray\): bytes are neither text nor token ids"),
+    ("prompt", [1, 2.0, 3], r"prompt: token id 2.0 at position 1 is not an integer >= 0 \(1 such of 3\)"),
+    ("prompt", [1, True], r"prompt: token id True at position 1 is not an integer >= 0"),
+    ("prompt", [1, -4], r"prompt: token id -4 at position 1 is not an integer >= 0"),
+    ("prompt", [1, "2"], r"prompt: token id '2' at position 1 is not an integer >= 0"),
+    ("prompt", [1, float("nan")], r"prompt: token id nan at position 1 is not an integer >= 0"),
+    ("prompt", [1, {"role": "user"}], r"prompt: token id \{'role': 'user'\} \(dict\) at position 1"),
+    ("prompt", 42, r"prompt=42: must be a str, a list of int token ids or a list of chat messages"),
+    ("prompt", torch.tensor([1, 2]), r"prompt=tensor\(\[1, 2\]\) \(Tensor\): must be a str, .* \(an array or tensor of ids: pass ids.tolist\(\)\)"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", BAD_REQUESTS,
+                         ids=[f"{f}={v!r}"[:40] for f, v, _ in BAD_REQUESTS])
+def test_every_request_field_is_checked_naming_field_value_and_range(field, value, message):
+    fields = {"prompt": [1, 2, 3], field: value}
+    with pytest.raises(ValueError, match=rf"^GenerationRequest {message}"):
+        GenerationRequest(**fields)
+
+
+def test_good_requests_pass_and_numpy_integers_count_as_integers():
+    np = pytest.importorskip("numpy")
+    GenerationRequest(prompt=(1, np.int64(2), np.uint8(3)), max_new_tokens=np.int32(4), seed=2**64 - 1, top_k=5,
+                      top_p=np.float32(0.5), temperature=np.float64(0.7), stop_at_eos=np.bool_(False),
+                      request_id="r")
+    GenerationRequest(prompt="text", seed=0, temperature=0)
+    GenerationRequest(prompt=[{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match=r"token id np.float64\(2.0\) \(float64\) at position 0"):
+        GenerationRequest(prompt=[np.float64(2.0)])
+
+
+def test_a_long_prompt_is_quoted_short():
+    with pytest.raises(ValueError) as err:
+        GenerationRequest(prompt=[0.5] * 100_000)
+    assert len(str(err.value)) < 400 and "(100000 such of 100000)" in str(err.value)
