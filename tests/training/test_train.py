@@ -1,6 +1,7 @@
 """Training matches inference: the training forward's logits at a noisy answer block are the
 runtime's cached DENOISE logits for the same block over the same committed context."""
 import json
+import re
 import time
 
 import numpy as np
@@ -275,7 +276,8 @@ def test_minutes_bound_the_whole_run_and_the_summary_says_what_happened(tmp_path
     assert summary["examples"] > 0 and summary["trained_max_context"] in (128, 192)
     assert len(log["snapshots"]) >= 2 and log["evals"]  # (periodic snapshots, if they fitted) + the two final saves
     printed = capsys.readouterr().out
-    assert "[final eval]" in printed and "[level 0/2]" in printed, printed
+    # the level shown first is 0, or a later one where a slow machine spent the training budget before it
+    assert "[final eval]" in printed and re.search(r"\[level [012]/2\]", printed), printed
     saved = json.loads((out / "training_log.json").read_text())
     assert saved["summary"]["finished"] and {"config.json", "model.safetensors", "demo_prompts.json"} <= {
         f.name for f in out.iterdir()}
