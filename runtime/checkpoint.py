@@ -20,9 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from runtime.checkpoint_layout import assemble, disassemble, stored_as, stored_shapes
+from runtime.checkpoint_layout import Piece, assemble, disassemble, shard, stored_as, stored_shapes
 from runtime.config import ModelConfig, read_json_file
 from runtime.model import Transformer, expected_tensor_shapes
+from runtime.parallel import TensorParallel, split_kind
 from runtime.tokenizer import Tokenizer, hf_tokenizer_config
 
 SINGLE_FILE = "model.safetensors"
@@ -218,11 +219,12 @@ def _check_unsupported_features(raw: dict[str, Any], where: Path) -> None:
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype | str | None = None,
-               device: str | torch.device = "cpu") -> tuple[Transformer, ModelConfig]:
+               device: str | torch.device = "cpu", tp: TensorParallel | None = None) -> tuple[Transformer, ModelConfig]:
     """Load a local Hugging Face directory of a supported family into a `Transformer` in eval mode.
 
     dtype None keeps the dtype the embedding is stored in. Parameters come back with
     requires_grad=False (an inference load); training calls `model.requires_grad_(True)`.
+    With `tp`, the rank's shard (runtime/parallel.py): only its slices of the files are read.
     """
     path = Path(path)
     config = ModelConfig.from_dir(path)
@@ -237,20 +239,28 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str | None = None,
             found[name], file_of[name] = info, file
     check_tensors(found, config, where=str(path))
 
-    recipes = stored_as(config, expected_tensor_shapes(config))
+    shapes = expected_tensor_shapes(config)
+    recipes = stored_as(config, shapes)
     embedding = recipes["model.embed_tokens.weight"].pieces()[0].name
+    tp = tp or TensorParallel()
+    if tp.enabled:
+        local = expected_tensor_shapes(config, tp)
+        recipes = shard(recipes, shapes, {name: split_kind(name) for name in local}, tp.rank, tp.world_size)
     target = resolve_dtype(dtype) if dtype is not None else FLOAT_DTYPES[found[embedding][0]]
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config, tp)
     state: dict[str, torch.Tensor] = {}
     with contextlib.ExitStack() as stack:
         handles = {file: stack.enter_context(safe_open(file, framework="pt", device=str(device))) for file in files}
 
-        def read(name: str) -> torch.Tensor:
-            return handles[file_of[name]].get_tensor(name).to(target)
+        def read(piece: Piece) -> torch.Tensor:
+            stored = handles[file_of[piece.name]].get_slice(piece.name)
+            rows = slice(*piece.rows) if piece.rows is not None else slice(None)
+            cols = slice(*piece.cols) if piece.cols is not None else slice(None)
+            return (stored[rows] if piece.cols is None else stored[rows, cols]).to(target)
 
         for name, recipe in recipes.items():
             state[name] = assemble(recipe, read)
@@ -263,11 +273,16 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str | None = None,
 
 
 def random_model(config: ModelConfig, *, dtype: torch.dtype | str = torch.float32,
-                 device: str | torch.device = "cpu", seed: int = 0, std: float = 0.02) -> Transformer:
-    """A model with random weights allocated directly in `dtype` on `device` (speed runs at real geometry)."""
+                 device: str | torch.device = "cpu", seed: int = 0, std: float = 0.02,
+                 tp: TensorParallel | None = None) -> Transformer:
+    """A model with random weights allocated directly in `dtype` on `device` (speed runs at real geometry).
+
+    With `tp`, one rank's shard. Every rank draws the same values for the same seed (its shards
+    have the same shapes), so the replicated tensors (embedding, norms, router, head) agree: the
+    ranks decode alike. The shards are not slices of the unsharded model of that seed."""
     target, device = resolve_dtype(dtype), torch.device(device)
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config, tp)
     state = {name: torch.empty(t.shape, dtype=target, device=device) for name, t in model.state_dict().items()}
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -287,6 +302,8 @@ def save_checkpoint(model: Transformer, model_config_dict: Mapping[str, Any], pa
     `tokenizers.Tokenizer` gets a tokenizer_config.json naming the eos/pad/mask tokens given by
     the config's eos_token_id / pad_token_id / mask_token_id.
     """
+    if model.tp.enabled:
+        raise ValueError("save_checkpoint takes a whole model, not one rank's tensor-parallel shard")
     path = Path(path)
     cfg = dict(model_config_dict)
     if "torch_dtype" not in cfg and "dtype" not in cfg:

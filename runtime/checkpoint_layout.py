@@ -26,10 +26,12 @@ from runtime.config import ModelConfig
 
 @dataclass(frozen=True)
 class Piece:
-    """Rows [start, stop) of stored tensor `name` (all rows when `rows` is None)."""
+    """Rows [start, stop) of stored tensor `name` (all rows when `rows` is None), and columns
+    (dim 1) [start, stop) of them (all when `cols` is None: only a tensor-parallel shard narrows them)."""
 
     name: str
     rows: tuple[int, int] | None = None
+    cols: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,13 +98,45 @@ def stored_shapes(config: ModelConfig, forward_shapes: Mapping[str, tuple[int, .
     return shapes
 
 
-def assemble(recipe: Stored, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """The forward's tensor from the stored ones (`read(name)` gives one)."""
+def assemble(recipe: Stored, read: Callable[[Piece], torch.Tensor]) -> torch.Tensor:
+    """The forward's tensor from the stored ones (`read(piece)` gives a piece's rows and columns)."""
     parts = []
     for part in recipe.parts:
-        pieces = [read(p.name) if p.rows is None else read(p.name)[p.rows[0]:p.rows[1]] for p in part]
+        pieces = [read(p) for p in part]
         parts.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces))
     return torch.stack(parts) if recipe.stacked else parts[0]
+
+
+def shard(recipes: Mapping[str, Stored], shapes: Mapping[str, tuple[int, ...]], kinds: Mapping[str, str],
+          rank: int, world_size: int) -> dict[str, Stored]:
+    """The recipes of one tensor-parallel rank's shard.
+
+    recipes, shapes: the whole model's (`stored_as`, the forward's shapes); kinds: for each tensor
+    the shard holds, "rows" (each piece's rows split in `world_size` chunks: q/k/v, gate/up, so
+    that LLaDA2.0's fused QKV and an expert's gate and up rows each give the rank its heads and
+    its intermediate slice), "cols" (dim 1 of the stored tensor: o_proj, down_proj) or "replicated".
+    """
+    out = {}
+    for name, kind in kinds.items():
+        recipe = recipes[name]
+        if kind == "replicated":
+            out[name] = recipe
+            continue
+        rows_of_forward = shapes[name][1] if recipe.stacked else shapes[name][0]
+        parts = []
+        for part in recipe.parts:
+            pieces = []
+            for piece in part:
+                if kind == "rows":
+                    start, stop = piece.rows or (0, rows_of_forward // len(part))
+                    chunk = (stop - start) // world_size
+                    pieces.append(Piece(piece.name, (start + rank * chunk, start + (rank + 1) * chunk)))
+                else:
+                    chunk = shapes[name][-1] // world_size
+                    pieces.append(Piece(piece.name, piece.rows, (rank * chunk, (rank + 1) * chunk)))
+            parts.append(tuple(pieces))
+        out[name] = Stored(tuple(parts), recipe.stacked)
+    return out
 
 
 def disassemble(recipes: Mapping[str, Stored], state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

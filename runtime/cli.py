@@ -11,6 +11,7 @@ from runtime.config import (ATTENTION_MODES, DECODING_RULES, SELECTION_SOURCES, 
                             SparseConfig)
 from runtime.decoding import GenerationRequest
 from runtime.engine import DEFAULT_MODEL, Engine
+from runtime.parallel import shutdown
 
 DEMO_PROMPTS = [
     "The key to the vault is",
@@ -42,6 +43,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     decoding.add_argument("--keep-special-tokens", action="store_true",
                           help="keep special tokens in the generated text (default: left out)")
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--tensor-parallel-size", type=int, default=None,
+                        help="ranks the model is split over (default: every process of a torchrun launch, else 1); "
+                             "launch: torchrun --nproc-per-node N -m runtime generate ...")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -70,7 +74,7 @@ def _config(args: argparse.Namespace, mode: str | None = None) -> EngineConfig:
         stop_token_ids=tuple(args.stop_token_id) if args.stop_token_id is not None else None,
         chat_template=args.chat_template, parse_special_tokens=args.parse_special_tokens,
         skip_special_tokens=not args.keep_special_tokens, max_batch_size=args.max_batch_size,
-        progress=not args.no_progress, sparse=sparse,
+        progress=not args.no_progress, sparse=sparse, tensor_parallel_size=args.tensor_parallel_size,
     )
 
 
@@ -91,6 +95,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   seed=args.seed + i, request_id=str(i)) for i, p in enumerate(prompts)]
     results = engine.generate(requests)
+    if engine.tp.rank != 0:  # every rank of a tensor-parallel launch has the same results: rank 0 prints them
+        return 0
     for prompt, result in zip(prompts, results):
         if args.json:
             print(json.dumps({"prompt": prompt, **result.__dict__}))
@@ -171,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, FileNotFoundError, MemoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()  # a torchrun launch's process group
 
 
 if __name__ == "__main__":

@@ -497,8 +497,13 @@ class EngineConfig:
     # GPU memory the engine may use in all, weights included (None: whatever is free); e.g. 80 to
     # plan batches on a larger card as on an 80 GB one, or to leave room for other processes
     gpu_memory_gib: float | None = None
+    # ranks the model is split over (runtime/parallel.py; launch with torchrun). None: every process
+    # of the torchrun launch (1 without one); 1: no split, one engine per process even under torchrun
+    tensor_parallel_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size is not None and self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1 (None: torchrun's world)")
         if self.mode not in ATTENTION_MODES:
             raise ValueError(f"mode={self.mode!r}; choose one of {ATTENTION_MODES}")
         if self.attention_backend not in ("auto", *ATTENTION_BACKENDS):

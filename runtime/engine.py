@@ -22,6 +22,7 @@ from runtime.herald import HeraldAttention
 from runtime.memory import MemoryPlan, check_fits, check_weights_fit, gpu_free_bytes, largest_batch, plan_memory
 from runtime.resident_sparse import MageAttention, QuestAttention
 from runtime.model import Transformer, weight_bytes
+from runtime.parallel import check_divisible, setup
 from runtime.tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -128,13 +129,23 @@ class Engine:
     """Loads a checkpoint once; each `generate` call decodes a list of requests as batches."""
 
     def __init__(self, config: EngineConfig, model: Transformer | None = None, tokenizer: Tokenizer | None = None):
-        """Load `config.model_path`, or take an already built `model` (random weights for speed runs)."""
+        """Load `config.model_path`, or take an already built `model` (random weights for speed runs).
+
+        Under torchrun the engine is one rank of a tensor-parallel group (`tensor_parallel_size`,
+        runtime/parallel.py): it loads its shard, and on CUDA runs on the GPU of its local rank."""
         self.device = resolve_device(config.device)
+        self.tp = setup(config.tensor_parallel_size, self.device.type)
+        if self.tp.enabled and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # torchrun's LOCAL_RANK
         self.config = config = config.for_device(self.device)  # device-dependent defaults decided once
         self.dtype = resolve_dtype(config.dtype, self.device)
         path = Path(config.model_path)
         # everything that can refuse the checkpoint or the settings runs before a weight is read
         model_config = ModelConfig.from_dir(path) if model is None else model.config
+        check_divisible(model_config, self.tp.world_size)
+        if model is not None and model.tp.world_size != self.tp.world_size:
+            raise ValueError(f"the model given is split over {model.tp.world_size} ranks, the engine runs "
+                             f"{self.tp.world_size}: build it with random_model(..., tp=TensorParallel(rank, world))")
         if tokenizer is None and (path / "tokenizer.json").is_file():
             tokenizer = Tokenizer.from_dir(path)
         self.tokenizer = tokenizer
@@ -143,8 +154,8 @@ class Engine:
         if model is None:
             if self.device.type == "cuda":
                 free = self._free({}).get("gpu_free", gpu_free_bytes(self.device))
-                check_weights_fit(weight_bytes(model_config, self.dtype), self.dtype, free, str(path))
-            model, _ = load_model(path, dtype=self.dtype, device=self.device)
+                check_weights_fit(weight_bytes(model_config, self.dtype, self.tp.world_size), self.dtype, free, str(path))
+            model, _ = load_model(path, dtype=self.dtype, device=self.device, tp=self.tp)
         self.model, self.model_config = model.eval(), model.config
         # the fused kernels are Triton: CUDA only (the CPU runs the torch layer). Engines sharing a
         # model must not re-concatenate its weights each time: only a change of path does.
@@ -163,7 +174,7 @@ class Engine:
         backend = self.backend
         mode, sparse = self.config.mode, self.config.sparse
         self.check_memory(num_sequences, max_tokens)
-        args = (self.model_config, num_sequences, max_tokens)
+        args = (self.model.local_config, num_sequences, max_tokens)  # the rank's heads and KV heads
         if mode == "dense":
             return DenseAttention(*args, page_size=sparse.page_size, dtype=self.dtype, device=self.device,
                                   backend=backend)
@@ -200,19 +211,24 @@ class Engine:
         """What `num_sequences` sequences of `max_tokens` tokens would take in the configured mode."""
         return plan_memory(self.model_config, self.config.mode, self.config.sparse, num_sequences, max_tokens,
                            self.dtype, self.device, self.settings.block_size, self.config.prefill_chunk_size,
-                           **self._free(free))
+                           tensor_parallel=self.tp.world_size, **self._free(free))
 
     def largest_batch(self, max_tokens: int, **free) -> int:
         """The most sequences of `max_tokens` tokens the configured mode fits in free memory now."""
         return largest_batch(self.model_config, self.config.mode, self.config.sparse, max_tokens, self.dtype,
                              self.device, self.settings.block_size, self.config.prefill_chunk_size,
-                             **self._free(free))
+                             tensor_parallel=self.tp.world_size, **self._free(free))
 
     def check_memory(self, num_sequences: int, max_tokens: int) -> MemoryPlan:
         """Refuse, before allocating, a batch that does not fit (the error says what would)."""
         plan = self.memory_plan(num_sequences, max_tokens)
-        if not plan.fits:
-            check_fits(plan, self.largest_batch(max_tokens))
+        # every rank reads its free memory before any allocates, and all refuse or none does
+        if not self.tp.agree(plan.fits):
+            largest = self.tp.agree(self.largest_batch(max_tokens))
+            if plan.fits:
+                raise MemoryError(f"{plan.describe()}: fits on rank {self.tp.rank}, not on another rank of the "
+                                  f"{self.tp.world_size}; at most {largest} such sequences fit on all of them")
+            check_fits(plan, largest)
         return plan
 
     def _check_budget(self, sequences: list[SequenceState]) -> None:

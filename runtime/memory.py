@@ -19,6 +19,7 @@ import psutil
 import torch
 
 from runtime.config import ModelConfig, SparseConfig
+from runtime.parallel import TensorParallel, local_config
 
 GiB = 2**30
 
@@ -33,6 +34,9 @@ class MemoryPlan:
     host_bytes: int  # pinned host memory (herald)
     gpu_free_bytes: int
     host_free_bytes: int
+    # tensor parallelism: the GPU figures are one rank's; host_bytes counts every rank of the host
+    ranks: int = 1
+    weight_bytes: int = 0  # one rank's weights (resident when the engine plans: not in gpu_bytes)
 
     @property
     def gpu_bytes(self) -> int:
@@ -46,8 +50,10 @@ class MemoryPlan:
         return dict(asdict(self), gpu_bytes=self.gpu_bytes, fits=self.fits)
 
     def describe(self) -> str:
-        return (f"{self.mode}: {self.batch} x {self.max_tokens} tokens needs {self.gpu_bytes / GiB:.2f} GiB on the GPU "
-                f"({self.gpu_free_bytes / GiB:.2f} free) and {self.host_bytes / GiB:.2f} GiB of host memory "
+        gpu = "the GPU" if self.ranks == 1 else f"each of {self.ranks} GPUs (beside {self.weight_bytes / GiB:.2f} GiB of weights)"
+        host = "" if self.ranks == 1 else f", all {self.ranks} ranks"
+        return (f"{self.mode}: {self.batch} x {self.max_tokens} tokens needs {self.gpu_bytes / GiB:.2f} GiB on {gpu} "
+                f"({self.gpu_free_bytes / GiB:.2f} free) and {self.host_bytes / GiB:.2f} GiB of host memory{host} "
                 f"({self.host_free_bytes / GiB:.2f} available)")
 
 
@@ -106,8 +112,15 @@ def gpu_free_bytes(device: torch.device) -> int:
 
 def plan_memory(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int, max_tokens: int,
                 dtype: torch.dtype, device: torch.device, block_size: int, prefill_chunk: int,
-                gpu_free: int | None = None, host_free: int | None = None) -> MemoryPlan:
-    """The footprint of `batch` sequences of up to `max_tokens` tokens in `mode`."""
+                gpu_free: int | None = None, host_free: int | None = None, tensor_parallel: int = 1) -> MemoryPlan:
+    """The footprint of `batch` sequences of up to `max_tokens` tokens in `mode`.
+
+    tensor_parallel: the ranks the model is split over (runtime/parallel.py). Each rank holds its
+    share of the heads and KV heads: the GPU side is one rank's; the host memory of the ranks of
+    one host is one, so the host side counts all of them.
+    """
+    ranks, whole = tensor_parallel, model
+    model = local_config(model, TensorParallel(0, ranks))
     p = sparse.page_size
     tokens = -(-max_tokens // p) * p
     per_token = kv_bytes_per_token(model, dtype)
@@ -132,12 +145,16 @@ def plan_memory(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int,
     host_avail = psutil.virtual_memory().available if host_free is None else host_free
     if gpu_free is None:
         gpu_free = gpu_free_bytes(device)
+    # the allocator fragments a GPU filled with large caches: keep 1% of them free beyond the work estimate
+    work = work_bytes(model, batch, block_size, prefill_chunk, dtype) + gpu_kv // 100
     if not on_gpu:  # one memory: the "GPU" side is host memory too
         host += gpu_kv
         gpu_free = host_avail
-    # the allocator fragments a GPU filled with large caches: keep 1% of them free beyond the work estimate
-    work = work_bytes(model, batch, block_size, prefill_chunk, dtype) + gpu_kv // 100
-    return MemoryPlan(mode, batch, max_tokens, gpu_kv, work, host, gpu_free, host_avail)
+    weights = 0
+    if ranks > 1:
+        from runtime.model import weight_bytes  # runtime.model imports the modes, which import this module
+        weights = weight_bytes(whole, dtype, ranks)[0]
+    return MemoryPlan(mode, batch, max_tokens, gpu_kv, work, host * ranks, gpu_free, host_avail, ranks, weights)
 
 
 def largest_batch(model: ModelConfig, mode: str, sparse: SparseConfig, max_tokens: int, dtype: torch.dtype,

@@ -22,6 +22,7 @@ from gpu_kernels.fused_layer import qk_norm_rope, rms_norm, silu_mul
 from runtime.attention import AttentionMode
 from runtime.config import ModelConfig, RopeConfig
 from runtime.moe import MoeMLP
+from runtime.parallel import TensorParallel, local_config
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
@@ -286,8 +287,9 @@ def layer_mlp(config: ModelConfig, layer: int) -> nn.Module:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, tp: TensorParallel | None = None):
         super().__init__()
+        self.tp = tp or TensorParallel()  # a shard: its attention and MLP outputs are summed over the ranks
         self.self_attn = Attention(config)
         self.mlp = layer_mlp(config, layer)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -295,8 +297,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionMode,
                 layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.tp.all_reduce(self.self_attn(self.input_layernorm(x), cos, sin, attention, layer))
+        return x + self.tp.all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
     def set_fused(self, enabled: bool) -> None:
         self.self_attn.set_fused(enabled)
@@ -310,32 +312,37 @@ class DecoderLayer(nn.Module):
         layer's output h, so each residual add runs inside the RMSNorm that follows it (the next
         layer's input_layernorm, or the final norm).
         """
-        attn = self.self_attn.forward_fused(normed, cos, sin, attention, layer)
+        attn = self.tp.all_reduce(self.self_attn.forward_fused(normed, cos, sin, attention, layer))
         normed, residual = rms_norm(attn, self.post_attention_layernorm.weight,
                                     self.post_attention_layernorm.eps, residual)
-        return rms_norm(self.mlp.forward_fused(normed), next_norm.weight, next_norm.eps, residual)
+        return rms_norm(self.tp.all_reduce(self.mlp.forward_fused(normed)), next_norm.weight, next_norm.eps, residual)
 
 
 class Backbone(nn.Module):
     """The `model.` prefix of Hugging Face's parameter names."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class Transformer(nn.Module):
     """The causal-LM weights of every supported family; the attention pattern comes from the
-    AttentionMode passed in."""
+    AttentionMode passed in.
 
-    def __init__(self, config: ModelConfig):
+    With `tp` (runtime/parallel.py) it is one rank's shard: `config` stays the whole model's,
+    `local_config` the shard's geometry (its heads and KV heads: what its attention mode holds)."""
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         if config.rope.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope type {config.rope.rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
         self.config = config
-        self.model = Backbone(config)
+        self.tp = tp or TensorParallel()
+        self.local_config = local_config(config, self.tp)
+        self.model = Backbone(self.local_config, self.tp)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config)
         self._fused = False
@@ -434,21 +441,23 @@ def init_qwen_weights(module: nn.Module, std: float = 0.02, generator: torch.Gen
             p.normal_(0.0, std, generator=generator)
 
 
-def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of this config must hold, with its shape (lm_head absent when tied)."""
+def expected_tensor_shapes(config: ModelConfig, tp: TensorParallel | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config must hold, with its shape (lm_head absent when tied);
+    with `tp`, the shapes of that rank's shard."""
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config, tp)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight")
     return shapes
 
 
-def weight_bytes(config: ModelConfig, dtype: torch.dtype) -> tuple[int, int]:
-    """(all weights, the routed experts' share of them) in bytes at `dtype`: what loading puts on the GPU."""
+def weight_bytes(config: ModelConfig, dtype: torch.dtype, tensor_parallel: int = 1) -> tuple[int, int]:
+    """(all weights, the routed experts' share of them) in bytes at `dtype`: what loading puts on the
+    GPU (on each GPU of `tensor_parallel`: rank 0's shard, the largest)."""
     elem = torch.empty((), dtype=dtype).element_size()
     total = experts = 0
-    for name, shape in expected_tensor_shapes(config).items():
+    for name, shape in expected_tensor_shapes(config, TensorParallel(0, tensor_parallel)).items():
         size = elem * math.prod(shape)
         total += size
         experts += size if ".mlp.experts." in name else 0

@@ -54,8 +54,10 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, moe: MoeConfig,
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM takes x's device and dtype (CUDA: bf16 only)."""
-    return x.device.type != "cuda" or x.dtype == torch.bfloat16
+    """Whether torch's grouped GEMM takes x's device and dtype (CUDA: bf16 only; the CPU: not fp64)."""
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16
+    return x.dtype != torch.float64
 
 
 def grouped_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,

@@ -115,3 +115,39 @@ def test_weights_count_every_expert():
                                           r"the 24\.0 GiB .* raise gpu_memory_gib"):
         check_weights_fit((total, experts), torch.bfloat16, 24 * 2**30, "llada2-mini")
     check_weights_fit((total, experts), torch.bfloat16, 40 * 2**30, "llada2-mini")
+
+
+@pytest.mark.parametrize("mode", ["dense", "herald"])
+def test_tensor_parallel_plans_one_ranks_gpu_and_every_ranks_host_memory(mode):
+    sparse = SparseConfig().for_device(CUDA)
+    one = plan_memory(QWEN3_8B, mode, sparse, 6, CONTEXT, torch.bfloat16, CUDA, 32, 2048,
+                      gpu_free=200 * GiB, host_free=200 * GiB)
+    four = plan_memory(QWEN3_8B, mode, sparse, 6, CONTEXT, torch.bfloat16, CUDA, 32, 2048,
+                       gpu_free=200 * GiB, host_free=200 * GiB, tensor_parallel=4)
+    # each rank holds 2 of the 8 KV heads: a quarter of every KV byte on its GPU ...
+    assert four.gpu_kv_bytes == one.gpu_kv_bytes // 4
+    # ... and of the host store, which the four ranks of the host hold together: the whole of it
+    assert four.host_bytes == one.host_bytes and (mode == "dense") == (four.host_bytes == 0)
+    assert four.ranks == 4 and one.ranks == 1
+    # the rank's weights: a quarter of the attention and MLP, the embedding and head whole
+    whole = weight_bytes(QWEN3_8B, torch.bfloat16)[0]
+    embed_head = 2 * QWEN3_8B.vocab_size * QWEN3_8B.hidden_size * 2
+    assert four.weight_bytes == weight_bytes(QWEN3_8B, torch.bfloat16, 4)[0]
+    assert four.weight_bytes == pytest.approx(embed_head + (whole - embed_head) / 4, rel=1e-3)
+    assert "each of 4 GPUs" in four.describe() and "all 4 ranks" in four.describe()
+
+
+def test_tensor_parallel_host_memory_is_shared_by_the_ranks():
+    sparse = SparseConfig().for_device(CUDA)
+    per_rank = plan_memory(QWEN3_8B, "herald", sparse, 1, CONTEXT, torch.bfloat16, CUDA, 32, 2048,
+                           gpu_free=80 * GiB, host_free=1000 * GiB, tensor_parallel=2)
+    whole = per_rank.host_bytes  # both ranks' halves of one sequence's KV
+    assert whole == kv_bytes_per_token(QWEN3_8B, torch.bfloat16) * CONTEXT
+    # host memory for 5 sequences of both ranks: 5, whatever the GPUs would take
+    free = dict(gpu_free=80 * GiB, host_free=5 * whole + whole // 2)
+    assert largest_batch(QWEN3_8B, "herald", sparse, CONTEXT, torch.bfloat16, CUDA, 32, 2048,
+                         tensor_parallel=2, **free) == 5
+    # on the CPU the "GPU" side is host memory too: the ranks' KV counts there as well
+    cpu = plan_memory(QWEN3_8B, "dense", sparse, 1, CONTEXT, torch.float32, torch.device("cpu"), 32, 2048,
+                      host_free=1000 * GiB, tensor_parallel=2)
+    assert cpu.host_bytes == 2 * cpu.gpu_kv_bytes == kv_bytes_per_token(QWEN3_8B, torch.float32) * CONTEXT
