@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +22,9 @@ from runtime.generate import BlockDiffusionLoop
 from runtime.herald import HeraldAttention
 from runtime.memory import MemoryPlan, check_fits, check_weights_fit, gpu_free_bytes, largest_batch, plan_memory
 from runtime.resident_sparse import MageAttention, QuestAttention
+from runtime.sampling import SamplingParams, expand_prompts
+from runtime import streaming
+from runtime.streaming import CommitTracker, StreamEvent, sampled_result
 from runtime.model import Transformer, weight_bytes
 from runtime.tokenizer import Tokenizer
 
@@ -100,10 +104,28 @@ class RunStats:
     wall_s: float = 0.0
     cancelled: int = 0  # requests that ended with finish_reason "cancelled"
     errors: int = 0  # ... and with "error" (a pass over them failed; see BlockDiffusionLoop.run)
+    first_block_s: float | None = None  # from the call's start to its first block commit
+    interrupted: bool = False  # a KeyboardInterrupt ended the call (unfinished requests: "cancelled")
 
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+class GenerationResults(list):
+    """What `Engine.generate` returns: the results in prompt order, and `stats`, this call's RunStats."""
+
+    def __init__(self, results: Sequence[GenerationResult], stats: RunStats):
+        super().__init__(results)
+        self.stats = stats
+
+
+def interrupted(sequences: Sequence[SequenceState]) -> None:
+    """A KeyboardInterrupt stopped the loop: the unfinished requests end "cancelled" with what they committed."""
+    for seq in sequences:
+        if seq.finish_reason is None:
+            seq.block = seq.masked = None
+            seq.finish_reason, seq.error = "cancelled", "interrupted (KeyboardInterrupt) before it finished"
 
 
 class Engine:
@@ -136,6 +158,7 @@ class Engine:
         self.last_timeline: list[dict] = []  # herald: per-block selection / transfer / stall
         self.last_occupancy: dict[str, int] = {}  # what the mode still held when the run ended: all 0
         self._ids = itertools.count()
+        self.generate_lock = threading.Lock()  # streaming/async calls and the server take turns on it
         # one set for every mode and loop the engine makes (offload/streams.py says why)
         self.streams: Streams | None = None
         if self.device.type == "cuda":
@@ -254,7 +277,9 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str | list[int] | list[Message] | GenerationRequest],
-                 should_cancel: Callable[[str], bool] | None = None, **defaults) -> list[GenerationResult]:
+                 should_cancel: Callable[[str], bool] | None = None,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 on_commit: Callable[[StreamEvent], None] | None = None, **defaults) -> GenerationResults:
         """Decode every prompt; results come back in the order of `prompts`.
 
         A prompt is text, token ids, a conversation (a list of {"role", "content"} messages, which
@@ -267,7 +292,16 @@ class Engine:
         touched returns what it had committed with finish_reason "error" and the failure in
         `error`, and the others are served as if nothing had happened (`BlockDiffusionLoop.run`
         says what can and cannot be isolated); `last_stats` counts both.
+
+        sampling_params (runtime.sampling.SamplingParams, one or one per prompt) is vLLM's way to
+        say the same for prompts not given as requests, with stop strings, n, logprobs...; n > 1
+        gives n results per prompt in a row, ids "i.k". on_commit(StreamEvent) is called at every
+        block commit with each request's new text (`Engine.stream` is built on it). A
+        KeyboardInterrupt ends the call with every result: the unfinished ones "cancelled"
+        (stats.interrupted). The returned list's `stats` are this call's (`last_stats` too).
         """
+        if sampling_params is not None:
+            prompts = expand_prompts(prompts, sampling_params)
         requests = [p if isinstance(p, GenerationRequest) else GenerationRequest(prompt=p, **defaults)
                     for p in prompts]
         requests = [r if r.request_id is not None else replace(r, request_id=str(i)) for i, r in enumerate(requests)]
@@ -283,9 +317,12 @@ class Engine:
         bar = tqdm(total=total_blocks, unit="block", desc=f"generate [{self.config.mode}]",
                    disable=not self.config.progress, leave=False)
         finish_times: dict[int, float] = {}
+        commits = CommitTracker(self, on_commit)
+        stopped = False
 
         def on_block(rows: list[SequenceState]) -> None:
             bar.update(len(rows))
+            commits(rows)  # stop strings end requests here; streamed text goes out
             now = time.perf_counter()
             for s in rows:
                 if s.finish_reason is not None:
@@ -294,6 +331,9 @@ class Engine:
         try:
             cancel = None if should_cancel is None else (lambda seq: should_cancel(seq.request.request_id))
             loop.run(sequences, on_block, cancel)
+        except KeyboardInterrupt:  # the loop released every running request: keep what they have
+            stopped = True
+            interrupted(sequences)
         except BaseException:
             with contextlib.suppress(Exception):  # a broken device must not hide why the run stopped
                 self._close_mode(mode)
@@ -306,8 +346,12 @@ class Engine:
         results = [self._result(s, finish_times.get(s.seq_id, end) - (s.started_at or end)) for s in sequences]
         reasons = [r.finish_reason for r in results]
         self.last_stats = RunStats(len(results), sum(len(r.tokens) for r in results), wall,
-                                   cancelled=reasons.count("cancelled"), errors=reasons.count("error"))
-        return results
+                                   cancelled=reasons.count("cancelled"), errors=reasons.count("error"),
+                                   first_block_s=None if commits.first_block_at is None else commits.first_block_at - t0,
+                                   interrupted=stopped)
+        for seq, result in zip(sequences, results):  # cancelled and failed requests end their streams here
+            commits.finish(seq, result)
+        return GenerationResults(results, self.last_stats)
 
     def _close_mode(self, mode: AttentionMode) -> None:
         """Keep what the run left behind for inspection (timeline, occupancy), then free the mode."""
@@ -320,7 +364,7 @@ class Engine:
     def _result(self, seq: SequenceState, latency: float) -> GenerationResult:
         tokens = seq.generated
         text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
-        return GenerationResult(
+        result = GenerationResult(
             request_id=seq.request.request_id or str(seq.seq_id),
             prompt_tokens=seq.prompt_len,
             tokens=tokens,
@@ -331,3 +375,18 @@ class Engine:
             latency_s=latency,
             error=seq.error,
         )
+        return sampled_result(result, seq, self.tokenizer)
+
+    def stream(self, prompts: Sequence, **kwargs) -> Iterator[StreamEvent]:
+        """generate(prompts, **kwargs) as an iterator of StreamEvents, each request's new text as its
+        blocks commit (the engine works in a thread meanwhile). Leaving the loop early cancels the
+        requests still running."""
+        return streaming.stream(self, prompts, **kwargs)
+
+    def async_stream(self, prompts: Sequence, **kwargs) -> AsyncIterator[StreamEvent]:
+        """`stream` for asyncio: `async for event in engine.async_stream(prompts, ...)`."""
+        return streaming.async_stream(self, prompts, **kwargs)
+
+    async def async_generate(self, prompts: Sequence, **kwargs) -> GenerationResults:
+        """`generate` for asyncio: awaited without blocking the event loop (calls take turns)."""
+        return await streaming.async_generate(self, prompts, **kwargs)
