@@ -138,6 +138,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from runtime.server import serve
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return serve(args, _make_engine(args))
+
+
+def _server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 calls")
+    parser.add_argument("--max-pending", type=int, default=64, help="requests waiting or running before 503")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    parser.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's positions")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="the largest max_tokens a request may ask")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a batch of prompts on the bundled default model")
     _engine_args(demo)
     demo.set_defaults(func=cmd_demo, max_new_tokens=32)
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the server extra)")
+    _engine_args(serve)
+    _server_args(serve)
+    serve.set_defaults(func=cmd_serve, no_progress=True)
     return parser
 
 
