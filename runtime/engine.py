@@ -323,6 +323,11 @@ class Engine:
         def on_block(rows: list[SequenceState]) -> None:
             bar.update(len(rows))
             commits(rows)  # stop strings end requests here; streamed text goes out
+            early = sum((s.max_tokens - s.prefix_len) // self.settings.block_size - s.blocks_done
+                        for s in rows if s.finish_reason is not None)
+            if early:  # the total counts the blocks that run: a request ending early takes its rest off
+                bar.total -= early
+                bar.refresh()
             now = time.perf_counter()
             for s in rows:
                 if s.finish_reason is not None:
