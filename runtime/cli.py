@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from runtime.config import (ATTENTION_MODES, DECODING_RULES, SELECTION_SOURCES, UNMASKING_SCHEDULES, EngineConfig,
                             SparseConfig)
-from runtime.decoding import GenerationRequest
-from runtime.engine import DEFAULT_MODEL, Engine
+from runtime.decoding import GenerationRequest, GenerationResult
+from runtime.engine import DEFAULT_MODEL, Engine, refused_result
 from runtime.parallel import shutdown
 
 DEMO_PROMPTS = [
@@ -82,33 +85,73 @@ def _make_engine(args: argparse.Namespace) -> Engine:
     return Engine(_config(args))
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt texts, then the lines of --prompts-file (`-`: stdin), blank lines kept: a prompt's
+    id is its index, so a file's ids follow its lines."""
     prompts = list(args.prompt)
     if args.prompts_file:
-        prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        text = sys.stdin.read() if args.prompts_file == "-" else Path(args.prompts_file).read_text()
+        prompts += text.splitlines()
+    return prompts
+
+
+def blank_result(request_id: str) -> GenerationResult:
+    """A blank prompt line's result: an error for that line alone."""
+    return refused_result(request_id, ValueError("the prompt is blank: write text on the line (or remove it)"))
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM stops generate as Ctrl-C does (it then returns what it has) while the block runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompts = read_prompts(args)
     if not prompts:
-        print("error: give --prompt TEXT (repeatable) or --prompts-file FILE", file=sys.stderr)
+        print("error: give --prompt TEXT (repeatable) or --prompts-file FILE (- for stdin)", file=sys.stderr)
         return 2
     engine = _make_engine(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     requests = [GenerationRequest(prompt=[*system, {"role": "user", "content": p}] if args.chat else p,
                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  seed=args.seed + i, request_id=str(i)) for i, p in enumerate(prompts)]
-    results = engine.generate(requests)
+                                  seed=args.seed + i, request_id=str(i)) for i, p in enumerate(prompts) if p.strip()]
+    with sigterm_interrupts():
+        ran = engine.generate(requests) if requests else []
     if engine.tp.rank != 0:  # every rank of a tensor-parallel launch has the same results: rank 0 prints them
         return 0
+    by_id = {r.request_id: r for r in ran}
+    results = [by_id.get(str(i)) or blank_result(str(i)) for i in range(len(prompts))]
+    bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
     for prompt, result in zip(prompts, results):
         if args.json:
             print(json.dumps({"prompt": prompt, **result.__dict__}))
         else:
             print(f"--- [{result.request_id}] {result.finish_reason}, {len(result.tokens)} tokens, "
-                  f"{result.latency_s:.2f} s\n{prompt}\033[1m{result.text}\033[0m")
-        if result.error:
-            print(f"error: request {result.request_id}: {result.error}", file=sys.stderr)
+                  f"{result.latency_s:.2f} s{': ' + result.error if result.error else ''}\n"
+                  f"{prompt}{bold}{result.text}{plain}")
     stats = engine.last_stats
     print(f"{stats.requests} requests, {stats.generated_tokens} tokens in {stats.wall_s:.2f} s "
           f"({stats.tokens_per_s:.1f} tokens/s, mode {args.mode}, device {engine.device})", file=sys.stderr)
-    return 1 if stats.errors else 0  # the others were served; the exit status still says not all were
+    if getattr(ran, "stats", None) is not None and ran.stats.interrupted:
+        print("interrupted: the unfinished requests are written as cancelled", file=sys.stderr)
+        return 130
+    failed = sum(r.finish_reason == "error" for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} requests failed", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _retrieval_demo(args: argparse.Namespace, examples: list[dict]) -> int:
@@ -152,13 +195,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from runtime.server import serve
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return serve(args, _make_engine(args))
+
+
+def _server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 calls")
+    parser.add_argument("--max-pending", type=int, default=64, help="requests waiting or running before 503")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    parser.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's positions")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="the largest max_tokens a request may ask")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="continue prompts with a block-diffusion model")
     _engine_args(gen)
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
-    gen.add_argument("--prompts-file", help="one prompt per line")
+    gen.add_argument("--prompts-file", help="one prompt per line (- reads stdin); a blank line is an error for "
+                                           "that line alone, so ids follow the lines")
     gen.add_argument("--json", action="store_true", help="one JSON object per result")
     gen.add_argument("--chat", action="store_true",
                      help="each prompt is a user message, rendered with the checkpoint's chat template")
@@ -167,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a batch of prompts on the bundled default model")
     _engine_args(demo)
     demo.set_defaults(func=cmd_demo, max_new_tokens=32)
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the server extra)")
+    _engine_args(serve)
+    _server_args(serve)
+    serve.set_defaults(func=cmd_serve, no_progress=True)
     return parser
 
 

@@ -25,6 +25,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from runtime.sampling import SamplingParams, min_p_filter
+
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 
@@ -67,6 +69,9 @@ class GenerationRequest:
     seed: int = 0
     stop_at_eos: bool = True
     request_id: str | None = None
+    # the rest of its sampling parameters (min-p, stop strings and ids, logprobs...): made by
+    # SamplingParams.requests, which copies the fields above from the same object
+    sampling: SamplingParams | None = None
 
     def __post_init__(self) -> None:
         _check_prompt(self.prompt)
@@ -118,11 +123,13 @@ class GenerationResult:
     prompt_tokens: int
     tokens: list[int]
     text: str
-    finish_reason: Literal["eos", "length", "cancelled", "error"]
+    finish_reason: Literal["eos", "stop", "length", "cancelled", "error"]
     blocks: int
     denoising_passes: int
     latency_s: float
     error: str | None = None  # finish_reason "error": what failed (tokens: those committed before it)
+    stop_reason: str | int | None = None  # finish_reason "stop": the stop string or stop token id
+    logprobs: list[float | None] | None = None  # SamplingParams(logprobs=True): one per token
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,8 @@ class SequenceState:
     blocks_done: int = 0
     passes: int = 0
     started_at: float = 0.0
+    stop_reason: str | int | None = None  # finish_reason "stop": the stop string or token id it met
+    logprobs: dict[int, float] | None = None  # SamplingParams.logprobs: position -> chosen token's logprob
 
     @property
     def prompt_len(self) -> int:
@@ -231,11 +240,18 @@ def finish_block(seq: SequenceState, settings: DecodeSettings, next_token: int |
     seq.block = seq.masked = None
     seq.blocks_done += 1
     generated = seq.generated
-    if seq.request.stop_at_eos and settings.eos_token_ids:
+    extra = seq.request.sampling.stop_ids if seq.request.sampling is not None else ()
+    if (seq.request.stop_at_eos and settings.eos_token_ids) or extra:
+        eos = settings.eos_token_ids if seq.request.stop_at_eos else ()
         for i, tok in enumerate(generated):
-            if tok in settings.eos_token_ids:
+            if tok in eos:
                 seq.tokens = seq.tokens[: seq.prompt_len + i]
                 seq.finish_reason = "eos"
+                return
+            if tok in extra:
+                keep = i + 1 if seq.request.sampling.include_stop_str_in_output else i
+                seq.tokens = seq.tokens[: seq.prompt_len + keep]
+                seq.finish_reason, seq.stop_reason = "stop", tok
                 return
     if len(generated) >= seq.request.max_new_tokens:
         seq.tokens = seq.tokens[: seq.prompt_len + seq.request.max_new_tokens]
@@ -270,6 +286,8 @@ def propose(logits: torch.Tensor, request: GenerationRequest, generator: torch.G
         conf, tokens = probs.max(-1)
         return tokens, conf
     logits = _filter_logits(logits / request.temperature, request.top_k, request.top_p)
+    if request.sampling is not None:
+        logits = min_p_filter(logits, request.sampling.min_p)
     probs = logits.softmax(-1)
     tokens = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
     conf = probs.gather(-1, tokens[:, None]).squeeze(-1)

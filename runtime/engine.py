@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +22,9 @@ from runtime.generate import BlockDiffusionLoop
 from runtime.herald import HeraldAttention
 from runtime.memory import MemoryPlan, check_fits, check_weights_fit, gpu_free_bytes, largest_batch, plan_memory
 from runtime.resident_sparse import MageAttention, QuestAttention
+from runtime.sampling import SamplingParams, expand_prompts
+from runtime import streaming
+from runtime.streaming import CommitTracker, StreamEvent, sampled_result
 from runtime.model import Transformer, weight_bytes
 from runtime.parallel import check_divisible, setup
 from runtime.tokenizer import Tokenizer
@@ -119,10 +123,28 @@ class RunStats:
     wall_s: float = 0.0
     cancelled: int = 0  # requests that ended with finish_reason "cancelled"
     errors: int = 0  # ... and with "error" (a pass over them failed; see BlockDiffusionLoop.run)
+    first_block_s: float | None = None  # from the call's start to its first block commit
+    interrupted: bool = False  # a KeyboardInterrupt ended the call (unfinished requests: "cancelled")
 
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+class GenerationResults(list):
+    """What `Engine.generate` returns: the results in prompt order, and `stats`, this call's RunStats."""
+
+    def __init__(self, results: Sequence[GenerationResult], stats: RunStats):
+        super().__init__(results)
+        self.stats = stats
+
+
+def interrupted(sequences: Sequence[SequenceState]) -> None:
+    """A KeyboardInterrupt stopped the loop: the unfinished requests end "cancelled" with what they committed."""
+    for seq in sequences:
+        if seq.finish_reason is None:
+            seq.block = seq.masked = None
+            seq.finish_reason, seq.error = "cancelled", "interrupted (KeyboardInterrupt) before it finished"
 
 
 class Engine:
@@ -165,6 +187,7 @@ class Engine:
         self.last_timeline: list[dict] = []  # herald: per-block selection / transfer / stall
         self.last_occupancy: dict[str, int] = {}  # what the mode still held when the run ended: all 0
         self._ids = itertools.count()
+        self.generate_lock = threading.Lock()  # streaming/async calls and the server take turns on it
         # one set for every mode and loop the engine makes (offload/streams.py says why)
         self.streams: Streams | None = None
         if self.device.type == "cuda":
@@ -320,7 +343,9 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str | list[int] | list[Message] | GenerationRequest],
-                 should_cancel: Callable[[str], bool] | None = None, **defaults) -> list[GenerationResult]:
+                 should_cancel: Callable[[str], bool] | None = None,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 on_commit: Callable[[StreamEvent], None] | None = None, **defaults) -> GenerationResults:
         """Decode every prompt; results come back in the order of `prompts`.
 
         A prompt is text, token ids, a conversation (a list of {"role", "content"} messages, which
@@ -338,8 +363,17 @@ class Engine:
         bad `defaults` and request ids given twice refuse the whole call (ValueError).
         Prompt text is plain text: special tokens written in it stay characters unless
         `EngineConfig.parse_special_tokens`; result text leaves special tokens out unless
-        `EngineConfig.skip_special_tokens` is False.
+        `EngineConfig.skip_special_tokens` is False (or a request's SamplingParams say otherwise).
+
+        sampling_params (runtime.sampling.SamplingParams, one or one per prompt) is vLLM's way to
+        say the same for prompts not given as requests, with stop strings, n, logprobs...; n > 1
+        gives n results per prompt in a row, ids "i.k". on_commit(StreamEvent) is called at every
+        block commit with each request's new text (`Engine.stream` is built on it). A
+        KeyboardInterrupt ends the call with every result: the unfinished ones "cancelled"
+        (stats.interrupted). The returned list's `stats` are this call's (`last_stats` too).
         """
+        if sampling_params is not None:
+            prompts = expand_prompts(prompts, sampling_params)
         prompts = list(prompts)  # walked twice below: an iterator would be empty the second time
         if defaults:  # a bad default is the call's mistake, not one prompt's: refused for the call
             GenerationRequest(prompt=[0], **defaults)
@@ -364,7 +398,7 @@ class Engine:
         if not sequences:
             results = [refused[i] for i in range(len(ids))]
             self.last_stats = RunStats(len(results), 0, 0.0, errors=len(results))
-            return results
+            return GenerationResults(results, self.last_stats)
         self._check_budget(sequences)
         t0 = time.perf_counter()
         batch = min(self.config.max_batch_size, len(sequences))
@@ -374,9 +408,17 @@ class Engine:
         bar = tqdm(total=total_blocks, unit="block", desc=f"generate [{self.config.mode}]",
                    disable=not self.config.progress, leave=False)
         finish_times: dict[int, float] = {}
+        commits = CommitTracker(self, on_commit)
+        stopped = False
 
         def on_block(rows: list[SequenceState]) -> None:
             bar.update(len(rows))
+            commits(rows)  # stop strings end requests here; streamed text goes out
+            early = sum((s.max_tokens - s.prefix_len) // self.settings.block_size - s.blocks_done
+                        for s in rows if s.finish_reason is not None)
+            if early:  # the total counts the blocks that run: a request ending early takes its rest off
+                bar.total -= early
+                bar.refresh()
             now = time.perf_counter()
             for s in rows:
                 if s.finish_reason is not None:
@@ -385,6 +427,9 @@ class Engine:
         try:
             cancel = None if should_cancel is None else (lambda seq: should_cancel(seq.request.request_id))
             loop.run(sequences, on_block, cancel)
+        except KeyboardInterrupt:  # the loop released every running request: keep what they have
+            stopped = True
+            interrupted(sequences)
         except BaseException:
             with contextlib.suppress(Exception):  # a broken device must not hide why the run stopped
                 self._close_mode(mode)
@@ -399,8 +444,12 @@ class Engine:
             results[index_of[s.seq_id]] = self._result(s, finish_times.get(s.seq_id, end) - (s.started_at or end))
         reasons = [r.finish_reason for r in results]
         self.last_stats = RunStats(len(results), sum(len(r.tokens) for r in results), wall,
-                                   cancelled=reasons.count("cancelled"), errors=reasons.count("error"))
-        return results
+                                   cancelled=reasons.count("cancelled"), errors=reasons.count("error"),
+                                   first_block_s=None if commits.first_block_at is None else commits.first_block_at - t0,
+                                   interrupted=stopped)
+        for seq in sequences:  # cancelled and failed requests end their streams here
+            commits.finish(seq, results[index_of[seq.seq_id]])
+        return GenerationResults(results, self.last_stats)
 
     def _close_mode(self, mode: AttentionMode) -> None:
         """Keep what the run left behind for inspection (timeline, occupancy), then free the mode."""
@@ -414,7 +463,7 @@ class Engine:
         tokens = seq.generated
         text = "" if self.tokenizer is None else self.tokenizer.decode(
             tokens, skip_special_tokens=self.config.skip_special_tokens)
-        return GenerationResult(
+        result = GenerationResult(
             request_id=seq.request.request_id or str(seq.seq_id),
             prompt_tokens=seq.prompt_len,
             tokens=tokens,
@@ -425,3 +474,18 @@ class Engine:
             latency_s=latency,
             error=seq.error,
         )
+        return sampled_result(result, seq, self.tokenizer, self.config.skip_special_tokens)
+
+    def stream(self, prompts: Sequence, **kwargs) -> Iterator[StreamEvent]:
+        """generate(prompts, **kwargs) as an iterator of StreamEvents, each request's new text as its
+        blocks commit (the engine works in a thread meanwhile). Leaving the loop early cancels the
+        requests still running."""
+        return streaming.stream(self, prompts, **kwargs)
+
+    def async_stream(self, prompts: Sequence, **kwargs) -> AsyncIterator[StreamEvent]:
+        """`stream` for asyncio: `async for event in engine.async_stream(prompts, ...)`."""
+        return streaming.async_stream(self, prompts, **kwargs)
+
+    async def async_generate(self, prompts: Sequence, **kwargs) -> GenerationResults:
+        """`generate` for asyncio: awaited without blocking the event loop (calls take turns)."""
+        return await streaming.async_generate(self, prompts, **kwargs)

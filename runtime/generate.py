@@ -27,6 +27,7 @@ from runtime.decoding import (DecodeSettings, SequenceState, finish_block, next_
                               shift_logits, start_block, unmask_rows)
 from runtime.memory import out_of_memory
 from runtime.model import Transformer
+from runtime.sampling import suppressed_logits, wants_row_path
 from offload.uploads import upload
 
 
@@ -201,9 +202,13 @@ class BlockDiffusionLoop:
             at = state.index(active)
             block, masked = state.take(state.block, at), state.take(state.masked, at)
             logits = self._forward(Phase.DENOISE, active, block, b, step, state.positions(active, b))
-            tokens, conf = self._proposals(shift_logits(logits, settings), active)
+            logits = shift_logits(logits, settings)
+            tokens, conf = self._proposals(logits, active)
             quota = state.take(state.quota[:, step], at) if settings.unmasking == "fixed" else None
+            before = masked.clone() if any(_wants_logprobs(s) for s in active) else None
             left = unmask_rows(block, masked, tokens, conf, step, settings, quota)
+            if before is not None:
+                self._record_logprobs(active, logits, tokens, before & ~masked)
             if at is not None:  # a subset ran: its rows' new state back into the block's
                 state.block.index_copy_(0, at, block)
                 state.masked.index_copy_(0, at, masked)
@@ -235,9 +240,27 @@ class BlockDiffusionLoop:
         mask = self.settings.mask_token_id
         tokens, conf = propose_greedy(logits, mask)
         for i, seq in enumerate(rows):
-            if seq.request.temperature != 0.0:
-                tokens[i], conf[i] = propose(logits[i], seq.request, seq.generator, mask)
+            if wants_row_path(seq.request):
+                stops = self.settings.eos_token_ids if seq.request.stop_at_eos else ()
+                tokens[i], conf[i] = propose(suppressed_logits(logits[i], seq, stops), seq.request, seq.generator,
+                                             mask)
         return tokens, conf
+
+    def _record_logprobs(self, rows: list[SequenceState], logits: torch.Tensor, tokens: torch.Tensor,
+                         unmasked: torch.Tensor) -> None:
+        """SamplingParams.logprobs: the log-probability (the model's, [MASK] excluded) of each token
+        a step unmasked, kept by absolute position in `seq.logprobs` (a block run again rewrites
+        its positions). logits [N, B, V], tokens [N, B], unmasked [N, B] bool: this step's."""
+        for i, seq in enumerate(rows):
+            if not _wants_logprobs(seq):
+                continue
+            scores = logits[i].float().clone()
+            scores[:, self.settings.mask_token_id] = float("-inf")
+            chosen = scores.log_softmax(-1).gather(-1, tokens[i][:, None].to(scores.device))[:, 0]
+            logprobs = seq.logprobs if seq.logprobs is not None else {}
+            for pos in unmasked[i].nonzero()[:, 0].tolist():
+                logprobs[seq.context_len + pos] = float(chosen[pos])
+            seq.logprobs = logprobs
 
     def _lookahead(self, rows: list[SequenceState], state: "_DeviceBlock", block: torch.Tensor,
                    masked: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -409,6 +432,10 @@ class BlockDiffusionLoop:
         if batch.phase is Phase.DENOISE:
             return f"denoise pass (step {batch.step})"
         return f"{batch.phase.value} pass"
+
+
+def _wants_logprobs(seq: SequenceState) -> bool:
+    return seq.request.sampling is not None and seq.request.sampling.logprobs
 
 
 class _PartClock:

@@ -1,0 +1,166 @@
+"""The OpenAI-compatible server, started for real on loopback and driven by the official
+`openai` client (and raw HTTP for what a client library would not send)."""
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the server tests need the `server`/`test` extra: pip install -e '.[test]'")
+try:  # openai's HTTP library: httpx, or httpx2 in its newer releases
+    import httpx
+except ImportError:
+    httpx = pytest.importorskip("httpx2", reason="needs httpx or httpx2 (comes with openai)")
+pytest.importorskip("fastapi", reason="the server needs the `server` extra (FastAPI, uvicorn)")
+pytest.importorskip("uvicorn", reason="the server needs the `server` extra (FastAPI, uvicorn)")
+
+from runtime import Engine, EngineConfig  # noqa: E402
+from runtime.engine import CHECKPOINTS  # noqa: E402
+from runtime.sampling import SamplingParams  # noqa: E402
+
+TINY = CHECKPOINTS / "tiny-random"
+KEY = "sk-test-key"
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    template = tmp_path_factory.mktemp("chat") / "chat.jinja"
+    template.write_text(TEMPLATE)
+    port = free_port()
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.server", "--model", str(TINY), "--device", "cpu", "--dtype", "float64",
+         "--port", str(port), "--api-key", KEY, "--served-model-name", "tiny", "--chat-template", str(template),
+         "--max-prompt-tokens", "64", "--max-tokens", "1000", "--max-batch-size", "4"],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start: {proc.stdout.read()}")
+        time.sleep(0.2)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def engine(server, tmp_path_factory):
+    return Engine(EngineConfig(model_path=str(TINY), device="cpu", dtype="float64", progress=False))
+
+
+def offline(engine, prompt, n=8):
+    return engine.generate([prompt], sampling_params=SamplingParams(max_new_tokens=n, ignore_eos=True))[0].text
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_completion_matches_offline_generate_streamed_or_not(client, engine):
+    args = dict(model="tiny", prompt="abcdef", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    done = client.completions.create(**args)
+    assert done.choices[0].text == offline(engine, "abcdef")
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 8
+    chunks = list(client.completions.create(stream=True, **args))
+    assert len(chunks) >= 2
+    assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_completion_through_the_template(client, engine):
+    messages = [{"role": "user", "content": "hello"}]
+    done = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    prompt = engine.tokenizer.decode(engine.tokenizer.encode(
+        TEMPLATE.replace("{% for m in messages %}", "").split("{% endfor %}")[0]
+        .replace("{{ m.role }}", "user").replace("{{ m.content }}", "hello") + "<|im_start|>assistant\n"))
+    assert done.choices[0].message.content == offline(engine, prompt)
+    streamed = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                              stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == done.choices[0].message.content
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own(client, engine):
+    prompts = ["abcdef", "hello", "x", "zzz top"]
+    got = {}
+
+    def ask(p):
+        got[p] = client.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0,
+                                           extra_body={"ignore_eos": True}).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {p: offline(engine, p, 6) for p in prompts}
+
+
+def test_n_stop_and_seed_map_onto_sampling_params(client, engine):
+    done = client.completions.create(model="tiny", prompt="abcdef", max_tokens=8, temperature=1.0, seed=4, n=2,
+                                     extra_body={"ignore_eos": True})
+    assert [c.index for c in done.choices] == [0, 1]
+    again = client.completions.create(model="tiny", prompt="abcdef", max_tokens=8, temperature=1.0, seed=4, n=2,
+                                      extra_body={"ignore_eos": True})
+    assert [c.text for c in again.choices] == [c.text for c in done.choices]
+    full = offline(engine, "abcdef")
+    cut = client.completions.create(model="tiny", prompt="abcdef", max_tokens=8, temperature=0, stop=[full[2:4]],
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == full[:full.find(full[2:4])] and cut.choices[0].finish_reason == "stop"
+
+
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(client, server):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="tiny", prompt="a", temperature=-1)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt="a")
+    with pytest.raises(openai.BadRequestError, match="more than this server allows"):
+        client.completions.create(model="tiny", prompt="y" * 100)
+    with pytest.raises(openai.BadRequestError, match="max_tokens=5000"):
+        client.completions.create(model="tiny", prompt="a", max_tokens=5000)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    raw = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
+    assert raw.json()["error"]["type"] == "invalid_request_error"
+    big = httpx.post(f"{server}/v1/completions", content=b" " * (2 << 20), headers={"Authorization": f"Bearer {KEY}"})
+    assert big.status_code == 413
+    assert client.completions.create(model="tiny", prompt="a", max_tokens=4).choices[0].finish_reason
+
+
+def test_a_client_that_disconnects_cancels_its_request(server, client):
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 1000, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
+        first = next(response.iter_lines())
+        assert first.startswith("data: ") and "choices" in json.loads(first[6:])
+    deadline = time.time() + 20
+    while httpx.get(f"{server}/health").json()["pending"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(f"{server}/health").json()["pending"] == 0
+    assert client.completions.create(model="tiny", prompt="a", max_tokens=4).choices[0].text is not None
