@@ -141,6 +141,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"--- [{result.request_id}] {result.finish_reason}, {len(result.tokens)} tokens, "
                   f"{result.latency_s:.2f} s{': ' + result.error if result.error else ''}\n"
                   f"{prompt}{bold}{result.text}{plain}")
+        if result.error:  # also on stderr, for a stdout piped elsewhere
+            print(f"error: request {result.request_id}: {result.error}", file=sys.stderr)
     stats = engine.last_stats
     print(f"{stats.requests} requests, {stats.generated_tokens} tokens in {stats.wall_s:.2f} s "
           f"({stats.tokens_per_s:.1f} tokens/s, mode {args.mode}, device {engine.device})", file=sys.stderr)
