@@ -254,18 +254,15 @@ class Engine:
             check_fits(plan, largest)
         return plan
 
-    def _check_budget(self, sequences: list[SequenceState]) -> None:
-        """A token budget must leave something to select: refuse contexts it would cover whole."""
+    def _check_budget(self, seq: SequenceState) -> None:
+        """A token budget must leave something to select: refuse a request whose context it would cover whole."""
         budget = self.config.sparse.budget_tokens
-        if self.config.mode == "dense" or budget is None:
+        if self.config.mode == "dense" or budget is None or seq.prefix_len > budget:
             return
-        short = [s for s in sequences if s.prefix_len <= budget]
-        if short:
-            s = short[0]
-            raise ValueError(
-                f"budget_tokens={budget} is not smaller than the {s.prefix_len}-token context of request "
-                f"{s.request.request_id or s.seq_id}: lower the budget, give it as budget_fraction, or use "
-                "mode='dense'")
+        raise ValueError(
+            f"budget_tokens={budget} is not smaller than the {seq.prefix_len}-token context of request "
+            f"{seq.request.request_id or seq.seq_id}: lower the budget, give it as budget_fraction, or use "
+            "mode='dense'")
 
     def apply_chat_template(self, messages: list[Message]) -> str:
         """The prompt text of a conversation under the checkpoint's chat template, the assistant's
@@ -387,9 +384,12 @@ class Engine:
             return []
         check_unique_ids(ids)
         for i, p in enumerate(prompts):
-            try:  # a bad prompt (floats, bytes, empty, characters the tokenizer lacks, too long) fails alone
+            # a bad prompt (floats, bytes, empty, characters the tokenizer lacks, too long, shorter than the
+            # token budget) fails alone
+            try:
                 r = p if isinstance(p, GenerationRequest) else GenerationRequest(prompt=p, **defaults)
                 seq = self.make_sequence(r if r.request_id == ids[i] else replace(r, request_id=ids[i]))
+                self._check_budget(seq)
             except ValueError as err:
                 refused[i] = refused_result(ids[i], err)
                 continue
@@ -399,7 +399,6 @@ class Engine:
             results = [refused[i] for i in range(len(ids))]
             self.last_stats = RunStats(len(results), 0, 0.0, errors=len(results))
             return GenerationResults(results, self.last_stats)
-        self._check_budget(sequences)
         t0 = time.perf_counter()
         batch = min(self.config.max_batch_size, len(sequences))
         mode = self.make_mode(batch, max(s.max_tokens for s in sequences))

@@ -241,8 +241,16 @@ def test_below_full_budget_each_mode_reads_the_heavy_pages(monkeypatch, mode, ex
 
 
 def test_token_budget_must_be_smaller_than_the_context(model):
-    with pytest.raises(ValueError, match="budget_tokens=64 is not smaller than the 44-token context"):
-        generate(model, "mage", budget_tokens=64)
+    """Only the request whose context the budget would cover whole is refused; the others run."""
+    tokens, engine = generate(model, "mage", budget_tokens=64)
+    assert [len(t) for t in tokens] == [12, 0, 12]
+    refused = engine.last_stats
+    assert refused.errors == 1
+    config = EngineConfig(model_path="unused", mode="mage", device="cpu", dtype="float64", progress=False,
+                          sparse=SparseConfig(budget_tokens=64, page_size=4, sink_tokens=4, local_window=8))
+    result = Engine(config, model=model).generate([PROMPTS[1]], max_new_tokens=4)[0]
+    assert result.finish_reason == "error"
+    assert "budget_tokens=64 is not smaller than the 44-token context of request 0" in result.error
 
 
 def test_mode_specific_refusals(model):
