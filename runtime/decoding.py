@@ -17,39 +17,20 @@ Nothing here touches attention or the KV cache: `runtime/generate.py` drives the
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from runtime.fields import check_sampling_fields, is_int, refuser, shown
 from runtime.sampling import SamplingParams, min_p_filter
 
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 
 
-def _is_int(value: object) -> bool:
-    """A whole number as Python and numpy write them; bool is refused (True is no token count)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
-def _shown(value: object, limit: int = 60) -> str:
-    """A value as an error message quotes it: its repr, cut short (a prompt may be 128K tokens), and
-    its type where the repr does not say it (a numpy float prints as a plain number)."""
-    text = repr(value)
-    text = text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
-    return text if type(value) in (int, float, str, bool, type(None)) else f"{text} ({type(value).__name__})"
-
-
-def _refuse(field_name: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"GenerationRequest {field_name}={_shown(value)}: {allowed}")
+_refuse = refuser("GenerationRequest")
 
 
 @dataclass(frozen=True)
@@ -75,15 +56,8 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         _check_prompt(self.prompt)
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise _refuse("max_new_tokens", self.max_new_tokens, "must be an integer >= 1")
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise _refuse("temperature", self.temperature, "must be a finite number >= 0 (0: greedy)")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            raise _refuse("top_k", self.top_k, "must be an integer >= 1, or None (no top-k filter)")
-        if self.top_p is not None and (not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0):
-            raise _refuse("top_p", self.top_p, "must be a number in (0, 1], or None (no nucleus filter)")
-        if not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
+        check_sampling_fields(_refuse, self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+        if not is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
             raise _refuse("seed", self.seed, f"must be an integer in [0, 2**64 - 1 = {SEED_MAX}]")
         if not isinstance(self.stop_at_eos, (bool, np.bool_)):
             raise _refuse("stop_at_eos", self.stop_at_eos, "must be True or False")
@@ -109,10 +83,10 @@ def _check_prompt(prompt: object) -> None:
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
         return  # a conversation (runtime.chat.is_conversation): the chat template checks its messages
     # type(t) is int first: a 128K-token prompt pays ~10 ms, not the ABC check per token
-    bad = [(i, t) for i, t in enumerate(prompt) if not (type(t) is int or _is_int(t)) or t < 0]
+    bad = [(i, t) for i, t in enumerate(prompt) if not (type(t) is int or is_int(t)) or t < 0]
     if bad:
         i, t = bad[0]
-        raise ValueError(f"GenerationRequest prompt: token id {_shown(t)} at position {i} is not an integer >= 0 "
+        raise ValueError(f"GenerationRequest prompt: token id {shown(t)} at position {i} is not an integer >= 0 "
                          f"({len(bad)} such of {len(prompt)}); token-id prompts take integer ids only (floats and "
                          "bools are not truncated or converted), text prompts a str")
 

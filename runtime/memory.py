@@ -89,13 +89,12 @@ def work_bytes(model: ModelConfig, batch: int, block_size: int, prefill_chunk: i
     (herald's prefill computes them explicitly); the block pass's fp32 logits.
     """
     elem = torch.empty((), dtype=dtype).element_size()
-    mlp = model.intermediate_size
-    if model.moe is not None:  # each token's k expert rows (input copy, gate/up, product) and the shared MLP
+    mlp = 3 * model.intermediate_size  # gate/up and their product
+    if model.moe is not None:  # each of a token's k expert rows: its input copy, gate/up, product; the shared MLP
         moe = model.moe
-        mlp = max(mlp, moe.experts_per_token * (moe.expert_intermediate_size + model.hidden_size // 3 + 1)
-                  + moe.shared_intermediate_size)
-    per_token = elem * (4 * model.hidden_size + (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
-                        + 3 * mlp)
+        routed = moe.experts_per_token * (3 * moe.expert_intermediate_size + model.hidden_size)
+        mlp = max(mlp, routed + 3 * moe.shared_intermediate_size)
+    per_token = elem * (4 * model.hidden_size + (model.num_heads + 2 * model.num_kv_heads) * model.head_dim + mlp)
     chunk = prefill_chunk * per_token + 4 * 2 * model.num_heads * prefill_chunk * prefill_chunk
     block = batch * block_size * (per_token + 4 * 2 * model.vocab_size)
     return max(chunk, block) + GiB // 2  # allocator slack, kernel workspaces, CUDA graphs' pools

@@ -13,13 +13,13 @@ decoded text after each commit (`match_stop`, `runtime/streaming.py`) and the te
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
+
+from runtime.fields import check_sampling_fields, is_int, is_real, refuser
 
 if TYPE_CHECKING:
     from runtime.decoding import GenerationRequest, SequenceState
@@ -27,16 +27,7 @@ if TYPE_CHECKING:
 SEED_LIMIT = 2**63  # seeds are drawn below this (torch.Generator takes 64 bits)
 
 
-def _int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
-
-
-def _refuse(name: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"SamplingParams {name}={value!r}: {allowed}")
+_refuse = refuser("SamplingParams")
 
 
 @dataclass(frozen=True)
@@ -77,29 +68,22 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(stop) if isinstance(stop, (list, tuple)) else stop)
         ids = self.stop_token_ids
         object.__setattr__(self, "stop_token_ids", tuple(ids) if isinstance(ids, (list, tuple)) else ids)
-        if not _real(self.temperature) or self.temperature < 0:
-            raise _refuse("temperature", self.temperature, "must be a finite number >= 0 (0: greedy)")
-        if self.top_k is not None and (not _int(self.top_k) or self.top_k < 1):
-            raise _refuse("top_k", self.top_k, "must be an integer >= 1, or None (no top-k filter)")
-        if self.top_p is not None and (not _real(self.top_p) or not 0.0 < self.top_p <= 1.0):
-            raise _refuse("top_p", self.top_p, "must be a number in (0, 1], or None (no nucleus filter)")
-        if not _real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+        check_sampling_fields(_refuse, self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+        if not is_real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise _refuse("min_p", self.min_p, "must be a number in [0, 1] (0: no min-p filter)")
-        if not _int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
+        if not is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
             raise _refuse("seed", self.seed, "must be an integer in [0, 2**63)")
-        if not _int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise _refuse("max_new_tokens", self.max_new_tokens, "must be an integer >= 1")
-        if not _int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+        if not is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise _refuse("min_new_tokens", self.min_new_tokens,
                           f"must be an integer in [0, max_new_tokens={self.max_new_tokens}]")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise _refuse("stop", self.stop, "must be a list of non-empty strings")
-        if not isinstance(self.stop_token_ids, tuple) or not all(_int(t) and t >= 0 for t in self.stop_token_ids):
+        if not isinstance(self.stop_token_ids, tuple) or not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise _refuse("stop_token_ids", self.stop_token_ids, "must be a list of integer token ids >= 0")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise _refuse(name, getattr(self, name), "must be True or False")
-        if not _int(self.n) or self.n < 1:
+        if not is_int(self.n) or self.n < 1:
             raise _refuse("n", self.n, "must be an integer >= 1")
 
     @classmethod
