@@ -29,7 +29,7 @@ import sys
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from multiprocessing import get_context
 from typing import Callable, Sequence
 
@@ -71,7 +71,9 @@ class TrainBatch:
 
     input_ids, positions, kind, copy_id, targets: [N, L] int64 (kind: CLEAN / NOISY / PAD; copy_id:
     -1 outside noisy copies; targets: -100 where there is no loss). weights: [N, L] fp32 loss weight
-    per masked position. mask: [N, L, L] bool, True = the query (dim 1) sees the key (dim 2).
+    per masked position. `mask` (built on first use, as it is the one large tensor: 1 GiB per row at
+    32K tokens, which training/attention.py's flex path never builds): [N, L, L] bool, True = the
+    query (dim 1) sees the key (dim 2).
     """
 
     input_ids: torch.Tensor
@@ -80,9 +82,13 @@ class TrainBatch:
     copy_id: torch.Tensor
     targets: torch.Tensor
     weights: torch.Tensor
-    mask: torch.Tensor
+    block_size: int
     real_tokens: int
     masked_tokens: int
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        return training_mask(self.kind, self.positions, self.copy_id, self.block_size)
 
 
 ARRAY_NAMES = ("input_ids", "positions", "kind", "copy_id", "targets", "weights")
@@ -167,17 +173,16 @@ def layout_batch(sequences: Sequence[tuple[list[int], list[int]]], *, block_size
 
 
 def to_device(arrays: dict[str, np.ndarray], block_size: int, device: torch.device | str) -> TrainBatch:
-    """A TrainBatch on `device` from `layout_batch` arrays. The [N, L, L] mask is built there (it is
-    the only large tensor). On CUDA the host arrays are pinned first so the copies do not wait for
-    the GPU to drain the previous step."""
+    """A TrainBatch on `device` from `layout_batch` arrays (its mask is built there when first asked
+    for). On CUDA the host arrays are pinned first so the copies do not wait for the GPU to drain the
+    previous step."""
     dev = torch.device(device)
     pin = dev.type == "cuda"
     t_ = {}
     for name in ARRAY_NAMES:
         host = torch.from_numpy(arrays[name])
         t_[name] = (host.pin_memory() if pin else host).to(dev, non_blocking=pin)
-    mask = training_mask(t_["kind"], t_["positions"], t_["copy_id"], block_size)
-    return TrainBatch(**t_, mask=mask, real_tokens=int((arrays["kind"] != PAD).sum()),
+    return TrainBatch(**t_, block_size=block_size, real_tokens=int((arrays["kind"] != PAD).sum()),
                       masked_tokens=int((arrays["targets"] != -100).sum()))
 
 
@@ -221,6 +226,14 @@ class LayoutSettings:
     pad_multiple: int
     max_rows: int
     encoder: CharEncoder
+    # > 0: rows are padded to a multiple of max(pad_multiple, context // length_buckets) as well, so
+    # a level sees two or three distinct lengths (flex attention compiles a kernel per length)
+    length_buckets: int = 0
+
+    def pad_for(self, context: int) -> int:
+        if self.length_buckets <= 0:
+            return self.pad_multiple
+        return max(self.pad_multiple, context // self.length_buckets)
 
 
 def make_batch_arrays(settings: LayoutSettings, request: BatchRequest) -> dict[str, np.ndarray]:
@@ -235,7 +248,7 @@ def make_batch_arrays(settings: LayoutSettings, request: BatchRequest) -> dict[s
     return layout_batch(pairs, block_size=settings.block_size, mask_token_id=settings.mask_token_id,
                         eos_token_id=settings.eos_token_id, noisy_copies=settings.noisy_copies,
                         generator=np.random.default_rng([settings.seed, request.index]), eps=settings.eps,
-                        loss_weighting=settings.loss_weighting, pad_multiple=settings.pad_multiple)
+                        loss_weighting=settings.loss_weighting, pad_multiple=settings.pad_for(request.context))
 
 
 class BatchSource:

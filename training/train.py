@@ -63,13 +63,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from runtime.attention import MaskedAttention
 from runtime.checkpoint import load_model, save_checkpoint
 from runtime.config import EngineConfig, ModelConfig
 from runtime.engine import Engine, resolve_device
 from runtime.model import Transformer
 from runtime.tokenizer import (EOS_TOKEN, MASK_TOKEN, UNK_TOKEN, Tokenizer, build_char_tokenizer,
                                hf_tokenizer_config)
+from training.attention import TRAINING_ATTENTION, attention_for
 from training.data import (ADVANCE_RULES, CLEAN, NOISY, PAD, BatchRequest, BatchSource, CharEncoder, Curriculum,
                            LayoutSettings, Level, TrainBatch, build_batch, doubling_contexts, layout_batch,
                            make_levels, stage_at, to_device, training_mask)
@@ -136,13 +136,14 @@ def model_config_dict(tokenizer: Tokenizer, *, hidden: int, layers: int, heads: 
     }
 
 
-def batch_loss(model: Transformer, batch: TrainBatch) -> torch.Tensor:
+def batch_loss(model: Transformer, batch: TrainBatch, attention: str = "auto") -> torch.Tensor:
     """Weighted mean cross-entropy over the masked positions of the noisy copies (a scalar).
 
-    Computed over every position with ignore_index, not by boolean selection, so the step never
-    waits for the GPU (selection would need the count on the host).
+    `attention`: training/attention.py's choice (dense mask, or flex attention on CUDA). Computed
+    over every position with ignore_index, not by boolean selection, so the step never waits for
+    the GPU (selection would need the count on the host).
     """
-    logits = model(batch.input_ids, batch.positions, MaskedAttention(batch.mask))
+    logits = model(batch.input_ids, batch.positions, attention_for(batch, attention))
     ce = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=-100,
                          reduction="none")
     w = batch.weights.flatten()
@@ -353,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=float, default=0.02, help="warmup as a fraction of training")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--clip", type=float, default=1.0)
+    g.add_argument("--attention", default="auto", choices=TRAINING_ATTENTION,
+                   help="training attention (training/attention.py): auto = flex attention on CUDA (empty tiles "
+                        "skipped, no [L, L] mask: what makes 16K-32K rows affordable), the dense mask on the CPU")
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-every", type=int, default=50)
     g.add_argument("--eval-every", type=float, default=None,
@@ -462,10 +466,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    flex = args.attention == "flex" or (args.attention == "auto" and device.type == "cuda")
+    if flex and device.type != "cuda":
+        raise ValueError(f"--attention flex trains on CUDA only (torch's flex attention has no backward on {device.type}); "
+                         "use --attention auto or mask there")
+    pad_multiple = 128 if flex else (64 if device.type == "cuda" else 1)  # flex: whole 128-token tiles
     settings = LayoutSettings(seed=args.seed, block_size=args.block_size, mask_token_id=config.mask_token_id,
                               eos_token_id=config.eos_token_ids[0], noisy_copies=args.noisy_copies, eps=args.eps,
-                              loss_weighting=args.loss_weighting, pad_multiple=64 if device.type == "cuda" else 1,
-                              max_rows=args.max_batch, encoder=CharEncoder(tokenizer))
+                              loss_weighting=args.loss_weighting, pad_multiple=pad_multiple,
+                              max_rows=args.max_batch, encoder=CharEncoder(tokenizer),
+                              length_buckets=8 if flex else 0)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     print(f"device {device} ({device_name}), torch {torch.__version__}; model {n_params / 1e6:.2f}M params "
           f"({args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads of {args.head_dim}), "
@@ -571,7 +581,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 group["lr"] = lr
             # bf16 autocast on CUDA (fp32 master weights), plain fp32 on the CPU
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = batch_loss(model, batch)
+                loss = batch_loss(model, batch, args.attention)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)

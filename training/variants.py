@@ -43,6 +43,10 @@ class Variant:
 # adapt positions quickly; the trained length gets a third or more.
 _HOPS = ("--vartrack-any-query", "0.5", "--vartrack-warmup-chain", "1", "2")
 _DEEP = ("--layers", "8")
+# The long-context model's architecture and data (every ruler-* stage: --init-from needs the same shapes)
+_LONG = ("--layers", "8", "--hidden", "512", "--heads", "8", "--kv-heads", "4", "--head-dim", "64", "--intermediate",
+         "1024", "--rope-theta", "500000", "--tasks", "ruler", "--tokens-per-batch", "32768", "--eval-per-task", "16",
+         "--advance-on", "mean")
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("baseline", "scripts/train_gpu.sh's recipe unchanged (6 layers, hidden 256, the even time floor); a "
@@ -95,6 +99,22 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             ("--vartrack-any-query", "0.5", "--max-context", "8192", "--min-context", "4096", "--warmup-tasks",
              "--level-shares", "1", "3", "--lr", "7e-4", "--final-contexts", "8192", "4096", "2048",
              "--final-per-task", "32") + _DEEP),
+    Variant("ruler-4k", "stage 1 of the long-context model (issue 32, checkpoints/retrieval-long): 18.9M "
+            "parameters (8 layers, hidden 512, 8/4 heads of 64, MLP 1024; 37.8 MB in bf16, so the checkpoint "
+            "and the repo together still travel to the device), RoPE theta 500000 (the slowest wavelength, ~2M "
+            "positions, leaves room for 32K+ without rescaling), RULER's 11 tasks, a niah_single_1 warm-up at 512 "
+            "then 512, 1024, 2048, 4096 (shares 1.5/3/1.5/1.5/2.5), 32K tokens per step, lr 1.5e-3",
+            _LONG + ("--max-context", "4096", "--min-context", "512", "--warmup-tasks", "niah_single_1",
+                     "--level-shares", "1.5", "3", "1.5", "1.5", "2.5", "--lr", "1.5e-3",
+                     "--final-contexts", "4096", "2048", "8192")),
+    Variant("ruler-16k-continue", "stage 2: ruler-4k's checkpoint (`-- --init-from DIR`) taken from 4096 to 8192 "
+            "and 16384 tokens (shares 1/2/3; lr 7e-4), flex attention for the long rows",
+            _LONG + ("--max-context", "16384", "--min-context", "4096", "--warmup-tasks", "--level-shares", "1", "2",
+                     "3", "--lr", "7e-4", "--final-contexts", "16384", "8192", "4096", "--final-per-task", "16")),
+    Variant("ruler-32k-continue", "stage 3: on to 32768 tokens (16384/32768, shares 1/3, lr 5e-4; `-- --init-from "
+            "DIR`)",
+            _LONG + ("--max-context", "32768", "--min-context", "16384", "--warmup-tasks", "--level-shares", "1", "3",
+                     "--lr", "5e-4", "--final-contexts", "32768", "16384", "--final-per-task", "16")),
 )}
 DEFAULT_VARIANTS = ("chain",)
 

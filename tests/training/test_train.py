@@ -296,6 +296,12 @@ def test_out_folder_with_foreign_files_is_refused(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
+def test_flex_attention_is_refused_where_it_cannot_train(tmp_path):
+    args = build_parser().parse_args(["--out", str(tmp_path / "x"), "--steps", "1", *TINY_ARGS, "--attention", "flex"])
+    with pytest.raises(ValueError, match="--attention flex trains on CUDA only"):
+        train(args)
+
+
 def test_a_snapshot_at_every_save_interval_leaves_a_loadable_folder(tmp_path):
     out = tmp_path / "ckpt"
     args = build_parser().parse_args(["--out", str(out), "--steps", "3", "--save-every", "1e-6", "--eval-every", "0",

@@ -30,12 +30,16 @@ def test_every_recipe_builds_a_curriculum_and_a_model_that_ships(name):
     levels = make_levels(args.min_context, args.max_context, args.tasks, args.warmup_tasks, options, warmup)
     Curriculum(levels, advance_on=args.advance_on,
                shares=tuple(args.level_shares) if args.level_shares else None)  # shares name every level
-    assert levels[-1].context == args.max_context == (8192 if "--max-context" in variant(name).args else 2048)
+    assert levels[-1].context == args.max_context
+    assert "--max-context" in variant(name).args or args.max_context == 2048
     cfg = model_config_dict(make_tokenizer(), hidden=args.hidden, layers=args.layers, heads=args.heads,
                             kv_heads=args.kv_heads, head_dim=args.head_dim, intermediate=args.intermediate,
                             block_size=args.block_size, rope_theta=args.rope_theta, max_context=args.max_context)
     params = sum(p.numel() for p in Transformer(ModelConfig.from_hf(cfg)).parameters())
-    assert 2 * params < 15 * 2**20  # bf16 weights: under the 20 MB limit and a 16 MiB packed transfer
+    if name.startswith("ruler"):  # the long-context model: 64 MB shipped, and it travels to the device beside the repo
+        assert 2 * params < 40 * 2**20
+    else:  # bf16 weights: under the 20 MB limit and a 16 MiB packed transfer
+        assert 2 * params < 15 * 2**20
 
 
 def test_names_are_checked_and_listed(capsys):
