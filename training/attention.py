@@ -21,12 +21,11 @@ TRAINING_ATTENTION = ("auto", "mask", "flex")
 
 @functools.cache
 def _compiled_flex():
-    """flex_attention compiled once per process. Each distinct padded row length compiles its own
-    kernel, so rows are padded coarsely on this path (LayoutSettings.length_buckets) and dynamo may
-    keep more than its default 8 of them."""
-    import torch._dynamo
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return torch.compile(flex_attention, dynamic=False)
+    """flex_attention compiled once per process. The first row length compiles a static kernel, the
+    second recompiles with the length symbolic (dynamo's automatic dynamic shapes) and later lengths
+    reuse it; rows are still padded coarsely (LayoutSettings.length_buckets) so the block masks,
+    built per batch, come in few shapes."""
+    return torch.compile(flex_attention)
 
 
 def training_block_mask(batch: TrainBatch, compile_mask: bool) -> BlockMask:
