@@ -50,7 +50,7 @@ from runtime.engine import Engine
 from runtime.generate import BlockDiffusionLoop
 from runtime.selection import page_scores_from_tokens, select_pages, select_tokens, selection_queries
 from training.evaluate import add_split_argument
-from training.tasks import TASKS, generate_examples
+from training.tasks import ALL_TASKS, generate_examples
 
 STEP0_VARIANTS = ("mage", "herald-center", "herald-positions", "mage-softmax", "herald-int4", "herald-int8",
                   "herald-split")
@@ -834,7 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint folder")
     p.add_argument("--context", type=int, nargs="+", default=[2048],
                    help="context lengths of the task instances (tokens)")
-    p.add_argument("--task", default="passkey", choices=TASKS)
+    p.add_argument("--task", default="passkey", choices=ALL_TASKS)
     p.add_argument("--examples", type=int, default=1, help="task instances per context")
     add_split_argument(p)
     p.add_argument("--seed", type=int, default=1234)
