@@ -65,8 +65,13 @@ def variants(sources: list[str]) -> list[tuple[str, str, dict]]:
             ("mage", "mage", {}), ("quest", "quest", {})]
     # each source on the synchronous path: the block's pages selected and fetched at its own step 0
     rows += [(f"herald-{s}", "herald", {"source": s, "lookahead": False}) for s in sources]
+    # ... with SparDA's training-free forecast: layer l's queries fetch layer l+1's pages while l attends
+    rows.append(("herald-forecast", "herald", {"source": "gpu-compact", "lookahead": False, "forecast": "next-layer"}))
     # HERALD's overlap: the next block's selection and fetch on a side stream, from this block's draft
     rows.append(("herald-lookahead", "herald", {"source": "gpu-compact", "lookahead": True}))
+    # ... and the forecast for the blocks it did not prepare (the first after a prefill)
+    rows.append(("herald-lookahead-forecast", "herald", {"source": "gpu-compact", "lookahead": True,
+                                                         "forecast": "next-layer"}))
     # the same with the passes at the side stream's priority (the default gives them a higher one)
     rows.append(("herald-lookahead-flat", "herald", {"source": "gpu-compact", "lookahead": True,
                                                      "stream_priority": False}))
@@ -180,9 +185,12 @@ def measure(engine: Engine, context: int, batch: int, blocks: int, seed: int, pr
         row.update(lookahead_ms_per_block=sum(t["lookahead_ms"] for t in side) / len(side) if side else None,
                    stall_ms_per_block=sum(t["lookahead_stall_ms"] for t in side) / len(side) if side else None,
                    pages_prefetched_per_block=sum(t["pages_prefetched"] for t in timeline) / blocks_timed)
+        recalls = [t["forecast_recall"] for t in timeline if t.get("forecast_recall") is not None]
+        row.update(forecast_recall=sum(recalls) / len(recalls) if recalls else None,
+                   pages_forecast_fetched_per_block=sum(t["pages_forecast_fetched"] for t in timeline) / blocks_timed)
         if copy_GBps:
             sync_bytes = sum(t["bytes_fetched"] for t in timeline) / blocks_timed
-            side_bytes = sum(t["bytes_prefetched"] for t in timeline) / blocks_timed
+            side_bytes = sum(t["bytes_prefetched"] + t["bytes_forecast_fetched"] for t in timeline) / blocks_timed
             transfer_ms = (sync_bytes + side_bytes) / (copy_GBps * 1e6)
             exposed_ms = sync_bytes / (copy_GBps * 1e6) + (row["stall_ms_per_block"] or 0.0)
             row.update(transfer_ms_est=transfer_ms,
@@ -213,7 +221,8 @@ def add_floor(row: dict, engine: Engine, hbm_GBps: float | None, copy_GBps: floa
     config, settings = engine.config, engine.settings
     fetch_fraction = 1.0
     if row.get("pages_selected_per_block"):
-        fetched = row["pages_fetched_per_block"] + row.get("pages_prefetched_per_block", 0.0)
+        fetched = (row["pages_fetched_per_block"] + row.get("pages_prefetched_per_block", 0.0)
+                   + row.get("pages_forecast_fetched_per_block", 0.0))
         fetch_fraction = min(1.0, fetched / row["pages_selected_per_block"])
     lookahead = config.mode == "herald" and bool(config.sparse.lookahead)
     block = block_bytes(engine.model_config, config.mode, config.sparse, row["batch"], row["context"],
@@ -276,7 +285,7 @@ def print_table(rows: list[dict], summary: dict, meta: dict) -> None:
             f"{'mean ms':>8} {'floor ms':>8} {'of floor':>8} "
             f"{'step0':>6} {'steps':>6} {'commit':>6} "
             f"{'GPU GiB':>7} {'host GiB':>8} {'fetch ms':>8} {'GB/s':>6} {'fetched':>7} {'select ms':>9} "
-            f"{'ahead':>6} {'stall':>6} {'hidden':>6} {'e2e':>6}")
+            f"{'ahead':>6} {'stall':>6} {'hidden':>6} {'e2e':>6} {'fcast':>6}")
     print(head)
     for r in rows:
         if "error" in r:
@@ -291,8 +300,9 @@ def print_table(rows: list[dict], summary: dict, meta: dict) -> None:
             stall = "-" if r.get("stall_ms_per_block") is None else f"{r['stall_ms_per_block']:.1f}"
             hidden = "-" if r.get("transfer_hidden_events") is None else f"{100 * r['transfer_hidden_events']:.0f}%"
             e2e = "-" if r.get("transfer_hidden_e2e") is None else f"{100 * r['transfer_hidden_e2e']:.0f}%"
+            fcast = "-" if r.get("forecast_recall") is None else f"{100 * r['forecast_recall']:.0f}%"
             extra = (f" {fetch_ms:>8} {gbps:>6} {100 * share:>6.0f}% "
-                     f"{r['select_host_ms_per_block']:>9.1f} {ahead:>6} {stall:>6} {hidden:>6} {e2e:>6}")
+                     f"{r['select_host_ms_per_block']:>9.1f} {ahead:>6} {stall:>6} {hidden:>6} {e2e:>6} {fcast:>6}")
         floor = "-" if r.get("floor_ms") is None else f"{r['floor_ms']:.1f}"
         of_floor = "-" if r.get("floor_share") is None else f"{100 * r['floor_share']:.0f}%"
         print(f"{r['label']:>17} {r['context']:>7} {r['batch']:>5} {r['tokens_per_s']:>8.1f} "
@@ -314,7 +324,8 @@ def print_table(rows: list[dict], summary: dict, meta: dict) -> None:
           "beside the block's steps); stall: ms the main stream waited for it; hidden: share of the "
           f"transfer time (bytes at the measured {meta.get('pinned_copy_GBps') or 0:.1f} GB/s pinned copy) hidden "
           "by events (step-0 fetches and stalls exposed); e2e: hidden end to end (1 - (block time - block time of "
-          "the same run moving no byte) / transfer time).")
+          "the same run moving no byte) / transfer time); fcast: share of each layer's step-0 selection the "
+          "layer before had forecast and fetched beside its attention (SparseConfig.forecast).")
     print("\nherald at its best batch:")
     for e in summary["ratios"]:
         dense = (f"{e['over_dense_best']:.2f}x {e['dense_label']} (batch {e['dense_batch']})"

@@ -141,6 +141,13 @@ class PageFetcher:
             caller.wait_stream(self.gather_stream)
             self._side_inputs.clear()
 
+    def join_side_fetches(self) -> None:
+        """Order the caller's stream after every side fetch issued so far: the slots they fill are
+        read next (herald's forecast, one layer after it was issued)."""
+        if self.gather_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.gather_stream)
+        self._side_inputs.clear()
+
     def abandon_side_fetches(self) -> None:
         """A side pass was cut short (a fault): drop what its gathers were holding."""
         self._side_inputs.clear()

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 ATTENTION_MODES = ("dense", "mage", "quest", "herald")
 SELECTION_SOURCES = ("gpu-exact", "cpu", "gpu-compact", "split")
+# herald's step-0 forecast of the next layer's pages (SparDA's, training-free): off | next-layer
+FORECASTS = ("off", "next-layer")
 SELECTION_QUERIES = ("mean", "center", "positions")
 GRANULARITIES = ("page", "token")
 ATTENTION_BACKENDS = ("torch", "triton")
@@ -394,6 +396,11 @@ class SparseConfig:
     # herald + lookahead: the most programs (SMs) its gathers hold beside the block's steps; each one
     # is an SM the passes lose while the transfer runs. None: offload.page_fetcher.DEFAULT_FETCH_PROGRAMS
     lookahead_fetch_programs: int | None = None
+    # herald, at a step 0 that selects by scanning (lookahead off, or a block the lookahead did not
+    # prepare): "next-layer" scores layer l's selection queries against layer l+1's keys as well, and
+    # fetches those pages on the gather stream while layer l attends (SparDA's training-free forecast).
+    # Layer l+1 still attends to its own exact selection; the forecast only decides what moves early.
+    forecast: str = "off"
     # herald's host KV store on 2 MiB transparent huge pages where the OS grants them (offload/host_store.py)
     host_huge_pages: bool = True
     # herald: False launches every gather with its units as holes, so no byte crosses PCIe while
@@ -434,7 +441,8 @@ class SparseConfig:
             raise ValueError(f"page_size={self.page_size} must be a power of two (the kernels tile by it)")
         for name, value, allowed in (("granularity", self.granularity, GRANULARITIES),
                                      ("query", self.query or "mean", SELECTION_QUERIES),
-                                     ("source", self.source, SELECTION_SOURCES)):
+                                     ("source", self.source, SELECTION_SOURCES),
+                                     ("forecast", self.forecast, FORECASTS)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; choose one of {allowed}")
         if self.sink_tokens < 0 or self.local_window < 0:

@@ -130,8 +130,8 @@ def plan_memory(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int,
             gpu_kv += batch * (tokens // p) * 2 * model.num_layers * model.num_kv_heads * model.head_dim * 4
     elif mode == "herald":
         host = batch * tokens * per_token
-        # the lookahead fills a second set of page slots while the first is read
-        sets = 2 if sparse.lookahead_resolved() else 1
+        # the lookahead (or the forecast) fills a second set of page slots while the first is read
+        sets = 2 if sparse.lookahead_resolved() or sparse.forecast != "off" else 1
         slots = batch * model.num_kv_heads * selected_pages_bound(sparse, max_tokens) * sets
         gpu_kv = slots * p * per_token // model.num_kv_heads
         gpu_kv += batch * tokens * per_token * sparse.dense_layers // model.num_layers  # exact layers stay on the GPU

@@ -88,6 +88,7 @@ class HeraldAttention(AttentionMode):
         self.sparse, self.device, self.backend = sparse, device, backend
         self.cuda = device.type == "cuda"
         self.wants_lookahead = sparse.lookahead_resolved()
+        self.forecasting = sparse.forecast != "off"
         self.scale = model.head_dim ** -0.5
         self.query = sparse.selection_query("herald")
         self.num_layers, self.num_kv_heads = model.num_layers, model.num_kv_heads
@@ -101,18 +102,20 @@ class HeraldAttention(AttentionMode):
                                  pin_memory=self.cuda, reserve_bytes=reserve_host_bytes,
                                  huge_pages=sparse.host_huge_pages, progress=progress)
         self.lookahead_stream = None
-        if self.cuda and self.wants_lookahead:
+        if self.cuda and (self.wants_lookahead or self.forecasting):
             streams = streams if streams is not None else make_streams(device)
-            self.lookahead_stream = streams.lookahead
+            self.lookahead_stream = streams.lookahead if self.wants_lookahead else None
         self.fetcher = self.scorer = self.dense = None
         try:
             if self.dense_layers:
                 self.dense = DenseAttention(replace(model, num_layers=self.dense_layers), max_sequences, self.max_tokens, p,
                                             dtype, device, backend)
-            # the lookahead fetches the next block's pages while this block's stay in use: two sets
-            capacity = self.max_selected * (2 if self.wants_lookahead else 1)
-            gather_stream = streams.gather if self.lookahead_stream is not None and sparse.lookahead_gather_stream \
-                else None
+            # the lookahead fetches the next block's pages while this block's stay in use, the forecast
+            # a layer's pages while the last block's stay in place for its exact selection: two sets
+            capacity = self.max_selected * (2 if self.wants_lookahead or self.forecasting else 1)
+            gather_stream = None
+            if self.cuda and (self.forecasting or (self.wants_lookahead and sparse.lookahead_gather_stream)):
+                gather_stream = streams.gather
             self.fetcher = PageFetcher(self.store, max_sequences, capacity, device, gather_stream=gather_stream,
                                        side_programs=sparse.lookahead_fetch_programs, move_pages=sparse.move_pages)
             self.scorer = PageScorer(self.store, sparse, self.scale, device)
@@ -138,7 +141,8 @@ class HeraldAttention(AttentionMode):
         self.next_selections = NextSelections(model.num_layers, model.num_kv_heads, self.max_selected,
                                               self.pages_per_seq, sparse, device)
         unit_bytes = 2 * p * model.head_dim * dtype.itemsize
-        self.stats = BlockTimeline(unit_bytes, device)
+        self.stats = BlockTimeline(unit_bytes, model.num_layers, device)
+        self._forecasts: dict[int, torch.Tensor] = {}  # layer -> the pages the layer before forecast for it
         self._side_start: torch.cuda.Event | None = None  # the lookahead in flight: when it started
 
     # ------------------------------------------------------------------------------------------
@@ -314,6 +318,7 @@ class HeraldAttention(AttentionMode):
         self._selection_plan = self._selection_plans[n].copy_(fresh)
         self._tables = self._block_tables.load(n, self._selection_id, lambda: [None] * self.num_layers)
         self._use_next, self._every_row = self.next_selections.take(batch)
+        self._forecasts.clear()  # an aborted block's, if any
         self._step0_key = (fresh.width, *self.next_selections.key)
         self.stats.start_block(n, int(batch.context_lens.sum()), self.replayable(batch))
 
@@ -453,6 +458,10 @@ class HeraldAttention(AttentionMode):
                                               (scanned.entries >= 0).sum())
         self.stats.selected()
         buf = self._buf
+        forecast = self._forecasts.pop(layer, None)
+        if forecast is not None:  # its gather (beside the last layer's attention) lands before these slots are read
+            self.fetcher.join_side_fetches()
+            self.stats.count_forecast(layer, _shared_pages(forecast, selection.entries), (selection.entries >= 0).sum())
         # step 0 waits for these pages: every SM may fetch (the side-program cap is the lookahead's)
         slot_table, fetched = self.fetcher.fetch(layer, buf.rows, buf.store_table, selection.entries,
                                                  timed=self.stats.fetch_events)
@@ -460,10 +469,25 @@ class HeraldAttention(AttentionMode):
         if self.sparse.check_residency:
             self._check_entries[layer] = selection.entries.cpu()
         table_buf, len_buf = self._tables[layer]
+        if self.forecasting and not self._use_next and layer + 1 < self.num_layers:
+            self._forecast_next_layer(layer + 1, q_sel)
         width = selection.entries.shape[-1]
         table_buf[..., width:].fill_(-1)
         table_buf[..., :width].copy_(slot_table)
         len_buf.copy_(selection.kv_len)
+
+    def _forecast_next_layer(self, layer: int, q_sel: torch.Tensor) -> None:
+        """SparDA's training-free forecast, at step 0 of layer - 1: that layer's selection queries
+        scored against `layer`'s keys select the pages `layer` will probably need, and their misses
+        are gathered on the gather stream while layer - 1 attends. Its slot table still names the
+        last block's pages there (this block's is written after the forecast), and they are kept
+        too, since `layer`'s exact selection will mostly be them again."""
+        forecast = select_pages(self.scorer.scores(layer, q_sel), None, self.sparse, self._selection_plan)
+        last_block_slots, _ = self._tables[layer]
+        _, fetched = self.fetcher.fetch(layer, self._buf.rows, self._buf.store_table, forecast.entries,
+                                        protect=last_block_slots, side=True)
+        self.stats.count_forecast_fetch(fetched)
+        self._forecasts[layer] = forecast.entries
 
     def _prefetch_next(self, layer: int, q: torch.Tensor) -> None:
         """LOOKAHEAD, one layer: select the next block's pages from the queries of its all-[MASK]

@@ -11,16 +11,18 @@ import time
 import torch
 
 # what the device counters hold, in order
-_SELECTED, _FETCHED, _PREFETCHED, _DRAFT_SHARED, _STEP0_SELECTED = range(5)
+_SELECTED, _FETCHED, _PREFETCHED, _DRAFT_SHARED, _STEP0_SELECTED, _FORECAST_FETCHED = range(6)
 
 
 class BlockTimeline:
     """One entry per block (see `entries`). unit_bytes: bytes of one (page, KV head) unit, K and V."""
 
-    def __init__(self, unit_bytes: int, device: torch.device):
+    def __init__(self, unit_bytes: int, num_layers: int, device: torch.device):
         self.unit_bytes, self.device = unit_bytes, device
         self.cuda = device.type == "cuda"
-        self.counters = torch.zeros(5, dtype=torch.int64, device=device)
+        self.counters = torch.zeros(6, dtype=torch.int64, device=device)
+        # per layer: pages of its exact step-0 selection the layer before forecast, and pages selected
+        self.forecast_counters = torch.zeros(num_layers, 2, dtype=torch.int64, device=device)
         self._entries: list[dict] = []
         self._closed: list[dict] = []  # blocks whose counters are still on their way to the host
         self._block: dict = {}
@@ -38,7 +40,16 @@ class BlockTimeline:
 
     def count_draft_recall(self, shared: torch.Tensor, selected: torch.Tensor) -> None:
         """Pages the block's own step-0 queries select (`selected`), of them `shared` the draft chose."""
-        self.counters[_DRAFT_SHARED:] += torch.stack([shared, selected])
+        self.counters[_DRAFT_SHARED:_STEP0_SELECTED + 1] += torch.stack([shared, selected])
+
+    def count_forecast_fetch(self, fetched: torch.Tensor) -> None:
+        """A forecast for the next layer: pages gathered beside this layer's attention."""
+        self.counters[_FORECAST_FETCHED] += fetched
+
+    def count_forecast(self, layer: int, shared: torch.Tensor, selected: torch.Tensor) -> None:
+        """Step 0 of `layer`: pages its exact selection lists (`selected`), of them `shared` the
+        forecast made at the layer before had chosen."""
+        self.forecast_counters[layer] += torch.stack([shared, selected])
 
     def selecting(self) -> None:
         """The host starts a layer's selection (host time, for the cpu sources' scans)."""
@@ -66,6 +77,7 @@ class BlockTimeline:
         """A block's step 0 begins: close the last one and zero the counters behind it."""
         self.finish_block()
         self.counters.zero_()
+        self.forecast_counters.zero_()
         self._block = dict(rows=rows, context=context, select_host_ms=0.0, events=[], replayed=replayed)
 
     def finish_block(self) -> None:
@@ -75,12 +87,13 @@ class BlockTimeline:
             return
         self._block = {}
         if self.cuda:
-            block["counters"] = torch.empty(self.counters.shape, dtype=self.counters.dtype, pin_memory=True)
-            block["counters"].copy_(self.counters, non_blocking=True)
+            for name in ("counters", "forecast_counters"):
+                block[name] = torch.empty(getattr(self, name).shape, dtype=torch.int64, pin_memory=True)
+                block[name].copy_(getattr(self, name), non_blocking=True)
             block["copied"] = torch.cuda.Event()
             block["copied"].record()
         else:
-            block["counters"] = self.counters.clone()
+            block["counters"], block["forecast_counters"] = self.counters.clone(), self.forecast_counters.clone()
         self._closed.append(block)
         self._record_closed(wait=False)
 
@@ -88,7 +101,7 @@ class BlockTimeline:
         """Every block's entry (the open one closed first): rows, context tokens, host time of the
         selection at step 0 (scans included for the cpu sources), GPU time of the fetches, pages
         selected and fetched; with the lookahead, the GPU time of its side pass and how long the
-        main stream stalled for it."""
+        main stream stalled for it; with the forecast, its recall (overall and per layer)."""
         self.finish_block()
         self._record_closed(wait=True)
         return self._entries
@@ -107,7 +120,9 @@ class BlockTimeline:
                     return
                 block["copied"].synchronize()  # the side pass and the fetches' events are done too
             self._closed.pop(0)
-            selected, fetched, prefetched, shared, exact = block["counters"].tolist()
+            selected, fetched, prefetched, shared, exact, forecast_fetched = block["counters"].tolist()
+            forecast_hits, forecast_of = block["forecast_counters"].sum(0).tolist()
+            by_layer = [hits / of if of else None for hits, of in block["forecast_counters"].tolist()]
             lookahead_ms = stall_ms = None
             if "side_events" in block:
                 start, side_done, main_ready = block["side_events"]
@@ -126,4 +141,9 @@ class BlockTimeline:
                 # GPU time of the LOOKAHEAD side pass (compute, scan and gather), and of it the time the
                 # main stream waited at the commit: the part of the prefetch not hidden
                 lookahead_ms=lookahead_ms, lookahead_stall_ms=stall_ms,
+                # share of the pages each layer's exact step-0 selection lists that the layer before
+                # had forecast and fetched early (SparseConfig.forecast); None where none was made
+                forecast_recall=forecast_hits / forecast_of if forecast_of else None,
+                pages_forecast_fetched=forecast_fetched, bytes_forecast_fetched=forecast_fetched * self.unit_bytes,
+                forecast_recall_by_layer=by_layer,
             ))

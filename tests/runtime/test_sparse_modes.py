@@ -344,6 +344,36 @@ def test_cuda_lookahead_gathers_land_before_the_next_block_reads_them(cuda_model
 
 
 @pytest.mark.gpu
+def test_cuda_forecast_gathers_land_before_the_next_layer_reads_them(cuda_model, monkeypatch):
+    """The forecast's gathers run on the gather stream beside the layer's attention, and the next
+    layer's step 0 joins them before its fetch: with that stream made to sleep ~25 ms before every
+    step 0, a missing join would let attention read slots the directory names but nothing has
+    written yet. Tokens, eager and replayed from graphs, are those without the forecast, and its
+    recall is reported."""
+    from runtime.herald import HeraldAttention
+
+    plan, delayed = HeraldAttention.plan, []
+
+    def late_gathers(self, batch):
+        plan(self, batch)
+        if batch.phase is Phase.DENOISE and batch.step == 0 and self.fetcher.gather_stream is not None:
+            with torch.cuda.stream(self.fetcher.gather_stream):
+                torch.cuda._sleep(50_000_000)
+            delayed.append(batch.seq_ids)
+
+    monkeypatch.setattr(HeraldAttention, "plan", late_gathers)
+    for graphs in (False, True):
+        extra = dict(graphs=graphs, budget_fraction=0.3, source="gpu-compact", dense_layers=1)
+        without, _ = generate_cuda(cuda_model, "herald", **extra)
+        count = len(delayed)
+        with_forecast, engine = generate_cuda(cuda_model, "herald", forecast="next-layer", **extra)
+        assert len(delayed) > count, "no step 0 ran with a gather stream: nothing was tested"
+        assert with_forecast == without, graphs
+        recalls = [b["forecast_recall"] for b in engine.last_timeline]
+        assert recalls and all(r is not None and 0.0 <= r <= 1.0 for r in recalls), (graphs, recalls)
+
+
+@pytest.mark.gpu
 def test_cuda_herald_compiles_no_kernel_per_prompt_length(cuda_model):
     """Prompts whose last prefill chunks (64 tokens here) differ in length, and whose contexts and
     selections differ in size, reuse the compiled attention kernels: a long-running server must not
@@ -456,6 +486,33 @@ def test_herald_lookahead_prefetches_the_next_blocks_pages(model):
     assert prefetched > 0 and at_step0 < prefetched
     recalls = [b["draft_recall"] for b in timeline if b["draft_recall"] is not None]
     assert recalls and all(0.0 <= r <= 1.0 for r in recalls)
+
+
+@pytest.mark.parametrize("source,lookahead", [("gpu-compact", False), ("cpu", False), ("gpu-compact", True)])
+def test_herald_forecast_changes_no_token_and_reports_its_recall(model, source, lookahead):
+    """SparDA's training-free forecast (SparseConfig.forecast): layer l's step-0 queries select layer
+    l+1's pages early, but l+1 still attends to its own exact selection, so the tokens are those
+    without it (residency asserted on every pass). Its recall of each layer's selection is counted
+    for the layers after the first sparse one; with the lookahead it runs only for the blocks the
+    lookahead did not prepare (here: the first)."""
+    extra = dict(budget_fraction=0.3, dense_layers=1, max_new=16, source=source, lookahead=lookahead)
+    without, _ = generate(model, "herald", **extra)
+    with_forecast, engine = generate(model, "herald", forecast="next-layer", **extra)
+    assert with_forecast == without
+    timeline = engine.last_timeline
+    forecast = [b for b in timeline if b["forecast_recall"] is not None]
+    assert forecast and all(0.0 <= b["forecast_recall"] <= 1.0 for b in forecast)
+    assert all(b["forecast_recall_by_layer"][:2] == [None, None] for b in forecast)  # dense layer 0, and layer 1 has no layer before it
+    assert all(r is not None for b in forecast for r in b["forecast_recall_by_layer"][2:])
+    if lookahead:
+        assert len(forecast) < len(timeline)
+    else:
+        assert len(forecast) == len(timeline)
+
+
+def test_forecast_setting_is_checked():
+    with pytest.raises(ValueError, match="forecast='learned'"):
+        SparseConfig(forecast="learned")
 
 
 @pytest.mark.gpu
