@@ -21,7 +21,9 @@ Variants: `mage` (step-0 block-mean query, exact scores, reused for the block), 
 position, a token scoring the max over them, exact scores: herald's default), `mage-softmax` (step-0 mean softmax probability:
 the step-0 oracle reused), `herald-int4` / `herald-int8` (the `compact_query` queries, by default
 herald's per-position ones, against int4/int8 compact keys, as herald's gpu-compact source), `herald-split` (exact scores for the oldest
-pages, int-compact for the rest, as herald's split source), `quest` (a new page selection every
+pages, int-compact for the rest, as herald's split source), `forecast` (SparDA's training-free forecast,
+`SparseConfig.forecast`: the layer before's step-0 queries, one per block position, against this
+layer's exact keys; not in the first layer), `quest` (a new page selection every
 step from per-page min/max key bounds) and `oracle` (a new exact selection every step: the
 ceiling for one subset per step).
 
@@ -53,7 +55,7 @@ from training.evaluate import add_split_argument
 from training.tasks import ALL_TASKS, generate_examples
 
 STEP0_VARIANTS = ("mage", "herald-center", "herald-positions", "mage-softmax", "herald-int4", "herald-int8",
-                  "herald-split")
+                  "herald-split", "forecast")
 PER_STEP_VARIANTS = ("oracle", "quest")
 ALL_VARIANTS = STEP0_VARIANTS + PER_STEP_VARIANTS
 DEFAULT_VARIANTS = ("mage", "herald-center", "herald-positions", "mage-softmax", "herald-int4", "herald-int8",
@@ -479,6 +481,11 @@ class RecallAnalysis:
             scores["herald-positions"] = torch.einsum("hrd,hld->hrl", q_positions, keys).amax(1) * self.scale
         if "mage-softmax" in self.variants:
             scores["mage-softmax"] = pbar[0].clamp(min=torch.finfo(pbar.dtype).tiny).log()
+        if "forecast" in self.variants and layer > 0 and rec.queries[layer - 1]:
+            # SparDA's training-free forecast: the layer before's step-0 queries (one per block
+            # position, herald's) against this layer's keys
+            q_before = selection_queries(rec.queries[layer - 1][0][None].to(dev).float(), hkv, "positions")[0]
+            scores["forecast"] = torch.einsum("hrd,hld->hrl", q_before, keys).amax(1) * self.scale
         compact_q = selection_queries(queries[:1], hkv, settings.compact_query)[0]  # [H, D] or [H, B, D]
         compact_q = compact_q if compact_q.dim() == 3 else compact_q[:, None]
         for bits in (4, 8):
@@ -488,7 +495,7 @@ class RecallAnalysis:
                 scores[f"herald-int{bits}"] = torch.einsum("hrd,hld->hrl", compact_q, compact).amax(1) * self.scale
         if "herald-split" in self.variants:  # its CPU part scores the same queries on the exact keys
             split_exact = torch.einsum("hrd,hld->hrl", compact_q, keys).amax(1) * self.scale
-        step0 = [v for v in self.variants if v in STEP0_VARIANTS and v != "herald-split"]
+        step0 = [v for v in self.variants if v in STEP0_VARIANTS and v != "herald-split" and v in scores]
         lens = lambda n: torch.full((n,), length, dtype=torch.int64)  # noqa: E731
         oracle_scores = pbar.clamp(min=torch.finfo(pbar.dtype).tiny).log()  # [S, H, L]
 
