@@ -539,3 +539,123 @@ def test_host_memory_taken_by_others_after_planning_refuses_the_call_and_the_eng
     monkeypatch.undo()
     assert [r.tokens for r in engine.generate(reqs)] == want
     assert not any(engine.last_occupancy.values())
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+# Real device faults: no injected exception. Models with random weights, fp32, so that every run's
+# tokens are exact (the churn tests' GPU run relies on the same: rows decode alike in any batch).
+
+MiB = 2**20
+
+
+def gpu_engine(model, mode: str, extra: dict, max_batch_size: int, **config) -> Engine:
+    sparse = SparseConfig(budget_fraction=0.25, page_size=16, sink_tokens=16, local_window=32, dense_layers=1,
+                          **extra)
+    return Engine(EngineConfig(model_path="unused", mode=mode, device="cuda", dtype="float32", progress=False,
+                               unmasking="fixed", denoising_steps=4, max_batch_size=max_batch_size,
+                               prefill_chunk_size=1024, sparse=sparse, **config), model=model)
+
+
+def gpu_allocated() -> int:
+    """torch.cuda.memory_allocated with the device idle and cuBLAS's per-stream workspaces (kept by
+    cuBLAS for every stream it ran on, not by the engine) cleared, as benchmarks.soak reads it."""
+    torch.cuda.synchronize()
+    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated()
+
+
+OOM_MODES = [("dense", {}), ("herald", {"source": "gpu-compact", "lookahead": True})]
+
+
+class Ballast:
+    """Wraps `engine.make_mode`: once the mode is built (the planner has checked the batch and the
+    mode has its memory), note the allocator's figures and, when `room` is set, take every byte of
+    the GPU but `room` into a ballast tensor, as another tenant of the GPU would after the check."""
+
+    def __init__(self, engine: Engine):
+        self.room: int | None = None
+        self.tensor: torch.Tensor | None = None
+        self.allocated = self.reserved = 0
+        make_mode = engine.make_mode
+
+        def make_mode_(num_sequences: int, max_tokens: int):
+            mode = make_mode(num_sequences, max_tokens)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            self.allocated, self.reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+            if self.room is not None:
+                free, _ = torch.cuda.mem_get_info()
+                self.tensor = torch.empty(free - self.room, dtype=torch.uint8, device="cuda")
+            return mode
+
+        engine.make_mode = make_mode_
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,extra", OOM_MODES, ids=["dense", "herald-lookahead"])
+def test_a_real_cuda_oom_in_a_pass_fails_its_rows_and_the_rest_are_served_exactly(mode, extra):
+    """Item 4 of issue 35 on the device, nothing injected: once the mode is built (the planner
+    passed the batch), a ballast tensor takes the GPU's memory but room for passes of 3 rows, not
+    of 4 (each row's pass holds ~200 MB of logits: 64 positions x 262144 ids in fp32, their copy
+    and their softmax). The first block's 4 rows run out for real (the caching allocator's
+    OutOfMemoryError): they fail saying GPU memory ran out, how much is free and the batch that
+    fits; the run goes on 3 rows at a time and the other 6 requests get an undisturbed run's
+    tokens; afterwards the engine's GPU memory is back at its baseline, and without the ballast it
+    serves a full batch again."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from runtime.checkpoint import random_model
+    from runtime.config import ModelConfig, RopeConfig
+
+    vocab, block = 262144, 64
+    config = ModelConfig(architecture="qwen3", vocab_size=vocab, hidden_size=256, intermediate_size=512, num_layers=3,
+                         num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=4096,
+                         rope=RopeConfig(theta=1e6), qk_norm=True, mask_token_id=vocab - 1, block_size=block)
+    model = random_model(config, dtype=torch.float32, device="cuda", std=0.1)
+    gen = torch.Generator().manual_seed(5)
+    reqs = [GenerationRequest(prompt=torch.randint(0, vocab - 2, (int(n),), generator=gen).tolist(),
+                              max_new_tokens=int(new), stop_at_eos=False, request_id=f"r{i}")
+            for i, (n, new) in enumerate(zip(torch.randint(70, 300, (10,), generator=gen),
+                                             torch.randint(block, 3 * block, (10,), generator=gen)))]
+    # eager passes: a CUDA graph's capture cannot give cached memory back mid-capture, so the first
+    # pass of each shape would need its memory twice; the eager path is what this measures
+    engines = {n: gpu_engine(model, mode, extra, n, cuda_graphs=False) for n in (1, 2, 3, 4)}
+    ballasts = {n: Ballast(engine) for n, engine in engines.items()}
+    allocated, reserved, tokens = {}, {}, {}
+    for n, engine in engines.items():  # every row count's kernels compile here, before any ballast
+        gpu_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        results = engine.generate(reqs)
+        # the passes' peak beyond the built mode: live tensors, and the segments the allocator held for them
+        allocated[n] = torch.cuda.max_memory_allocated() - ballasts[n].allocated
+        reserved[n] = torch.cuda.max_memory_reserved() - ballasts[n].reserved
+        assert all(r.finish_reason == "length" for r in results), [r.error for r in results if r.error]
+        tokens[n] = {r.request_id: r.tokens for r in results}
+    assert tokens[3] == tokens[4], "rows decode differently in batches of 3 and 4: the exactness check cannot hold"
+    gap = allocated[4] - reserved[3]
+    assert gap >= 64 * MiB, f"4 rows need only {gap / MiB:.0f} MiB more than 3 rows hold ({allocated}, {reserved})"
+
+    engine, ballast = engines[4], ballasts[4]
+    base = gpu_allocated()
+    ballast.room = reserved[3] + gap // 2  # 3 rows' segments fit with gap/2 to spare; 4 rows' tensors lack gap/2
+    results = engine.generate(reqs)
+    failed = {r.request_id: r.error for r in results if r.finish_reason == "error"}
+    assert set(failed) == {"r0", "r1", "r2", "r3"}, {r.request_id: (r.finish_reason, r.error) for r in results}
+    for error in failed.values():
+        assert "OutOfMemoryError: CUDA out of memory" in error and "GPU memory ran out (" in error, error
+        assert "GiB of the GPU free now)" in error
+        assert "this run goes on with at most 3 sequences at once; set max_batch_size=3" in error, error
+    for r in results:
+        if r.request_id in failed:
+            assert r.tokens == tokens[4][r.request_id][: len(r.tokens)]  # what it had committed, nothing more
+        else:
+            assert r.finish_reason == "length" and r.tokens == tokens[4][r.request_id], r.request_id
+    assert engine.last_stats.errors == 4 and not any(engine.last_occupancy.values()), engine.last_occupancy
+    assert gpu_allocated() == base + ballast.tensor.numel()  # the failed passes kept nothing
+    ballast.room = ballast.tensor = None
+    assert gpu_allocated() == base
+    again = engine.generate(reqs)  # the memory is back: a full batch is served, exactly
+    assert {r.request_id: r.tokens for r in again} == tokens[4] and engine.last_stats.errors == 0
+    assert gpu_allocated() == base
