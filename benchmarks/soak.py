@@ -19,11 +19,26 @@ RSS, tensor and GPU bytes may grow by a quarter of one KV page (of the model soa
 and V) per request, so a leak of a page per request fails; RSS also by a fixed warm-up term
 (`RSS_WARM_UP_BYTES`, measured). Each check in the JSON states its allowed growth.
 Every request must come back once, in prompt order, as length, eos, cancelled or (with faults) an
-injected error; any other error fails the run. Prints a line per call and a table; writes JSON;
-exits 1 if anything did not return to the baseline.
+injected error; any other error fails the run. Triton must compile no kernel after the first call
+(a kernel per request would be a leak of its own). Prints a line per call, a progress line every
+`--progress-every` seconds and a table; writes JSON; exits 1 if anything did not return to the
+baseline.
+
+Long contexts on a device call: `--seconds` bounds each mode's soak (once it passes, every request
+still running or waiting is cancelled at its next question and no further call starts);
+`--random-context` loads each prompt's KV as random values instead of prefilling it, as
+benchmarks.throughput does (a 128K prefill takes seconds; the soak is about what the engine keeps,
+not about the prefill); `--transfer-fault-rate` fails host-store transfers through
+`HostKVStore.fault_hook` (a gather of step 0 or of the lookahead, a commit's or prefill's write,
+for one row's pages: that pass runs eagerly, as the hook runs on the host); `--in-flight-share`
+turns that share of the mid-block cancellations into ones answered while the mode's side streams
+(the lookahead's transfers) still run.
 
     python -m benchmarks.soak --requests 300 --modes dense mage quest herald             # CPU, tiny-random
     python -m benchmarks.soak --geometry qwen3-8b --context 32768 --requests 200 --modes herald-gpu-compact
+    python -m benchmarks.soak --geometry qwen3-8b --context 131072 --min-prompt 32768 --random-context \
+        --modes herald-lookahead --batch 2 --requests 300 --calls 3 --seconds 150 --fault-rate 0.01 \
+        --transfer-fault-rate 0.005 --quiet                                        # one H100 device call
 """
 from __future__ import annotations
 
@@ -42,11 +57,13 @@ import torch
 from benchmarks.decode import GEOMETRIES, geometry, sync
 from benchmarks.throughput import variants
 from offload.host_store import HostKVStore
-from runtime.attention import AttentionMode, ForwardBatch, RequestError
+from offload.host_store import TransferFault
+from runtime.attention import AttentionMode, ForwardBatch, Phase, RequestError
 from runtime.checkpoint import load_model, random_model
 from runtime.config import SELECTION_SOURCES, EngineConfig, ModelConfig, SparseConfig
 from runtime.decoding import GenerationRequest, GenerationResult
 from runtime.engine import CHECKPOINTS, Engine
+from runtime.generate import BlockDiffusionLoop
 from runtime.memory import kv_bytes_per_token
 
 MiB = 2**20
@@ -126,6 +143,18 @@ def compiled_triton_kernels() -> dict[str, int]:
     return {name: count for name, count in sorted(counts.items()) if count}
 
 
+def triton_check(before: dict[str, int], per_call: list[dict[str, int]]) -> dict:
+    """Kernels Triton compiled during the soak: the first call may still meet shapes the warm-up did
+    not (a last pass of fewer rows, a context length of another divisibility); after it none may
+    appear, or kernels grow with the requests."""
+    counts = [sum(k.values()) for k in per_call]
+    later = counts[-1] - counts[0] if counts else 0
+    return dict(ok=later <= 0, before=sum(before.values()), after_first_call=counts[0] if counts else None,
+                after=counts[-1] if counts else None, allowed_growth_after_first_call=0,
+                grown_after_first_call=sorted(name for name, n in per_call[-1].items() if n > per_call[0].get(name, 0))
+                if counts else [])
+
+
 def second_half_growth(values: list[float]) -> float | None:
     """How much a per-call figure grew over the second half of the calls: warm-up (kernels compiled
     for new shapes, allocator pools) is over by then, a leak still grows. None below 4 calls."""
@@ -181,18 +210,25 @@ class Workload:
 
     requests: list[GenerationRequest]
     cancel_at: dict[str, int]
+    # of those cancelled mid-block: cancelled instead at the first question, from their cancel_at-th
+    # on, asked while the mode's side streams (the lookahead's transfers) still run
+    in_flight: set[str] = field(default_factory=set)
 
 
 def make_workload(count: int, seed: int, vocab: int, prompt_range: tuple[int, int], new_range: tuple[int, int],
-                  block: int, steps: int, cancel_rate: float, before_start_share: float = 0.3) -> Workload:
+                  block: int, steps: int, cancel_rate: float, before_start_share: float = 0.3,
+                  in_flight_share: float = 0.0) -> Workload:
     rng = random.Random(seed)
     tokens = torch.Generator().manual_seed(seed)  # prompts of 100K tokens: drawn by torch, not one by one
-    reqs, cancel_at = [], {}
+    reqs, cancel_at, in_flight = [], {}, set()
+    # ids 0, 1 (tiny-random's EOS and mask) and the last two (the geometries' mask) stay out of prompts;
+    # ids below 257 are Python's shared small ints: hundreds of 128K-token prompts then cost a pointer
+    # per token, not a 28-byte int object each (GiBs of RSS beside the soak's own)
+    high = min(vocab - 2, 257)
     for i in range(count):
         length, new = rng.randint(*prompt_range), rng.randint(*new_range)
         sampled = rng.random() < 0.5
-        # ids 0, 1 (tiny-random's EOS and mask) and the last two (the geometries' mask) stay out of prompts
-        prompt = torch.randint(2, vocab - 2, (length,), generator=tokens).tolist()
+        prompt = torch.randint(2, high, (length,), generator=tokens).tolist()
         req = GenerationRequest(prompt=prompt, max_new_tokens=new,
                                 temperature=0.8 if sampled else 0.0, top_p=0.95 if sampled else None,
                                 seed=rng.randrange(2**31), stop_at_eos=rng.random() < 0.5, request_id=f"r{i}")
@@ -201,7 +237,9 @@ def make_workload(count: int, seed: int, vocab: int, prompt_range: tuple[int, in
             blocks = -(-(length + new) // block) - length // block
             asks = 1 + blocks * (steps + 2)  # at admission, then before every pass of every block
             cancel_at[req.request_id] = 1 if rng.random() < before_start_share else rng.randint(2, asks)
-    return Workload(reqs, cancel_at)
+            if in_flight_share > 0 and cancel_at[req.request_id] > 1 and rng.random() < in_flight_share:
+                in_flight.add(req.request_id)
+    return Workload(reqs, cancel_at, in_flight)
 
 
 @dataclass
@@ -210,11 +248,35 @@ class FaultInjector:
 
     rate: float
     rng: random.Random
+    transfer_rate: float = 0.0
     injected: list[dict] = field(default_factory=list)
+
+    def arm_transfer_fault(self, mode: AttentionMode, batch: ForwardBatch) -> None:
+        """Set the host store's fault hook for this pass: the first transfer of the pass's kind (a
+        write for prefill and commit, a gather for step 0 and the lookahead) that carries pages of
+        one of its rows fails for those pages (TransferFault), so that row's request alone fails."""
+        store = mode.store
+        op = "write" if batch.phase in (Phase.PREFILL, Phase.COMMIT) else "gather"
+        if batch.phase is Phase.DENOISE and batch.step > 0:
+            return  # later steps move no page
+        victim = self.rng.choice(batch.seq_ids)
+        where = f"{batch.phase.value} pass, step {batch.step}"
+
+        def hook(kind: str, layer, pages: torch.Tensor) -> None:
+            if kind != op or mode.batch is not batch or not store.has(victim):
+                return
+            mine = set(pages.tolist()) & set(store.page_table(victim).tolist())
+            if mine:
+                store.fault_hook = None  # one fault per arming
+                self.injected.append(dict(where=where, rows=[victim], transfer=op))
+                raise TransferFault(mine, f"injected {op} fault in the {where}")
+
+        store.fault_hook = hook
 
     def install(self, mode: AttentionMode, num_layers: int) -> None:
         plan, run = mode.plan, mode.run
         armed: list[tuple[int, Exception]] = []  # (layer, error) for the planned pass
+        store = getattr(mode, "store", None)  # herald's host store: where transfer faults go
 
         def error_for(batch: ForwardBatch) -> Exception:
             where = f"{batch.phase.value} pass, step {batch.step}"
@@ -227,6 +289,10 @@ class FaultInjector:
 
         def plan_(batch: ForwardBatch) -> None:
             armed.clear()
+            if store is not None:
+                store.fault_hook = None  # a hook armed for the last pass that never fired: graphs replay again
+                if self.rng.random() < self.transfer_rate:
+                    self.arm_transfer_fault(mode, batch)
             if self.rng.random() < self.rate:
                 if self.rng.random() < 0.5:
                     raise error_for(batch)
@@ -241,23 +307,56 @@ class FaultInjector:
         mode.plan, mode.run = plan_, run_
 
 
+class RandomContextLoop(BlockDiffusionLoop):
+    """The engine's loop with each prompt's whole blocks loaded as random KV instead of prefilled
+    (`AttentionMode.load_random_context`, as benchmarks.throughput does): the KV goes where a
+    prefill would put it, the prompt's tail shares the first block as usual."""
+
+    def _prefill(self, seq) -> None:
+        if self.settings.token_shift:
+            raise ValueError("--random-context has no first-block token for a token-shift rule (fast_dllm_v2)")
+        if seq.prefix_len:
+            self.mode.load_random_context(seq.seq_id, seq.prefix_len, seed=seq.seq_id)
+        seq.tokens = list(seq.prompt_ids)
+
+
 class SoakEngine(Engine):
-    """An Engine whose modes get the fault injector (when there is one)."""
+    """An Engine whose modes get the fault injector (when there is one), whose last mode is at hand
+    (`current_mode`: its side streams tell whether transfers are in flight), and whose loop loads
+    random context instead of prefilling when `random_context` is set."""
 
     injector: FaultInjector | None = None
+    random_context: bool = False
+    current_mode: AttentionMode | None = None
 
     def make_mode(self, num_sequences: int, max_tokens: int) -> AttentionMode:
         mode = super().make_mode(num_sequences, max_tokens)
         if self.injector is not None:
             self.injector.install(mode, self.model_config.num_layers)
+        self.current_mode = mode
         return mode
+
+    def make_loop(self, mode: AttentionMode, max_batch_size: int) -> BlockDiffusionLoop:
+        loop = super().make_loop(mode, max_batch_size)
+        if self.random_context:
+            loop.__class__ = RandomContextLoop  # the same loop, its prefill replaced
+        return loop
+
+    def transfers_in_flight(self) -> bool:
+        """The current mode's side streams (herald's lookahead and its gathers) have work queued."""
+        side = getattr(self.current_mode, "_side_streams", None)
+        return side is not None and any(not stream.query() for stream in side())
 
 
 # ------------------------------------------------------------------------------------------------
 # one mode
 
 
-def soak_mode(engine: SoakEngine, workload: Workload, calls: int, fault_rate: float, seed: int, label: str) -> dict:
+def soak_mode(engine: SoakEngine, workload: Workload, calls: int, fault_rate: float, seed: int, label: str,
+              seconds: float | None = None, transfer_fault_rate: float = 0.0, progress_every: float = 15.0) -> dict:
+    """Soak one mode (see the module docstring). seconds: once this long has passed since the
+    baseline, every request still running or waiting is cancelled at its next question and no
+    further call starts; progress_every: seconds between progress lines within a call."""
     device = engine.device
     page_bytes = kv_page_bytes(engine.model_config, engine.config.sparse.page_size, engine.dtype)
     # a full batch: kernels compile for the shapes the soak runs (Triton and CUDA-graph memory is
@@ -265,23 +364,48 @@ def soak_mode(engine: SoakEngine, workload: Workload, calls: int, fault_rate: fl
     warm = [replace(r, request_id=f"warm{i}")
             for i, r in enumerate(workload.requests[:engine.config.max_batch_size])]
     engine.generate(warm)
+    engine.current_mode = None  # the warm-up's (closed) mode: not part of the baseline
     before = memory_state(device)
+    kernels_before = compiled_triton_kernels()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    injector = engine.injector = FaultInjector(fault_rate, random.Random(seed + 1)) if fault_rate > 0 else None
+    injector = engine.injector = (FaultInjector(fault_rate, random.Random(seed + 1), transfer_fault_rate)
+                                  if fault_rate > 0 or transfer_fault_rate > 0 else None)
     asked: dict[str, int] = {}
     cancelled_when: dict[str, int] = {}
+    in_flight_cancels: list[str] = []  # answered yes while the mode's side streams still ran
+    at_deadline: list[str] = []
     peak_rss = before["rss_bytes"]
     process = psutil.Process()
+    t0 = time.perf_counter()
+    deadline = None if seconds is None else t0 + seconds
+    last_report = t0
+
+    def report() -> None:
+        gpu = (f", GPU {torch.cuda.memory_allocated(device) / MiB:.0f} MiB allocated" if device.type == "cuda" else "")
+        print(f"  [{label}] {time.perf_counter() - t0:.0f} s: {len(asked)} requests asked about, "
+              f"{len(cancelled_when)} cancelled ({len(in_flight_cancels)} with transfers in flight), "
+              f"{len(injector.injected) if injector else 0} faults injected; RSS "
+              f"{process.memory_info().rss / MiB:.0f} MiB{gpu}", flush=True)
 
     def should_cancel(request_id: str) -> bool:
-        nonlocal peak_rss
+        nonlocal peak_rss, last_report
+        now = time.perf_counter()
         peak_rss = max(peak_rss, process.memory_info().rss)
-        asked[request_id] = asked.get(request_id, 0) + 1
-        if asked[request_id] == workload.cancel_at.get(request_id):
-            cancelled_when[request_id] = asked[request_id]
-            return True
-        return False
+        if now - last_report >= progress_every:
+            last_report = now
+            report()
+        n = asked[request_id] = asked.get(request_id, 0) + 1
+        if deadline is not None and now > deadline:
+            at_deadline.append(request_id)
+        elif request_id in workload.in_flight:
+            if n < workload.cancel_at[request_id] or not engine.transfers_in_flight():
+                return False
+            in_flight_cancels.append(request_id)
+        elif n != workload.cancel_at.get(request_id):
+            return False
+        cancelled_when[request_id] = n
+        return True
 
     reqs = workload.requests
     size = -(-len(reqs) // calls)
@@ -289,8 +413,11 @@ def soak_mode(engine: SoakEngine, workload: Workload, calls: int, fault_rate: fl
     results: list[GenerationResult] = []
     per_call, leftovers, problems = [], [], []
     last_objects = python_objects()
-    t0 = time.perf_counter()
+    not_run = 0
     for c, chunk in enumerate(chunks):
+        if deadline is not None and time.perf_counter() > deadline:
+            not_run += len(chunk)  # not started: each call builds a mode (a host store of its batch) first
+            continue
         t_call = time.perf_counter()
         got = engine.generate(chunk, should_cancel=should_cancel)
         stats = engine.last_stats
@@ -316,8 +443,9 @@ def soak_mode(engine: SoakEngine, workload: Workload, calls: int, fault_rate: fl
               f"{sum(entry['triton_kernels'].values())} Triton kernels; "
               f"mode left {occupied or 'nothing'}", flush=True)
     wall = time.perf_counter() - t0
-    engine.injector = None
+    engine.injector = engine.current_mode = None
     after = memory_state(device)
+    kernels_after = compiled_triton_kernels()
     peak_rss = max(peak_rss, after["rss_bytes"])
 
     reasons = [r.finish_reason for r in results]
@@ -326,17 +454,24 @@ def soak_mode(engine: SoakEngine, workload: Workload, calls: int, fault_rate: fl
     real_errors = [dict(request_id=r.request_id, error=r.error) for r in results
                    if r.finish_reason == "error" and "injected" not in (r.error or "")]
     before_start = sum(1 for rid, when in cancelled_when.items() if when == 1)
-    checks = baseline_checks(before, after, memory_allowances(len(reqs), page_bytes, device))
+    ran = len(reqs) - not_run
+    checks = baseline_checks(before, after, memory_allowances(ran, page_bytes, device))
     checks["mode_empty_after_every_call"] = dict(ok=not leftovers, leftovers=leftovers)
+    checks["triton_kernels_settled"] = triton_check(kernels_before, [e["triton_kernels"] for e in per_call])
     checks["every_request_answered"] = dict(
-        ok=not problems and not unexpected and len(results) == len(reqs) and sum(counts.values()) == len(reqs),
+        ok=not problems and not unexpected and len(results) == ran and sum(counts.values()) == ran,
         problems=problems + [f"{r.request_id}: finish_reason {r.finish_reason!r}" for r in unexpected])
     checks["cancellations_counted"] = dict(ok=counts["cancelled"] == len(cancelled_when),
                                            cancelled=counts["cancelled"], answered_yes=len(cancelled_when))
     checks["no_error_but_injected_ones"] = dict(ok=not real_errors, errors=real_errors[:10])
-    row = dict(label=label, mode=engine.config.mode, requests=len(reqs), calls=len(per_call), **counts,
-               cancelled_before_start=before_start, cancelled_running=counts["cancelled"] - before_start,
-               faults_injected=len(injector.injected) if injector else 0, tokens=sum(len(r.tokens) for r in results),
+    transfer_faults = sum(1 for f in injector.injected if "transfer" in f) if injector else 0
+    row = dict(label=label, mode=engine.config.mode, requests=ran, requests_not_run=not_run, calls=len(per_call),
+               **counts, cancelled_before_start=before_start, cancelled_running=counts["cancelled"] - before_start,
+               cancelled_in_flight=len(in_flight_cancels), cancelled_at_deadline=len(set(at_deadline)),
+               seconds=seconds, deadline_reached=deadline is not None and bool(at_deadline or not_run),
+               faults_injected=len(injector.injected) if injector else 0, transfer_faults_injected=transfer_faults,
+               triton_kernels_before=sum(kernels_before.values()), triton_kernels_after=sum(kernels_after.values()),
+               tokens=sum(len(r.tokens) for r in results),
                wall_s=wall, tokens_per_s=sum(len(r.tokens) for r in results) / wall if wall > 0 else 0.0,
                kv_page_bytes=page_bytes, memory_before=before, memory_after=after, peak_rss_bytes=peak_rss,
                gpu_peak_allocated_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -370,6 +505,11 @@ def print_table(rows: list[dict], meta: dict) -> None:
         print(f"{'':>18} allowed growth (a leak of {LEAK_SHARE_OF_PAGE:g} of a {r['kv_page_bytes'] / 1024:g} KiB KV "
               f"page per request): RSS {allowed['rss_bytes'] / MiB:.2f} MiB, "
               f"tensors {allowed['tensor_bytes'] / MiB:.2f} MiB{gpu}")
+        deadline = (f"; --seconds {r['seconds']:g} reached: {r['cancelled_at_deadline']} cancelled there, "
+                    f"{r['requests_not_run']} not started" if r.get("deadline_reached") else "")
+        print(f"{'':>18} {r['faults_injected']} faults injected ({r['transfer_faults_injected']} transfers), "
+              f"{r['cancelled_in_flight']} cancelled with transfers in flight; Triton kernels "
+              f"{r['triton_kernels_before']} -> {r['triton_kernels_after']}{deadline}")
         if r.get("rss_growth_second_half_mib") is not None:
             print(f"{'':>18} RSS grew {r['rss_growth_second_half_mib']:+.0f} MiB over the second half of the calls")
         for name, check in r["checks"].items():
@@ -430,6 +570,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new", type=int, default=None, help="max_new_tokens are drawn from 1..this")
     parser.add_argument("--cancel-rate", type=float, default=0.25)
     parser.add_argument("--fault-rate", type=float, default=0.0, help="probability that a pass fails")
+    parser.add_argument("--transfer-fault-rate", type=float, default=0.0,
+                        help="herald: probability that a pass's host-store transfer fails for one row's pages "
+                             "(that pass runs eagerly)")
+    parser.add_argument("--in-flight-share", type=float, default=0.5,
+                        help="share of the mid-block cancellations answered while the lookahead's transfers run")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="bound on each mode's soak after its warm-up: then every request still running or "
+                             "waiting is cancelled and no further call starts")
+    parser.add_argument("--random-context", action="store_true",
+                        help="load each prompt's KV as random values instead of prefilling it (long contexts)")
+    parser.add_argument("--progress-every", type=float, default=15.0, help="seconds between progress lines")
     parser.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's, 32 for --geometry")
     parser.add_argument("--steps", type=int, default=None,
                         help="denoising steps per block (default: 8 for --geometry, else the block size)")
@@ -443,8 +594,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("requests", "calls", "batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    if not 0 <= args.cancel_rate <= 1 or not 0 <= args.fault_rate <= 1:
-        parser.error("--cancel-rate and --fault-rate are probabilities: give them in [0, 1]")
+    rates = ("cancel_rate", "fault_rate", "transfer_fault_rate", "in_flight_share")
+    if not all(0 <= getattr(args, name) <= 1 for name in rates):
+        parser.error(f"{', '.join('--' + n.replace('_', '-') for n in rates)} are probabilities: give them in [0, 1]")
+    if args.seconds is not None and args.seconds <= 0:
+        parser.error(f"--seconds {args.seconds:g}: give a positive bound")
     if args.geometry and args.model:
         parser.error("give --model or --geometry, not both")
     device = torch.device(args.device)
@@ -484,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch=torch.__version__, batch=args.batch, calls=args.calls, requests=args.requests,
                 prompt_range=[lo, hi], max_new=new_max, cancel_rate=args.cancel_rate, fault_rate=args.fault_rate,
                 seed=args.seed, sparse=dict(vars(sparse)), leak_share_of_page=LEAK_SHARE_OF_PAGE,
+                transfer_fault_rate=args.transfer_fault_rate, in_flight_share=args.in_flight_share,
+                seconds=args.seconds, random_context=args.random_context,
                 rss_warm_up_bytes=RSS_WARM_UP_BYTES[device.type], date=time.strftime("%Y-%m-%d"))
     rows, written = [], []
     for label, mode, overrides in configs:
@@ -491,12 +647,17 @@ def main(argv: list[str] | None = None) -> int:
         engine_over = {k: v for k, v in overrides.items() if k not in sparse_over}
         config = replace(base, mode=mode, sparse=replace(sparse, **sparse_over), **engine_over)
         engine = SoakEngine(config, model=model)
+        engine.random_context = args.random_context
         settings = engine.settings
         workload = make_workload(args.requests, args.seed, model_config.vocab_size, (lo, hi), (1, new_max),
-                                 settings.block_size, settings.steps, args.cancel_rate)
+                                 settings.block_size, settings.steps, args.cancel_rate,
+                                 in_flight_share=args.in_flight_share)
         print(f"[{label}] {args.requests} requests (prompts {lo}..{hi} tokens, 1..{new_max} new), "
-              f"{len(workload.cancel_at)} to cancel, fault rate {args.fault_rate}", flush=True)
-        rows.append(soak_mode(engine, workload, args.calls, args.fault_rate, args.seed, label))
+              f"{len(workload.cancel_at)} to cancel ({len(workload.in_flight)} with transfers in flight), "
+              f"fault rate {args.fault_rate}, transfer fault rate {args.transfer_fault_rate}"
+              f"{f', at most {args.seconds:g} s' if args.seconds else ''}", flush=True)
+        rows.append(soak_mode(engine, workload, args.calls, args.fault_rate, args.seed, label, seconds=args.seconds,
+                              transfer_fault_rate=args.transfer_fault_rate, progress_every=args.progress_every))
         del engine
         written = save(rows, meta, args.out)  # after every mode: a run cut short keeps what it measured
     print_table(rows, meta)

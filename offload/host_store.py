@@ -25,6 +25,8 @@ memory) and ``pinned`` says whether the buffer is page-locked.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import mmap
 import re
 import resource
@@ -94,7 +96,41 @@ def host_register_error(buf: torch.Tensor) -> int | None:
     cudart = torch.cuda.cudart()
     if not hasattr(cudart, "cudaHostRegister"):
         return None
-    return int(cudart.cudaHostRegister(buf.data_ptr(), buf.numel(), _CUDA_HOST_REGISTER_PORTABLE_MAPPED))
+    error = int(cudart.cudaHostRegister(buf.data_ptr(), buf.numel(), _CUDA_HOST_REGISTER_PORTABLE_MAPPED))
+    if error != 0:
+        clear_cuda_error()
+    return error
+
+
+def _loaded_cudart() -> ctypes.CDLL | None:
+    """The CUDA runtime library this process loaded (torch's), through ctypes; None where it is not a
+    shared library of its own (a static build) or the platform has no /proc/self/maps."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return None
+    for line in maps.read_text().splitlines():
+        path = line.split()[-1]
+        if "/libcudart.so" in path:
+            return ctypes.CDLL(path)  # the loaded copy (dlopen returns it): the same runtime instance
+    return None
+
+
+def clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error after a runtime call whose failure was handled here.
+
+    A failed call (cudaHostRegister refused: out of memory, already registered) leaves the error
+    as the thread's last error; torch reads that after its next kernel launch
+    (C10_CUDA_KERNEL_LAUNCH_CHECK calls cudaGetLastError) and would raise it there, from whatever
+    op ran next, long after the store fell back to torch's pinned allocator or refused with its
+    own message. torch's CUDA allocator clears the error the same way after a failed cudaMalloc.
+    torch's cudart bindings lack cudaGetLastError: the loaded runtime is called through ctypes;
+    without it, one tiny kernel launch reads (and so clears) the error, which is dropped."""
+    cudart = _loaded_cudart()
+    if cudart is not None:
+        cudart.cudaGetLastError()
+        return
+    with contextlib.suppress(RuntimeError):
+        torch.zeros(1, device="cuda")
 
 
 def locked_memory_limit() -> int | None:
@@ -142,7 +178,8 @@ def huge_page_bytes(address: int, length: int) -> int | None:
 def _unregister(buf: torch.Tensor) -> None:
     # Runs from close() or the finalizer; at interpreter exit CUDA may already be gone, so errors are ignored.
     try:
-        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+        if int(torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())) != 0:
+            clear_cuda_error()  # a refusal must not surface at torch's next kernel launch
     except Exception:
         pass
 
@@ -214,7 +251,7 @@ class HostKVStore:
                 try:
                     buf = torch.empty(shape, dtype=dtype, pin_memory=True)
                 except RuntimeError as err:
-                    raise self._pinning_failed(register_error, err) from err
+                    raise self._pinning_failed(register_error, err, reserve_bytes) from err
                 self.pin_method = "torch_pinned_allocator"
         # a test hook (see FaultHook, TransferFault); None in production: the hot paths test only this
         self.fault_hook: FaultHook | None = None
@@ -228,33 +265,43 @@ class HostKVStore:
     # ------------------------------------------------------------------------------------------
     # sizing
 
-    def _check_memory(self, reserve_bytes: int | None, need: int) -> None:
+    def _usable_bytes(self, reserve_bytes: int | None) -> tuple[int, int, int]:
+        """(usable, available, reserve): host memory the store may take now, beside the reserve."""
         vm = psutil.virtual_memory()
         reserve = max(512 * 2**20, vm.total // 20) if reserve_bytes is None else int(reserve_bytes)
-        usable = vm.available - reserve
+        return max(0, vm.available - reserve), vm.available, reserve
+
+    def _check_memory(self, reserve_bytes: int | None, need: int) -> None:
+        usable, available, reserve = self._usable_bytes(reserve_bytes)
         if need > usable:
-            fit_pages = max(0, usable) // self.page_bytes
+            fit_pages = usable // self.page_bytes
             raise MemoryError(
                 f"HostKVStore needs {need / _GIB:.2f} GiB for {self.num_pages} pages x {self.page_size} tokens "
                 f"({self.num_pages * self.page_size} tokens, {self.page_bytes} B/page over {self.num_layers} layers) "
-                f"but only {max(0, usable) / _GIB:.2f} GiB is usable ({vm.available / _GIB:.2f} GiB available minus "
+                f"but only {usable / _GIB:.2f} GiB is usable ({available / _GIB:.2f} GiB available minus "
                 f"{reserve / _GIB:.2f} GiB reserve). At most {fit_pages} pages ({fit_pages * self.page_size} tokens) "
                 "fit: lower num_pages or free host memory."
             )
 
-    def _pinning_failed(self, register_error: int | None, err: Exception) -> MemoryError:
+    def _pinning_failed(self, register_error: int | None, err: Exception, reserve_bytes: int | None) -> MemoryError:
         """What a store that could not be page-locked tells its user: what ran out (locked memory,
-        under which limit) and what would fit."""
+        under which limit, or host memory the driver could lock) and what would fit."""
         limit = locked_memory_limit()
         how = ("this torch build has no cudaHostRegister" if register_error is None
                else f"cudaHostRegister failed with CUDA error {register_error}")
-        if limit is None:
-            fits = "the locked-memory limit (ulimit -l) is unlimited, so the host is short of memory it can lock"
-        else:
+        if limit is not None and limit < self.nbytes:
             pages = limit // self.page_bytes
             fits = (f"the locked-memory limit (ulimit -l) is {limit / 2**20:.1f} MiB, under which at most {pages} "
                     f"pages ({pages * self.page_size} tokens) fit: raise it (ulimit -l unlimited; in a container "
                     "--ulimit memlock=-1)")
+        else:
+            # the limit (none, or above the store) did not refuse it: the host could not lock that much
+            usable, available, _ = self._usable_bytes(reserve_bytes)
+            pages = usable // self.page_bytes
+            bound = "unlimited" if limit is None else f"{limit / _GIB:.2f} GiB, above the store"
+            fits = (f"the locked-memory limit (ulimit -l) is {bound}, so the host is short of memory it can lock "
+                    f"({available / _GIB:.2f} GiB available now): at most {pages} pages ({pages * self.page_size} "
+                    "tokens) would fit beside the reserve; free host memory")
         return MemoryError(
             f"HostKVStore could not page-lock {self.nbytes / _GIB:.2f} GiB for {self.num_pages} pages x "
             f"{self.page_size} tokens: {how}, and torch's pinned allocator failed too ({err}). {fits[0].upper()}"

@@ -25,7 +25,8 @@ def test_soak_restores_the_baseline_and_counts_add_up(tmp_path, capsys):
     code, data = run(tmp_path, "--modes", "dense", "herald-cpu", "--fault-rate", "0.03", "--seed", "2")
     assert code == 0
     # the workload run() asks for: tiny-random's 101 ids, blocks of 4 tokens denoised in 4 steps
-    workload = make_workload(20, 2, 101, (4, 80), (1, 12), 4, 4, 0.3)
+    # (half the mid-block cancellations wait for transfers in flight, the CLI's default: never, on the CPU)
+    workload = make_workload(20, 2, 101, (4, 80), (1, 12), 4, 4, 0.3, in_flight_share=0.5)
     assert [r["label"] for r in data["runs"]] == ["dense", "herald-cpu"]
     for r in data["runs"]:
         assert r["restored"] and all(check["ok"] for check in r["checks"].values())
@@ -34,7 +35,9 @@ def test_soak_restores_the_baseline_and_counts_add_up(tmp_path, capsys):
         # every request is asked once at admission: those due at the first question never start; the
         # others are cancelled unless they end (or a fault ends them) before their question comes
         assert r["cancelled_before_start"] == sum(when == 1 for when in workload.cancel_at.values()) > 0
-        assert 0 < r["cancelled_running"] <= sum(when > 1 for when in workload.cancel_at.values())
+        assert 0 < r["cancelled_running"] <= sum(when > 1 and rid not in workload.in_flight
+                                                 for rid, when in workload.cancel_at.items())
+        assert r["cancelled_in_flight"] == 0 and workload.in_flight
         assert r["error"] >= r["faults_injected"] > 0  # every fault fails at least one request of its own
         assert sum(c["requests"] for c in r["per_call"]) == 20 and len(r["per_call"]) == 2
         assert sum(c["tokens"] for c in r["per_call"]) == r["tokens"] > 0
@@ -122,3 +125,48 @@ def test_a_page_per_request_exceeds_every_allowance_that_grows_with_requests():
         assert all(requests * page > allowed[name] for name in ("rss_bytes", "tensor_bytes", "gpu_allocated_bytes"))
     # on the CPU's tiny pages, RSS alone would pass such a leak below about 1400 requests: the tensor figure catches it
     assert memory_allowances(1000, TINY_PAGE_BYTES, torch.device("cpu"))["rss_bytes"] > 1000 * TINY_PAGE_BYTES
+
+
+def test_soak_with_a_time_bound_random_context_and_transfer_faults(tmp_path):
+    """The device-call options on the CPU: prompts loaded as random KV instead of prefilled, host-store
+    transfers failed for one row's pages, and a bound in seconds that cancels what still runs and
+    starts no further call; every request that ran is answered, the memory, the mode and Triton's
+    kernels are back where they were."""
+    code, data = run(tmp_path, "--modes", "herald-cpu", "--random-context", "--transfer-fault-rate", "0.1",
+                     "--requests", "60", "--calls", "6", "--seconds", "6", "--seed", "4")
+    [r] = data["runs"]
+    assert code == 0 and r["restored"], {name: c for name, c in r["checks"].items() if not c["ok"]}
+    assert r["transfer_faults_injected"] > 0 and r["error"] >= r["transfer_faults_injected"]
+    assert r["deadline_reached"] and r["cancelled_at_deadline"] + r["requests_not_run"] > 0
+    assert r["requests"] + r["requests_not_run"] == 60 == sum(c["requests"] for c in r["per_call"]) + r["requests_not_run"]
+    assert r["requests"] == r["length"] + r["eos"] + r["cancelled"] + r["error"]
+    assert r["checks"]["triton_kernels_settled"]["ok"] and r["checks"]["no_error_but_injected_ones"]["ok"]
+    assert r["cancelled_in_flight"] == 0  # no side streams on the CPU: those cancellations never come
+    assert data["meta"]["random_context"] and data["meta"]["seconds"] == 6
+
+
+def test_random_context_loads_the_prompt_instead_of_prefilling_it():
+    """RandomContextLoop: the prompt's whole blocks get KV through load_random_context (no prefill
+    pass runs), the tail stays for the first block."""
+    from benchmarks.soak import SoakEngine
+    from runtime.config import EngineConfig
+    from runtime.engine import CHECKPOINTS
+
+    engine = SoakEngine(EngineConfig(model_path=str(CHECKPOINTS / "tiny-random"), mode="dense", device="cpu",
+                                     progress=False))
+    engine.random_context = True
+    loaded, passes = [], []
+    make_mode = SoakEngine.make_mode
+
+    def make_mode_(self, num_sequences, max_tokens):
+        mode = make_mode(self, num_sequences, max_tokens)
+        load, plan = mode.load_random_context, mode.plan
+        mode.load_random_context = lambda seq_id, n, seed=0: (loaded.append(n), load(seq_id, n, seed))
+        mode.plan = lambda batch: (passes.append(batch.phase.value), plan(batch))
+        return mode
+
+    engine.make_mode = make_mode_.__get__(engine)
+    [result] = engine.generate([[5] * 10], max_new_tokens=4, stop_at_eos=False)
+    block = engine.settings.block_size
+    assert result.finish_reason == "length" and len(result.tokens) == 4
+    assert loaded == [10 // block * block] and "prefill" not in passes and "denoise" in passes

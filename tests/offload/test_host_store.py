@@ -369,6 +369,165 @@ def test_a_low_locked_memory_limit_is_named_with_what_fits():
     assert out["rss_growth"] < 16 * 2**20  # the 64 MiB faulted in for registration went back
 
 
+class _RefusingCudart:
+    """torch.cuda.cudart() as a GPU machine answers when cudaHostRegister is refused (error 2,
+    cudaErrorMemoryAllocation): a stand-in, as this machine has no GPU to ask."""
+
+    def __init__(self):
+        self.registered: list[int] = []
+
+    def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:
+        self.registered.append(size)
+        return 2
+
+
+@pytest.mark.parametrize("limit", [None, 2**40])
+def test_a_refused_pin_clears_the_cuda_error_and_says_what_fits_in_host_memory(monkeypatch, limit):
+    """Where the locked-memory limit is not what refused the store (unlimited, or above the store),
+    the refusal says the host could not lock the memory, how much is available and how many pages
+    would fit; the refused cudaHostRegister's error is cleared at once, so that torch's next kernel
+    launch does not raise it from an unrelated op."""
+    import offload.host_store as hs
+
+    class Available:  # 1 GiB available beyond the default reserve of this machine
+        @staticmethod
+        def virtual_memory():
+            real = psutil.virtual_memory()
+            return real._replace(available=max(512 * 2**20, real.total // 20) + 2**30)
+
+    cudart, cleared = _RefusingCudart(), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(hs, "clear_cuda_error", lambda: cleared.append(len(cudart.registered)))
+    monkeypatch.setattr(hs, "locked_memory_limit", lambda: limit)
+    monkeypatch.setattr(hs, "psutil", Available)
+    page_bytes = 2 * 4 * 8 * 16 * 128 * 2
+    with pytest.raises(MemoryError) as refused:
+        HostKVStore(4, 8, 128, 16, 64, dtype=torch.bfloat16, pin_memory=True, huge_pages=False)  # 16 MiB
+    assert cudart.registered and cleared == [1]  # cleared right after the refusal, before the fallback
+    message = str(refused.value)
+    bound = "unlimited" if limit is None else "1024.00 GiB, above the store"
+    assert ("HostKVStore could not page-lock 0.02 GiB for 64 pages x 16 tokens: cudaHostRegister failed with CUDA "
+            "error 2, and torch's pinned allocator failed too") in message
+    assert (f"The locked-memory limit (ulimit -l) is {bound}, so the host is short of memory it can lock (") in message
+    assert (f"at most {2**30 // page_bytes} pages ({2**30 // page_bytes * 16} tokens) would fit beside the reserve; "
+            "free host memory, or lower the batch or the context (num_pages).") in message
+
+
+def test_clear_cuda_error_reads_the_loaded_runtimes_last_error(monkeypatch):
+    """The clearing goes to the CUDA runtime this process loaded (its last error is per runtime
+    instance), found in /proc/self/maps; without one, a tiny launch makes torch read it."""
+    import offload.host_store as hs
+
+    calls = []
+
+    class Runtime:
+        def cudaGetLastError(self):
+            calls.append("cudaGetLastError")
+            return 0
+
+    monkeypatch.setattr(hs, "_loaded_cudart", lambda: Runtime())
+    hs.clear_cuda_error()
+    assert calls == ["cudaGetLastError"]
+    monkeypatch.setattr(hs, "_loaded_cudart", lambda: None)
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: calls.append(k["device"]) or (_ for _ in ()).throw(
+        RuntimeError("CUDA error: out of memory")))
+    hs.clear_cuda_error()  # the launch that reads the stale error raises it: swallowed, it is the one cleared
+    assert calls == ["cudaGetLastError", "cuda"]
+    monkeypatch.undo()
+    assert hs._loaded_cudart() is None  # this CPU build loads no CUDA runtime
+
+
+@pytest.mark.gpu
+def test_a_real_refused_registration_leaves_no_cuda_error_behind():
+    """A cudaHostRegister the driver really refuses (the range is registered already: error 712,
+    cudaErrorHostMemoryAlreadyRegistered) returns its error to the store and nothing else: the
+    next torch kernel launch, which reads the runtime's last error, runs, and the store still gathers."""
+    import offload.host_store as hs
+
+    store = HostKVStore(2, 2, 64, 16, 32, dtype=torch.float32, huge_pages=False)
+    try:
+        assert store.pin_method == "cudaHostRegister"
+        error = hs.host_register_error(store.k_all.view(torch.uint8).view(-1))
+        assert error not in (0, None), "registering a registered range again was not refused"
+        assert torch.ones(8, device="cuda").sum().item() == 8.0  # raises the refusal's error if it was left set
+        store.k_all.copy_(torch.randn(store.k_all.shape))
+        pool = torch.zeros(4, 16, 64, device="cuda")
+        pages, heads, slots = (torch.tensor(x, device="cuda") for x in ([3, 5, 7, 9], [0, 1, 0, 1], [2, 0, 3, 1]))
+        gather_pages(store.kernel_k(1), store.kernel_v(1), pages, heads, pool, torch.zeros_like(pool), slots)
+        torch.cuda.synchronize()
+        assert torch.equal(pool.cpu()[slots.cpu()], store.k(1)[pages.cpu(), heads.cpu()])
+    finally:
+        store.close()
+
+
+LOCKED_LIMIT_ON_GPU = r"""
+import json, resource
+import psutil, torch
+import offload.host_store as hs
+from offload.host_store import HostKVStore
+
+torch.zeros(1, device="cuda")  # the CUDA context exists before the limit: it is the store's pinning under test
+soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+resource.setrlimit(resource.RLIMIT_MEMLOCK, (2**20, hard))  # 1 MiB, lowered for this process alone
+out = {"limit": hs.locked_memory_limit()}
+rss = psutil.Process().memory_info().rss
+try:
+    store = HostKVStore(4, 8, 128, 16, 256, dtype=torch.bfloat16, huge_pages=False)  # 64 MiB
+except MemoryError as err:
+    out["error"] = str(err)
+else:
+    out["pin_method"] = store.pin_method
+    store.k_all.copy_(torch.randn(store.k_all.shape).to(torch.bfloat16))
+    gen = torch.Generator().manual_seed(0)
+    pages = torch.randint(0, 256, (64,), generator=gen)
+    heads = torch.randint(0, 8, (64,), generator=gen)
+    slots = torch.randperm(64, generator=gen)
+    pool = torch.zeros(64, 16, 128, device="cuda", dtype=torch.bfloat16)
+    from gpu_kernels.page_copy import gather_pages
+    gather_pages(store.kernel_k(2), store.kernel_v(2), pages.cuda(), heads.cuda(), pool, torch.zeros_like(pool),
+                 slots.cuda())
+    torch.cuda.synchronize()
+    out["gathered_exactly"] = torch.equal(pool.cpu()[slots], store.k(2)[pages, heads])
+    store.close()
+    del store
+# a refusal on the way (cudaHostRegister under the limit) must not surface at torch's next launch
+out["torch_runs_after"] = torch.ones(8, device="cuda").sum().item() == 8.0
+out["rss_growth"] = psutil.Process().memory_info().rss - rss
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.gpu
+def test_a_low_locked_memory_limit_on_the_gpu_refuses_clearly_or_pins_regardless():
+    """RLIMIT_MEMLOCK lowered to 1 MiB in a subprocess, then a 64 MiB store pinned for real. What the
+    platform does is recorded, and each outcome is checked: refused (MemoryError naming the limit and
+    the pages that fit under it), registered anyway (the NVIDIA driver pins outside the mlock
+    accounting: then the store must gather exactly), or registered by torch's pinned allocator after
+    cudaHostRegister was refused (then the refusal's CUDA error must not reach torch's next launch).
+    In every case the memory goes back and CUDA keeps working."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", LOCKED_LIMIT_ON_GPU], cwd=repo, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"under a 1 MiB locked-memory limit: {out}")  # which outcome this platform gives (pytest -s)
+    assert out["limit"] == 2**20 and out["torch_runs_after"]
+    if "error" in out:
+        page_bytes = 2 * 4 * 8 * 16 * 128 * 2
+        assert "HostKVStore could not page-lock 0.06 GiB for 256 pages x 16 tokens" in out["error"]
+        assert (f"The locked-memory limit (ulimit -l) is 1.0 MiB, under which at most {2**20 // page_bytes} pages "
+                f"({2**20 // page_bytes * 16} tokens) fit") in out["error"]
+    else:
+        assert out["pin_method"] in ("cudaHostRegister", "torch_pinned_allocator") and out["gathered_exactly"]
+    assert out["rss_growth"] < 32 * 2**20  # the 64 MiB went back
+
+
 def test_the_fault_hook_sees_every_transfer_and_a_refused_write_changes_nothing():
     from offload.host_store import TransferFault
     from offload.page_fetcher import PageFetcher

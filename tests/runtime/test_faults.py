@@ -539,3 +539,278 @@ def test_host_memory_taken_by_others_after_planning_refuses_the_call_and_the_eng
     monkeypatch.undo()
     assert [r.tokens for r in engine.generate(reqs)] == want
     assert not any(engine.last_occupancy.values())
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+# Real device faults: no injected exception. Models with random weights, fp32, so that every run's
+# tokens are exact (the churn tests' GPU run relies on the same: rows decode alike in any batch).
+
+MiB = 2**20
+
+
+def gpu_engine(model, mode: str, extra: dict, max_batch_size: int, **config) -> Engine:
+    sparse = SparseConfig(budget_fraction=0.25, page_size=16, sink_tokens=16, local_window=32, dense_layers=1,
+                          **extra)
+    return Engine(EngineConfig(model_path="unused", mode=mode, device="cuda", dtype="float32", progress=False,
+                               unmasking="fixed", denoising_steps=4, max_batch_size=max_batch_size,
+                               prefill_chunk_size=1024, sparse=sparse, **config), model=model)
+
+
+def gpu_allocated() -> int:
+    """torch.cuda.memory_allocated with the device idle and cuBLAS's per-stream workspaces (kept by
+    cuBLAS for every stream it ran on, not by the engine) cleared, as benchmarks.soak reads it."""
+    torch.cuda.synchronize()
+    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated()
+
+
+OOM_MODES = [("dense", {}), ("herald", {"source": "gpu-compact", "lookahead": True})]
+
+
+class Ballast:
+    """Wraps `engine.make_mode`: once the mode is built (the planner has checked the batch and the
+    mode has its memory), note the allocator's figures and, when `room` is set, take every byte of
+    the GPU but `room` into a ballast tensor, as another tenant of the GPU would after the check."""
+
+    def __init__(self, engine: Engine):
+        self.room: int | None = None
+        self.tensor: torch.Tensor | None = None
+        self.allocated = self.reserved = 0
+        make_mode = engine.make_mode
+
+        def make_mode_(num_sequences: int, max_tokens: int):
+            mode = make_mode(num_sequences, max_tokens)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            self.allocated, self.reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+            if self.room is not None:
+                free, _ = torch.cuda.mem_get_info()
+                self.tensor = torch.empty(free - self.room, dtype=torch.uint8, device="cuda")
+            return mode
+
+        engine.make_mode = make_mode_
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,extra", OOM_MODES, ids=["dense", "herald-lookahead"])
+def test_a_real_cuda_oom_in_a_pass_fails_its_rows_and_the_rest_are_served_exactly(mode, extra):
+    """Item 4 of issue 35 on the device, nothing injected: once the mode is built (the planner
+    passed the batch), a ballast tensor takes the GPU's memory but room for passes of 3 rows, not
+    of 4 (each row's pass holds ~200 MB of logits: 64 positions x 262144 ids in fp32, their copy
+    and their softmax). The first block's 4 rows run out for real (the caching allocator's
+    OutOfMemoryError): they fail saying GPU memory ran out, how much is free and the batch that
+    fits; the run goes on 3 rows at a time and the other 6 requests get an undisturbed run's
+    tokens; afterwards the engine's GPU memory is back at its baseline, and without the ballast it
+    serves a full batch again."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from runtime.checkpoint import random_model
+    from runtime.config import ModelConfig, RopeConfig
+
+    vocab, block = 262144, 64
+    config = ModelConfig(architecture="qwen3", vocab_size=vocab, hidden_size=256, intermediate_size=512, num_layers=3,
+                         num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=4096,
+                         rope=RopeConfig(theta=1e6), qk_norm=True, mask_token_id=vocab - 1, block_size=block)
+    model = random_model(config, dtype=torch.float32, device="cuda", std=0.1)
+    gen = torch.Generator().manual_seed(5)
+    reqs = [GenerationRequest(prompt=torch.randint(0, vocab - 2, (int(n),), generator=gen).tolist(),
+                              max_new_tokens=int(new), stop_at_eos=False, request_id=f"r{i}")
+            for i, (n, new) in enumerate(zip(torch.randint(70, 300, (10,), generator=gen),
+                                             torch.randint(block, 3 * block, (10,), generator=gen)))]
+    # eager passes: a CUDA graph's capture cannot give cached memory back mid-capture, so the first
+    # pass of each shape would need its memory twice; the eager path is what this measures
+    engines = {n: gpu_engine(model, mode, extra, n, cuda_graphs=False) for n in (1, 2, 3, 4)}
+    ballasts = {n: Ballast(engine) for n, engine in engines.items()}
+    allocated, reserved, tokens = {}, {}, {}
+    for n, engine in engines.items():  # every row count's kernels compile here, before any ballast
+        gpu_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        results = engine.generate(reqs)
+        # the passes' peak beyond the built mode: live tensors, and the segments the allocator held for them
+        allocated[n] = torch.cuda.max_memory_allocated() - ballasts[n].allocated
+        reserved[n] = torch.cuda.max_memory_reserved() - ballasts[n].reserved
+        assert all(r.finish_reason == "length" for r in results), [r.error for r in results if r.error]
+        tokens[n] = {r.request_id: r.tokens for r in results}
+    assert tokens[3] == tokens[4], "rows decode differently in batches of 3 and 4: the exactness check cannot hold"
+    gap = allocated[4] - reserved[3]
+    assert gap >= 64 * MiB, f"4 rows need only {gap / MiB:.0f} MiB more than 3 rows hold ({allocated}, {reserved})"
+
+    engine, ballast = engines[4], ballasts[4]
+    base = gpu_allocated()
+    ballast.room = reserved[3] + gap // 2  # 3 rows' segments fit with gap/2 to spare; 4 rows' tensors lack gap/2
+    results = engine.generate(reqs)
+    failed = {r.request_id: r.error for r in results if r.finish_reason == "error"}
+    assert set(failed) == {"r0", "r1", "r2", "r3"}, {r.request_id: (r.finish_reason, r.error) for r in results}
+    for error in failed.values():
+        assert "OutOfMemoryError: CUDA out of memory" in error and "GPU memory ran out (" in error, error
+        assert "GiB of the GPU free now)" in error
+        assert "this run goes on with at most 3 sequences at once; set max_batch_size=3" in error, error
+    for r in results:
+        if r.request_id in failed:
+            assert r.tokens == tokens[4][r.request_id][: len(r.tokens)]  # what it had committed, nothing more
+        else:
+            assert r.finish_reason == "length" and r.tokens == tokens[4][r.request_id], r.request_id
+    assert engine.last_stats.errors == 4 and not any(engine.last_occupancy.values()), engine.last_occupancy
+    assert gpu_allocated() == base + ballast.tensor.numel()  # the failed passes kept nothing
+    ballast.room = ballast.tensor = None
+    assert gpu_allocated() == base
+    again = engine.generate(reqs)  # the memory is back: a full batch is served, exactly
+    assert {r.request_id: r.tokens for r in again} == tokens[4] and engine.last_stats.errors == 0
+    assert gpu_allocated() == base
+
+
+@dataclass
+class ResidentCheck:
+    """Before every pass is planned (the device idle: the lookahead's side work included), every page
+    the GPU page cache's directory says a slot holds is compared, over its committed positions, with
+    the host store's copy of that page: a page never becomes resident with stale or partial contents.
+    The pools start as NaN, so a slot claimed but never written differs too. With `fault` set, the
+    host store's fault hook fails the `fault.occurrence`-th `op` transfer ("gather" / "write") of a
+    `fault.phase` pass that carries pages of `fault.target`, for those pages (as TransferHook does)."""
+
+    fault: Fault | None = None
+    op: str = "gather"
+    seen: int = 0
+    pages_checked: int = 0
+    checks: int = 0
+
+    def install(self, mode, request_of: dict[int, str], num_layers: int) -> None:
+        self.mode, self.request_of = mode, request_of
+        self.context: dict[int, int] = {}  # sequence -> committed tokens, as its last pass said
+        mode.fetcher._k.fill_(float("nan"))
+        mode.fetcher._v.fill_(float("nan"))
+        plan = mode.plan
+
+        def plan_(batch: ForwardBatch) -> None:
+            self.check()
+            for seq_id, length in zip(batch.seq_ids, batch.context_lens.tolist()):
+                self.context[seq_id] = max(self.context.get(seq_id, 0), int(length))
+            plan(batch)
+
+        mode.plan = plan_
+        if self.fault is not None:
+            mode.store.fault_hook = self.hook
+
+    def hook(self, op: str, layer, pages: torch.Tensor) -> None:
+        fault, batch, store = self.fault, self.mode.batch, self.mode.store
+        if fault.fired or op != self.op or batch is None or batch.phase is not fault.phase:
+            return
+        target = [s for s in batch.seq_ids if self.request_of[s] == fault.target]
+        mine = set(pages.tolist()) & set(store._tables[target[0]]) if target else set()
+        if not mine:
+            return
+        self.seen += 1
+        if self.seen == fault.occurrence:
+            fault.fired = tuple(self.request_of[s] for s in batch.seq_ids)
+            raise TransferFault(mine, f"injected {op} fault in the {batch.phase.value} pass")
+
+    def check(self) -> None:
+        mode = self.mode
+        if mode.cuda:  # the lookahead's side work and every gather done: what the directory says is final
+            torch.cuda.synchronize()
+        directory, store, p = mode.fetcher.directory, mode.store, mode.page_size
+        held = directory.held.cpu()  # [L, rows, Hkv, capacity] logical page of each slot, -1: none
+        seq_of_row = {row: seq for seq, row in mode.row_of.items()}
+        for layer in range(mode.dense_layers, mode.num_layers):
+            rows, heads, local = (held[layer] >= 0).nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            assert all(int(r) in seq_of_row for r in rows.unique()), f"layer {layer}: a free row holds pages"
+            logical = held[layer][rows, heads, local].long()
+            seqs = [seq_of_row[int(r)] for r in rows]
+            physical = torch.tensor([store._tables[s][int(page)] for s, page in zip(seqs, logical)])
+            committed = torch.tensor([self.context.get(s, 0) for s in seqs])
+            valid = torch.arange(p)[None, :] < (committed - logical * p)[:, None]  # [n, P] committed positions
+            slots = (rows * directory.num_kv_heads + heads) * directory.capacity + local
+            for pool, host in ((mode.fetcher.k_pool(layer), store.k(layer)), (mode.fetcher.v_pool(layer), store.v(layer))):
+                resident, truth = pool[slots.to(pool.device)].cpu(), host[physical, heads]
+                differs = ((resident != truth) & valid[:, :, None]).any(dim=-1).any(dim=-1)
+                assert not bool(differs.any()), (
+                    f"layer {layer}: {int(differs.sum())} resident pages differ from the host store's copy, e.g. "
+                    f"page {int(logical[differs][0])} of sequence {seqs[int(differs.nonzero()[0])]} in slot "
+                    f"{int(slots[differs][0])}")
+            self.pages_checked += int((valid.any(dim=1)).sum())
+        self.checks += 1
+
+
+def resident_engine(model) -> Engine:
+    return gpu_engine(model, "herald", {"source": "gpu-compact", "lookahead": True}, 3)
+
+
+def resident_requests() -> list[GenerationRequest]:
+    """Prompts of 1.5K-5K tokens (a 25% budget selects a real subset of their 16-token pages) and
+    4-6 blocks of 16 each; r1, the target, runs in the first batch of 3."""
+    gen = torch.Generator().manual_seed(11)
+    lengths, blocks = [3100, 4900, 1500, 2600, 4100], [5, 6, 4, 6, 5]
+    return [GenerationRequest(prompt=torch.randint(0, 62, (n,), generator=gen).tolist(), max_new_tokens=16 * b,
+                              stop_at_eos=False, request_id=f"r{i}") for i, (n, b) in enumerate(zip(lengths, blocks))]
+
+
+@pytest.fixture(scope="module")
+def gpu_model():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from runtime.checkpoint import random_model
+    from runtime.config import ModelConfig, RopeConfig
+
+    config = ModelConfig(architecture="qwen3", vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=3,
+                         num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=32768,
+                         rope=RopeConfig(theta=1e6), qk_norm=True, mask_token_id=63, block_size=16)
+    return random_model(config, dtype=torch.float32, device="cuda", std=0.1)
+
+
+@pytest.mark.gpu
+def test_resident_pages_match_the_host_store_over_blocks_with_the_lookahead(gpu_model):
+    """Item 5 of issue 35 without faults: herald with the lookahead on CUDA (its side passes, CUDA
+    graphs and all) over several blocks; before every pass every page the GPU cache claims resident
+    holds the host store's bytes of that page."""
+    check = ResidentCheck()
+    run = Run(resident_engine(gpu_model), check)
+    results = run.generate(resident_requests())
+    assert all(r.finish_reason == "length" for r in results), [r.error for r in results]
+    assert check.checks > 30 and check.pages_checked > 5000, (check.checks, check.pages_checked)
+    assert run.leftover == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op,phase,occurrence", [("gather", Phase.LOOKAHEAD, 2), ("gather", Phase.DENOISE, 3),
+                                                 ("write", Phase.COMMIT, 2)],
+                         ids=["gather-lookahead", "gather-step0", "write-commit"])
+def test_a_failed_transfer_on_the_gpu_leaves_no_stale_page_resident(gpu_model, op, phase, occurrence):
+    """Item 5 with a fault mid-run: the host store's fault hook fails a gather (the lookahead's side
+    fetch, or step 0's) or a commit's write for the target's pages. The target alone fails; the
+    pass's other rows run their block again and get the fault-free run's tokens; and before every
+    pass, before and after the fault, no page the GPU cache claims resident differs from the host's."""
+    want = {r.request_id: r.tokens for r in resident_engine(gpu_model).generate(resident_requests())}
+    check = ResidentCheck(Fault(phase, None, occurrence, "transfer"), op)
+    run = Run(resident_engine(gpu_model), check)
+    reqs = resident_requests()
+    results = run.generate(reqs)
+    check_isolated(results, reqs, check.fault, want, run.engine)
+    [failed] = [r for r in results if r.finish_reason == "error"]
+    assert f"injected {op} fault in the {phase.value} pass" in failed.error and "a transfer failed" in failed.error
+    assert check.checks > 30 and check.pages_checked > 5000, (check.checks, check.pages_checked)
+    assert run.leftover == []
+
+
+def test_the_resident_check_sees_a_page_that_differs_from_the_host(model):
+    """ResidentCheck (the GPU tests' checksum) has teeth, shown on the CPU where it runs the same:
+    one value of one resident page changed makes it fail, naming the page."""
+    check = ResidentCheck()
+    run = Run(make_engine(model, "herald", {"source": "cpu"}), check)
+    honest = check.check
+
+    def check_after_corrupting() -> None:
+        mode = check.mode
+        directory = mode.fetcher.directory
+        held = (directory.held[1] >= 0).nonzero()
+        if len(held):
+            row, head, local = (int(x) for x in held[0])
+            mode.fetcher.k_pool(1)[(row * directory.num_kv_heads + head) * directory.capacity + local, 0, 0] += 1.0
+        honest()
+
+    check.check = check_after_corrupting
+    with pytest.raises(AssertionError, match=r"layer 1: 1 resident pages differ from the host store's copy"):
+        run.generate(requests())
