@@ -272,6 +272,27 @@ def load_model(path: str | Path, *, dtype: torch.dtype | str | None = None,
     return model.eval(), config
 
 
+FORECAST_FILE = "forecast.safetensors"  # optional: herald's learned forecast (training/forecast.py)
+
+
+def load_forecast(path: str | Path, config: ModelConfig) -> torch.Tensor:
+    """The learned forecast projections beside a checkpoint: [L, Hkv, D, D] fp32, entry l mapping
+    layer l-1's selection queries (per KV head) to those that select layer l's pages
+    (`SparseConfig.forecast="learned"`). Refuses a missing file or one for another geometry."""
+    file = Path(path) / FORECAST_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"forecast='learned' needs {file}; fit one with `python -m training.forecast --model "
+                                f"{path}`, or use forecast='next-layer' (training-free)")
+    found = read_safetensors_header(file)
+    expected = (config.num_layers, config.num_kv_heads, config.head_dim, config.head_dim)
+    if set(found) != {"weight"} or found["weight"][1] != expected:
+        raise ValueError(f"{file} holds {{{', '.join(f'{n}: {list(sh)}' for n, (_, sh) in found.items())}}}; this "
+                         f"model's forecast is one tensor 'weight' of shape {list(expected)} (layers, KV heads, "
+                         "head_dim, head_dim): fit it again for this checkpoint")
+    with safe_open(file, framework="pt") as f:
+        return f.get_tensor("weight").float()
+
+
 def random_model(config: ModelConfig, *, dtype: torch.dtype | str = torch.float32,
                  device: str | torch.device = "cpu", seed: int = 0, std: float = 0.02,
                  tp: TensorParallel | None = None) -> Transformer:

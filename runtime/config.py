@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 
 ATTENTION_MODES = ("dense", "mage", "quest", "herald")
 SELECTION_SOURCES = ("gpu-exact", "cpu", "gpu-compact", "split")
-# herald's step-0 forecast of the next layer's pages (SparDA's, training-free): off | next-layer
-FORECASTS = ("off", "next-layer")
+# herald's step-0 forecast of the next layer's pages (SparDA's): off | next-layer (training-free) |
+# learned (the queries first mapped by the projections of the checkpoint's forecast.safetensors)
+FORECASTS = ("off", "next-layer", "learned")
 SELECTION_QUERIES = ("mean", "center", "positions")
 GRANULARITIES = ("page", "token")
 ATTENTION_BACKENDS = ("torch", "triton")
@@ -399,7 +400,9 @@ class SparseConfig:
     # herald, at a step 0 that selects by scanning (lookahead off, or a block the lookahead did not
     # prepare): "next-layer" scores layer l's selection queries against layer l+1's keys as well, and
     # fetches those pages on the gather stream while layer l attends (SparDA's training-free forecast).
-    # Layer l+1 still attends to its own exact selection; the forecast only decides what moves early.
+    # "learned": the queries first pass through that layer's projection (checkpoint's forecast.safetensors,
+    # training/forecast.py). Layer l+1 still attends to its own exact selection; the forecast only
+    # decides what moves early.
     forecast: str = "off"
     # herald's host KV store on 2 MiB transparent huge pages where the OS grants them (offload/host_store.py)
     host_huge_pages: bool = True

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from offload.streams import Streams, make_streams
 from runtime.attention import AttentionMode, DenseAttention
 from runtime.chat import ChatTemplate, Message, is_conversation
-from runtime.checkpoint import load_model
+from runtime.checkpoint import load_forecast, load_model
 from runtime.config import EngineConfig, ModelConfig
 from runtime.decoding import DecodeSettings, GenerationRequest, GenerationResult, SequenceState
 from runtime.generate import BlockDiffusionLoop
@@ -173,6 +173,12 @@ class Engine:
         self.tokenizer = tokenizer
         self.chat_template = load_chat_template(config, tokenizer)
         self.settings = resolve_settings(config, model_config, tokenizer)
+        self.forecast_weights: torch.Tensor | None = None  # herald's learned forecast, [L, Hkv, D, D]
+        if config.mode == "herald" and config.sparse.forecast == "learned":
+            if self.tp.enabled:
+                raise ValueError("forecast='learned' runs on one GPU: its projections are not split over "
+                                 "tensor-parallel ranks; use forecast='next-layer' with tensor_parallel_size > 1")
+            self.forecast_weights = load_forecast(path, model_config).to(self.device)
         if model is None:
             if self.device.type == "cuda":
                 free = self._free({}).get("gpu_free", gpu_free_bytes(self.device))
@@ -207,7 +213,7 @@ class Engine:
             return QuestAttention(*args, self.dtype, self.device, backend, sparse)
         if mode == "herald":
             return HeraldAttention(*args, self.dtype, self.device, backend, sparse, streams=self.streams,
-                                   progress=self.config.progress)
+                                   progress=self.config.progress, forecast_weights=self.forecast_weights)
         raise ValueError(f"mode {mode!r} is not available")
 
     def make_loop(self, mode: AttentionMode, max_batch_size: int) -> BlockDiffusionLoop:

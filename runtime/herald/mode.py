@@ -47,7 +47,8 @@ from runtime.herald.lookahead import NextSelections
 from runtime.herald.sources import PageScorer
 from runtime.herald.timeline import BlockTimeline
 from runtime.memory import selected_pages_bound
-from runtime.selection import SelectionPlan, plan_selection, select_pages, selection_queries, table_attention_torch
+from runtime.selection import (SelectionPlan, plan_selection, query_sets, select_pages, selection_queries,
+                               table_attention_torch)
 
 
 def _shared_pages(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -75,11 +76,14 @@ class HeraldAttention(AttentionMode):
 
     def __init__(self, model: ModelConfig, max_sequences: int, max_tokens: int, dtype: torch.dtype,
                  device: torch.device, backend: str, sparse: SparseConfig, reserve_host_bytes: int | None = None,
-                 streams: Streams | None = None, progress: bool = False):
+                 streams: Streams | None = None, progress: bool = False,
+                 forecast_weights: torch.Tensor | None = None):
         """sparse: resolved for the device (`SparseConfig.for_device`). streams (CUDA, with the
-        lookahead): where the LOOKAHEAD pass and its gathers run (`offload.streams`; default: a new
-        set by the same rule; an engine passes its own to every mode it makes). progress: a progress
-        bar while the pinned host store is faulted in."""
+        lookahead or the forecast): where the LOOKAHEAD pass and the side gathers run
+        (`offload.streams`; default: a new set by the same rule; an engine passes its own to every
+        mode it makes). progress: a progress bar while the pinned host store is faulted in.
+        forecast_weights: [L, Hkv, D, D] on `device`, what sparse.forecast="learned" maps the
+        queries with (runtime.checkpoint.load_forecast)."""
         if sparse.granularity != "page":
             raise ValueError("herald moves and selects whole pages; set granularity='page' (token level is mage's)")
         if sparse.source == "gpu-exact":
@@ -89,6 +93,10 @@ class HeraldAttention(AttentionMode):
         self.cuda = device.type == "cuda"
         self.wants_lookahead = sparse.lookahead_resolved()
         self.forecasting = sparse.forecast != "off"
+        if (sparse.forecast == "learned") != (forecast_weights is not None):
+            raise ValueError("forecast='learned' needs the checkpoint's forecast weights (and only it takes them): "
+                             "build the mode through the Engine, which loads forecast.safetensors")
+        self.forecast_weights = forecast_weights
         self.scale = model.head_dim ** -0.5
         self.query = sparse.selection_query("herald")
         self.num_layers, self.num_kv_heads = model.num_layers, model.num_kv_heads
@@ -482,6 +490,8 @@ class HeraldAttention(AttentionMode):
         are gathered on the gather stream while layer - 1 attends. Its slot table still names the
         last block's pages there (this block's is written after the forecast), and they are kept
         too, since `layer`'s exact selection will mostly be them again."""
+        if self.forecast_weights is not None:  # learned: layer - 1's queries mapped to this layer's
+            q_sel = torch.einsum("nhrd,hde->nhre", query_sets(q_sel), self.forecast_weights[layer])
         forecast = select_pages(self.scorer.scores(layer, q_sel), None, self.sparse, self._selection_plan)
         last_block_slots, _ = self._tables[layer]
         _, fetched = self.fetcher.fetch(layer, self._buf.rows, self._buf.store_table, forecast.entries,

@@ -511,8 +511,8 @@ def test_herald_forecast_changes_no_token_and_reports_its_recall(model, source, 
 
 
 def test_forecast_setting_is_checked():
-    with pytest.raises(ValueError, match="forecast='learned'"):
-        SparseConfig(forecast="learned")
+    with pytest.raises(ValueError, match="forecast='sparda'"):
+        SparseConfig(forecast="sparda")
 
 
 @pytest.mark.gpu
