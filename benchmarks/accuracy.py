@@ -43,6 +43,8 @@ MODE_SPECS: dict[str, ModeSpec] = {
     "herald-cpu": ModeSpec("herald", "cpu"),
     "herald-gpu-compact": ModeSpec("herald", "gpu-compact"),
     "herald-split": ModeSpec("herald", "split"),
+    # the design's literal step 0: exact attention over the host store, its page scores select (herald's exact reference)
+    "herald-gpu-exact": ModeSpec("herald", "gpu-exact"),
     # the configuration the throughput numbers use: its blocks after the first take the draft's pages
     "herald-lookahead": ModeSpec("herald", "gpu-compact", lookahead=True),
     # herald scoring with the block-mean query (its default before the seventh session), for comparison
@@ -82,7 +84,7 @@ def recall_variant(spec: str, compact_bits: int, page_size: int) -> tuple[str, s
     lookahead's: that of its step-0 source, which its draft selection approximates)."""
     mode, source, _, query = MODE_SPECS[spec]
     gran = f"page{page_size}"
-    if mode == "mage" or (source == "cpu" and query == "mean"):  # exact scores of the block-mean query
+    if mode == "mage" or source == "gpu-exact" or (source == "cpu" and query == "mean"):  # exact block-mean scores
         return ("mage", gran, "max")
     if source == "cpu":  # exact scores of herald's default, one query per block position
         return ("herald-positions", gran, "max")

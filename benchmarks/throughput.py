@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--geometry", default="qwen3-8b", choices=sorted(GEOMETRIES))
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--labels", nargs="*", default=None, help="subset of the mode labels to run")
-    parser.add_argument("--sources", nargs="+", default=["gpu-compact", "cpu", "split"])
+    parser.add_argument("--sources", nargs="+", default=["gpu-compact", "cpu", "split", "gpu-exact"],
+                        choices=["gpu-compact", "cpu", "split", "gpu-exact"])
     parser.add_argument("--max-batch", type=int, default=64, help="cap on the sweep")
     parser.add_argument("--batches", type=int, nargs="*", default=None, help="explicit batches (else the sweep)")
     parser.add_argument("--block-size", type=int, default=32)

@@ -57,7 +57,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     sparse.add_argument("--budget", type=float, default=0.05, help="share of the context each block attends to")
     sparse.add_argument("--budget-tokens", type=int, default=None, help="a fixed token budget instead of --budget")
     sparse.add_argument("--page-size", type=int, default=16)
-    sparse.add_argument("--source", default="gpu-compact", choices=[s for s in SELECTION_SOURCES if s != "gpu-exact"],
+    sparse.add_argument("--source", default="gpu-compact", choices=SELECTION_SOURCES,
                         help="herald's selection source")
     sparse.add_argument("--dense-layers", type=int, default=SparseConfig.dense_layers,
                         help="first layers the sparse modes keep exact")

@@ -378,7 +378,9 @@ class SparseConfig:
     # token scoring the max over them. None: positions for herald, whose step 0 attends only to what
     # it selects; mean for mage (its step 0 is exact, and its kernel scores the block mean in that pass)
     query: str | None = None
-    source: str = "gpu-compact"  # herald's selection source: cpu | gpu-compact | split (mage: gpu-exact)
+    # herald's selection source: cpu | gpu-compact | split | gpu-exact (step 0 exact over the host store;
+    # mage's step 0 is always exact on its resident KV)
+    source: str = "gpu-compact"
     sink_tokens: int = 16
     local_window: int = 64
     dense_layers: int = 2  # the first layers stay exact (MAGE and Quest keep two; herald holds theirs on the GPU)
@@ -421,7 +423,8 @@ class SparseConfig:
         """This configuration with the device-dependent defaults decided (the lookahead)."""
         if self.lookahead is not None:
             return self
-        return replace(self, lookahead=device.type == "cuda")
+        # gpu-exact selects from step 0's exact pass, which the lookahead's pass does not run
+        return replace(self, lookahead=device.type == "cuda" and self.source != "gpu-exact")
 
     def lookahead_resolved(self) -> bool:
         """The lookahead setting of a configuration `for_device` resolved."""

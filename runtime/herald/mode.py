@@ -35,7 +35,7 @@ from dataclasses import replace
 import torch
 
 from gpu_kernels.merge import block_self_attention, merge_attention_states
-from gpu_kernels.paged_attention import block_attention, paged_attention
+from gpu_kernels.paged_attention import block_attention, block_attention_reference, paged_attention
 from offload.host_store import HostKVStore, TransferFault
 from offload.page_fetcher import PageFetcher
 from offload.streams import Streams, make_streams
@@ -86,8 +86,10 @@ class HeraldAttention(AttentionMode):
         queries with (runtime.checkpoint.load_forecast)."""
         if sparse.granularity != "page":
             raise ValueError("herald moves and selects whole pages; set granularity='page' (token level is mage's)")
-        if sparse.source == "gpu-exact":
-            raise ValueError("herald's KV is off the GPU: choose source cpu, gpu-compact or split")
+        if sparse.source == "gpu-exact" and (sparse.lookahead_resolved() or sparse.forecast != "off"):
+            raise ValueError("source='gpu-exact' selects from step 0's exact attention over the host store, which "
+                             "a lookahead or forecast pass does not run: set lookahead=False and forecast='off', or "
+                             "choose source gpu-compact")
         sparse.check_dense_layers(model.num_layers)
         self.sparse, self.device, self.backend = sparse, device, backend
         self.cuda = device.type == "cuda"
@@ -377,6 +379,8 @@ class HeraldAttention(AttentionMode):
         batch = self.batch
         if batch.phase is Phase.PREFILL:
             out = self._prefill(layer, q, k, v)
+        elif self._selecting and self.sparse.source == "gpu-exact":
+            out = self._exact_step0(layer, q, k, v)
         else:
             if self._selecting:
                 self._select_and_fetch(layer, q)
@@ -434,6 +438,22 @@ class HeraldAttention(AttentionMode):
         out = torch.matmul(torch.softmax(s, dim=-1).nan_to_num(0.0), vals)
         return out.view(n, hq, t, d), lse.view(n, hq, t)
 
+    def _exact_step0(self, layer: int, q, k, v) -> torch.Tensor:
+        """The design's literal step 0 (source 'gpu-exact'): exact attention over the whole context,
+        read from the host store (zero-copy over PCIe on CUDA) and the block's own K/V, whose page
+        scores (of the block-mean query, in the same kernel pass) select what the later steps read."""
+        buf = self._buf
+        if self.cuda:
+            out, _, page_scores, _ = paged_attention(q, self.store.kernel_k(layer), self.store.kernel_v(layer),
+                                                     buf.store_table, buf.context_lens, scale=self.scale,
+                                                     return_page_scores=True, k_block=k, v_block=v)
+        else:  # plain torch: one softmax over [the context's keys, the block's]
+            out, page_scores, _ = block_attention_reference(q, k, v, self.store.k(layer), self.store.v(layer),
+                                                            buf.store_table, buf.context_lens, scale=self.scale,
+                                                            return_page_scores=True)
+        self._select_and_fetch(layer, q, page_scores)
+        return out.to(q.dtype)
+
     def _write(self, layer: int, table: torch.Tensor, start: torch.Tensor, k, v) -> None:
         """New K/V [N, Hkv, T, D] of one layer: host store and compact keys."""
         self.store.write(layer, table, start, k.contiguous(), v.contiguous())
@@ -450,11 +470,15 @@ class HeraldAttention(AttentionMode):
     # ------------------------------------------------------------------------------------------
     # selection and fetch
 
-    def _select_and_fetch(self, layer: int, q: torch.Tensor) -> None:
-        """Step 0 of one layer: select, fetch the misses, keep the tables for the block's passes."""
+    def _select_and_fetch(self, layer: int, q: torch.Tensor, exact_scores: torch.Tensor | None = None) -> None:
+        """Step 0 of one layer: select, fetch the misses, keep the tables for the block's passes.
+        exact_scores: [N, Hkv, pages] from step 0's exact attention (source 'gpu-exact'), else the
+        scorer's source scores the selection queries."""
         self.stats.selecting()
         scanned = None
-        if not self._every_row or self.sparse.measure_draft_recall:
+        if exact_scores is not None:
+            scanned = select_pages(exact_scores, None, self.sparse, self._selection_plan)
+        elif not self._every_row or self.sparse.measure_draft_recall:
             q_sel = selection_queries(q, self.num_kv_heads, self.query)
             scanned = select_pages(self.scorer.scores(layer, q_sel), None, self.sparse, self._selection_plan)
         selection = scanned

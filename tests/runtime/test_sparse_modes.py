@@ -256,8 +256,8 @@ def test_token_budget_must_be_smaller_than_the_context(model):
 def test_mode_specific_refusals(model):
     with pytest.raises(ValueError, match="granularity='page'"):
         generate(model, "herald", granularity="token")
-    with pytest.raises(ValueError, match="source cpu, gpu-compact or split"):
-        generate(model, "herald", source="gpu-exact")
+    with pytest.raises(ValueError, match="source='gpu-exact' selects from step 0's exact attention"):
+        generate(model, "herald", source="gpu-exact", lookahead=True)
     with pytest.raises(ValueError, match="granularity='page'"):
         generate(model, "quest", granularity="token")
 
@@ -421,6 +421,7 @@ def test_cuda_full_budget_modes_equal_dense(cuda_model):
     dense, _ = generate_cuda(cuda_model, "dense")
     for mode, extra in [("mage", {}), ("quest", {}), ("herald", {"source": "gpu-compact"}),
                         ("herald", {"source": "cpu"}), ("herald", {"source": "split"}),
+                        ("herald", {"source": "gpu-exact"}),
                         ("herald", {"source": "gpu-compact", "lookahead": True})]:
         got, _ = generate_cuda(cuda_model, mode, budget_fraction=1.0, dense_layers=0, **extra)
         assert got == dense, (mode, extra)
@@ -486,6 +487,17 @@ def test_herald_lookahead_prefetches_the_next_blocks_pages(model):
     assert prefetched > 0 and at_step0 < prefetched
     recalls = [b["draft_recall"] for b in timeline if b["draft_recall"] is not None]
     assert recalls and all(0.0 <= r <= 1.0 for r in recalls)
+
+
+def test_herald_gpu_exact_step0_is_mages_exact_step0(model):
+    """source='gpu-exact' (the design's literal step 0): exact attention over the host store and the
+    block, whose block-mean page scores select the later steps' pages. That is mage's step 0 with
+    its block-mean query and page granularity, so the tokens are mage's, at a real budget too."""
+    for budget in (1.0, 0.3):
+        mage, _ = generate(model, "mage", budget_fraction=budget, dense_layers=1, query="mean")
+        exact, engine = generate(model, "herald", budget_fraction=budget, dense_layers=1, source="gpu-exact")
+        assert exact == mage, budget
+        assert all(b["pages_fetched"] <= b["pages_selected"] for b in engine.last_timeline)
 
 
 @pytest.mark.parametrize("source,lookahead", [("gpu-compact", False), ("cpu", False), ("gpu-compact", True)])
