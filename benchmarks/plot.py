@@ -298,12 +298,46 @@ def plot_throughput_by_context(runs: list[dict], out: Path) -> Path:
     return _save(fig, out / "throughput_by_context.png")
 
 
+def plot_scaling(runs: list[dict], out: Path) -> Path:
+    """Tokens/s (each mode at its best measured batch) and that row's block latency against context,
+    one line per mode, from `benchmarks.throughput` JSON (one run over several contexts)."""
+    best: dict[tuple[str, int], dict] = {}
+    for run in runs:
+        for r in run["rows"]:
+            if "error" not in r and r.get("tokens_per_s"):
+                key = (r["label"], r["context"])
+                if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
+                    best[key] = r
+    contexts = sorted({c for _, c in best})
+    fig, (tps, lat) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label in sorted({label for label, _ in best}, key=lambda label: (label != "dense", label)):
+        rows = [best[(label, c)] for c in contexts if (label, c) in best]
+        xs = [r["context"] / 1024 for r in rows]
+        tps.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=label)
+        lat.plot(xs, [r["block_p50_s"] * 1e3 for r in rows], marker="o", label=label)
+        for r in rows:
+            tps.annotate(f"b{r['batch']}", (r["context"] / 1024, r["tokens_per_s"]), fontsize=7,
+                         xytext=(3, 3), textcoords="offset points")
+    for ax, ylabel in ((tps, "generated tokens/s (best batch)"), (lat, "block latency p50, ms (at that batch)")):
+        _context_axis(ax, contexts)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    meta = runs[0].get("meta", {})
+    fig.suptitle(f"{meta.get('geometry', '')} {meta.get('device', '')}: scaling with context", fontsize=9)
+    return _save(fig, out / "throughput_scaling.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernels", type=Path)
     parser.add_argument("--transfer", type=Path)
     parser.add_argument("--decode", type=Path)
     parser.add_argument("--throughput", type=Path, nargs="+", help="benchmarks.throughput JSON files (contexts merged)")
+    parser.add_argument("--scaling", type=Path, nargs="+",
+                        help="benchmarks.throughput JSON files: tokens/s and block latency against context, a line "
+                             "per mode")
     parser.add_argument("--sparse", type=Path, nargs="+",
                         help="benchmarks.kernels JSON files: sparse rows against their attainable rate")
     parser.add_argument("--sparse-kernels", type=Path, nargs="+",
@@ -332,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         print("wrote", plot_prefetch_pages([json.loads(p.read_text()) for p in args.prefetch_pages], args.out))
     if args.throughput:
         print("wrote", plot_throughput_by_context([json.loads(p.read_text()) for p in args.throughput], args.out))
+    if args.scaling:
+        print("wrote", plot_scaling([json.loads(p.read_text()) for p in args.scaling], args.out))
     return 0
 
 

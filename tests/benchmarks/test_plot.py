@@ -18,9 +18,9 @@ def test_plots_from_recorded_runs(tmp_path):
     """The committed JSON of real runs still plots: throughput by context (several files merged)
     and the gather with its zero-copy ceiling."""
     runs = ["throughput_32k_64k_h200_batch12_session5.json", "throughput_128k_h200_step0_fix_1.json"]
-    assert main(["--throughput", *[str(DATA / r) for r in runs], "--transfer",
-                 str(DATA / "transfer_h200_contiguous_2.json"), "--out", str(tmp_path)]) == 0
-    for name in ("throughput_by_context.png", "transfer.png"):
+    assert main(["--throughput", *[str(DATA / r) for r in runs], "--scaling", *[str(DATA / r) for r in runs],
+                 "--transfer", str(DATA / "transfer_h200_contiguous_2.json"), "--out", str(tmp_path)]) == 0
+    for name in ("throughput_by_context.png", "throughput_scaling.png", "transfer.png"):
         assert_png(tmp_path / name)
     assert {r["context"] for run in runs for r in json.loads((DATA / run).read_text())["rows"]} == {32768, 65536, 131072}
 
