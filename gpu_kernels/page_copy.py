@@ -441,6 +441,8 @@ def gather_pages_reference(
 
 
 def _write_layout(dst_k, k_new):
+    if is_fp8(k_new.dtype):
+        raise ValueError("k_new is fp8: write the model's K/V (bf16, fp16 or fp32); an fp8 store quantizes them")
     if dst_k.dim() == 4 and k_new.dim() == 4:
         return False
     if dst_k.dim() == 5 and k_new.dim() == 5:
@@ -468,8 +470,6 @@ def _check_write(dst_k, dst_v, page_table, start_pos, k_new, v_new, validate: bo
     if k_new.dtype != dst_k.dtype and not is_fp8(dst_k.dtype):
         raise ValueError(f"k_new dtype {k_new.dtype} differs from dst dtype {dst_k.dtype}; writes do not convert "
                          "(only an fp8 store quantizes what it is given)")
-    if is_fp8(k_new.dtype):
-        raise ValueError("k_new is fp8: write the model's K/V (bf16, fp16 or fp32); an fp8 store quantizes them")
     if page_table.dim() != 2 or page_table.shape[0] != n or page_table.dtype not in _INDEX_DTYPES:
         raise ValueError(f"page_table must be int32/int64 [N={n}, max_pages]; got {page_table.dtype} {tuple(page_table.shape)}")
     _check_index(start_pos, "start_pos", n)
