@@ -81,19 +81,24 @@ def test_fp8_logits_are_close_to_the_model_dtype_and_herald_matches_dense(model,
     assert rel(herald_fp8, fp8) < 1e-5
 
 
-def test_fp8_generation_runs_in_dense_and_herald():
-    """Generation end to end with fp8 K/V in both modes that take it: every request finishes, and
-    herald over its whole context gives dense-fp8's tokens."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp8_generation_runs_in_dense_and_herald(device):
+    """Generation end to end with fp8 K/V in both modes that take it (on CUDA: bf16, the Triton
+    kernels, CUDA graphs, herald's lookahead): every request finishes and every slot and page is
+    given back; on the CPU (fp32, one summation order) herald over its whole context gives
+    dense-fp8's tokens."""
     prompts = ["The key to the vault is 4821. The key to the vault is", "Once upon a time"]
     texts = {}
+    sparse = FULL if device == "cpu" else SparseConfig(budget_fraction=1.0, page_size=16)
     for mode in ("dense", "herald"):
         engine = Engine(EngineConfig(model_path=str(MODEL), mode=mode, kv_format="fp8_e4m3", max_batch_size=2,
-                                     progress=False, sparse=FULL))
+                                     progress=False, device=device, sparse=sparse))
         results = engine.generate(prompts, max_new_tokens=12)
         assert all(r.finish_reason in ("eos", "length") for r in results), [r.error for r in results]
         texts[mode] = [r.text for r in results]
         assert all(v == 0 for v in engine.last_occupancy.values()), engine.last_occupancy
-    assert texts["herald"] == texts["dense"]
+    if device == "cpu":
+        assert texts["herald"] == texts["dense"]
 
 
 def test_kv_format_is_checked_naming_the_field():
