@@ -35,6 +35,7 @@ class ModeSpec(NamedTuple):
     source: str | None = None  # herald's selection source
     lookahead: bool = False  # herald: the next block's pages chosen from this block's draft
     query: str | None = None  # the selection query (None: the mode's default, SparseConfig.selection_query)
+    kv_format: str = "model"  # EngineConfig.kv_format: fp8_e4m3 stores K/V as e4m3 pages with scales
 
 
 MODE_SPECS: dict[str, ModeSpec] = {
@@ -50,6 +51,9 @@ MODE_SPECS: dict[str, ModeSpec] = {
     # herald scoring with the block-mean query (its default before the seventh session), for comparison
     "herald-mean-query": ModeSpec("herald", "gpu-compact", query="mean"),
     "quest": ModeSpec("quest"),
+    # fp8 K/V: what the format costs, dense's resident cache and herald's host store alike
+    "dense-fp8": ModeSpec("dense", kv_format="fp8_e4m3"),
+    "herald-fp8": ModeSpec("herald", "gpu-compact", lookahead=True, kv_format="fp8_e4m3"),
 }
 DEFAULT_BUDGETS = (1.0, 2.0, 5.0, 10.0)  # percent of the context
 # Column labels (a task not named here is labelled by its name). vartrack is "vtr": "vt" is RULER's task.
@@ -68,7 +72,7 @@ def mode_dense_layers(mode: str, dense_layers: int) -> int:
 def sparse_config(spec: str, budget_percent: float | None, *, page_size: int, sink_tokens: int, local_window: int,
                   dense_layers: int, compact_bits: int, compact_group: int) -> SparseConfig:
     """The SparseConfig one (mode spec, budget) row runs with."""
-    _, source, lookahead, query = MODE_SPECS[spec]
+    _, source, lookahead, query, _ = MODE_SPECS[spec]
     kwargs: dict[str, Any] = dict(page_size=page_size, sink_tokens=sink_tokens, local_window=local_window,
                                   dense_layers=dense_layers, compact_bits=compact_bits, compact_group=compact_group,
                                   lookahead=lookahead, query=query)
@@ -82,7 +86,7 @@ def sparse_config(spec: str, budget_percent: float | None, *, page_size: int, si
 def recall_variant(spec: str, compact_bits: int, page_size: int) -> tuple[str, str, str] | None:
     """The recall harness row (variant, granularity, aggregate) that mirrors a mode's selection (the
     lookahead's: that of its step-0 source, which its draft selection approximates)."""
-    mode, source, _, query = MODE_SPECS[spec]
+    mode, source, _, query, _ = MODE_SPECS[spec]
     gran = f"page{page_size}"
     if mode == "mage" or source == "gpu-exact" or (source == "cpu" and query == "mean"):  # exact block-mean scores
         return ("mage", gran, "max")
@@ -128,7 +132,8 @@ def run_configs(base: Engine, specs: Sequence[str], budgets: Sequence[float], co
     for spec, budget in tqdm(plan, desc="accuracy", unit="config", disable=not progress):
         mode, source = MODE_SPECS[spec][:2]
         config = EngineConfig(model_path=base.config.model_path, mode=mode, progress=False,
-                              sparse=sparse_config(spec, budget, **sparse_kwargs), **engine_kwargs)
+                              kv_format=MODE_SPECS[spec].kv_format, sparse=sparse_config(spec, budget, **sparse_kwargs),
+                              **engine_kwargs)
         engine = Engine(config, model=base.model, tokenizer=base.tokenizer)
         res = evaluate(engine, tasks, contexts, per_task, seed, split=split)
         means = list(res["mean"].values())

@@ -74,13 +74,14 @@ def selected_pages(sparse: SparseConfig, context: int) -> int:
 
 def block_bytes(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int, context: int, steps: int,
                 block_size: int, dtype: torch.dtype, lookahead: bool = False, fetch_fraction: float = 1.0,
-                commit_logits: bool = False) -> BlockBytes:
+                commit_logits: bool = False, kv_dtype: torch.dtype | None = None) -> BlockBytes:
     """The bytes one block of `batch` rows at `context` committed tokens must read from HBM and move
     over PCIe in `mode` (dense, mage, quest, herald).
 
     Notation: N batch, C context, S steps, B block size, L layers (Ld of them exact: sparse.dense_layers,
-    sparse modes only), Hkv KV heads, D head dim, e bytes per element of `dtype` (weights and KV),
-    kv = 2 Hkv D e bytes of K and V per token and layer, K = `selected_pages` (budget + forced pages
+    sparse modes only), Hkv KV heads, D head dim, e bytes per element of K/V as stored (`kv_dtype`:
+    1 for fp8 pages, whose 4-byte scales per page and head, 1/(P D) of them, are left out; default
+    `dtype`, the weights' dtype), kv = 2 Hkv D e bytes of K and V per token and layer, K = `selected_pages` (budget + forced pages
     of P = sparse.page_size tokens), sel = N (Ld C + (L - Ld) K P) kv: one sparse pass's KV reads.
     A block runs S denoising passes (with logits) and one commit pass (logits only with
     `commit_logits`, Fast-dLLM v2's token shift); herald with `lookahead` runs one more pass (no logits).
@@ -102,7 +103,9 @@ def block_bytes(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int,
       memory, outside this floor).
     PCIe (herald only): read = `fetch_fraction` x N (L - Ld) Hkv K pages of 2 P D e bytes (the share
     of the selection not already in the GPU page cache; 1: nothing reused, the runtime's timeline
-    counts the real share); write = N B (L - Ld) kv, the commit's K/V to the host store.
+    counts the real share); write = N B (L - Ld) kv, the commit's K/V to the host store (an fp8
+    store's commit also reads back the partial pages it requantizes: at most one page per row, head
+    and layer, left out).
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}; choose one of {MODES}")
@@ -110,7 +113,7 @@ def block_bytes(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int,
         raise ValueError("only herald has a lookahead pass")
     if not 0.0 <= fetch_fraction <= 1.0:
         raise ValueError(f"fetch_fraction={fetch_fraction} must be in [0, 1]")
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = torch.empty((), dtype=dtype if kv_dtype is None else kv_dtype).element_size()
     n, c, s, b = batch, context, steps, block_size
     big_l, hkv, d, p = model.num_layers, model.num_kv_heads, model.head_dim, sparse.page_size
     kv = 2 * hkv * d * elem

@@ -53,6 +53,7 @@ from runtime.config import EngineConfig, SparseConfig
 from runtime.decoding import GenerationRequest
 from runtime.engine import Engine
 from runtime.model import weight_bytes
+from runtime.memory import kv_storage_dtype
 
 GiB = 2**30
 # untimed blocks first: the first captures every pass's graph, the second step 0's from a lookahead
@@ -87,6 +88,11 @@ def variants(sources: list[str]) -> list[tuple[str, str, dict]]:
     # ... and with the host store on 4 KiB pages instead of huge pages
     rows.append(("herald-lookahead-base-pages", "herald", {"source": "gpu-compact", "lookahead": True,
                                                            "host_huge_pages": False}))
+    # fp8 K/V (EngineConfig.kv_format): herald's host store, pools and exact layers as e4m3 pages with
+    # per-(page, head) scales, against dense with the same format resident (its fair comparator);
+    # "dense" above is dense-bf16
+    rows.append(("dense-fp8", "dense", {"kv_format": "fp8_e4m3"}))
+    rows.append(("herald-fp8", "herald", {"source": "gpu-compact", "lookahead": True, "kv_format": "fp8_e4m3"}))
     return rows
 
 
@@ -227,7 +233,8 @@ def add_floor(row: dict, engine: Engine, hbm_GBps: float | None, copy_GBps: floa
     lookahead = config.mode == "herald" and bool(config.sparse.lookahead)
     block = block_bytes(engine.model_config, config.mode, config.sparse, row["batch"], row["context"],
                         settings.steps, settings.block_size, engine.dtype, lookahead=lookahead,
-                        fetch_fraction=fetch_fraction, commit_logits=settings.token_shift)
+                        fetch_fraction=fetch_fraction, commit_logits=settings.token_shift,
+                        kv_dtype=kv_storage_dtype(config.kv_format, engine.dtype))
     row.update(floor_hbm_bytes=block.hbm_bytes, floor_pcie_bytes=block.pcie_bytes, floor_terms=dict(
         block.hbm, pcie_read=block.pcie_read, pcie_write=block.pcie_write), floor_overlapped=block.overlapped,
         floor_fetch_fraction=fetch_fraction if config.mode == "herald" else None)
@@ -263,7 +270,9 @@ def summarise(rows: list[dict]) -> dict:
     for (label, context), r in sorted(best.items()):
         if not label.startswith("herald"):
             continue
-        dense = max((best.get((d, context)) for d in ("dense", "dense-sdpa") if (d, context) in best),
+        # fp8 herald against dense with the same fp8 cache; the others against bf16 dense
+        comparators = ("dense-fp8",) if label.endswith("-fp8") else ("dense", "dense-sdpa")
+        dense = max((best.get((d, context)) for d in comparators if (d, context) in best),
                     key=lambda x: x["tokens_per_s"], default=None)
         entry = dict(label=label, context=context, batch=r["batch"], tokens_per_s=r["tokens_per_s"])
         if dense:

@@ -8,6 +8,8 @@ Two layouts, told apart by K's rank:
   GPU cache.
 - pool: K, V [num_slots, page_size, D], one KV head's page per slot, page table [N, Hkv, max_pages].
   The sparse GPU page pool.
+K/V are q's dtype, or float8_e4m3fn codes with fp32 scales per (page, KV head) (`gpu_kernels.kv_fp8`):
+store [num_pages, Hkv], pool [num_slots], on q's device, K's and V's with the same strides.
 Token t of table entry i is context position i * page_size + t; kv_len int32 [N, Hkv] (or [N]) says
 how many positions of each list are valid.
 
@@ -22,6 +24,7 @@ from typing import NamedTuple, Union
 import torch
 
 from ._uva import HostPointer, host_tensor, kernel_arg
+from .kv_fp8 import check_scales, is_fp8
 
 KVTensor = Union[torch.Tensor, HostPointer]  # a GPU tensor, or pinned host memory read over PCIe
 
@@ -50,11 +53,13 @@ class AttentionInputs(NamedTuple):
     has_block: bool  # the block's own K/V are attended too (k_block, v_block)
     page_scores: bool
     token_scores: bool
+    kv_fp8: bool = False  # K/V are e4m3 codes read with their per-(page, head) scales
 
 
 class Operands(NamedTuple):
     """A call's tensors as the kernels take them: q contiguous in head_dim, K/V as kernel arguments
-    (pinned host memory wrapped in `HostPointer` on a GPU launch), kv_len [N, Hkv]."""
+    (pinned host memory wrapped in `HostPointer` on a GPU launch), kv_len [N, Hkv], fp8 K/V's scales
+    (None for K/V in q's dtype)."""
     q: torch.Tensor
     k: KVTensor
     v: KVTensor
@@ -62,10 +67,13 @@ class Operands(NamedTuple):
     kv_len: torch.Tensor
     k_block: torch.Tensor | None
     v_block: torch.Tensor | None
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
 
 def describe_layout(q: torch.Tensor, k_pages: KVTensor, v_pages: KVTensor, page_table: torch.Tensor,
-                    kv_len: torch.Tensor) -> tuple[int, int, bool, bool, torch.Tensor]:
+                    kv_len: torch.Tensor, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> tuple[int, int, bool, bool, torch.Tensor]:
     """Check the shapes and dtypes of a call (the references' check too); returns (hkv, page_size,
     per_head_table, pool_layout, kv_len [N, Hkv])."""
     if q.dim() != 4:
@@ -74,8 +82,15 @@ def describe_layout(q: torch.Tensor, k_pages: KVTensor, v_pages: KVTensor, page_
     k, v = host_tensor(k_pages), host_tensor(v_pages)
     if tuple(k.shape) != tuple(v.shape):
         raise ValueError(f"k_pages {tuple(k.shape)} and v_pages {tuple(v.shape)} differ in shape")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k_pages, v_pages must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.dtype != v.dtype or (k.dtype != q.dtype and not is_fp8(k.dtype)):
+        raise ValueError(f"q, k_pages, v_pages must share a dtype (or K/V be float8_e4m3fn with scales); got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    check_scales(k, k_scale, "k_pages")
+    check_scales(v, v_scale, "v_pages")
+    if k_scale is not None and (k_scale.stride() != v_scale.stride() or k_scale.device != q.device
+                                or v_scale.device != q.device):
+        raise ValueError(f"k_scale and v_scale must share strides and sit on q's device {q.device}; got "
+                         f"{k_scale.stride()} on {k_scale.device} and {v_scale.stride()} on {v_scale.device}")
     if page_table.dtype != torch.int32:
         raise ValueError(f"page_table must be int32, got {page_table.dtype}; use .to(torch.int32)")
     if k.dim() == 4:
@@ -118,11 +133,13 @@ def describe_layout(q: torch.Tensor, k_pages: KVTensor, v_pages: KVTensor, page_
 
 def describe_inputs(q: torch.Tensor, k_pages: KVTensor, v_pages: KVTensor, page_table: torch.Tensor,
                     kv_len: torch.Tensor, k_block: torch.Tensor | None, v_block: torch.Tensor | None,
-                    page_scores: bool, token_scores: bool) -> tuple[AttentionInputs, Operands]:
+                    page_scores: bool, token_scores: bool, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> tuple[AttentionInputs, Operands]:
     """Check a call's tensors (shapes, dtypes, devices, strides; `paged_attention` says what each
     must be) and describe them: (AttentionInputs, Operands). page_scores / token_scores: whether the
-    call computes them."""
-    hkv, page_size, per_head, pool, kv_len = describe_layout(q, k_pages, v_pages, page_table, kv_len)
+    call computes them; k_scale / v_scale: fp8 K/V's scales."""
+    hkv, page_size, per_head, pool, kv_len = describe_layout(q, k_pages, v_pages, page_table, kv_len, k_scale,
+                                                             v_scale)
     dev = q.device
     if page_table.device != dev or kv_len.device != dev:
         raise ValueError(f"page_table ({page_table.device}) and kv_len ({kv_len.device}) must be on "
@@ -153,8 +170,8 @@ def describe_inputs(q: torch.Tensor, k_pages: KVTensor, v_pages: KVTensor, page_
     inputs = AttentionInputs(
         n, hq, t, d, hkv, page_size, page_table.shape[-1], q.dtype, dev, pool, per_head, isinstance(k, HostPointer),
         _max_offset(host_tensor(k)) >= INT32_OFFSETS_BELOW, _kv_prefetch_blocker(k, page_size), has_block,
-        page_scores, token_scores)
-    return inputs, Operands(q, k, v, page_table, kv_len, k_block, v_block)
+        page_scores, token_scores, k_scale is not None)
+    return inputs, Operands(q, k, v, page_table, kv_len, k_block, v_block, k_scale, v_scale)
 
 
 def _check_block(k_block: torch.Tensor | None, v_block: torch.Tensor | None, q: torch.Tensor, hkv: int) -> bool:

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .attention_common import launch_dependents, program_place, valid_end, wait_for_prior
+from .kv_fp8 import fp8_dequantize
 
 
 @triton.jit
@@ -78,7 +79,7 @@ def _prefetch_pages_l2(pt_base, stride_pte, k_base, v_base, stride_kp, num_kv_pa
                                "num_kv_pages", "prefetch_pages"])
 def paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, pt_ptr, kvlen_ptr, kb_ptr, vb_ptr,
-    out_ptr, lse_ptr, part_ptr, part_lse_ptr, pscore_ptr, tscore_ptr,
+    out_ptr, lse_ptr, part_ptr, part_lse_ptr, pscore_ptr, tscore_ptr, ks_ptr, vs_ptr,
     sm_scale,
     stride_qn, stride_qh, stride_qt,
     stride_kp, stride_kh, stride_kt,
@@ -86,13 +87,14 @@ def paged_attention_kernel(
     stride_ln, stride_lh,
     stride_bn, stride_bh, stride_bt,
     max_pages, split_tokens, num_splits, num_kv_pages, prefetch_pages,
+    stride_sp, stride_sh,
     HKV: tl.constexpr, G: tl.constexpr, T: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     WRITE_FINAL: tl.constexpr, HAS_BLOCK: tl.constexpr,
     PAGE_SCORES: tl.constexpr, TOKEN_SCORES: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, AFTER_PRIOR: tl.constexpr,
-    OFFSETS_64: tl.constexpr, PREFETCH_WIDTH: tl.constexpr, PAGE_BYTES: tl.constexpr,
+    OFFSETS_64: tl.constexpr, PREFETCH_WIDTH: tl.constexpr, PAGE_BYTES: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Grid (N * HKV * ROW_BLOCKS, num_splits). q, K and V are contiguous in the head dim; K and V
     share their strides (one store).
@@ -120,6 +122,11 @@ def paged_attention_kernel(
     num_kv_pages pages or slots): before that wait, each program asks L2 for its split's first
     prefetch_pages pages (`_prefetch_pages_l2`), so HBM streams them while the kernel before ends.
 
+    KV_FP8: K and V pages hold e4m3 codes (`gpu_kernels.kv_fp8`) with fp32 scales per (page, KV
+    head) at ks/vs[page * stride_sp + kvh * stride_sh] (a pool's head stride is 0): every tile is
+    dequantized as it is loaded (`fp8_dequantize`, one scale per token's page), to q's dtype, and
+    the rest of the kernel runs as for 16-bit K/V. The block's own K/V stay in q's dtype.
+
     OFFSETS_64: K/V element offsets need 64 bits (a store of 2^31 elements or more); otherwise they
     are 32-bit. With the loop-invariant offsets below, that takes the loop from 640 to 458 sm_90
     instructions per tile at 64-row tiles (513 to 417 at 128 rows; `scripts/dev/sass_attention_loop.py`).
@@ -139,6 +146,8 @@ def paged_attention_kernel(
     pt_base = pt_ptr + n * stride_ptn + kvh.to(tl.int64) * stride_pth
     k_base = k_ptr + kvh.to(tl.int64) * stride_kh
     v_base = v_ptr + kvh.to(tl.int64) * stride_kh
+    ks_base = ks_ptr + kvh.to(tl.int64) * stride_sh
+    vs_base = vs_ptr + kvh.to(tl.int64) * stride_sh
     if PREFETCH_WIDTH > 0:
         _prefetch_pages_l2(pt_base, stride_pte, k_base, v_base, stride_kp, num_kv_pages, lo, split_end,
                            prefetch_pages, rb, ROW_BLOCKS, PAGE, PREFETCH_WIDTH, PAGE_BYTES)
@@ -221,7 +230,12 @@ def paged_attention_kernel(
             kv_mask = tok_ok[:, None]
         else:
             kv_mask = tok_ok[:, None] & d_ok[None, :]
-        k, v = _load_kv(k_base + kv_off, v_base + kv_off, kv_mask, UPCAST)
+        if KV_FP8:
+            k, v = _load_kv(k_base + kv_off, v_base + kv_off, kv_mask, False)
+            k = fp8_dequantize(k, tl.load(ks_base + page * stride_sp, mask=tok_ok, other=0.0), q.dtype)
+            v = fp8_dequantize(v, tl.load(vs_base + page * stride_sp, mask=tok_ok, other=0.0), q.dtype)
+        else:
+            k, v = _load_kv(k_base + kv_off, v_base + kv_off, kv_mask, UPCAST)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # raw q . k, fp32
         if SCORES:

@@ -44,7 +44,7 @@ class AttentionOptions:
       (`pdl_supported`): the merge always; the attention kernel where `chains_attention` says so.
     warp_specialized: run `paged_attention_ws`'s Gluon kernel (a cp.async producer warpgroup and one
       or two wgmma consumer warpgroups; sm_90 GPUs only, 16-bit q, head_dim 64 or 128, K/V in GPU
-      memory, no scores) or the Triton kernel; default: where `uses_warp_specialized` says so, with
+      memory in q's dtype (not fp8), no scores) or the Triton kernel; default: where `uses_warp_specialized` says so, with
       no tile overrides, no scores, no prefetch_pages and K/V in GPU memory.
     prefetch_pages: with the Triton kernel chained and K/V in GPU memory, each program first asks L2
       for its split's first this-many pages (K and V, one bulk prefetch each; at most 128 per warp
@@ -111,10 +111,10 @@ class AttentionPlan:
         else:
             upcast = _interpreted(inputs.device)
             kwargs.update(BLOCK_D=_block_d(inputs.head_dim), BLOCK_M=cfg.block_m, PAGE_SCORES=inputs.page_scores,
-                          TOKEN_SCORES=inputs.token_scores, UPCAST=upcast,
+                          TOKEN_SCORES=inputs.token_scores, UPCAST=upcast, KV_FP8=inputs.kv_fp8,
                           DOT_PRECISION="ieee" if (upcast or inputs.dtype == torch.float32) else "tf32",
                           PREFETCH_WIDTH=self.prefetch_width,
-                          PAGE_BYTES=inputs.page_size * inputs.head_dim * inputs.dtype.itemsize
+                          PAGE_BYTES=inputs.page_size * inputs.head_dim * (1 if inputs.kv_fp8 else inputs.dtype.itemsize)
                           if self.prefetch_width else 0,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if self.chained:
@@ -170,13 +170,15 @@ WS_MIN_TILES_PER_SPLIT = 16
 
 def plan_attention(q: torch.Tensor, k_pages: KVTensor, v_pages: KVTensor, page_table: torch.Tensor,
                    kv_len: torch.Tensor, *, k_block: torch.Tensor | None = None, v_block: torch.Tensor | None = None,
-                   page_scores: bool = False, token_scores: bool = False,
+                   page_scores: bool = False, token_scores: bool = False, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None,
                    options: AttentionOptions = AttentionOptions()) -> AttentionPlan:
-    """The plan of a `paged_attention` call over these tensors (as that function takes them), with
-    page and/or token scores or not, under `options`; cached, so the same shapes get the same plan.
-    Raises ValueError for tensors the kernels cannot take and for options they cannot run."""
+    """The plan of a `paged_attention` call over these tensors (as that function takes them, fp8
+    K/V with their scales), with page and/or token scores or not, under `options`; cached, so the
+    same shapes get the same plan. Raises ValueError for tensors the kernels cannot take and for
+    options they cannot run."""
     inputs, _ = describe_inputs(q, k_pages, v_pages, page_table, kv_len, k_block, v_block, page_scores,
-                                token_scores)
+                                token_scores, k_scale, v_scale)
     return plan_for(inputs, options)
 
 
@@ -373,7 +375,7 @@ def _default_warp_specialized(inputs: AttentionInputs, options: AttentionOptions
     of the call is the Triton kernel's alone (tile overrides, a prefetch, scores, K/V in host memory)."""
     return (options.block_m is None and options.block_n is None and options.num_warps is None
             and options.num_stages is None and not options.prefetch_pages
-            and not (inputs.page_scores or inputs.token_scores) and not inputs.host_kv
+            and not (inputs.page_scores or inputs.token_scores) and not inputs.host_kv and not inputs.kv_fp8
             and uses_warp_specialized(inputs.n, inputs.hq, inputs.t, inputs.head_dim, inputs.hkv, inputs.page_size,
                                       inputs.max_pages, inputs.device, inputs.dtype, options.num_splits))
 
@@ -387,6 +389,9 @@ def _check_warp_specialized(inputs: AttentionInputs, cfg: LaunchConfig) -> None:
 
     if inputs.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"warp_specialized=True takes bf16 or fp16 q/K/V, got {inputs.dtype}")
+    if inputs.kv_fp8:
+        raise ValueError("warp_specialized=True reads K/V in q's dtype, not fp8 pages with scales; pass "
+                         "warp_specialized=False (or None: the Triton kernel dequantizes fp8 tiles as it loads them)")
     if inputs.head_dim not in (64, 128):
         raise ValueError(f"warp_specialized=True takes head_dim 64 or 128, got {inputs.head_dim}")
     if inputs.host_kv:

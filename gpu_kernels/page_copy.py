@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._uva import HostPointer, host_tensor, kernel_arg, launch_device, needs_gpu_launch
+from .kv_fp8 import check_scales, dequantize_units, fp8_round, fp8_unit_scale, is_fp8, quantize_units
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _VEC_BYTES = 16  # widest global access; alignment hints aim for it
@@ -91,6 +92,16 @@ def _gather_pages_kernel(
         tl.store(dst_v + dst_cur[:, None] + cols[None, :], v, mask=mask)
 
 
+@triton.jit
+def _write_program(num_kv_heads, start_pos):
+    # A write kernel's program (grid (N * Hkv, *, layers)): (its id along axis 1, layer, row, head,
+    # the row's first written position), int64 but the id.
+    rh = tl.program_id(0)
+    row = (rh // num_kv_heads).to(tl.int64)
+    start = tl.load(start_pos + row).to(tl.int64)
+    return tl.program_id(1), tl.program_id(2).to(tl.int64), row, (rh % num_kv_heads).to(tl.int64), start
+
+
 @triton.jit(do_not_specialize=["T"])  # a prefill chunk's length: any (see _gather_pages_kernel)
 def _write_tokens_kernel(
     dst_k, dst_v, k_new, v_new, page_table, start_pos,
@@ -103,12 +114,7 @@ def _write_tokens_kernel(
     ALIGN: tl.constexpr,
 ):
     # One program writes BLOCK_T tokens x D of one (row, head) of one layer, K and V both.
-    rh = tl.program_id(0)
-    tb = tl.program_id(1)
-    layer = tl.program_id(2).to(tl.int64)
-    row = (rh // num_kv_heads).to(tl.int64)
-    head = (rh % num_kv_heads).to(tl.int64)
-    start = tl.load(start_pos + row).to(tl.int64)
+    tb, layer, row, head, start = _write_program(num_kv_heads, start_pos)
     t = tb.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
     tmask = t < T
@@ -125,6 +131,59 @@ def _write_tokens_kernel(
     v = tl.load(v_new + v_row[:, None] + d[None, :], mask=mask)
     tl.store(dst_k + dst_row[:, None] + d[None, :], k, mask=mask)
     tl.store(dst_v + dst_row[:, None] + d[None, :], v, mask=mask)
+
+
+@triton.jit
+def _requantize_unit(dst, dst_scale, new, unit_off, scale_off, new_off, s_dst_tok, s_new_tok, start, page_pos, T,
+                     P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One fp8 unit (a KV head's page) rewritten whole: its tokens before `start` (written earlier,
+    # dequantized with the unit's old scale), the new tokens that fall in it, 0 after them; a new
+    # scale over all of them (gpu_kernels/kv_fp8.py).
+    tok = tl.arange(0, P)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d[None, :] < D
+    pos = page_pos + tok
+    idx = pos - start  # the token's place in the new block
+    is_new = (idx >= 0) & (idx < T)
+    is_old = pos < start
+    old_scale = tl.load(dst_scale + scale_off)
+    old = tl.load(dst + unit_off + tok[:, None] * s_dst_tok + d[None, :], mask=is_old[:, None] & d_ok, other=0.0)
+    # where(), not a product with a 0 code: a fresh unit's scale is whatever the memory held (NaN too)
+    old = tl.where(is_old[:, None], old.to(tl.float32) * old_scale, 0.0)
+    fresh = tl.load(new + new_off + idx[:, None] * s_new_tok + d[None, :], mask=is_new[:, None] & d_ok, other=0.0)
+    x = tl.where(is_new[:, None], fresh.to(tl.float32), old)
+    scale = fp8_unit_scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+    codes = fp8_round(x / scale).to(dst.dtype.element_ty)
+    tl.store(dst + unit_off + tok[:, None] * s_dst_tok + d[None, :], codes, mask=d_ok)
+    tl.store(dst_scale + scale_off, scale)
+
+
+@triton.jit(do_not_specialize=["T"])  # a prefill chunk's length: any (see _gather_pages_kernel)
+def _write_fp8_units_kernel(
+    dst_k, dst_v, dst_k_scale, dst_v_scale, k_new, v_new, page_table, start_pos,
+    T, num_kv_heads,
+    s_dst_layer, s_dst_page, s_dst_head, s_dst_tok,
+    s_scale_layer, s_scale_page, s_scale_head,
+    s_new_layer, s_new_row, s_new_head, s_new_tok,
+    s_vnew_layer, s_vnew_row, s_vnew_head, s_vnew_tok,
+    s_pt_row, pt_width,
+    P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Grid (N * Hkv, units a T-token write can touch, layers): program (row, head, j, layer)
+    # requantizes the row's j-th touched page of that head, K and V; a row that touches fewer
+    # pages leaves its last programs idle.
+    j, layer, row, head, start = _write_program(num_kv_heads, start_pos)
+    logical = start // P + j
+    if (logical * P < start + T) & (logical < pt_width):
+        page = tl.load(page_table + row * s_pt_row + logical).to(tl.int64)
+        unit_off = layer * s_dst_layer + page * s_dst_page + head * s_dst_head
+        scale_off = layer * s_scale_layer + page * s_scale_page + head * s_scale_head
+        _requantize_unit(dst_k, dst_k_scale, k_new, unit_off, scale_off,
+                         layer * s_new_layer + row * s_new_row + head * s_new_head, s_dst_tok, s_new_tok,
+                         start, logical * P, T, P, D, BLOCK_D)
+        _requantize_unit(dst_v, dst_v_scale, v_new, unit_off, scale_off,
+                         layer * s_vnew_layer + row * s_vnew_row + head * s_vnew_head, s_dst_tok, s_vnew_tok,
+                         start, logical * P, T, P, D, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,6 +441,8 @@ def gather_pages_reference(
 
 
 def _write_layout(dst_k, k_new):
+    if is_fp8(k_new.dtype):
+        raise ValueError("k_new is fp8: write the model's K/V (bf16, fp16 or fp32); an fp8 store quantizes them")
     if dst_k.dim() == 4 and k_new.dim() == 4:
         return False
     if dst_k.dim() == 5 and k_new.dim() == 5:
@@ -406,8 +467,9 @@ def _check_write(dst_k, dst_v, page_table, start_pos, k_new, v_new, validate: bo
     num_pages, dst_hkv, p, dst_d = dst_k.shape[-4:]
     if (hkv, d) != (dst_hkv, dst_d):
         raise ValueError(f"k_new has (Hkv, D) = {(hkv, d)} but dst has {(dst_hkv, dst_d)}")
-    if k_new.dtype != dst_k.dtype:
-        raise ValueError(f"k_new dtype {k_new.dtype} differs from dst dtype {dst_k.dtype}; writes do not convert")
+    if k_new.dtype != dst_k.dtype and not is_fp8(dst_k.dtype):
+        raise ValueError(f"k_new dtype {k_new.dtype} differs from dst dtype {dst_k.dtype}; writes do not convert "
+                         "(only an fp8 store quantizes what it is given)")
     if page_table.dim() != 2 or page_table.shape[0] != n or page_table.dtype not in _INDEX_DTYPES:
         raise ValueError(f"page_table must be int32/int64 [N={n}, max_pages]; got {page_table.dtype} {tuple(page_table.shape)}")
     _check_index(start_pos, "start_pos", n)
@@ -439,6 +501,8 @@ def write_tokens(
     k_new: torch.Tensor | HostPointer,
     v_new: torch.Tensor | HostPointer,
     *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     validate: bool = True,
 ) -> None:
     """Write a block of T new tokens per row into a paged store, K and V in one launch.
@@ -448,7 +512,12 @@ def write_tokens(
     page_table: ``[N, max_pages]`` int32/int64 (row i's logical page -> physical page).
     start_pos: ``[N]`` int; row i's tokens go to positions ``start_pos[i] .. start_pos[i]+T-1``
     (a block may start mid-page and span pages).
-    k_new, v_new: ``[N, Hkv, T, D]`` (or ``[L, N, Hkv, T, D]``), GPU or pinned host (likewise), dst's dtype.
+    k_new, v_new: ``[N, Hkv, T, D]`` (or ``[L, N, Hkv, T, D]``), GPU or pinned host (likewise), dst's
+    dtype; for an fp8 dst (float8_e4m3fn), the model's K/V in any float dtype, quantized here.
+    k_scale, v_scale: an fp8 dst's per-unit scales, ``[num_pages, Hkv]`` (or ``[L, num_pages, Hkv]``)
+    fp32 on the launch device: every page the write touches is requantized whole, its earlier tokens
+    included, under a new scale over old and new tokens (`gpu_kernels.kv_fp8`); positions after the
+    block in its last page become 0 (they are written later, in order).
 
     Runs asynchronously on the current CUDA stream. ``validate`` checks positions and touched page ids
     (a device sync when page_table/start_pos are on the GPU).
@@ -456,11 +525,16 @@ def write_tokens(
     launch_args = (dst_k, dst_v, k_new, v_new)  # HostPointers stay wrapped for the launch
     dst_k, dst_v, k_new, v_new = (host_tensor(x) for x in launch_args)
     multi = _check_write(dst_k, dst_v, page_table, start_pos, k_new, v_new, validate)
+    check_scales(dst_k, k_scale, "dst_k")
+    check_scales(dst_v, v_scale, "dst_v")
     n, hkv, t, d = k_new.shape[-4:]
     if n == 0 or t == 0 or (multi and k_new.shape[0] == 0):
         return
     p = dst_k.shape[-2]
     _check_inner_contiguous(dst_k, "dst")
+    if is_fp8(dst_k.dtype):
+        _write_fp8_units(launch_args, dst_k, k_scale, v_scale, page_table, start_pos, k_new, v_new, multi)
+        return
     if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
         raise ValueError(
             f"k_new/v_new need a contiguous last (head_dim) dim; got strides {k_new.stride()}, {v_new.stride()}"
@@ -492,6 +566,42 @@ def write_tokens(
         launch()
 
 
+def _write_fp8_units(launch_args, dst_k, k_scale, v_scale, page_table, start_pos, k_new, v_new, multi) -> None:
+    """`write_tokens` into an fp8 store: one program per (row, head, touched page, layer) requantizes
+    that unit (`_write_fp8_units_kernel`)."""
+    n, hkv, t, d = k_new.shape[-4:]
+    p = dst_k.shape[-2]
+    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
+        raise ValueError(
+            f"k_new/v_new need a contiguous last (head_dim) dim; got strides {k_new.stride()}, {v_new.stride()}")
+    if k_scale.stride() != v_scale.stride():
+        raise ValueError(f"k_scale and v_scale must share strides; got {k_scale.stride()} and {v_scale.stride()}")
+    if page_table.stride(1) != 1:
+        page_table = page_table.contiguous()
+    gpu = needs_gpu_launch(dst_k, k_new, page_table)
+    if gpu:
+        dev = launch_device(dst_k, k_new, page_table, start_pos)
+        page_table, start_pos = _to_device(page_table, dev), _to_device(start_pos, dev)
+        if k_scale.device != dev:
+            raise ValueError(f"fp8 scales must be on the launch device {dev}; got {k_scale.device}")
+    s_dst = (dst_k.stride(0) if multi else 0, dst_k.stride(-4), dst_k.stride(-3), dst_k.stride(-2))
+    s_scale = (k_scale.stride(0) if multi else 0, k_scale.stride(-2), k_scale.stride(-1))
+    s_new = (k_new.stride(0) if multi else 0, k_new.stride(-4), k_new.stride(-3), k_new.stride(-2))
+    s_vnew = (v_new.stride(0) if multi else 0, v_new.stride(-4), v_new.stride(-3), v_new.stride(-2))
+    args = [kernel_arg(x, nm, gpu) for x, nm in zip(launch_args, ("dst_k", "dst_v", "k_new", "v_new"))]
+    grid = (n * hkv, triton.cdiv(t + p - 1, p), dst_k.shape[0] if multi else 1)
+    launch = lambda: _write_fp8_units_kernel[grid](  # noqa: E731
+        args[0], args[1], k_scale, v_scale, args[2], args[3], page_table, start_pos, t, hkv, *s_dst, *s_scale,
+        *s_new, *s_vnew, page_table.stride(0), page_table.shape[1], P=p, D=d, BLOCK_D=triton.next_power_of_2(d),
+        num_warps=4,
+    )
+    if gpu:
+        with torch.cuda.device(dev):
+            launch()
+    else:
+        launch()
+
+
 def write_tokens_reference(
     dst_k: torch.Tensor,
     dst_v: torch.Tensor,
@@ -499,10 +609,18 @@ def write_tokens_reference(
     start_pos: torch.Tensor,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Torch-indexing version of ``write_tokens`` (same arguments, synchronous, any devices)."""
     dst_k, dst_v, k_new, v_new = (host_tensor(x) for x in (dst_k, dst_v, k_new, v_new))
     multi = _write_layout(dst_k, k_new)
+    check_scales(dst_k, k_scale, "dst_k")
+    check_scales(dst_v, v_scale, "dst_v")
+    if is_fp8(dst_k.dtype):
+        _write_fp8_units_reference(dst_k, dst_v, k_scale, v_scale, page_table, start_pos, k_new, v_new, multi)
+        return
     dev = dst_k.device
     t = k_new.shape[-2]
     p = dst_k.shape[-2]
@@ -516,3 +634,29 @@ def write_tokens_reference(
             dst[:, pages, :, offs] = new.permute(1, 3, 0, 2, 4)
         else:
             dst[pages, :, offs] = new.permute(0, 2, 1, 3)
+
+
+def _write_fp8_units_reference(dst_k, dst_v, k_scale, v_scale, page_table, start_pos, k_new, v_new,
+                               multi: bool) -> None:
+    """Plain-torch `_write_fp8_units`: per row and touched page, the unit's old tokens dequantized,
+    the new ones placed beside them, the whole unit quantized again (`kv_fp8.quantize_units`)."""
+    if not multi:  # one code path: a single layer is a stack of one
+        dst_k, dst_v, k_scale, v_scale, k_new, v_new = (x[None] for x in (dst_k, dst_v, k_scale, v_scale, k_new,
+                                                                          v_new))
+    p, t = dst_k.shape[-2], k_new.shape[-2]
+    table, starts = page_table.cpu().long(), start_pos.cpu().long()
+    tok = torch.arange(p)
+    for row in range(k_new.shape[1]):
+        start = int(starts[row])
+        for logical in range(start // p, (start + t - 1) // p + 1):
+            page = int(table[row, logical])
+            pos = logical * p + tok
+            is_new, is_old = (pos >= start) & (pos < start + t), pos < start
+            for dst, scale, new in ((dst_k, k_scale, k_new), (dst_v, v_scale, v_new)):
+                unit = dst[:, page]  # [L, Hkv, P, D]
+                old = torch.where(is_old.to(unit.device)[:, None], dequantize_units(unit, scale[:, page]), 0.0)
+                x = old.clone()
+                x[:, :, is_new.to(x.device)] = new[:, row, :, (pos - start)[is_new]].to(x)
+                codes, unit_scale = quantize_units(x)
+                dst[:, page] = codes.to(dst.device)
+                scale[:, page] = unit_scale.to(scale.device)

@@ -44,6 +44,7 @@ from ._uva import host_tensor
 from .attention_inputs import KVTensor, Operands, describe_inputs, describe_layout
 from .attention_kernels import merge_splits_kernel, paged_attention_kernel
 from .attention_plan import AttentionOptions, AttentionPlan, plan_attention, plan_for
+from .kv_fp8 import dequantize_units
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
@@ -60,6 +61,8 @@ def paged_attention(
     return_token_scores: bool = False,
     k_block: torch.Tensor | None = None,
     v_block: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     options: AttentionOptions = AttentionOptions(),
 ) -> Outputs:
     """Attention of a block of queries over a paged context (no causal mask inside the context),
@@ -69,7 +72,8 @@ def paged_attention(
     q [N, Hq, T, D] (bf16/fp16/fp32; Hq = G * Hkv, query head h uses KV head h // G).
     k_pages, v_pages: store layout [num_pages, Hkv, page_size, D] or pool layout
       [num_slots, page_size, D]; GPU tensors, or pinned host tensors (bare or in `HostPointer`),
-      read zero-copy over PCIe. Same dtype as q, same strides as each other, last dim contiguous.
+      read zero-copy over PCIe. Same dtype as q, or float8_e4m3fn codes (`gpu_kernels.kv_fp8`);
+      same strides as each other, last dim contiguous.
     page_table int32: [N, max_pages] (store, shared by heads) or [N, Hkv, max_pages] (per head;
       required for the pool). Entries at and beyond cdiv(kv_len, page_size) may be loaded, but no
       K/V is read through them.
@@ -82,6 +86,9 @@ def paged_attention(
     k_block, v_block: [N, Hkv, T, D] on q's device, q's dtype: the block's own K/V, T more keys
       every query sees (bidirectional), attended in the same launch; out and lse then cover
       [context, block]. The scores stay context-only.
+    k_scale, v_scale: fp8 K/V's fp32 scales per (page, KV head): store [num_pages, Hkv], pool
+      [num_slots], on q's device, sharing strides; each K/V tile is dequantized as it is loaded.
+      None for K/V in q's dtype.
     options: tuning overrides (`AttentionOptions`: split count, tiles, partial dtype, PDL, which
       kernel, L2 prefetch); by default the plan decides each.
 
@@ -90,7 +97,7 @@ def paged_attention(
     outputs and workspace (to capture the call in a CUDA graph) plans once and uses `run_attention`.
     """
     inputs, operands = describe_inputs(q, k_pages, v_pages, page_table, kv_len, k_block, v_block,
-                                       return_page_scores, return_token_scores)
+                                       return_page_scores, return_token_scores, k_scale, v_scale)
     return _launch(plan_for(inputs, options), operands, scale)
 
 
@@ -105,6 +112,8 @@ def run_attention(
     scale: float,
     k_block: torch.Tensor | None = None,
     v_block: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     page_scores: torch.Tensor | None = None,
@@ -124,7 +133,7 @@ def run_attention(
     """
     planned = plan.inputs
     inputs, operands = describe_inputs(q, k_pages, v_pages, page_table, kv_len, k_block, v_block,
-                                       planned.page_scores, planned.token_scores)
+                                       planned.page_scores, planned.token_scores, k_scale, v_scale)
     if inputs != planned:
         diff = ", ".join(f"{name} {got} (planned: {want})"
                          for name, got, want in zip(inputs._fields, inputs, planned) if got != want)
@@ -148,13 +157,15 @@ def block_attention(
     scale: float,
     return_page_scores: bool = False,
     return_token_scores: bool = False,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     options: AttentionOptions = AttentionOptions(),
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Attention of a block's queries over [paged context, the block's own K/V] (bidirectional),
     in one kernel launch (plus the split merge): the block's keys are the last tile of split 0.
 
-    q [N, Hq, T, D]; k_block, v_block [N, Hkv, T, D]; the paged arguments and options as in
-    `paged_attention`. Returns (out [N, Hq, T, D] in q's dtype, page_scores or None, token_scores
+    q [N, Hq, T, D]; k_block, v_block [N, Hkv, T, D] in q's dtype (never fp8); the paged arguments
+    (fp8 pages with their scales too) and options as in `paged_attention`. Returns (out [N, Hq, T, D] in q's dtype, page_scores or None, token_scores
     or None); the scores cover the context only.
     """
     if k_block.stride(-1) != 1 or k_block.stride() != v_block.stride():
@@ -162,7 +173,7 @@ def block_attention(
     out, _, pscores, tscores = paged_attention(
         q, k_pages, v_pages, page_table, kv_len, scale=scale,
         return_page_scores=return_page_scores, return_token_scores=return_token_scores,
-        k_block=k_block, v_block=v_block, options=options)
+        k_block=k_block, v_block=v_block, k_scale=k_scale, v_scale=v_scale, options=options)
     return out, pscores, tscores
 
 
@@ -175,7 +186,7 @@ def _launch(plan: AttentionPlan, operands: Operands, scale: float, out: torch.Te
     inputs, cfg = plan.inputs, plan.config
     n, hq, t, d, hkv, max_pages = inputs.n, inputs.hq, inputs.t, inputs.head_dim, inputs.hkv, inputs.max_pages
     dev = inputs.device
-    q, k, v, page_table, kv_len, k_block, v_block = operands
+    q, k, v, page_table, kv_len, k_block, v_block, k_scale, v_scale = operands
     out = _buffer(out, (n, hq, t, d), inputs.dtype, dev, "out")
     lse = _buffer(lse, (n, hq, t), torch.float32, dev, "lse")
     pscores = _buffer(page_scores, (n, hkv, max_pages), torch.float32, dev, "page_scores") \
@@ -208,8 +219,13 @@ def _launch(plan: AttentionPlan, operands: Operands, scale: float, out: torch.Te
         pt_strides = (pt_strides[0], 0, pt_strides[1])
     if not inputs.has_block:  # unread: any pointer of q's dtype will do
         k_block = v_block = q
+    if inputs.kv_fp8:  # a pool's scales are [num_slots]: the head stride is 0, as K's is
+        scale_strides = (k_scale.stride(0), 0) if inputs.pool else k_scale.stride()
+    else:  # unread
+        k_scale = v_scale = lse
+        scale_strides = (0, 0)
     # Both attention kernels take these arguments; the Triton kernel also takes its score outputs
-    # (after the partials) and the prefetch's (at the end).
+    # and fp8 scales (after the partials), the prefetch's arguments and the scales' strides (at the end).
     pointers = (q, k, v, page_table, kv_len, k_block, v_block, out, lse, partials, partial_lse)
     scalars = (float(scale), *q.stride()[:3], *k_strides, *pt_strides, *kv_len.stride(),
              *(k_block.stride()[:3] if inputs.has_block else (0, 0, 0)), max_pages, cfg.split_tokens, splits)
@@ -221,7 +237,8 @@ def _launch(plan: AttentionPlan, operands: Operands, scale: float, out: torch.Te
     else:
         paged_attention_kernel[grid](
             *pointers, lse if pscores is None else pscores, lse if tscores is None else tscores,  # unread if off
-            *scalars, host_tensor(k).shape[0], plan.prefetch_pages, **plan.attention_kwargs)
+            k_scale, v_scale, *scalars, host_tensor(k).shape[0], plan.prefetch_pages, *scale_strides,
+            **plan.attention_kwargs)
     if splits > 1:
         rows = n * hq * t
         merge_splits_kernel[(triton.cdiv(rows, plan.merge_rows),)](
@@ -255,16 +272,19 @@ def _buffer(buf: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
 # ---------------------------------------------------------------------------------- references
 
 
-def _gather_context(k_pages, v_pages, page_table, kv_len, n, h, page_size, pool, per_head, device):
-    """K, V [L, D] of list (n, h) in context order (reference helper)."""
+def _gather_context(k_pages, v_pages, page_table, kv_len, n, h, page_size, pool, per_head, device,
+                    k_scale=None, v_scale=None):
+    """K, V [L, D] of list (n, h) in context order (reference helper); fp8 pages come back
+    dequantized to fp32 with their scales."""
     k, v = host_tensor(k_pages), host_tensor(v_pages)
     length = int(kv_len[n, h])
     n_pages = -(-length // page_size)
     entries = (page_table[n, h] if per_head else page_table[n])[:n_pages].long().to(k.device)
-    if pool:
-        kc, vc = k[entries], v[entries]
-    else:
-        kc, vc = k[entries, h], v[entries, h]
+    index = (entries,) if pool else (entries, h)
+    kc, vc = k[index], v[index]
+    if k_scale is not None:
+        scale_index = tuple(i.to(k_scale.device) if torch.is_tensor(i) else i for i in index)
+        kc, vc = dequantize_units(kc, k_scale[scale_index]), dequantize_units(vc, v_scale[scale_index])
     d = kc.shape[-1]
     return kc.reshape(-1, d)[:length].to(device), vc.reshape(-1, d)[:length].to(device)
 
@@ -279,9 +299,13 @@ def paged_attention_reference(
     scale: float,
     return_page_scores: bool = False,
     return_token_scores: bool = False,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> Outputs:
-    """Plain-torch `paged_attention`: gather each list's pages, softmax in fp32."""
-    hkv, page_size, per_head, pool, kv_len = describe_layout(q, k_pages, v_pages, page_table, kv_len)
+    """Plain-torch `paged_attention`: gather each list's pages (fp8 ones dequantized with their
+    scales, `kv_fp8.dequantize_units`), softmax in fp32."""
+    hkv, page_size, per_head, pool, kv_len = describe_layout(q, k_pages, v_pages, page_table, kv_len, k_scale,
+                                                             v_scale)
     n, hq, t, d = q.shape
     g = hq // hkv
     max_pages = page_table.shape[-1]
@@ -300,7 +324,7 @@ def paged_attention_reference(
             if length == 0:
                 continue
             kc, vc = _gather_context(k_pages, v_pages, table, lengths, b, h, page_size, pool, per_head,
-                                     q.device)
+                                     q.device, k_scale, v_scale)
             qg = q[b, h * g:(h + 1) * g].float()  # [G, T, D]
             s = torch.matmul(qg, kc.float().T) * scale  # [G, T, L]
             lse[b, h * g:(h + 1) * g] = torch.logsumexp(s, dim=-1)
@@ -325,9 +349,12 @@ def block_attention_reference(
     scale: float,
     return_page_scores: bool = False,
     return_token_scores: bool = False,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Plain torch `block_attention`: one softmax over [gathered context keys, block keys]."""
-    hkv, page_size, per_head, pool, kv_len = describe_layout(q, k_pages, v_pages, page_table, kv_len)
+    hkv, page_size, per_head, pool, kv_len = describe_layout(q, k_pages, v_pages, page_table, kv_len, k_scale,
+                                                             v_scale)
     n, hq, t, d = q.shape
     g = hq // hkv
     lengths, table = kv_len.cpu(), page_table.cpu()
@@ -335,14 +362,15 @@ def block_attention_reference(
     for b in range(n):
         for h in range(hkv):
             kc, vc = _gather_context(k_pages, v_pages, table, lengths, b, h, page_size, pool, per_head,
-                                     q.device)
+                                     q.device, k_scale, v_scale)
             keys = torch.cat([kc.float(), k_block[b, h].float()])
             vals = torch.cat([vc.float(), v_block[b, h].float()])
             s = torch.matmul(q[b, h * g:(h + 1) * g].float(), keys.T) * scale
             out[b, h * g:(h + 1) * g] = torch.matmul(torch.softmax(s, dim=-1), vals)
     _, _, pscores, tscores = paged_attention_reference(
         q, k_pages, v_pages, page_table, kv_len, scale=scale,
-        return_page_scores=return_page_scores, return_token_scores=return_token_scores)
+        return_page_scores=return_page_scores, return_token_scores=return_token_scores, k_scale=k_scale,
+        v_scale=v_scale)
     return out.to(q.dtype), pscores, tscores
 
 

@@ -18,6 +18,13 @@ first touched, so the kernel backs it with 2 MiB pages where transparent huge pa
 KiB pages each unit is its own page to translate, and on an H200 that cost ~10% of the gather rate
 (5% selection of a 8 GiB store: 39.0 -> 44.4 GB/s, `scripts/dev/probe_hugepage_gather.py`).
 
+fp8 (``dtype=torch.float8_e4m3fn``, `gpu_kernels.kv_fp8`): the pages hold e4m3 codes, half the host
+memory and half the PCIe bytes of bf16, and every (layer, page, KV head) unit of K and of V has an
+fp32 scale. The scales (``k_scale``/``v_scale``, ``[L, num_pages, Hkv]``, 1/512 of the codes at
+16 x 128 units) live on ``scale_device``, the GPU where the kernels that read the pages run: the
+page fetcher copies a unit's scale into its pool slot there, and no scale ever crosses PCIe. A write
+quantizes what it is given (the only place K/V enter the store).
+
 ``tensor.is_pinned()`` does not see registered memory on every torch version, so kernels take the
 buffers through ``kernel_k``/``kernel_v`` (``HostPointer(view, registered=True)`` for registered
 memory) and ``pinned`` says whether the buffer is page-locked.
@@ -39,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gpu_kernels._uva import HostPointer
+from gpu_kernels.kv_fp8 import dequantize_units, is_fp8
 from gpu_kernels.page_copy import write_tokens, write_tokens_reference
 
 from .uploads import upload
@@ -194,7 +202,9 @@ class HostKVStore:
     Args:
         num_layers, num_kv_heads, head_dim, page_size: the geometry; pages hold ``page_size`` tokens.
         num_pages: physical pages (each spans all layers, K and V).
-        dtype: element type (bf16 for the models, fp16/fp32 in tests).
+        dtype: element type (bf16 for the models, fp16/fp32 in tests), or torch.float8_e4m3fn for
+            e4m3 pages with per-(page, head) scales.
+        scale_device: where fp8 pages' scales live (default: CUDA when the store is pinned, else the CPU).
         pin_memory: None pins when CUDA is available; True requires CUDA; False never pins.
         huge_pages: back the buffer with 2 MiB transparent huge pages where the OS grants them
             (faster scattered GPU reads); False: the allocator's 4 KiB pages.
@@ -215,6 +225,7 @@ class HostKVStore:
         reserve_bytes: int | None = None,
         huge_pages: bool = True,
         progress: bool = False,
+        scale_device: torch.device | str | None = None,
     ) -> None:
         for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                           ("page_size", page_size), ("num_pages", num_pages)):
@@ -256,6 +267,15 @@ class HostKVStore:
         # a test hook (see FaultHook, TransferFault); None in production: the hot paths test only this
         self.fault_hook: FaultHook | None = None
         self._k, self._v = buf[0], buf[1]
+        self._k_scale = self._v_scale = None
+        self.scale_nbytes = 0  # fp8: the scales' bytes on scale_device
+        if is_fp8(dtype):
+            if scale_device is None:
+                scale_device = "cuda" if self.pinned else "cpu"
+            # ones: a unit never written dequantizes to 0 (its codes are 0), never to NaN
+            self._k_scale = torch.ones(shape[1:4], dtype=torch.float32, device=scale_device)
+            self._v_scale = torch.ones_like(self._k_scale)
+            self.scale_nbytes = 2 * self._k_scale.numel() * 4
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # stack: pops 0, 1, 2, ...
         self._tables: dict[Hashable, list[int]] = {}
         self._ntok: dict[Hashable, int] = {}
@@ -454,6 +474,20 @@ class HostKVStore:
         return self._v[layer]
 
     @property
+    def fp8(self) -> bool:
+        """Whether the pages hold e4m3 codes with per-(page, head) scales."""
+        return self._k_scale is not None
+
+    def k_scale(self, layer: int) -> torch.Tensor | None:
+        """``[num_pages, Hkv]`` fp32 scales of layer ``layer``'s key units on scale_device (None unless fp8)."""
+        self._live()
+        return None if self._k_scale is None else self._k_scale[layer]
+
+    def v_scale(self, layer: int) -> torch.Tensor | None:
+        self._live()
+        return None if self._v_scale is None else self._v_scale[layer]
+
+    @property
     def k_all(self) -> torch.Tensor:
         """``[L, num_pages, Hkv, P, D]``: every layer's keys (for multi-layer kernel launches)."""
         self._live()
@@ -495,9 +529,10 @@ class HostKVStore:
 
         page_table: ``[N, pages]`` int32 (``page_tables(seq_ids)``, or a device copy of it);
         start: ``[N]`` int; k_new, v_new: ``[N, Hkv, T, D]`` of one layer, or ``[L, N, Hkv, T, D]``
-        with ``layer=None`` (every layer at once), in the store's dtype. From the GPU into a pinned
-        store: the UVA write kernel, asynchronously on the current stream (a CUDA graph may capture
-        it; host tables are uploaded first); otherwise torch indexing. Positions are checked
+        with ``layer=None`` (every layer at once), in the store's dtype (an fp8 store takes the
+        model's K/V in any float dtype and requantizes every page the write touches). From the GPU
+        into a pinned store: the UVA write kernel, asynchronously on the current stream (a CUDA
+        graph may capture it; host tables are uploaded first); otherwise torch indexing. Positions are checked
         against the tables where they are on the host; device tables are not read (a sync).
         """
         self._live()
@@ -515,19 +550,23 @@ class HostKVStore:
             raise ValueError(f"layer {layer} out of range for {self.num_layers} layers")
         if layer is None and k_new.shape[0] != self.num_layers:
             raise ValueError(f"layer=None writes all {self.num_layers} layers; k_new has {k_new.shape[0]}")
-        if k_new.dtype != self.dtype:
+        if k_new.dtype != self.dtype and not self.fp8:
             raise ValueError(f"k_new dtype {k_new.dtype} differs from the store's {self.dtype}")
         if not page_table.is_cuda and not start.is_cuda:
             self._check_positions(page_table, start, t)
         if self.fault_hook is not None:  # before any byte moves: a refused write leaves the store as it was
             self.fault_hook("write", layer, self._written_pages(page_table, start, t))
         dst_k, dst_v = (self._k, self._v) if layer is None else (self._k[layer], self._v[layer])
+        scales = {}
+        if self.fp8:
+            scales = dict(k_scale=self._k_scale, v_scale=self._v_scale) if layer is None else \
+                dict(k_scale=self._k_scale[layer], v_scale=self._v_scale[layer])
         if k_new.is_cuda and self.pinned:
             page_table, start = (x if x.is_cuda else upload(x, k_new.device) for x in (page_table, start))
             write_tokens(self._kernel_view(dst_k), self._kernel_view(dst_v), page_table, start, k_new, v_new,
-                         validate=False)
+                         validate=False, **scales)
         else:
-            write_tokens_reference(dst_k, dst_v, page_table, start, k_new, v_new)
+            write_tokens_reference(dst_k, dst_v, page_table, start, k_new, v_new, **scales)
 
     def _check_positions(self, page_table: torch.Tensor, start: torch.Tensor, num_new: int) -> None:
         """Every written position lies on an allocated page of its row's (host) table."""
@@ -543,7 +582,8 @@ class HostKVStore:
             raise ValueError(f"a page table names pages beyond the store's {self.num_pages}")
 
     def read(self, seq_id: Hashable, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of positions ``[start, end)``: two ``[Hkv, end-start, D]`` host tensors (copies).
+        """K and V of positions ``[start, end)``: two ``[Hkv, end-start, D]`` host tensors (copies;
+        an fp8 store's dequantized to fp32).
 
         Synchronizes the GPU first when the store is pinned, so kernel writes are visible.
         """
@@ -556,6 +596,11 @@ class HostKVStore:
         table = torch.tensor(self._table(seq_id), dtype=torch.int64)
         pos = torch.arange(start, end)
         pages, offs = table[pos // self.page_size], pos % self.page_size
+        if self.fp8:  # whole units [T, Hkv, P, D] dequantized, then each token's row picked: [T, Hkv, D]
+            k, v = (dequantize_units(codes[layer][pages], scales[layer][pages.to(scales.device)].cpu())
+                    [torch.arange(len(pos)), :, offs].transpose(0, 1).contiguous()
+                    for codes, scales in ((self._k, self._k_scale), (self._v, self._v_scale)))
+            return k, v
         # advanced indices split by the head slice: result is [T, Hkv, D]
         return (self._k[layer][pages, :, offs].transpose(0, 1).contiguous(),
                 self._v[layer][pages, :, offs].transpose(0, 1).contiguous())
@@ -570,6 +615,7 @@ class HostKVStore:
             self._finalizer()  # unregisters exactly once
         self._closed = True
         self._k = self._v = None  # type: ignore[assignment]
+        self._k_scale = self._v_scale = None
         self._mapping = None  # unmapped once the last view of it is gone
         self._tables.clear()
         self._ntok.clear()

@@ -12,6 +12,11 @@ Sharing the GPU with compute: the UVA gather keeps its warps resident while they
 a gather launched over every SM starves the compute it should hide behind. A side pass's gathers
 therefore run as a small persistent grid (`side_programs`, default `DEFAULT_FETCH_PROGRAMS`);
 a fetch the next attention waits for (step 0's) uses every SM.
+
+Over an fp8 store (`HostKVStore.fp8`) the pools hold e4m3 codes, so a gather moves half the bytes,
+and each slot has its unit's fp32 scale (`k_scale_pool`/`v_scale_pool`, ``[max_rows * Hkv *
+capacity]`` per layer): `fetch` copies the misses' scales from the store's, which sit on the GPU, in
+one indexing op beside the gather.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import contextlib
 
 import torch
 
+from gpu_kernels.kv_fp8 import is_fp8
 from gpu_kernels.page_copy import gather_pages, gather_pages_reference
 
 from .host_store import HostKVStore
@@ -74,6 +80,14 @@ class PageFetcher:
                     "fit; lower the batch or the budget")
         self._k = torch.empty(shape, dtype=store.dtype, device=device)
         self._v = torch.empty_like(self._k)
+        self._k_scale = self._v_scale = None
+        if is_fp8(store.dtype):
+            if store.k_scale(0).device != device:
+                raise ValueError(f"the fp8 store's scales are on {store.k_scale(0).device}, the pools on {device}: "
+                                 "build the HostKVStore with scale_device on the fetcher's device")
+            # one slot more than the pools: a hole's scale lands there (a fixed-size copy, no host sync)
+            self._k_scale = torch.ones(shape[0], shape[1] + 1, dtype=torch.float32, device=device)
+            self._v_scale = torch.ones_like(self._k_scale)
         self._side_inputs: list[tuple[torch.Tensor, ...]] = []  # see _gathering
 
     def k_pool(self, layer: int) -> torch.Tensor:
@@ -82,6 +96,13 @@ class PageFetcher:
 
     def v_pool(self, layer: int) -> torch.Tensor:
         return self._v[layer]
+
+    def k_scale_pool(self, layer: int) -> torch.Tensor | None:
+        """[max_rows * Hkv * capacity] fp32 scales of one layer's key slots (None unless the store is fp8)."""
+        return None if self._k_scale is None else self._k_scale[layer, :-1]
+
+    def v_scale_pool(self, layer: int) -> torch.Tensor | None:
+        return None if self._v_scale is None else self._v_scale[layer, :-1]
 
     def fetch(self, layer: int, rows: torch.Tensor, store_table: torch.Tensor, entries: torch.Tensor,
               protect: torch.Tensor | None = None, side: bool = False,
@@ -105,6 +126,8 @@ class PageFetcher:
         store = self.store
         if store.fault_hook is not None:  # a test hook (HostKVStore.fault_hook); reads the misses on the host
             store.fault_hook("gather", layer, physical[slots >= 0].cpu())
+        if self._k_scale is not None:
+            self._copy_scales(layer, physical, heads, slots)
         if not self.cuda:
             gather_pages_reference(store.k(layer), store.v(layer), physical, heads, self._k[layer], self._v[layer],
                                    slots)
@@ -120,6 +143,16 @@ class PageFetcher:
                 events[1].record()
                 timed.append(events)
         return found.slot_table, fetched
+
+    def _copy_scales(self, layer: int, physical: torch.Tensor, heads: torch.Tensor, slots: torch.Tensor) -> None:
+        """The misses' fp8 scales into their slots (store and pools on the same device), holes into
+        the spare last slot. Runs on the caller's stream: the scales are read by the same attention
+        that reads the gathered pages, which waits for this stream."""
+        store, spare = self.store, self._k_scale.shape[1] - 1
+        units = (physical.clamp(0, store.num_pages - 1).long(), heads.long())
+        into = torch.where(slots >= 0, slots, spare).long()
+        self._k_scale[layer].index_copy_(0, into, store.k_scale(layer)[units])
+        self._v_scale[layer].index_copy_(0, into, store.v_scale(layer)[units])
 
     @contextlib.contextmanager
     def _gathering(self, layer: int, side: bool, *inputs: torch.Tensor):
@@ -157,4 +190,5 @@ class PageFetcher:
 
     def close(self) -> None:
         self._k = self._v = None
+        self._k_scale = self._v_scale = None
         self.directory = None

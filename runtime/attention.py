@@ -25,6 +25,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from gpu_kernels.kv_fp8 import dequantize_units, is_fp8, quantize_units
+from gpu_kernels.page_copy import write_tokens, write_tokens_reference
 from gpu_kernels.paged_attention import block_attention
 from runtime.config import ATTENTION_BACKENDS, ModelConfig
 from runtime.memory import gpu_free_bytes
@@ -254,13 +256,16 @@ class DenseAttention(AttentionMode):
 
     Storage is paged with the project's layout, per layer K and V `[num_pages, Hkv, P, D]`, each
     sequence owning a fixed run of `pages_per_seq` pages, so the same kernels read it as read the
-    host store.
+    host store. kv_dtype float8_e4m3fn (dense-fp8, `EngineConfig.kv_format`): the pages hold e4m3
+    codes with fp32 scales per (page, KV head) `[num_pages, Hkv]` per layer, in the format herald's
+    host store keeps, written by the same requantizing write and read by the same kernels.
     """
 
     name = "dense"
 
     def __init__(self, model: ModelConfig, max_sequences: int, max_tokens: int, page_size: int,
-                 dtype: torch.dtype, device: torch.device, backend: str = "torch"):
+                 dtype: torch.dtype, device: torch.device, backend: str = "torch",
+                 kv_dtype: torch.dtype | None = None):
         if max_tokens < 1 or max_sequences < 1:
             raise ValueError(f"need max_tokens >= 1 and max_sequences >= 1, got {max_tokens}, {max_sequences}")
         if backend not in ATTENTION_BACKENDS:
@@ -273,7 +278,10 @@ class DenseAttention(AttentionMode):
         self.pages_per_seq = -(-max_tokens // page_size)
         self.max_tokens = self.pages_per_seq * page_size
         shape = (max_sequences * self.pages_per_seq, model.num_kv_heads, page_size, model.head_dim)
-        nbytes = 2 * model.num_layers * torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+        kv_dtype = dtype if kv_dtype is None else kv_dtype
+        self.fp8 = is_fp8(kv_dtype)
+        nbytes = 2 * model.num_layers * torch.Size(shape).numel() * torch.tensor([], dtype=kv_dtype).element_size()
+        nbytes += 2 * model.num_layers * shape[0] * shape[1] * 4 if self.fp8 else 0  # the scales
         if device.type == "cuda":
             free = gpu_free_bytes(device)
             if nbytes > free:
@@ -285,8 +293,12 @@ class DenseAttention(AttentionMode):
                 )
         # Zeroed, not empty: the torch path pads rows to the longest context and multiplies masked
         # positions' values by a zero weight, and 0 * NaN garbage would still be NaN.
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+        self.k_cache = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in range(model.num_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in range(model.num_layers)]
+        # fp8: per layer [num_pages, Hkv] fp32 scales (ones: an unwritten unit dequantizes to 0); else None
+        scales = [torch.ones(shape[:2], dtype=torch.float32, device=device) for _ in range(2 * model.num_layers)] \
+            if self.fp8 else [None] * (2 * model.num_layers)
+        self.k_scale, self.v_scale = scales[:model.num_layers], scales[model.num_layers:]
         self.max_sequences = max_sequences
         self.free_slots = list(range(max_sequences - 1, -1, -1))
         self.slot_of: dict[int, int] = {}
@@ -295,7 +307,9 @@ class DenseAttention(AttentionMode):
         # (rows, side pass) -> (table, kv_len); a LOOKAHEAD pass may run on a side stream beside the
         # denoising passes, so it reads tables of its own
         self._denoise_tables: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._write_index: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (rows, T) -> (page, offset)
+        # (rows, T) -> (page, offset) [rows, T] of each new token; fp8: (page table [rows, pages_per_seq]
+        # int32, first position [rows] int32), what the requantizing write takes
+        self._write_index: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._planned = PlannedBuffers()  # what the buffers above (and a subclass's) hold
 
     def add_sequence(self, seq_id: int, max_tokens: int) -> None:
@@ -325,6 +339,9 @@ class DenseAttention(AttentionMode):
         if batch.phase.writes_kv:  # where the new tokens go, at fixed addresses per (rows, T)
             pos = batch.positions("cpu")
             index = (self._slots[:, None] * self.pages_per_seq + pos // self.page_size, pos % self.page_size)
+            if self.fp8:  # the requantizing write takes page tables and first positions instead
+                table = self._slots[:, None] * self.pages_per_seq + torch.arange(self.pages_per_seq)[None, :]
+                index = (table.to(torch.int32), batch.context_lens.to(torch.int32))
             key = (batch.num_rows, batch.num_new)
             if key not in self._write_index:
                 self._write_index[key] = tuple(upload(t, dev) for t in index)
@@ -355,9 +372,14 @@ class DenseAttention(AttentionMode):
         pages = -(-num_tokens // self.page_size)
         slot = self.slot_of[seq_id]
         gen = torch.Generator(self.k_cache[0].device).manual_seed(seed)
-        for cache in (*self.k_cache, *self.v_cache):
+        for cache, scales in zip((*self.k_cache, *self.v_cache), (*self.k_scale, *self.v_scale)):
             per_seq = cache.view(-1, self.pages_per_seq, *cache.shape[1:])
-            per_seq[slot, :pages].normal_(generator=gen)
+            if scales is None:
+                per_seq[slot, :pages].normal_(generator=gen)
+                continue
+            units = torch.randn(per_seq[slot, :pages].shape, generator=gen, device=cache.device)
+            per_seq[slot, :pages], scales.view(-1, self.pages_per_seq, scales.shape[1])[slot, :pages] = \
+                quantize_units(units)
 
     def store_table(self, pages: int) -> torch.Tensor:
         """[N, max(pages, 1)] int32 physical pages of the planned rows' first `pages` logical pages."""
@@ -367,36 +389,48 @@ class DenseAttention(AttentionMode):
     def _use_kernel(self, batch: ForwardBatch) -> bool:
         return self.backend == "triton" and batch.phase is not Phase.PREFILL
 
-    def _rows(self, cache: torch.Tensor, length: int) -> torch.Tensor:
-        """[N, Hkv, length, D] contiguous view of the planned rows' first `length` positions."""
+    def _rows(self, cache: torch.Tensor, scales: torch.Tensor | None, length: int) -> torch.Tensor:
+        """[N, Hkv, length, D] of the planned rows' first `length` positions (fp8 pages dequantized
+        with their scales [num_pages, Hkv] to fp32)."""
         pages = -(-length // self.page_size)
         _, hkv, p, d = cache.shape
-        per_seq = cache.view(-1, self.pages_per_seq, hkv, p, d)[self._slots.to(cache.device), :pages]
+        slots = self._slots.to(cache.device)
+        per_seq = cache.view(-1, self.pages_per_seq, hkv, p, d)[slots, :pages]
+        if scales is not None:
+            per_seq = dequantize_units(per_seq, scales.view(-1, self.pages_per_seq, hkv)[slots, :pages])
         return per_seq.permute(0, 2, 1, 3, 4).reshape(len(self._slots), hkv, pages * p, d)[:, :, :length]
 
-    def _write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
-        """Write new: [N, Hkv, T, D] at each row's positions context_lens .. +T (indices from plan)."""
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v: [N, Hkv, T, D] of one layer at each row's positions context_lens .. +T
+        (indices from plan); fp8 requantizes every page the write touches (`write_tokens`)."""
+        if self.fp8:
+            table, start = self._write_at
+            write = write_tokens if k.is_cuda else write_tokens_reference
+            kwargs = dict(validate=False) if k.is_cuda else {}
+            write(self.k_cache[layer], self.v_cache[layer], table, start, k.contiguous(), v.contiguous(),
+                  k_scale=self.k_scale[layer], v_scale=self.v_scale[layer], **kwargs)
+            return
         page, offset = self._write_at
-        cache[page, :, offset] = new.transpose(1, 2).to(cache.dtype)
+        for cache, new in ((self.k_cache[layer], k), (self.v_cache[layer], v)):
+            cache[page, :, offset] = new.transpose(1, 2).to(cache.dtype)
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         batch = self.batch
         assert batch is not None, "plan() must precede run()"
         if self._use_kernel(batch):
             if batch.phase.writes_kv:  # written past kv_len: the kernel does not see them twice
-                self._write(self.k_cache[layer], k)
-                self._write(self.v_cache[layer], v)
+                self._write(layer, k, v)
             out, _, _ = block_attention(q, k, v, self.k_cache[layer], self.v_cache[layer], self._page_table,
-                                        self._kv_len, scale=self.scale)
+                                        self._kv_len, scale=self.scale, k_scale=self.k_scale[layer],
+                                        v_scale=self.v_scale[layer])
             return out
         ctx_lens = batch.context_lens
         max_ctx = int(ctx_lens.max())
         t = batch.num_new
-        ctx_k = self._rows(self.k_cache[layer], max_ctx)
-        ctx_v = self._rows(self.v_cache[layer], max_ctx)
+        ctx_k = self._rows(self.k_cache[layer], self.k_scale[layer], max_ctx)
+        ctx_v = self._rows(self.v_cache[layer], self.v_scale[layer], max_ctx)
         if batch.phase.writes_kv:
-            self._write(self.k_cache[layer], k)
-            self._write(self.v_cache[layer], v)
+            self._write(layer, k, v)
         keys = torch.cat([ctx_k, k.to(ctx_k.dtype)], dim=2)
         values = torch.cat([ctx_v, v.to(ctx_v.dtype)], dim=2)
         ctx_visible = torch.arange(max_ctx)[None, :] < ctx_lens[:, None]  # [N, max_ctx]
@@ -412,6 +446,8 @@ class DenseAttention(AttentionMode):
         self._planned.forget()
         self.k_cache.clear()
         self.v_cache.clear()
+        self.k_scale.clear()
+        self.v_scale.clear()
         self.slot_of.clear()
 
 

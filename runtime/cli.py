@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from runtime.config import (ATTENTION_MODES, DECODING_RULES, SELECTION_SOURCES, UNMASKING_SCHEDULES, EngineConfig,
+from runtime.config import (ATTENTION_MODES, DECODING_RULES, KV_FORMATS, SELECTION_SOURCES, UNMASKING_SCHEDULES, EngineConfig,
                             SparseConfig)
 from runtime.decoding import GenerationRequest, GenerationResult
 from runtime.engine import DEFAULT_MODEL, Engine, refused_result
@@ -28,6 +28,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="dense", choices=ATTENTION_MODES)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
+    parser.add_argument("--kv-format", default="model", choices=KV_FORMATS,
+                        help="how K/V are stored: the model's dtype, or fp8_e4m3 (e4m3 pages with per-page, "
+                             "per-head scales: half the bytes; dense and herald)")
     decoding = parser.add_argument_group("decoding (default: the checkpoint's, else its family's)")
     decoding.add_argument("--block-size", type=int, default=None)
     decoding.add_argument("--steps", type=int, default=None, help="denoising steps per block (default: block size)")
@@ -78,6 +81,7 @@ def _config(args: argparse.Namespace, mode: str | None = None) -> EngineConfig:
         chat_template=args.chat_template, parse_special_tokens=args.parse_special_tokens,
         skip_special_tokens=not args.keep_special_tokens, max_batch_size=args.max_batch_size,
         progress=not args.no_progress, sparse=sparse, tensor_parallel_size=args.tensor_parallel_size,
+        kv_format=args.kv_format,
     )
 
 

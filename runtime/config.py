@@ -22,6 +22,12 @@ FORECASTS = ("off", "next-layer", "learned")
 SELECTION_QUERIES = ("mean", "center", "positions")
 GRANULARITIES = ("page", "token")
 ATTENTION_BACKENDS = ("torch", "triton")
+# How K/V are stored: "model" in the model's dtype (bf16 on CUDA); "fp8_e4m3" as e4m3 codes with an
+# fp32 scale per (page, KV head) (gpu_kernels/kv_fp8.py): half the bytes in host memory, over PCIe
+# and in a dense GPU cache
+KV_FORMATS = ("model", "fp8_e4m3")
+# the modes that store fp8 K/V (mage's and quest's resident caches and summaries read 16-bit keys)
+FP8_KV_MODES = ("dense", "herald")
 UNMASKING_SCHEDULES = ("threshold", "fixed")
 PROMPT_ATTENTION = ("causal", "block_causal")
 ROUTER_SCORES = ("softmax", "sigmoid")
@@ -514,8 +520,20 @@ class EngineConfig:
     # ranks the model is split over (runtime/parallel.py; launch with torchrun). None: every process
     # of the torchrun launch (1 without one); 1: no split, one engine per process even under torchrun
     tensor_parallel_size: int | None = None
+    # how the KV cache is stored (KV_FORMATS): "model" (the model's dtype) or "fp8_e4m3" (e4m3 pages,
+    # per-(page, KV head) scales): dense keeps the fp8 cache on the GPU, herald in pinned host memory
+    kv_format: str = "model"
 
     def __post_init__(self) -> None:
+        if self.kv_format not in KV_FORMATS:
+            raise ValueError(f"kv_format={self.kv_format!r}; choose one of {KV_FORMATS}")
+        if self.kv_format == "fp8_e4m3" and self.mode not in FP8_KV_MODES:
+            raise ValueError(f"kv_format='fp8_e4m3' is not available in mode={self.mode!r}: its resident cache and "
+                             f"selection read 16-bit keys; use mode in {FP8_KV_MODES} or kv_format='model'")
+        if self.kv_format == "fp8_e4m3" and self.mode == "herald" and self.sparse.source != "gpu-compact":
+            raise ValueError(f"kv_format='fp8_e4m3' with herald needs SparseConfig(source='gpu-compact'): the "
+                             f"numba scan of source={self.sparse.source!r} reads 16-bit host keys; set "
+                             "source='gpu-compact' or kv_format='model'")
         if self.tensor_parallel_size is not None and self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1 (None: torchrun's world)")
         if self.mode not in ATTENTION_MODES:

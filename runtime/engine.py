@@ -20,7 +20,8 @@ from runtime.config import EngineConfig, ModelConfig
 from runtime.decoding import DecodeSettings, GenerationRequest, GenerationResult, SequenceState
 from runtime.generate import BlockDiffusionLoop
 from runtime.herald import HeraldAttention
-from runtime.memory import MemoryPlan, check_fits, check_weights_fit, gpu_free_bytes, largest_batch, plan_memory
+from runtime.memory import (MemoryPlan, check_fits, check_weights_fit, gpu_free_bytes, kv_storage_dtype, largest_batch,
+                            plan_memory)
 from runtime.resident_sparse import MageAttention, QuestAttention
 from runtime.sampling import SamplingParams, expand_prompts
 from runtime import streaming
@@ -204,16 +205,18 @@ class Engine:
         mode, sparse = self.config.mode, self.config.sparse
         self.check_memory(num_sequences, max_tokens)
         args = (self.model.local_config, num_sequences, max_tokens)  # the rank's heads and KV heads
+        kv_dtype = kv_storage_dtype(self.config.kv_format, self.dtype)
         if mode == "dense":
             return DenseAttention(*args, page_size=sparse.page_size, dtype=self.dtype, device=self.device,
-                                  backend=backend)
+                                  backend=backend, kv_dtype=kv_dtype)
         if mode == "mage":
             return MageAttention(*args, self.dtype, self.device, backend, sparse)
         if mode == "quest":
             return QuestAttention(*args, self.dtype, self.device, backend, sparse)
         if mode == "herald":
             return HeraldAttention(*args, self.dtype, self.device, backend, sparse, streams=self.streams,
-                                   progress=self.config.progress, forecast_weights=self.forecast_weights)
+                                   progress=self.config.progress, kv_dtype=kv_dtype,
+                                   forecast_weights=self.forecast_weights)
         raise ValueError(f"mode {mode!r} is not available")
 
     def make_loop(self, mode: AttentionMode, max_batch_size: int) -> BlockDiffusionLoop:
@@ -240,13 +243,13 @@ class Engine:
         """What `num_sequences` sequences of `max_tokens` tokens would take in the configured mode."""
         return plan_memory(self.model_config, self.config.mode, self.config.sparse, num_sequences, max_tokens,
                            self.dtype, self.device, self.settings.block_size, self.config.prefill_chunk_size,
-                           tensor_parallel=self.tp.world_size, **self._free(free))
+                           tensor_parallel=self.tp.world_size, kv_format=self.config.kv_format, **self._free(free))
 
     def largest_batch(self, max_tokens: int, **free) -> int:
         """The most sequences of `max_tokens` tokens the configured mode fits in free memory now."""
         return largest_batch(self.model_config, self.config.mode, self.config.sparse, max_tokens, self.dtype,
                              self.device, self.settings.block_size, self.config.prefill_chunk_size,
-                             tensor_parallel=self.tp.world_size, **self._free(free))
+                             tensor_parallel=self.tp.world_size, kv_format=self.config.kv_format, **self._free(free))
 
     def check_memory(self, num_sequences: int, max_tokens: int) -> MemoryPlan:
         """Refuse, before allocating, a batch that does not fit (the error says what would)."""

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
-from runtime.config import ModelConfig, SparseConfig
+from gpu_kernels.kv_fp8 import FP8_DTYPE, is_fp8
+from runtime.config import KV_FORMATS, ModelConfig, SparseConfig
 from runtime.parallel import TensorParallel, local_config
 
 GiB = 2**30
@@ -58,8 +59,21 @@ class MemoryPlan:
 
 
 def kv_bytes_per_token(model: ModelConfig, dtype: torch.dtype) -> int:
-    """K and V of one token over all layers."""
+    """K and V of one token over all layers, stored as dtype (fp8 K/V: their codes; scales apart,
+    `fp8_scale_bytes`)."""
     return 2 * model.num_layers * model.num_kv_heads * model.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def kv_storage_dtype(kv_format: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype K/V are stored in under `EngineConfig.kv_format`: the model's, or e4m3 codes."""
+    if kv_format not in KV_FORMATS:
+        raise ValueError(f"kv_format={kv_format!r}; choose one of {KV_FORMATS}")
+    return FP8_DTYPE if kv_format == "fp8_e4m3" else dtype
+
+
+def fp8_scale_bytes(model: ModelConfig, units: int) -> int:
+    """fp32 scales of K and V for `units` (page, KV head) units in every layer (fp8 K/V)."""
+    return 2 * 4 * model.num_layers * units
 
 
 def check_weights_fit(weights: tuple[int, int], dtype: torch.dtype, gpu_free: int, where: str) -> None:
@@ -111,8 +125,13 @@ def gpu_free_bytes(device: torch.device) -> int:
 
 def plan_memory(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int, max_tokens: int,
                 dtype: torch.dtype, device: torch.device, block_size: int, prefill_chunk: int,
-                gpu_free: int | None = None, host_free: int | None = None, tensor_parallel: int = 1) -> MemoryPlan:
+                gpu_free: int | None = None, host_free: int | None = None, tensor_parallel: int = 1,
+                kv_format: str = "model") -> MemoryPlan:
     """The footprint of `batch` sequences of up to `max_tokens` tokens in `mode`.
+
+    kv_format (`EngineConfig.kv_format`): "fp8_e4m3" stores K/V as one byte per element (half of
+    bf16) plus 8 bytes of scales per (layer, page, KV head), on the GPU for both modes that take it
+    (dense's cache; herald's host store keeps its scales there, and each page slot has its own).
 
     tensor_parallel: the ranks the model is split over (runtime/parallel.py). Each rank holds its
     share of the heads and KV heads: the GPU side is one rank's; the host memory of the ranks of
@@ -122,10 +141,13 @@ def plan_memory(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int,
     model = local_config(model, TensorParallel(0, ranks))
     p = sparse.page_size
     tokens = -(-max_tokens // p) * p
-    per_token = kv_bytes_per_token(model, dtype)
+    kv_dtype = kv_storage_dtype(kv_format, dtype)
+    per_token = kv_bytes_per_token(model, kv_dtype)
+    # fp8 scales per KV head of every page of the batch (dense's cache, herald's store)
+    scales = fp8_scale_bytes(model, batch * (tokens // p) * model.num_kv_heads) if is_fp8(kv_dtype) else 0
     host = 0
     if mode in ("dense", "mage", "quest"):
-        gpu_kv = batch * tokens * per_token
+        gpu_kv = batch * tokens * per_token + scales
         if mode == "quest":
             gpu_kv += batch * (tokens // p) * 2 * model.num_layers * model.num_kv_heads * model.head_dim * 4
     elif mode == "herald":
@@ -133,7 +155,9 @@ def plan_memory(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int,
         # the lookahead (or the forecast) fills a second set of page slots while the first is read
         sets = 2 if sparse.lookahead_resolved() or sparse.forecast != "off" else 1
         slots = batch * model.num_kv_heads * selected_pages_bound(sparse, max_tokens) * sets
-        gpu_kv = slots * p * per_token // model.num_kv_heads
+        gpu_kv = slots * p * per_token // model.num_kv_heads + scales
+        if scales:
+            gpu_kv += fp8_scale_bytes(model, slots)
         gpu_kv += batch * tokens * per_token * sparse.dense_layers // model.num_layers  # exact layers stay on the GPU
         if sparse.source in ("gpu-compact", "split"):
             per_key = model.head_dim * sparse.compact_bits // 8 + 2 * model.head_dim // min(sparse.compact_group, model.head_dim)
@@ -158,7 +182,8 @@ def plan_memory(model: ModelConfig, mode: str, sparse: SparseConfig, batch: int,
 
 def largest_batch(model: ModelConfig, mode: str, sparse: SparseConfig, max_tokens: int, dtype: torch.dtype,
                   device: torch.device, block_size: int, prefill_chunk: int, limit: int = 1024, **free) -> int:
-    """The most sequences of `max_tokens` tokens that fit (0 if not even one)."""
+    """The most sequences of `max_tokens` tokens that fit (0 if not even one). free: `plan_memory`'s
+    keyword arguments (free memory overrides, tensor_parallel, kv_format)."""
     lo, hi = 0, limit
     while lo < hi:
         mid = (lo + hi + 1) // 2

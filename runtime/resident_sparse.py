@@ -65,8 +65,7 @@ class ResidentSparseAttention(DenseAttention):
     def _sparse_attention(self, layer: int, q, k, v, table: torch.Tensor, kv_len: torch.Tensor,
                           k_pages: torch.Tensor | None = None, v_pages: torch.Tensor | None = None):
         if self.batch.phase.writes_kv:  # written past kv_len: never read by this pass
-            self._write(self.k_cache[layer], k)
-            self._write(self.v_cache[layer], v)
+            self._write(layer, k, v)
         k_pages = self.k_cache[layer] if k_pages is None else k_pages
         v_pages = self.v_cache[layer] if v_pages is None else v_pages
         if self.backend == "triton":

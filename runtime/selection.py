@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_kernels.kv_fp8 import dequantize_units
 from runtime.config import SparseConfig
 from offload.uploads import upload
 
@@ -215,22 +216,27 @@ def gather_token_scores(q_sel: torch.Tensor, k_pages: torch.Tensor, page_table: 
 
 def table_attention_torch(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor,
                           k_pages: torch.Tensor, v_pages: torch.Tensor, table: torch.Tensor,
-                          kv_len: torch.Tensor, scale: float) -> torch.Tensor:
+                          kv_len: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
+                          v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-torch twin of `gpu_kernels.paged_attention.block_attention` with a per-head table.
 
     q [N, Hq, T, D]; k_block, v_block [N, Hkv, T, D] (bidirectional within the block); k_pages,
     v_pages store layout [num_pages, Hkv, P, D] or pool layout [num_slots, P, D]; table
-    [N, Hkv, K] int32 (-1 padded); kv_len [N, Hkv]. Gathers the listed pages and runs one
-    masked softmax; used on the CPU, where the Triton kernel only runs interpreted.
+    [N, Hkv, K] int32 (-1 padded); kv_len [N, Hkv]; k_scale, v_scale: fp8 pages' scales (store
+    [num_pages, Hkv], pool [num_slots]; the pages are dequantized with them), else None. Gathers the
+    listed pages and runs one masked softmax; used on the CPU, where the Triton kernel only runs
+    interpreted.
     """
     n, hq, t, d = q.shape
     hkv, k = table.shape[1], table.shape[2]
     idx = table.clamp(min=0).long()
     if k_pages.dim() == 4:  # store: pick each head's own page
-        head = torch.arange(hkv, device=idx.device)[None, :, None].expand_as(idx)
-        keys, vals = k_pages[idx, head], v_pages[idx, head]  # [N, Hkv, K, P, D]
+        index = (idx, torch.arange(hkv, device=idx.device)[None, :, None].expand_as(idx))
     else:
-        keys, vals = k_pages[idx], v_pages[idx]
+        index = (idx,)
+    keys, vals = k_pages[index], v_pages[index]  # [N, Hkv, K, P, D]
+    if k_scale is not None:
+        keys, vals = dequantize_units(keys, k_scale[index]), dequantize_units(vals, v_scale[index])
     p = keys.shape[3]
     keys = torch.cat([keys.reshape(n, hkv, k * p, d), k_block.to(keys.dtype)], dim=2)
     vals = torch.cat([vals.reshape(n, hkv, k * p, d), v_block.to(vals.dtype)], dim=2)

@@ -91,7 +91,7 @@ class RecordingAttention(DenseAttention):
             for i, rec in self._recording:
                 if rec.keys[layer] is None:
                     if keys is None:
-                        keys = self._rows(self.k_cache[layer], int(self.batch.context_lens.max()))
+                        keys = self._rows(self.k_cache[layer], self.k_scale[layer], int(self.batch.context_lens.max()))
                     rec.keys[layer] = keys[i, :, :rec.context_len].to(self.store_device, copy=True)
                 rec.queries[layer].append(q[i].detach().to(self.store_device, copy=True))
         return super().run(layer, q, k, v)

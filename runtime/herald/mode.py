@@ -24,6 +24,11 @@ it (the commit rewrites the cache directory), and block b+1's step 0 starts from
 fetching only the pages the commit rewrote. The draft is an approximation: in the LOOKAHEAD pass
 the 2B tokens see each other bidirectionally on the kernel path.
 
+fp8 K/V (`kv_dtype` float8_e4m3fn, `EngineConfig.kv_format`): the host store, the page pools and
+the exact layers' cache hold e4m3 codes with per-(page, KV head) scales, so each fetched page moves
+half the bytes; the compact keys are made from the model's keys before quantization, so selection
+is the same as without it.
+
 The first `dense_layers` layers stay exact: their KV (2/36 of an 8B model's) lives on the GPU in a
 dense paged cache and never goes to the host store. `timeline.BlockTimeline` counts what each
 block selected and moved.
@@ -34,6 +39,7 @@ from dataclasses import replace
 
 import torch
 
+from gpu_kernels.kv_fp8 import dequantize_units, is_fp8
 from gpu_kernels.merge import block_self_attention, merge_attention_states
 from gpu_kernels.paged_attention import block_attention, block_attention_reference, paged_attention
 from offload.host_store import HostKVStore, TransferFault
@@ -76,14 +82,15 @@ class HeraldAttention(AttentionMode):
 
     def __init__(self, model: ModelConfig, max_sequences: int, max_tokens: int, dtype: torch.dtype,
                  device: torch.device, backend: str, sparse: SparseConfig, reserve_host_bytes: int | None = None,
-                 streams: Streams | None = None, progress: bool = False,
+                 streams: Streams | None = None, progress: bool = False, kv_dtype: torch.dtype | None = None,
                  forecast_weights: torch.Tensor | None = None):
         """sparse: resolved for the device (`SparseConfig.for_device`). streams (CUDA, with the
         lookahead or the forecast): where the LOOKAHEAD pass and the side gathers run
         (`offload.streams`; default: a new set by the same rule; an engine passes its own to every
         mode it makes). progress: a progress bar while the pinned host store is faulted in.
-        forecast_weights: [L, Hkv, D, D] on `device`, what sparse.forecast="learned" maps the
-        queries with (runtime.checkpoint.load_forecast)."""
+        kv_dtype: how K/V are stored (default: dtype; float8_e4m3fn: e4m3 pages with scales, with the
+        gpu-compact source only). forecast_weights: [L, Hkv, D, D] on `device`, what
+        sparse.forecast="learned" maps the queries with (runtime.checkpoint.load_forecast)."""
         if sparse.granularity != "page":
             raise ValueError("herald moves and selects whole pages; set granularity='page' (token level is mage's)")
         if sparse.source == "gpu-exact" and (sparse.lookahead_resolved() or sparse.forecast != "off"):
@@ -107,10 +114,15 @@ class HeraldAttention(AttentionMode):
         self.pages_per_seq = -(-max_tokens // p)
         self.max_tokens = self.pages_per_seq * p
         self.max_selected = selected_pages_bound(sparse, self.max_tokens)
+        kv_dtype = dtype if kv_dtype is None else kv_dtype
+        if is_fp8(kv_dtype) and sparse.source != "gpu-compact":
+            raise ValueError(f"fp8 K/V select with source='gpu-compact' only (the numba scan of "
+                             f"source={sparse.source!r} reads 16-bit host keys)")
+        self.dtype = dtype  # the model's: what the passes give and the random contexts are drawn in
         self.store = HostKVStore(model.num_layers, model.num_kv_heads, model.head_dim, p,
-                                 max_sequences * self.pages_per_seq, dtype=dtype,
+                                 max_sequences * self.pages_per_seq, dtype=kv_dtype,
                                  pin_memory=self.cuda, reserve_bytes=reserve_host_bytes,
-                                 huge_pages=sparse.host_huge_pages, progress=progress)
+                                 huge_pages=sparse.host_huge_pages, progress=progress, scale_device=device)
         self.lookahead_stream = None
         if self.cuda and (self.wants_lookahead or self.forecasting):
             streams = streams if streams is not None else make_streams(device)
@@ -119,7 +131,7 @@ class HeraldAttention(AttentionMode):
         try:
             if self.dense_layers:
                 self.dense = DenseAttention(replace(model, num_layers=self.dense_layers), max_sequences, self.max_tokens, p,
-                                            dtype, device, backend)
+                                            dtype, device, backend, kv_dtype=kv_dtype)
             # the lookahead fetches the next block's pages while this block's stay in use, the forecast
             # a layer's pages while the last block's stay in place for its exact selection: two sets
             capacity = self.max_selected * (2 if self.wants_lookahead or self.forecasting else 1)
@@ -150,7 +162,7 @@ class HeraldAttention(AttentionMode):
         self._step0_key: tuple = ()
         self.next_selections = NextSelections(model.num_layers, model.num_kv_heads, self.max_selected,
                                               self.pages_per_seq, sparse, device)
-        unit_bytes = 2 * p * model.head_dim * dtype.itemsize
+        unit_bytes = 2 * p * model.head_dim * kv_dtype.itemsize  # K and V of one (page, head): what a miss moves
         self.stats = BlockTimeline(unit_bytes, model.num_layers, device)
         self._forecasts: dict[int, torch.Tensor] = {}  # layer -> the pages the layer before forecast for it
         self._side_start: torch.cuda.Event | None = None  # the lookahead in flight: when it started
@@ -218,8 +230,8 @@ class HeraldAttention(AttentionMode):
         if self.dense is not None:
             self.dense.load_random_context(seq_id, num_tokens, seed)
         for layer in range(self.dense_layers, self.num_layers):
-            k = torch.randn(shape, generator=gen, device=self.device, dtype=self.store.dtype)
-            v = torch.randn(shape, generator=gen, device=self.device, dtype=self.store.dtype)
+            k = torch.randn(shape, generator=gen, device=self.device, dtype=self.dtype)
+            v = torch.randn(shape, generator=gen, device=self.device, dtype=self.dtype)
             self._write(layer, table, start, k, v)
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -389,11 +401,13 @@ class HeraldAttention(AttentionMode):
             slot_table, kv_len = self._tables[layer]
             if self.sparse.check_residency:
                 self._check_resident(layer, slot_table, kv_len)
-            pool_k, pool_v = self.fetcher.k_pool(layer), self.fetcher.v_pool(layer)
+            fetcher = self.fetcher
+            pools = (fetcher.k_pool(layer), fetcher.v_pool(layer))
+            scales = dict(k_scale=fetcher.k_scale_pool(layer), v_scale=fetcher.v_scale_pool(layer))
             if self.backend == "triton":
-                out, _, _ = block_attention(q, k, v, pool_k, pool_v, slot_table, kv_len, scale=self.scale)
+                out, _, _ = block_attention(q, k, v, *pools, slot_table, kv_len, scale=self.scale, **scales)
             else:
-                out = table_attention_torch(q, k, v, pool_k, pool_v, slot_table, kv_len, self.scale)
+                out = table_attention_torch(q, k, v, *pools, slot_table, kv_len, self.scale, **scales)
         if batch.phase is Phase.COMMIT:
             self._commit_layer(layer, k, v)
         return out
@@ -423,14 +437,16 @@ class HeraldAttention(AttentionMode):
             rows = 1 << (t - 1).bit_length()
             padded = q if rows == t else torch.nn.functional.pad(q, (0, 0, 0, rows - t))
             out, lse, _, _ = paged_attention(padded, self.store.kernel_k(layer), self.store.kernel_v(layer),
-                                             buf.store_table, buf.context_lens, scale=self.scale)
+                                             buf.store_table, buf.context_lens, scale=self.scale,
+                                             k_scale=self.store.k_scale(layer), v_scale=self.store.v_scale(layer))
             return out[:, :, :t], lse[:, :, :t]
         n, hq, t, d = q.shape
         hkv = self.num_kv_heads
         pages = -(-int(self.batch.context_lens.max()) // self.page_size)
         table = buf.store_table[:, :pages].long()
-        keys = self.store.k(layer)[table].permute(0, 2, 1, 3, 4).reshape(n, hkv, -1, d).float()
-        vals = self.store.v(layer)[table].permute(0, 2, 1, 3, 4).reshape(n, hkv, -1, d).float()
+        keys, vals = (self._host_pages(pages_of, scales, table).permute(0, 2, 1, 3, 4).reshape(n, hkv, -1, d)
+                      for pages_of, scales in ((self.store.k(layer), self.store.k_scale(layer)),
+                                               (self.store.v(layer), self.store.v_scale(layer))))
         s = torch.matmul(q.float().view(n, hkv, -1, d), keys.transpose(-1, -2)) * self.scale
         valid = torch.arange(keys.shape[2])[None] < self.batch.context_lens[:, None]
         s = s.masked_fill(~valid[:, None, None], float("-inf"))
@@ -453,6 +469,14 @@ class HeraldAttention(AttentionMode):
                                                             return_page_scores=True)
         self._select_and_fetch(layer, q, page_scores)
         return out.to(q.dtype)
+
+    @staticmethod
+    def _host_pages(pages: torch.Tensor, scales: torch.Tensor | None, table: torch.Tensor) -> torch.Tensor:
+        """The store's pages [num_pages, Hkv, P, D] at table [N, K] as fp32 [N, K, Hkv, P, D]
+        (fp8 ones dequantized with their scales [num_pages, Hkv])."""
+        if scales is None:
+            return pages[table].float()
+        return dequantize_units(pages[table], scales[table])
 
     def _write(self, layer: int, table: torch.Tensor, start: torch.Tensor, k, v) -> None:
         """New K/V [N, Hkv, T, D] of one layer: host store and compact keys."""

@@ -65,7 +65,8 @@ def test_main_smoke_writes_json(tmp_path, capsys):
     first = {task: generate_examples(task, 256, 1, 1234, split="test")[0] for task in tasks}
     validation = {task: generate_examples(task, 256, 1, 1234, split="validation")[0] for task in tasks}
     labels = [r["label"] for r in data["rows"]]
-    assert labels[0] == "dense" and len(labels) == 1 + 2 * (len(MODE_SPECS) - 1)
+    dense_specs = sum(spec.mode == "dense" for spec in MODE_SPECS.values())  # one row each, no budget
+    assert labels[0] == "dense" and len(labels) == dense_specs + 2 * (len(MODE_SPECS) - dense_specs)
     assert {(r["mode"], r["source"]) for r in data["rows"]} >= {("herald", "cpu"), ("herald", "gpu-compact"),
                                                                 ("herald", "split"), ("quest", None)}
     recall_rows = data["recall"]["256"]["rows"]

@@ -366,3 +366,89 @@ def test_write_tokens_bf16_gpu(host_dst):
     write_tokens(dst_k, dst_v, table.cuda(), start.cuda(), k_new.cuda(), v_new.cuda())
     torch.cuda.synchronize()
     assert _same(dst_k.cpu(), ref_k) and _same(dst_v.cpu(), ref_v)
+
+
+# ---------------------------------------------------------------------------------- fp8 writes
+
+
+def _fp8_write_sequence(device: str, host_dst: bool, layers: int, multi: bool, head_dim: int, dtype: torch.dtype):
+    """Two rows written block after block (5, 4, 20, 3, 7 tokens: starts mid-page, spans pages) into
+    an fp8 store, by the kernel and by the reference on copies; scales start as NaN (fresh memory).
+    Returns (kernel store, reference store, every written K [L, N, Hkv, 39, D]), each store (k, v,
+    k_scale, v_scale) on the CPU."""
+    gen = torch.Generator().manual_seed(4)
+    pages, hkv, page = 10, 2, 16
+    k_dst = torch.zeros(layers, pages, hkv, page, head_dim, dtype=torch.float8_e4m3fn)
+    k_scale = torch.full((layers, pages, hkv), float("nan"))
+    store = [k_dst, k_dst.clone(), k_scale, k_scale.clone()]
+    ref = [x.clone() for x in store]
+    if host_dst:
+        store[:2] = [x.pin_memory() for x in store[:2]]
+    else:
+        store[:2] = [x.to(device) for x in store[:2]]
+    store[2:] = [x.to(device) for x in store[2:]]
+    table = torch.tensor([[3, 1, 7, 0], [2, 5, 4, 9]], dtype=torch.int32)
+    start = torch.zeros(2, dtype=torch.int32)
+    written = []
+    for t in (5, 4, 20, 3, 7):
+        k_new = torch.randn(layers, 2, hkv, t, head_dim, generator=gen) * (1 + 5 * torch.rand(1, generator=gen))
+        v_new = torch.randn(layers, 2, hkv, t, head_dim, generator=gen)
+        k_new, v_new = k_new.to(dtype), v_new.to(dtype)
+        written.append(k_new.float())
+        for layer in ([slice(None)] if multi else range(layers)):
+            kernel_args = [x[layer] for x in store[:2]] + [table.to(device), start.to(device)]
+            write_tokens(*kernel_args, k_new[layer].to(device), v_new[layer].to(device), k_scale=store[2][layer],
+                         v_scale=store[3][layer])
+            write_tokens_reference(ref[0][layer], ref[1][layer], table, start, k_new[layer], v_new[layer],
+                                   k_scale=ref[2][layer], v_scale=ref[3][layer])
+        start += t
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return [x.cpu() for x in store], ref, torch.cat(written, dim=3)
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_write_tokens_fp8_requantizes_pages_as_the_reference(multi):
+    """Every page a block touches is rewritten whole under a scale over its old and new tokens:
+    the kernel's codes and scales equal the reference's bit for bit (pages no row owns untouched),
+    and the pages hold the written keys to e4m3's precision: half a step of the top binade
+    (256-448 codes: step 32, 16/448 = 3.6% of the page's largest value) per rounding, and a token
+    is rounded once per write into its page (here up to four), each error a fraction of a step."""
+    store, ref, written = _fp8_write_sequence(DEV, False, 2, multi, 24, torch.float32)
+    _assert_same_fp8_store(store, ref)
+    k, k_scale = store[0], store[2]
+    pages_of_row0 = (k.float() * k_scale[..., None, None])[:, [3, 1, 7]]  # [L, 3, Hkv, P, D]
+    held = pages_of_row0.permute(0, 2, 1, 3, 4).reshape(2, 2, 48, 24)[:, :, :39]
+    page_amax = written[:, 0].abs().reshape(2, 2, 39 * 24).amax(dim=-1)  # per (layer, head): an upper bound
+    assert bool(((held - written[:, 0]).abs().amax(dim=(-2, -1)) <= 0.08 * page_amax).all())
+    assert float((held - written[:, 0]).norm() / written[:, 0].norm()) < 0.05
+
+
+def _assert_same_fp8_store(store: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
+    """The pages rows own (codes bitwise, scales exactly) agree; the others were never written."""
+    used = [3, 1, 7, 2, 5, 4]
+    for got, want in zip(store, ref):
+        got, want = got[:, used], want[:, used]
+        if got.element_size() == 1:
+            got, want = got.view(torch.uint8), want.view(torch.uint8)
+        assert _same(got.float(), want.float())
+
+
+def test_write_tokens_fp8_refuses_missing_scales_and_fp8_inputs():
+    dst = torch.zeros(4, 1, 16, 16, dtype=torch.float8_e4m3fn)
+    table, start = torch.tensor([[0, 1]], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    new = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="pass their per-\\(page, head\\) scales"):
+        write_tokens(dst, dst.clone(), table, start, new, new)
+    with pytest.raises(ValueError, match="an fp8 store quantizes them"):
+        write_tokens(dst, dst.clone(), table, start, new.to(torch.float8_e4m3fn), new.to(torch.float8_e4m3fn),
+                     k_scale=torch.ones(4, 1), v_scale=torch.ones(4, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("host_dst", [False, True])
+def test_write_tokens_fp8_gpu(host_dst):
+    """bf16 K/V into an fp8 store in GPU memory or pinned host memory (UVA, scales on the GPU):
+    bit for bit the reference's codes and scales."""
+    store, ref, _ = _fp8_write_sequence("cuda", host_dst, 2, True, 128, torch.bfloat16)
+    _assert_same_fp8_store(store, ref)

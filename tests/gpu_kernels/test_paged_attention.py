@@ -24,6 +24,7 @@ from gpu_kernels.merge import (  # noqa: E402
 from gpu_kernels.attention_plan import (  # noqa: E402
     SHORT_WORK_TILES_PER_SM, AttentionOptions, chains_attention, default_config, default_num_splits, launch_config,
     merge_rows_per_program, plan_attention)
+from gpu_kernels.kv_fp8 import dequantize_units, quantize_units  # noqa: E402
 from gpu_kernels.paged_attention import (  # noqa: E402
     block_attention, paged_attention, paged_attention_reference, run_attention)
 from tests.gpu_kernels.attention_checks import (  # noqa: E402
@@ -842,3 +843,151 @@ def test_case_builder_poisons_only_unread_slots():
                                                  return_page_scores=True, return_token_scores=True)
     assert not torch.isnan(out).any() and not torch.isnan(ts).any()
     assert math.isinf(float(lse[1, 0, 0]))
+
+
+# ---------------------------------------------------------------------------------- fp8 K/V
+
+FP8_NAN_CODE = 0x7F  # e4m3fn's NaN
+
+
+def quantize_case(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A `make_case` context as fp8 pages with per-(page, head) scales, poisoned as before: the
+    NaN token slots become NaN codes (left out of their unit's scale), the all-NaN page gets NaN
+    scales. Returns (k codes, v codes, k scales, v scales, k dequantized, v dequantized): the
+    dequantized pages, in k's dtype, are what the kernel must attend to (the reference's input)."""
+    out = []
+    for x in (k, v):
+        valid = ~torch.isnan(x.float()).any(dim=-1)  # [..., P]
+        codes, scale = quantize_units(x.float().nan_to_num(0.0), valid)
+        codes.view(torch.uint8)[~valid] = FP8_NAN_CODE
+        scale[~valid.any(dim=-1)] = float("nan")
+        out.append((codes, scale))
+    (kc, ks), (vc, vs) = out
+    return kc, vc, ks, vs, dequantize_units(kc, ks).to(k.dtype), dequantize_units(vc, vs).to(k.dtype)
+
+
+def check_fp8_against_reference(q, k, v, table, kv_len, k_block=None, v_block=None, **options):
+    """The kernel over fp8 pages (planned with `options`, NaN-filled outputs) against the fp32
+    reference over the dequantized pages (`check_attention`, q's dtype's tolerances), and the
+    reference's own fp8 path (scales given) against the same."""
+    kc, vc, ks, vs, kd, vd = quantize_case(k, v)
+    hkv = table.shape[1] if table.dim() == 3 else k.shape[1]
+    scale = q.shape[-1] ** -0.5
+    bufs = nan_buffers(q, hkv, table.shape[-1], k.shape[-2])
+    plan = plan_attention(q, kc, vc, table, kv_len, k_block=k_block, v_block=v_block, page_scores=True,
+                          token_scores=True, k_scale=ks, v_scale=vs, options=AttentionOptions(**options))
+    assert plan.inputs.kv_fp8 and not plan.warp_specialized
+    got = run_attention(plan, q, kc, vc, table, kv_len, scale=scale, k_block=k_block, v_block=v_block,
+                        k_scale=ks, v_scale=vs, **bufs)
+    check_attention(got, q, kd, vd, table, kv_len, scale=scale, k_block=k_block, v_block=v_block)
+    if k_block is None and q.dtype == torch.float32:  # (bf16 q: kd is the bf16 rounding of the fp32 dequant)
+        ref = paged_attention_reference(q, kc, vc, table, kv_len, scale=scale, return_page_scores=True,
+                                        k_scale=ks, v_scale=vs)
+        want = paged_attention_reference(q, kd, vd, table, kv_len, scale=scale, return_page_scores=True)
+        assert torch.equal(ref[0], want[0]) and torch.equal(ref[2], want[2])
+    return got
+
+
+# (layout, page, T, G, D, num_splits, extra kwargs, kv_len [N, Hkv]): fp32 q (the interpreter's
+# arithmetic), ragged lists, both layouts, a per-head store table, several row blocks, masked D
+FP8_CASES = [
+    ("store", 16, 1, 1, 16, 1, {}, [[37, 64], [0, 5]]),
+    ("store", 16, 5, 4, 32, 3, dict(block_n=16), [[90, 16], [48, 0]]),
+    ("pool", 16, 16, 1, 32, 2, {}, [[64, 17], [200, 3]]),
+    ("pool", 32, 5, 4, 16, 1, {}, [[0, 0], [95, 64]]),
+    ("store_per_head", 16, 5, 4, 16, 2, dict(block_m=16, block_n=16), [[50, 0], [16, 81]]),
+    ("pool", 16, 5, 4, 24, None, {}, [[40, 75], [9, 0]]),
+]
+
+
+@pytest.mark.parametrize("case", FP8_CASES, ids=lambda c: f"{c[0]}-P{c[1]}-T{c[2]}-G{c[3]}-D{c[4]}-S{c[5]}")
+def test_fp8_kernel_matches_reference(case):
+    """fp8 pages with per-(page, head) scales: the kernel dequantizes each tile as it loads it, so
+    its out, lse and scores are those of attention over the dequantized pages, to fp32's
+    tolerances (`attention_checks`); nothing past kv_len is read (NaN codes and scales there)."""
+    layout, page, t, g, d, splits, extra, lens = case
+    n, hkv = len(lens), len(lens[0])
+    base = "store" if layout.startswith("store") else "pool"
+    q, k, v, table, kv_len = make_case(base, n, hkv, g, t, d, page, lens, torch.float32,
+                                       per_head_table=layout == "store_per_head")
+    check_fp8_against_reference(q, k, v, table, kv_len, num_splits=splits, **extra)
+
+
+@pytest.mark.parametrize("layout", ["store", "pool"])
+def test_fp8_block_attention_matches_reference(layout):
+    """fp8 context pages and the block's own K/V in q's dtype, in one launch."""
+    n, hkv, g, t, d = 2, 2, 4, 5, 16
+    q, k, v, table, kv_len = make_case(layout, n, hkv, g, t, d, 16, [[40, 0], [16, 70]], torch.float32)
+    gen = torch.Generator().manual_seed(11)
+    k_blk, v_blk = torch.randn(n, hkv, t, d, generator=gen), torch.randn(n, hkv, t, d, generator=gen)
+    check_fp8_against_reference(q, k, v, table, kv_len, k_block=k_blk, v_block=v_blk, num_splits=2)
+
+
+def test_fp8_attention_error_against_the_unquantized_context():
+    """What fp8 costs: attention over e4m3 pages with per-page scales against the same context in
+    fp32, on random data (4 KV heads x 300 tokens): out within 6% (normwise per list; e4m3's 3
+    mantissa bits err by up to 1/16 per element, and a softmax mean averages most of it away)."""
+    q, k, v, table, kv_len = make_case("store", 1, 4, 2, 4, 64, 16, [[300, 257, 31, 16]], torch.float32, seed=3)
+    kc, vc, ks, vs, _, _ = quantize_case(k, v)
+    got = paged_attention(q, kc, vc, table, kv_len, scale=0.125, k_scale=ks, v_scale=vs)[0]
+    want = paged_attention_reference(q, k, v, table, kv_len, scale=0.125)[0]
+    for h in range(4):
+        heads = slice(2 * h, 2 * h + 2)
+        assert rel_err(got[:, heads], want[:, heads]) < 0.06
+
+
+def test_fp8_arguments_are_checked():
+    q, k, v, table, kv_len = make_case("store", 1, 2, 2, 4, 16, 16, [[20, 5]], torch.float32)
+    kc, vc, ks, vs, _, _ = quantize_case(k, v)
+    with pytest.raises(ValueError, match="pass their per-\\(page, head\\) scales"):
+        paged_attention(q, kc, vc, table, kv_len, scale=1.0)
+    with pytest.raises(ValueError, match="only float8_e4m3fn pages take scales"):
+        paged_attention(q, k, v, table, kv_len, scale=1.0, k_scale=ks, v_scale=vs)
+    with pytest.raises(ValueError, match="scales must be fp32"):
+        paged_attention(q, kc, vc, table, kv_len, scale=1.0, k_scale=ks[:, :1], v_scale=vs)
+    with pytest.raises(ValueError, match="warp_specialized=True|needs an sm_90"):
+        plan_attention(q, kc, vc, table, kv_len, k_scale=ks, v_scale=vs,
+                       options=AttentionOptions(warp_specialized=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["store", "pool"])
+def test_gpu_fp8_long_context(layout):
+    """bf16 q over fp8 pages at D=128 and 32K tokens (ragged): the kernel's tiles are the
+    dequantized pages rounded to bf16 (fp32 product, one rounding), so it meets the bf16 tolerances
+    against the fp32 reference over exactly those bf16 pages; the same from pinned host pages."""
+    dev = torch.device("cuda")
+    lens = [20000, 32768, 0, 1, 777, 4096, 32767, 64]
+    q, k, v, table, kv_len = make_case(layout, 1, 8, 4, 32, 128, 16, [lens], torch.bfloat16, device=dev)
+    check_fp8_against_reference(q, k, v, table, kv_len)
+    check_fp8_against_reference(q, k, v, table, kv_len, num_splits=1)
+    if layout == "store":
+        kc, vc, ks, vs, kd, vd = quantize_case(k, v)
+        host = [HostPointer(x.cpu().pin_memory()) for x in (kc, vc)]
+        got = paged_attention(q, *host, table, kv_len, scale=128 ** -0.5, k_scale=ks, v_scale=vs)
+        want = paged_attention(q, kc, vc, table, kv_len, scale=128 ** -0.5, k_scale=ks, v_scale=vs)
+        assert torch.equal(got[0], want[0])
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_cuda_graph_replay_matches_eager():
+    """fp8 pool pages, captured with preallocated buffers and replayed over new queries."""
+    dev = torch.device("cuda")
+    q, k, v, table, kv_len = make_case("pool", 1, 8, 4, 16, 128, 16, [[3277, 3000, 1, 0, 3277, 2048, 100, 3276]],
+                                       torch.bfloat16, device=dev)
+    kc, vc, ks, vs, _, _ = quantize_case(k, v)
+    plan = plan_attention(q, kc, vc, table, kv_len, k_scale=ks, v_scale=vs)
+    out = torch.empty_like(q)
+    workspace = torch.empty(max(1, plan.config.workspace_numel), device=dev)
+
+    def call():
+        run_attention(plan, q, kc, vc, table, kv_len, scale=128 ** -0.5, k_scale=ks, v_scale=vs, out=out,
+                      workspace=workspace)
+
+    graph = captured(call)
+    q.copy_(torch.randn_like(q))
+    out.fill_(float("nan"))
+    graph.replay()
+    want = paged_attention(q, kc, vc, table, kv_len, scale=128 ** -0.5, k_scale=ks, v_scale=vs)[0]
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)

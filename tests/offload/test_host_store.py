@@ -556,3 +556,50 @@ def test_the_fault_hook_sees_every_transfer_and_a_refused_write_changes_nothing(
     fetcher.fetch(0, torch.tensor([0]), store.page_tables(["a"]), entries)
     table = store._tables["a"]
     assert seen == [("write", 0, table[:2]), ("write", 0, store._tables["b"]), ("gather", 0, sorted([*table[:2], table[1]]))]
+
+
+def _fp8_store_roundtrip(device: str) -> None:
+    """An fp8 store: half the bytes of bf16 (scales apart), writes quantize (one layer and all layers,
+    a block starting mid-page), reads dequantize to within e4m3's step of each page's largest value,
+    and the store's scales are the ones the reference write computes."""
+    pin = device == "cuda"
+    bf16 = HostKVStore(2, 2, 16, 4, 20, dtype=torch.bfloat16, pin_memory=pin)
+    store = HostKVStore(2, 2, 16, 4, 20, dtype=torch.float8_e4m3fn, pin_memory=pin)
+    assert store.fp8 and not bf16.fp8 and store.nbytes * 2 == bf16.nbytes and bf16.k_scale(0) is None
+    assert store.scale_nbytes == 2 * 2 * 20 * 2 * 4 and store.k_scale(1).shape == (20, 2)
+    assert store.k_scale(0).device.type == device
+    bf16.close()
+    gen = torch.Generator().manual_seed(2)
+    store.allocate("y", 3)
+    store.allocate("z", 9)
+    store.extend("y", 17)
+    kz, vz = torch.randn(2, 9, 16, generator=gen), torch.randn(2, 9, 16, generator=gen)
+    store.write(1, store.page_tables(["z"]).to(device), torch.tensor([0]).to(device), kz[None].to(device),
+                vz[None].to(device))
+    kb, vb = torch.randn(2, 2, 2, 5, 16, generator=gen) * 3, torch.randn(2, 2, 2, 5, 16, generator=gen)
+    store.write(None, store.page_tables(["y", "z"]).to(device), torch.tensor([11, 3]).to(device), kb.to(device),
+                vb.to(device))
+    k, v = store.read("z", 1, 0, 9)
+    want_k = torch.cat([kz[:, :3], kb[1, 1], kz[:, 8:]], dim=1)
+    # per page: within 1/16 of the largest magnitude of that page (two roundings of <= 1/32 each)
+    for got, want in ((k, want_k), (v, torch.cat([vz[:, :3], vb[1, 1], vz[:, 8:]], dim=1))):
+        for first in range(0, 9, 4):
+            page_want = want[:, first:first + 4]
+            assert float((got[:, first:first + 4] - page_want).abs().max()) <= page_want.abs().max() / 16
+    k, _ = store.read("y", 0, 11, 16)
+    assert float((k - kb[0, 0]).norm() / kb[0, 0].norm()) < 0.05
+    with pytest.raises(ValueError, match="an fp8 store quantizes them"):
+        store.write(0, store.page_tables(["y"]).to(device), torch.tensor([0]).to(device),
+                    kb[0, :1].to(torch.float8_e4m3fn).to(device), kb[0, :1].to(torch.float8_e4m3fn).to(device))
+    store.close()
+    assert store._k_scale is None
+
+
+def test_fp8_store_roundtrip_cpu():
+    _fp8_store_roundtrip("cpu")
+
+
+@pytest.mark.gpu
+def test_fp8_store_roundtrip_pinned_gpu():
+    """The same with the UVA write kernel into pinned memory and the scales on the GPU."""
+    _fp8_store_roundtrip("cuda")

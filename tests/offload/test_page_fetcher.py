@@ -14,9 +14,10 @@ def filled_store(gen, layers, h, p, d, seqs, tokens, dtype, device):
     store = HostKVStore(layers, h, d, p, seqs * (tokens // p) + 3, dtype=dtype, pin_memory=device.type == "cuda")
     for s in range(seqs):
         store.allocate(s, tokens)
+    written = (torch.bfloat16 if device.type == "cuda" else torch.float32) if store.fp8 else dtype
     for layer in range(layers):
-        k = torch.randn(seqs, h, tokens, d, generator=gen).to(dtype)
-        v = torch.randn(seqs, h, tokens, d, generator=gen).to(dtype)
+        k = torch.randn(seqs, h, tokens, d, generator=gen).to(written)
+        v = torch.randn(seqs, h, tokens, d, generator=gen).to(written)
         store.write(layer, store.page_tables(range(seqs)), torch.zeros(seqs, dtype=torch.int32), k.to(device),
                     v.to(device))
     if device.type == "cuda":
@@ -33,16 +34,21 @@ def check_resident(store, fetcher, layer, rows, tables, entries, slot_table):
                     assert slot == -1
                     continue
                 physical = int(tables[i, page])
-                assert torch.equal(fetcher.k_pool(layer)[slot].cpu(), store.k(layer)[physical, h])
-                assert torch.equal(fetcher.v_pool(layer)[slot].cpu(), store.v(layer)[physical, h])
+                for pool, pages in ((fetcher.k_pool(layer), store.k(layer)), (fetcher.v_pool(layer), store.v(layer))):
+                    assert torch.equal(pool[slot].cpu().view(torch.uint8), pages[physical, h].view(torch.uint8))
+                if store.fp8:  # and each slot's scale is its unit's
+                    assert float(fetcher.k_scale_pool(layer)[slot]) == float(store.k_scale(layer)[physical, h])
+                    assert float(fetcher.v_scale_pool(layer)[slot]) == float(store.v_scale(layer)[physical, h])
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["model_dtype", "fp8"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_fetched_slots_hold_their_pages_and_only_misses_move(device):
+def test_fetched_slots_hold_their_pages_and_only_misses_move(device, fp8):
+    """Also for an fp8 store: pools of e4m3 codes, each slot's scale copied beside its page."""
     if device == "cuda" and not CUDA:
         pytest.skip("needs CUDA")
     device = torch.device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(0)
     layers, h, p, d, seqs, tokens, k = 2, 2, 4, 8, 3, 40, 6
     store = filled_store(gen, layers, h, p, d, seqs, tokens, dtype, device)

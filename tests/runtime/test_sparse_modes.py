@@ -167,9 +167,10 @@ class SelectionMass:
         return spied
 
     def _spy_attention(self, attend):
-        def spied(q, k_block, v_block, k_pages, v_pages, table, kv_len, scale):
+        def spied(q, k_block, v_block, k_pages, v_pages, table, kv_len, scale, **scales):
+            # scales: fp8 pages' (k_scale, v_scale), None here: these runs keep K/V in the model's dtype
             self._measure(q, k_pages, table, kv_len, scale)
-            return attend(q, k_block, v_block, k_pages, v_pages, table, kv_len, scale)
+            return attend(q, k_block, v_block, k_pages, v_pages, table, kv_len, scale, **scales)
         return spied
 
     @staticmethod
