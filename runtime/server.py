@@ -73,7 +73,8 @@ class Job:
 class EngineWorker:
     """The one thread that runs the engine: one generate call for the server's life, fed every
     request as it arrives (runtime/feed.py), so that each joins the running batch at the next
-    block boundary and leaves it, freeing its KV, as soon as it ends or its client goes."""
+    block boundary and leaves it, freeing its KV, as soon as it ends or its client goes. The call
+    holds the engine's generate_lock meanwhile: the engine serves this server alone."""
 
     def __init__(self, engine, max_pending: int, max_tokens: int):
         self.engine, self.max_pending = engine, max_pending
