@@ -94,7 +94,7 @@ class EngineWorker:
             self.pending += len(job.requests)
             job.left = len(job.requests)
             self.owner.update((r.request_id, job) for r in job.requests)
-        self.feed.put(job.requests)
+            self.feed.put(job.requests)  # under the lock: a failed call drains the feed and its jobs at once
 
     def close(self) -> None:
         self.feed.close()
@@ -127,11 +127,12 @@ class EngineWorker:
             try:
                 with self.engine.generate_lock:
                     self.engine.generate([], feed=self.feed, should_cancel=self._cancelled, on_commit=self._on_commit)
-            except Exception as err:  # the call failed as a whole (e.g. a broken invariant): every job in it hears it
-                with self.lock:
+            except Exception as err:  # the call failed as a whole (e.g. a broken invariant): every job hears it
+                with self.lock:  # what it had not taken yet goes too, or the next call would fail on it again
+                    self.feed.take()
                     jobs = {id(j): j for j in self.owner.values()}.values()
                 for job in jobs:
-                    job.cancelled = True  # those still queued in the feed are dropped by the next call
+                    job.cancelled = True
                     job.put(ApiError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error"))
                     self._ended(job, [r.request_id for r in job.requests])
 

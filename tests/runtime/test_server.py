@@ -230,3 +230,40 @@ def test_a_client_that_disconnects_cancels_its_request_and_frees_its_kv(request,
     assert after["finished"]["cancelled"] == cancelled + 2 and after["kv"] == baseline["kv"]
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
     assert client.completions.create(model="tiny", prompt="a", max_tokens=4).choices[0].text is not None
+
+
+def test_a_call_that_fails_as_a_whole_answers_every_job_and_the_worker_goes_on(monkeypatch):
+    """The worker's generate call raising (here: its mode cannot be built) fails the jobs it holds with a
+    500, drops what it had not taken, and the next job runs on a new call."""
+    import asyncio
+
+    from runtime.server import ApiError, EngineWorker, Job
+
+    engine = Engine(EngineConfig(model_path=str(TINY), device="cpu", dtype="float64", progress=False))
+    original, calls = engine.make_mode, []
+
+    def make_mode(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("injected: no mode")
+        return original(*args)
+
+    monkeypatch.setattr(engine, "make_mode", make_mode)
+    worker = EngineWorker(engine, max_pending=8, max_tokens=64)
+
+    async def ask(request_id):
+        job = Job(SamplingParams(max_new_tokens=4).requests("abc", request_id), asyncio.get_running_loop())
+        worker.submit(job)
+        items = []
+        while (item := await asyncio.wait_for(job.events.get(), 30)) is not None:
+            items.append(item)
+        return items
+
+    failed = asyncio.run(ask("a"))
+    assert len(failed) == 1 and isinstance(failed[0], ApiError) and "injected" in failed[0].message
+    assert worker.pending == 0
+    served = asyncio.run(ask("b"))
+    assert served[-1].finished and served[-1].finish_reason == "length" and len(calls) == 2
+    worker.close()
+    worker.thread.join(30)
+    assert not worker.thread.is_alive()
