@@ -15,6 +15,7 @@ from runtime.config import (ATTENTION_MODES, DECODING_RULES, KV_FORMATS, SELECTI
 from runtime.decoding import GenerationRequest, GenerationResult
 from runtime.engine import DEFAULT_MODEL, Engine, refused_result
 from runtime.parallel import shutdown
+from runtime.sampling import SamplingParams
 
 DEMO_PROMPTS = [
     "The key to the vault is",
@@ -121,10 +122,49 @@ def sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
+def read_jsonl(args: argparse.Namespace) -> tuple[list[GenerationRequest | None], dict[int, GenerationResult]]:
+    """--jsonl's lines as requests: one JSON object a line, with `prompt` (text or chat messages) or
+    `prompt_token_ids`, an optional `id`, and SamplingParams fields (max_new_tokens, temperature,
+    seed, stop, ...; the command's flags are the defaults). Returns the requests by line (None for
+    a bad line) and each bad line's error result: a bad line fails alone."""
+    text = sys.stdin.read() if args.jsonl == "-" else Path(args.jsonl).read_text()
+    defaults = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    skip_special_tokens=not args.keep_special_tokens)
+    requests: list[GenerationRequest | None] = []
+    bad: dict[int, GenerationResult] = {}
+    seen: set[str] = set()
+    for i, line in enumerate(text.splitlines()):
+        request_id = str(i)
+        try:
+            item = json.loads(line)
+            if not isinstance(item, dict):
+                raise ValueError(f"a line must be a JSON object, not {type(item).__name__}")
+            request_id = str(item.pop("id", i))
+            if request_id in seen:
+                raise ValueError(f"id {request_id!r} is given to an earlier line too: ids must be unique")
+            if ("prompt" in item) == ("prompt_token_ids" in item):
+                raise ValueError("give exactly one of 'prompt' (text or chat messages) and 'prompt_token_ids'")
+            prompt = item.pop("prompt") if "prompt" in item else item.pop("prompt_token_ids")
+            params = SamplingParams.from_dict({"seed": args.seed + i, **defaults, **item})
+            if params.n != 1:
+                raise ValueError(f"n={params.n}: one output line per input line; repeat the line with other seeds")
+            [request] = params.requests(prompt, request_id)
+        except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+            requests.append(None)
+            bad[i] = refused_result(request_id, ValueError(f"line {i + 1}: {err}"))
+            continue
+        seen.add(request_id)
+        requests.append(request)
+    return requests, bad
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.jsonl:
+        return generate_jsonl(args)
     prompts = read_prompts(args)
     if not prompts:
-        print("error: give --prompt TEXT (repeatable) or --prompts-file FILE (- for stdin)", file=sys.stderr)
+        print("error: give --prompt TEXT (repeatable), --prompts-file FILE or --jsonl FILE (- for stdin)",
+              file=sys.stderr)
         return 2
     engine = _make_engine(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -147,6 +187,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   f"{prompt}{bold}{result.text}{plain}")
         if result.error:  # also on stderr, for a stdout piped elsewhere
             print(f"error: request {result.request_id}: {result.error}", file=sys.stderr)
+    return _exit_code(args, engine, ran, results)
+
+
+def generate_jsonl(args: argparse.Namespace) -> int:
+    """--jsonl IN: a request a line in, a result a line out (--output, `-`: stdout), in line order."""
+    requests, bad = read_jsonl(args)
+    if not requests:
+        print(f"error: {args.jsonl} has no lines: write one JSON object a line", file=sys.stderr)
+        return 2
+    engine = _make_engine(args)
+    with sigterm_interrupts():
+        ran = engine.generate([r for r in requests if r is not None]) if len(bad) < len(requests) else []
+    if engine.tp.rank != 0:
+        return 0
+    by_id = {r.request_id: r for r in ran}
+    results = [bad[i] if r is None else by_id[r.request_id] for i, r in enumerate(requests)]
+    with contextlib.ExitStack() as stack:
+        out = sys.stdout if args.output == "-" else stack.enter_context(open(args.output, "w"))
+        for i, result in enumerate(results):
+            out.write(json.dumps({"line": i + 1, **result.__dict__}) + "\n")
+            if result.error:
+                print(f"error: request {result.request_id}: {result.error}", file=sys.stderr)
+    return _exit_code(args, engine, ran, results)
+
+
+def _exit_code(args: argparse.Namespace, engine: Engine, ran, results: list[GenerationResult]) -> int:
+    """The summary on stderr, and the exit code: 130 interrupted, 1 if any request failed, else 0."""
     stats = engine.last_stats
     print(f"{stats.requests} requests, {stats.generated_tokens} tokens in {stats.wall_s:.2f} s "
           f"({stats.tokens_per_s:.1f} tokens/s, mode {args.mode}, device {engine.device})", file=sys.stderr)
@@ -230,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts-file", help="one prompt per line (- reads stdin); a blank line is an error for "
                                            "that line alone, so ids follow the lines")
     gen.add_argument("--json", action="store_true", help="one JSON object per result")
+    gen.add_argument("--jsonl", metavar="FILE",
+                     help="requests as JSON lines (- reads stdin): each an object with 'prompt' (text or chat "
+                          "messages) or 'prompt_token_ids', an optional 'id', and SamplingParams fields "
+                          "(max_new_tokens, temperature, seed, stop, ...; the flags are the defaults); the results "
+                          "go out as JSON lines in line order, a bad line failing alone")
+    gen.add_argument("--output", default="-", help="--jsonl: where the result lines go (default -: stdout)")
     gen.add_argument("--chat", action="store_true",
                      help="each prompt is a user message, rendered with the checkpoint's chat template")
     gen.add_argument("--system", default=None, help="--chat: a system message before each prompt")

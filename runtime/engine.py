@@ -18,6 +18,7 @@ from runtime.chat import ChatTemplate, Message, is_conversation
 from runtime.checkpoint import load_forecast, load_model
 from runtime.config import EngineConfig, ModelConfig
 from runtime.decoding import DecodeSettings, GenerationRequest, GenerationResult, SequenceState
+from runtime.feed import RequestFeed
 from runtime.generate import BlockDiffusionLoop
 from runtime.herald import HeraldAttention
 from runtime.memory import (MemoryPlan, check_fits, check_weights_fit, gpu_free_bytes, kv_storage_dtype, largest_batch,
@@ -193,6 +194,7 @@ class Engine:
         self.last_stats = RunStats()
         self.last_timeline: list[dict] = []  # herald: per-block selection / transfer / stall
         self.last_occupancy: dict[str, int] = {}  # what the mode still held when the run ended: all 0
+        self._running_mode: AttentionMode | None = None  # the running call's, for occupancy()
         self._ids = itertools.count()
         self.generate_lock = threading.Lock()  # streaming/async calls and the server take turns on it
         # one set for every mode and loop the engine makes (offload/streams.py says why)
@@ -347,11 +349,37 @@ class Engine:
             )
         return seq
 
+    def _admit(self, request: GenerationRequest, capacity: int | None = None) -> SequenceState:
+        """A request as a sequence of this call, or ValueError saying why it cannot run (its prompt,
+        its length, the token budget; capacity: the positions a running batch holds per sequence)."""
+        seq = self.make_sequence(request)
+        self._check_budget(seq)
+        if capacity is not None and seq.max_tokens > capacity:
+            raise ValueError(
+                f"request {request.request_id}: prompt of {seq.prompt_len} tokens + {request.max_new_tokens} new "
+                f"tokens reaches position {seq.max_tokens}, beyond the {capacity} positions per sequence the running "
+                "batch was sized for (RequestFeed.max_tokens): shorten the prompt or lower max_new_tokens")
+        return seq
+
+    def feed_capacity(self, feed: RequestFeed) -> int:
+        """The positions per sequence a generate call serving `feed` sizes its mode for: the feed's
+        max_tokens in whole blocks, at most the model's positions."""
+        limit = self.model_config.max_position_embeddings
+        b = self.settings.block_size
+        return min(-(-(feed.max_tokens or limit) // b) * b, limit)
+
+    def occupancy(self) -> dict[str, int]:
+        """What the running generate call's attention mode holds now (sequences, KV slots, host
+        pages...), else what the last call's held when it ended: all 0 once no request holds KV."""
+        mode = self._running_mode
+        return mode.occupancy() if mode is not None else dict(self.last_occupancy)
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[str | list[int] | list[Message] | GenerationRequest],
                  should_cancel: Callable[[str], bool] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 on_commit: Callable[[StreamEvent], None] | None = None, **defaults) -> GenerationResults:
+                 on_commit: Callable[[StreamEvent], None] | None = None, feed: RequestFeed | None = None,
+                 **defaults) -> GenerationResults:
         """Decode every prompt; results come back in the order of `prompts`.
 
         A prompt is text, token ids, a conversation (a list of {"role", "content"} messages, which
@@ -374,9 +402,19 @@ class Engine:
         sampling_params (runtime.sampling.SamplingParams, one or one per prompt) is vLLM's way to
         say the same for prompts not given as requests, with stop strings, n, logprobs...; n > 1
         gives n results per prompt in a row, ids "i.k". on_commit(StreamEvent) is called at every
-        block commit with each request's new text (`Engine.stream` is built on it). A
-        KeyboardInterrupt ends the call with every result: the unfinished ones "cancelled"
-        (stats.interrupted). The returned list's `stats` are this call's (`last_stats` too).
+        block commit with each request's new text, and once with its result as it ends (finished,
+        cancelled or failed; `Engine.stream` is built on it). A KeyboardInterrupt ends the call
+        with every result: the unfinished ones "cancelled" (stats.interrupted). The returned
+        list's `stats` are this call's (`last_stats` too).
+
+        feed (runtime.feed.RequestFeed): the call also serves the requests put into it while it
+        runs, each joining the running batch at the next block boundary (continuous batching); it
+        returns when the feed is closed and everything is done. The mode is sized up front for
+        `max_batch_size` sequences of the feed's max_tokens. A fed request's results go out only
+        through on_commit (its last event carries its GenerationResult) and are not kept: an
+        open-ended call holds nothing of the requests it finished. `stats` count them too; a fed
+        request that cannot run (as a refused prompt above, or longer than the feed allows, or an
+        id that a running request has) ends alone with finish_reason "error".
         """
         if sampling_params is not None:
             prompts = expand_prompts(prompts, sampling_params)
@@ -389,55 +427,100 @@ class Engine:
         index_of: dict[int, int] = {}  # seq_id -> prompt index
         for i, p in enumerate(prompts):
             ids.append(p.request_id if isinstance(p, GenerationRequest) and p.request_id is not None else str(i))
-        if not ids:
+        if not ids and feed is None:
             return []
         check_unique_ids(ids)
+        capacity = None if feed is None else self.feed_capacity(feed)
         for i, p in enumerate(prompts):
             # a bad prompt (floats, bytes, empty, characters the tokenizer lacks, too long, shorter than the
             # token budget) fails alone
             try:
                 r = p if isinstance(p, GenerationRequest) else GenerationRequest(prompt=p, **defaults)
-                seq = self.make_sequence(r if r.request_id == ids[i] else replace(r, request_id=ids[i]))
-                self._check_budget(seq)
+                seq = self._admit(r if r.request_id == ids[i] else replace(r, request_id=ids[i]), capacity)
             except ValueError as err:
                 refused[i] = refused_result(ids[i], err)
                 continue
             sequences.append(seq)
             index_of[seq.seq_id] = i
-        if not sequences:
+        if not sequences and feed is None:
             results = [refused[i] for i in range(len(ids))]
             self.last_stats = RunStats(len(results), 0, 0.0, errors=len(results))
             return GenerationResults(results, self.last_stats)
         t0 = time.perf_counter()
-        batch = min(self.config.max_batch_size, len(sequences))
-        mode = self.make_mode(batch, max(s.max_tokens for s in sequences))
+        if feed is None:
+            batch, max_tokens = min(self.config.max_batch_size, len(sequences)), max(s.max_tokens for s in sequences)
+        else:
+            batch, max_tokens = self.config.max_batch_size, capacity
+        mode = self.make_mode(batch, max_tokens)
+        self._running_mode = mode
         loop = self.make_loop(mode, batch)
-        total_blocks = sum((s.max_tokens - s.prefix_len) // self.settings.block_size for s in sequences)
-        bar = tqdm(total=total_blocks, unit="block", desc=f"generate [{self.config.mode}]",
+        b = self.settings.block_size
+
+        def blocks(s: SequenceState) -> int:
+            return (s.max_tokens - s.prefix_len) // b
+
+        bar = tqdm(total=sum(blocks(s) for s in sequences), unit="block", desc=f"generate [{self.config.mode}]",
                    disable=not self.config.progress, leave=False)
-        finish_times: dict[int, float] = {}
         commits = CommitTracker(self, on_commit)
+        ended: dict[int, GenerationResult] = {}  # seq_id -> result, of this call's own prompts
+        fed_live: dict[int, SequenceState] = {}  # fed sequences taken and not yet ended
+        fed_results: list[tuple[str, int]] = []  # (finish_reason, tokens) of each fed request that ended
+        live_ids = set(ids)
         stopped = False
 
         def on_block(rows: list[SequenceState]) -> None:
             bar.update(len(rows))
             commits(rows)  # stop strings end requests here; streamed text goes out
-            early = sum((s.max_tokens - s.prefix_len) // self.settings.block_size - s.blocks_done
-                        for s in rows if s.finish_reason is not None)
+            early = sum(blocks(s) - s.blocks_done for s in rows if s.finish_reason is not None)
             if early:  # the total counts the blocks that run: a request ending early takes its rest off
                 bar.total -= early
                 bar.refresh()
+
+        def on_end(seq: SequenceState) -> None:
             now = time.perf_counter()
-            for s in rows:
-                if s.finish_reason is not None:
-                    finish_times[s.seq_id] = now
+            result = self._result(seq, now - (seq.started_at or now))
+            commits.finish(seq, result)
+            live_ids.discard(result.request_id)
+            if seq.seq_id in index_of:
+                ended[seq.seq_id] = result
+            else:
+                fed_live.pop(seq.seq_id, None)
+                fed_results.append((result.finish_reason, len(result.tokens)))
+                commits.forget(seq)
+
+        def refuse_fed(request_id: str, err: Exception) -> None:
+            result = refused_result(request_id, err)
+            fed_results.append(("error", 0))
+            if on_commit is not None:
+                on_commit(StreamEvent(request_id, "", [], True, "error", result))
+
+        def arrivals(idle: bool) -> list[SequenceState] | None:
+            taken = feed.take(wait=idle)
+            if taken is None:
+                return None
+            admitted = []
+            for r in taken:
+                r = r if r.request_id is not None else replace(r, request_id=f"fed-{next(self._ids)}")
+                try:
+                    if r.request_id in live_ids:
+                        raise ValueError(f"request_id {r.request_id!r} is taken by a request this call still "
+                                         "runs: ids must be unique among running requests")
+                    seq = self._admit(r, capacity)
+                except ValueError as err:
+                    refuse_fed(r.request_id, err)
+                    continue
+                live_ids.add(r.request_id)
+                fed_live[seq.seq_id] = seq
+                bar.total += blocks(seq)
+                admitted.append(seq)
+            return admitted
 
         try:
             cancel = None if should_cancel is None else (lambda seq: should_cancel(seq.request.request_id))
-            loop.run(sequences, on_block, cancel)
+            loop.run(sequences, on_block, cancel, arrivals if feed is not None else None, on_end)
         except KeyboardInterrupt:  # the loop released every running request: keep what they have
             stopped = True
-            interrupted(sequences)
+            interrupted([*sequences, *fed_live.values()])
         except BaseException:
             with contextlib.suppress(Exception):  # a broken device must not hide why the run stopped
                 self._close_mode(mode)
@@ -446,21 +529,22 @@ class Engine:
             bar.close()
         self._close_mode(mode)
         wall = time.perf_counter() - t0
-        end = time.perf_counter()  # cancelled and failed requests end when dropped: here, at the latest
+        for seq in [*sequences, *fed_live.values()]:  # interrupted: they end here
+            if seq.seq_id not in ended:
+                on_end(seq)
         results = [refused.get(i) for i in range(len(ids))]
         for s in sequences:
-            results[index_of[s.seq_id]] = self._result(s, finish_times.get(s.seq_id, end) - (s.started_at or end))
-        reasons = [r.finish_reason for r in results]
-        self.last_stats = RunStats(len(results), sum(len(r.tokens) for r in results), wall,
-                                   cancelled=reasons.count("cancelled"), errors=reasons.count("error"),
+            results[index_of[s.seq_id]] = ended[s.seq_id]
+        reasons = [r.finish_reason for r in results] + [reason for reason, _ in fed_results]
+        self.last_stats = RunStats(len(reasons), sum(len(r.tokens) for r in results) + sum(n for _, n in fed_results),
+                                   wall, cancelled=reasons.count("cancelled"), errors=reasons.count("error"),
                                    first_block_s=None if commits.first_block_at is None else commits.first_block_at - t0,
                                    interrupted=stopped)
-        for seq in sequences:  # cancelled and failed requests end their streams here
-            commits.finish(seq, results[index_of[seq.seq_id]])
         return GenerationResults(results, self.last_stats)
 
     def _close_mode(self, mode: AttentionMode) -> None:
         """Keep what the run left behind for inspection (timeline, occupancy), then free the mode."""
+        self._running_mode = None
         try:
             self.last_timeline = list(mode.timeline)
             self.last_occupancy = mode.occupancy()

@@ -1,7 +1,8 @@
 """The block-diffusion generation loop over a batch of sequences, with a KV cache.
 
 Sequences wait in a queue and join the running batch at block boundaries (continuous batching at
-block granularity). Per block: every running sequence opens a block, the batch runs denoising
+block granularity); sequences that arrive while the loop runs (`run`'s `arrivals`, fed by a server
+through `runtime/feed.py`) join that same queue. Per block: every running sequence opens a block, the batch runs denoising
 passes until all its blocks are unmasked (a sequence whose block finished early sits out the
 remaining passes), then one commit pass writes the blocks' final K/V. Each pass is planned once on
 the attention mode and run layer by layer; the loop never knows which mode it drives.
@@ -280,8 +281,18 @@ class BlockDiffusionLoop:
 
     def run(self, sequences: Iterable[SequenceState],
             on_block: Callable[[list[SequenceState]], None] | None = None,
-            should_cancel: Callable[[SequenceState], bool] | None = None) -> list[SequenceState]:
+            should_cancel: Callable[[SequenceState], bool] | None = None,
+            arrivals: Callable[[bool], list[SequenceState] | None] | None = None,
+            on_end: Callable[[SequenceState], None] | None = None) -> list[SequenceState]:
         """Generate every sequence to completion; returns them in completion order.
+
+        arrivals(idle) is asked at every block boundary for sequences that arrived since (a
+        server's requests, `runtime/feed.py`): they queue behind the waiting ones and join the
+        running batch as slots free up, like them. idle=True (nothing runs or waits) may block until
+        some arrive; None means none will any more, and the run ends once the rest is done.
+        on_end(seq) hears of each sequence as it leaves the batch (finished, cancelled or failed),
+        at once rather than when the run returns; with it the run keeps none of them (an open-ended
+        run would otherwise hold every request it ever served) and returns [].
 
         should_cancel(seq) is asked before a waiting sequence starts and before every pass of a
         running one; a cancelled sequence ends with finish_reason "cancelled" and its KV (pages,
@@ -312,17 +323,36 @@ class BlockDiffusionLoop:
         requests are served rather than failing the same way.
         """
         with self._on_compute_stream():
-            return self._run(sequences, on_block, should_cancel)
+            return self._run(sequences, on_block, should_cancel, arrivals, on_end)
 
     def _run(self, sequences: Iterable[SequenceState], on_block: Callable[[list[SequenceState]], None] | None,
-             should_cancel: Callable[[SequenceState], bool] | None) -> list[SequenceState]:
+             should_cancel: Callable[[SequenceState], bool] | None,
+             arrivals: Callable[[bool], list[SequenceState] | None] | None,
+             on_end: Callable[[SequenceState], None] | None) -> list[SequenceState]:
         waiting = deque(sequences)
         running: list[SequenceState] = []
         done: list[SequenceState] = []
         self._should_cancel = None if should_cancel is None else self._asking(should_cancel)
         self._cancelled = done
+
+        def hand_over() -> None:  # the sequences that left since the last boundary go to on_end
+            if on_end is not None:
+                while done:
+                    on_end(done.pop(0))
+
         try:
-            while waiting or running:
+            while True:
+                hand_over()
+                if arrivals is not None:
+                    more = arrivals(not waiting and not running)
+                    if more is None:
+                        arrivals = None
+                    else:
+                        waiting.extend(more)
+                if not waiting and not running:
+                    if arrivals is None:
+                        break
+                    continue
                 while waiting and len(running) < self.max_batch_size:
                     seq = waiting.popleft()
                     if self._should_cancel is not None and self._should_cancel(seq):
@@ -356,6 +386,7 @@ class BlockDiffusionLoop:
                     running.remove(seq)
                     self.mode.remove_sequence(seq.seq_id)
                     done.append(seq)
+            hand_over()
         except BaseException:
             for seq in running:  # best effort: a failed release must not hide why the run stopped
                 with contextlib.suppress(Exception):

@@ -5,11 +5,15 @@ Endpoints: POST /v1/completions and /v1/chat/completions (chat through the check
 template, or --chat-template), both with `"stream": true` as server-sent events; GET /v1/models
 and /health. The OpenAI fields map onto `SamplingParams` (max_tokens, temperature, top_p, seed,
 stop, n, logprobs; and vLLM's extras top_k, min_p, min_tokens, ignore_eos, skip_special_tokens,
-include_stop_str_in_output). One engine worker thread serves every request: those that arrive
-while a batch runs wait for the next one and go together (batching across HTTP requests, at batch
-boundaries). A request is checked before it joins (its fields, its prompt's tokens and length): a
-bad one gets a 400 with an OpenAI-style error object and touches no other. A client that leaves
-a stream cancels its requests at the next pass. More than --max-pending waiting requests: 503.
+include_stop_str_in_output). One engine worker thread runs one generate call for the server's
+life and feeds it every request as it arrives (runtime/feed.py): a request joins the running batch
+at the next block boundary, whatever the attention mode, instead of waiting for the batch to end
+(continuous batching across HTTP requests). A request is checked before it joins (its fields, its
+prompt's tokens and length): a bad one gets a 400 with an OpenAI-style error object and touches no
+other. A client that leaves, streamed or not, cancels its requests before their next pass, which
+frees their KV (/health's `kv` shows what the mode holds). More than --max-pending waiting or
+running requests: 503. The batch is sized at start for --max-batch-size requests of
+--max-prompt-tokens + --max-tokens positions, and a server whose batch would not fit is refused then.
 It binds to 127.0.0.1 unless told otherwise; with --api-key every /v1 call needs
 `Authorization: Bearer KEY` (401 otherwise).
 """
@@ -19,13 +23,14 @@ import argparse
 import asyncio
 import itertools
 import json
-import queue
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.decoding import GenerationRequest, GenerationResult
+from runtime.feed import RequestFeed
 from runtime.sampling import SamplingParams
 from runtime.streaming import StreamEvent
 
@@ -51,7 +56,7 @@ class ApiError(Exception):
                                        "code": self.status}}, status_code=self.status)
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One HTTP request's engine requests and where their events go (its event loop's queue)."""
 
@@ -59,18 +64,24 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    left: int = 0  # its requests not yet ended
 
     def put(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
 class EngineWorker:
-    """The one thread that runs the engine: takes every waiting job into the next generate call."""
+    """The one thread that runs the engine: one generate call for the server's life, fed every
+    request as it arrives (runtime/feed.py), so that each joins the running batch at the next
+    block boundary and leaves it, freeing its KV, as soon as it ends or its client goes. The call
+    holds the engine's generate_lock meanwhile: the engine serves this server alone."""
 
-    def __init__(self, engine, max_pending: int):
+    def __init__(self, engine, max_pending: int, max_tokens: int):
         self.engine, self.max_pending = engine, max_pending
-        self.jobs: queue.Queue = queue.Queue()
+        self.feed = RequestFeed(max_tokens)
+        self.owner: dict[str, Job] = {}  # request id -> its job, while it runs or waits
         self.pending = 0
+        self.finished: Counter[str] = Counter()  # requests ended, by finish_reason (/health)
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._serve, name="dllm-server-engine", daemon=True)
         self.thread.start()
@@ -81,40 +92,49 @@ class EngineWorker:
                 raise ApiError(503, f"the server is at capacity ({self.pending} requests waiting or running, at most "
                                     f"{self.max_pending}): retry later", kind="server_overloaded")
             self.pending += len(job.requests)
-        self.jobs.put(job)
+            job.left = len(job.requests)
+            self.owner.update((r.request_id, job) for r in job.requests)
+            self.feed.put(job.requests)  # under the lock: a failed call drains the feed and its jobs at once
 
     def close(self) -> None:
-        self.jobs.put(None)
+        self.feed.close()
+
+    def _cancelled(self, request_id: str) -> bool:
+        job = self.owner.get(request_id)
+        return job is None or job.cancelled
+
+    def _on_commit(self, event: StreamEvent) -> None:
+        job = self.owner.get(event.request_id)
+        if job is None:  # its job already failed as a whole
+            return
+        job.put(event)
+        if event.finished:
+            self.finished[event.finish_reason] += 1
+            self._ended(job, [event.request_id])
+
+    def _ended(self, job: Job, request_ids: list[str]) -> None:
+        with self.lock:
+            for request_id in request_ids:
+                if self.owner.pop(request_id, None) is not None:
+                    job.left -= 1
+                    self.pending -= 1
+            done = job.left == 0
+        if done:
+            job.put(None)
 
     def _serve(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            batch = [job]
-            while not self.jobs.empty():
-                more = self.jobs.get()
-                if more is None:
-                    self.jobs.put(None)
-                    break
-                batch.append(more)
-            self._run(batch)
-
-    def _run(self, batch: list[Job]) -> None:
-        owner = {r.request_id: j for j in batch for r in j.requests}
-
-        def on_commit(event: StreamEvent) -> None:
-            owner[event.request_id].put(event)
-
-        try:
-            with self.engine.generate_lock:
-                self.engine.generate([r for j in batch for r in j.requests],
-                                     should_cancel=lambda rid: owner[rid].cancelled, on_commit=on_commit)
-        except Exception as err:  # the whole call failed (e.g. a memory refusal): every job hears it
-            for j in batch:
-                j.put(ApiError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error"))
-        finally:
-            with self.lock:
-                self.pending -= sum(len(j.requests) for j in batch)
-            for j in batch:
-                j.put(None)
+        while self.feed.wait():  # False: closed with nothing queued
+            try:
+                with self.engine.generate_lock:
+                    self.engine.generate([], feed=self.feed, should_cancel=self._cancelled, on_commit=self._on_commit)
+            except Exception as err:  # the call failed as a whole (e.g. a broken invariant): every job hears it
+                with self.lock:  # what it had not taken yet goes too, or the next call would fail on it again
+                    self.feed.take()
+                    jobs = {id(j): j for j in self.owner.values()}.values()
+                for job in jobs:
+                    job.cancelled = True
+                    job.put(ApiError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error"))
+                    self._ended(job, [r.request_id for r in job.requests])
 
 
 def _field(body: dict, name: str, kinds: tuple, default: Any = None) -> Any:
@@ -134,7 +154,11 @@ class Server:
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
         self.max_body_bytes, self.max_tokens = max_body_bytes, max_tokens
         self.max_prompt_tokens = max_prompt_tokens or engine.model_config.max_position_embeddings
-        self.worker = EngineWorker(engine, max_pending)
+        # the running batch holds its rows' KV for the longest request the limits let in: refuse at
+        # start a batch of those that does not fit, rather than every request later
+        capacity = min(self.max_prompt_tokens + max_tokens, engine.model_config.max_position_embeddings)
+        engine.check_memory(engine.config.max_batch_size, engine.feed_capacity(RequestFeed(capacity)))
+        self.worker = EngineWorker(engine, max_pending, capacity)
         self._ids = itertools.count()
         self.app = self._make_app()
 
@@ -147,7 +171,9 @@ class Server:
 
         @app.get("/health")
         async def health():
-            return {"status": "ok", "pending": self.worker.pending}
+            # kv: what the attention mode holds now (sequences, KV slots, host pages): all 0 when idle
+            return {"status": "ok", "pending": self.worker.pending, "kv": self.engine.occupancy(),
+                    "finished": dict(self.worker.finished)}
 
         @app.get("/v1/models")
         async def models(request: fastapi.Request):
@@ -256,8 +282,10 @@ class Server:
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.requests[0].request_id}", "created": int(time.time()),
                 "model": self.model_name}
         if _field(body, "stream", (bool,), False):
-            return StreamingResponse(self._sse(job, index, meta, chat), media_type="text/event-stream")
+            usage = bool(_field(body, "stream_options", (dict,), {}).get("include_usage"))
+            return StreamingResponse(self._sse(job, index, meta, chat, usage), media_type="text/event-stream")
         results: dict[int, GenerationResult] = {}
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         try:
             async for event in _events(job):
                 if event.finished:
@@ -265,6 +293,8 @@ class Server:
         except BaseException:
             job.cancelled = True
             raise
+        finally:
+            watcher.cancel()
         failed = [r for r in results.values() if r.finish_reason == "error"]
         if failed:
             raise ApiError(500, f"generation failed: {failed[0].error}", kind="server_error")
@@ -275,8 +305,11 @@ class Server:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                           "total_tokens": prompt_tokens + completion}}
 
-    async def _sse(self, job: Job, index: dict[str, int], meta: dict, chat: bool):
+    async def _sse(self, job: Job, index: dict[str, int], meta: dict, chat: bool, usage: bool = False):
+        """The job's events as server-sent events; usage (stream_options.include_usage): a last chunk
+        with no choices and the token counts, as OpenAI sends it."""
         kind = "chat.completion.chunk" if chat else "text_completion"
+        prompt_tokens = completion_tokens = 0
         try:
             if chat:
                 for i in range(len(job.requests)):
@@ -290,12 +323,27 @@ class Server:
                            "finish_reason": reason} if chat else
                           {"index": index[event.request_id], "text": event.text, "logprobs": None, "finish_reason": reason})
                 yield _sse_line({**meta, "object": kind, "choices": [choice]})
+                if event.finished:
+                    prompt_tokens += event.result.prompt_tokens
+                    completion_tokens += len(event.result.tokens)
+            if usage:
+                yield _sse_line({**meta, "object": kind, "choices": [], "usage": {
+                    "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens}})
             yield "data: [DONE]\n\n"
         except ApiError as err:
             yield _sse_line({"error": {"message": err.message, "type": err.kind, "param": err.param,
                                        "code": err.status}})
         finally:  # the client left (or the stream ended): whatever still runs is cancelled
             job.cancelled = True
+
+
+async def _cancel_on_disconnect(request: fastapi.Request, job: Job) -> None:
+    """A client that leaves before its answer cancels its requests: once the body is read, the
+    next ASGI message is the disconnect (a streamed response hears it through Starlette)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled = True
 
 
 async def _events(job: Job):

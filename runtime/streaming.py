@@ -3,7 +3,8 @@
 
 At every block commit `Engine.generate` hands the running requests to a `CommitTracker`: it
 ends those whose decoded text now holds a stop string (`runtime/sampling.py`), notes when the
-first block committed, and, given `on_commit`, sends each request's new text as a `StreamEvent`.
+first block committed, and, given `on_commit`, sends each request's new text as a `StreamEvent`;
+as a request leaves the batch (finished, cancelled, failed) it sends its last one.
 Text still open to change is held back: the characters that could begin a stop string that the
 next block completes, and a trailing incomplete UTF-8 character (decoded as U+FFFD). A finished
 request's last event carries the rest of its text and its `GenerationResult`; the texts of a
@@ -86,12 +87,8 @@ class CommitTracker:
         for seq in rows:
             if self.engine.tokenizer is not None:
                 self.stops.check(seq, self._decode(seq))
-            if self.on_commit is None:
-                continue
-            if seq.finish_reason is None:
+            if self.on_commit is not None and seq.finish_reason is None:  # a finished one: `finish`, as it leaves
                 self._send(seq, self._settled_text(seq))
-            else:
-                self.finish(seq, self.engine._result(seq, now - (seq.started_at or now)))
 
     def _settled_text(self, seq: SequenceState) -> str:
         """The text of an unfinished request that no later block can change."""
@@ -118,6 +115,12 @@ class CommitTracker:
             return
         self.ended.add(seq.seq_id)
         self._send(seq, result.text, finished=True, result=result)
+
+    def forget(self, seq: SequenceState) -> None:
+        """Drop what is kept of an ended request (an open-ended call would keep every request's)."""
+        for kept in (self.sent_chars, self.sent_tokens, self.stops.searched):
+            kept.pop(seq.seq_id, None)
+        self.ended.discard(seq.seq_id)
 
 
 _DONE = object()

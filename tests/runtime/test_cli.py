@@ -66,3 +66,35 @@ def test_the_progress_total_counts_the_blocks_that_run(capsys):
     assert cut.finish_reason == "stop" and cut.blocks < 10
     done, total = map(int, re.findall(r"(\d+)/(\d+) \[", capsys.readouterr().err)[-1])
     assert done == total == cut.blocks
+
+
+def test_jsonl_requests_in_results_out_a_bad_line_fails_alone(monkeypatch, capsys):
+    lines = [json.dumps({"id": "a", "prompt": "abc", "max_new_tokens": 4, "temperature": 0.7, "seed": 3}),
+             json.dumps({"prompt_token_ids": [5, 6, 7], "max_new_tokens": 8, "ignore_eos": True}),
+             "{not json",
+             json.dumps({"prompt": "hi", "temperature": -1}),
+             json.dumps({"prompt": "hello", "bogus": 1}),
+             json.dumps({"prompt": "xyz", "stop": "q"})]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main([*BASE, "--jsonl", "-"]) == 1  # some lines failed
+    captured = capsys.readouterr()
+    out = [json.loads(line) for line in captured.out.splitlines()]
+    assert [(d["line"], d["request_id"]) for d in out] == [(1, "a"), (2, "1"), (3, "2"), (4, "3"), (5, "4"), (6, "5")]
+    assert [d["finish_reason"] == "error" for d in out] == [False, False, True, True, True, False]
+    assert out[2]["error"].startswith("refused: line 3:")
+    assert "temperature=-1" in out[3]["error"] and "'bogus'" in out[4]["error"]
+    assert "error: request 3:" in captured.err
+    engine = Engine(EngineConfig(model_path=str(TINY), device="cpu", progress=False))
+    [a] = engine.generate(SamplingParams(max_new_tokens=4, temperature=0.7, seed=3).requests("abc", "a"))
+    [b] = engine.generate([[5, 6, 7]], sampling_params=SamplingParams(max_new_tokens=8, ignore_eos=True, seed=1))
+    assert (out[0]["tokens"], out[0]["text"]) == (a.tokens, a.text)  # each line's options, as the engine reads them
+    assert out[1]["tokens"] == b.tokens and len(b.tokens) == 8
+
+
+def test_jsonl_to_a_file_all_good_exits_0(tmp_path):
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps({"prompt": "abc"}) + "\n" + json.dumps({"prompt": "de", "max_new_tokens": 2}) + "\n")
+    assert main([*BASE, "--jsonl", str(source), "--output", str(target)]) == 0
+    out = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [d["request_id"] for d in out] == ["0", "1"] and len(out[1]["tokens"]) <= 2
+    assert all(d["error"] is None for d in out)

@@ -1,5 +1,6 @@
 """Engine.stream / async_stream / async_generate, interrupted calls, per-call stats."""
 import asyncio
+import time
 
 import pytest
 
@@ -99,3 +100,37 @@ def test_stats_come_with_each_call(engine):
     assert b.stats.generated_tokens == sum(len(r.tokens) for r in b)
 
 
+
+
+def test_a_fed_request_joins_the_running_call_and_a_bad_one_fails_alone(engine):
+    """generate(feed=...): requests put in while it runs join its batch at a block boundary; their
+    results come through on_commit only, equal to a call of their own; the call ends when the feed closes."""
+    import threading
+
+    from runtime.feed import RequestFeed
+
+    expected = engine.generate(["hello"], sampling_params=PARAMS)[0]
+    feed = RequestFeed(max_tokens=96)
+    events = []
+
+    def on_commit(event):
+        events.append(event)
+        if event.request_id == "long" and len(events) == 1:  # the long request runs: feed two more
+            feed.put(PARAMS.requests("hello", "short"))
+            feed.put(SamplingParams(max_new_tokens=100).requests("x", "too-long"))
+
+    long = SamplingParams(max_new_tokens=60, ignore_eos=True).requests("abcdef", "long")
+    worker = threading.Thread(target=lambda: engine.generate(long, feed=feed, on_commit=on_commit))
+    worker.start()
+    deadline = time.time() + 60
+    while not any(e.finished and e.request_id == "long" for e in events) and time.time() < deadline:
+        time.sleep(0.01)
+    feed.close()
+    worker.join(30)
+    assert not worker.is_alive()
+    ends = [e for e in events if e.finished]
+    assert [e.request_id for e in ends] == ["too-long", "short", "long"]  # the short one finished first
+    assert "beyond the 96 positions" in ends[0].result.error and ends[0].finish_reason == "error"
+    assert ends[1].result.tokens == expected.tokens and ends[1].result.text == expected.text
+    assert engine.last_stats.requests == 3 and engine.last_stats.errors == 1
+    assert not any(engine.occupancy().values())
