@@ -50,11 +50,12 @@ def test_an_interrupt_writes_every_finished_request(monkeypatch, capsys, how):
     monkeypatch.setattr(BlockDiffusionLoop, "decode_block", decode_block)
     args = ["generate", "--model", str(TINY), "--no-progress", "--device", "cpu", "--max-batch-size", "1",
             "--max-new-tokens", "6", "--prompt", "abcd", "--prompt", "efgh", "--json"]
+    before = signal.getsignal(signal.SIGTERM)  # not always the default: ray.init, for one, installs its own
     assert main(args) == 130
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [d["finish_reason"] for d in lines][1] == "cancelled"
     assert lines[0]["finish_reason"] in ("length", "eos") and len(lines) == 2
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or how == "ctrl-c"
+    assert signal.getsignal(signal.SIGTERM) is before  # the CLI's handler is gone again
 
 
 def test_the_progress_total_counts_the_blocks_that_run(capsys):
