@@ -12,7 +12,11 @@
 #   VARIANT:     names from `python -m training.variants list` (default: its `default` set)
 #   MAX_CONTEXT: env, default 2048.  PYTHON: env, the interpreter (default python3).
 #   PACK_TO:     env, a folder that also gets <variant>.tar per variant (its ckpt/, train.log,
-#                train_summary.json) and the summary files: few, whole files for a size-limited transfer.
+#                train_summary.json; cut into 15 MiB .tar.part-NNN files when larger) and the summary files:
+#                few files of a bounded size for a size-limited transfer (`python -m training.variants unpack`
+#                joins and extracts them). The long-context stages, one device call each, e.g.
+#                DEADLINE_S=570 PACK_TO=$OUT bash scripts/train_variants.sh /tmp/v 8.5 ruler-4k -- --attention mask
+#                ... 8.5 ruler-16k-continue -- --init-from <unpacked>/ruler-4k/ckpt
 #   DEADLINE_S:  env, seconds from this script's start after which a variant still running is stopped
 #                (its last snapshot stays; the summary says it has no final evaluation), so the summary
 #                and packing always happen inside a caller's time limit. Default: MINUTES x 60 + 60.

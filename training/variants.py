@@ -13,7 +13,8 @@ worst task), in WORK_DIR/variants_summary.{json,md}. The accuracies are each run
 evaluation, on the validation split (training/tasks.py): choosing a recipe is a training-time
 decision, so its numbers are not the ones to report; measure the chosen checkpoint on the test
 split with `python -m training.evaluate` for that. `--pack-to` also writes each variant's
-folder as one tar (<name>.tar) beside a copy of the summary, for transfers that take few files.
+folder as one tar (<name>.tar, cut into 15 MiB parts when larger) beside a copy of the summary, for
+transfers that take few files of a bounded size; `unpack PACKED NAME DEST` puts it back together.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 TARGET = 0.95  # the accuracy every task should reach at the trained length
-PACK_LIMIT_BYTES = 16 * 2**20  # a packed variant above this may not survive a size-limited transfer
+PART_BYTES = 15 * 2**20  # packed variants are cut into parts of this size: the device's transfer takes 16 MiB a file
 
 
 @dataclass(frozen=True)
@@ -210,16 +211,46 @@ def report_markdown(comparison: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pack(work: Path, name: str, dest: Path) -> Path:
-    """WORK_DIR/<name> (ckpt/, train.log, train_summary.json) as dest/<name>.tar, paths under <name>/."""
+def pack(work: Path, name: str, dest: Path, part_bytes: int = PART_BYTES) -> list[Path]:
+    """WORK_DIR/<name> (ckpt/, train.log, train_summary.json) as dest/<name>.tar, paths under <name>/;
+    a tar over `part_bytes` is cut into dest/<name>.tar.part-000, -001, ... of at most that size
+    (a size-limited transfer takes each; `unpack` joins them). Returns the files written."""
     folder = work / name
+    dest.mkdir(parents=True, exist_ok=True)
     out = dest / f"{name}.tar"
     with tarfile.open(out, "w") as tar:
         for path in sorted(folder.rglob("*")):
             # A save interrupted mid-way leaves ckpt.saving / ckpt.old beside ckpt: not part of the result.
             if path.is_file() and not any(part.endswith((".saving", ".old")) for part in path.relative_to(folder).parts):
                 tar.add(path, arcname=f"{name}/{path.relative_to(folder)}")
-    return out
+    if out.stat().st_size <= part_bytes:
+        return [out]
+    parts = []
+    with open(out, "rb") as whole:
+        while chunk := whole.read(part_bytes):
+            parts.append(dest / f"{name}.tar.part-{len(parts):03d}")
+            parts[-1].write_bytes(chunk)
+    out.unlink()
+    return parts
+
+
+def unpack(packed: Path, name: str, dest: Path) -> Path:
+    """Extract `pack`'s output for `name` (packed/<name>.tar, or its parts in order) under dest;
+    returns dest/<name> (its ckpt/ is the checkpoint folder)."""
+    whole, parts = packed / f"{name}.tar", sorted(packed.glob(f"{name}.tar.part-*"))
+    if not whole.is_file() and not parts:
+        raise FileNotFoundError(f"neither {whole} nor {name}.tar.part-* in {packed}: give the folder pack wrote")
+    dest.mkdir(parents=True, exist_ok=True)
+    joined = whole if whole.is_file() else dest / f"{name}.tar"
+    if not whole.is_file():
+        with open(joined, "wb") as out:
+            for part in parts:
+                out.write(part.read_bytes())
+    with tarfile.open(joined) as tar:
+        tar.extractall(dest, filter="data")
+    if joined != whole:
+        joined.unlink()
+    return dest / name
 
 
 def summarize(work: Path, names: list[str] | None = None, pack_to: Path | None = None) -> dict[str, Any]:
@@ -231,10 +262,9 @@ def summarize(work: Path, names: list[str] | None = None, pack_to: Path | None =
     if pack_to is not None:
         pack_to.mkdir(parents=True, exist_ok=True)
         for name in [r["name"] for r in comparison["variants"]]:
-            out = pack(work, name, pack_to)
-            size = out.stat().st_size
-            warn = " (over 16 MiB: a size-limited transfer may drop it)" if size > PACK_LIMIT_BYTES else ""
-            print(f"packed {out} ({size / 2**20:.1f} MiB){warn}")
+            files = pack(work, name, pack_to)
+            size = sum(f.stat().st_size for f in files)
+            print(f"packed {name}: {', '.join(f.name for f in files)} ({size / 2**20:.1f} MiB)")
         for file in ("variants_summary.json", "variants_summary.md"):
             (pack_to / file).write_bytes((work / file).read_bytes())
     best = comparison["best"]
@@ -243,7 +273,8 @@ def summarize(work: Path, names: list[str] | None = None, pack_to: Path | None =
         verdict = "reaches" if r["reaches_target"] else "misses"
         print(f"best: {best} (mean {r['mean_at_length']:.3f}, worst task {r['min_at_length']:.2f} at "
               f"{r['compared_at']} tokens; {verdict} the {TARGET:g} target); its checkpoint: {r['checkpoint']}"
-              + (f" (packed: {pack_to / (best + '.tar')}, under {best}/ckpt/)" if pack_to else ""))
+              + (f" (packed in {pack_to}: `python -m training.variants unpack {pack_to} {best} DEST` gives "
+                 f"DEST/{best}/ckpt/)" if pack_to else ""))
     else:
         print("best: none (no variant finished its final evaluation)")
     return comparison
@@ -261,8 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--variants", nargs="+", default=None, help="default: every WORK_DIR/<name>/train.log")
     s.add_argument("--pack-to", type=Path, default=None,
                    help="also write <name>.tar per variant and the summary files here")
+    u = sub.add_parser("unpack", help="extract a packed variant (its tar, or its parts joined) under DEST")
+    u.add_argument("packed", type=Path, help="the folder --pack-to wrote")
+    u.add_argument("name")
+    u.add_argument("dest", type=Path)
     args = p.parse_args(argv)
-    if args.command == "list":
+    if args.command == "unpack":
+        print(unpack(args.packed, args.name, args.dest) / "ckpt")
+    elif args.command == "list":
         for v in VARIANTS.values():
             print(f"{v.name}{' (default)' if v.name in DEFAULT_VARIANTS else ''}: {v.changes}\n"
                   f"    args: {' '.join(v.args) or '(none)'}")
@@ -276,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["TARGET", "Variant", "VARIANTS", "DEFAULT_VARIANTS", "variant", "trained_length", "variant_result",
-           "compare", "report_markdown", "pack", "summarize", "main"]
+           "compare", "report_markdown", "pack", "unpack", "summarize", "main"]
 
 
 if __name__ == "__main__":

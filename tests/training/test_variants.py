@@ -14,7 +14,7 @@ from runtime.config import ModelConfig
 from runtime.model import Transformer
 from training.data import Curriculum, make_levels
 from training.train import build_parser, make_tokenizer, model_config_dict, task_options, train
-from training.variants import DEFAULT_VARIANTS, TARGET, VARIANTS, compare, main, pack, summarize, variant
+from training.variants import DEFAULT_VARIANTS, TARGET, VARIANTS, compare, main, pack, summarize, unpack, variant
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--device", "cpu", "--hidden", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
@@ -105,8 +105,25 @@ def test_pack_leaves_out_half_written_saves(tmp_path):
     (folder / "ckpt.saving").mkdir(parents=True)
     (folder / "ckpt.saving" / "model.safetensors").write_text("partial")
     (folder / "train.log").write_text("log")
-    with tarfile.open(pack(tmp_path, "v", tmp_path)) as tar:
+    [packed] = pack(tmp_path, "v", tmp_path)
+    with tarfile.open(packed) as tar:
         assert tar.getnames() == ["v/train.log"]
+
+
+def test_a_large_pack_is_cut_into_parts_that_unpack_to_the_same_files(tmp_path):
+    folder = tmp_path / "work" / "v"
+    (folder / "ckpt").mkdir(parents=True)
+    weights = os.urandom(50_000)
+    (folder / "ckpt" / "model.safetensors").write_bytes(weights)
+    (folder / "train.log").write_text("log")
+    parts = pack(tmp_path / "work", "v", tmp_path / "out", part_bytes=16_384)
+    assert [p.name for p in parts] == [f"v.tar.part-{i:03d}" for i in range(len(parts))] and len(parts) >= 4
+    assert all(p.stat().st_size <= 16_384 for p in parts) and not (tmp_path / "out" / "v.tar").exists()
+    restored = unpack(tmp_path / "out", "v", tmp_path / "back")
+    assert (restored / "ckpt" / "model.safetensors").read_bytes() == weights
+    assert (restored / "train.log").read_text() == "log"
+    with pytest.raises(FileNotFoundError, match="v2.tar.part"):
+        unpack(tmp_path / "out", "v2", tmp_path / "back")
 
 
 def test_the_script_trains_variants_side_by_side_into_complete_checkpoints(tmp_path):
