@@ -24,7 +24,7 @@ from runtime.herald import HeraldAttention
 from runtime.memory import (MemoryPlan, check_fits, check_weights_fit, gpu_free_bytes, kv_storage_dtype, largest_batch,
                             plan_memory)
 from runtime.resident_sparse import MageAttention, QuestAttention
-from runtime.sampling import SamplingParams, expand_prompts
+from runtime.sampling import RefusedPrompt, SamplingParams, expand_prompts
 from runtime import streaming
 from runtime.streaming import CommitTracker, StreamEvent, sampled_result
 from runtime.model import Transformer, weight_bytes
@@ -426,7 +426,8 @@ class Engine:
         sequences: list[SequenceState] = []
         index_of: dict[int, int] = {}  # seq_id -> prompt index
         for i, p in enumerate(prompts):
-            ids.append(p.request_id if isinstance(p, GenerationRequest) and p.request_id is not None else str(i))
+            named = isinstance(p, (GenerationRequest, RefusedPrompt)) and p.request_id is not None
+            ids.append(p.request_id if named else str(i))
         if not ids and feed is None:
             return []
         check_unique_ids(ids)
@@ -434,6 +435,9 @@ class Engine:
         for i, p in enumerate(prompts):
             # a bad prompt (floats, bytes, empty, characters the tokenizer lacks, too long, shorter than the
             # token budget) fails alone
+            if isinstance(p, RefusedPrompt):  # its SamplingParams could not make its request
+                refused[i] = refused_result(ids[i], p.error)
+                continue
             try:
                 r = p if isinstance(p, GenerationRequest) else GenerationRequest(prompt=p, **defaults)
                 seq = self._admit(r if r.request_id == ids[i] else replace(r, request_id=ids[i]), capacity)

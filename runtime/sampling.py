@@ -120,10 +120,20 @@ def derived_seed(seed: int, k: int) -> int:
     return int(np.random.SeedSequence([seed, k]).generate_state(1, np.uint64)[0]) % SEED_LIMIT
 
 
+@dataclass(frozen=True)
+class RefusedPrompt:
+    """A prompt whose request could not be made (empty, not integer ids, ...): it ends alone with
+    `error`, under the id its request would have had."""
+
+    request_id: str
+    error: ValueError
+
+
 def expand_prompts(prompts: Sequence[Any], sampling_params: "SamplingParams | Sequence[SamplingParams]") -> list:
-    """prompts with their sampling parameters -> GenerationRequests (n > 1: n per prompt, in a row).
-    A prompt already given as a GenerationRequest keeps its own settings. Ids: the prompt's index
-    as text (with ".k" for n > 1)."""
+    """prompts with their sampling parameters -> GenerationRequests (n > 1: n per prompt, in a row),
+    or a RefusedPrompt per id where the prompt itself is refused (the others still run). A prompt
+    already given as a GenerationRequest keeps its own settings. Ids: the prompt's index as text
+    (with ".k" for n > 1)."""
     from runtime.decoding import GenerationRequest
 
     prompts = list(prompts)
@@ -139,7 +149,11 @@ def expand_prompts(prompts: Sequence[Any], sampling_params: "SamplingParams | Se
         if isinstance(prompt, GenerationRequest):
             out.append(prompt)
         else:
-            out.extend(params.requests(prompt, str(i)))
+            try:
+                out.extend(params.requests(prompt, str(i)))
+            except ValueError as err:
+                ids = [str(i)] if params.n == 1 else [f"{i}.{k}" for k in range(params.n)]
+                out.extend(RefusedPrompt(rid, err) for rid in ids)
     return out
 
 

@@ -101,3 +101,18 @@ def test_n_expands_with_derived_seeds_and_batch_does_not_change_tokens(engine):
 def test_one_sampling_params_per_prompt_must_match_the_prompts(engine):
     with pytest.raises(ValueError, match="one per prompt: got 1 for 2 prompts"):
         engine.generate(["a", "b"], sampling_params=[SamplingParams()])
+
+
+def test_a_refused_prompt_with_sampling_params_ends_alone(engine):
+    """An empty prompt (or token ids that are not integers) given with SamplingParams fails alone,
+    under the ids its requests would have had; the other prompts run as they would without it."""
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    alone = engine.generate([PROMPT], sampling_params=params)
+    results = engine.generate([PROMPT, "", [1.5, 2.0]], sampling_params=params)
+    assert [r.request_id for r in results] == ["0", "1", "2"]
+    assert results[0].tokens == alone[0].tokens and results[0].finish_reason == "length"
+    assert [r.finish_reason for r in results[1:]] == ["error", "error"]
+    assert "empty" in results[1].error and "prompt" in results[2].error
+    paired = engine.generate(["", PROMPT], sampling_params=SamplingParams(max_new_tokens=8, n=2, ignore_eos=True))
+    assert [(r.request_id, r.finish_reason) for r in paired] == [("0.0", "error"), ("0.1", "error"),
+                                                                  ("1.0", "length"), ("1.1", "length")]
