@@ -50,8 +50,15 @@ class LayerPairs:
     valid: torch.Tensor
 
 
-def layer_pairs(records: Sequence[BlockRecord], layer: int) -> LayerPairs:
-    """The pairs of `layer` (>= 1) from exact-decode records."""
+def step0_queries(records: Sequence[BlockRecord]) -> list[torch.Tensor]:
+    """Per layer, the records' step-0 selection queries [M, Hkv, B, D] (one per block position)."""
+    hkv = records[0].keys[0].shape[0]
+    return [selection_queries(torch.stack([r.queries[layer][0].float() for r in records]), hkv, "positions")
+            for layer in range(len(records[0].keys))]
+
+
+def layer_pairs(records: Sequence[BlockRecord], layer: int, queries: Sequence[torch.Tensor]) -> LayerPairs:
+    """The pairs of `layer` (>= 1) from exact-decode records and their `step0_queries`."""
     hkv = records[0].keys[layer].shape[0]
     length = max(r.context_len for r in records)
     keys = torch.zeros(len(records), hkv, length, records[0].keys[layer].shape[-1])
@@ -59,11 +66,7 @@ def layer_pairs(records: Sequence[BlockRecord], layer: int) -> LayerPairs:
     for i, r in enumerate(records):
         keys[i, :, :r.context_len] = r.keys[layer].float()
         valid[i, :r.context_len] = True
-
-    def step0(layer_: int) -> torch.Tensor:
-        return selection_queries(torch.stack([r.queries[layer_][0].float() for r in records]), hkv, "positions")
-
-    return LayerPairs(step0(layer - 1), step0(layer), keys, valid)
+    return LayerPairs(queries[layer - 1], queries[layer], keys, valid)
 
 
 def token_scores(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
@@ -107,8 +110,9 @@ def fit_forecast(train: Sequence[BlockRecord], held_out: Sequence[BlockRecord], 
     hkv, d = train[0].keys[0].shape[0], train[0].keys[0].shape[-1]
     weights = torch.eye(d).repeat(num_layers, hkv, 1, 1)
     report = []
+    train_queries, held_out_queries = step0_queries(train), step0_queries(held_out)
     for layer in range(1, num_layers):
-        pairs, check = layer_pairs(train, layer), layer_pairs(held_out, layer)
+        pairs, check = layer_pairs(train, layer, train_queries), layer_pairs(held_out, layer, held_out_queries)
         weight = torch.eye(d).repeat(hkv, 1, 1).requires_grad_()
         opt = torch.optim.Adam([weight], lr=lr)
         with torch.no_grad():

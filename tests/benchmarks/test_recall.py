@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.recall import (BlockRecord, RecallSettings, analyze, entries_to_mask, main, mass_and_recall,
-                               mass_and_recall_per_step, mean_probs, pages_to_tokens, quest_bounds, ranks_of,
-                               record)
+from benchmarks.recall import (RecallSettings, analyze, entries_to_mask, main, mass_and_recall,
+                               mass_and_recall_per_step, mean_probs, pages_to_tokens, quest_bounds, ranks_of)
 from runtime import Engine, EngineConfig
 from runtime.config import ModelConfig, RopeConfig, SparseConfig
 from runtime.model import Transformer
+from training.recording import BlockRecord, record
 from training.tasks import generate_examples
 
 TINY = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-random"

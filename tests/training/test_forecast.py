@@ -8,7 +8,7 @@ import torch
 from runtime import Engine, EngineConfig
 from runtime.checkpoint import FORECAST_FILE, load_forecast
 from runtime.config import ModelConfig, SparseConfig
-from training.forecast import distillation_loss, fit_forecast, layer_pairs, main, recorded_blocks
+from training.forecast import distillation_loss, fit_forecast, layer_pairs, main, recorded_blocks, step0_queries
 
 TINY = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-random"
 SPARSE = SparseConfig(budget_fraction=0.1, page_size=8, sink_tokens=4, local_window=8)
@@ -34,7 +34,7 @@ def test_fit_starts_at_the_training_free_forecast_and_lowers_the_held_out_diverg
         assert r["kl_after"] < r["kl_before"], r
         assert 0.0 <= r["overlap_before"] <= 1.0 and 0.0 <= r["overlap_after"] <= 1.0
     # the identity is the training-free forecast: the layer before's queries as they are
-    pairs = layer_pairs(held_out, 1)
+    pairs = layer_pairs(held_out, 1, step0_queries(held_out))
     identity = torch.eye(cfg.head_dim).repeat(cfg.num_kv_heads, 1, 1)
     assert float(distillation_loss(identity, pairs, scale)) == pytest.approx(report[0]["kl_before"])
 
